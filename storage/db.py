@@ -1,0 +1,149 @@
+"""Opening the database: URL resolution, DuckDB's single-process lock, schema setup.
+
+DuckDB allows one read-write process per file. SQLAlchemy's default pool would keep the file
+lock after ``close()``, and a second process gets an ``IOException`` that names the PID holding
+the lock: we turn that into :class:`DatabaseLockedError`, which says who holds it and what to
+do, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from storage.errors import DatabaseLockedError, StorageError
+from storage.migrations import migrate
+
+DEFAULT_DUCKDB_PATH = Path("data") / "fetchfleet.duckdb"
+
+
+def resolve_db_url(cli_url: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """``--db``, then FETCHFLEET_DB, then POSTGRES_* variables, then the DuckDB default."""
+    env = os.environ if env is None else env
+    if cli_url:
+        return normalize_url(cli_url)
+    if env.get("FETCHFLEET_DB"):
+        return normalize_url(env["FETCHFLEET_DB"])
+    if env.get("POSTGRES_HOST") or env.get("POSTGRES_DB"):
+        user = quote_plus(env.get("POSTGRES_USER", "postgres"))
+        password = env.get("POSTGRES_PASSWORD")
+        auth = f"{user}:{quote_plus(password)}" if password else user
+        host = env.get("POSTGRES_HOST", "127.0.0.1")
+        port = env.get("POSTGRES_PORT", "5432")
+        name = env.get("POSTGRES_DB", "postgres")
+        return f"postgresql+psycopg://{auth}@{host}:{port}/{name}"
+    return f"duckdb:///{DEFAULT_DUCKDB_PATH}"
+
+
+def normalize_url(url: str) -> str:
+    """Accept what people type: a bare path means DuckDB, ``postgres://`` means psycopg 3."""
+    if "://" not in url:
+        return f"duckdb:///{url}"
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may be shown or logged: never with its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+_LOCK_RE = re.compile(
+    r'lock on file "(?P<path>[^"]+)".*?held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)', re.S
+)
+
+
+def _describe_pid(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    except OSError:
+        return ""
+
+
+def translate_lock_error(exc: BaseException, url: str) -> DatabaseLockedError | None:
+    match = _LOCK_RE.search(str(exc))
+    if not match:
+        return None
+    pid = int(match["pid"])
+    return DatabaseLockedError(path=match["path"], pid=pid, command=_describe_pid(pid), url=url)
+
+
+@dataclass
+class Database:
+    """One database: its engine, its dialect name and a redacted URL for display."""
+
+    engine: Engine
+    url: str
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name  # 'duckdb' or 'postgresql'
+
+    @property
+    def is_duckdb(self) -> bool:
+        return self.dialect == "duckdb"
+
+    @property
+    def display_url(self) -> str:
+        return redact_url(self.url)
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        """Release connections (and, for DuckDB, the file lock)."""
+        self.engine.dispose()
+
+
+def open_database(url: str, *, create: bool = True) -> Database:
+    """Open (and by default create/migrate) the database at ``url``."""
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "duckdb":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # Connections of one process share the same DuckDB instance (its instance cache),
+        # so a small pool lets the coordinator write while pages read.
+        engine = sa.create_engine(url, pool_size=4, max_overflow=4)
+    elif parsed.get_backend_name() == "postgresql":
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    else:
+        raise StorageError(
+            f"unsupported database URL {redact_url(url)!r}: use a DuckDB path "
+            "(duckdb:///data/x.duckdb) or postgresql://user@host:5432/db"
+        )
+    db = Database(engine=engine, url=url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1")).fetchall()
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        locked = translate_lock_error(exc, url)
+        if locked:
+            raise locked from None
+        raise StorageError(f"cannot open {redact_url(url)}: {exc.orig}") from None
+    if create:
+        migrate(db)
+    return db

@@ -1,0 +1,22 @@
+"""Storage errors, translated from driver exceptions at this boundary."""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """A database problem the user can act on; the message says what to do."""
+
+
+class DatabaseLockedError(StorageError):
+    """Another process holds the DuckDB file (DuckDB allows one read-write process)."""
+
+    def __init__(self, path: str, pid: int, command: str, url: str) -> None:
+        self.path, self.pid, self.command, self.url = path, pid, command, url
+        who = f"PID {pid}" + (f" ({command})" if command else "")
+        super().__init__(
+            f"the database {path} is in use by {who}. DuckDB lets one process open a file "
+            "at a time. Either wait for that run to finish, talk to it with "
+            "`python -m engine.run status` / `stop RUN_ID` (they reach the running coordinator), "
+            f"stop it (kill -INT {pid}), or use PostgreSQL (--db postgresql://…) so several "
+            "processes can share the work."
+        )

@@ -1,0 +1,71 @@
+"""Schema versions as explicit, ordered steps.
+
+Reflection (and so Alembic autogenerate) does not work on duckdb-engine with SQLAlchemy 2.1,
+so each change to the schema is a numbered step here; ``migrate`` applies the missing ones
+and records them in ``schema_version``. A step adds tables or columns; it never drops data.
+Version 1 is the whole of ``storage.schema`` as first released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from storage import schema
+
+if TYPE_CHECKING:
+    from storage.db import Database
+
+Step = Callable[[sa.Connection], None]
+
+
+def _v1_initial(conn: sa.Connection) -> None:
+    schema.metadata.create_all(conn, checkfirst=True)
+
+
+# (version, description, step). Append new steps; never edit released ones.
+STEPS: list[tuple[int, str, Step]] = [
+    (
+        1,
+        "initial schema: runs, tasks, workers, commands, errors, proxies, proxy_checks",
+        _v1_initial,
+    ),
+]
+
+LATEST = STEPS[-1][0]
+
+
+def current_version(conn: sa.Connection) -> int:
+    exists = conn.execute(
+        sa.text(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        )
+    ).fetchall()[0][0]
+    if not exists:
+        return 0
+    row = conn.execute(sa.select(sa.func.max(schema.schema_version.c.version))).fetchall()
+    return row[0][0] or 0
+
+
+def migrate(db: Database) -> int:
+    """Bring the schema to LATEST; returns the version found before."""
+    with db.begin() as conn:
+        if db.dialect == "postgresql":
+            # Two processes starting at once must not both create the schema.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(727001)"))
+        found = current_version(conn)
+        for version, description, step in STEPS:
+            if version <= found:
+                continue
+            step(conn)
+            conn.execute(
+                sa.insert(schema.schema_version).values(
+                    version=version,
+                    description=description,
+                    applied_at=datetime.now(UTC).replace(tzinfo=None),
+                )
+            )
+    return found

@@ -1,0 +1,263 @@
+"""The proxy pool and its check history: import, selection, idempotent result writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from storage.bulk import fetch_all, staged
+from storage.clock import utcnow
+from storage.schema import proxies, proxy_checks
+from storage.secrets import SecretBox
+
+# EWMA weight of the newest latency sample: recent behaviour matters, one outlier does not.
+LATENCY_ALPHA = 0.3
+
+
+@dataclass(slots=True)
+class ProxyRow:
+    """What a check needs to reach a proxy (password decrypted, never logged)."""
+
+    id: int
+    key: str
+    scheme: str | None
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+
+@dataclass(slots=True)
+class ProxyFilter:
+    status: str | None = None  # untested / active / inactive
+    protocol: str | None = None  # matches the declared scheme or the detected protocol
+    older_than_hours: float | None = None  # last checked before, or never
+    minutes_old: float | None = None  # revalidate: last checked before (never-checked excluded)
+    limit: int | None = None
+
+    def where(self) -> list[sa.ColumnElement[bool]]:
+        conds: list[sa.ColumnElement[bool]] = []
+        now = utcnow()
+        if self.status:
+            conds.append(proxies.c.status == self.status)
+        if self.protocol:
+            conds.append(
+                sa.or_(proxies.c.scheme == self.protocol, proxies.c.protocol == self.protocol)
+            )
+        if self.older_than_hours is not None:
+            cutoff = now - _hours(self.older_than_hours)
+            conds.append(sa.or_(proxies.c.last_checked.is_(None), proxies.c.last_checked < cutoff))
+        if self.minutes_old is not None:
+            cutoff = now - _hours(self.minutes_old / 60)
+            conds.append(proxies.c.last_checked < cutoff)
+        return conds
+
+
+def _hours(h: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(hours=h)
+
+
+IMPORT_COLS = {
+    "ord": "bigint",
+    "key": "text",
+    "scheme": "text",
+    "host": "text",
+    "port": "int",
+    "username": "text",
+    "password_enc": "text",
+    "source": "text",
+    "created_at": "timestamp",
+}
+
+
+def upsert_proxies(
+    conn: sa.Connection, specs: Sequence[Any], box: SecretBox, source: str
+) -> list[int]:
+    """Add proxies not yet in the pool; return the ids of all given, in input order.
+
+    ``specs`` are ``fetchers.proxy_parse.ProxySpec``-like objects (key, scheme, host, port,
+    username, password). An existing proxy keeps its history; a new password replaces the old.
+    """
+    if not specs:
+        return []
+    now = utcnow()
+    rows = [
+        (i, s.key, s.scheme, s.host, s.port, s.username, box.encrypt(s.password), source, now)
+        for i, s in enumerate(specs)
+    ]
+    with staged(conn, IMPORT_COLS, rows) as s:
+        conn.execute(
+            sa.text(
+                f"""INSERT INTO proxies (key, scheme, host, port, username, password_enc, source,
+                                     created_at, status)
+                SELECT key, scheme, host, port, username, password_enc, source, created_at,
+                       'untested' FROM {s}
+                ON CONFLICT (key) DO NOTHING"""
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"""UPDATE proxies SET password_enc = {s}.password_enc FROM {s}
+                WHERE proxies.key = {s}.key AND {s}.password_enc IS NOT NULL"""
+            )
+        )
+        rows = fetch_all(
+            conn,
+            sa.text(f"SELECT p.id FROM proxies p JOIN {s} ON p.key = {s}.key ORDER BY {s}.ord"),
+        )
+    return [int(r[0]) for r in rows]
+
+
+def select_ids(conn: sa.Connection, flt: ProxyFilter) -> list[int]:
+    """Proxy ids matching a filter, least recently checked first."""
+    stmt = (
+        sa.select(proxies.c.id)
+        .where(*flt.where())
+        .order_by(proxies.c.last_checked.asc().nulls_first(), proxies.c.id)
+    )
+    if flt.limit:
+        stmt = stmt.limit(flt.limit)
+    return [int(r[0]) for r in fetch_all(conn, stmt)]
+
+
+def load_for_check(
+    conn: sa.Connection, run_id: int, ids: Sequence[int], box: SecretBox
+) -> list[ProxyRow]:
+    """The proxies of a task that this run has not stored a result for yet."""
+    if not ids:
+        return []
+    done = {
+        int(r[0])
+        for r in fetch_all(
+            conn,
+            sa.select(proxy_checks.c.proxy_id).where(
+                proxy_checks.c.run_id == run_id, proxy_checks.c.proxy_id.in_(list(ids))
+            ),
+        )
+    }
+    todo = [i for i in ids if i not in done]
+    if not todo:
+        return []
+    rows = fetch_all(
+        conn,
+        sa.select(
+            proxies.c.id,
+            proxies.c.key,
+            proxies.c.scheme,
+            proxies.c.host,
+            proxies.c.port,
+            proxies.c.username,
+            proxies.c.password_enc,
+        ).where(proxies.c.id.in_(todo)),
+    )
+    return [
+        ProxyRow(
+            id=int(r[0]),
+            key=r[1],
+            scheme=r[2],
+            host=r[3],
+            port=int(r[4]),
+            username=r[5],
+            password=box.decrypt(r[6]),
+        )
+        for r in rows
+    ]
+
+
+CHECK_COLS = {
+    "run_id": "bigint",
+    "proxy_id": "bigint",
+    "task_id": "bigint",
+    "worker_id": "text",
+    "checked_at": "timestamp",
+    "outcome": "text",
+    "alive": "bool",
+    "protocol": "text",
+    "latency_ms": "float",
+    "anonymity": "text",
+    "exit_ip": "text",
+    "country": "text",
+    "error": "text",
+}
+
+
+def store_checks(conn: sa.Connection, rows: Iterable[Sequence[Any]]) -> int:
+    """Store check results (tuples in CHECK_COLS order) exactly once per (run, proxy) and fold
+    them into the pool. Returns how many were new.
+
+    Callers on PostgreSQL hold the lock of the tasks these rows belong to, so two executions
+    of one task cannot both count as new.
+    """
+    unique: dict[tuple[int, int], Sequence[Any]] = {}
+    for row in rows:
+        unique.setdefault((row[0], row[1]), row)
+    if not unique:
+        return 0
+    a = LATENCY_ALPHA
+    cols = ", ".join(CHECK_COLS)
+    with staged(conn, CHECK_COLS, list(unique.values())) as s:
+        conn.execute(
+            sa.text(
+                f"""DELETE FROM {s} WHERE EXISTS (SELECT 1 FROM proxy_checks c
+                WHERE c.run_id = {s}.run_id AND c.proxy_id = {s}.proxy_id)"""
+            )
+        )
+        new = fetch_all(conn, sa.text(f"SELECT count(*) FROM {s}"))[0][0]
+        if not new:
+            return 0
+        conn.execute(
+            sa.text(
+                f"INSERT INTO proxy_checks ({cols}) SELECT {cols} FROM {s} ON CONFLICT DO NOTHING"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"""UPDATE proxies SET
+                status = CASE WHEN {s}.alive THEN 'active' ELSE 'inactive' END,
+                protocol = COALESCE({s}.protocol, proxies.protocol),
+                anonymity = CASE WHEN {s}.alive THEN {s}.anonymity ELSE proxies.anonymity END,
+                exit_ip = CASE WHEN {s}.alive THEN {s}.exit_ip ELSE proxies.exit_ip END,
+                country = CASE WHEN {s}.alive THEN {s}.country ELSE proxies.country END,
+                latency_ms = {s}.latency_ms,
+                latency_ewma_ms = CASE
+                    WHEN {s}.latency_ms IS NULL THEN proxies.latency_ewma_ms
+                    WHEN proxies.latency_ewma_ms IS NULL THEN {s}.latency_ms
+                    ELSE {1 - a} * proxies.latency_ewma_ms + {a} * {s}.latency_ms END,
+                success_count = proxies.success_count + CASE WHEN {s}.alive THEN 1 ELSE 0 END,
+                failure_count = proxies.failure_count + CASE WHEN {s}.alive THEN 0 ELSE 1 END,
+                last_outcome = {s}.outcome,
+                last_error = {s}.error,
+                last_checked = {s}.checked_at
+            FROM {s} WHERE proxies.id = {s}.proxy_id"""
+            )
+        )
+    return int(new)
+
+
+def outcome_counts(conn: sa.Connection, run_id: int) -> dict[str, int]:
+    rows = fetch_all(
+        conn,
+        sa.select(proxy_checks.c.outcome, sa.func.count())
+        .where(proxy_checks.c.run_id == run_id)
+        .group_by(proxy_checks.c.outcome),
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def pool_counts(conn: sa.Connection) -> dict[str, int]:
+    rows = fetch_all(conn, sa.select(proxies.c.status, sa.func.count()).group_by(proxies.c.status))
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def last_check_time(conn: sa.Connection, run_id: int) -> datetime | None:
+    rows = fetch_all(
+        conn,
+        sa.select(sa.func.max(proxy_checks.c.checked_at)).where(proxy_checks.c.run_id == run_id),
+    )
+    return rows[0][0] if rows else None

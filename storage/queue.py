@@ -1,0 +1,331 @@
+"""Task queue operations in SQL: claim with a lease, heartbeat, complete, release, retry.
+
+The same statements run on both databases. On PostgreSQL many processes claim at once, so the
+claim locks candidate rows with ``FOR UPDATE SKIP LOCKED`` (each worker takes different
+tasks, nobody waits); on DuckDB only the coordinator process writes, so no lock clause is
+needed. Every time comes from the database clock (``storage.clock``).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from storage.bulk import fetch_all, staged
+from storage.clock import NOW_SQL, db_now, seconds_from_now, utcnow
+from storage.schema import commands, runs, tasks, workers
+
+ACTIVE_RUN = "running"
+
+
+@dataclass(slots=True)
+class ClaimedTask:
+    id: int
+    run_id: int
+    seq: int
+    kind: str
+    params: dict[str, Any]
+    refs: list[Any]
+    attempts: int
+    max_attempts: int
+    lease_token: str
+
+
+def add_tasks(
+    conn: sa.Connection,
+    run_id: int,
+    batches: Sequence[Sequence[Any]],
+    start_seq: int,
+    max_attempts: int,
+) -> int:
+    """Insert one task per batch of item references; returns how many items were queued."""
+    now = utcnow()
+    rows = [
+        (run_id, start_seq + i, "queued", json.dumps(list(b)), len(b), max_attempts, now)
+        for i, b in enumerate(batches)
+    ]
+    if not rows:
+        return 0
+    cols = {
+        "run_id": "bigint",
+        "seq": "int",
+        "status": "text",
+        "items": "text",
+        "n_items": "int",
+        "max_attempts": "int",
+        "created_at": "timestamp",
+    }
+    with staged(conn, cols, rows) as s:
+        conn.execute(
+            sa.text(f"INSERT INTO tasks ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {s}")
+        )
+    return sum(r[4] for r in rows)
+
+
+def claim(
+    conn: sa.Connection,
+    worker_id: str,
+    max_tasks: int,
+    lease_seconds: float,
+    run_id: int | None = None,
+) -> list[ClaimedTask]:
+    """Lease up to ``max_tasks`` queued tasks of running runs to ``worker_id``."""
+    token = secrets.token_hex(8)
+    lock = " FOR UPDATE OF t SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
+    run_filter = " AND t.run_id = :run_id" if run_id is not None else ""
+    rows = fetch_all(
+        conn,
+        sa.text(
+            f"""
+            UPDATE tasks SET status = 'leased', worker_id = :w, lease_token = :tok,
+                   attempts = attempts + 1,
+                   lease_until = {seconds_from_now(lease_seconds)},
+                   updated_at = {NOW_SQL}
+            WHERE id IN (
+                SELECT t.id FROM tasks t JOIN runs r ON r.id = t.run_id
+                WHERE r.status = 'running' AND t.status = 'queued'
+                  AND (t.available_at IS NULL OR t.available_at <= {NOW_SQL}){run_filter}
+                ORDER BY t.run_id, t.seq
+                LIMIT :n{lock}
+            )
+            RETURNING id, run_id, seq, items, attempts, max_attempts
+            """
+        ),
+        {"w": worker_id, "tok": token, "n": max_tasks, "run_id": run_id},
+    )
+    if not rows:
+        return []
+    run_ids = sorted({r[1] for r in rows})
+    meta = {
+        r[0]: (r[1], json.loads(r[2]))
+        for r in fetch_all(
+            conn, sa.select(runs.c.id, runs.c.kind, runs.c.params).where(runs.c.id.in_(run_ids))
+        )
+    }
+    return [
+        ClaimedTask(
+            id=r[0],
+            run_id=r[1],
+            seq=r[2],
+            kind=meta[r[1]][0],
+            params=meta[r[1]][1],
+            refs=json.loads(r[3]),
+            attempts=r[4],
+            max_attempts=r[5],
+            lease_token=token,
+        )
+        for r in sorted(rows, key=lambda r: (r[1], r[2]))
+    ]
+
+
+def heartbeat(
+    conn: sa.Connection, worker_id: str, task_ids: Iterable[int], lease_seconds: float
+) -> dict[int, str]:
+    """Extend the leases ``worker_id`` holds; returns task id → its run's status
+    (``lost`` for a task this worker no longer holds)."""
+    ids = list(task_ids)
+    if not ids:
+        return {}
+    held = fetch_all(
+        conn,
+        sa.update(tasks)
+        .where(tasks.c.id.in_(ids), tasks.c.worker_id == worker_id, tasks.c.status == "leased")
+        .values(lease_until=seconds_from_now(lease_seconds))
+        .returning(tasks.c.id, tasks.c.run_id),
+    )
+    statuses = dict(
+        fetch_all(
+            conn,
+            sa.select(runs.c.id, runs.c.status).where(runs.c.id.in_({r[1] for r in held} or {-1})),
+        )
+    )
+    out = {tid: "lost" for tid in ids}
+    out.update({r[0]: statuses.get(r[1], "lost") for r in held})
+    return out
+
+
+def complete(conn: sa.Connection, task_ids: Iterable[int]) -> None:
+    """All items of these tasks are stored: done, whoever holds the lease now."""
+    ids = list(task_ids)
+    if ids:
+        conn.execute(
+            sa.update(tasks)
+            .where(tasks.c.id.in_(ids), tasks.c.status.in_(("leased", "queued")))
+            .values(status="done", lease_token=None, lease_until=None, updated_at=db_now())
+        )
+
+
+def release(conn: sa.Connection, worker_id: str, task_ids: Iterable[int]) -> None:
+    """Hand tasks back untouched (graceful stop): the claim does not count as an attempt."""
+    ids = list(task_ids)
+    if ids:
+        conn.execute(
+            sa.update(tasks)
+            .where(tasks.c.id.in_(ids), tasks.c.worker_id == worker_id, tasks.c.status == "leased")
+            .values(
+                status="queued",
+                attempts=tasks.c.attempts - 1,
+                worker_id=None,
+                lease_token=None,
+                lease_until=None,
+                updated_at=db_now(),
+            )
+        )
+
+
+def fail(
+    conn: sa.Connection,
+    task_ids: Iterable[int],
+    error: str,
+    backoff_seconds: float,
+    worker_id: str | None = None,
+) -> None:
+    """A failed attempt: back to the queue after a backoff, or ``failed`` when out of tries."""
+    ids = list(task_ids)
+    if not ids:
+        return
+    owner = " AND worker_id = :w" if worker_id else ""
+    conn.execute(
+        sa.text(
+            f"""
+            UPDATE tasks SET
+                status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+                available_at = {NOW_SQL}
+                    + (:backoff * power(2, greatest(attempts - 1, 0)) * INTERVAL '1 second'),
+                worker_id = NULL, lease_token = NULL, lease_until = NULL,
+                last_error = :err, updated_at = {NOW_SQL}
+            WHERE status = 'leased' AND id IN :ids{owner}
+            """
+        ).bindparams(sa.bindparam("ids", expanding=True)),
+        {"ids": ids, "err": error[:2000], "backoff": float(backoff_seconds), "w": worker_id},
+    )
+
+
+def expired_leases(conn: sa.Connection) -> list[tuple[int, str]]:
+    """(task id, worker id) of leases whose holder stopped heartbeating."""
+    return [
+        (r[0], r[1])
+        for r in fetch_all(
+            conn,
+            sa.select(tasks.c.id, tasks.c.worker_id).where(
+                tasks.c.status == "leased", tasks.c.lease_until < db_now()
+            ),
+        )
+    ]
+
+
+def tasks_of_worker(conn: sa.Connection, worker_id: str) -> list[int]:
+    return [
+        r[0]
+        for r in fetch_all(
+            conn,
+            sa.select(tasks.c.id).where(tasks.c.worker_id == worker_id, tasks.c.status == "leased"),
+        )
+    ]
+
+
+def task_counts(conn: sa.Connection, run_id: int) -> dict[str, int]:
+    rows = fetch_all(
+        conn,
+        sa.select(tasks.c.status, sa.func.count())
+        .where(tasks.c.run_id == run_id)
+        .group_by(tasks.c.status),
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def requeue_failed(conn: sa.Connection, run_id: int) -> int:
+    """Give failed tasks of a run a fresh set of attempts (on resume)."""
+    res = conn.execute(
+        sa.update(tasks)
+        .where(tasks.c.run_id == run_id, tasks.c.status == "failed")
+        .values(status="queued", attempts=0, available_at=None, updated_at=db_now())
+    )
+    return res.rowcount or 0
+
+
+# --- workers -----------------------------------------------------------------------------
+
+
+def register_worker(conn: sa.Connection, worker_id: str, host: str, pid: int, kind: str) -> None:
+    conn.execute(sa.delete(workers).where(workers.c.id == worker_id))
+    conn.execute(
+        sa.insert(workers).values(
+            id=worker_id,
+            host=host,
+            pid=pid,
+            kind=kind,
+            status="starting",
+            started_at=db_now(),
+            heartbeat_at=db_now(),
+        )
+    )
+
+
+def touch_worker(
+    conn: sa.Connection,
+    worker_id: str,
+    status: str,
+    task_ids: Iterable[int],
+    done: int = 0,
+    failed: int = 0,
+) -> None:
+    conn.execute(
+        sa.update(workers)
+        .where(workers.c.id == worker_id)
+        .values(
+            status=status,
+            heartbeat_at=db_now(),
+            tasks_held=",".join(str(t) for t in task_ids) or None,
+            items_done=workers.c.items_done + done,
+            items_failed=workers.c.items_failed + failed,
+        )
+    )
+
+
+def end_worker(conn: sa.Connection, worker_id: str, status: str, reason: str | None) -> None:
+    conn.execute(
+        sa.update(workers)
+        .where(workers.c.id == worker_id)
+        .values(status=status, tasks_held=None, exit_reason=reason, heartbeat_at=db_now())
+    )
+
+
+def stale_workers(conn: sa.Connection, older_than_s: float) -> list[str]:
+    """Workers that claim to be alive but stopped heartbeating."""
+    return [
+        r[0]
+        for r in fetch_all(
+            conn,
+            sa.select(workers.c.id).where(
+                workers.c.status.in_(("starting", "idle", "busy", "stopping")),
+                workers.c.heartbeat_at < seconds_from_now(-older_than_s),
+            ),
+        )
+    ]
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def pending_worker_commands(conn: sa.Connection, worker_id: str) -> list[tuple[int, str]]:
+    rows = fetch_all(
+        conn,
+        sa.select(commands.c.id, commands.c.action).where(
+            commands.c.target_kind == "worker",
+            commands.c.target_id == worker_id,
+            commands.c.handled_at.is_(None),
+        ),
+    )
+    if rows:
+        conn.execute(
+            sa.update(commands)
+            .where(commands.c.id.in_([r[0] for r in rows]))
+            .values(handled_at=db_now(), result="delivered")
+        )
+    return [(r[0], r[1]) for r in rows]

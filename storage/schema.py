@@ -1,0 +1,169 @@
+"""The one schema, SQLAlchemy Core, shared by DuckDB and PostgreSQL.
+
+Why the shapes below:
+- DuckDB (duckdb-engine) has no SERIAL/IDENTITY: integer keys use a Sequence with a server
+  default, so raw ``INSERT … SELECT`` bulk statements get ids too.
+- Reflection is broken on duckdb-engine + SQLAlchemy 2.1, so the schema is model-first and
+  changes are explicit, ordered steps in ``storage.migrations`` recorded in ``schema_version``.
+- Timestamps are naive UTC (``TIMESTAMP``), stamped by the database clock where it matters
+  (leases), so machines with skewed clocks agree.
+- Secrets never land here: proxy passwords are stored encrypted (``password_enc``), and run
+  parameters keep environment-variable *names*, never values.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+
+def _id(table: str) -> tuple[sa.Sequence, sa.Column]:
+    seq = sa.Sequence(f"{table}_id_seq", metadata=metadata)
+    return seq, sa.Column(
+        "id", sa.BigInteger, seq, server_default=seq.next_value(), primary_key=True
+    )
+
+
+def _created() -> sa.Column:
+    return sa.Column("created_at", sa.DateTime, nullable=False)
+
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
+    sa.Column("description", sa.String, nullable=False),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    _id("runs")[1],
+    sa.Column("kind", sa.String, nullable=False),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("params", sa.Text, nullable=False),  # JSON, no secrets
+    sa.Column("total_items", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("total_tasks", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("coordinator", sa.String),  # host:pid of the process that planned it
+    _created(),
+    sa.Column("started_at", sa.DateTime),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("updated_at", sa.DateTime),
+)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    _id("tasks")[1],
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("status", sa.String, nullable=False),  # queued, leased, done, failed, cancelled
+    sa.Column("items", sa.Text, nullable=False),  # JSON list of item references
+    sa.Column("n_items", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("worker_id", sa.String),
+    sa.Column("lease_token", sa.String),
+    sa.Column("lease_until", sa.DateTime),
+    sa.Column("available_at", sa.DateTime),  # retry backoff: not claimable before
+    sa.Column("last_error", sa.Text),
+    _created(),
+    sa.Column("updated_at", sa.DateTime),
+)
+sa.Index("ix_tasks_run_status", tasks.c.run_id, tasks.c.status)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("host", sa.String, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String, nullable=False),  # local, standalone, remote
+    sa.Column("status", sa.String, nullable=False),  # starting, idle, busy, stopping, exited, dead
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime),
+    sa.Column("tasks_held", sa.String),  # comma-separated task ids
+    sa.Column("items_done", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("items_failed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("exit_reason", sa.Text),
+)
+
+commands = sa.Table(
+    "commands",
+    metadata,
+    _id("commands")[1],
+    sa.Column("target_kind", sa.String, nullable=False),  # run, worker
+    sa.Column("target_id", sa.String, nullable=False),
+    sa.Column("action", sa.String, nullable=False),  # stop, pause, resume, cancel
+    sa.Column("source", sa.String),  # who asked: cli host:pid, console
+    _created(),
+    sa.Column("handled_at", sa.DateTime),
+    sa.Column("result", sa.Text),
+)
+
+errors = sa.Table(
+    "errors",
+    metadata,
+    _id("errors")[1],
+    sa.Column("run_id", sa.BigInteger),
+    sa.Column("task_id", sa.BigInteger),
+    sa.Column("worker_id", sa.String),
+    sa.Column("item_key", sa.String),
+    sa.Column("error_type", sa.String, nullable=False),
+    sa.Column("message", sa.Text),
+    _created(),
+)
+sa.Index("ix_errors_run", errors.c.run_id)
+
+proxies = sa.Table(
+    "proxies",
+    metadata,
+    _id("proxies")[1],
+    sa.Column("key", sa.String, nullable=False, unique=True),
+    sa.Column("scheme", sa.String),  # as given; NULL when the line had none
+    sa.Column("protocol", sa.String),  # the one that answered last
+    sa.Column("host", sa.String, nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("username", sa.String),
+    sa.Column("password_enc", sa.Text),  # Fernet token, never the password itself
+    sa.Column("status", sa.String, nullable=False),  # untested, active, inactive
+    sa.Column("anonymity", sa.String),
+    sa.Column("exit_ip", sa.String),
+    sa.Column("country", sa.String),
+    sa.Column("latency_ms", sa.Float),
+    sa.Column("latency_ewma_ms", sa.Float),
+    sa.Column("success_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("failure_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("last_outcome", sa.String),
+    sa.Column("last_error", sa.Text),
+    sa.Column("last_checked", sa.DateTime),
+    sa.Column("source", sa.String),
+    _created(),
+)
+sa.Index("ix_proxies_status", proxies.c.status)
+
+proxy_checks = sa.Table(
+    "proxy_checks",
+    metadata,
+    _id("proxy_checks")[1],
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("proxy_id", sa.BigInteger, nullable=False),
+    sa.Column("task_id", sa.BigInteger),
+    sa.Column("worker_id", sa.String),
+    sa.Column("checked_at", sa.DateTime, nullable=False),
+    sa.Column("outcome", sa.String, nullable=False),
+    sa.Column("alive", sa.Boolean, nullable=False),
+    sa.Column("protocol", sa.String),
+    sa.Column("latency_ms", sa.Float),
+    sa.Column("anonymity", sa.String),
+    sa.Column("exit_ip", sa.String),
+    sa.Column("country", sa.String),
+    sa.Column("error", sa.Text),
+    sa.UniqueConstraint("run_id", "proxy_id", name="uq_proxy_checks_run_proxy"),
+)
+sa.Index("ix_proxy_checks_checked_at", proxy_checks.c.checked_at)
+
+TABLES: dict[str, sa.Table] = {t.name: t for t in metadata.sorted_tables}

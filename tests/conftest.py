@@ -1,0 +1,99 @@
+"""Shared fixtures: databases (DuckDB file, real PostgreSQL), the sim world, system tools.
+
+PostgreSQL tests use a throw-away database on the server at 127.0.0.1:5432 (user postgres).
+With no server they skip, unless CI=true or FETCHFLEET_REQUIRE_PG=1, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from storage.db import Database, open_database
+
+PG_ADMIN_URL = os.environ.get(
+    "FETCHFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def strict() -> bool:
+    return os.environ.get("CI") == "true" or os.environ.get("FETCHFLEET_REQUIRE_PG") == "1"
+
+
+def require_tool(path_or_name: str, package: str) -> str:
+    """Skip (or fail under CI) when a system tool is missing, naming the Debian package."""
+    found = shutil.which(path_or_name) or (path_or_name if Path(path_or_name).exists() else None)
+    if not found:
+        msg = f"{path_or_name} not found: install the Debian package `{package}`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return found
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:
+        admin.dispose()
+        msg = f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc.__class__.__name__}"
+        if strict():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    name = f"ff_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    yield url
+    with admin.connect() as conn:
+        conn.execute(
+            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+            {"n": name},
+        )
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+def _reset_pg(url: str) -> None:
+    eng = sa.create_engine(url)
+    with eng.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA public"))
+    eng.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str) -> str:
+    """An empty PostgreSQL database (schema dropped before each test)."""
+    _reset_pg(pg_server_url)
+    return pg_server_url
+
+
+@pytest.fixture
+def duckdb_url(tmp_path: Path) -> str:
+    return f"duckdb:///{tmp_path / 'ff.duckdb'}"
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every storage contract test runs on both backends."""
+    if request.param == "duckdb":
+        return f"duckdb:///{tmp_path / 'ff.duckdb'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = open_database(db_url)
+    yield database
+    database.dispose()
