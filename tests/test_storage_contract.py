@@ -100,7 +100,7 @@ def _check_row(run_id: int, pid: int, task_id: int, alive: bool) -> tuple:
 
 
 def test_claim_lease_complete_and_exactly_once_results(db: Database) -> None:
-    run_id, ids = _run_with_tasks(db, 10, 4)
+    run_id, _ids = _run_with_tasks(db, 10, 4)
     with db.begin() as conn:
         claimed = queue.claim(conn, "w1", 2, 30)
         other = queue.claim(conn, "w2", 5, 30)
@@ -173,7 +173,7 @@ def test_commands_stop_resume_cancel(db: Database) -> None:
 def test_postgres_claims_do_not_overlap(pg_url: str) -> None:
     """Two connections claiming at once get disjoint tasks (FOR UPDATE SKIP LOCKED)."""
     db = open_database(pg_url)
-    run_id, _ = _run_with_tasks(db, 40, 2)
+    _run_id, _ = _run_with_tasks(db, 40, 2)
     seen: list[int] = []
     with db.engine.connect() as c1, db.engine.connect() as c2:
         t1 = c1.begin()
