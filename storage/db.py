@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote_plus
 
@@ -84,10 +85,16 @@ def translate_lock_error(exc: BaseException, url: str) -> DatabaseLockedError | 
 
 @dataclass
 class Database:
-    """One database: its engine, its dialect name and a redacted URL for display."""
+    """One database: its engine, its dialect name and a redacted URL for display.
+
+    On DuckDB, write transactions of this process's threads are serialised by a lock: the
+    coordinator, the planner and the console all write through one process, and DuckDB
+    aborts concurrent transactions that touch the same rows instead of waiting.
+    """
 
     engine: Engine
     url: str
+    write_lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def dialect(self) -> str:
@@ -103,7 +110,11 @@ class Database:
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        if not self.is_duckdb:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self.write_lock, self.engine.begin() as conn:
             yield conn
 
     @contextlib.contextmanager

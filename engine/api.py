@@ -1,0 +1,63 @@
+"""The engine API the CLI and the console share: submit a run, follow it, command it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+from engine.jobs import get_kind
+from engine.model import TERMINAL
+from engine.settings import Settings
+from engine.summary import run_summary
+from storage import queue as q
+from storage import runs
+from storage.db import Database
+
+TASKS_PER_TRANSACTION = 200
+
+
+def submit_run(
+    db: Database, settings: Settings, kind_name: str, params: dict[str, Any], coordinator: str
+) -> int:
+    """Validate parameters, create the run, plan its tasks (streamed), and start it."""
+    kind = get_kind(kind_name, settings)
+    params = kind.prepare(params)
+    with db.begin() as conn:
+        run_id = runs.create_run(conn, kind_name, params, coordinator)
+    try:
+        seq = 0
+        batches: Iterator[Sequence[Any]] = iter(kind.plan(db, run_id, params))
+        while chunk := list(islice(batches, TASKS_PER_TRANSACTION)):
+            with db.begin() as conn:
+                n_items = q.add_tasks(conn, run_id, chunk, seq, settings.max_attempts)
+                runs.add_planned(conn, run_id, n_items, len(chunk))
+            seq += len(chunk)
+    except BaseException as exc:
+        with db.begin() as conn:
+            runs.set_status(conn, run_id, "failed", f"planning failed: {exc}")
+        raise
+    with db.begin() as conn:
+        runs.start_run(conn, run_id)
+    return run_id
+
+
+def wait_run(
+    db: Database,
+    run_id: int,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    poll_s: float = 0.5,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Poll until the run reaches a final status (or ``timeout_s``); returns its summary."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        summary = run_summary(db, run_id)
+        if on_progress:
+            on_progress(summary)
+        if summary["status"] in TERMINAL:
+            return summary
+        if deadline is not None and time.monotonic() > deadline:
+            return summary
+        time.sleep(poll_s)

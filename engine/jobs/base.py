@@ -1,0 +1,67 @@
+"""The job-kind plugin interface: what makes ``validate``, ``scrape`` and ``backfill`` differ.
+
+A kind says how to plan items into tasks (coordinator), how to turn stored item references
+into executable items and how to store results (wherever results are written: the
+coordinator with DuckDB, each worker with PostgreSQL), and how to execute one item (inside a
+worker's asyncio loop). Everything else — leases, retries, commands, the pool — is shared.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+
+from engine.model import ItemResult
+from engine.settings import Settings
+from storage.db import Database
+
+
+class Executor(ABC):
+    """Per worker process and run: holds clients (a checker, a browser) across items."""
+
+    @abstractmethod
+    async def execute(self, item: Any) -> tuple[bool, str, dict[str, Any]]:
+        """Run one item; returns (ok, outcome, data). Must not raise for item-level failures."""
+
+    async def aclose(self) -> None:  # noqa: B027 — optional hook
+        """Release clients."""
+
+
+class JobKind(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Validate and complete the run parameters (raise ValueError with a message for the
+        user); called before the run is created. The result is stored with the run, so it
+        must hold no secrets."""
+
+    @abstractmethod
+    def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
+        """Yield batches of item references (JSON-serialisable), streamed."""
+
+    @abstractmethod
+    def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
+        """Executable items for a task, leaving out those already stored for this run."""
+
+    @abstractmethod
+    def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
+        """Store results exactly once per (run, item); returns how many were new."""
+
+    @abstractmethod
+    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
+        """Stored results of a run by outcome."""
+
+    @abstractmethod
+    def ok_outcomes(self) -> set[str]:
+        """Outcomes that count as ok in summaries."""
+
+    @abstractmethod
+    async def open_executor(self, params: dict[str, Any]) -> Executor:
+        """Build the executor of one run inside a worker process."""

@@ -1,0 +1,206 @@
+"""The ``validate`` job kind: check proxies through a judge and keep the pool's state.
+
+Items are proxy ids. Planning imports a list (streamed, deduplicated, malformed lines
+recorded in ``errors`` with their line numbers) or selects stored proxies by filter. Workers
+receive the proxies with their passwords decrypted at claim time; the task rows and run
+parameters hold only ids and file paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from engine.jobs.base import Executor, JobKind
+from engine.model import ItemResult
+from storage import proxies as store
+from storage.clock import utcnow
+from storage.db import Database
+from storage.schema import errors
+from storage.secrets import SecretBox
+
+IMPORT_CHUNK = 10_000
+MAX_PARSE_ERRORS_STORED = 1_000
+FILTER_KEYS = ("status", "protocol", "older_than_hours", "minutes_old", "limit")
+
+
+class ValidateJob(JobKind):
+    name = "validate"
+
+    def _box(self) -> SecretBox:
+        return SecretBox.load(self.settings.secret_key, self.settings.secret_key_file)
+
+    def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        judge = params.get("judge_url") or self.settings.judge_url
+        if not judge:
+            raise ValueError(
+                "no judge URL: pass --judge URL (an httpbin-style /get or an azenv page) or "
+                "set FETCHFLEET_JUDGE_URL; `python -m engine.run demo` starts a local judge"
+            )
+        timeout = float(params.get("timeout_s") or self.settings.check_timeout_s)
+        if timeout <= 0:
+            raise ValueError(f"--timeout must be positive, got {timeout}")
+        source = params.get("proxies_file")
+        flt = {k: params.get(k) for k in FILTER_KEYS if params.get(k) is not None}
+        if source:
+            path = Path(source)
+            if not path.is_file():
+                raise ValueError(f"--proxies {source}: no such file")
+            if path.stat().st_size == 0:
+                raise ValueError(f"--proxies {source}: the file is empty; one proxy a line")
+            source = str(path.resolve())
+        elif not flt:
+            raise ValueError(
+                "nothing to validate: give --proxies FILE, or select stored proxies with "
+                "--revalidate / --status / --type / --older-than-hours / --limit"
+            )
+        _check_judge(judge, timeout)
+        batch = int(params.get("batch_size") or self.settings.batch_size)
+        return {
+            "judge_url": judge,
+            "timeout_s": timeout,
+            "proxies_file": source,
+            "batch_size": batch,
+            **flt,
+        }
+
+    def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
+        batch = int(params["batch_size"])
+        if params.get("proxies_file"):
+            ids = self._import(db, run_id, Path(params["proxies_file"]))
+        else:
+            flt = store.ProxyFilter(**{k: params.get(k) for k in FILTER_KEYS})
+            with db.connect() as conn:
+                ids = iter(store.select_ids(conn, flt))
+        while chunk := list(islice(ids, batch)):
+            yield chunk
+
+    def _import(self, db: Database, run_id: int, path: Path) -> Iterator[int]:
+        from fetchers.proxy_parse import iter_proxy_lines
+
+        box = self._box()
+        seen: set[str] = set()
+        bad = 0
+        lines = iter_proxy_lines(path)
+        while True:
+            specs, bad_rows = [], []
+            for parsed in islice(lines, IMPORT_CHUNK):
+                if parsed.spec is None:
+                    bad += 1
+                    if bad <= MAX_PARSE_ERRORS_STORED:
+                        bad_rows.append(
+                            {
+                                "run_id": run_id,
+                                "item_key": f"line {parsed.line_no}",
+                                "error_type": "bad_input",
+                                "message": f"{parsed.error} — {parsed.text[:200]!r}",
+                                "created_at": utcnow(),
+                            }
+                        )
+                elif parsed.spec.key not in seen:
+                    seen.add(parsed.spec.key)
+                    specs.append(parsed.spec)
+            if not specs and not bad_rows:
+                return
+            with db.begin() as conn:
+                ids = store.upsert_proxies(conn, specs, box, source=path.name)
+                if bad_rows:
+                    conn.execute(sa.insert(errors), bad_rows)
+            yield from ids
+
+    def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
+        return store.load_for_check(conn, run_id, refs, self._box())
+
+    def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
+        rows = []
+        for r in results:
+            d = r.data
+            rows.append(
+                (
+                    r.run_id,
+                    int(r.ref),
+                    r.task_id,
+                    r.worker_id,
+                    d.get("checked_at") or utcnow(),
+                    r.outcome,
+                    r.ok,
+                    d.get("protocol"),
+                    d.get("latency_ms"),
+                    d.get("anonymity"),
+                    d.get("exit_ip"),
+                    d.get("country"),
+                    d.get("error"),
+                )
+            )
+        return store.store_checks(conn, rows)
+
+    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
+        return store.outcome_counts(conn, run_id)
+
+    def ok_outcomes(self) -> set[str]:
+        return {"alive"}
+
+    async def open_executor(self, params: dict[str, Any]) -> Executor:
+        from fetchers.proxy_check import ProxyChecker
+
+        checker = ProxyChecker(params["judge_url"], timeout=float(params["timeout_s"]))
+        await checker.start()
+        return ValidateExecutor(checker)
+
+
+class ValidateExecutor(Executor):
+    def __init__(self, checker: Any) -> None:
+        self.checker = checker
+
+    async def execute(self, item: store.ProxyRow) -> tuple[bool, str, dict[str, Any]]:
+        from fetchers.proxy_parse import ProxySpec
+
+        spec = ProxySpec(
+            scheme=item.scheme,
+            host=item.host,
+            port=item.port,
+            username=item.username,
+            password=item.password,
+        )
+        res = await self.checker.check(spec)
+        return (
+            res.alive,
+            res.outcome,
+            {
+                "checked_at": res.checked_at.replace(tzinfo=None) if res.checked_at else None,
+                "protocol": res.protocol,
+                "latency_ms": res.latency_ms,
+                "anonymity": res.anonymity,
+                "exit_ip": res.exit_ip,
+                "country": res.country,
+                "error": res.error,
+            },
+        )
+
+    async def aclose(self) -> None:
+        await self.checker.aclose()
+
+
+def _check_judge(judge: str, timeout: float) -> None:
+    """Fail before planning when the judge does not answer: every check would fail."""
+    from fetchers.proxy_check import ProxyChecker
+
+    async def probe() -> None:
+        checker = ProxyChecker(judge, timeout=timeout)
+        try:
+            await checker.start()
+        finally:
+            await checker.aclose()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        raise ValueError(
+            f"the judge {judge} did not answer a direct request ({type(exc).__name__}: {exc}); "
+            "check the URL, or start the local world with `python -m sim`"
+        ) from None

@@ -1,0 +1,173 @@
+"""The queue backend that talks to the database directly."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from typing import Any
+
+import sqlalchemy as sa
+
+from engine.jobs import get_kind
+from engine.jobs.base import JobKind
+from engine.model import ItemResult, TaskWork
+from engine.queue_base import Reply, directive_for
+from engine.settings import Settings
+from storage import queue as q
+from storage.bulk import fetch_all
+from storage.db import Database
+from storage.schema import errors, runs
+
+log = logging.getLogger(__name__)
+
+
+class SqlQueue:
+    """Queue operations on one database; thread-safe (each call is one transaction)."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self._kinds: dict[str, JobKind] = {}
+        self._run_kinds: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._exit_requested: set[str] = set()
+
+    def kind(self, name: str) -> JobKind:
+        with self._lock:
+            if name not in self._kinds:
+                self._kinds[name] = get_kind(name, self.settings)
+            return self._kinds[name]
+
+    def kind_of_run(self, conn: sa.Connection, run_id: int) -> JobKind:
+        if run_id not in self._run_kinds:
+            rows = fetch_all(conn, sa.select(runs.c.kind).where(runs.c.id == run_id))
+            self._run_kinds[run_id] = rows[0][0]
+        return self.kind(self._run_kinds[run_id])
+
+    def request_exit(self, worker_id: str) -> None:
+        self._exit_requested.add(worker_id)
+
+    def _worker_action(self, conn: sa.Connection, worker_id: str) -> str | None:
+        if worker_id in self._exit_requested:
+            return "exit"
+        actions = [a for _, a in q.pending_worker_commands(conn, worker_id)]
+        return "exit" if {"stop", "cancel"} & set(actions) else None
+
+    # --- QueueBackend ------------------------------------------------------------------
+
+    def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:
+        with self.db.begin() as conn:
+            q.register_worker(conn, worker_id, host, pid, kind)
+
+    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
+        out: list[TaskWork] = []
+        with self.db.begin() as conn:
+            action = self._worker_action(conn, worker_id)
+            if action == "exit":
+                return Reply(worker_action=action)
+            claimed = q.claim(conn, worker_id, max_tasks, self.settings.lease_s, run_id)
+            finished: list[int] = []
+            for task in claimed:
+                self._run_kinds[task.run_id] = task.kind
+                items = self.kind(task.kind).load_items(conn, task.run_id, task.refs)
+                if not items:  # everything already stored by an earlier attempt
+                    finished.append(task.id)
+                    continue
+                out.append(
+                    TaskWork(
+                        id=task.id,
+                        run_id=task.run_id,
+                        kind=task.kind,
+                        params=task.params,
+                        items=items,
+                        attempts=task.attempts,
+                    )
+                )
+            q.complete(conn, finished)
+        return Reply(tasks=out)
+
+    def heartbeat(
+        self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
+    ) -> Reply:
+        with self.db.begin() as conn:
+            statuses = q.heartbeat(conn, worker_id, task_ids, self.settings.lease_s)
+            q.touch_worker(conn, worker_id, status, task_ids, done, failed)
+            action = self._worker_action(conn, worker_id)
+        return Reply(
+            directives={t: directive_for(s) for t, s in statuses.items()}, worker_action=action
+        )
+
+    def submit(self, worker_id: str, results: list[ItemResult]) -> None:
+        self.store(results)
+
+    def store(self, results: list[ItemResult], complete: list[int] | None = None) -> int:
+        """Store results (and mark tasks done) in one transaction; returns new results."""
+        if not results and not complete:
+            return 0
+        new = 0
+        with self.db.begin() as conn:
+            task_ids = sorted({r.task_id for r in results} | set(complete or ()))
+            if self.db.dialect == "postgresql" and task_ids:
+                # Two executions of one task (a lease that expired under a slow worker)
+                # serialise here, so each item counts as new exactly once.
+                fetch_all(
+                    conn,
+                    sa.text(
+                        "SELECT id FROM tasks WHERE id IN :ids ORDER BY id FOR UPDATE"
+                    ).bindparams(sa.bindparam("ids", expanding=True)),
+                    {"ids": task_ids},
+                )
+            by_run: dict[int, list[ItemResult]] = defaultdict(list)
+            for r in results:
+                by_run[r.run_id].append(r)
+            for run_id, batch in by_run.items():
+                new += self.kind_of_run(conn, run_id).store(conn, batch)
+            q.complete(conn, complete or [])
+        return new
+
+    def complete(self, worker_id: str, task_ids: list[int]) -> None:
+        self.store([], task_ids)
+
+    def release(self, worker_id: str, task_ids: list[int]) -> None:
+        with self.db.begin() as conn:
+            q.release(conn, worker_id, task_ids)
+
+    def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
+        with self.db.begin() as conn:
+            q.fail(conn, task_ids, error, self.settings.retry_backoff_s, worker_id=worker_id)
+            record_task_errors(conn, task_ids, worker_id, "task_failed", error)
+
+    def unregister(self, worker_id: str, reason: str) -> None:
+        with self.db.begin() as conn:
+            q.release(conn, worker_id, q.tasks_of_worker(conn, worker_id))
+            q.end_worker(conn, worker_id, "exited", reason)
+
+
+def record_task_errors(
+    conn: sa.Connection, task_ids: list[int], worker_id: str | None, error_type: str, message: str
+) -> None:
+    if not task_ids:
+        return
+    rows = fetch_all(
+        conn,
+        sa.text("SELECT id, run_id FROM tasks WHERE id IN :ids").bindparams(
+            sa.bindparam("ids", expanding=True)
+        ),
+        {"ids": task_ids},
+    )
+    from storage.clock import utcnow
+
+    values: list[dict[str, Any]] = [
+        {
+            "run_id": r[1],
+            "task_id": r[0],
+            "worker_id": worker_id,
+            "error_type": error_type,
+            "message": message[:2000],
+            "created_at": utcnow(),
+        }
+        for r in rows
+    ]
+    if values:
+        conn.execute(sa.insert(errors), values)

@@ -1,0 +1,37 @@
+"""The one Settings object. Every field can be set as FETCHFLEET_<NAME> or in a .env file;
+CLI flags override it for one command. It is passed in explicitly, never read globally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FETCHFLEET_", env_file=".env", extra="ignore")
+
+    db: str | None = Field(None, description="Database URL; see storage.db.resolve_db_url.")
+    data_dir: Path = Field(Path("data"), description="Where the DuckDB file and keys live.")
+    secret_key: str | None = Field(
+        None, description="Fernet key encrypting proxy passwords; the same on every machine."
+    )
+    secret_key_file: Path = Field(
+        Path("data/secret.key"), description="Used (and created) when secret_key is unset."
+    )
+    workers: int = Field(2, ge=1, le=256, description="Local worker processes.")
+    concurrency: int = Field(200, ge=1, le=10_000, description="Items in flight per worker.")
+    batch_size: int = Field(50, ge=1, le=100_000, description="Items per task.")
+    max_attempts: int = Field(3, ge=1, le=100, description="Tries per task before it fails.")
+    retry_backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles after.")
+    lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="A task returns to the queue when its "
+        "worker has not heartbeated for this long.",
+    )
+    heartbeat_s: float = Field(3.0, gt=0, description="How often workers heartbeat.")
+    flush_s: float = Field(0.25, gt=0, description="How often buffered results are stored.")
+    check_timeout_s: float = Field(5.0, gt=0, description="Proxy check timeout per attempt.")
+    judge_url: str | None = Field(None, description="Judge for proxy checks (httpbin or azenv).")

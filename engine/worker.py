@@ -1,0 +1,283 @@
+"""The worker loop: claim tasks, execute their items concurrently, hand results back.
+
+One asyncio loop per process runs up to ``concurrency`` items at once, across as many tasks
+as it takes to fill that many slots. Results are flushed every ``flush_s``; a task is
+reported complete only after all of its results were handed over. A stop (the run paused or
+stopping, or the worker asked to exit) lets in-flight items finish and hands back the task so
+its remaining items stay queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.jobs import get_kind
+from engine.jobs.base import Executor
+from engine.model import ItemResult, TaskWork
+from engine.queue_base import ABANDON, CONTINUE, RELEASE, QueueBackend, Reply
+from engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id(prefix: str = "w") -> str:
+    return f"{prefix}-{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+
+
+@dataclass
+class _Held:
+    work: TaskWork
+    pending: int
+    directive: str = CONTINUE
+    runner: asyncio.Task[None] | None = None
+    in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+class Worker:
+    def __init__(
+        self,
+        backend: QueueBackend,
+        settings: Settings,
+        worker_id: str,
+        kind: str = "local",
+        run_id: int | None = None,
+        idle_exit_s: float | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.worker_id = worker_id
+        self.kind = kind
+        self.run_id = run_id
+        self.idle_exit_s = idle_exit_s
+        self.exiting = asyncio.Event()
+        self._held: dict[int, _Held] = {}
+        self._results: list[ItemResult] = []
+        self._finished: list[int] = []  # tasks whose results are all buffered
+        self._released: list[int] = []
+        self._executors: dict[int, Executor] = {}
+        self._sem = asyncio.Semaphore(settings.concurrency)
+        self._done = 0
+        self._failed = 0
+        self._flush_lock = asyncio.Lock()
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, self.worker_id, *args)
+
+    # --- main loop ---------------------------------------------------------------------
+
+    async def run(self) -> str:
+        await self._call(self.backend.register, socket.gethostname(), os.getpid(), self.kind)
+        flusher = asyncio.create_task(self._flush_loop())
+        beater = asyncio.create_task(self._heartbeat_loop())
+        reason = "stopped"
+        idle_since = time.monotonic()
+        try:
+            while not self.exiting.is_set():
+                pending = sum(h.pending for h in self._held.values())
+                room = self.settings.concurrency - pending
+                if room <= 0:
+                    await self._wait(0.05)
+                    continue
+                want = max(1, min(16, -(-room // self.settings.batch_size)))
+                reply = await self._claim(want)
+                self._apply(reply)
+                if reply.worker_action == "exit":
+                    reason = "asked to exit"
+                    break
+                for work in reply.tasks:
+                    self._start(work)
+                if self._held or reply.tasks:
+                    idle_since = time.monotonic()
+                elif self.idle_exit_s and time.monotonic() - idle_since > self.idle_exit_s:
+                    reason = f"idle for {self.idle_exit_s:.0f}s"
+                    break
+                if not reply.tasks:
+                    await self._wait(0.2)
+        finally:
+            await self._drain()
+            flusher.cancel()
+            beater.cancel()
+            await asyncio.gather(flusher, beater, return_exceptions=True)
+            await self._flush()
+            for ex in self._executors.values():
+                await ex.aclose()
+            await self._call(self.backend.unregister, reason)
+        return reason
+
+    async def _claim(self, want: int) -> Reply:
+        return await self._call(self.backend.claim, want, self.run_id)
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.exiting.wait(), seconds)
+
+    def request_exit(self) -> None:
+        self.exiting.set()
+
+    async def _drain(self) -> None:
+        """Let in-flight items finish; hand back what was not started."""
+        for held in self._held.values():
+            if held.directive == CONTINUE:
+                held.directive = RELEASE
+        runners = [h.runner for h in self._held.values() if h.runner]
+        if runners:
+            await asyncio.gather(*runners, return_exceptions=True)
+
+    # --- tasks -------------------------------------------------------------------------
+
+    def _start(self, work: TaskWork) -> None:
+        held = _Held(work=work, pending=len(work.items))
+        self._held[work.id] = held
+        held.runner = asyncio.create_task(self._run_task(held))
+
+    async def _executor(self, work: TaskWork) -> Executor:
+        ex = self._executors.get(work.run_id)
+        if ex is None:
+            kind = get_kind(work.kind, self.settings)
+            ex = await kind.open_executor(work.params)
+            self._executors[work.run_id] = ex
+        return ex
+
+    async def _run_task(self, held: _Held) -> None:
+        work = held.work
+        try:
+            executor = await self._executor(work)
+        except Exception as exc:
+            log.warning("task %s: cannot start run %s: %s", work.id, work.run_id, exc)
+            self._held.pop(work.id, None)
+            await self._call(self.backend.fail, [work.id], f"{type(exc).__name__}: {exc}")
+            return
+        jobs = [asyncio.create_task(self._run_item(held, executor, item)) for item in work.items]
+        await asyncio.gather(*jobs, return_exceptions=True)
+        self._held.pop(work.id, None)
+        if held.directive == CONTINUE:
+            self._finished.append(work.id)
+        elif held.directive == RELEASE:
+            self._released.append(work.id)
+
+    async def _run_item(self, held: _Held, executor: Executor, item: Any) -> None:
+        async with self._sem:
+            if held.directive != CONTINUE:
+                held.pending -= 1
+                return
+            work = held.work
+            try:
+                ok, outcome, data = await executor.execute(item)
+            except Exception as exc:
+                ok, outcome, data = False, "error", {"error": f"{type(exc).__name__}: {exc}"}
+            held.pending -= 1
+            if ok:
+                self._done += 1
+            else:
+                self._failed += 1
+            self._results.append(
+                ItemResult(
+                    run_id=work.run_id,
+                    task_id=work.id,
+                    ref=_ref(item),
+                    ok=ok,
+                    outcome=outcome,
+                    data=data,
+                    worker_id=self.worker_id,
+                )
+            )
+
+    # --- background --------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_s)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            results, self._results = self._results, []
+            finished, self._finished = self._finished, []
+            released, self._released = self._released, []
+            if results:
+                await self._call(self.backend.submit, results)
+            if finished:
+                await self._call(self.backend.complete, finished)
+            if released:
+                await self._call(self.backend.release, released)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            ids = list(self._held)
+            done, failed = self._done, self._failed
+            self._done = self._failed = 0
+            status = "busy" if ids else "idle"
+            try:
+                reply = await self._call(self.backend.heartbeat, ids, status, done, failed)
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            self._apply(reply)
+
+    def _apply(self, reply: Reply) -> None:
+        for task_id, directive in reply.directives.items():
+            held = self._held.get(task_id)
+            if held and directive in (RELEASE, ABANDON) and held.directive == CONTINUE:
+                log.info("task %s: %s", task_id, directive)
+                held.directive = directive
+        if reply.worker_action == "exit":
+            self.exiting.set()
+
+
+def _ref(item: Any) -> Any:
+    """The item's reference as stored in its task (an id, a key)."""
+    return getattr(item, "id", item)
+
+
+async def run_worker(worker: Worker) -> str:
+    """Run a worker until it is asked to exit; SIGTERM/SIGINT ask it to exit gracefully."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, worker.request_exit)
+    return await worker.run()
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover — uvloop is in requirements; stdlib works too
+        pass
+
+
+def process_main(boot: dict[str, Any]) -> None:
+    """Entry point of a pool process (spawned): build the backend, run the loop."""
+    import signal
+
+    from engine.logs import setup_logging
+
+    setup_logging(boot.get("log_level", "WARNING"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C is its
+    settings = Settings(**boot["settings"])
+    if boot["mode"] == "pipe":
+        from engine.queue_pipe import PipeQueue
+
+        backend: QueueBackend = PipeQueue(boot["requests"], boot["replies"])
+    else:
+        from engine.queue_sql import SqlQueue
+        from storage.db import open_database
+
+        backend = SqlQueue(open_database(boot["db_url"], create=False), settings)
+    install_uvloop()
+    worker = Worker(backend, settings, boot["worker_id"], kind="local")
+    asyncio.run(run_worker(worker))
+    if boot["mode"] == "pipe":
+        boot["requests"].close()
+        boot["requests"].join_thread()
