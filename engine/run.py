@@ -228,12 +228,14 @@ def _with_db_or_coordinator(args: argparse.Namespace, request: dict[str, Any]) -
     from engine.control import ask, control_path, dispatch
 
     try:
-        db = open_db(args)
+        db = open_database(resolve_db_url(getattr(args, "db", None)), create=False, wait_s=0)
     except DatabaseLockedError as exc:
         try:
             return ask(control_path(exc.path), request)
         except ConnectionError:
             raise exc from None
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
     class Direct:
         def __init__(self, db: Database) -> None:
@@ -249,6 +251,8 @@ def _with_db_or_coordinator(args: argparse.Namespace, request: dict[str, Any]) -
 
     try:
         return dispatch(Direct(db), request)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     finally:
         db.dispose()
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,14 +128,39 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(url: str, *, create: bool = True) -> Database:
-    """Open (and by default create/migrate) the database at ``url``."""
+def open_database(url: str, *, create: bool = True, wait_s: float = 5.0) -> Database:
+    """Open (and by default create/migrate) the database at ``url``.
+
+    A DuckDB file locked by another process is retried for ``wait_s``: the holder is often a
+    short-lived command (``status``) that lets go within a moment.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _open(url, create)
+        except DatabaseLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+def duckdb_path(url: str) -> Path | None:
+    """The file behind a DuckDB URL (None for PostgreSQL or in-memory)."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() != "duckdb" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+def _open(url: str, create: bool) -> Database:
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "duckdb":
-        database = parsed.database or ""
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = duckdb_path(url)
+        if path is not None:
+            if not create and not path.exists():
+                raise StorageError(f"no database at {path} yet: nothing has run against it")
+            path.parent.mkdir(parents=True, exist_ok=True)
         # Connections of one process share the same DuckDB instance (its instance cache),
         # so a small pool lets the coordinator write while pages read.
         engine = sa.create_engine(url, pool_size=4, max_overflow=4)

@@ -1,0 +1,445 @@
+"""Proxy validation end to end: the CLI, the pool, crashes, stop/resume, both databases.
+
+Real traffic against sim/ on loopback; real worker processes; real DuckDB and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from engine.api import submit_run, wait_run
+from engine.coordinator import Coordinator
+from engine.demo import compare_with_truth
+from engine.settings import Settings
+from sim.world import SimWorld, WorldConfig
+from storage.bulk import fetch_all
+from storage.db import open_database
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
+    out = tmp_path_factory.mktemp("world")
+    with SimWorld(WorldConfig(n_proxies=120, mix="demo", seed=3, out_dir=out)) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def slow_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
+    """Mostly black holes: each check takes the full timeout, so runs last long enough to
+    kill a worker or stop the run in the middle."""
+    out = tmp_path_factory.mktemp("slow")
+    mix = {"elite": 0.5, "blackhole": 0.5}
+    with SimWorld(WorldConfig(n_proxies=200, mix=mix, seed=5, out_dir=out)) as w:
+        yield w
+
+
+def cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def checks_of_run(db_url: str, run_id: int) -> tuple[int, int]:
+    """(stored checks, distinct proxies) of a run."""
+    db = open_database(db_url)
+    with db.connect() as conn:
+        total, distinct = fetch_all(
+            conn,
+            sa.text(
+                "SELECT count(*), count(DISTINCT proxy_id) FROM proxy_checks WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        )[0]
+    db.dispose()
+    return int(total), int(distinct)
+
+
+def settings(**kw: Any) -> Settings:
+    base = {
+        "workers": 2,
+        "concurrency": 50,
+        "batch_size": 10,
+        "check_timeout_s": 2.0,
+        "heartbeat_s": 0.5,
+        "lease_s": 10.0,
+        "retry_backoff_s": 0.2,
+        "secret_key_file": Path("/tmp/fetchfleet-test-secret.key"),
+    }
+    return Settings(**{**base, **kw})
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_validate_json_matches_ground_truth(world: SimWorld, tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'v.duckdb'}"
+    # The sim's `slow` proxies answer after 1-2 s: a 4 s timeout must count them alive.
+    out = cli(
+        "validate",
+        "--db",
+        db,
+        "--proxies",
+        str(world.proxies_file),
+        "--judge",
+        world.judge_url,
+        "--timeout",
+        "4",
+        "--batch-size",
+        "10",
+        "--workers",
+        "2",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one object"
+    summary = json.loads(lines[0])
+    assert summary["status"] == "completed" and summary["kind"] == "validate"
+    assert summary["counts"]["total"] == summary["counts"]["done"] == len(world.truth)
+    assert set(summary) >= {"run_id", "counts", "duration_s", "items_per_s"}
+    truth = compare_with_truth(db, world.truth)
+    assert truth["false_positives"] == 0 and truth["false_negatives"] == 0, truth
+    assert truth["anonymity_wrong"] == 0 and truth["protocol_wrong"] == 0, truth
+    # status and export see the same numbers
+    status = json.loads(cli("status", "--db", db, "1", "--json").stdout)
+    assert status["counts"] == summary["counts"]
+    csv_path = tmp_path / "active.csv"
+    exp = cli(
+        "export",
+        "--db",
+        db,
+        "--table",
+        "proxies",
+        "--format",
+        "csv",
+        "--out",
+        str(csv_path),
+        "--where",
+        "status=active",
+    )
+    assert exp.returncode == 0, exp.stderr
+    rows = csv_path.read_text().strip().splitlines()
+    assert len(rows) - 1 == summary["counts"]["ok"]
+    assert "password" not in rows[0]
+    secrets = [t.password for t in world.truth if t.password]
+    assert secrets and not any(s in csv_path.read_text() for s in secrets)
+
+
+def test_cli_rejects_bad_input_clearly(world: SimWorld, tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'bad.duckdb'}"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    cases = {
+        str(empty): "empty",
+        str(binary): "binary",
+        str(tmp_path / "missing.txt"): "no such file",
+    }
+    for path, message in cases.items():
+        out = cli("validate", "--db", db, "--proxies", path, "--judge", world.judge_url)
+        assert out.returncode == 2, out.stderr
+        assert message in out.stderr and "Traceback" not in out.stderr
+    out = cli("validate", "--db", db, "--proxies", str(empty))
+    assert out.returncode == 2 and "judge" in out.stderr
+    out = cli(
+        "validate",
+        "--db",
+        db,
+        "--proxies",
+        str(world.proxies_file),
+        "--judge",
+        "http://127.0.0.1:9/get",
+        "--timeout",
+        "1",
+    )
+    assert out.returncode == 2 and "did not answer" in out.stderr
+
+
+def test_malformed_lines_reported_by_number_rest_loaded(world: SimWorld, tmp_path: Path) -> None:
+    alive = [t for t in world.truth if t.scheme == "http" and t.behaviour == "elite"][:3]
+    lines = [t.line for t in alive] + [
+        "10.0.0.1:0",
+        "10.0.0.1:70000",
+        "[::1]:8080",
+        "proxy.example.com:3128",
+        "garbage line",
+        alive[0].line,  # duplicate
+    ]
+    src = tmp_path / "mixed.txt"
+    src.write_text("\n".join(lines) + "\n")
+    db = f"duckdb:///{tmp_path / 'm.duckdb'}"
+    out = cli(
+        "validate",
+        "--db",
+        db,
+        "--proxies",
+        str(src),
+        "--judge",
+        world.judge_url,
+        "--timeout",
+        "1",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["counts"]["total"] == 5  # 3 alive + IPv6 literal + hostname
+    assert summary["counts"]["ok"] == 3
+    assert "line 4" in out.stderr and "line 5" in out.stderr and "line 8" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# --- reliability ---------------------------------------------------------------------------
+
+
+def test_kill_9_worker_mid_run_completes_exactly_once(slow_world: SimWorld, tmp_path: Path) -> None:
+    url = f"duckdb:///{tmp_path / 'k.duckdb'}"
+    db = open_database(url)
+    s = settings(concurrency=20)
+    coord = Coordinator(db, s).start()
+    try:
+        run_id = submit_run(
+            db,
+            s,
+            "validate",
+            {
+                "proxies_file": str(slow_world.proxies_file),
+                "judge_url": slow_world.judge_url,
+                "timeout_s": 1.0,
+                "batch_size": 10,
+            },
+            coord.name,
+        )
+        deadline = time.monotonic() + 30
+        while wait_run(db, run_id, timeout_s=0)["counts"]["done"] < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        victim, pid = next(iter(coord.pool.pids().items()))
+        os.kill(pid, signal.SIGKILL)
+        summary = wait_run(db, run_id, timeout_s=120)
+        assert summary["status"] == "completed", summary
+        assert [r[0] for r in coord.replaced] == [victim]
+        assert len(coord.pool.pids()) == 2
+    finally:
+        coord.shutdown()
+        db.dispose()
+    total, distinct = checks_of_run(url, run_id)
+    assert total == distinct == len(slow_world.truth)
+
+
+def test_stop_then_resume_loses_nothing_and_checks_nothing_twice(
+    slow_world: SimWorld, tmp_path: Path
+) -> None:
+    url = f"duckdb:///{tmp_path / 's.duckdb'}"
+    db = open_database(url)
+    s = settings(concurrency=10)
+    coord = Coordinator(db, s).start()
+    try:
+        run_id = submit_run(
+            db,
+            s,
+            "validate",
+            {
+                "proxies_file": str(slow_world.proxies_file),
+                "judge_url": slow_world.judge_url,
+                "timeout_s": 1.0,
+                "batch_size": 10,
+            },
+            coord.name,
+        )
+        while wait_run(db, run_id, timeout_s=0)["counts"]["done"] < 15:
+            time.sleep(0.2)
+        assert coord.command(run_id, "stop") == "stopping"
+        stopped = wait_run(db, run_id, timeout_s=60)
+        assert stopped["status"] == "stopped"
+        assert 15 <= stopped["counts"]["done"] < len(slow_world.truth)
+        assert coord.command(run_id, "resume") == "running"
+        done = wait_run(db, run_id, timeout_s=120)
+        assert done["status"] == "completed"
+    finally:
+        coord.shutdown()
+        db.dispose()
+    total, distinct = checks_of_run(url, run_id)
+    assert total == distinct == len(slow_world.truth)
+
+
+def test_ctrl_c_stops_then_status_and_resume_from_other_terminals(
+    slow_world: SimWorld, tmp_path: Path
+) -> None:
+    db = f"duckdb:///{tmp_path / 'c.duckdb'}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.run",
+            "validate",
+            "--db",
+            db,
+            "--proxies",
+            str(slow_world.proxies_file),
+            "--judge",
+            slow_world.judge_url,
+            "--timeout",
+            "1",
+            "--concurrency",
+            "5",
+            "--batch-size",
+            "5",
+            "--json",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # While it runs, another terminal reaches it through the control socket.
+        deadline = time.monotonic() + 40
+        while True:
+            st = cli("status", "--db", db, "1", "--json")
+            if st.returncode == 0 and json.loads(st.stdout)["counts"]["done"] >= 5:
+                break
+            assert time.monotonic() < deadline, st.stderr
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stderr
+    summary = json.loads(stdout)
+    assert summary["status"] == "stopped"
+    resumed = cli("resume", "--db", db, "1", "--json", "--timeout", "1", "--concurrency", "100")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "completed"
+    total, distinct = checks_of_run(db, 1)
+    assert total == distinct == len(slow_world.truth)
+
+
+def test_stop_from_another_terminal_reaches_the_coordinator(
+    slow_world: SimWorld, tmp_path: Path
+) -> None:
+    db = f"duckdb:///{tmp_path / 'o.duckdb'}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.run",
+            "validate",
+            "--db",
+            db,
+            "--proxies",
+            str(slow_world.proxies_file),
+            "--judge",
+            slow_world.judge_url,
+            "--timeout",
+            "1",
+            "--concurrency",
+            "5",
+            "--batch-size",
+            "5",
+            "--json",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 40
+        while (out := cli("stop", "--db", db, "1")).returncode != 0:
+            assert time.monotonic() < deadline, out.stderr
+            time.sleep(0.5)
+        assert "stopping" in out.stdout
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert json.loads(stdout)["status"] == "stopped"
+
+
+# --- PostgreSQL: every process connects --------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_postgres_local_pool_and_standalone_worker(world: SimWorld, pg_url: str) -> None:
+    db = open_database(pg_url)
+    s = settings()
+    # The coordinator's own pool works straight against PostgreSQL.
+    coord = Coordinator(db, s, workers=1).start()
+    try:
+        run_id = submit_run(
+            db,
+            s,
+            "validate",
+            {
+                "proxies_file": str(world.proxies_file),
+                "judge_url": world.judge_url,
+                "timeout_s": 2.0,
+                "batch_size": 10,
+            },
+            coord.name,
+        )
+        assert wait_run(db, run_id, timeout_s=120)["status"] == "completed"
+    finally:
+        coord.shutdown()
+    truth = compare_with_truth(pg_url, world.truth)
+    assert truth["false_positives"] == truth["false_negatives"] == 0, truth
+    # A second run served only by a standalone worker process (`engine.run worker`).
+    coord = Coordinator(db, s, workers=0).start()
+    try:
+        run2 = submit_run(
+            db,
+            s,
+            "validate",
+            {"status": "active", "judge_url": world.judge_url, "timeout_s": 2.0, "batch_size": 5},
+            coord.name,
+        )
+        env = {"FETCHFLEET_SECRET_KEY_FILE": str(s.secret_key_file)}
+        worker = cli("worker", "--db", pg_url, "--idle-exit", "3", "--json", env=env)
+        assert worker.returncode == 0, worker.stderr
+        summary = wait_run(db, run2, timeout_s=30)
+    finally:
+        coord.shutdown()
+        db.dispose()
+    assert summary["status"] == "completed"
+    assert summary["counts"]["total"] >= sum(1 for t in world.truth if t.alive_expected)
+    assert summary["counts"]["ok"] >= sum(1 for t in world.truth if t.alive_expected)
+    total, distinct = checks_of_run(pg_url, run2)
+    assert total == distinct == summary["counts"]["total"]
+
+
+def test_worker_command_refuses_duckdb(tmp_path: Path) -> None:
+    out = cli("worker", "--db", str(tmp_path / "x.duckdb"))
+    assert out.returncode == 2 and "PostgreSQL" in out.stderr
+
+
+def test_demo_runs_offline(tmp_path: Path) -> None:
+    out = cli(
+        "demo", "--db", str(tmp_path / "demo.duckdb"), "--proxies", "60", "--json", timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["status"] == "completed" and summary["counts"]["done"] == 60
+    assert summary["truth"]["false_positives"] == summary["truth"]["false_negatives"] == 0
