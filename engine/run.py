@@ -176,6 +176,12 @@ def run_job(args: argparse.Namespace, kind: str, params: dict[str, Any]) -> int:
 
     settings = settings_from(args)
     db = open_db(args)
+    if db.is_duckdb and settings.workers == 0:
+        db.dispose()
+        raise UserError(
+            "--workers 0 needs PostgreSQL (standalone workers do the work); "
+            "with DuckDB only this process's pool can"
+        )
     coordinator = Coordinator(db, settings, log_level=args.log_level).start()
     try:
         try:

@@ -20,7 +20,12 @@ class Settings(BaseSettings):
     secret_key_file: Path = Field(
         Path("data/secret.key"), description="Used (and created) when secret_key is unset."
     )
-    workers: int = Field(2, ge=1, le=256, description="Local worker processes.")
+    workers: int = Field(
+        2,
+        ge=0,
+        le=256,
+        description="Local worker processes (0: only standalone workers, PostgreSQL).",
+    )
     concurrency: int = Field(200, ge=1, le=10_000, description="Items in flight per worker.")
     batch_size: int = Field(50, ge=1, le=100_000, description="Items per task.")
     max_attempts: int = Field(3, ge=1, le=100, description="Tries per task before it fails.")
