@@ -227,3 +227,29 @@ def test_db_url_resolution_order() -> None:
     }
     assert resolve_db_url(None, env) == "postgresql+psycopg://ff:p%40ss@db:5432/fleet"
     assert resolve_db_url(None, {}) == "duckdb:///data/fetchfleet.duckdb"
+
+
+def test_proxy_filters_select_by_status_type_age_and_limit(db: Database) -> None:
+    from datetime import timedelta
+
+    specs = [
+        Spec(f"{s}://10.0.0.{i}:80", s, f"10.0.0.{i}", 80)
+        for i, s in enumerate(["socks5", "socks5", "http", "socks5"])
+    ]
+    with db.begin() as conn:
+        ids = proxy_store.upsert_proxies(conn, specs, _BOX, "t")
+        old = utcnow() - timedelta(hours=30)
+        conn.execute(
+            sa.text("UPDATE proxies SET status = 'active', last_checked = :t WHERE id = :i"),
+            {"t": old, "i": ids[1]},
+        )
+        conn.execute(
+            sa.text("UPDATE proxies SET status = 'active', last_checked = :t WHERE id = :i"),
+            {"t": utcnow(), "i": ids[3]},
+        )
+    F = proxy_store.ProxyFilter
+    with db.connect() as conn:
+        assert proxy_store.select_ids(conn, F(status="untested", protocol="socks5")) == [ids[0]]
+        assert set(proxy_store.select_ids(conn, F(older_than_hours=24))) == {ids[0], ids[1], ids[2]}
+        assert proxy_store.select_ids(conn, F(minutes_old=60)) == [ids[1]]
+        assert proxy_store.select_ids(conn, F(protocol="socks5", limit=2)) == [ids[0], ids[1]]

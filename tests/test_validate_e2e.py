@@ -443,3 +443,72 @@ def test_demo_runs_offline(tmp_path: Path) -> None:
     summary = json.loads(out.stdout)
     assert summary["status"] == "completed" and summary["counts"]["done"] == 60
     assert summary["truth"]["false_positives"] == summary["truth"]["false_negatives"] == 0
+
+
+def test_revalidate_on_a_schedule(world: SimWorld, tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'e.duckdb'}"
+    elite = [t.line for t in world.truth if t.scheme == "http" and t.behaviour == "elite"][:4]
+    src = tmp_path / "few.txt"
+    src.write_text("\n".join(elite) + "\n")
+    out = cli(
+        "validate",
+        "--db",
+        db,
+        "--proxies",
+        str(src),
+        "--judge",
+        world.judge_url,
+        "--every",
+        "1s",
+        "--rounds",
+        "3",
+        "--minutes-old",
+        "0",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    rounds = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["run_id"] for r in rounds] == [1, 2, 3]
+    assert all(
+        r["counts"] == {"total": 4, "done": 4, "ok": 4, "failed": 0, "outcomes": {"alive": 4}}
+        for r in rounds
+    )
+    dbh = open_database(db)
+    with dbh.connect() as conn:
+        counts = fetch_all(conn, sa.text("SELECT success_count FROM proxies"))
+    dbh.dispose()
+    assert [c[0] for c in counts] == [3, 3, 3, 3]
+
+
+@pytest.mark.slow
+def test_100_mb_list_streams_with_flat_memory(world: SimWorld, tmp_path: Path) -> None:
+    """5.9M lines (a handful of distinct proxies, some malformed) load without holding the
+    file: the coordinator's peak RSS stays far below the file size."""
+    import resource
+
+    elite = [t.line for t in world.truth if t.scheme == "http" and t.behaviour == "elite"][:3]
+    block = "\n".join([*elite, "127.0.0.1:0", "# comment", "10.1.2.3:1"] * 2000) + "\n"
+    src = tmp_path / "big.txt"
+    with src.open("w") as fh:
+        while fh.tell() < 100_000_000:
+            fh.write(block)
+    db = f"duckdb:///{tmp_path / 'big.duckdb'}"
+    out = cli(
+        "validate",
+        "--db",
+        db,
+        "--proxies",
+        str(src),
+        "--judge",
+        world.judge_url,
+        "--timeout",
+        "1",
+        "--json",
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["counts"]["total"] == 4 and summary["counts"]["ok"] == 3
+    assert "malformed line(s) skipped" in out.stderr
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    assert peak_mb < 400, f"peak RSS {peak_mb:.0f} MB for a 100 MB file"
