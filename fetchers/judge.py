@@ -145,7 +145,7 @@ def extract_ips(value: str) -> Iterator[IPAddress]:
                 yield ip
 
 
-def _first_token(origin: str) -> list[str]:
+def _addresses(origin: str) -> list[str]:
     return [a.strip() for a in origin.split(",") if a.strip()]
 
 
@@ -160,7 +160,7 @@ def _from_httpbin(obj: dict) -> JudgeView | None:
             if isinstance(v, list):
                 v = ", ".join(str(x) for x in v)
             hdrs[str(k).lower()] = str(v)
-    addrs = _first_token(origin) if isinstance(origin, str) else []
+    addrs = _addresses(origin) if isinstance(origin, str) else []
     return JudgeView(addrs[0] if addrs else None, hdrs, "", tuple(addrs))
 
 
@@ -177,7 +177,7 @@ def _from_azenv(text: str) -> JudgeView | None:
             remote = value
     if remote is None and not hdrs:
         return None
-    addrs = _first_token(remote) if remote else []
+    addrs = _addresses(remote) if remote else []
     return JudgeView(addrs[0] if addrs else None, hdrs, "", tuple(addrs))
 
 

@@ -54,6 +54,27 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+async def fds_settle(before: int, slack: int = 2, within: float = 3.0) -> bool:
+    """True once this process is back to `before` descriptors (the fake servers live here
+    too, and their side of a connection closes a moment after ours)."""
+    deadline = time.monotonic() + within
+    while open_fds() > before + slack:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def tasks_settle(within: float = 3.0) -> bool:
+    """True once only the test's own task is left in the loop."""
+    deadline = time.monotonic() + within
+    while len(asyncio.all_tasks()) > 1:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 # --------------------------------------------------------------------------- alive
 
 
@@ -133,7 +154,7 @@ def test_refused_is_fast_even_without_scheme() -> None:
         r = await check(bed, dead)
         assert r.outcome == Outcome.REFUSED and not r.alive, r
         assert "refused" in (r.error or "")
-        assert time.perf_counter() - t0 < 0.5
+        assert time.perf_counter() - t0 < 0.8  # no timeout was waited for
 
     run(t)
 
@@ -145,7 +166,7 @@ def test_black_hole_times_out_once_not_per_protocol() -> None:
         r = await check(bed, hole)  # no scheme: would be 3 attempts without early stop
         took = time.perf_counter() - t0
         assert r.outcome == Outcome.TIMEOUT, r
-        assert TIMEOUT * 0.9 < took < TIMEOUT * 1.6, took
+        assert TIMEOUT * 0.9 < took < TIMEOUT * 2.5, took  # 3 attempts would be >= 3 s
 
     run(t)
 
@@ -376,9 +397,8 @@ def test_no_fd_or_task_leak_across_outcomes() -> None:
             before = open_fds()
             results = [r async for _, r in c.check_many(specs, concurrency=50)]
         assert len(results) == len(specs)
-        await asyncio.sleep(0.2)  # let the servers' side close too
-        assert open_fds() <= before + 2, (before, open_fds())
-        assert len(asyncio.all_tasks()) == 1 + 0  # only this test's task (servers idle)
+        assert await fds_settle(before), (before, open_fds())
+        assert await tasks_settle(), asyncio.all_tasks()  # checker tasks and server handlers
 
     run(t)
 
@@ -397,8 +417,7 @@ def test_cancellation_closes_sockets() -> None:
                 task.cancel()
             res = await asyncio.gather(*tasks, return_exceptions=True)
             assert all(isinstance(x, asyncio.CancelledError) for x in res)
-        await asyncio.sleep(0.3)
-        assert open_fds() <= before + 2, (before, open_fds())
+        assert await fds_settle(before), (before, open_fds())
 
     run(t)
 
@@ -409,7 +428,7 @@ def test_overall_cap_bounds_one_check() -> None:
         async with ProxyChecker(bed.judge_url, timeout=2.0, overall_timeout=0.3) as c:
             t0 = time.perf_counter()
             r = await c.check(hole)
-        assert r.outcome == Outcome.TIMEOUT and time.perf_counter() - t0 < 0.6, r
+        assert r.outcome == Outcome.TIMEOUT and time.perf_counter() - t0 < 1.2, r
 
     run(t)
 
@@ -444,8 +463,7 @@ def test_check_many_is_lazy_and_stops_cleanly() -> None:
                     break
         assert all(r.alive for r in got)
         assert pulled < 30  # the generator was not drained
-        await asyncio.sleep(0.1)
-        assert len(asyncio.all_tasks()) == 1
+        assert await tasks_settle(), asyncio.all_tasks()
 
     run(t)
 
