@@ -66,6 +66,10 @@ class Worker:
         self._done = 0
         self._failed = 0
         self._flush_lock = asyncio.Lock()
+        # Rate limits: a worker on PostgreSQL shares them with the fleet through the database.
+        from engine.ratelimit import bind_for_backend
+
+        bind_for_backend(backend)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, self.worker_id, *args)
@@ -257,6 +261,20 @@ def install_uvloop() -> None:
         pass
 
 
+def _exit_with_parent(poll_s: float = 0.2) -> None:
+    """End this process at once when the coordinator that spawned it dies (kill -9)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def process_main(boot: dict[str, Any]) -> None:
     """Entry point of a pool process (spawned): build the backend, run the loop."""
     import signal
@@ -268,8 +286,13 @@ def process_main(boot: dict[str, Any]) -> None:
     settings = Settings(**boot["settings"])
     if boot["mode"] == "pipe":
         from engine.queue_pipe import PipeQueue
+        from engine.ratelimit import bind_process_limiter
+        from engine.ratelimit_shared import SharedLimiter, shared_path_for
 
         backend: QueueBackend = PipeQueue(boot["requests"], boot["replies"])
+        # The pool shares rate limits through a file beside the database (it outlives us).
+        bind_process_limiter(SharedLimiter(shared_path_for(boot.get("db_url"))))
+        _exit_with_parent()  # nothing we do can be stored once the coordinator is gone
     else:
         from engine.queue_sql import SqlQueue
         from storage.db import open_database

@@ -26,12 +26,29 @@ def _v1_initial(conn: sa.Connection) -> None:
     schema.metadata.create_all(conn, checkfirst=True)
 
 
+def _v2_backfill(conn: sa.Connection) -> None:
+    # checkfirst: a database created at version 2 already has them (step 1 creates the
+    # whole metadata); a version-1 database gains them, its data untouched.
+    for table in (
+        schema.rate_limits,
+        schema.backfill_runs,
+        schema.backfill_inputs,
+        schema.backfill_items,
+    ):
+        table.create(conn, checkfirst=True)
+
+
 # (version, description, step). Append new steps; never edit released ones.
 STEPS: list[tuple[int, str, Step]] = [
     (
         1,
         "initial schema: runs, tasks, workers, commands, errors, proxies, proxy_checks",
         _v1_initial,
+    ),
+    (
+        2,
+        "backfill: rate_limits, backfill_runs, backfill_inputs, backfill_items",
+        _v2_backfill,
     ),
 ]
 

@@ -166,4 +166,62 @@ proxy_checks = sa.Table(
 )
 sa.Index("ix_proxy_checks_checked_at", proxy_checks.c.checked_at)
 
+# --- version 2: the backfill job and shared rate limits -------------------------------------
+
+rate_limits = sa.Table(
+    "rate_limits",
+    metadata,
+    sa.Column("key", sa.String, primary_key=True),  # an API origin, a domain, a --rate-key
+    # GCRA's whole state: the theoretical arrival time, epoch seconds of the database clock
+    sa.Column("tat", sa.Double, nullable=False, server_default="0"),
+    sa.Column("updated_at", sa.DateTime),
+)
+
+backfill_runs = sa.Table(
+    "backfill_runs",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("lines", sa.BigInteger, nullable=False),  # lines (or CSV rows) read
+    sa.Column("blank", sa.BigInteger, nullable=False),  # blank lines and # comments
+    sa.Column("duplicates", sa.BigInteger, nullable=False),
+    sa.Column("malformed", sa.BigInteger, nullable=False),  # each one in `errors` (bad_input)
+    sa.Column("unique_ids", sa.BigInteger, nullable=False),  # = the run's items
+    sa.Column("planned_at", sa.DateTime, nullable=False),
+)
+
+# The input set of a run, one row per valid line (duplicates flagged after import): planning
+# dedupes here, in SQL, instead of holding a million IDs in memory, and `report` can prove
+# the stored set equals it. No index on DuckDB (an in-memory ART would cost what the set
+# would); PostgreSQL pages through it by (run_id, line_no).
+backfill_inputs = sa.Table(
+    "backfill_inputs",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("line_no", sa.BigInteger, nullable=False),
+    sa.Column("item_id", sa.String, nullable=False),
+    sa.Column("dup", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+sa.Index("ix_backfill_inputs_run_line", backfill_inputs.c.run_id, backfill_inputs.c.line_no).ddl_if(
+    dialect="postgresql"
+)
+
+backfill_items = sa.Table(
+    "backfill_items",
+    metadata,
+    _id("backfill_items")[1],
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("item_id", sa.String, nullable=False),
+    sa.Column("status", sa.String, nullable=False),  # ok, failed
+    sa.Column("outcome", sa.String, nullable=False),  # ok, not_found, server_error, …
+    sa.Column("http_status", sa.Integer),  # of the last attempt; NULL when none answered
+    sa.Column("body", sa.Text),  # the JSON response as received (ok items)
+    sa.Column("error", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False),  # HTTP requests made for this item
+    sa.Column("worker_id", sa.String),
+    sa.Column("task_id", sa.BigInteger),
+    sa.Column("fetched_at", sa.DateTime, nullable=False),  # when the last request was sent
+    sa.Column("elapsed_ms", sa.Float),
+    sa.UniqueConstraint("run_id", "item_id", name="uq_backfill_items_run_item"),
+)
+
 TABLES: dict[str, sa.Table] = {t.name: t for t in metadata.sorted_tables}

@@ -1,0 +1,243 @@
+"""Rate limits shared by every worker that sends to one key (an API, a domain).
+
+The algorithm is GCRA, the generic cell rate algorithm. Its whole state per key is one
+timestamp, the *theoretical arrival time* TAT. With emission interval ``T`` and burst
+tolerance ``tau``, a request arriving at ``now`` is scheduled at
+
+    grant = max(now, TAT - tau)          (the caller sleeps grant - now, then sends)
+    TAT   = max(TAT, now) + T
+
+so grants are spaced ``T`` apart after an initial burst of ``B = tau / T + 1``. Because the
+state is one number it fits every place workers can share: a dict (one process), an mmap'd
+file (the local pool: ``engine.ratelimit_shared``) and one row updated with a single
+``UPDATE … RETURNING`` stamped by the database clock (every machine on PostgreSQL:
+``engine.ratelimit_pg``).
+
+**The guarantee: never more than N requests in any window of length W** (``--rate-limit N/W``).
+A GCRA stream holds at most ``floor((L + tau) / T) + 1`` grants in any closed interval of
+length L. We choose
+
+    B + (W + J) / T <= N,   i.e.  T = (W + J) / (N - B),   tau = (B - 1) * T
+
+where ``J`` is a jitter allowance (``Rate.jitter_s``; by default 1 % of W, at least 50 ms, at
+most 1 s). A request leaves some time after its grant (the sleep overshoots, the event loop is
+busy, packets queue); if every request leaves less than ``J + T`` after its grant, the
+requests *as the server sees them* still hold at most N in any window of length W. The cost is
+throughput: the long-run rate is ``1/T = (N - B) / (W + J)``, e.g. 0.996 of the limit for
+3000/5m and 0.97 for 200/2s. The default burst is 1 (no burst): the safe choice when the
+server's own window is unknown.
+
+Acquire is async and returns the time to wait; ``Gate`` is what a worker uses: it keeps one
+reservation in flight per key and process (so the shared schedule never runs far ahead of
+what is being sent, and a stop does not wait on a long queue of reservations) and sleeps.
+A 429 calls ``penalize``: the key's TAT moves past ``Retry-After``, so every worker of every
+process slows down, not only the one that was refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE_RE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h|d)\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most ``limit`` requests in any window of ``window_s`` seconds."""
+
+    limit: int
+    window_s: float
+    burst: int = 1
+    jitter_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0:
+            raise ValueError("the window of a rate limit must be longer than zero")
+        if self.burst < 1:
+            raise ValueError("the burst must be at least 1")
+        if self.limit <= self.burst:
+            raise ValueError(
+                f"a limit of {self.limit} per window leaves no room after a burst of "
+                f"{self.burst}: the limit must exceed the burst (e.g. 2/2h rather than 1/1h)"
+            )
+
+    @classmethod
+    def parse(cls, text: str, burst: int = 1) -> Rate:
+        """``'3000/5m'``, ``'10/1s'``, ``'100/s'``, ``'5/2h'`` → Rate."""
+        m = _RATE_RE.fullmatch(text or "")
+        if not m:
+            raise ValueError(
+                f"rate limit {text!r}: write N/period, e.g. 3000/5m, 10/1s or 500/2h "
+                "(period units ms, s, m, h, d)"
+            )
+        limit = int(m[1])
+        window = float(m[2] or 1) * _UNITS[m[3]]
+        if limit < 1 or window <= 0:
+            raise ValueError(f"rate limit {text!r}: N and the period must be more than zero")
+        return cls(limit=limit, window_s=window, burst=burst)
+
+    @property
+    def jitter(self) -> float:
+        if self.jitter_s is not None:
+            return self.jitter_s
+        return min(1.0, max(0.05, 0.01 * self.window_s))
+
+    @property
+    def interval_s(self) -> float:
+        """Emission interval T."""
+        return (self.window_s + self.jitter) / (self.limit - self.burst)
+
+    @property
+    def tau_s(self) -> float:
+        """Burst tolerance."""
+        return (self.burst - 1) * self.interval_s
+
+    @property
+    def per_second(self) -> float:
+        """The stated limit as a rate (N / W)."""
+        return self.limit / self.window_s
+
+    @property
+    def utilisation(self) -> float:
+        """The best long-run fraction of the stated limit this schedule achieves."""
+        return (1.0 / self.interval_s) / self.per_second
+
+    def describe(self) -> str:
+        return f"{self.limit}/{format_seconds(self.window_s)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"limit": self.limit, "window_s": self.window_s, "burst": self.burst}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Rate:
+        return cls(limit=int(d["limit"]), window_s=float(d["window_s"]), burst=int(d["burst"]))
+
+
+def format_seconds(s: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if s >= size and math.isclose(s / size, round(s / size)):
+            return f"{round(s / size)}{unit}"
+    return f"{s:g}s"
+
+
+def gcra(tat: float, now: float, interval: float, tau: float) -> tuple[float, float]:
+    """Reserve the next slot: ``(new TAT, seconds to wait)``."""
+    return max(tat, now) + interval, max(0.0, tat - tau - now)
+
+
+def penalized(tat: float, now: float, seconds: float, tau: float) -> float:
+    """TAT after the server said 'not before now + seconds'."""
+    return max(tat, now + seconds + tau)
+
+
+class RateLimiter(Protocol):
+    """One implementation per place the state can live; all share ``gcra``."""
+
+    async def acquire(self, key: str, rate: Rate) -> float:
+        """Reserve the next slot of ``key``; returns seconds to wait before sending."""
+        ...
+
+    async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
+        """The server refused (429): no grant for ``key`` before ``seconds`` from now."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryLimiter:
+    """One process (unit tests, a single worker). ``clock`` is injectable for tests."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._tat: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def acquire_now(self, key: str, rate: Rate) -> float:
+        with self._lock:
+            tat, wait = gcra(self._tat.get(key, 0.0), self.clock(), rate.interval_s, rate.tau_s)
+            self._tat[key] = tat
+            return wait
+
+    async def acquire(self, key: str, rate: Rate) -> float:
+        return self.acquire_now(key, rate)
+
+    async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
+        with self._lock:
+            now = self.clock()
+            self._tat[key] = penalized(self._tat.get(key, 0.0), now, seconds, rate.tau_s)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Gate:
+    """A worker's way through a limiter: at most one reservation in flight per key, then sleep.
+
+    Holding the local lock while sleeping means each process has at most one future slot
+    reserved per key: the shared schedule never runs more than (processes × T) ahead, so a
+    pause or a crash wastes almost nothing and fairness between processes comes from the
+    shared state, not from who queued first.
+    """
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def wait(self, key: str, rate: Rate) -> float:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        async with lock:
+            wait = await self.limiter.acquire(key, rate)
+            if wait > 0:
+                await asyncio.sleep(wait)
+        return wait
+
+
+# --- the limiter of this process --------------------------------------------------------------
+#
+# Which limiter a worker uses depends on its deployment, which a job kind cannot see: pool
+# workers of a DuckDB coordinator share an mmap'd file (bound in engine.worker.process_main);
+# every worker connected to PostgreSQL uses the database (bound when its Worker is built).
+# Unbound, a process is alone and a MemoryLimiter is exact.
+
+_bound: RateLimiter | None = None
+
+
+def bind_process_limiter(limiter: RateLimiter) -> None:
+    global _bound
+    _bound = limiter
+
+
+def bind_for_backend(backend: Any) -> None:
+    """A worker on a PostgreSQL queue shares the limit through the database."""
+    db = getattr(backend, "db", None)
+    if db is not None and getattr(db, "dialect", None) == "postgresql":
+        from engine.ratelimit_pg import PgLimiter
+
+        bind_process_limiter(PgLimiter(db))
+
+
+def process_limiter() -> RateLimiter:
+    global _bound
+    if _bound is None:
+        log.info("rate limiter: none bound, using an in-process one (single process)")
+        _bound = MemoryLimiter()
+    return _bound
+
+
+def reset_process_limiter() -> None:
+    """For tests."""
+    global _bound
+    _bound = None

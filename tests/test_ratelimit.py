@@ -1,0 +1,261 @@
+"""The shared rate limiter: GCRA arithmetic, every backend, and the guarantee under load.
+
+The multi-process tests record the moment every grant is *used* (after the sleep, as a
+worker would send) in four spawned processes and check that no window of the stated length
+ever holds more than N — against the local pool's shared file and against PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import random
+import time
+from bisect import bisect_right
+from pathlib import Path
+
+import pytest
+
+from engine.ratelimit import Gate, MemoryLimiter, Rate, gcra
+from engine.ratelimit_shared import SharedLimiter
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most events in any closed window [t, t + window] (windows start at events)."""
+    times = sorted(times)
+    best = 0
+    for i, t in enumerate(times):
+        best = max(best, bisect_right(times, t + window) - i)
+    return best
+
+
+# --- the arithmetic ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "window"),
+    [("3000/5m", 3000, 300), ("10/1s", 10, 1), ("100/s", 100, 1), ("5/2h", 5, 7200)],
+)
+def test_parse_rates(text: str, limit: int, window: float) -> None:
+    rate = Rate.parse(text)
+    assert (rate.limit, rate.window_s) == (limit, window)
+    # the documented formula: burst + rate × (window + jitter) ≤ N
+    assert rate.burst + (rate.window_s + rate.jitter) / rate.interval_s <= rate.limit + 1e-9
+
+
+@pytest.mark.parametrize("text", ["abc", "", "3000", "10/5x", "0/1s", "-1/1s", "10/0s", "1/1h"])
+def test_bad_rates_are_refused_with_the_format(text: str) -> None:
+    with pytest.raises(ValueError, match=r"N/period|more than zero|exceed the burst|longer than"):
+        Rate.parse(text)
+
+
+def test_schedule_reaches_the_limit_for_realistic_windows() -> None:
+    assert Rate.parse("3000/5m").utilisation > 0.99
+    assert Rate.parse("12000/1m").utilisation > 0.98
+    assert Rate.parse("200/2s").utilisation > 0.97
+
+
+def test_gcra_spaces_grants_and_allows_the_burst() -> None:
+    rate = Rate(limit=11, window_s=1.0, burst=3, jitter_s=0.0)  # T = 0.125, tau = 0.25
+    tat, grants = 0.0, []
+    for _ in range(6):
+        tat, wait = gcra(tat, 100.0, rate.interval_s, rate.tau_s)
+        grants.append(100.0 + wait)
+    assert grants[:3] == [100.0, 100.0, 100.0]  # the burst
+    assert grants[3:] == pytest.approx([100.125, 100.25, 100.375])
+
+
+@pytest.mark.parametrize("burst", [1, 5])
+def test_no_window_exceeds_the_limit_for_any_arrivals(burst: int) -> None:
+    """Random arrivals (bursts, idle gaps) against a fake clock; grants checked exactly."""
+    rng = random.Random(burst)
+    now = [0.0]
+    limiter = MemoryLimiter(clock=lambda: now[0])
+    rate = Rate(limit=50, window_s=1.0, burst=burst)
+    grants = []
+    for _ in range(3000):
+        now[0] += rng.choice([0.0, 0.0, 0.001, 0.01, 0.05, 0.5])
+        grants.append(now[0] + limiter.acquire_now("k", rate))
+    assert max_in_window(grants, rate.window_s) <= rate.limit
+    # grants used late by less than jitter + T still hold the limit
+    late = [g + rng.uniform(0, rate.jitter + rate.interval_s * 0.99) for g in grants]
+    assert max_in_window(late, rate.window_s) <= rate.limit
+
+
+def test_penalize_moves_every_later_grant_past_retry_after() -> None:
+    now = [10.0]
+    limiter = MemoryLimiter(clock=lambda: now[0])
+    rate = Rate.parse("100/1s")
+    assert limiter.acquire_now("k", rate) == 0
+    asyncio.run(limiter.penalize("k", rate, 2.0))
+    assert limiter.acquire_now("k", rate) == pytest.approx(2.0)
+    assert limiter.acquire_now("other", rate) == 0  # keys are independent
+
+
+def test_gate_keeps_one_reservation_per_key_in_flight() -> None:
+    """Many coroutines through one gate: the shared schedule runs at most one slot ahead."""
+    limiter = MemoryLimiter()
+    rate = Rate(limit=41, window_s=1.0, jitter_s=0.0)  # T = 25 ms
+
+    async def main() -> list[float]:
+        gate = Gate(limiter)
+        used: list[float] = []
+
+        async def one() -> None:
+            await gate.wait("k", rate)
+            used.append(time.monotonic())
+
+        await asyncio.gather(*(one() for _ in range(20)))
+        ahead = limiter._tat["k"] - time.monotonic()
+        assert ahead <= rate.interval_s + 0.01
+        return used
+
+    used = asyncio.run(main())
+    gaps = [b - a for a, b in itertools.pairwise(used)]
+    assert min(gaps) >= rate.interval_s - 0.003
+
+
+# --- the shared file (local pool) ---------------------------------------------------------------
+
+
+def test_shared_file_is_one_schedule_for_every_opener_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "db.duckdb.ratelimit"
+    now = [50.0]
+    a = SharedLimiter(path, clock=lambda: now[0])
+    b = SharedLimiter(path, clock=lambda: now[0])
+    rate = Rate(limit=11, window_s=1.0, jitter_s=0.0)  # T = 0.1
+    assert a.acquire_now("api", rate) == 0
+    assert b.acquire_now("api", rate) == pytest.approx(0.1)
+    assert a.acquire_now("api", rate) == pytest.approx(0.2)
+    a.close()
+    b.close()
+    c = SharedLimiter(path, clock=lambda: now[0])  # a new coordinator after kill -9
+    assert c.acquire_now("api", rate) == pytest.approx(0.3)
+    c.penalize_now("api", rate, 5.0)
+    assert c.acquire_now("api", rate) == pytest.approx(5.0)
+    c.close()
+
+
+def test_shared_file_from_another_boot_is_cleared(tmp_path: Path) -> None:
+    import engine.ratelimit_shared as shared
+
+    path = tmp_path / "x.ratelimit"
+    a = SharedLimiter(path, clock=lambda: 1e6)
+    a.acquire_now("api", Rate.parse("10/1s"))
+    a.acquire_now("api", Rate.parse("10/1s"))
+    a.close()
+    real = shared.boot_id
+    shared.boot_id = lambda: b"\x01" * 16
+    try:
+        b = SharedLimiter(path, clock=lambda: 1e6)
+        assert b.acquire_now("api", Rate.parse("10/1s")) == 0
+        b.close()
+    finally:
+        shared.boot_id = real
+
+
+# --- many processes: the guarantee --------------------------------------------------------------
+
+RATE = "200/2s"
+DURATION_S = 10.0
+PROCESSES = 4
+
+
+def _hammer(backend: str, target: str, key: str, start_at: float, out: mp.Queue) -> None:
+    """One process: 8 coroutines take slots through a Gate for DURATION_S; report use times."""
+    from engine.worker import install_uvloop
+
+    if backend == "shared":
+        limiter = SharedLimiter(target)
+    else:
+        from engine.ratelimit_pg import PgLimiter
+        from storage.db import open_database
+
+        limiter = PgLimiter(open_database(target, create=False))
+    rate = Rate.parse(RATE)
+    install_uvloop()
+
+    async def main() -> list[float]:
+        gate = Gate(limiter)
+        used: list[float] = []
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        end = start_at + DURATION_S
+
+        async def sender() -> None:
+            while time.time() < end:
+                await gate.wait(key, rate)
+                used.append(time.time())  # the moment a worker would send
+
+        await asyncio.gather(*(sender() for _ in range(8)))
+        return used
+
+    out.put(asyncio.run(main()))
+
+
+def _run_processes(backend: str, target: str) -> list[float]:
+    ctx = mp.get_context("spawn")  # as the local pool starts its workers
+    out = ctx.Queue()
+    start_at = time.time() + 4.0  # every process imported and ready
+    procs = [
+        ctx.Process(target=_hammer, args=(backend, target, "api-key", start_at, out))
+        for _ in range(PROCESSES)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=DURATION_S + 30) for _ in procs]
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert all(results), "every process got slots"
+    return [t for r in results for t in r]
+
+
+def _assert_guarantee(times: list[float]) -> None:
+    rate = Rate.parse(RATE)
+    peak = max_in_window(times, rate.window_s)
+    achieved = (len(times) - 1) / (max(times) - min(times))
+    print(
+        f"\n{len(times)} grants, peak {peak}/{rate.limit} per {rate.window_s}s, "
+        f"{achieved:.1f}/s = {achieved / rate.per_second:.3f} of the limit"
+    )
+    assert peak <= rate.limit
+    assert achieved >= 0.9 * rate.per_second  # and it is not safe by being slow
+
+
+@pytest.mark.slow
+def test_four_processes_through_the_shared_file_never_exceed_the_limit(tmp_path: Path) -> None:
+    _assert_guarantee(_run_processes("shared", str(tmp_path / "pool.ratelimit")))
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_four_processes_through_postgres_never_exceed_the_limit(pg_url: str) -> None:
+    from storage.db import open_database
+
+    open_database(pg_url).dispose()  # schema (rate_limits)
+    _assert_guarantee(_run_processes("pg", pg_url))
+
+
+@pytest.mark.postgres
+def test_postgres_limiter_uses_the_database_clock(pg_url: str) -> None:
+    import sqlalchemy as sa
+
+    from engine.ratelimit_pg import PgLimiter
+    from storage.db import open_database
+
+    db = open_database(pg_url)
+    try:
+        limiter = PgLimiter(db)
+        rate = Rate(limit=11, window_s=1.0, jitter_s=0.0)  # T = 0.1
+        waits = [limiter.acquire_now("k", rate) for _ in range(5)]
+        # back to back: each reservation is T after the previous one (minus the time spent)
+        assert waits[0] == 0
+        assert waits[4] == pytest.approx(0.4, abs=0.05)
+        limiter.penalize_now("k", rate, 3.0)
+        assert limiter.acquire_now("k", rate) == pytest.approx(3.0, abs=0.05)
+        with db.connect() as conn:
+            keys = conn.execute(sa.text("SELECT key FROM rate_limits")).fetchall()
+        assert [k[0] for k in keys] == ["k"]
+    finally:
+        db.dispose()
