@@ -732,3 +732,20 @@ def load_proxy_list(source: Path | str | Iterable[str], max_errors_kept: int = 1
     report = LoadReport()
     report.proxies.extend(iter_unique_proxies(source, report, max_errors_kept))
     return report
+
+
+_USERINFO_PASSWORD = re.compile(r"^((?:[A-Za-z0-9+.-]+://)?[^:@/\s]*:)([^@\s]*)(@)")
+
+
+def redact_line(text: str, limit: int = 120) -> str:
+    """A line as it may be shown or stored: passwords masked, even when the line is malformed.
+
+    Covers ``[scheme://]user:pass@host…`` and ``host:port:user:pass`` (everything after the
+    third colon), then clips to ``limit`` characters.
+    """
+    text = text.strip()
+    masked = _USERINFO_PASSWORD.sub(r"\1***\3", text)
+    parts = text.split(":")
+    if masked == text and "@" not in text and len(parts) >= 4 and parts[0] and parts[1].isdigit():
+        masked = ":".join([*parts[:3], "***"])
+    return masked if len(masked) <= limit else masked[: limit - 1] + "…"

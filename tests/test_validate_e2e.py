@@ -185,6 +185,7 @@ def test_malformed_lines_reported_by_number_rest_loaded(world: SimWorld, tmp_pat
         "proxy.example.com:3128",
         "garbage line",
         alive[0].line,  # duplicate
+        "10.0.0.9:0:bob:topsecret",  # malformed, with a password that must not leak
     ]
     src = tmp_path / "mixed.txt"
     src.write_text("\n".join(lines) + "\n")
@@ -206,7 +207,11 @@ def test_malformed_lines_reported_by_number_rest_loaded(world: SimWorld, tmp_pat
     assert summary["counts"]["total"] == 5  # 3 alive + IPv6 literal + hostname
     assert summary["counts"]["ok"] == 3
     assert "line 4" in out.stderr and "line 5" in out.stderr and "line 8" in out.stderr
+    assert "line 10" in out.stderr and "topsecret" not in out.stderr
     assert "Traceback" not in out.stderr
+    errors_csv = tmp_path / "errors.csv"
+    cli("export", "--db", db, "--table", "errors", "--out", str(errors_csv))
+    assert "bob:***" in errors_csv.read_text() and "topsecret" not in errors_csv.read_text()
 
 
 # --- reliability ---------------------------------------------------------------------------

@@ -81,7 +81,7 @@ class ValidateJob(JobKind):
             yield chunk
 
     def _import(self, db: Database, run_id: int, path: Path) -> Iterator[int]:
-        from fetchers.proxy_parse import iter_proxy_lines
+        from fetchers.proxy_parse import iter_proxy_lines, redact_line
 
         box = self._box()
         seen: set[str] = set()
@@ -98,7 +98,7 @@ class ValidateJob(JobKind):
                                 "run_id": run_id,
                                 "item_key": f"line {parsed.line_no}",
                                 "error_type": "bad_input",
-                                "message": f"{parsed.error} — {parsed.text[:200]!r}",
+                                "message": f"{parsed.error} — {redact_line(parsed.text)!r}",
                                 "created_at": utcnow(),
                             }
                         )
