@@ -1,81 +1,111 @@
-"""Fetchfleet console, home page: runs and the proxy pool, read from storage.
+"""Fetchfleet console: `streamlit run app.py` (or ./run.sh). The entrypoint routes to the
+pages (``navigation``) and is itself the Home page: the fleet at a glance.
 
-The full console (live pages, launching runs, workers) grows in later issues; this page reads
-the database and lets go of it after each render, so CLI runs on DuckDB are not blocked.
+The server process hosts the engine (coordinator + local worker pool, see
+``console.resources``); every page reads aggregates computed in SQL (``storage.dashboard``)
+and acts through the engine API the CLI uses.
 """
 
 from __future__ import annotations
 
-import pandas as pd
-import sqlalchemy as sa
 import streamlit as st
 
-from storage.bulk import fetch_all
-from storage.db import open_database, resolve_db_url
-from storage.errors import StorageError
-from storage.export import exportable_columns
-from storage.schema import proxies, runs
+from console import reads, views
+from console.resources import console_or_stop
 
-PROXY_ROWS = 500
+RUN_STATUSES = ("running", "queued", "paused", "completed", "stopped", "failed", "cancelled")
 
 
-def load(url: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
-    db = open_database(url, wait_s=2)
-    try:
-        with db.connect() as conn:
-            run_rows = fetch_all(
-                conn,
-                sa.select(
-                    runs.c.id,
-                    runs.c.kind,
-                    runs.c.status,
-                    runs.c.total_items,
-                    runs.c.created_at,
-                    runs.c.started_at,
-                    runs.c.finished_at,
-                    runs.c.error,
-                )
-                .order_by(runs.c.id.desc())
-                .limit(100),
-            )
-            proxy_rows = fetch_all(
-                conn,
-                sa.select(*exportable_columns(proxies))
-                .order_by(proxies.c.last_checked.desc().nulls_last())
-                .limit(PROXY_ROWS),
-            )
-            counts = dict(
-                fetch_all(
-                    conn, sa.select(proxies.c.status, sa.func.count()).group_by(proxies.c.status)
-                )
-            )
-    finally:
-        db.dispose()
-    run_df = pd.DataFrame(
-        run_rows,
-        columns=["run", "kind", "status", "items", "created", "started", "finished", "error"],
+@st.fragment(run_every=2)
+def live_home(url: str, heartbeat_within_s: float) -> None:
+    snap = reads.home_snapshot(url, heartbeat_within_s)
+    with st.container(key="home_fleet"):
+        views.metrics(
+            [
+                ("workers alive", snap.workers_alive),
+                ("items/s now", f"{snap.items_per_s_now:,.1f}"),
+                ("items last hour", f"{snap.items_last_hour:,}"),
+                ("errors last hour", f"{snap.errors_last_hour:,}"),
+            ],
+            {
+                "workers alive": "Local and remote workers that heartbeated recently",
+                "items/s now": "Items stored over the last 10 seconds, per second",
+                "errors last hour": "Error log entries: failed task attempts, malformed input",
+            },
+        )
+    left, right = st.columns([3, 2])
+    with left:
+        views.chart(
+            views.line(
+                [m for m, _ in snap.per_minute],
+                [v for _, v in snap.per_minute],
+                "Items/s over the last hour (per minute)",
+                "minute (UTC)",
+                "items/s",
+            ),
+            key="home_throughput",
+        )
+    with right:
+        runs = snap.runs_by_status
+        statuses = [s for s in RUN_STATUSES if runs.get(s)] + sorted(
+            s for s in runs if s not in RUN_STATUSES
+        )
+        views.chart(
+            views.bars(statuses, [runs[s] for s in statuses], "Runs by status", "", "runs"),
+            key="home_runs",
+        )
+    st.subheader("Runs")
+    with st.container(key="home_runs_by_status"):
+        views.metrics(
+            [("runs", sum(runs.values()))] + [(s, runs.get(s, 0)) for s in RUN_STATUSES[:4]]
+        )
+    st.subheader("Proxy pool")
+    pool = snap.pool_by_status
+    with st.container(key="home_pool"):
+        views.metrics(
+            [("proxies", sum(pool.values()))]
+            + [(s, pool.get(s, 0)) for s in ("active", "inactive", "untested")]
+        )
+
+
+def home() -> None:
+    st.title("Fleet at a glance")
+    c = console_or_stop()
+    pool = c.coordinator.pool
+    st.caption(
+        f"Database **{c.display_url}** · coordinator `{c.coordinator.name}` · local pool "
+        f"{len(pool.active())} of {pool.target} workers × {c.settings.concurrency} concurrent"
     )
-    proxy_df = pd.DataFrame(proxy_rows, columns=[c.name for c in exportable_columns(proxies)])
-    return run_df, proxy_df, counts
+    live_home(c.url, 3 * c.settings.heartbeat_s)
+    st.subheader("Latest runs")
+    st.dataframe(reads.runs_frame(c.url, 10), hide_index=True, width="stretch")
+
+
+def navigation() -> st.navigation:  # type: ignore[valid-type]
+    """Every page of the console, grouped; tests and the browser test drive it."""
+    return st.navigation(
+        {
+            "Fleet": [
+                st.Page(home, title="Home", icon=":material/dashboard:", default=True),
+                st.Page("pages/workers.py", title="Workers", icon=":material/memory:"),
+                st.Page("pages/runs.py", title="Runs & errors", icon=":material/list_alt:"),
+            ],
+            "Jobs": [
+                st.Page("pages/validation.py", title="Validation", icon=":material/verified:"),
+                st.Page("pages/scraping.py", title="Scraping", icon=":material/travel_explore:"),
+                st.Page("pages/backfill.py", title="Backfill", icon=":material/history:"),
+            ],
+            "Data": [
+                st.Page("pages/data.py", title="Data & export", icon=":material/download:"),
+                st.Page("pages/settings.py", title="Settings", icon=":material/settings:"),
+            ],
+        }
+    )
 
 
 def main() -> None:
-    st.set_page_config(page_title="Fetchfleet", layout="wide")
-    st.title("Fetchfleet")
-    url = resolve_db_url()
-    try:
-        run_df, proxy_df, counts = load(url)
-    except StorageError as exc:
-        st.error(str(exc))
-        return
-    cols = st.columns(4)
-    cols[0].metric("runs", len(run_df))
-    for col, status in zip(cols[1:], ("active", "inactive", "untested"), strict=True):
-        col.metric(f"proxies {status}", counts.get(status, 0))
-    st.subheader("Runs")
-    st.dataframe(run_df, hide_index=True, width="stretch")
-    st.subheader(f"Proxy pool (latest {PROXY_ROWS} checked)")
-    st.dataframe(proxy_df, hide_index=True, width="stretch")
+    st.set_page_config(page_title="Fetchfleet", page_icon=":material/hub:", layout="wide")
+    navigation().run()
 
 
 main()

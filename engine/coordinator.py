@@ -62,6 +62,9 @@ class Coordinator:
         self._ops: list[tuple[str, str, tuple[Any, ...]]] = []
         self._exit: set[str] = set()
         self.control: ControlServer | None = None
+        # The console calls resize/stop_worker from its session threads while the service
+        # thread reaps and replaces processes: pool membership changes under this lock.
+        self._pool_lock = threading.RLock()
         self.replaced: list[tuple[str, int | None, str]] = []  # (dead id, exit code, new id)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -96,8 +99,26 @@ class Coordinator:
             self.control.stop()
 
     def resize(self, n: int) -> None:
-        self.pool_size = n
-        self.pool.resize(n)
+        with self._pool_lock:
+            self.pool_size = n
+            self.pool.resize(n)
+
+    def set_concurrency(self, n: int) -> None:
+        """Items in flight per worker, for the whole pool: each worker is replaced by one
+        started with the new value; the old ones finish their in-flight items and hand their
+        tasks back (as on a graceful stop), so no work is lost."""
+        # model_validate checks the bounds of FETCHFLEET_CONCURRENCY (ValidationError).
+        settings = type(self.settings).model_validate(
+            {**self.settings.model_dump(), "concurrency": n}
+        )
+        with self._pool_lock:
+            self.settings = settings
+            self.pool.settings = settings
+            for worker_id in self.pool.active():
+                self._exit.add(worker_id)
+                self.pool.terminate(worker_id)
+            for _ in range(self.pool.target):
+                self.pool.spawn()
 
     # --- the service thread ------------------------------------------------------------
 
@@ -173,7 +194,9 @@ class Coordinator:
                 self.sql.unregister(worker_id, *args)
 
     def _watchdog(self, replace: bool = True) -> None:
-        for worker_id, code in self.pool.reap():
+        with self._pool_lock:
+            ended = self.pool.reap()
+        for worker_id, code in ended:
             if code == 0:
                 continue
             self._flush()  # store what the worker handed over before it died
@@ -184,7 +207,9 @@ class Coordinator:
                 q.end_worker(conn, worker_id, "dead", reason)
             log.warning("%s: %s; re-queued tasks %s", worker_id, reason, held)
             if replace:
-                for new in self.pool.replace_missing():
+                with self._pool_lock:
+                    new_ids = self.pool.replace_missing()
+                for new in new_ids:
                     self.replaced.append((worker_id, code, new))
         with self.db.begin() as conn:
             expired = q.expired_leases(conn)
@@ -209,4 +234,5 @@ class Coordinator:
     def stop_worker(self, worker_id: str) -> None:
         self._exit.add(worker_id)
         self.sql.request_exit(worker_id)
-        self.pool.terminate(worker_id)
+        with self._pool_lock:
+            self.pool.terminate(worker_id)

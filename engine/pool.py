@@ -46,6 +46,7 @@ class LocalPool:
         self.members: dict[str, _Member] = {}
         self.target = 0
         self.closing = False
+        self.retiring: set[str] = set()  # asked to exit, still finishing in-flight items
 
     def replies(self, worker_id: str) -> Any | None:
         member = self.members.get(worker_id)
@@ -69,10 +70,15 @@ class LocalPool:
         log.info("started worker %s (pid %s)", worker_id, proc.pid)
         return worker_id
 
+    def active(self) -> list[str]:
+        """Workers alive and not asked to exit, oldest first."""
+        members = list(self.members.items())  # other threads (the console) read it too
+        return [w for w, m in members if m.process.is_alive() and w not in self.retiring]
+
     def resize(self, n: int) -> None:
         """Grow now; shrink by asking the newest workers to exit gracefully."""
         self.target = max(0, n)
-        alive = [w for w, m in self.members.items() if m.process.is_alive()]
+        alive = self.active()
         for _ in range(self.target - len(alive)):
             self.spawn()
         for worker_id in alive[self.target :]:
@@ -81,6 +87,7 @@ class LocalPool:
     def terminate(self, worker_id: str) -> None:
         member = self.members.get(worker_id)
         if member and member.process.pid and member.process.is_alive():
+            self.retiring.add(worker_id)
             os.kill(member.process.pid, signal.SIGTERM)
 
     def reap(self) -> list[tuple[str, int | None]]:
@@ -91,15 +98,16 @@ class LocalPool:
                 member.process.join(0)
                 ended.append((worker_id, member.process.exitcode))
                 del self.members[worker_id]
+                self.retiring.discard(worker_id)
         return ended
 
     def replace_missing(self) -> list[str]:
         if self.closing:
             return []
-        return [self.spawn() for _ in range(self.target - len(self.members))]
+        return [self.spawn() for _ in range(self.target - len(self.active()))]
 
     def pids(self) -> dict[str, int | None]:
-        return {w: m.process.pid for w, m in self.members.items()}
+        return {w: m.process.pid for w, m in list(self.members.items())}
 
     def stop(self) -> None:
         """Ask every worker to exit (SIGTERM: finish in-flight items, hand tasks back)."""
@@ -109,12 +117,12 @@ class LocalPool:
 
     def kill(self) -> None:
         self.closing = True
-        for member in self.members.values():
+        for member in list(self.members.values()):
             if member.process.is_alive():
                 member.process.kill()
 
     def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        for member in self.members.values():
+        for member in list(self.members.values()):  # the watchdog reaps meanwhile
             member.process.join(max(0.0, deadline - time.monotonic()))
-        return not any(m.process.is_alive() for m in self.members.values())
+        return not any(m.process.is_alive() for m in list(self.members.values()))

@@ -1,0 +1,281 @@
+"""Cached reads for the pages: storage.dashboard aggregates, shaped for display.
+
+``st.cache_data(ttl=…)`` shares one read between the sessions looking at the same thing: the
+live parts refresh every second or two, and ten open tabs must not mean ten times the SQL.
+Keys are the database URL and the filter values (plain hashable arguments). Every query is
+an aggregate or one page of rows (``storage.dashboard``), so a read costs the same with
+a thousand rows or a million.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from console.resources import get_console
+from engine.summary import run_summary
+from storage import dashboard as dash
+from storage.clock import utcnow
+from storage.export import export
+
+LIVE_TTL_S = 1.0
+SLOW_TTL_S = 5.0
+NOW_WINDOW_S = 10  # "items/s now" averages the last ten seconds
+
+
+def _db(url: str) -> Any:
+    return get_console(url).db
+
+
+# --- home ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HomeSnapshot:
+    runs_by_status: dict[str, int]
+    workers_alive: int
+    items_per_s_now: float
+    per_minute: list[tuple[datetime, float]]  # (minute, items/s) over the last hour, gaps 0
+    items_last_hour: int
+    errors_last_hour: int
+    pool_by_status: dict[str, int]
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def home_snapshot(url: str, heartbeat_within_s: float) -> HomeSnapshot:
+    now = utcnow()
+    hour_ago = now - timedelta(hours=1)
+    with _db(url).connect() as conn:
+        by_minute = dict(dash.throughput(conn, hour_ago, "minute"))
+        snap = HomeSnapshot(
+            runs_by_status=dash.runs_by_status(conn),
+            workers_alive=dash.workers_alive(conn, heartbeat_within_s),
+            items_per_s_now=round(
+                dash.items_since(conn, now - timedelta(seconds=NOW_WINDOW_S)) / NOW_WINDOW_S, 1
+            ),
+            per_minute=[],
+            items_last_hour=sum(by_minute.values()),
+            errors_last_hour=dash.errors_since(conn, hour_ago),
+            pool_by_status=dash.pool_by_status(conn),
+        )
+    start = now.replace(second=0, microsecond=0) - timedelta(minutes=59)
+    minutes = [start + timedelta(minutes=i) for i in range(60)]
+    snap.per_minute.extend((m, round(by_minute.get(m, 0) / 60, 2)) for m in minutes)
+    return snap
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+RUN_COLUMNS = [
+    "run",
+    "kind",
+    "status",
+    "items",
+    "done",
+    "ok",
+    "failed",
+    "duration_s",
+    "created",
+    "finished",
+    "error",
+]
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def runs_frame(url: str, limit: int = 200, kind: str | None = None) -> pd.DataFrame:
+    with _db(url).connect() as conn:
+        stats = dash.run_stats(conn, limit=limit, kind=kind)
+    return pd.DataFrame(
+        [
+            (
+                s.id,
+                s.kind,
+                s.status,
+                s.total,
+                s.done,
+                s.ok,
+                s.failed,
+                round(s.duration_s, 1),
+                s.created_at,
+                s.finished_at,
+                s.error,
+            )
+            for s in stats
+        ],
+        columns=RUN_COLUMNS,
+    )
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def runs_by_status(url: str) -> dict[str, int]:
+    with _db(url).connect() as conn:
+        return dash.runs_by_status(conn)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def latest_run_id(url: str, kind: str) -> int | None:
+    with _db(url).connect() as conn:
+        stats = dash.run_stats(conn, limit=1, kind=kind)
+    return stats[0].id if stats else None
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def summary(url: str, run_id: int) -> dict[str, Any]:
+    """engine.summary.run_summary: what the CLI prints with --json."""
+    return run_summary(_db(url), run_id, get_console(url).settings)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def run_detail(
+    url: str, run_id: int, kind: str
+) -> tuple[dash.TaskStats, list[dash.Group], list[dash.Group]]:
+    with _db(url).connect() as conn:
+        return (
+            dash.task_stats(conn, run_id),
+            dash.error_groups(conn, run_id),
+            dash.outcome_groups(conn, kind, run_id),
+        )
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def run_throughput(url: str, run_id: int, seconds: int = 120) -> pd.DataFrame:
+    """Items per second of one run over the last ``seconds`` (gaps filled with 0)."""
+    now = utcnow().replace(microsecond=0)
+    start = now - timedelta(seconds=seconds)
+    with _db(url).connect() as conn:
+        rows = dict(dash.throughput(conn, start, "second", run_id=run_id))
+    if not rows:
+        return pd.DataFrame({"time": [], "items/s": []})
+    first = max(start, min(rows))
+    span = int((now - first).total_seconds()) + 1
+    times = [first + timedelta(seconds=i) for i in range(span)]
+    return pd.DataFrame({"time": times, "items/s": [rows.get(t, 0) for t in times]})
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def hourly(url: str, hours: int = 24) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(errors per hour by type, item outcomes per hour) over the last ``hours``."""
+    since = utcnow() - timedelta(hours=hours)
+    with _db(url).connect() as conn:
+        errs = dash.errors_per_hour(conn, since)
+        outcomes = dash.outcomes_per_hour(conn, since)
+    return (
+        pd.DataFrame(errs, columns=["hour", "error_type", "errors"]),
+        pd.DataFrame(outcomes, columns=["hour", "outcome", "items"]),
+    )
+
+
+# --- workers -------------------------------------------------------------------------------
+
+WORKER_COLUMNS = [
+    "worker",
+    "host",
+    "pid",
+    "kind",
+    "status",
+    "heartbeat_age_s",
+    "tasks_held",
+    "items_done",
+    "items_failed",
+    "items_per_s",
+    "avg_items_per_s",
+    "started",
+    "exit_reason",
+]
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def workers_frame(url: str) -> pd.DataFrame:
+    with _db(url).connect() as conn:
+        stats = dash.worker_stats(conn)
+    return pd.DataFrame(
+        [
+            (
+                w.id,
+                w.host,
+                w.pid,
+                w.kind,
+                w.status,
+                None if w.heartbeat_age_s is None else round(w.heartbeat_age_s, 1),
+                w.tasks_held,
+                w.items_done,
+                w.items_failed,
+                w.items_per_s,
+                w.lifetime_per_s,
+                w.started_at,
+                w.exit_reason,
+            )
+            for w in stats
+        ],
+        columns=WORKER_COLUMNS,
+    )
+
+
+# --- proxy pool ----------------------------------------------------------------------------
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def pool_values(url: str, column: str) -> list[str]:
+    with _db(url).connect() as conn:
+        return dash.pool_values(conn, column)
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def pool_page(
+    url: str, flt: dash.PoolFilter, sort: str, descending: bool, page: int, size: int
+) -> tuple[int, pd.DataFrame]:
+    """(rows matching the filter, one page of them)."""
+    with _db(url).connect() as conn:
+        total = dash.pool_count(conn, flt)
+        cols, rows = dash.pool_page(conn, flt, sort, descending, (page - 1) * size, size)
+    return total, pd.DataFrame(rows, columns=cols)
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def pool_charts(
+    url: str,
+) -> tuple[list[tuple[int, int]], list[tuple[str, int]], list[tuple[str, int]], dict[str, int]]:
+    """(latency histogram, alive by protocol, alive by country, pool by status)."""
+    with _db(url).connect() as conn:
+        return (
+            dash.latency_histogram(conn),
+            dash.alive_by(conn, "protocol"),
+            dash.alive_by(conn, "country", limit=20),
+            dash.pool_by_status(conn),
+        )
+
+
+# --- tables and exports --------------------------------------------------------------------
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def table_preview(
+    url: str, table: str, run_id: int | None, limit: int = 50
+) -> tuple[int, pd.DataFrame]:
+    with _db(url).connect() as conn:
+        total = dash.table_count(conn, table, run_id)
+        cols, rows = dash.table_preview(conn, table, run_id, limit)
+    return total, pd.DataFrame(rows, columns=cols)
+
+
+def export_bytes(
+    url: str,
+    table: str,
+    fmt: str,
+    exports_dir: Path,
+    run_id: int | None = None,
+    where: dict[str, str] | None = None,
+) -> bytes:
+    """A CSV or Parquet file of the selection (storage.export: streamed, no secrets)."""
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    out = exports_dir / f"console-{table}-{utcnow():%Y%m%d%H%M%S%f}.{fmt}"
+    try:
+        export(_db(url), table, fmt, out, run_id=run_id, where=where)
+        return out.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)

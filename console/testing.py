@@ -1,0 +1,174 @@
+"""Helpers for the console's tests and its benchmark: drive pages with Streamlit's AppTest
+and fill a DuckDB database with synthetic fleet history in bulk SQL.
+
+Not used by the console itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from storage.clock import utcnow
+from storage.db import Database
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+# page -> its file relative to app.py (None: the Home page, app.py's default)
+PAGES: dict[str, str | None] = {
+    "Home": None,
+    "Validation": "pages/validation.py",
+    "Workers": "pages/workers.py",
+    "Runs & errors": "pages/runs.py",
+    "Data & export": "pages/data.py",
+    "Settings": "pages/settings.py",
+    "Scraping": "pages/scraping.py",
+    "Backfill": "pages/backfill.py",
+}
+
+COUNTRIES = ["US", "DE", "FR", "NL", "GB", "RU", "IN", "BR", "CN", "JP", "SG", "MY", "AR", "CA"]
+OUTCOMES = ["alive", "timeout", "refused", "bad_response", "alive", "alive", "unreachable"]
+
+
+def use_fresh_database(tmp_path: Path, monkeypatch: Any, workers: int = 0) -> str:
+    """Point the console at a new DuckDB file and data directory (pytest's monkeypatch);
+    returns the URL. Release the console afterwards with ``resources.shutdown_all()``."""
+    url = f"duckdb:///{tmp_path / 'console.duckdb'}"
+    monkeypatch.setenv("FETCHFLEET_DB", url)
+    monkeypatch.setenv("FETCHFLEET_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FETCHFLEET_SECRET_KEY_FILE", str(tmp_path / "data" / "secret.key"))
+    monkeypatch.setenv("FETCHFLEET_WORKERS", str(workers))
+    for name in ("FETCHFLEET_SECRET_KEY", "FETCHFLEET_JUDGE_URL", "POSTGRES_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    return url
+
+
+def run_page(page: str | None = None, timeout: float = 60) -> Any:
+    """An AppTest of the console showing ``page`` (a path like pages/runs.py, or Home)."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=timeout).run()
+    if page is not None:
+        at.switch_page(page).run()
+    return at
+
+
+def _list(values: list[str]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def seed_history(
+    db: Database,
+    proxies: int = 1_000,
+    checks_per_run: int | None = None,
+    runs: int = 10,
+    errors: int = 1_000,
+    workers: int = 4,
+) -> dict[str, int]:
+    """Synthetic history in bulk ``INSERT … SELECT … FROM range(n)`` (DuckDB only).
+
+    ``runs`` completed validate runs, each checking ``checks_per_run`` proxies (default: all
+    of them, so rows = runs × proxies) spread over the last 24 hours with a share in the last
+    hour; the pool's state; tasks of 50 items; ``errors`` error-log rows; live workers.
+    """
+    if not db.is_duckdb:
+        raise ValueError("seed_history writes DuckDB SQL (range(n)); use a DuckDB database")
+    per_run = proxies if checks_per_run is None else min(checks_per_run, proxies)
+    now = utcnow()
+    p = {"now": now}
+    countries, outcomes = _list(COUNTRIES), _list(OUTCOMES)
+    with db.begin() as conn:
+        x = conn.execute
+        x(
+            sa.text(
+                f"""INSERT INTO runs (kind, status, params, total_items, total_tasks, coordinator,
+                    created_at, started_at, finished_at, updated_at)
+                SELECT 'validate', 'completed', '{{"judge_url": "http://judge/get"}}',
+                       {per_run}, {-(-per_run // 50)}, 'bench:1',
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i)
+                           + INTERVAL '50 minute',
+                       CAST(:now AS TIMESTAMP)
+                FROM range({runs}) t(i)"""
+            ),
+            p,
+        )
+        x(
+            sa.text(
+                f"""INSERT INTO proxies (key, scheme, protocol, host, port, status, anonymity,
+                    exit_ip, country, latency_ms, latency_ewma_ms, success_count, failure_count,
+                    last_outcome, last_checked, source, created_at)
+                SELECT 'socks5://10.' || (i // 65536) || '.' || ((i // 256) % 256) || '.'
+                           || (i % 256) || ':' || (1024 + i % 60000),
+                       ['http', 'https', 'socks4', 'socks5'][1 + (i % 4)::INT],
+                       ['http', 'https', 'socks4', 'socks5'][1 + (i % 4)::INT],
+                       '10.' || (i // 65536) || '.' || ((i // 256) % 256) || '.' || (i % 256),
+                       1024 + i % 60000,
+                       CASE WHEN i % 3 = 0 THEN 'inactive' ELSE 'active' END,
+                       CASE WHEN i % 3 = 0 THEN NULL
+                            ELSE ['elite', 'anonymous', 'transparent'][1 + (i % 7 % 3)::INT] END,
+                       CASE WHEN i % 3 = 0 THEN NULL ELSE '10.0.0.' || (i % 250) END,
+                       {countries}[1 + (hash(i) % {len(COUNTRIES)})::INT],
+                       CASE WHEN i % 3 = 0 THEN NULL ELSE 20 + (hash(i) % 3000) END,
+                       CASE WHEN i % 3 = 0 THEN NULL ELSE 20 + (hash(i) % 2500) END,
+                       {runs} - (i % 3 = 0)::INT * {runs}, (i % 3 = 0)::INT * {runs},
+                       CASE WHEN i % 3 = 0 THEN 'timeout' ELSE 'alive' END,
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 second' * (i % 86400),
+                       'bench.txt', CAST(:now AS TIMESTAMP) - INTERVAL '1 day'
+                FROM range({proxies}) t(i)"""
+            ),
+            p,
+        )
+        x(
+            sa.text(
+                f"""INSERT INTO proxy_checks (run_id, proxy_id, task_id, worker_id, checked_at,
+                    outcome, alive, protocol, latency_ms, anonymity, exit_ip, country, error)
+                SELECT r.id, i + 1, NULL, 'w-' || (i % {max(workers, 1)}),
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 second' * ((i * 7 + r.id) % 86400),
+                       {outcomes}[1 + (hash(i + r.id) % {len(OUTCOMES)})::INT],
+                       {outcomes}[1 + (hash(i + r.id) % {len(OUTCOMES)})::INT] = 'alive',
+                       ['http', 'https', 'socks4', 'socks5'][1 + (i % 4)::INT],
+                       20 + hash(i * 31 + r.id) % 3000, NULL, NULL,
+                       {countries}[1 + (hash(i) % {len(COUNTRIES)})::INT],
+                       CASE WHEN hash(i + r.id) % 3 = 0 THEN 'TimeoutError: no answer in 5s' END
+                FROM runs r, range({per_run}) t(i)
+                WHERE r.kind = 'validate'"""
+            ),
+            p,
+        )
+        x(
+            sa.text(
+                f"""INSERT INTO tasks (run_id, seq, status, items, n_items, attempts,
+                    max_attempts, created_at, updated_at)
+                SELECT r.id, i, 'done', '[]', 50, 1 + (i % 20 = 0)::INT, 3,
+                       r.created_at, r.finished_at
+                FROM runs r, range({-(-per_run // 50)}) t(i)"""
+            )
+        )
+        x(
+            sa.text(
+                f"""INSERT INTO errors (run_id, task_id, worker_id, item_key, error_type, message,
+                    created_at)
+                SELECT 1 + i % {runs}, NULL, 'w-' || (i % {max(workers, 1)}), 'line ' || i,
+                       ['bad_input', 'task_failed'][1 + (i % 2)::INT],
+                       'synthetic error ' || i,
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 second' * ((i * 13) % 86400)
+                FROM range({errors}) t(i)"""
+            ),
+            p,
+        )
+        x(
+            sa.text(
+                f"""INSERT INTO workers (id, host, pid, kind, status, started_at, heartbeat_at,
+                    tasks_held, items_done, items_failed)
+                SELECT 'w-' || i, 'bench-host', 1000 + i, 'remote', 'idle',
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 day', CAST(:now AS TIMESTAMP),
+                       NULL, {per_run * runs} // {max(workers, 1)}, 0
+                FROM range({workers}) t(i)"""
+            ),
+            p,
+        )
+    return {"proxies": proxies, "proxy_checks": per_run * runs, "runs": runs, "errors": errors}

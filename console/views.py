@@ -1,0 +1,126 @@
+"""Small view helpers the pages share: metric rows, Plotly charts, downloads, placeholders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from console import reads
+from engine.jobs import KINDS
+
+CHART_HEIGHT = 260
+
+
+def metrics(items: Sequence[tuple[str, Any]], help_texts: dict[str, str] | None = None) -> None:
+    cols = st.columns(len(items))
+    for col, (label, value) in zip(cols, items, strict=True):
+        col.metric(label, value, help=(help_texts or {}).get(label))
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    fig.update_layout(
+        title=title,
+        height=CHART_HEIGHT,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        xaxis_title=x,
+        yaxis_title=y,
+        showlegend=len(fig.data) > 1,
+    )
+    return fig
+
+
+def line(xs: Sequence[Any], ys: Sequence[Any], title: str, x: str, y: str) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=list(xs), y=list(ys), mode="lines", line={"width": 2}))
+    return _layout(fig, title, x, y)
+
+
+def bars(xs: Sequence[Any], ys: Sequence[Any], title: str, x: str, y: str) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(xs), y=list(ys)))
+    return _layout(fig, title, x, y)
+
+
+def stacked_bars(rows: Sequence[tuple[Any, str, int]], title: str, x: str, y: str) -> go.Figure:
+    """(x, series, value) rows as one bar trace per series, stacked."""
+    series: dict[str, tuple[list[Any], list[int]]] = {}
+    for xv, name, value in rows:
+        xs, ys = series.setdefault(str(name), ([], []))
+        xs.append(xv)
+        ys.append(value)
+    fig = go.Figure([go.Bar(x=xs, y=ys, name=name) for name, (xs, ys) in series.items()])
+    fig.update_layout(barmode="stack")
+    return _layout(fig, title, x, y)
+
+
+def chart(fig: go.Figure, key: str) -> None:
+    st.plotly_chart(fig, key=key, config={"displayModeBar": False})
+
+
+def field_error(slot: Any, errors: dict[str, str], name: str) -> None:
+    """Show the error of one form field in the placeholder under it."""
+    if name in errors:
+        slot.error(errors[name], icon=":material/error:")
+
+
+def download_buttons(
+    url: str,
+    table: str,
+    exports_dir: Path,
+    key: str,
+    run_id: int | None = None,
+    where: dict[str, str] | None = None,
+    stem: str | None = None,
+) -> None:
+    """CSV and Parquet of a selection, built only when the user clicks (storage.export)."""
+    stem = stem or table
+
+    def maker(fmt: str) -> Callable[[], bytes]:
+        return lambda: reads.export_bytes(url, table, fmt, exports_dir, run_id, where)
+
+    c1, c2, _ = st.columns([1, 1, 4])
+    c1.download_button(
+        "Download CSV",
+        data=maker("csv"),
+        file_name=f"{stem}.csv",
+        mime="text/csv",
+        key=f"{key}_csv",
+        on_click="ignore",
+        icon=":material/download:",
+    )
+    c2.download_button(
+        "Download Parquet",
+        data=maker("parquet"),
+        file_name=f"{stem}.parquet",
+        mime="application/vnd.apache.parquet",
+        key=f"{key}_parquet",
+        on_click="ignore",
+        icon=":material/download:",
+    )
+
+
+def kind_available(kind: str) -> bool:
+    """Whether a job kind is registered in the engine right now."""
+    return kind in KINDS
+
+
+def arrives_with(title: str, kind: str, issue: str, what: Sequence[str]) -> None:
+    """The page of a job kind the engine does not have yet."""
+    st.title(title)
+    st.info(
+        f"{title} arrives with the {kind} job ({issue}): the engine has no `{kind}` job kind "
+        f"yet (registered: {', '.join(sorted(KINDS))}). This page will let you:",
+        icon=":material/schedule:",
+    )
+    st.markdown("\n".join(f"- {w}" for w in what))
+
+
+def fmt_duration(secs: float) -> str:
+    seconds = round(secs)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"

@@ -1,0 +1,295 @@
+"""Validation: start a proxy check run, watch it live, browse and export the pool.
+
+Start: paste or upload a list (saved under data/uploads/ and passed as ``proxies_file``), or
+revalidate stored proxies by filter; the form is checked field by field before anything
+starts, then the run goes through ``engine.api.submit_run`` exactly as the CLI's does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import streamlit as st
+
+from console import forms, reads, views
+from console.resources import Console, console_or_stop
+from engine.api import submit_run
+from engine.model import TERMINAL
+from storage import dashboard as dash
+
+SOURCES = {
+    "Paste a list": "paste",
+    "Upload a file": "upload",
+    "Revalidate stored proxies": "revalidate",
+}
+ANY = "any"
+PAGE_SIZES = (25, 50, 100, 200)
+TAIL_MS = dash.LATENCY_WIDTH_MS * (dash.LATENCY_BUCKETS - 1)
+LIST_HELP = (
+    "One proxy a line: ip:port, scheme://ip:port, scheme://user:pass@host:port, "
+    "ip:port:user:pass; # comments and blank lines are skipped; CSV with a proxy column works"
+)
+
+
+def _opt(value: str) -> str | None:
+    return None if value == ANY else value
+
+
+def start_form(c: Console) -> None:
+    """The Start form; on submit: check every field, save the list, submit the run."""
+    label = st.radio("What to validate", list(SOURCES), horizontal=True, key="val_source")
+    source = SOURCES[label]
+    s, pool = c.settings, c.coordinator.pool
+    upload = None
+    text: str | None = None
+    minutes = hours = 0.0
+    limit = 0
+    status = proto = ANY
+    slots: dict[str, object] = {}
+    with st.form("val_form", border=True):
+        if source == "paste":
+            text = st.text_area(
+                "Proxy list", key="val_paste", height=160, help=LIST_HELP,
+                placeholder="socks5://user:pass@203.0.113.7:1080\n198.51.100.4:8080",
+            )  # fmt: skip
+            slots["list"] = st.empty()
+        elif source == "upload":
+            upload = st.file_uploader("Proxy list file (text or CSV)", key="val_upload")
+            slots["list"] = st.empty()
+        else:
+            cols = st.columns(5)
+            minutes = cols[0].number_input(
+                "Checked more than N minutes ago", value=60.0, step=5.0, key="val_minutes"
+            )
+            status = cols[1].selectbox("Status", [ANY, *forms.STATUSES], key="val_status")
+            proto = cols[2].selectbox("Type", [ANY, *forms.PROTOCOLS], key="val_type")
+            hours = cols[3].number_input(
+                "Never checked or older than (hours, 0 = off)", value=0.0, key="val_hours"
+            )
+            limit = cols[4].number_input("Limit (0 = all)", value=0, step=100, key="val_limit")
+            for col, name in zip(
+                st.columns(5), ("minutes_old", "status", "protocol", "older_than_hours", "limit"),
+                strict=True,
+            ):  # fmt: skip
+                slots[name] = col.empty()
+        judge = st.text_input(
+            "Judge URL", value=s.judge_url or "", key="val_judge",
+            placeholder="http://127.0.0.2:8080/get",
+            help="An httpbin-style /get or an azenv page; it must answer a direct request",
+        )  # fmt: skip
+        slots["judge_url"] = st.empty()
+        cols = st.columns(4)
+        timeout = cols[0].number_input(
+            "Timeout per check (s)", value=float(s.check_timeout_s), step=0.5, key="val_timeout"
+        )
+        batch = cols[1].number_input(
+            "Batch size (proxies per task)", value=int(s.batch_size), step=10, key="val_batch"
+        )
+        workers = cols[2].number_input(
+            "Workers (pool, shared by all runs)", value=int(pool.target), step=1, key="val_workers"
+        )
+        concurrency = cols[3].number_input(
+            "Concurrency per worker (pool)", value=int(s.concurrency), step=50, key="val_conc"
+        )
+        for col, name in zip(
+            st.columns(4), ("timeout_s", "batch_size", "workers", "concurrency"), strict=True
+        ):
+            slots[name] = col.empty()
+        submitted = st.form_submit_button("Start", type="primary", key="val_start")
+    general = st.empty()
+    if not submitted:
+        return
+
+    errors: dict[str, str] = {}
+    data: bytes | str | None = text
+    if source == "upload":
+        if upload is None:
+            errors["list"] = "choose a file to upload (text or CSV, one proxy a line)"
+        else:
+            data = upload.getvalue()
+            if err := forms.check_text(data, f"the upload {upload.name!r}"):
+                errors["list"] = err
+    result = forms.check_validation(
+        source=source,
+        # an upload's emptiness is judged by check_text (above), a paste's here
+        has_list=bool(text and text.strip()) if source == "paste" else source == "upload",
+        judge_url=judge or "",
+        timeout_s=float(timeout or 0),
+        batch_size=int(batch or 0),
+        workers=int(workers or 0),
+        concurrency=int(concurrency or 0),
+        duckdb=c.db.is_duckdb,
+        status=_opt(status),
+        protocol=_opt(proto),
+        minutes_old=minutes,
+        older_than_hours=hours,
+        limit=int(limit or 0),
+    )
+    errors = {**result.errors, **errors}
+    params = result.params
+    if not errors and data is not None:
+        name = upload.name if upload is not None else "pasted.txt"
+        path = forms.save_list(data, c.uploads_dir, name)
+        good, _bad, first = forms.prescan(path)
+        if good == 0:
+            path.unlink(missing_ok=True)
+            errors["list"] = f"no proxy found in the list: {first or 'it has no content lines'}"
+        params["proxies_file"] = str(path)
+    for name, slot in slots.items():
+        views.field_error(slot, errors, name)
+    if errors:
+        general.error("Nothing was started: fix the fields marked above.")
+        return
+    run_id = _start(c, params, int(workers), int(concurrency), slots, general)
+    if run_id is not None:
+        st.session_state["val_run"] = run_id
+
+
+def _start(
+    c: Console,
+    params: dict[str, object],
+    workers: int,
+    concurrency: int,
+    slots: dict[str, object],
+    general: object,
+) -> int | None:
+    coord = c.coordinator
+    try:
+        with st.spinner("Asking the judge and planning the run…"):
+            run_id = submit_run(c.db, coord.settings, "validate", params, coord.name)
+    except ValueError as exc:
+        msg = str(exc)
+        target = slots["judge_url"] if "judge" in msg.lower() else general
+        target.error(msg, icon=":material/error:")  # type: ignore[attr-defined]
+        return None
+    # The pool is shared: it changes only once the run is accepted (nothing on bad input).
+    if concurrency != coord.settings.concurrency:
+        coord.set_concurrency(concurrency)
+    if workers != coord.pool.target:
+        coord.resize(workers)
+    with c.db.connect() as conn:
+        groups = {g.name: g for g in dash.error_groups(conn, run_id)}
+    note = ""
+    if bad := groups.get("bad_input"):
+        first = bad.examples[0] if bad.examples else (None, None)
+        note = f" {bad.count:,} malformed line(s) skipped (first: {first[0]}: {first[1]})."
+    general.success(f"Run {run_id} started.{note}", icon=":material/play_arrow:")  # type: ignore[attr-defined]
+    return run_id
+
+
+@st.fragment(run_every=1)
+def live_run(url: str) -> None:
+    """The current run: this session's last start, else the newest validation run."""
+    run_id = st.session_state.get("val_run") or reads.latest_run_id(url, "validate")
+    if run_id is None:
+        st.info("No validation run yet: start one above.", icon=":material/info:")
+        return
+    s = reads.summary(url, int(run_id))
+    counts, status = s["counts"], s["status"]
+    total, done = counts["total"], counts["done"]
+    with st.container(key="val_run", border=True):
+        st.markdown(
+            f"**Run {s['run_id']}** · status **{status}** · "
+            f"{views.fmt_duration(s['duration_s'])} · created {s['created_at']} UTC"
+        )
+        frac = min(done / total, 1.0) if total else (1.0 if status in TERMINAL else 0.0)
+        st.progress(frac, text=f"{done:,} of {total:,} proxies checked")
+        views.metrics(
+            [
+                ("checked", f"{done:,} / {total:,}"),
+                ("alive", f"{counts['ok']:,}"),
+                ("not alive", f"{counts['failed']:,}"),
+                ("items/s", f"{s['items_per_s']:,.1f}"),
+                ("status", status),
+            ]
+        )
+        if s.get("error"):
+            st.error(s["error"])
+        left, right = st.columns([3, 2])
+        with left:
+            tp = reads.run_throughput(url, int(run_id))
+            views.chart(
+                views.line(tp["time"], tp["items/s"], "Throughput", "time (UTC)", "items/s"),
+                key="val_throughput",
+            )
+        with right:
+            outcomes = counts["outcomes"]
+            names = sorted(outcomes, key=lambda k: -outcomes[k])
+            views.chart(
+                views.bars(names, [outcomes[n] for n in names], "Outcomes", "", "proxies"),
+                key="val_outcomes",
+            )
+
+
+@st.fragment(run_every=10)
+def pool_section(url: str, c: Console) -> None:
+    st.subheader("Proxy pool")
+    cols = st.columns(6)
+    picked = {
+        col: cols[i].selectbox(
+            col.capitalize() if col != "protocol" else "Type",
+            [ANY, *reads.pool_values(url, col)],
+            key=f"pool_{col}",
+        )
+        for i, col in enumerate(dash.POOL_FILTER_COLUMNS)
+    }
+    sort = cols[4].selectbox("Sort by", list(dash.POOL_SORTS), key="pool_sort")
+    size = cols[5].selectbox("Rows per page", PAGE_SIZES, index=1, key="pool_size")
+    descending = st.toggle("Descending", key="pool_desc")
+    flt = dash.PoolFilter(**{k: _opt(v) for k, v in picked.items()})
+    page = int(st.session_state.get("pool_page", 1))
+    total, frame = reads.pool_page(url, flt, sort, descending, page, size)
+    pages = max(1, math.ceil(total / size))
+    if page > pages:
+        page = 1
+        st.session_state["pool_page"] = 1
+        total, frame = reads.pool_page(url, flt, sort, descending, page, size)
+    st.caption(f"{total:,} proxies match · page {page} of {pages}")
+    st.dataframe(frame, hide_index=True, width="stretch", key="pool_table")
+    st.pagination(pages, key="pool_page", max_visible_pages=9)
+    views.download_buttons(
+        url, "proxies", c.exports_dir, key="pool_dl", where=flt.pairs(), stem="proxies"
+    )
+    hist, by_proto, by_country, _ = reads.pool_charts(url)
+    a, b, d = st.columns(3)
+    with a:
+        views.chart(
+            views.bars(
+                [f"{lo}+" if lo >= TAIL_MS else str(lo) for lo, _ in hist],
+                [n for _, n in hist],
+                "Latency of alive proxies",
+                "ms (bucket start)",
+                "proxies",
+            ),
+            key="chart_latency",
+        )
+    with b:
+        views.chart(
+            views.bars(
+                [p for p, _ in by_proto], [n for _, n in by_proto], "Alive by type", "", "proxies"
+            ),
+            key="chart_protocol",
+        )
+    with d:
+        views.chart(
+            views.bars(
+                [p for p, _ in by_country],
+                [n for _, n in by_country],
+                "Alive by country",
+                "",
+                "proxies",
+            ),
+            key="chart_country",
+        )
+
+
+def main() -> None:
+    st.title("Validation")
+    c = console_or_stop()
+    start_form(c)
+    live_run(c.url)
+    pool_section(c.url, c)
+
+
+if __name__ == "__main__":
+    main()
