@@ -131,6 +131,14 @@ def summary(url: str, run_id: int) -> dict[str, Any]:
 
 
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def backfill_report(url: str, run_id: int) -> dict[str, Any]:
+    """The backfill job's evaluation report (what `engine.run report` prints)."""
+    from engine.jobs.backfill import run_report
+
+    return run_report(_db(url), run_id)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def run_detail(
     url: str, run_id: int, kind: str
 ) -> tuple[dash.TaskStats, list[dash.Group], list[dash.Group]]:
@@ -143,17 +151,14 @@ def run_detail(
 
 
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
-def run_throughput(url: str, run_id: int, seconds: int = 120) -> pd.DataFrame:
-    """Items per second of one run over the last ``seconds`` (gaps filled with 0)."""
-    now = utcnow().replace(microsecond=0)
-    start = now - timedelta(seconds=seconds)
+def run_throughput(url: str, run_id: int, seconds: int = 90) -> pd.DataFrame:
+    """Items stored per second by one run over the last ``seconds`` complete seconds (0 where
+    nothing was stored), a steady window for a live chart."""
+    end = utcnow().replace(microsecond=0) - timedelta(seconds=1)  # the current second is partial
+    start = end - timedelta(seconds=seconds - 1)
     with _db(url).connect() as conn:
         rows = dict(dash.throughput(conn, start, "second", run_id=run_id))
-    if not rows:
-        return pd.DataFrame({"time": [], "items/s": []})
-    first = max(start, min(rows))
-    span = int((now - first).total_seconds()) + 1
-    times = [first + timedelta(seconds=i) for i in range(span)]
+    times = [start + timedelta(seconds=i) for i in range(seconds)]
     return pd.DataFrame({"time": times, "items/s": [rows.get(t, 0) for t in times]})
 
 

@@ -177,14 +177,19 @@ def _start(
     return run_id
 
 
-@st.fragment(run_every=1)
-def live_run(url: str) -> None:
-    """The current run: this session's last start, else the newest validation run."""
+def current_run(url: str) -> int | None:
+    """This session's last start, else the newest validation run."""
     run_id = st.session_state.get("val_run") or reads.latest_run_id(url, "validate")
+    return None if run_id is None else int(run_id)
+
+
+def live_run(url: str) -> None:
+    """Progress, counts, throughput and outcomes of the current run (a fragment)."""
+    run_id = current_run(url)
     if run_id is None:
         st.info("No validation run yet: start one above.", icon=":material/info:")
         return
-    s = reads.summary(url, int(run_id))
+    s = reads.summary(url, run_id)
     counts, status = s["counts"], s["status"]
     total, done = counts["total"], counts["done"]
     with st.container(key="val_run", border=True):
@@ -207,9 +212,11 @@ def live_run(url: str) -> None:
             st.error(s["error"])
         left, right = st.columns([3, 2])
         with left:
-            tp = reads.run_throughput(url, int(run_id))
+            tp = reads.run_throughput(url, run_id)
             views.chart(
-                views.line(tp["time"], tp["items/s"], "Throughput", "time (UTC)", "items/s"),
+                views.line(
+                    tp["time"], tp["items/s"], "Throughput (last 90 s)", "time (UTC)", "items/s"
+                ),
                 key="val_throughput",
             )
         with right:
@@ -287,7 +294,10 @@ def main() -> None:
     st.title("Validation")
     c = console_or_stop()
     start_form(c)
-    live_run(c.url)
+    # Every second while a run is under way, every 5 s otherwise (a start reruns the page).
+    run_id = current_run(c.url)
+    active = run_id is not None and reads.summary(c.url, run_id)["status"] not in TERMINAL
+    st.fragment(live_run, run_every=1 if active else 5)(c.url)
     pool_section(c.url, c)
 
 

@@ -62,7 +62,10 @@ def pool_controls(c: Console) -> None:
     st.success(f"pool: {size} worker(s) × {conc} concurrent")
 
 
-def _stop(c: Console, worker_id: str) -> None:
+def _stop(c: Console) -> None:
+    worker_id = st.session_state.get("workers_pick")
+    if not worker_id:
+        return
     local = worker_id in c.coordinator.pool.members
     c.coordinator.stop_worker(worker_id)
     if not local:
@@ -104,12 +107,12 @@ def live_workers(c: Console) -> None:
         )
     if not alive.empty:
         a, b = st.columns([3, 1], vertical_alignment="bottom")
-        worker_id = a.selectbox("Worker", list(alive["worker"]), key="workers_pick")
+        a.selectbox("Worker", list(alive["worker"]), key="workers_pick")
         b.button(
             "Stop worker",
             key="workers_stop",
-            on_click=_stop,
-            args=(c, worker_id),
+            on_click=_stop,  # reads the pick from the session: the value at click time
+            args=(c,),
             width="stretch",
         )
     if msg := st.session_state.pop("workers_msg", None):
