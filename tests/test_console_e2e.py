@@ -27,6 +27,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from engine.api import wait_run
+from engine.coordinator import Coordinator
+from engine.settings import Settings
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all
 from storage.db import open_database
@@ -227,13 +230,23 @@ def test_console_validation_in_a_browser(
                 ).to_be_visible()
                 settle(page)
                 shoot(page, name)
+
+            # a second run, left unfinished: black holes hold it for the 8 s timeout
+            page.get_by_role("link", name="Validation").click()
+            page.get_by_role("textbox", name="Proxy list").fill(world.proxies_file.read_text())
+            page.get_by_role("textbox", name="Judge URL").fill(world.judge_url)
+            page.get_by_role("spinbutton", name="Timeout per check (s)").fill("8")
+            page.get_by_role("button", name="Start").click()
+            expect(run_box).to_contain_text("Run 2 · status running", timeout=30_000)
         finally:
             browser.close()
     publish(during, "validation.png")
     publish(home, "home.png")
 
-    # stop the server (graceful) and compare with the database it held
+    # stop the server mid-run: graceful (in-flight checks finish, tasks are handed back)
+    began = time.monotonic()
     assert stop_server(proc) is not None, "the server did not stop on SIGTERM"
+    assert time.monotonic() - began < 40
     db = open_database(db_url)
     try:
         with db.connect() as conn:
@@ -259,3 +272,40 @@ def test_console_validation_in_a_browser(
     assert "password_enc" not in rows[0] and "key" in rows[0]
     assert sum(r["status"] == "active" for r in rows) == alive
     assert all(re.match(r"^[a-z0-9]+://|^[\w.\[\]:@-]+$", r["key"]) for r in rows)
+
+    # run 2 was left resumable: nothing leased, no worker left busy; a new coordinator (what
+    # the next server start runs) finishes it with every proxy stored once
+    db = open_database(db_url)
+    try:
+        with db.connect() as conn:
+            run2 = fetch_all(conn, sa.text("SELECT status FROM runs WHERE id = 2"))[0][0]
+            leased = fetch_all(
+                conn, sa.text("SELECT count(*) FROM tasks WHERE run_id = 2 AND status = 'leased'")
+            )[0][0]
+            busy = fetch_all(
+                conn, sa.text("SELECT count(*) FROM workers WHERE status IN ('busy', 'idle')")
+            )[0][0]
+        assert run2 == "running" and leased == 0 and busy == 0, (run2, leased, busy)
+        settings = Settings(
+            workers=2,
+            concurrency=50,
+            heartbeat_s=0.5,
+            secret_key_file=tmp_path / "data" / "secret.key",
+        )
+        coordinator = Coordinator(db, settings).start()
+        try:
+            summary = wait_run(db, 2, poll_s=0.3, timeout_s=90)
+        finally:
+            coordinator.shutdown()
+        assert summary["status"] == "completed", summary
+        assert summary["counts"]["done"] == summary["counts"]["total"] == len(world.truth)
+        with db.connect() as conn:
+            n, distinct = fetch_all(
+                conn,
+                sa.text(
+                    "SELECT count(*), count(DISTINCT proxy_id) FROM proxy_checks WHERE run_id = 2"
+                ),
+            )[0]
+        assert n == distinct == len(world.truth)
+    finally:
+        db.dispose()
