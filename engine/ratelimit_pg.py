@@ -40,7 +40,8 @@ _PENALIZE = sa.text(
     f"""UPDATE rate_limits
         SET tat = greatest(tat, {CLOCK} + :seconds + :tau),
             updated_at = (clock_timestamp() AT TIME ZONE 'UTC')
-        WHERE key = :key"""
+        WHERE key = :key
+        RETURNING tat"""
 )
 _CREATE = sa.text(
     "INSERT INTO rate_limits (key, tat, updated_at) VALUES (:key, 0, "
@@ -53,26 +54,27 @@ class PgLimiter:
 
     def __init__(self, db: Any) -> None:
         self.db = db
-        self._known: set[str] = set()
 
-    def _ensure(self, conn: sa.Connection, key: str) -> None:
-        if key not in self._known:
-            conn.execute(_CREATE, {"key": key})
-            self._known.add(key)
+    def _update(self, stmt: sa.TextClause, params: dict[str, Any]) -> Any:
+        """Run ``stmt`` on the key's row, creating the row the first time (any process)."""
+        with self.db.engine.begin() as conn:
+            row = conn.execute(stmt, params).fetchone()
+            if row is None:
+                # No row yet. ON CONFLICT waits for a concurrent creator to commit; the retried
+                # UPDATE (a new statement under READ COMMITTED) then sees its row.
+                conn.execute(_CREATE, {"key": params["key"]})
+                row = conn.execute(stmt, params).fetchone()
+        return row
 
     def acquire_now(self, key: str, rate: Rate) -> float:
-        with self.db.engine.begin() as conn:
-            self._ensure(conn, key)
-            tat, now = conn.execute(_ACQUIRE, {"key": key, "interval": rate.interval_s}).fetchone()
+        tat, now = self._update(_ACQUIRE, {"key": key, "interval": rate.interval_s})
         return max(0.0, tat - rate.interval_s - rate.tau_s - now)
 
     async def acquire(self, key: str, rate: Rate) -> float:
         return await asyncio.to_thread(self.acquire_now, key, rate)
 
     def penalize_now(self, key: str, rate: Rate, seconds: float) -> None:
-        with self.db.engine.begin() as conn:
-            self._ensure(conn, key)
-            conn.execute(_PENALIZE, {"key": key, "seconds": float(seconds), "tau": rate.tau_s})
+        self._update(_PENALIZE, {"key": key, "seconds": float(seconds), "tau": rate.tau_s})
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
         await asyncio.to_thread(self.penalize_now, key, rate, seconds)

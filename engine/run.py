@@ -540,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=20)
     d.add_argument("--max-attempts", type=int)
     d.set_defaults(func=cmd_demo)
+
+    from engine import cli_backfill
+
+    cli_backfill.add_commands(sub)  # backfill, report
     return p
 
 

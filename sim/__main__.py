@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from sim.fleet import MIXES
 
@@ -58,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="shard processes (default: 2 above 2000 proxies, else 1)",
     )
+    api = parser.add_argument_group("the backfill API (127.0.0.3)")
+    api.add_argument(
+        "--api", action="store_true", help="also serve the JSON API: GET /users/{id}, GET /stats"
+    )
+    api.add_argument(
+        "--api-limit",
+        metavar="N/PERIOD",
+        help="server-side sliding-window limit, e.g. 3000/5m (429 + Retry-After beyond it, "
+        "counted in /stats; default: none)",
+    )
+    api.add_argument(
+        "--api-latency-ms", default="5,25", metavar="LO,HI", help="latency range (5,25)"
+    )
+    api.add_argument("--api-port", type=int, default=0, help="port (default: any free one)")
+    api.add_argument(
+        "--ids",
+        type=int,
+        metavar="N",
+        help="write N API IDs (one a line, streamed: any size); alone, write and exit",
+    )
+    api.add_argument("--ids-out", type=Path, metavar="FILE", help="where (default: DIR/ids.txt)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     # internal: one shard, started by sim.world.SimWorld (spec on stdin, ready line on stdout)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -75,11 +97,30 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    from sim.api import write_ids
     from sim.world import SimWorld, SimWorldError, WorldConfig
 
+    if args.ids is not None:
+        ids_out = args.ids_out or args.out / "ids.txt"
+        write_ids(ids_out, args.ids, args.seed)
+        if not args.api and args.proxies is None:
+            print(json.dumps({"ids_file": str(ids_out), "ids": args.ids}), flush=True)
+            return 0
+    api = None
+    if args.api:
+        try:
+            api = _api_config(args)
+        except ValueError as exc:
+            logging.getLogger("sim").error("%s", exc)
+            return 2
     n = args.proxies if args.proxies is not None else DEFAULT_PROXIES[args.mix]
     config = WorldConfig(
-        n_proxies=n, mix=args.mix, seed=args.seed, processes=args.processes, out_dir=args.out
+        n_proxies=n,
+        mix=args.mix,
+        seed=args.seed,
+        processes=args.processes,
+        out_dir=args.out,
+        api=api,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -91,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("sim").error("%s", exc)
         return 1
     try:
-        print(json.dumps(world.endpoints()), flush=True)
+        endpoints = world.endpoints()
+        if args.ids is not None:
+            endpoints["ids_file"] = str(args.ids_out or args.out / "ids.txt")
+        print(json.dumps(endpoints), flush=True)
         while not stop.wait(1.0):
             if not world.is_running():
                 logging.getLogger("sim").error("a sim shard died; stopping the world")
@@ -99,6 +143,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         world.stop()
+
+
+def _api_config(args: argparse.Namespace) -> Any:
+    from sim.api import ApiConfig
+
+    limit, window = None, 1.0
+    if args.api_limit:
+        count, _, period = args.api_limit.partition("/")
+        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        unit = next((u for u in ("ms", "s", "m", "h") if period.endswith(u)), None)
+        try:
+            limit = int(count)
+            window = float(period[: -len(unit)] or 1) * units[unit] if unit else float("nan")
+        except (ValueError, KeyError):
+            raise ValueError(
+                f"--api-limit {args.api_limit!r}: write N/PERIOD, e.g. 100/1s"
+            ) from None
+        if not window > 0 or limit < 1:
+            raise ValueError(f"--api-limit {args.api_limit!r}: write N/PERIOD, e.g. 100/1s")
+    lo, _, hi = args.api_latency_ms.partition(",")
+    return ApiConfig(
+        limit=limit,
+        window_s=window,
+        latency_ms=(float(lo), float(hi or lo)),
+        port=args.api_port,
+        seed=args.seed,
+    )
 
 
 if __name__ == "__main__":

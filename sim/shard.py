@@ -96,6 +96,13 @@ async def serve(spec: dict) -> None:
         factory = functools.partial(ProxyConnection, proxy, rng)
         servers.append(await loop.create_server(factory, sock=sock, backlog=PROXY_BACKLOG))
     ready = {"ready": True, "shard": spec["shard"], "pid": os.getpid(), "moved": moved}
+    if spec.get("api"):  # the backfill API (one shard only: its rate window is process state)
+        from sim.api import API_HOST, ApiConfig, start_api
+
+        api_config = ApiConfig.from_json(spec["api"])
+        api_server, _ = await start_api(api_config, listener(API_HOST, api_config.port))
+        servers.append(api_server)
+        ready["api_port"] = api_server.sockets[0].getsockname()[1]
     sys.stdout.write(json.dumps(ready) + "\n")
     sys.stdout.flush()
     log.info("shard %s ready: %d proxies", spec["shard"], len(spec["proxies"]))

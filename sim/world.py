@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from sim.api import API_HOST, ApiConfig, write_ids
 from sim.fleet import (
     Behaviour,
     PlannedProxy,
@@ -44,7 +45,7 @@ from sim.fleet import (
 )
 from sim.judge import JUDGE_HOST
 
-__all__ = ["ProxyTruth", "SimWorld", "SimWorldError", "WorldConfig", "load_truth"]
+__all__ = ["ApiConfig", "ProxyTruth", "SimWorld", "SimWorldError", "WorldConfig", "load_truth"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class WorldConfig:
     latency_ms: tuple[int, int] = (20, 300)  # alive proxies' added latency, uniform
     slow_latency_ms: tuple[int, int] = (1000, 2000)  # the `slow` behaviour's latency
     startup_timeout_s: float = 60.0
+    api: ApiConfig | None = None  # the backfill API (sim/api.py) on 127.0.0.3, in shard 0
+    ids: int = 0  # write this many API IDs to <out>/ids.txt
 
     def shard_count(self) -> int:
         wanted = self.processes or (2 if self.n_proxies > MANY_PROXIES else 1)
@@ -142,6 +145,9 @@ class SimWorld:
         self.pids: list[int] = []
         self.startup_s = 0.0
         self.octet = 0
+        self.api_url = ""  # http://127.0.0.3:PORT when config.api is set
+        self.api_template = ""  # api_url + /users/{id}
+        self.ids_file: Path | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._lock_fd: int | None = None
         self._temp_dir: Path | None = None
@@ -170,8 +176,17 @@ class SimWorld:
         self.octet, self._lock_fd = claim_octet()
         atexit.register(self.stop)
         try:
-            plan = plan_fleet(
-                cfg.n_proxies, cfg.mix, cfg.seed, self.octet, cfg.latency_ms, cfg.slow_latency_ms
+            plan = (  # no proxies: a world for the API alone
+                plan_fleet(
+                    cfg.n_proxies,
+                    cfg.mix,
+                    cfg.seed,
+                    self.octet,
+                    cfg.latency_ms,
+                    cfg.slow_latency_ms,
+                )
+                if cfg.n_proxies
+                else []
             )
             plan = [self._keep_refused_closed(p) for p in plan]
             judge_placeholder = reserve_judge_port()
@@ -189,6 +204,8 @@ class SimWorld:
         self.judge_url = f"{base}/get"
         self.judge_azenv_url = f"{base}/azenv"
         self.judge_ip_url = f"{base}/ip"
+        if self.api_url:
+            self.api_template = self.api_url + "/users/{id}"
         self.startup_s = time.monotonic() - began
         log.info(
             "sim world up: %d proxies on 127.%d.0.0/16, %d shard(s), judge %s, %.2fs",
@@ -235,9 +252,32 @@ class SimWorld:
             self._remember_cpu(pid)
         return sum(self._cpu_seen.values())
 
+    def api_stats(self) -> dict[str, Any]:
+        """The API's counters (GET /stats): requests, rate_limited (429s), peak_window, …"""
+        return self._api_call("GET", "/stats")
+
+    def api_reset(self) -> None:
+        """Zero the API's counters and its rate window."""
+        self._api_call("POST", "/reset")
+
+    def _api_call(self, method: str, path: str) -> dict[str, Any]:
+        import urllib.request
+
+        if not self.api_url:
+            raise SimWorldError("this world has no API: WorldConfig(api=ApiConfig(...))")
+        req = urllib.request.Request(self.api_url + path, method=method)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
     def endpoints(self) -> dict[str, Any]:
         """What the CLI prints: where the judge is, where the list and its truth are."""
+        extra: dict[str, Any] = {}
+        if self.api_url:
+            extra = {"api_url": self.api_url, "api_template": self.api_template}
+        if self.ids_file is not None:
+            extra["ids_file"] = str(self.ids_file)
         return {
+            **extra,
             "judge_url": self.judge_url,
             "judge_azenv_url": self.judge_azenv_url,
             "judge_ip_url": self.judge_ip_url,
@@ -293,6 +333,8 @@ class SimWorld:
                 "judge_port": self.judge_port,
                 "proxies": [p.to_json() for p in listening[shard::shards]],
             }
+            if shard == 0 and self.config.api is not None:
+                spec["api"] = self.config.api.to_json()
             assert proc.stdin is not None
             try:
                 proc.stdin.write(json.dumps(spec).encode() + b"\n")
@@ -302,6 +344,8 @@ class SimWorld:
         moved: dict[int, int] = {}
         for ready in self._read_ready_lines():
             moved.update({int(k): v for k, v in ready["moved"].items()})
+            if "api_port" in ready:
+                self.api_url = f"http://{API_HOST}:{ready['api_port']}"
         return moved
 
     def _read_ready_lines(self) -> list[dict[str, Any]]:
@@ -347,3 +391,5 @@ class SimWorld:
         mix = cfg.mix if isinstance(cfg.mix, str) else dict(cfg.mix)
         meta = {"seed": cfg.seed, "mix": mix, "address_block": f"127.{self.octet}.0.0/16"}
         write_truth(self.truth, self.truth_file, meta)
+        if cfg.ids:
+            self.ids_file = write_ids(out / "ids.txt", cfg.ids, cfg.seed)

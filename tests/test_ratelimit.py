@@ -53,7 +53,8 @@ def test_bad_rates_are_refused_with_the_format(text: str) -> None:
 def test_schedule_reaches_the_limit_for_realistic_windows() -> None:
     assert Rate.parse("3000/5m").utilisation > 0.99
     assert Rate.parse("12000/1m").utilisation > 0.98
-    assert Rate.parse("200/2s").utilisation > 0.97
+    assert Rate.parse("1500/10s").utilisation > 0.97
+    assert Rate.parse("200/2s").utilisation > 0.94
 
 
 def test_gcra_spaces_grants_and_allows_the_burst() -> None:
@@ -93,22 +94,25 @@ def test_penalize_moves_every_later_grant_past_retry_after() -> None:
     assert limiter.acquire_now("other", rate) == 0  # keys are independent
 
 
-def test_gate_keeps_one_reservation_per_key_in_flight() -> None:
-    """Many coroutines through one gate: the shared schedule runs at most one slot ahead."""
+def test_gate_keeps_the_schedule_a_short_horizon_ahead() -> None:
+    """Many coroutines through one gate: grants stay T apart and the shared schedule runs at
+    most the gate's horizon ahead (a stop or a crash wastes almost nothing)."""
     limiter = MemoryLimiter()
-    rate = Rate(limit=41, window_s=1.0, jitter_s=0.0)  # T = 25 ms
+    rate = Rate(limit=41, window_s=1.0, jitter_s=0.0)  # T = 25 ms: depth 2
 
     async def main() -> list[float]:
-        gate = Gate(limiter)
+        gate = Gate(limiter, horizon_s=0.05)
+        assert gate.depth(rate) == 2
         used: list[float] = []
+        ahead: list[float] = []
 
         async def one() -> None:
             await gate.wait("k", rate)
             used.append(time.monotonic())
+            ahead.append(limiter._tat["k"] - time.monotonic())
 
         await asyncio.gather(*(one() for _ in range(20)))
-        ahead = limiter._tat["k"] - time.monotonic()
-        assert ahead <= rate.interval_s + 0.01
+        assert max(ahead) <= 2 * rate.interval_s + 0.01
         return used
 
     used = asyncio.run(main())

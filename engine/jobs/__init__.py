@@ -9,6 +9,7 @@ from engine.settings import Settings
 
 KINDS: dict[str, str] = {
     "validate": "engine.jobs.validate:ValidateJob",
+    "backfill": "engine.jobs.backfill:BackfillJob",
 }
 
 

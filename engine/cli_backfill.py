@@ -1,0 +1,284 @@
+"""``engine.run backfill`` and ``engine.run report``: the CLI of the backfill job.
+
+Kept apart from ``engine/run.py``, which only calls ``add_commands``; the run itself goes
+through the same helpers as ``validate`` (``run_job``, ``follow_run``, exit codes).
+
+    python -m engine.run backfill --ids ids.txt --url-template 'https://api/x/{id}' \\
+        --rate-limit 3000/5m [--workers 4 --concurrency 50 --batch-size 50] \\
+        [--header 'Authorization=env:API_TOKEN'] [--json]
+    python -m engine.run backfill --resume RUN_ID
+    python -m engine.run report RUN_ID [--json]
+
+Exit codes as everywhere: 0 the run completed — every ID has a stored outcome, *including*
+IDs that failed for good (404, 500 after retries), which are counted as failed and listed by
+``report``; 1 the run ended otherwise; 2 bad input; 130 aborted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from storage.errors import DatabaseLockedError
+
+
+def _exit_2_on_user_error(fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """``python -m engine.run`` runs run.py as ``__main__``, so its ``main()`` catches
+    ``__main__.UserError``, not the ``engine.run.UserError`` that ``run_job`` and this module
+    raise: report it here exactly as ``main()`` would (message, exit code 2)."""
+
+    @functools.wraps(fn)
+    def guarded(args: argparse.Namespace) -> int:
+        from engine.run import EXIT_USAGE, UserError
+
+        try:
+            return fn(args)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return guarded
+
+
+def add_commands(sub: Any) -> None:
+    b = sub.add_parser(
+        "backfill",
+        help="fetch a long ID list through a rate-limited JSON API",
+        description="Fetch every ID of a list from a JSON API under a hard rate limit shared "
+        "by all workers (never more than N requests in any window of the stated period), "
+        "storing each response once per run and ID; resumable after any crash.",
+        epilog="Exit code 0 when the run completed (IDs that failed for good are counted as "
+        "failed; `report RUN_ID` lists them), 1 otherwise, 2 for bad input.",
+    )
+    b.add_argument("--db", help="database URL or DuckDB path")
+    b.add_argument(
+        "--json", action="store_true", help="print one JSON summary at the end and nothing else"
+    )
+    b.add_argument("--ids", metavar="FILE", help="IDs, one a line (or a CSV with --id-column)")
+    b.add_argument("--id-column", metavar="NAME", help="the ID column of a CSV file")
+    b.add_argument(
+        "--id-pattern", metavar="REGEX", help="IDs must match this (others are malformed lines)"
+    )
+    b.add_argument(
+        "--url-template",
+        metavar="URL",
+        help="where an ID's record is, with {id}: 'https://api.example.com/users/{id}'",
+    )
+    b.add_argument(
+        "--rate-limit",
+        metavar="N/PERIOD",
+        help="at most N requests in any window of PERIOD, across all workers: 3000/5m, 10/1s",
+    )
+    b.add_argument("--burst", type=int, help="requests allowed at once within the limit (1)")
+    b.add_argument(
+        "--rate-margin",
+        type=float,
+        metavar="SECONDS",
+        help="how late a request may reach the API after its slot and still count in the "
+        "right window (default 2%% of the period, 0.1 to 2 s); raise it on a jittery network",
+    )
+    b.add_argument(
+        "--rate-key",
+        help="runs with the same key share one limit (default: the API's scheme://host:port)",
+    )
+    b.add_argument(
+        "--header",
+        action="append",
+        metavar="NAME=VALUE",
+        help="request header, repeatable; NAME=env:VAR reads VAR in each worker and stores "
+        "only its name: --header 'Authorization=env:API_TOKEN'",
+    )
+    b.add_argument("--timeout", type=float, help="seconds per request (10)")
+    b.add_argument("--item-attempts", type=int, help="requests per ID before it fails (3)")
+    b.add_argument("--workers", type=int, help="local worker processes (default 2)")
+    b.add_argument("--concurrency", type=int, help="IDs in flight per worker (200)")
+    b.add_argument("--batch-size", type=int, help="IDs per task (50)")
+    b.add_argument("--max-attempts", type=int, help="tries per task after worker crashes (3)")
+    b.add_argument(
+        "--resume",
+        type=int,
+        metavar="RUN_ID",
+        help="finish an earlier backfill (stopped, failed, or left running by a killed CLI)",
+    )
+    b.set_defaults(func=_exit_2_on_user_error(cmd_backfill))
+
+    r = sub.add_parser(
+        "report",
+        help="a backfill run's evaluation: throughput, limit use, errors, workers",
+        description="Throughput, utilisation of the rate limit (and the busiest window), "
+        "failures by kind with example IDs, and each worker's share of a backfill run.",
+    )
+    r.add_argument("--db", help="database URL or DuckDB path")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("run_id", type=int)
+    r.set_defaults(func=_exit_2_on_user_error(cmd_report))
+
+
+def backfill_params(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.run import UserError
+
+    missing = [
+        flag
+        for flag, value in (
+            ("--ids FILE", args.ids),
+            ("--url-template URL", args.url_template),
+            ("--rate-limit N/PERIOD", args.rate_limit),
+        )
+        if not value
+    ]
+    if missing:
+        raise UserError(
+            f"backfill needs {', '.join(missing)} (or --resume RUN_ID); "
+            "see `python -m engine.run backfill --help`"
+        )
+    return {
+        "ids_file": args.ids,
+        "id_column": args.id_column,
+        "id_pattern": args.id_pattern,
+        "url_template": args.url_template,
+        "rate_limit": args.rate_limit,
+        "burst": args.burst,
+        "rate_margin_s": args.rate_margin,
+        "rate_key": args.rate_key,
+        "headers": list(args.header or []),
+        "timeout_s": args.timeout,
+        "item_attempts": args.item_attempts,
+        "batch_size": args.batch_size,
+    }
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from engine.jobs import get_kind
+    from engine.run import UserError, run_job, settings_from
+
+    if args.resume is not None:
+        return resume_backfill(args)
+    params = backfill_params(args)
+    # Check the parameters before a coordinator and its pool start (fast exit 2).
+    try:
+        get_kind("backfill", settings_from(args)).prepare(dict(params))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return run_job(args, "backfill", params)
+
+
+def resume_backfill(args: argparse.Namespace) -> int:
+    """``resume`` that also takes over a run left ``running`` by a CLI killed with -9."""
+    from engine.coordinator import Coordinator
+    from engine.run import (
+        EXIT_NOT_COMPLETED,
+        EXIT_OK,
+        UserError,
+        cmd_resume,
+        emit,
+        follow_run,
+        format_summary,
+        open_db,
+        settings_from,
+    )
+    from engine.summary import run_summary
+    from storage import runs
+
+    run_id = args.resume
+    try:
+        db = open_db(args)
+    except DatabaseLockedError:
+        # Another process holds the DuckDB file: ask its coordinator, as `resume` does.
+        args.run_id = run_id
+        return cmd_resume(args)
+    try:
+        with db.connect() as conn:
+            run = runs.get_run(conn, run_id)
+        if run is None:
+            raise UserError(f"no run with id {run_id}: `python -m engine.run status` lists runs")
+        if run.status == "completed":
+            summary = run_summary(db, run_id)
+            emit(args, summary, format_summary(summary))
+            return EXIT_OK
+        if run.status == "cancelled":
+            raise UserError(f"run {run_id} was cancelled; start a new backfill")
+        if run.status == "queued":
+            raise UserError(
+                f"run {run_id} never finished planning (its CLI stopped while reading the "
+                "ID list); start the backfill again"
+            )
+        if run.status in ("running", "stopping") and db.is_duckdb:
+            # We hold the file, so the coordinator that ran it is gone: its leases are void.
+            requeued = take_over(db, run_id)
+            if not args.json:
+                print(
+                    f"run {run_id} was left {run.status} by a process that is gone; "
+                    f"{requeued} task(s) back in the queue",
+                    file=sys.stderr,
+                )
+    except BaseException:
+        db.dispose()
+        raise
+    settings = settings_from(args)
+    coordinator = Coordinator(db, settings, log_level=args.log_level).start()
+    try:
+        if run.status != "running":
+            try:
+                coordinator.command(run_id, "resume", source="cli backfill --resume")
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        if not args.json:
+            print(
+                f"run {run_id} resumed ({settings.workers} workers × {settings.concurrency} "
+                f"concurrent, database {db.display_url})",
+                file=sys.stderr,
+            )
+        summary = follow_run(db, coordinator, run_id, args)
+    finally:
+        coordinator.shutdown()
+        db.dispose()
+    emit(args, summary, format_summary(summary))
+    return EXIT_OK if summary["status"] == "completed" else EXIT_NOT_COMPLETED
+
+
+def take_over(db: Any, run_id: int) -> int:
+    """Return the tasks a dead coordinator's workers held to the queue (the claim does not
+    count as an attempt) and mark those workers dead. Only with the DuckDB file held."""
+    import sqlalchemy as sa
+
+    from storage import queue as q
+    from storage.bulk import fetch_all
+    from storage.schema import tasks
+
+    with db.begin() as conn:
+        held = fetch_all(
+            conn,
+            sa.select(tasks.c.id, tasks.c.worker_id).where(
+                tasks.c.run_id == run_id, tasks.c.status == "leased"
+            ),
+        )
+        for task_id, worker_id in held:
+            q.release(conn, worker_id, [task_id])
+        for worker_id in {w for _, w in held if w}:
+            q.end_worker(conn, worker_id, "dead", "its coordinator is gone (taken over)")
+    return len(held)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from engine.jobs.backfill import format_report, run_report
+    from engine.run import EXIT_OK, UserError, emit
+    from storage.db import open_database, resolve_db_url
+
+    try:
+        db = open_database(resolve_db_url(args.db), create=False, wait_s=0)
+    except DatabaseLockedError as exc:
+        raise UserError(
+            f"{exc}; `report` reads the database directly: run it when that process is "
+            "done, or follow a running run with `python -m engine.run status RUN_ID`"
+        ) from None
+    try:
+        report = run_report(db, args.run_id)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        db.dispose()
+    emit(args, report, format_report(report))
+    return EXIT_OK

@@ -1,0 +1,642 @@
+"""The ``backfill`` job kind: fetch a long list of IDs from a JSON API under a hard rate limit.
+
+Items are the IDs themselves (strings). Planning streams the ID file (text, one a line, or a
+CSV column) into ``backfill_inputs`` in chunks, flags duplicates in SQL and pages the unique
+IDs into tasks, so no process holds the list. Malformed lines go to ``errors`` (``bad_input``,
+``line N``). Each worker process opens one aiohttp session per run (pooled keep-alive
+connections) and, for every request, first takes a slot from the run's shared limiter
+(``engine.ratelimit``): the local pool shares an mmap'd file, PostgreSQL workers share a
+row. An item is retried inside the worker with exponential backoff (5xx, network errors,
+timeouts, non-JSON answers); 404/410 and other 4xx are permanent; a 429 honours
+``Retry-After`` and pushes the shared schedule back so every worker slows down. The final
+outcome of each ID is stored once per (run, ID) with its HTTP status, its JSON body, the
+error, the number of requests it took, the worker and the time.
+
+Secrets: ``--header 'Authorization=env:API_TOKEN'`` stores the variable's *name* in the run;
+each worker reads the value from its own environment when it opens the run, and it is never
+logged or stored. A literal value for a header that looks like a credential is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from itertools import islice
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import sqlalchemy as sa
+
+from engine.jobs.base import Executor, JobKind
+from engine.model import ItemResult
+from engine.ratelimit import Gate, Rate, RateLimiter, process_limiter
+from storage import backfill as store
+from storage.clock import utcnow
+from storage.db import Database
+
+log = logging.getLogger(__name__)
+
+IMPORT_CHUNK = 20_000  # lines read and staged per transaction while planning
+PAGE = 20_000  # input lines read back per query while planning
+MAX_PARSE_ERRORS_STORED = 1_000
+MAX_ID_LENGTH = 512
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_ITEM_ATTEMPTS = 3
+DEFAULT_BACKOFF_S = 0.5
+MAX_RATE_LIMITED = 5  # 429s an item may meet before it is stored as failed
+MAX_RETRY_AFTER_S = 600.0
+PERMANENT_NOT_FOUND = {404, 410}
+USER_AGENT = "fetchfleet-backfill/0.1"
+SAFE_IN_PATH = ":@!$&'()*+,;="  # RFC 3986 pchar sub-delims stay readable (did:plc:…)
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SENSITIVE = re.compile(r"auth|token|secret|key|cookie|passw|session|signature", re.I)
+_BAD_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+_PLACEHOLDER = re.compile(r"\{[^}]*\}")
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSpec:
+    name: str
+    value: str | None = None  # a literal (stored with the run; never a credential)
+    env: str | None = None  # the name of an environment variable read by each worker
+
+    def to_json(self) -> dict[str, str]:
+        return (
+            {"name": self.name, "env": self.env}
+            if self.env
+            else {"name": self.name, "value": self.value or ""}
+        )
+
+
+def parse_header(text: str, environ: Mapping[str, str] = os.environ) -> HeaderSpec:
+    """``Name=value`` or ``Name=env:VAR`` (VAR must be set here)."""
+    name, sep, value = (text or "").partition("=")
+    name = name.strip()
+    if not sep or not _HEADER_NAME.fullmatch(name):
+        raise ValueError(
+            f"--header {text!r}: write Name=value or Name=env:VAR, "
+            "e.g. --header 'Authorization=env:API_TOKEN'"
+        )
+    if value.startswith("env:"):
+        var = value[4:].strip()
+        if not _ENV_NAME.fullmatch(var):
+            raise ValueError(
+                f"--header {name}=env:{var}: {var!r} is not an environment variable name"
+            )
+        if var not in environ:
+            raise ValueError(
+                f"--header {name}=env:{var}: the environment variable {var} is not set; "
+                f"export {var}=… first (each worker reads it from its own environment)"
+            )
+        return HeaderSpec(name=name, env=var)
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"--header {name}=…: a header value cannot contain line breaks")
+    if _SENSITIVE.search(name):
+        raise ValueError(
+            f"--header {name}=…: a literal value would be stored with the run; pass it from "
+            f"the environment instead: --header '{name}=env:VARIABLE'"
+        )
+    return HeaderSpec(name=name, value=value)
+
+
+def check_url_template(template: str) -> str:
+    """The origin (``scheme://host:port``) of a valid template, the default limiter key."""
+    if not template or "{id}" not in template:
+        raise ValueError(
+            f"--url-template {template!r}: put {{id}} where the ID goes, "
+            "e.g. 'https://api.example.com/users/{id}'"
+        )
+    others = {p for p in _PLACEHOLDER.findall(template) if p != "{id}"}
+    if others:
+        raise ValueError(
+            f"--url-template: only {{id}} is substituted; remove {', '.join(sorted(others))}"
+        )
+    parts = urlsplit(template.replace("{id}", "x"))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"--url-template {template!r}: must be an http:// or https:// URL with a host"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"--url-template {template!r}: the port is not a number") from None
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{parts.hostname.lower()}:{port or default}"
+
+
+def _check_ids_file(source: Any, id_column: str | None) -> Path:
+    if not source:
+        raise ValueError("no IDs: give --ids FILE (one ID a line, or a CSV with --id-column)")
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--ids {source}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"--ids {source}: the file is empty; one ID a line")
+    with path.open("rb") as fh:
+        head = fh.read(8192)
+    if b"\0" in head:
+        raise ValueError(f"--ids {source}: this is a binary file, not a list of IDs")
+    if path.suffix.lower() == ".csv" and not id_column:
+        raise ValueError(f"--ids {source}: a CSV file; name the ID column with --id-column")
+    if id_column:
+        first = head.decode("utf-8", "replace").splitlines()[0] if head else ""
+        header = next(csv.reader([first]), [])
+        if id_column not in [h.strip() for h in header]:
+            raise ValueError(
+                f"--id-column {id_column}: not in the header of {source} "
+                f"({', '.join(h.strip() for h in header) or 'empty'})"
+            )
+    return path.resolve()
+
+
+# --- reading the ID list --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class IdLine:
+    line_no: int
+    item_id: str | None  # None: blank/comment (error None) or malformed (error set)
+    error: str | None = None
+    text: str = ""
+
+
+def check_id(raw: str, pattern: re.Pattern[str] | None) -> tuple[str | None, str | None]:
+    """(id, None) for a valid ID, (None, None) for a blank, (None, reason) when malformed."""
+    value = raw.strip()
+    if not value:
+        return None, None
+    if _BAD_CHARS.search(value):
+        return None, "contains whitespace or control characters"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")  # undecodable input bytes arrive as lone surrogates
+        except UnicodeEncodeError:
+            return None, "not valid UTF-8"
+    if len(value) > MAX_ID_LENGTH:
+        return None, f"longer than {MAX_ID_LENGTH} characters"
+    if pattern is not None and not pattern.fullmatch(value):
+        return None, f"does not match --id-pattern {pattern.pattern!r}"
+    return value, None
+
+
+def iter_ids(
+    path: Path, id_column: str | None = None, id_pattern: str | None = None
+) -> Iterator[IdLine]:
+    """Stream a text file (one ID a line, ``#`` comments) or a CSV column, numbered from 1."""
+    pattern = re.compile(id_pattern) if id_pattern else None
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        if id_column is None:
+            for n, line in enumerate(fh, 1):
+                if line.lstrip().startswith("#"):
+                    yield IdLine(n, None)
+                    continue
+                item, err = check_id(line, pattern)
+                yield IdLine(n, item, err, line.strip())
+            return
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        col = header.index(id_column)
+        for row in reader:
+            n = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                yield IdLine(n, None)
+                continue
+            if col >= len(row):
+                yield IdLine(n, None, f"no {id_column!r} column on this row", ",".join(row))
+                continue
+            item, err = check_id(row[col], pattern)
+            if item is None and err is None:
+                err = f"empty {id_column!r}"
+            yield IdLine(n, item, err, row[col])
+
+
+# --- the job kind -----------------------------------------------------------------------------
+
+
+class BackfillJob(JobKind):
+    name = "backfill"
+
+    def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        id_column = params.get("id_column") or None
+        path = _check_ids_file(params.get("ids_file"), id_column)
+        pattern = params.get("id_pattern") or None
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"--id-pattern {pattern!r}: not a regular expression ({exc})"
+                ) from None
+        template = str(params.get("url_template") or "")
+        origin = check_url_template(template)
+        if not params.get("rate_limit"):
+            raise ValueError(
+                "no rate limit: give --rate-limit N/period (e.g. 3000/5m); the API's own "
+                "limit, or below it"
+            )
+        burst = int(params.get("burst") or 1)
+        margin = params.get("rate_margin_s")
+        rate = Rate.parse(
+            str(params["rate_limit"]),
+            burst=burst,
+            jitter_s=None if margin is None else float(margin),
+        )
+        headers = [
+            parse_header(h) if isinstance(h, str) else HeaderSpec(**h)
+            for h in params.get("headers") or []
+        ]
+        timeout = float(params.get("timeout_s") or DEFAULT_TIMEOUT_S)
+        if timeout <= 0:
+            raise ValueError(f"--timeout must be positive, got {timeout}")
+        attempts = int(params.get("item_attempts") or DEFAULT_ITEM_ATTEMPTS)
+        if not 1 <= attempts <= 20:
+            raise ValueError(f"--item-attempts must be 1 to 20, got {attempts}")
+        return {
+            "ids_file": str(path),
+            "id_column": id_column,
+            "id_pattern": pattern,
+            "url_template": template,
+            "rate_limit": rate.describe(),
+            "rate": rate.to_json(),
+            "rate_key": str(params.get("rate_key") or origin),
+            "headers": [h.to_json() for h in headers],
+            "timeout_s": timeout,
+            "item_attempts": attempts,
+            "retry_backoff_s": float(params.get("retry_backoff_s") or DEFAULT_BACKOFF_S),
+            "batch_size": int(params.get("batch_size") or self.settings.batch_size),
+        }
+
+    def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
+        unique = self._import(db, run_id, params)
+        if not unique:
+            raise ValueError(
+                f"--ids {params['ids_file']}: no valid ID in the file (blank or malformed lines only)"
+            )
+        batch = int(params["batch_size"])
+        with db.connect() as conn:
+            last = store.last_line(conn, run_id)
+        pending: list[str] = []
+        for after in range(0, last, PAGE):
+            with db.connect() as conn:
+                pending.extend(store.ids_between(conn, run_id, after, after + PAGE))
+            while len(pending) >= batch:
+                yield pending[:batch]
+                del pending[:batch]
+        if pending:
+            yield pending
+
+    def _import(self, db: Database, run_id: int, params: dict[str, Any]) -> int:
+        """Stream the file into backfill_inputs; flag duplicates; returns unique IDs."""
+        lines = iter_ids(
+            Path(params["ids_file"]), params.get("id_column"), params.get("id_pattern")
+        )
+        stats = {"lines": 0, "blank": 0, "malformed": 0, "valid": 0}
+        while chunk := list(islice(lines, IMPORT_CHUNK)):
+            good: list[tuple[int, str]] = []
+            bad: list[dict[str, Any]] = []
+            for line in chunk:
+                if line.item_id is not None:
+                    good.append((line.line_no, line.item_id))
+                elif line.error is None:
+                    stats["blank"] += 1
+                else:
+                    stats["malformed"] += 1
+                    if stats["malformed"] <= MAX_PARSE_ERRORS_STORED:
+                        bad.append(
+                            {
+                                "run_id": run_id,
+                                "item_key": f"line {line.line_no}",
+                                "error_type": "bad_input",
+                                "message": f"{line.error} — {line.text[:200]!r}",
+                                "created_at": utcnow(),
+                            }
+                        )
+            stats["lines"] += len(chunk)
+            stats["valid"] += len(good)
+            with db.begin() as conn:
+                store.add_inputs(conn, run_id, good)
+                store.record_bad_lines(conn, bad)
+        with db.begin() as conn:
+            dups = store.mark_duplicates(conn, run_id)
+            unique = stats["valid"] - dups
+            store.save_input_stats(
+                conn,
+                run_id,
+                {
+                    "lines": stats["lines"],
+                    "blank": stats["blank"],
+                    "duplicates": dups,
+                    "malformed": stats["malformed"],
+                    "unique_ids": unique,
+                },
+            )
+        log.info("run %s: %s", run_id, {**stats, "duplicates": dups, "unique": unique})
+        return unique
+
+    def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
+        return store.ids_not_stored(conn, run_id, [str(r) for r in refs])
+
+    def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
+        rows = []
+        for r in results:
+            d = r.data
+            rows.append(
+                (
+                    r.run_id,
+                    str(r.ref),
+                    "ok" if r.ok else "failed",
+                    r.outcome,
+                    d.get("http_status"),
+                    d.get("body"),
+                    d.get("error"),
+                    int(d.get("attempts") or 1),
+                    r.worker_id or None,
+                    r.task_id,
+                    d.get("fetched_at") or utcnow(),
+                    d.get("elapsed_ms"),
+                )
+            )
+        return store.store_items(conn, rows)
+
+    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
+        return store.outcome_counts(conn, run_id)
+
+    def ok_outcomes(self) -> set[str]:
+        return {"ok"}
+
+    async def open_executor(self, params: dict[str, Any]) -> Executor:
+        return BackfillExecutor(params, self.settings.concurrency, process_limiter())
+
+
+# --- execution ------------------------------------------------------------------------------
+
+
+def resolve_headers(specs: list[dict[str, str]]) -> dict[str, str]:
+    """Header values for this process; env values are read here and never logged."""
+    out = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+    for spec in specs:
+        if spec.get("env"):
+            var = spec["env"]
+            value = os.environ.get(var)
+            if value is None:
+                raise RuntimeError(
+                    f"header {spec['name']}: the environment variable {var} is not set on this "
+                    "worker; export it where the worker runs"
+                )
+            if "\r" in value or "\n" in value:
+                raise RuntimeError(f"header {spec['name']}: ${var} contains a line break")
+            out[spec["name"]] = value
+        else:
+            out[spec["name"]] = spec.get("value", "")
+    return out
+
+
+def retry_after_seconds(value: str | None, default: float = 1.0) -> float:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date)."""
+    if not value:
+        return default
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return default
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+class BackfillExecutor(Executor):
+    """One per worker process and run: one aiohttp session (keep-alive pool) and the gate."""
+
+    def __init__(self, params: dict[str, Any], concurrency: int, limiter: RateLimiter) -> None:
+        import aiohttp
+
+        self.template = params["url_template"]
+        self.rate = Rate.from_json(params["rate"])
+        self.key = params["rate_key"]
+        self.attempts = int(params["item_attempts"])
+        self.backoff = float(params["retry_backoff_s"])
+        self.limiter = limiter
+        self.gate = Gate(limiter)
+        self._aiohttp = aiohttp
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=float(params["timeout_s"])),
+            headers=resolve_headers(params.get("headers") or []),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    def url_for(self, item_id: str) -> str:
+        return self.template.replace("{id}", quote(item_id, safe=SAFE_IN_PATH))
+
+    async def execute(self, item: str) -> tuple[bool, str, dict[str, Any]]:
+        url = self.url_for(item)
+        requests = failures = limited = 0
+        while True:
+            await self.gate.wait(self.key, self.rate)
+            requests += 1
+            sent = datetime.now(UTC).replace(tzinfo=None)
+            began = time.perf_counter()
+            status: int | None = None
+            body: str | None = None
+            retry_after: str | None = None
+            try:
+                async with self.session.get(url, allow_redirects=True) as resp:
+                    status = resp.status
+                    raw = await resp.read()
+                    retry_after = resp.headers.get("Retry-After")
+                outcome, error, retry, body = classify(status, raw)
+            except TimeoutError:
+                outcome, error, retry = "timeout", "no answer within the timeout", True
+            except (self._aiohttp.ClientError, OSError) as exc:
+                outcome, error, retry = "network", f"{type(exc).__name__}: {exc}"[:500], True
+            elapsed = (time.perf_counter() - began) * 1000
+            data = {
+                "http_status": status,
+                "body": body,
+                "error": error,
+                "attempts": requests,
+                "fetched_at": sent,
+                "elapsed_ms": round(elapsed, 2),
+            }
+            if outcome == "ok":
+                return True, outcome, data
+            if outcome == "rate_limited":
+                limited += 1
+                wait = retry_after_seconds(retry_after)
+                await self.limiter.penalize(self.key, self.rate, wait)
+                if limited < MAX_RATE_LIMITED:
+                    continue  # the gate's next slot is after Retry-After
+                return False, outcome, data
+            failures += 1
+            if not retry or failures >= self.attempts:
+                return False, outcome, data
+            delay = self.backoff * 2 ** (failures - 1)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+def classify(status: int, raw: bytes) -> tuple[str, str | None, bool, str | None]:
+    """(outcome, error, retryable, JSON body) of one HTTP answer."""
+    if status == 429:
+        return "rate_limited", "HTTP 429 Too Many Requests", True, None
+    if 200 <= status < 300:
+        try:
+            text = raw.decode("utf-8")
+            json.loads(text)
+        except (UnicodeDecodeError, ValueError) as exc:
+            snippet = raw[:80].decode("utf-8", "replace")
+            return "bad_json", f"not JSON ({exc.__class__.__name__}): {snippet!r}", True, None
+        return "ok", None, False, text
+    snippet = raw[:200].decode("utf-8", "replace").strip()
+    error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+    if status in PERMANENT_NOT_FOUND:
+        return "not_found", error, False, None
+    if status == 408:
+        return "timeout", error, True, None
+    if 400 <= status < 500:
+        return "client_error", error, False, None
+    if status >= 500:
+        return "server_error", error, True, None
+    return "unexpected_status", error, True, None
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def run_report(db: Database, run_id: int) -> dict[str, Any]:
+    """What `engine.run report` prints (and a console page can show): input, progress,
+    throughput, limit utilisation, errors and each worker's share."""
+    from engine.summary import run_summary
+
+    summary = run_summary(db, run_id)
+    if summary["kind"] != "backfill":
+        raise ValueError(
+            f"run {run_id} is a {summary['kind']} run; `report` covers backfill runs "
+            f"(`python -m engine.run status {run_id}` shows any run)"
+        )
+    with db.connect() as conn:
+        from storage import runs as runs_store
+
+        run = runs_store.get_run(conn, run_id)
+        assert run is not None
+        params = run.params
+        rate = Rate.from_json(params["rate"])
+        inputs = store.input_stats(conn, run_id)
+        t = store.timing(conn, run_id)
+        peak = store.peak_window(conn, run_id, rate.window_s)
+        workers = store.per_worker(conn, run_id)
+        failed = store.failures(conn, run_id)
+        missing = store.missing_count(conn, run_id)
+    span = t["span_s"]
+    items_per_s = (t["items"] - 1) / span if span > 0 else 0.0
+    requests_per_s = (t["requests"] - 1) / span if span > 0 else 0.0
+    done = summary["counts"]["done"]
+    total = summary["counts"]["total"]
+    eta = None
+    if summary["status"] == "running" and items_per_s > 0:
+        eta = round((total - done) / items_per_s, 1)
+    for w in workers:
+        w["share"] = round(w["items"] / t["items"], 4) if t["items"] else 0.0
+    return {
+        "run_id": run_id,
+        "kind": "backfill",
+        "status": summary["status"],
+        "url_template": params["url_template"],
+        "rate_limit": params["rate_limit"],
+        "rate_key": params["rate_key"],
+        "input": inputs,
+        "counts": summary["counts"],
+        "missing": missing,
+        "duration_s": summary["duration_s"],
+        "eta_s": eta,
+        "throughput": {
+            "items": t["items"],
+            "requests": t["requests"],
+            "span_s": round(span, 3),
+            "items_per_s": round(items_per_s, 3),
+            "items_per_min": round(items_per_s * 60, 1),
+            "requests_per_s": round(requests_per_s, 3),
+            "avg_latency_ms": round(t["avg_latency_ms"], 1) if t["avg_latency_ms"] else None,
+        },
+        "limit": {
+            "limit": rate.limit,
+            "window_s": rate.window_s,
+            "per_s": round(rate.per_second, 4),
+            "utilisation": round(requests_per_s / rate.per_second, 4),
+            "schedule_max": round(rate.utilisation, 4),
+            "peak_window_items": peak,
+            "peak_window_fraction": round(peak / rate.limit, 4),
+        },
+        "errors": failed,
+        "workers": workers,
+        "error": summary["error"],
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    c, tp, lim = r["counts"], r["throughput"], r["limit"]
+    lines = [f"run {r['run_id']} (backfill): {r['status']} — {r['url_template']}"]
+    if r["input"]:
+        i = r["input"]
+        lines.append(
+            f"  input:      {i['lines']:,} lines: {i['unique_ids']:,} unique IDs, "
+            f"{i['duplicates']:,} duplicates, {i['blank']:,} blank, {i['malformed']:,} malformed"
+        )
+    lines.append(
+        f"  items:      {c['done']:,} of {c['total']:,} done ({c['ok']:,} ok, "
+        f"{c['failed']:,} failed), {r['missing']:,} not fetched yet"
+        + (f", ETA {r['eta_s']:.0f}s" if r["eta_s"] is not None else "")
+    )
+    lines.append(
+        f"  throughput: {tp['items_per_s']:.1f} items/s ({tp['items_per_min']:,.0f}/min), "
+        f"{tp['requests']:,} requests over {tp['span_s']:.1f}s"
+        + (f", {tp['avg_latency_ms']:.0f} ms average answer" if tp["avg_latency_ms"] else "")
+    )
+    lines.append(
+        f"  limit:      {r['rate_limit']} (key {r['rate_key']}): {tp['requests_per_s']:.2f} "
+        f"requests/s = {lim['utilisation']:.3f} of the limit (schedule allows "
+        f"{lim['schedule_max']:.3f}); busiest {r['rate_limit'].split('/')[1]} window "
+        f"{lim['peak_window_items']:,} items ({lim['peak_window_fraction']:.3f} of {lim['limit']:,})"
+    )
+    if r["errors"]:
+        lines.append("  failures:")
+        for e in r["errors"]:
+            status = f"HTTP {e['http_status']}" if e["http_status"] else "no answer"
+            lines.append(
+                f"    {e['outcome']} ({status}): {e['items']:,} — e.g. {', '.join(e['examples'])}"
+            )
+            if e["error"]:
+                lines.append(f"      last error: {e['error'][:160]}")
+    if r["workers"]:
+        lines.append("  workers:")
+        for w in r["workers"]:
+            lines.append(
+                f"    {w['worker_id']}: {w['items']:,} items ({w['share']:.1%}), "
+                f"{w['requests']:,} requests"
+            )
+    if r.get("error"):
+        lines.append(f"  error: {r['error']}")
+    return "\n".join(lines)
