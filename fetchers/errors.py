@@ -8,15 +8,41 @@ all — that is a normal `CheckResult` with an outcome.
 
     FetchError
     ├── ProxyParseError    a proxy list line or file cannot be read as proxies
-    └── JudgeFormatError   a proxy judge's answer is in no format we understand
+    ├── JudgeFormatError   a proxy judge's answer is in no format we understand
+    └── AttemptError       one fetch attempt failed; `error_type` says how (the cascade
+        │                  decides on it: retry, next method, or stop)
+        ├── MethodUnavailable  the method cannot run here (no Chromium, no tor, no API spec)
+        ├── FetchTimeout       no complete answer in time
+        ├── ProxyFailure       the proxy refused, failed or is unreachable
+        ├── NetworkFailure     connection refused/reset, DNS, TLS, empty reply
+        ├── BlockedError       a block page: challenge, captcha, access denied
+        ├── RateLimitedError   429 (or a rate-limit page); `retry_after` when the site said
+        └── InvalidContent     an answer, but not the page wanted (too short, selector missing)
 
-The fetch cascade adds its own classes (blocked, timeout, proxy, network, invalid content)
-under `FetchError` here when it lands.
+Fetch methods raise the transport classes (unavailable, timeout, proxy, network); the
+validator turns answers into verdicts (blocked, rate limited, invalid). `FetchResult` never
+raises on its own: `result.raise_for_error()` raises the class matching its `error_type`.
 """
 
 from __future__ import annotations
 
-__all__ = ["FetchError", "JudgeFormatError", "ProxyParseError"]
+from enum import StrEnum
+
+__all__ = [
+    "AttemptError",
+    "BlockedError",
+    "ErrorType",
+    "FetchError",
+    "FetchTimeout",
+    "InvalidContent",
+    "JudgeFormatError",
+    "MethodUnavailable",
+    "NetworkFailure",
+    "ProxyFailure",
+    "ProxyParseError",
+    "RateLimitedError",
+    "error_class",
+]
 
 
 class FetchError(Exception):
@@ -42,3 +68,116 @@ class JudgeFormatError(FetchError):
     Usually the proxy returned its own page (a login portal, an error page, an ad) instead of
     relaying the judge, or the judge URL does not point at a judge.
     """
+
+
+class ErrorType(StrEnum):
+    """How one attempt (or a whole fetch) failed. The cascade's decisions hang on it:
+
+    - transient, retried on the same method with backoff: `timeout`, `network`, `proxy`
+      (with another proxy when a pool is used), `server_error` (5xx without block markers),
+      `rate_limited` (after its Retry-After, when that is short enough);
+    - the method cannot get this page, try the next one: `blocked`, `invalid`, `http_error`
+      (other 4xx), `unavailable`;
+    - final, no other method will do better: `not_found` (404, 410).
+    """
+
+    BLOCKED = "blocked"
+    RATE_LIMITED = "rate_limited"
+    INVALID = "invalid"
+    NOT_FOUND = "not_found"
+    HTTP_ERROR = "http_error"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    PROXY = "proxy"
+    NETWORK = "network"
+    UNAVAILABLE = "unavailable"
+
+    @property
+    def transient(self) -> bool:
+        return self in _TRANSIENT
+
+
+_TRANSIENT = frozenset(
+    {
+        ErrorType.TIMEOUT,
+        ErrorType.NETWORK,
+        ErrorType.PROXY,
+        ErrorType.SERVER_ERROR,
+        ErrorType.RATE_LIMITED,
+    }
+)
+
+
+class AttemptError(FetchError):
+    """One attempt failed; the subclass (and `error_type`) says how."""
+
+    error_type: ErrorType = ErrorType.NETWORK
+
+    def __init__(self, message: str, *, error_type: ErrorType | None = None) -> None:
+        super().__init__(message)
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class MethodUnavailable(AttemptError):
+    """The method cannot run on this machine or for this request (Scrapy's NotConfigured):
+    a package or binary is missing, no tor answers, no API was described. The message says
+    what to install or set."""
+
+    error_type = ErrorType.UNAVAILABLE
+
+
+class FetchTimeout(AttemptError):
+    """No complete answer within the timeout: raise the timeout or try later."""
+
+    error_type = ErrorType.TIMEOUT
+
+
+class ProxyFailure(AttemptError):
+    """The proxy failed (refused, authentication, unreachable, bad handshake)."""
+
+    error_type = ErrorType.PROXY
+
+
+class NetworkFailure(AttemptError):
+    """The site could not be reached or hung up (refused, reset, DNS, TLS, empty reply)."""
+
+    error_type = ErrorType.NETWORK
+
+
+class BlockedError(AttemptError):
+    """The site answered a block page (challenge, captcha, access denied)."""
+
+    error_type = ErrorType.BLOCKED
+
+
+class RateLimitedError(AttemptError):
+    """The site said slow down (429); `retry_after` in seconds when it said how long."""
+
+    error_type = ErrorType.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InvalidContent(AttemptError):
+    """An answer that is not the page wanted: too short, required selectors missing, bad
+    JSON, or an HTTP status that is not success."""
+
+    error_type = ErrorType.INVALID
+
+
+_CLASSES: dict[ErrorType, type[AttemptError]] = {
+    ErrorType.BLOCKED: BlockedError,
+    ErrorType.RATE_LIMITED: RateLimitedError,
+    ErrorType.TIMEOUT: FetchTimeout,
+    ErrorType.PROXY: ProxyFailure,
+    ErrorType.NETWORK: NetworkFailure,
+    ErrorType.UNAVAILABLE: MethodUnavailable,
+}
+
+
+def error_class(error_type: ErrorType) -> type[AttemptError]:
+    """The exception class for an error type (`InvalidContent` for the HTTP-status kinds)."""
+    return _CLASSES.get(error_type, InvalidContent)

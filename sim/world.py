@@ -44,6 +44,7 @@ from sim.fleet import (
     write_truth,
 )
 from sim.judge import JUDGE_HOST
+from sim.shops import ShopsConfig, ShopWorld
 
 __all__ = ["ApiConfig", "ProxyTruth", "SimWorld", "SimWorldError", "WorldConfig", "load_truth"]
 
@@ -70,6 +71,7 @@ class WorldConfig:
     latency_ms: tuple[int, int] = (20, 300)  # alive proxies' added latency, uniform
     slow_latency_ms: tuple[int, int] = (1000, 2000)  # the `slow` behaviour's latency
     startup_timeout_s: float = 60.0
+    shops: ShopsConfig | None = None  # shop sites (sim/shops.py), in a process of their own
     api: ApiConfig | None = None  # the backfill API (sim/api.py) on 127.0.0.3, in shard 0
     ids: int = 0  # write this many API IDs to <out>/ids.txt
 
@@ -145,6 +147,7 @@ class SimWorld:
         self.pids: list[int] = []
         self.startup_s = 0.0
         self.octet = 0
+        self.shops: ShopWorld | None = None  # with config.shops
         self.api_url = ""  # http://127.0.0.3:PORT when config.api is set
         self.api_template = ""  # api_url + /users/{id}
         self.ids_file: Path | None = None
@@ -197,6 +200,8 @@ class SimWorld:
                 judge_placeholder.close()
             plan = [replace(p, port=moved[p.index]) if p.index in moved else p for p in plan]
             self._write_files(plan)
+            if cfg.shops is not None:
+                self.shops = ShopWorld(cfg.shops).start()
         except BaseException:
             self.stop()
             raise
@@ -234,6 +239,9 @@ class SimWorld:
                     with contextlib.suppress(OSError):
                         stream.close()
         self._procs = []
+        if self.shops is not None:
+            self.shops.stop()
+            self.shops = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -287,6 +295,7 @@ class SimWorld:
             "address_block": f"127.{self.octet}.0.0/16",
             "pids": self.pids,
             "startup_s": round(self.startup_s, 3),
+            **({"shops": self.shops.endpoints()} if self.shops else {}),
         }
 
     # -- internals -------------------------------------------------------------------------

@@ -1,0 +1,288 @@
+"""`playwright`: the system Chromium driven by Playwright, headless.
+
+- **Never a downloaded browser**: `executable_path` is the system Chromium
+  (`settings.chromium_path`, Debian package `chromium`); `playwright install` is not needed.
+- **One browser per process, a fresh context per page**: launching costs ~0.4–1.5 s, a
+  context a few ms; contexts share nothing (cookies, storage, cache), so pages do not leak
+  into each other, and closing one frees its renderer.
+- **Bounded memory**: at most `browser_pages` pages at once; after
+  `browser_relaunch_every` pages the browser is retired (new pages go to a fresh one, the old
+  one closes when its last page is done). Chromium's own caches and the renderer processes of
+  closed contexts otherwise grow over thousands of pages.
+- **Waiting**: for `wait_selector` when given (it survives the reload a JS challenge does),
+  else for network idle; then, if the page is still a challenge, up to `challenge_wait_s`
+  for it to clear itself. Status and headers are those of the last main-frame navigation.
+- The context's User-Agent is the desktop Chromium one of the same version (no
+  "HeadlessChrome"), so cookies handed to the http method go with a consistent User-Agent.
+- Proxies per context (`http`, `https`, `socks5`; Chromium cannot authenticate to SOCKS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure
+from fetchers.methods._browser import (
+    CHROMIUM_ARGS,
+    chromium_requirement,
+    desktop_user_agent,
+    looks_like_challenge,
+    split_proxy,
+)
+from fetchers.methods.base import FetchMethod, FetchRequest, RawResponse, Requirement
+from fetchers.methods.http import scrub
+from fetchers.validation import detect_block
+
+if TYPE_CHECKING:
+    from fetchers.config import FetchSettings
+
+__all__ = ["PlaywrightMethod"]
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.2
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One launched browser and its page counters."""
+
+    browser: Any
+    pages: int = 0
+    in_flight: int = 0
+    retired: bool = False
+
+
+class PlaywrightMethod(FetchMethod):
+    name = "playwright"
+    browser = True
+
+    def __init__(self, settings: FetchSettings) -> None:
+        super().__init__(settings)
+        self._pw: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._current: _Slot | None = None
+        self._slots: set[_Slot] = set()
+        self._launch_lock: asyncio.Lock | None = None
+        self._pages: asyncio.Semaphore | None = None
+        self.user_agent: str | None = None
+        self.launches = 0
+        self.pages_served = 0
+
+    def requirements(self) -> list[Requirement]:
+        return [
+            Requirement("Playwright for Python", "python", "playwright", "pip: playwright"),
+            chromium_requirement(self.settings.chromium_path),
+        ]
+
+    # -- the browser ------------------------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # objects of another loop cannot be used (or closed) here
+            self._loop = loop
+            self._pw = None
+            self._current = None
+            self._slots = set()
+            self._launch_lock = asyncio.Lock()
+            self._pages = asyncio.Semaphore(self.settings.browser_pages)
+
+    async def _launch(self) -> _Slot:
+        if self._pw is None:
+            from playwright.async_api import async_playwright
+
+            self._pw = await async_playwright().start()
+        browser = await self._pw.chromium.launch(
+            executable_path=str(self.settings.chromium_path),
+            headless=True,
+            args=list(CHROMIUM_ARGS),
+            timeout=60_000,
+        )
+        self.launches += 1
+        if self.user_agent is None:
+            self.user_agent = desktop_user_agent(browser.version.split(".")[0])
+        slot = _Slot(browser)
+        self._slots.add(slot)
+        log.info("playwright: launched chromium %s (launch #%d)", browser.version, self.launches)
+        return slot
+
+    async def _acquire(self) -> _Slot:
+        assert self._launch_lock is not None
+        async with self._launch_lock:
+            slot = self._current
+            if slot is not None and (
+                slot.pages >= self.settings.browser_relaunch_every
+                or not slot.browser.is_connected()
+            ):
+                slot.retired = True
+                self._current = slot = None
+                await self._close_idle()
+            if slot is None:
+                slot = self._current = await self._launch()
+            slot.pages += 1
+            slot.in_flight += 1
+            return slot
+
+    async def _release(self, slot: _Slot) -> None:
+        slot.in_flight -= 1
+        if slot.retired and slot.in_flight == 0:
+            await self._close_idle()
+
+    async def _close_idle(self) -> None:
+        for slot in [s for s in self._slots if s.retired and s.in_flight == 0]:
+            self._slots.discard(slot)
+            try:
+                await slot.browser.close()
+            except Exception as exc:  # already gone (crashed): nothing to free
+                log.debug("playwright: closing a retired browser: %s", exc)
+
+    # -- one page ---------------------------------------------------------------------------
+
+    async def fetch(self, request: FetchRequest) -> RawResponse:
+        self.check_available()
+        self._bind_loop()
+        assert self._pages is not None
+        async with self._pages:
+            try:
+                slot = await self._acquire()
+            except Exception as exc:
+                raise self._translate(exc, request) from None
+            try:
+                return await self._fetch_page(slot, request)
+            except AttemptError:
+                raise
+            except Exception as exc:
+                if not slot.browser.is_connected():
+                    slot.retired = True
+                raise self._translate(exc, request) from None
+            finally:
+                self.pages_served += 1
+                await self._release(slot)
+
+    async def _fetch_page(self, slot: _Slot, request: FetchRequest) -> RawResponse:
+        options: dict[str, Any] = {
+            "user_agent": request.user_agent or self.user_agent,
+            "locale": "en-US",
+            "viewport": {"width": 1366, "height": 768},
+        }
+        if request.proxy:
+            server, user, password = split_proxy(request.proxy)
+            options["proxy"] = {"server": server}
+            if user is not None:
+                options["proxy"].update(username=user, password=password or "")
+        if request.headers:
+            options["extra_http_headers"] = dict(request.headers)
+        deadline = time.monotonic() + request.timeout_s
+        context = await slot.browser.new_context(**options)
+        try:
+            if request.cookies:
+                await context.add_cookies(
+                    [
+                        {"name": k, "value": v, "url": request.url}
+                        for k, v in request.cookies.items()
+                    ]
+                )
+            page = await context.new_page()
+            navigations: list[Any] = []
+
+            def on_response(response: Any) -> None:
+                if response.request.is_navigation_request() and response.frame == page.main_frame:
+                    navigations.append(response)
+
+            page.on("response", on_response)
+            timeout_ms = max(1.0, request.timeout_s * 1000)
+            first = await page.goto(request.url, wait_until="domcontentloaded", timeout=timeout_ms)
+            if first is None:
+                raise NetworkFailure(f"playwright: no response for {request.url}")
+            await self._settle(page, request, deadline)
+            content = await self._content_after_challenge(page, navigations, first, deadline)
+            last = navigations[-1] if navigations else first
+            headers = {k.lower(): v for k, v in (await last.all_headers()).items()}
+            cookies = {c["name"]: c["value"] for c in await context.cookies()}
+            return RawResponse(
+                status=last.status,
+                content=content.encode("utf-8"),
+                headers=headers,
+                final_url=page.url,
+                cookies=cookies,
+                user_agent=options["user_agent"],
+            )
+        finally:
+            try:
+                await context.close()
+            except Exception as exc:
+                log.debug("playwright: context close: %s", exc)
+
+    async def _settle(self, page: Any, request: FetchRequest, deadline: float) -> None:
+        """Wait for the wanted selector, else for network idle (best effort)."""
+        from playwright.async_api import TimeoutError as PwTimeout
+
+        left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
+        if request.wait_selector:
+            # not there in time: validation reports the missing selector (or the block page)
+            with contextlib.suppress(PwTimeout):
+                await page.wait_for_selector(request.wait_selector, timeout=left_ms)
+            return
+        # long-polling pages never go idle: what is loaded by then is judged as is
+        with contextlib.suppress(PwTimeout):
+            await page.wait_for_load_state(
+                "networkidle", timeout=min(left_ms, 1000 + self.settings.network_idle_ms * 4)
+            )
+
+    async def _content_after_challenge(
+        self, page: Any, navigations: list[Any], first: Any, deadline: float
+    ) -> str:
+        """The page's HTML; while it is a JS challenge, wait (bounded) for it to clear."""
+        give_up = min(deadline, time.monotonic() + self.settings.challenge_wait_s)
+        content = ""
+        while True:
+            try:
+                content = await page.content()
+            except Exception:  # navigating right now: the document is being replaced
+                content = ""
+            last = navigations[-1] if navigations else first
+            if content:
+                headers = await last.all_headers()
+                reason, _ = detect_block(last.status, headers, content.encode("utf-8"))
+                if not looks_like_challenge(reason):
+                    return content
+            if time.monotonic() >= give_up:
+                return content
+            await asyncio.sleep(_POLL_S)
+
+    def _translate(self, exc: BaseException, request: FetchRequest) -> AttemptError:
+        from playwright.async_api import Error as PwError
+        from playwright.async_api import TimeoutError as PwTimeout
+
+        message = scrub(f"playwright: {type(exc).__name__}: {exc}", request.proxy)
+        message = message.split("\n", 1)[0][:500]
+        if isinstance(exc, PwTimeout | asyncio.TimeoutError):
+            return FetchTimeout(message)
+        text = str(exc)
+        if "ERR_PROXY" in text or "ERR_TUNNEL" in text or "ERR_SOCKS" in text:
+            return ProxyFailure(message)
+        if "socks5 proxy authentication" in text.lower():
+            return ProxyFailure(message)
+        if isinstance(exc, PwError | OSError):
+            return NetworkFailure(message)
+        return NetworkFailure(message)
+
+    async def aclose(self) -> None:
+        if self._loop is not asyncio.get_running_loop():
+            return
+        for slot in list(self._slots):
+            slot.retired = True
+            slot.in_flight = 0
+        await self._close_idle()
+        self._current = None
+        if self._pw is not None:
+            try:
+                await self._pw.stop()
+            except Exception as exc:
+                log.debug("playwright: stop: %s", exc)
+            self._pw = None

@@ -1,0 +1,304 @@
+"""A proxy pool for the cascade: selection strategies and a circuit breaker per proxy.
+
+The caller hands in the proxies (e.g. the active ones of the validated pool, read by the
+engine from storage — this module imports neither); the pool picks one per attempt and
+learns from how it went:
+
+- strategies (one small base class, one class each): `round_robin`, `least_connections`
+  (fewest in flight), `weighted` (random, proportional to a weight the caller gives, e.g.
+  inverse latency from the last validation), `adaptive` (score from an EWMA of success and
+  of latency, with a little exploration so a recovered proxy gets a chance);
+- a circuit breaker per proxy: `closed` → `open` after `failure_threshold` consecutive
+  transport failures (refused, timeout, proxy error) → `half_open` after `cooldown_s`,
+  when exactly one trial request may use it → `closed` again on success, `open` on failure.
+
+A block (the site refused the proxy's address) lowers the proxy's success EWMA but does not
+trip the breaker: the proxy works, that site dislikes it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+from fetchers.errors import ProxyFailure
+from fetchers.proxy_parse import ProxySpec, parse_proxy_line
+
+__all__ = [
+    "AdaptiveStrategy",
+    "BreakerState",
+    "LeastConnectionsStrategy",
+    "NoProxyAvailable",
+    "ProxyLease",
+    "ProxyPool",
+    "ProxyState",
+    "RoundRobinStrategy",
+    "SelectionStrategy",
+    "WeightedStrategy",
+    "make_strategy",
+]
+
+EWMA_WEIGHT = 0.3  # weight of the newest sample (as the proxy table's latency EWMA)
+
+Outcome = Literal["ok", "blocked", "failed"]
+
+
+class NoProxyAvailable(ProxyFailure):
+    """Every proxy's circuit is open; the message says when the first one reopens."""
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(eq=False)
+class ProxyState:
+    spec: ProxySpec
+    weight: float = 1.0
+    in_flight: int = 0
+    successes: int = 0
+    failures: int = 0
+    blocked: int = 0
+    consecutive_failures: int = 0
+    latency_ewma_ms: float | None = None
+    success_ewma: float = 1.0  # optimistic start: an untried proxy is worth a try
+    state: BreakerState = BreakerState.CLOSED
+    opened_at: float = 0.0
+    trial_in_flight: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.spec.url(self.spec.scheme or "http")
+
+    @property
+    def redacted(self) -> str:
+        return self.spec.redacted() if self.spec.scheme else f"http://{self.spec.redacted()}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "proxy": self.redacted,
+            "state": str(self.state),
+            "in_flight": self.in_flight,
+            "successes": self.successes,
+            "failures": self.failures,
+            "blocked": self.blocked,
+            "consecutive_failures": self.consecutive_failures,
+            "latency_ewma_ms": None
+            if self.latency_ewma_ms is None
+            else round(self.latency_ewma_ms, 1),
+            "success_ewma": round(self.success_ewma, 3),
+            "weight": self.weight,
+        }
+
+
+class SelectionStrategy(ABC):
+    """Picks one proxy among those whose breaker lets a request through (never empty)."""
+
+    name: str
+
+    @abstractmethod
+    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState: ...
+
+
+class RoundRobinStrategy(SelectionStrategy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState:
+        # rotate over the pool's order, skipping proxies that are not candidates now
+        pick = candidates[self._next % len(candidates)]
+        self._next += 1
+        return pick
+
+
+class LeastConnectionsStrategy(SelectionStrategy):
+    name = "least_connections"
+
+    def __init__(self) -> None:
+        self._tie = 0
+
+    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState:
+        fewest = min(p.in_flight for p in candidates)
+        tied = [p for p in candidates if p.in_flight == fewest]
+        self._tie += 1
+        return tied[self._tie % len(tied)]
+
+
+class WeightedStrategy(SelectionStrategy):
+    name = "weighted"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState:
+        weights = [max(p.weight, 0.0) for p in candidates]
+        if sum(weights) <= 0:
+            return self.rng.choice(list(candidates))
+        return self.rng.choices(list(candidates), weights=weights, k=1)[0]
+
+
+class AdaptiveStrategy(SelectionStrategy):
+    """Best score = success EWMA / (latency EWMA + 100 ms), in-flight requests counted as
+    a penalty; with probability `explore` a random candidate instead."""
+
+    name = "adaptive"
+
+    def __init__(self, rng: random.Random | None = None, explore: float = 0.1) -> None:
+        self.rng = rng or random.Random()
+        self.explore = explore
+
+    @staticmethod
+    def score(p: ProxyState) -> float:
+        latency = p.latency_ewma_ms if p.latency_ewma_ms is not None else 200.0
+        return p.success_ewma / ((latency + 100.0) * (1 + p.in_flight))
+
+    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState:
+        if len(candidates) > 1 and self.rng.random() < self.explore:
+            return self.rng.choice(list(candidates))
+        return max(candidates, key=self.score)
+
+
+def make_strategy(name: str, rng: random.Random | None = None) -> SelectionStrategy:
+    if name == "round_robin":
+        return RoundRobinStrategy()
+    if name == "least_connections":
+        return LeastConnectionsStrategy()
+    if name == "weighted":
+        return WeightedStrategy(rng)
+    if name == "adaptive":
+        return AdaptiveStrategy(rng)
+    raise ValueError(
+        f"proxy strategy {name!r}: use round_robin, least_connections, weighted or adaptive"
+    )
+
+
+class ProxyLease:
+    """One proxy taken for one attempt; `release()` exactly once with the outcome."""
+
+    __slots__ = ("_done", "_pool", "started", "state")
+
+    def __init__(self, pool: ProxyPool, state: ProxyState) -> None:
+        self._pool = pool
+        self.state = state
+        self.started = pool.clock()
+        self._done = False
+
+    @property
+    def url(self) -> str:
+        return self.state.url
+
+    @property
+    def redacted(self) -> str:
+        return self.state.redacted
+
+    def release(self, outcome: Outcome, latency_ms: float | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._pool._release(self, outcome, latency_ms)
+
+
+ProxyInput = str | ProxySpec | tuple[str | ProxySpec, float]
+
+
+class ProxyPool:
+    def __init__(
+        self,
+        proxies: Iterable[ProxyInput],
+        strategy: str | SelectionStrategy = "round_robin",
+        *,
+        failure_threshold: int = 3,
+        cooldown_s: float = 30.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.strategy = make_strategy(strategy, rng) if isinstance(strategy, str) else strategy
+        self._lock = threading.Lock()
+        self.proxies: list[ProxyState] = []
+        seen: set[str] = set()
+        for item in proxies:
+            weight = 1.0
+            if isinstance(item, tuple):
+                item, weight = item
+            spec = parse_proxy_line(item) if isinstance(item, str) else item
+            if spec.key in seen:
+                continue
+            seen.add(spec.key)
+            self.proxies.append(ProxyState(spec, weight=float(weight)))
+        if not self.proxies:
+            raise ValueError("a proxy pool needs at least one proxy")
+
+    def __len__(self) -> int:
+        return len(self.proxies)
+
+    def _admissible(self, p: ProxyState, now: float) -> bool:
+        if p.state == BreakerState.CLOSED:
+            return True
+        if p.state == BreakerState.OPEN and now - p.opened_at >= self.cooldown_s:
+            p.state = BreakerState.HALF_OPEN
+            p.trial_in_flight = False
+        return p.state == BreakerState.HALF_OPEN and not p.trial_in_flight
+
+    def acquire(self) -> ProxyLease:
+        with self._lock:
+            now = self.clock()
+            candidates = [p for p in self.proxies if self._admissible(p, now)]
+            if not candidates:
+                reopen = min(p.opened_at + self.cooldown_s for p in self.proxies) - now
+                raise NoProxyAvailable(
+                    f"no proxy available: all {len(self.proxies)} circuits are open "
+                    f"(the first half-opens in {max(reopen, 0):.1f}s)"
+                )
+            pick = self.strategy.choose(candidates)
+            if pick.state == BreakerState.HALF_OPEN:
+                pick.trial_in_flight = True
+            pick.in_flight += 1
+            return ProxyLease(self, pick)
+
+    def _release(self, lease: ProxyLease, outcome: Outcome, latency_ms: float | None) -> None:
+        with self._lock:
+            p = lease.state
+            p.in_flight = max(0, p.in_flight - 1)
+            if latency_ms is not None and outcome != "failed":
+                p.latency_ewma_ms = (
+                    latency_ms
+                    if p.latency_ewma_ms is None
+                    else EWMA_WEIGHT * latency_ms + (1 - EWMA_WEIGHT) * p.latency_ewma_ms
+                )
+            good = 1.0 if outcome == "ok" else 0.0
+            p.success_ewma = EWMA_WEIGHT * good + (1 - EWMA_WEIGHT) * p.success_ewma
+            if outcome == "failed":
+                p.failures += 1
+                p.consecutive_failures += 1
+                if (
+                    p.state == BreakerState.HALF_OPEN
+                    or p.consecutive_failures >= self.failure_threshold
+                ):
+                    p.state = BreakerState.OPEN
+                    p.opened_at = self.clock()
+                p.trial_in_flight = False
+                return
+            if outcome == "blocked":
+                p.blocked += 1
+            else:
+                p.successes += 1
+            p.consecutive_failures = 0
+            p.state = BreakerState.CLOSED
+            p.trial_in_flight = False
+
+    def stats(self) -> list[dict[str, object]]:
+        with self._lock:
+            return [p.to_dict() for p in self.proxies]

@@ -1,0 +1,834 @@
+"""Shop sites on loopback: per-country catalogs with the hard cases a scraper meets.
+
+Every shop serves, deterministically by seed (`shop_products(spec)` is the ground truth):
+
+- `/` and `/catalog?page=N` — 20 products a page (`li.product` with `a.product-link`,
+  `.name`, `.price`, `.sku`), `a.next` to the following page;
+- `/product/<id>` — one product (`.product-detail` with name, price, currency, sku,
+  category, description);
+- `/api/products?page=N` (JSON: items, page, pages, next) and `/api/products/<id>`; with
+  `api_token` set they need `Authorization: Bearer <token>` (401 otherwise);
+- `/__sim/stats` — the shop's counters; `/__sim/echo` — the request's headers, cookies and
+  client address as JSON (neither is guarded or counted).
+
+and is guarded by one of (`ShopSpec.guard`):
+
+| guard | what a client meets |
+|---|---|
+| `none` | nothing |
+| `js_challenge` | without a valid `ff_clearance` cookie: 503, `cf-mitigated: challenge`, a "Just a moment..." page whose script computes the cookie and reloads — only a client that runs JavaScript passes. The cookie is bound to the User-Agent and client address, like Cloudflare's `cf_clearance`, so it can be handed to an HTTP client with the same User-Agent |
+| `captcha` | clients without a JS-set `ff_js` cookie (or whose User-Agent is not a browser's) get a **200** page with a reCAPTCHA widget (`g-recaptcha`); a browser runs the page's script and gets through |
+| `rate_limit` | more than `rate_limit` requests in `rate_window_s` from one address: 429 with `Retry-After: retry_after_s`, and every request before that time is answered 429 again and counted as `early_retries` (a client that honours Retry-After has none) |
+| `slow` | every answer after `latency_ms` |
+| `flaky` | a share `error_rate` of answers are 500/502/503 (seeded) |
+| `socks_only` | reachable only through the shop world's SOCKS5 proxy (the stand-in for Tor's SOCKS port, on 127.0.0.5, connecting onward from that address): other clients get a 403 access-denied page (Cloudflare error 1020) |
+
+Shops run in one child process (`ShopWorld`, or `SimWorld` with `WorldConfig.shops`):
+raw asyncio Protocols with keep-alive, like the judge, so the world leaves the CPU to the
+client under test. `python -m sim.shops` runs the default set in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import functools
+import hashlib
+import hmac
+import html
+import json
+import logging
+import math
+import os
+import random
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from sim.http11 import HEAD_END, MAX_HEAD, BadRequest, RequestHead, parse_head
+
+__all__ = [
+    "GUARDS",
+    "SHOP_HOST",
+    "SOCKS_HOST",
+    "ShopInfo",
+    "ShopSpec",
+    "ShopWorld",
+    "ShopsConfig",
+    "clearance_token",
+    "default_shops",
+    "shop_products",
+]
+
+log = logging.getLogger(__name__)
+
+SHOP_HOST = "127.0.0.4"
+SOCKS_HOST = "127.0.0.5"  # the "tor" SOCKS proxy: listens here and connects onward from here
+GUARDS = ("none", "js_challenge", "captcha", "rate_limit", "slow", "flaky", "socks_only")
+KEEP_ALIVE_IDLE_S = 30.0
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CURRENCY = {
+    "Malaysia": "MYR",
+    "India": "INR",
+    "Russia": "RUB",
+    "Argentina": "ARS",
+    "Brazil": "BRL",
+    "Indonesia": "IDR",
+}
+CATEGORIES = ("vitamins", "skin care", "first aid", "baby", "cold & flu", "dental", "snacks")
+WORDS = (
+    "Daily",
+    "Herbal",
+    "Active",
+    "Pure",
+    "Gentle",
+    "Ultra",
+    "Fresh",
+    "Classic",
+    "Organic",
+    "Extra",
+    "Kids",
+    "Forte",
+)
+NOUNS = ("Vitamin C", "Zinc", "Balm", "Cream", "Syrup", "Tablets", "Lozenges", "Gel", "Drops")
+REASONS = {
+    200: "OK",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShopSpec:
+    """One shop. The same spec always serves the same products."""
+
+    name: str
+    country: str
+    guard: str = "none"
+    n_products: int = 100
+    page_size: int = 20
+    seed: int = 1
+    rate_limit: int = 10  # rate_limit: requests allowed per window and address
+    rate_window_s: float = 1.0
+    retry_after_s: int = 1
+    latency_ms: int = 0  # slow: every answer waits this long
+    error_rate: float = 0.0  # flaky: share of 5xx answers
+    api_token: str | None = None  # /api/ needs `Authorization: Bearer <token>`
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.guard not in GUARDS:
+            raise ValueError(f"guard {self.guard!r}: use one of {', '.join(GUARDS)}")
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.n_products / self.page_size))
+
+    @property
+    def currency(self) -> str:
+        return CURRENCY.get(self.country, "USD")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ShopsConfig:
+    shops: tuple[ShopSpec, ...]
+    host: str = SHOP_HOST
+    socks_host: str = SOCKS_HOST
+    startup_timeout_s: float = 30.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shops": [s.to_json() for s in self.shops],
+            "host": self.host,
+            "socks_host": self.socks_host,
+        }
+
+
+def default_shops(
+    seed: int = 1, n_products: int = 100, api_token: str = "sim-shop-token"
+) -> ShopsConfig:
+    """One shop per country of the default policy, each with the case it is known for,
+    plus the rate-limited, slow and flaky cases."""
+    return ShopsConfig(
+        (
+            ShopSpec("my-pharmacy", "Malaysia", "none", n_products, seed=seed),
+            ShopSpec("my-guarded", "Malaysia", "js_challenge", n_products, seed=seed),
+            ShopSpec("in-market", "India", "none", n_products, seed=seed, api_token=api_token),
+            ShopSpec("ru-apteka", "Russia", "captcha", n_products, seed=seed),
+            ShopSpec("ar-farmacia", "Argentina", "socks_only", n_products, seed=seed),
+            ShopSpec("rate-limited", "Brazil", "rate_limit", n_products, seed=seed),
+            ShopSpec("slow-shop", "Indonesia", "slow", n_products, seed=seed, latency_ms=1500),
+            ShopSpec("flaky-shop", "Indonesia", "flaky", n_products, seed=seed, error_rate=0.3),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _products(spec: ShopSpec) -> tuple[dict[str, Any], ...]:
+    rng = random.Random(f"{spec.seed}:{spec.name}")
+    prefix = "".join(part[0] for part in spec.name.split("-")).upper()
+    out = []
+    for i in range(spec.n_products):
+        name = f"{rng.choice(WORDS)} {rng.choice(NOUNS)} {rng.randint(5, 500)}"
+        out.append(
+            {
+                "id": f"{prefix}-{i + 1:06d}",
+                "sku": f"{prefix}{rng.randrange(10**7, 10**8)}",
+                "name": name,
+                "price": f"{rng.uniform(1, 500):.2f}",
+                "currency": spec.currency,
+                "category": rng.choice(CATEGORIES),
+                "in_stock": rng.random() > 0.15,
+                "shop": spec.name,
+                "country": spec.country,
+            }
+        )
+    return tuple(out)
+
+
+def shop_products(spec: ShopSpec) -> list[dict[str, Any]]:
+    """The ground truth: every product of the shop, in catalog order."""
+    return [dict(p) for p in _products(spec)]
+
+
+def clearance_token(spec: ShopSpec, user_agent: str, client_ip: str) -> str:
+    """The value of `ff_clearance` a browser computes on the challenge page."""
+    key = f"{spec.seed}:{spec.name}:clearance".encode()
+    return hmac.new(key, f"{user_agent}|{client_ip}".encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def _js_token(spec: ShopSpec, user_agent: str) -> str:
+    key = f"{spec.seed}:{spec.name}:js".encode()
+    return hmac.new(key, user_agent.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+# -- pages -------------------------------------------------------------------------------------
+
+_HEAD = (
+    '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+    '<meta name="viewport" content="width=device-width, initial-scale=1">'
+    "<title>{title}</title><style>body{{font-family:sans-serif;margin:2em}}"
+    ".product{{margin:.4em 0}}.price{{font-weight:bold}}</style></head><body>"
+    '<header class="site-header"><a class="home" href="/">{shop}</a>'
+    '<nav class="menu"><a href="/catalog?page=1">Catalog</a> <a href="/about">About</a></nav>'
+    "</header><main>"
+)
+_FOOT = (
+    '</main><footer class="site-footer"><p>{shop} &middot; {country} &middot; prices in '
+    "{currency} &middot; simulated shop for Fetchfleet tests</p></footer></body></html>"
+)
+
+
+def catalog_html(spec: ShopSpec, page: int) -> bytes:
+    items = _products(spec)[(page - 1) * spec.page_size : page * spec.page_size]
+    esc = html.escape
+    parts = [
+        _HEAD.format(title=f"{esc(spec.name)} — catalog page {page}", shop=esc(spec.name)),
+        f'<h1 class="shop-name">{esc(spec.name)}</h1><ul class="products">',
+    ]
+    for p in items:
+        parts.append(
+            f'<li class="product" data-id="{p["id"]}">'
+            f'<a class="product-link" href="/product/{p["id"]}"><span class="name">'
+            f'{esc(p["name"])}</span></a> <span class="price" data-currency="{p["currency"]}">'
+            f'{p["price"]}</span> <span class="sku">{p["sku"]}</span>'
+            f' <span class="category">{esc(p["category"])}</span></li>'
+        )
+    parts.append('</ul><nav class="pagination">')
+    if page > 1:
+        parts.append(f'<a class="prev" rel="prev" href="/catalog?page={page - 1}">Previous</a> ')
+    parts.append(
+        f'<span class="page-current">{page}</span> of <span class="page-count">{spec.pages}</span>'
+    )
+    if page < spec.pages:
+        parts.append(f' <a class="next" rel="next" href="/catalog?page={page + 1}">Next</a>')
+    parts.append("</nav>")
+    parts.append(_FOOT.format(shop=esc(spec.name), country=spec.country, currency=spec.currency))
+    return "".join(parts).encode()
+
+
+def product_html(spec: ShopSpec, p: dict[str, Any]) -> bytes:
+    esc = html.escape
+    stock = "in stock" if p["in_stock"] else "out of stock"
+    body = (
+        f'<div class="product-detail" data-id="{p["id"]}"><h1 class="name">{esc(p["name"])}</h1>'
+        f'<p><span class="price">{p["price"]}</span> <span class="currency">{p["currency"]}'
+        f'</span></p><p>SKU <span class="sku">{p["sku"]}</span> &middot; '
+        f'<span class="category">{esc(p["category"])}</span> &middot; '
+        f'<span class="stock">{stock}</span></p><p class="description">{esc(p["name"])} from '
+        f"{esc(spec.name)}: a simulated product, its fields fixed by the shop's seed.</p></div>"
+    )
+    return (
+        _HEAD.format(title=esc(p["name"]), shop=esc(spec.name))
+        + body
+        + _FOOT.format(shop=esc(spec.name), country=spec.country, currency=spec.currency)
+    ).encode()
+
+
+def challenge_html(spec: ShopSpec, token: str) -> bytes:
+    """A Cloudflare-like interstitial: the script assembles the clearance cookie, reloads."""
+    key = random.Random(token).randint(7, 90)
+    codes = ",".join(str(ord(c) ^ key) for c in token)
+    return (
+        '<!DOCTYPE html><html lang="en-US"><head><title>Just a moment...</title>'
+        '<meta name="robots" content="noindex,nofollow"></head><body>'
+        '<div id="challenge-running"><h1>Checking your browser before accessing '
+        f"{html.escape(spec.name)}</h1><p>This takes a moment.</p></div>"
+        "<noscript>Enable JavaScript and cookies to continue.</noscript>"
+        "<script>window._cf_chl_opt={cType:'managed',cRay:'sim'};"
+        f"(function(){{var k={key},p=[{codes}];"
+        "var t=p.map(function(c){return String.fromCharCode(c^k)}).join('');"
+        "setTimeout(function(){document.cookie='ff_clearance='+t+'; path=/; max-age=3600';"
+        "location.reload();},150);})();</script></body></html>"
+    ).encode()
+
+
+def captcha_html(spec: ShopSpec, token: str | None) -> bytes:
+    script = (
+        f"<script>setTimeout(function(){{document.cookie='ff_js={token}; path=/';"
+        "location.reload();},100);</script>"
+        if token
+        else ""
+    )
+    return (
+        "<!DOCTYPE html><html><head><title>Security check</title></head><body>"
+        f"<h1>{html.escape(spec.name)}: please confirm you are human</h1>"
+        '<form action="/verify" method="post"><div class="g-recaptcha" '
+        'data-sitekey="6LcSimSimSimSimSimSimSimSimSimSimSimSimSi"></div>'
+        '<button type="submit">Continue</button></form>'
+        '<script src="https://www.google.com/recaptcha/api.js" async defer></script>'
+        f"{script}</body></html>"
+    ).encode()
+
+
+DENIED_HTML = (
+    b"<!DOCTYPE html><html><head><title>Access denied</title></head><body>"
+    b"<h1>Access denied</h1><p>The owner of this website has banned your access based on "
+    b'your location.</p><p>Error code <span class="cf-error-code">1020</span></p>'
+    b"</body></html>"
+)
+RATE_HTML = (
+    b"<!DOCTYPE html><html><head><title>429 Too Many Requests</title></head><body>"
+    b"<h1>Too Many Requests</h1><p>Rate limit exceeded. Slow down.</p></body></html>"
+)
+
+
+def http_response(
+    status: int,
+    body: bytes,
+    content_type: str = "text/html; charset=utf-8",
+    extra: tuple[tuple[str, str], ...] = (),
+    keep_alive: bool = True,
+    head_only: bool = False,
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: keep-alive" if keep_alive else "Connection: close",
+        "Server: fetchfleet-sim-shop",
+    ]
+    lines.extend(f"{k}: {v}" for k, v in extra)
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+# -- serving -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ShopState:
+    """One shop's server-side state: its rate windows and counters."""
+
+    spec: ShopSpec
+    socks_host: str
+    rng: random.Random
+    by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
+    windows: dict[str, deque[float]] = field(default_factory=dict)
+    penalty_until: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def bump(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def stats(self) -> dict[str, Any]:
+        return {"shop": self.spec.name, "guard": self.spec.guard, **self.counts}
+
+    def rate_check(self, ip: str, now: float) -> int | None:
+        """None if admitted, else the Retry-After seconds of the 429."""
+        spec = self.spec
+        until = self.penalty_until.get(ip)
+        if until is not None:
+            if now < until:
+                self.bump("early_retries")
+                return max(1, math.ceil(until - now))
+            del self.penalty_until[ip]
+            self.windows.pop(ip, None)
+        window = self.windows.setdefault(ip, deque())
+        while window and window[0] <= now - spec.rate_window_s:
+            window.popleft()
+        if len(window) >= spec.rate_limit:
+            self.penalty_until[ip] = now + spec.retry_after_s
+            return spec.retry_after_s
+        window.append(now)
+        return None
+
+
+def _cookies(head: RequestHead) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for _, value in (h for h in head.headers if h[0].lower() == "cookie"):
+        for part in value.split(";"):
+            name, sep, val = part.strip().partition("=")
+            if sep:
+                out[name] = val
+    return out
+
+
+def answer(state: ShopState, head: RequestHead, peer_ip: str) -> tuple[bytes, float]:
+    """(response bytes, delay in seconds) for one request."""
+    spec = state.spec
+    keep = head.keep_alive
+    head_only = head.method == "HEAD"
+    split = urlsplit(head.target)
+    path, query = split.path or "/", dict(parse_qsl(split.query))
+
+    def reply(status: int, body: bytes, ctype: str = "text/html; charset=utf-8", extra=()):
+        state.bump(f"status_{status}")
+        return http_response(status, body, ctype, tuple(extra), keep, head_only)
+
+    if path == "/__sim/stats":
+        return http_response(
+            200, json.dumps(state.stats()).encode(), "application/json", (), keep
+        ), 0
+    if path == "/__sim/echo":  # what reached the shop: headers in order, the client address
+        doc = {"headers": head.headers, "peer": peer_ip, "cookies": _cookies(head)}
+        return http_response(200, json.dumps(doc).encode(), "application/json", (), keep), 0
+    if head.method not in ("GET", "HEAD"):
+        return reply(405, b"GET only\n", "text/plain"), 0
+    state.bump("requests")
+    delay = spec.latency_ms / 1000 if spec.guard == "slow" else 0.0
+    ua = head.get("User-Agent") or ""
+    cookies = _cookies(head)
+
+    if spec.guard == "socks_only" and peer_ip != state.socks_host:
+        state.bump("denied")
+        return reply(403, DENIED_HTML), delay
+    if spec.guard == "rate_limit":
+        retry_after = state.rate_check(peer_ip, time.monotonic())
+        if retry_after is not None:
+            state.bump("rate_limited")
+            return reply(429, RATE_HTML, extra=(("Retry-After", str(retry_after)),)), delay
+    if spec.guard == "flaky" and state.rng.random() < spec.error_rate:
+        status = state.rng.choice((500, 502, 503))
+        state.bump("errors_5xx")
+        return reply(status, f"<html><body>error {status}</body></html>".encode()), delay
+    is_api = path.startswith("/api/")
+    if spec.guard == "js_challenge" and not is_api:
+        if cookies.get("ff_clearance") != clearance_token(spec, ua, peer_ip):
+            state.bump("challenges")
+            token = clearance_token(spec, ua, peer_ip)
+            extra = (("cf-mitigated", "challenge"), ("Cache-Control", "no-store"))
+            return reply(503, challenge_html(spec, token), extra=extra), delay
+        state.bump("cleared")
+    if spec.guard == "captcha" and not is_api:
+        browser_like = ua.startswith("Mozilla/")
+        if not browser_like or cookies.get("ff_js") != _js_token(spec, ua):
+            state.bump("captchas")
+            token = _js_token(spec, ua) if browser_like else None
+            return reply(200, captcha_html(spec, token)), delay
+
+    if path in ("/", "/catalog"):
+        try:
+            page = int(query.get("page", "1"))
+        except ValueError:
+            page = 0
+        if not 1 <= page <= spec.pages:
+            return reply(404, b"<html><title>Not found</title>no such page</html>"), delay
+        state.bump("catalog_pages")
+        return reply(200, catalog_html(spec, page)), delay
+    if path.startswith("/product/"):
+        product = state.by_id.get(unquote(path[len("/product/") :]))
+        if product is None:
+            return reply(404, b"<html><title>Not found</title>no such product</html>"), delay
+        state.bump("product_pages")
+        return reply(200, product_html(spec, product)), delay
+    if is_api:
+        if spec.api_token and head.get("Authorization") != f"Bearer {spec.api_token}":
+            state.bump("unauthorized")
+            body = json.dumps({"error": "missing or wrong bearer token"}).encode()
+            return reply(401, body, "application/json"), delay
+        return _api(state, path, query, reply), delay
+    return reply(404, b"<html><title>Not found</title>not found</html>"), delay
+
+
+def _api(state: ShopState, path: str, query: dict[str, str], reply: Any) -> bytes:
+    spec = state.spec
+    if path == "/api/products":
+        try:
+            page = int(query.get("page", "1"))
+        except ValueError:
+            page = 0
+        if page < 1:
+            return reply(400, b'{"error": "page must be a positive integer"}', "application/json")
+        items = list(_products(spec)[(page - 1) * spec.page_size : page * spec.page_size])
+        nxt = f"/api/products?page={page + 1}" if page < spec.pages else None
+        doc = {"items": items, "page": page, "pages": spec.pages, "next": nxt}
+        state.bump("api_pages")
+        return reply(200, json.dumps(doc).encode(), "application/json")
+    if path.startswith("/api/products/"):
+        product = state.by_id.get(unquote(path[len("/api/products/") :]))
+        if product is None:
+            return reply(404, b'{"error": "no such product"}', "application/json")
+        return reply(200, json.dumps(product).encode(), "application/json")
+    return reply(404, b'{"error": "no such route"}', "application/json")
+
+
+class ShopConnection(asyncio.Protocol):
+    """One client connection; requests answered in order, one at a time."""
+
+    __slots__ = ("buf", "busy", "peer_ip", "state", "timer", "transport")
+
+    def __init__(self, state: ShopState) -> None:
+        self.state = state
+        self.buf = bytearray()
+        self.busy = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer_ip = transport.get_extra_info("peername")[0]
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(KEEP_ALIVE_IDLE_S, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._next()
+
+    def _next(self) -> None:
+        if self.busy or self.transport.is_closing():
+            return
+        end = self.buf.find(HEAD_END)
+        if end < 0:
+            if len(self.buf) > MAX_HEAD:
+                self._send(http_response(431, b"", keep_alive=False), True)
+            return
+        try:
+            head = parse_head(bytes(self.buf[:end]))
+            length = head.content_length
+        except BadRequest:
+            self._send(http_response(400, b"bad request\n", keep_alive=False), True)
+            return
+        start = end + len(HEAD_END)
+        if len(self.buf) < start + length:
+            return
+        del self.buf[: start + length]
+        self.busy = True
+        try:
+            reply, delay = answer(self.state, head, self.peer_ip)
+        except Exception:
+            log.exception("shop %s: answering %s", self.state.spec.name, head.target)
+            reply, delay = http_response(500, b"internal error\n", keep_alive=False), 0.0
+        close = not head.keep_alive
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._send, reply, close)
+        else:
+            self._send(reply, close)
+
+    def _send(self, reply: bytes, close: bool) -> None:
+        if self.transport.is_closing():
+            return
+        self.transport.write(reply)
+        self.busy = False
+        if close:
+            self.transport.close()
+            return
+        self._arm_idle()
+        if self.buf:
+            self._next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+async def start_shops(config: ShopsConfig) -> tuple[list[asyncio.Server], dict[str, Any]]:
+    """Bind every shop and the SOCKS proxy; (servers, ready info with the ports)."""
+    from sim.fleet import Behaviour, PlannedProxy, ProxyProtocol
+    from sim.proxy_server import ProxyConnection
+    from sim.shard import listener
+
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+    ports: dict[str, int] = {}
+    for spec in config.shops:
+        state = ShopState(spec, config.socks_host, random.Random(f"{spec.seed}:{spec.name}:5xx"))
+        state.by_id = {p["id"]: p for p in _products(spec)}
+        sock = listener(config.host, spec.port)
+        server = await loop.create_server(
+            functools.partial(ShopConnection, state), sock=sock, backlog=1024
+        )
+        servers.append(server)
+        ports[spec.name] = sock.getsockname()[1]
+    socks = PlannedProxy(
+        index=0,
+        host=config.socks_host,
+        port=0,
+        protocol=ProxyProtocol.SOCKS5,
+        behaviour=Behaviour.ELITE,
+        username=None,
+        password=None,
+        latency_ms=0,
+        with_scheme=True,
+    )
+    sock = listener(config.socks_host, 0)
+    rng = random.Random(0)
+    servers.append(
+        await loop.create_server(
+            functools.partial(ProxyConnection, socks, rng), sock=sock, backlog=1024
+        )
+    )
+    info = {"ready": True, "pid": os.getpid(), "ports": ports, "socks_port": sock.getsockname()[1]}
+    return servers, info
+
+
+async def _serve(config: ShopsConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    parent = os.getppid()
+
+    def watch_stdin() -> None:  # EOF: the parent closed our stdin or died
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
+    servers, info = await start_shops(config)
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except TimeoutError:
+            if os.getppid() != parent:
+                break
+    for server in servers:
+        server.close()
+
+
+def _config_from_json(d: dict[str, Any]) -> ShopsConfig:
+    return ShopsConfig(
+        tuple(ShopSpec(**s) for s in d["shops"]),
+        host=d.get("host", SHOP_HOST),
+        socks_host=d.get("socks_host", SOCKS_HOST),
+    )
+
+
+def serve_main() -> int:
+    """The shop process (started by ShopWorld): config on stdin, one ready line on stdout."""
+    logging.basicConfig(level=logging.WARNING, format="sim-shops[%(process)d] %(message)s")
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 2
+    import uvloop
+
+    uvloop.run(_serve(_config_from_json(json.loads(line))))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# -- the client side ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShopInfo:
+    spec: ShopSpec
+    base_url: str  # http://127.0.0.4:PORT
+
+    def url(self, path: str = "/") -> str:
+        return self.base_url + path
+
+    def catalog_url(self, page: int = 1) -> str:
+        return f"{self.base_url}/catalog?page={page}"
+
+    def products(self) -> list[dict[str, Any]]:
+        return shop_products(self.spec)
+
+
+class ShopWorld:
+    """The shops (and their SOCKS proxy) in one child process.
+
+    with ShopWorld() as shops:                      # default_shops()
+        shops["my-guarded"].catalog_url(2)           # http://127.0.0.4:PORT/catalog?page=2
+        shops.socks_proxy                            # socks5://127.0.0.5:PORT
+        shops.stats("rate-limited")                  # the shop's counters
+    """
+
+    def __init__(self, config: ShopsConfig | None = None) -> None:
+        self.config = config or default_shops()
+        self.shops: dict[str, ShopInfo] = {}
+        self.socks_proxy = ""
+        self.pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ShopWorld:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __getitem__(self, name: str) -> ShopInfo:
+        return self.shops[name]
+
+    def start(self) -> ShopWorld:
+        if self._proc is not None:
+            raise RuntimeError("the shop world is already running")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        self._proc = subprocess.Popen(
+            # -c rather than -m: `sim` imports this module first, runpy would then warn
+            [sys.executable, "-c", "import sys, sim.shops as s; sys.exit(s.serve_main())"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        atexit.register(self.stop)
+        self.pid = self._proc.pid
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps(self.config.to_json()).encode() + b"\n")
+        self._proc.stdin.flush()
+        ready = self._read_ready(self._proc)
+        for spec in self.config.shops:
+            port = ready["ports"][spec.name]
+            self.shops[spec.name] = ShopInfo(spec, f"http://{self.config.host}:{port}")
+        self.socks_proxy = f"socks5://{self.config.socks_host}:{ready['socks_port']}"
+        return self
+
+    def _read_ready(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        buf = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self.stop()
+                    raise RuntimeError("sim shops did not start in time")
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    code = proc.wait(timeout=5)
+                    self.stop()
+                    raise RuntimeError(f"sim shops exited with code {code} before they were ready")
+                buf += chunk
+        return json.loads(buf.split(b"\n", 1)[0])
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        atexit.unregister(self.stop)
+
+    def stats(self, name: str) -> dict[str, Any]:
+        with urllib.request.urlopen(self.shops[name].url("/__sim/stats"), timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def endpoints(self) -> dict[str, Any]:
+        return {
+            "shops": {
+                name: {
+                    "url": info.base_url,
+                    "country": info.spec.country,
+                    "guard": info.spec.guard,
+                    "products": info.spec.n_products,
+                    "pages": info.spec.pages,
+                }
+                for name, info in self.shops.items()
+            },
+            "socks_proxy": self.socks_proxy,
+            "pid": self.pid,
+        }
+
+    def write_truth(self, path: Path) -> Path:
+        """Every shop's products as JSON ({shop: [product, ...]})."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {name: info.products() for name, info in self.shops.items()}
+        path.write_text(json.dumps(doc))
+        return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sim.shops",
+        description="Serve the default sim shops (one per country, plus rate-limited, slow "
+        "and flaky ones) on 127.0.0.4 and their SOCKS proxy on 127.0.0.5; prints one JSON "
+        "line with the endpoints and runs until Ctrl-C.",
+    )
+    parser.add_argument("--products", type=int, default=100, help="products per shop (100)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--truth", type=Path, help="write every shop's products here (JSON)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with ShopWorld(default_shops(args.seed, args.products)) as world:
+        if args.truth:
+            world.write_truth(args.truth)
+        print(json.dumps(world.endpoints()), flush=True)
+        while not stop.wait(1.0):
+            if world._proc is None or world._proc.poll() is not None:
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
