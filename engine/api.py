@@ -47,7 +47,7 @@ def wait_run(
     db: Database,
     run_id: int,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
-    poll_s: float = 0.5,
+    poll_s: float = 0.2,
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Poll until the run reaches a final status (or ``timeout_s``); returns its summary."""

@@ -185,6 +185,9 @@ class Coordinator:
         completes = [t for op, _, args in ops if op == "complete" for t in args[0]]
         if results or completes:
             self.sql.store(results, completes)
+        if completes:  # settle now: a run whose last task just finished ends at once
+            with self.db.begin() as conn:
+                runs.settle(conn)
         for op, worker_id, args in ops:
             if op == "release":
                 self.sql.release(worker_id, *args)

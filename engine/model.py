@@ -45,3 +45,9 @@ class TaskWork:
     params: dict[str, Any]
     items: list[Any]
     attempts: int
+
+
+def item_ref(item: Any) -> Any:
+    """An executable item's reference as stored in its task: its ``id`` (a proxy row), or
+    the item itself (an ID string)."""
+    return getattr(item, "id", item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import defaultdict
@@ -11,7 +12,7 @@ import sqlalchemy as sa
 
 from engine.jobs import get_kind
 from engine.jobs.base import JobKind
-from engine.model import ItemResult, TaskWork
+from engine.model import ItemResult, TaskWork, item_ref
 from engine.queue_base import Reply, directive_for
 from engine.settings import Settings
 from storage import queue as q
@@ -29,7 +30,7 @@ class SqlQueue:
         self.db = db
         self.settings = settings
         self._kinds: dict[str, JobKind] = {}
-        self._run_kinds: dict[int, str] = {}
+        self._run_meta: dict[int, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._exit_requested: set[str] = set()
 
@@ -40,10 +41,10 @@ class SqlQueue:
             return self._kinds[name]
 
     def kind_of_run(self, conn: sa.Connection, run_id: int) -> JobKind:
-        if run_id not in self._run_kinds:
-            rows = fetch_all(conn, sa.select(runs.c.kind).where(runs.c.id == run_id))
-            self._run_kinds[run_id] = rows[0][0]
-        return self.kind(self._run_kinds[run_id])
+        if run_id not in self._run_meta:
+            rows = fetch_all(conn, sa.select(runs.c.kind, runs.c.params).where(runs.c.id == run_id))
+            self._run_meta[run_id] = (rows[0][0], json.loads(rows[0][1]))
+        return self.kind(self._run_meta[run_id][0])
 
     def request_exit(self, worker_id: str) -> None:
         self._exit_requested.add(worker_id)
@@ -61,16 +62,21 @@ class SqlQueue:
             q.register_worker(conn, worker_id, host, pid, kind)
 
     def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
+        # Operator commands for a worker arrive with its heartbeats, not here: a claim is on
+        # the hot path and must stay a single statement plus the item lookups.
+        if worker_id in self._exit_requested:
+            return Reply(worker_action="exit")
         out: list[TaskWork] = []
         with self.db.begin() as conn:
-            action = self._worker_action(conn, worker_id)
-            if action == "exit":
-                return Reply(worker_action=action)
-            claimed = q.claim(conn, worker_id, max_tasks, self.settings.lease_s, run_id)
+            claimed = q.claim(
+                conn, worker_id, max_tasks, self.settings.lease_s, run_id, self._run_meta
+            )
             finished: list[int] = []
+            loaded = self._load_items(conn, claimed)
             for task in claimed:
-                self._run_kinds[task.run_id] = task.kind
-                items = self.kind(task.kind).load_items(conn, task.run_id, task.refs)
+                items = [
+                    loaded[task.run_id][ref] for ref in task.refs if ref in loaded[task.run_id]
+                ]
                 if not items:  # everything already stored by an earlier attempt
                     finished.append(task.id)
                     continue
@@ -86,6 +92,19 @@ class SqlQueue:
                 )
             q.complete(conn, finished)
         return Reply(tasks=out)
+
+    def _load_items(
+        self, conn: sa.Connection, claimed: list[q.ClaimedTask]
+    ) -> dict[int, dict[Any, Any]]:
+        """Items of all claimed tasks, one lookup per run: run id → item ref → item."""
+        by_run: dict[int, list[Any]] = defaultdict(list)
+        for task in claimed:
+            by_run[task.run_id].extend(task.refs)
+        out: dict[int, dict[Any, Any]] = {}
+        for run_id, refs in by_run.items():
+            kind = self.kind(self._run_meta[run_id][0])
+            out[run_id] = {item_ref(i): i for i in kind.load_items(conn, run_id, refs)}
+        return out
 
     def heartbeat(
         self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int

@@ -37,6 +37,6 @@ class Settings(BaseSettings):
         "worker has not heartbeated for this long.",
     )
     heartbeat_s: float = Field(3.0, gt=0, description="How often workers heartbeat.")
-    flush_s: float = Field(0.25, gt=0, description="How often buffered results are stored.")
+    flush_s: float = Field(0.5, gt=0, description="How often buffered results are stored.")
     check_timeout_s: float = Field(5.0, gt=0, description="Proxy check timeout per attempt.")
     judge_url: str | None = Field(None, description="Judge for proxy checks (httpbin or azenv).")

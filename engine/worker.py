@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.jobs import get_kind
 from engine.jobs.base import Executor
-from engine.model import ItemResult, TaskWork
+from engine.model import ItemResult, TaskWork, item_ref
 from engine.queue_base import ABANDON, CONTINUE, RELEASE, QueueBackend, Reply
 from engine.settings import Settings
 
@@ -84,12 +84,16 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while not self.exiting.is_set():
+                # Keep a backlog of half the concurrency beyond what runs, and claim only
+                # when a quarter of the concurrency is free: each claim then brings several
+                # tasks (one round trip, one transaction) and slots never sit empty waiting.
                 pending = sum(h.pending for h in self._held.values())
-                room = self.settings.concurrency - pending
-                if room <= 0:
+                conc = self.settings.concurrency
+                room = conc + conc // 2 - pending
+                if room < max(1, conc // 4) and self._held:
                     await self._wait(0.05)
                     continue
-                want = max(1, min(16, -(-room // self.settings.batch_size)))
+                want = max(1, min(32, -(-room // self.settings.batch_size)))
                 reply = await self._claim(want)
                 self._apply(reply)
                 if reply.worker_action == "exit":
@@ -185,7 +189,7 @@ class Worker:
                 ItemResult(
                     run_id=work.run_id,
                     task_id=work.id,
-                    ref=_ref(item),
+                    ref=item_ref(item),
                     ok=ok,
                     outcome=outcome,
                     data=data,
@@ -234,11 +238,6 @@ class Worker:
                 held.directive = directive
         if reply.worker_action == "exit":
             self.exiting.set()
-
-
-def _ref(item: Any) -> Any:
-    """The item's reference as stored in its task (an id, a key)."""
-    return getattr(item, "id", item)
 
 
 async def run_worker(worker: Worker) -> str:

@@ -211,10 +211,9 @@ def store_checks(conn: sa.Connection, rows: Iterable[Sequence[Any]]) -> int:
         new = fetch_all(conn, sa.text(f"SELECT count(*) FROM {s}"))[0][0]
         if not new:
             return 0
+        on_conflict = " ON CONFLICT DO NOTHING" if conn.dialect.name == "postgresql" else ""
         conn.execute(
-            sa.text(
-                f"INSERT INTO proxy_checks ({cols}) SELECT {cols} FROM {s} ON CONFLICT DO NOTHING"
-            )
+            sa.text(f"INSERT INTO proxy_checks ({cols}) SELECT {cols} FROM {s}{on_conflict}")
         )
         conn.execute(
             sa.text(

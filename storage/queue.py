@@ -73,8 +73,12 @@ def claim(
     max_tasks: int,
     lease_seconds: float,
     run_id: int | None = None,
+    run_meta: dict[int, tuple[str, dict[str, Any]]] | None = None,
 ) -> list[ClaimedTask]:
-    """Lease up to ``max_tasks`` queued tasks of running runs to ``worker_id``."""
+    """Lease up to ``max_tasks`` queued tasks of running runs to ``worker_id``.
+
+    ``run_meta`` caches (kind, params) by run id across calls: they never change.
+    """
     token = secrets.token_hex(8)
     lock = " FOR UPDATE OF t SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
     run_filter = " AND t.run_id = :run_id" if run_id is not None else ""
@@ -100,13 +104,13 @@ def claim(
     )
     if not rows:
         return []
-    run_ids = sorted({r[1] for r in rows})
-    meta = {
-        r[0]: (r[1], json.loads(r[2]))
+    meta = {} if run_meta is None else run_meta
+    missing = sorted({r[1] for r in rows} - set(meta))
+    if missing:
         for r in fetch_all(
-            conn, sa.select(runs.c.id, runs.c.kind, runs.c.params).where(runs.c.id.in_(run_ids))
-        )
-    }
+            conn, sa.select(runs.c.id, runs.c.kind, runs.c.params).where(runs.c.id.in_(missing))
+        ):
+            meta[r[0]] = (r[1], json.loads(r[2]))
     return [
         ClaimedTask(
             id=r[0],
