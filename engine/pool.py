@@ -55,6 +55,9 @@ class LocalPool:
     def spawn(self) -> str:
         worker_id = new_worker_id("local")
         replies = self.ctx.Queue() if self.mode == "pipe" else None
+        if replies is not None:
+            # A reply to a worker that died must not hold up this process's exit.
+            replies.cancel_join_thread()
         boot = {
             "worker_id": worker_id,
             "mode": self.mode,
