@@ -255,6 +255,39 @@ def pool_charts(
         )
 
 
+# --- the fetchers ---------------------------------------------------------------------------
+
+
+def fetch_settings() -> Any:
+    """The fetchers' settings (FETCHFLEET_* too), read like the cascade reads them."""
+    from fetchers.config import FetchSettings
+
+    return FetchSettings()
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def doctor() -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """(what each fetch method needs and whether it is here, the per-country method order):
+    ``fetchers.doctor`` (what `engine.run doctor` prints) and the cascade's policy."""
+    from fetchers.cascade import Policy
+    from fetchers.config import FetchSettings
+    from fetchers.doctor import doctor as run_doctor
+
+    settings = FetchSettings()
+    checks = [
+        {
+            "method": c.method,
+            "needs": c.needs,
+            "kind": c.kind,
+            "status": "ok" if c.ok else "missing",
+            "found at": c.found_at,
+            "install": c.install,
+        }
+        for c in run_doctor(settings)
+    ]
+    return checks, Policy.load(settings.policy_file).rows()
+
+
 # --- tables and exports --------------------------------------------------------------------
 
 

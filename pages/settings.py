@@ -7,29 +7,21 @@ from __future__ import annotations
 import os
 
 import streamlit as st
+from pydantic_settings import BaseSettings
 
-from console.doctor import doctor
+from console import reads
 from console.resources import console_or_stop
 from engine.control import control_path
 from engine.jobs import KINDS
-from engine.settings import Settings
 from storage.db import duckdb_path
 
 SECRET_FIELDS = {"secret_key"}
-# Starting point of the per-country fetch order (shared/ARCHITECTURE.md); editable once the
-# cascade lands.
-FETCH_ORDER = [
-    ("Argentina", "tor", "selenium", "playwright"),
-    ("India", "api", "http", "selenium"),
-    ("Russia", "selenium", "playwright", "http"),
-    ("Malaysia", "http", "playwright", "selenium"),
-    ("_default", "http", "playwright", "selenium"),
-]
 
 
-def settings_rows(settings: Settings) -> list[dict[str, str]]:
+def settings_rows(settings: BaseSettings) -> list[dict[str, str]]:
+    """Every field of a settings object: value (secrets only as set / not set), source."""
     rows = []
-    for name, info in Settings.model_fields.items():
+    for name, info in type(settings).model_fields.items():
         value = getattr(settings, name)
         env = f"FETCHFLEET_{name.upper()}"
         if name in SECRET_FIELDS:
@@ -67,6 +59,11 @@ def main() -> None:
         st.caption("PostgreSQL: every process connects directly; standalone workers can join.")
     st.subheader("Settings")
     st.dataframe(settings_rows(c.settings), hide_index=True, width="stretch", key="settings_table")
+    st.subheader("Fetchers")
+    st.caption("Browser paths, tor ports, cascade and cache defaults (fetchers/config.py).")
+    st.dataframe(
+        settings_rows(reads.fetch_settings()), hide_index=True, width="stretch", key="fetch_table"
+    )
     st.subheader("Paths")
     s = c.settings
     st.dataframe(
@@ -80,17 +77,21 @@ def main() -> None:
         width="stretch",
         key="settings_paths",
     )
+    checks, order = reads.doctor()
     st.subheader("Doctor")
     st.caption(
-        "What each fetch method needs on this machine. The fetch cascade (http → playwright → "
-        "selenium → tor → api, ordered per country) arrives with the scrape job (issue 3); "
-        f"job kinds available now: {', '.join(sorted(KINDS))}."
+        "What each fetch method of the cascade needs on this machine and whether it is here "
+        "(`python -m engine.run doctor` prints the same). The scrape job that runs the cascade "
+        f"arrives with issue 3; job kinds available now: {', '.join(sorted(KINDS))}."
     )
-    st.dataframe(doctor(), hide_index=True, width="stretch", key="settings_doctor")
+    st.dataframe(checks, hide_index=True, width="stretch", key="settings_doctor")
     st.subheader("Fetch order per country")
-    st.caption("The starting policy; editable here once the cascade lands (issue 3).")
+    st.caption(
+        "The cascade's policy (fetchers/policy.toml; FETCHFLEET_POLICY_FILE replaces the rows "
+        "it names). `_default` applies to every other country."
+    )
     st.dataframe(
-        [{"country": r[0], "1st": r[1], "2nd": r[2], "3rd": r[3]} for r in FETCH_ORDER],
+        [{"country": country, "order": " → ".join(methods)} for country, methods in order.items()],
         hide_index=True,
         key="settings_order",
     )
