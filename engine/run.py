@@ -544,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine import cli_backfill
 
     cli_backfill.add_commands(sub)  # backfill, report
+
+    from engine import cli_fetch
+
+    cli_fetch.add_commands(sub)  # fetch, doctor
     return p
 
 

@@ -325,9 +325,8 @@ def test_proxy_password_never_appears(caplog: pytest.LogCaptureFixture):
     secret = "s3cr3t-pw"
     http = Fake("http", [NetworkFailure(f"refused by http://u:{secret}@1.2.3.4:8080")])
     caplog.set_level(logging.DEBUG)
-    r = run(
-        fetcher(http, retries=0).fetch("http://a.test/", proxy=f"http://u:{secret}@1.2.3.4:8080")
-    )
+    proxy = f"http://u:{secret}@1.2.3.4:8080"
+    r = run(fetcher(http, retries=0).fetch("http://a.test/", method="http", proxy=proxy))
     text = repr(r) + str(r.to_dict()) + caplog.text
     assert secret not in text
     assert r.attempts[0].proxy == "http://u:***@1.2.3.4:8080"

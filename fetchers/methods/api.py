@@ -9,8 +9,9 @@ cheapest, most stable way (India's default order starts with it). The spec says:
   `auth_header: auth_scheme <value>`. The value is read at request time and is never
   logged, stored, put in an attempt or an error message, or echoed by `repr`;
 - pagination: `none`, `page` (increment `{page}` until a page has no items or `max_pages`),
-  or `next` (follow the URL at `next_path` in each answer). Paginated results are combined
-  into one JSON document `{"items": [...], "pages": n}`.
+  or `next` (follow the URL at `next_path` in each answer), at most `max_pages` requests.
+  Paginated results are combined into one JSON document
+  `{"items": [...], "pages": <pages with items>, "requests": <requests made>}`.
 
 Without an `ApiSpec` in the request the method is *unavailable* for it and the cascade
 moves on — an API is a property of a source, not of every URL.
@@ -111,7 +112,7 @@ class ApiMethod(FetchMethod):
         headers.update(auth)
         page, url = spec.first_page, spec.render(request.url, spec.first_page)
         items: list[Any] = []
-        pages = 0
+        pages = requests = 0
         last: RawResponse | None = None
         while True:
             last = await self.client.request(
@@ -120,7 +121,7 @@ class ApiMethod(FetchMethod):
                 impersonate=False,
                 secrets=(token,),
             )
-            pages += 1
+            requests += 1
             if spec.pagination == "none" or not 200 <= last.status < 300:
                 return last
             try:
@@ -130,7 +131,8 @@ class ApiMethod(FetchMethod):
             found = _dig(doc, spec.items_path)
             batch = found if isinstance(found, list) else []
             items.extend(batch)
-            if pages >= spec.max_pages:
+            pages += bool(batch)
+            if requests >= spec.max_pages:
                 break
             if spec.pagination == "page":
                 if not batch:
@@ -142,7 +144,7 @@ class ApiMethod(FetchMethod):
                 if not nxt:
                     break
                 url = urljoin(url, str(nxt))
-        body = json.dumps({"items": items, "pages": pages}).encode()
+        body = json.dumps({"items": items, "pages": pages, "requests": requests}).encode()
         return RawResponse(
             status=last.status,
             content=body,
