@@ -489,12 +489,13 @@ def test_revalidate_on_a_schedule(world: SimWorld, tmp_path: Path) -> None:
 def test_100_mb_list_streams_with_flat_memory(world: SimWorld, tmp_path: Path) -> None:
     """5.9M lines (a handful of distinct proxies, some malformed) load without holding the
     file: the coordinator's peak RSS stays far below the file size."""
-    elite = [t.line for t in world.truth if t.scheme == "http" and t.behaviour == "elite"][:3]
-    block = "\n".join([*elite, "127.0.0.1:0", "# comment", "10.1.2.3:1"] * 2000) + "\n"
+    elite = [t.line for t in world.truth if t.scheme == "http" and t.behaviour == "elite"][:4]
+    block = "\n".join([*elite[:3], "127.0.0.1:0", "# comment", "10.1.2.3:1"] * 2000) + "\n"
     src = tmp_path / "big.txt"
     with src.open("w") as fh:
         while fh.tell() < 100_000_000:
             fh.write(block)
+        fh.write(elite[3] + "\n")  # a new proxy after millions of duplicates still loads
     db = f"duckdb:///{tmp_path / 'big.duckdb'}"
     args = ["validate", "--db", db, "--proxies", str(src), "--judge", world.judge_url]
     proc = subprocess.Popen(
@@ -512,7 +513,7 @@ def test_100_mb_list_streams_with_flat_memory(world: SimWorld, tmp_path: Path) -
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     summary = json.loads(stdout)
-    assert summary["counts"]["total"] == 4 and summary["counts"]["ok"] == 3
+    assert summary["counts"]["total"] == 5 and summary["counts"]["ok"] == 4
     assert "malformed line(s) skipped" in stderr
     assert 0 < peak_kb / 1024 < 400, f"peak RSS {peak_kb / 1024:.0f} MB for a 100 MB file"
 

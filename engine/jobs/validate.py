@@ -87,9 +87,9 @@ class ValidateJob(JobKind):
         seen: set[str] = set()
         bad = 0
         lines = iter_proxy_lines(path)
-        while True:
+        while chunk := list(islice(lines, IMPORT_CHUNK)):
             specs, bad_rows = [], []
-            for parsed in islice(lines, IMPORT_CHUNK):
+            for parsed in chunk:
                 if parsed.spec is None:
                     bad += 1
                     if bad <= MAX_PARSE_ERRORS_STORED:
@@ -106,12 +106,24 @@ class ValidateJob(JobKind):
                     seen.add(parsed.spec.key)
                     specs.append(parsed.spec)
             if not specs and not bad_rows:
-                return
+                continue  # a chunk of duplicates: later lines may still hold new proxies
             with db.begin() as conn:
                 ids = store.upsert_proxies(conn, specs, box, source=path.name)
                 if bad_rows:
                     conn.execute(sa.insert(errors), bad_rows)
             yield from ids
+        if bad > MAX_PARSE_ERRORS_STORED:
+            with db.begin() as conn:
+                conn.execute(
+                    sa.insert(errors).values(
+                        run_id=run_id,
+                        item_key="more",
+                        error_type="bad_input",
+                        created_at=utcnow(),
+                        message=f"{bad - MAX_PARSE_ERRORS_STORED:,} more malformed lines not listed "
+                        f"({bad:,} in all)",
+                    )
+                )
 
     def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
         return store.load_for_check(conn, run_id, refs, self._box())
