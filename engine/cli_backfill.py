@@ -155,6 +155,21 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from engine.run import UserError, run_job, settings_from
 
     if args.resume is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--ids", args.ids),
+                ("--url-template", args.url_template),
+                ("--rate-limit", args.rate_limit),
+                ("--header", args.header),
+            )
+            if value
+        ]
+        if given:
+            raise UserError(
+                f"--resume continues run {args.resume} with the parameters it was started "
+                f"with; drop {', '.join(given)} (or start a new backfill without --resume)"
+            )
         return resume_backfill(args)
     params = backfill_params(args)
     # Check the parameters before a coordinator and its pool start (fast exit 2).

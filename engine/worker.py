@@ -289,8 +289,10 @@ def process_main(boot: dict[str, Any]) -> None:
         from engine.ratelimit_shared import SharedLimiter, shared_path_for
 
         backend: QueueBackend = PipeQueue(boot["requests"], boot["replies"])
-        # The pool shares rate limits through a file beside the database (it outlives us).
-        bind_process_limiter(SharedLimiter(shared_path_for(boot.get("db_url"))))
+        # The pool shares rate limits through a file beside the database (it outlives us),
+        # opened when a job first needs a limit.
+        path = shared_path_for(boot.get("db_url"))
+        bind_process_limiter(lambda: SharedLimiter(path))
         _exit_with_parent()  # nothing we do can be stored once the coordinator is gone
     else:
         from engine.queue_sql import SqlQueue

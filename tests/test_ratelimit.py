@@ -263,3 +263,27 @@ def test_postgres_limiter_uses_the_database_clock(pg_url: str) -> None:
         assert [k[0] for k in keys] == ["k"]
     finally:
         db.dispose()
+
+
+def test_gate_drops_a_slot_it_woke_too_late_for() -> None:
+    """A starved process must not send on a slot long past: it takes a new one."""
+    limiter = MemoryLimiter()
+    rate = Rate(limit=11, window_s=1.0, jitter_s=0.02)  # T = 102 ms: drop when > 61 ms late
+
+    async def main() -> tuple[float, int]:
+        gate = Gate(limiter, horizon_s=0.0)
+        t0 = time.monotonic()
+        await gate.wait("k", rate)  # the first slot: now
+
+        async def block_the_loop() -> None:
+            await asyncio.sleep(0.05)
+            time.sleep(0.15)  # the event loop is stuck until 200 ms: 98 ms past the 2nd slot
+
+        blocker = asyncio.create_task(block_the_loop())
+        await gate.wait("k", rate)
+        await blocker
+        return time.monotonic() - t0, gate.late_slots
+
+    took, late = asyncio.run(main())
+    assert late == 1
+    assert took >= 2 * rate.interval_s - 0.005  # it waited for the third slot
