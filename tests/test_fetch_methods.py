@@ -169,17 +169,28 @@ def test_api_pages_through_json_with_a_token_from_the_environment(
     assert TOKEN not in repr(r) + json.dumps(r.to_dict()) + caplog.text
 
 
+def test_the_sync_fetch_entry_point(shops: ShopWorld):
+    import fetchers
+
+    r = fetchers.fetch(shops["plain"].catalog_url(3), method="http", selectors=["li.product"])
+    assert r.success and r.status == 200 and r.method_used == "http"
+    assert r.text.count('class="product"') == 20
+
+
 # -- browsers -----------------------------------------------------------------------------------
 
 
-def test_playwright_fetches_a_page(shops: ShopWorld):
+def test_playwright_fetches_a_page_directly_and_through_the_socks_proxy(shops: ShopWorld):
     require_tool(CHROMIUM, "chromium")
-    r, _ = run(
+    sel = {"method": "playwright", "selectors": ["li.product"]}
+    plain, onion, _ = run(
         settings(),
-        (shops["plain"].catalog_url(2), {"method": "playwright", "selectors": [".product"]}),
+        (shops["plain"].catalog_url(2), sel),
+        (shops["onion"].catalog_url(1), {**sel, "proxy": shops.socks_proxy}),
     )
-    assert r.success and r.method_used == "playwright" and r.status == 200
-    assert r.content.count(b'class="product"') == 20
+    assert plain.success and plain.method_used == "playwright" and plain.status == 200
+    assert plain.content.count(b'class="product"') == 20
+    assert onion.success and onion.attempts[0].proxy == shops.socks_proxy
 
 
 def test_cascade_passes_the_js_challenge_then_skips_http_for_the_domain(shops: ShopWorld):
@@ -215,11 +226,14 @@ def test_browser_cookies_and_user_agent_let_http_through(shops: ShopWorld):
 def test_selenium_passes_the_captcha_and_the_challenge(shops: ShopWorld):
     require_tool(CHROMIUM, "chromium")
     require_tool(CHROMEDRIVER, "chromium-driver")
-    captcha, challenge, _ = run(
+    sel = {"method": "selenium", "selectors": ["li.product"]}
+    captcha, challenge, onion, _ = run(
         settings(),
         (shops["captcha"].catalog_url(1), {"country": "Russia", "selectors": ["li.product"]}),
-        (shops["guarded"].catalog_url(3), {"method": "selenium", "selectors": ["li.product"]}),
+        (shops["guarded"].catalog_url(3), sel),
+        (shops["onion"].catalog_url(1), {**sel, "proxy": shops.socks_proxy}),
     )
+    assert onion.success and onion.content.count(b'class="product"') == 20
     assert captcha.success and methods_of(captcha) == ["selenium"]  # Russia starts there
     assert b"g-recaptcha" not in captcha.content
     assert challenge.success and challenge.status == 200
