@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 import tomllib
 from collections import Counter, OrderedDict
@@ -168,7 +169,8 @@ class DomainState:
 
 
 class DomainMemory:
-    """What the cascade learned per domain. Bounded (least recently used domains go)."""
+    """What the cascade learned per domain. Bounded (least recently used domains go).
+    Thread-safe: the default fetchers of several event loops share one."""
 
     def __init__(
         self,
@@ -180,8 +182,13 @@ class DomainMemory:
         self.rng = rng or random.Random()
         self.max_domains = max_domains
         self._domains: OrderedDict[str, DomainState] = OrderedDict()
+        self._lock = threading.RLock()
 
     def state(self, domain: str) -> DomainState:
+        with self._lock:
+            return self._state(domain)
+
+    def _state(self, domain: str) -> DomainState:
         st = self._domains.get(domain)
         if st is None:
             st = self._domains[domain] = DomainState()
@@ -196,23 +203,26 @@ class DomainMemory:
 
     def plan(self, domain: str, order: Sequence[str]) -> tuple[list[str], bool]:
         """(order to try, explored): start with the learned method, except when exploring."""
-        st = self._domains.get(domain)
+        with self._lock:
+            st = self._domains.get(domain)
+            explore = self.rng.random() < self.explore_rate
         order = list(order)
         if st is None or st.preferred is None or st.preferred not in order:
             return order, False
         if st.preferred == order[0]:
             return order, False
-        if self.rng.random() < self.explore_rate:
+        if explore:
             return order, True  # give the cheaper methods another chance
         return [st.preferred, *[m for m in order if m != st.preferred]], False
 
     def record(self, domain: str, method: str, ok: bool) -> None:
-        st = self.state(domain)
-        if ok:
-            st.successes[method] += 1
-            st.preferred = method
-        else:
-            st.failures[method] += 1
+        with self._lock:
+            st = self._state(domain)
+            if ok:
+                st.successes[method] += 1
+                st.preferred = method
+            else:
+                st.failures[method] += 1
 
     def remember_cookies(
         self,
@@ -224,21 +234,27 @@ class DomainMemory:
     ) -> None:
         if not cookies:
             return
-        st = self.state(domain)
-        st.cookies = dict(cookies)
-        st.user_agent = user_agent
-        st.cookie_proxy = proxy
-        st.cookies_from = method
+        with self._lock:
+            st = self._state(domain)
+            st.cookies = dict(cookies)
+            st.user_agent = user_agent
+            st.cookie_proxy = proxy
+            st.cookies_from = method
 
     def handoff(self, domain: str, proxy: str | None) -> tuple[dict[str, str], str | None]:
         """Cookies and User-Agent a browser earned here through the same proxy, if any."""
-        st = self._domains.get(domain)
-        if st is None or not st.cookies or st.cookie_proxy != proxy:
-            return {}, None
-        return dict(st.cookies), st.user_agent
+        with self._lock:
+            st = self._domains.get(domain)
+            if st is None or not st.cookies or st.cookie_proxy != proxy:
+                return {}, None
+            return dict(st.cookies), st.user_agent
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per domain: preferred method, successes and failures per method (no cookies)."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, dict[str, Any]]:
         return {
             d: {
                 "preferred": st.preferred,

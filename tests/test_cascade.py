@@ -348,3 +348,23 @@ def test_sync_fetch_reports_unavailable_without_network(monkeypatch: pytest.Monk
     r = fetch("http://127.0.0.1:9/", method="http", timeout_s=2)
     assert not r.success
     assert r.error_type in (ErrorType.NETWORK, ErrorType.UNAVAILABLE)
+
+
+def test_browser_settle_rules():
+    from fetchers.methods._browser import BLOCK_GRACE_S, Settle
+
+    now = [0.0]
+    s = Settle(wait_selector=True, limit_s=12, clock=lambda: now[0])
+    assert not s.done(False, None)  # selector not there yet
+    assert not s.done(False, "cloudflare challenge ('Just a moment...')")
+    now[0] = 5
+    assert not s.done(False, "cloudflare challenge ('Just a moment...')")  # still clearing
+    assert s.done(True, None)
+    s = Settle(wait_selector=True, limit_s=12, clock=lambda: now[0])
+    assert not s.done(False, "recaptcha")  # a captcha page may still reload itself
+    now[0] += BLOCK_GRACE_S
+    assert s.done(False, "recaptcha")  # ...but not for the whole timeout
+    s = Settle(wait_selector=False, limit_s=12, clock=lambda: now[0])
+    assert s.done(False, None)
+    now[0] += 12
+    assert s.done(False, "cloudflare challenge") and s.expired()

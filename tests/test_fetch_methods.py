@@ -180,17 +180,23 @@ def test_the_sync_fetch_entry_point(shops: ShopWorld):
 # -- browsers -----------------------------------------------------------------------------------
 
 
-def test_playwright_fetches_a_page_directly_and_through_the_socks_proxy(shops: ShopWorld):
+def test_playwright_direct_through_a_proxy_blocked_and_captcha(shops: ShopWorld):
     require_tool(CHROMIUM, "chromium")
     sel = {"method": "playwright", "selectors": ["li.product"]}
-    plain, onion, _ = run(
-        settings(),
+    plain, onion, denied, captcha, _ = run(
+        settings(retries=0),
         (shops["plain"].catalog_url(2), sel),
         (shops["onion"].catalog_url(1), {**sel, "proxy": shops.socks_proxy}),
+        (shops["onion"].catalog_url(2), sel),
+        (shops["captcha"].catalog_url(2), sel),
     )
     assert plain.success and plain.method_used == "playwright" and plain.status == 200
     assert plain.content.count(b'class="product"') == 20
     assert onion.success and onion.attempts[0].proxy == shops.socks_proxy
+    # a hard block is recognised after a short grace, not after the 20 s timeout
+    assert denied.error_type == ErrorType.BLOCKED and "1020" in denied.blocked_reason
+    assert denied.attempts[0].ms < 8000
+    assert captcha.success  # the captcha page's script reloads it within the grace
 
 
 def test_cascade_passes_the_js_challenge_then_skips_http_for_the_domain(shops: ShopWorld):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -82,6 +83,45 @@ def looks_like_challenge(reason: str | None) -> bool:
         word in low
         for word in ("challenge", "just a moment", "cf-mitigated", "turnstile", "_cf_chl")
     )
+
+
+#: a block page that is not a JS challenge (captcha, access denied) is given this long to
+#: turn into the page (its own script may reload it) before the browser gives up on it
+BLOCK_GRACE_S = 2.0
+
+
+class Settle:
+    """When is a loading page final? Fed one look at a time (`done(...)`):
+
+    - the wanted selector is there → final;
+    - a JS challenge → wait for it to clear itself, up to `limit_s`;
+    - another block page (captcha, access denied) → final once it stayed one for
+      `BLOCK_GRACE_S` (a page's script may still replace it), not after the full timeout;
+    - neither, without a wanted selector → final; with one → wait for it up to `limit_s`.
+    """
+
+    def __init__(self, wait_selector: bool, limit_s: float, clock=time.monotonic) -> None:
+        self.wait_selector = wait_selector
+        self.clock = clock
+        self.until = clock() + limit_s
+        self.blocked_since: float | None = None
+
+    def expired(self) -> bool:
+        return self.clock() >= self.until
+
+    def done(self, has_selector: bool, reason: str | None) -> bool:
+        now = self.clock()
+        if now >= self.until or (self.wait_selector and has_selector):
+            return True
+        if reason is None:
+            self.blocked_since = None
+            return not self.wait_selector
+        if looks_like_challenge(reason):
+            self.blocked_since = None
+            return False
+        if self.blocked_since is None:
+            self.blocked_since = now
+        return now - self.blocked_since >= BLOCK_GRACE_S
 
 
 def _pss_bytes(pid: int) -> int | None:

@@ -9,9 +9,10 @@
   `browser_relaunch_every` pages the browser is retired (new pages go to a fresh one, the old
   one closes when its last page is done). Chromium's own caches and the renderer processes of
   closed contexts otherwise grow over thousands of pages.
-- **Waiting**: for `wait_selector` when given (it survives the reload a JS challenge does),
-  else for network idle; then, if the page is still a challenge, up to `challenge_wait_s`
-  for it to clear itself. Status and headers are those of the last main-frame navigation.
+- **Waiting** (`_browser.Settle`): for `wait_selector` when given (looked for again after
+  the reload a JS challenge does), else for network idle; a JS challenge gets up to
+  `challenge_wait_s` to clear itself, another block page a short grace (its script may
+  still replace it). Status and headers are those of the last main-frame navigation.
 - The context's User-Agent is the desktop Chromium one of the same version (no
   "HeadlessChrome"), so cookies handed to the http method go with a consistent User-Agent.
 - Proxies per context (`http`, `https`, `socks5`; Chromium cannot authenticate to SOCKS).
@@ -29,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure
 from fetchers.methods._browser import (
     CHROMIUM_ARGS,
+    Settle,
     chromium_requirement,
     desktop_user_agent,
-    looks_like_challenge,
     split_proxy,
 )
 from fetchers.methods.base import FetchMethod, FetchRequest, RawResponse, Requirement
@@ -199,8 +200,7 @@ class PlaywrightMethod(FetchMethod):
             first = await page.goto(request.url, wait_until="domcontentloaded", timeout=timeout_ms)
             if first is None:
                 raise NetworkFailure(f"playwright: no response for {request.url}")
-            await self._settle(page, request, deadline)
-            content = await self._content_after_challenge(page, navigations, first, deadline)
+            content = await self._settle(page, navigations, first, request, deadline)
             last = navigations[-1] if navigations else first
             headers = {k.lower(): v for k, v in (await last.all_headers()).items()}
             cookies = {c["name"]: c["value"] for c in await context.cookies()}
@@ -218,40 +218,38 @@ class PlaywrightMethod(FetchMethod):
             except Exception as exc:
                 log.debug("playwright: context close: %s", exc)
 
-    async def _settle(self, page: Any, request: FetchRequest, deadline: float) -> None:
-        """Wait for the wanted selector, else for network idle (best effort)."""
+    async def _settle(
+        self, page: Any, navigations: list[Any], first: Any, request: FetchRequest, deadline: float
+    ) -> str:
+        """The page's HTML once it is final (see `Settle`): the wanted selector is there, a
+        JS challenge cleared, or a block page stayed one; without a selector, after network
+        idle (bounded: long-polling pages never go idle)."""
         from playwright.async_api import TimeoutError as PwTimeout
 
-        left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
-        if request.wait_selector:
-            # not there in time: validation reports the missing selector (or the block page)
+        if not request.wait_selector:
+            left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
             with contextlib.suppress(PwTimeout):
-                await page.wait_for_selector(request.wait_selector, timeout=left_ms)
-            return
-        # long-polling pages never go idle: what is loaded by then is judged as is
-        with contextlib.suppress(PwTimeout):
-            await page.wait_for_load_state(
-                "networkidle", timeout=min(left_ms, 1000 + self.settings.network_idle_ms * 4)
-            )
-
-    async def _content_after_challenge(
-        self, page: Any, navigations: list[Any], first: Any, deadline: float
-    ) -> str:
-        """The page's HTML; while it is a JS challenge, wait (bounded) for it to clear."""
-        give_up = min(deadline, time.monotonic() + self.settings.challenge_wait_s)
+                await page.wait_for_load_state(
+                    "networkidle", timeout=min(left_ms, 1000 + self.settings.network_idle_ms * 4)
+                )
+        limit = max(0.0, min(deadline - time.monotonic(), self.settings.challenge_wait_s))
+        settle = Settle(bool(request.wait_selector), limit)
         content = ""
         while True:
             try:
                 content = await page.content()
+                has = bool(request.wait_selector) and (
+                    await page.query_selector(request.wait_selector) is not None
+                )
             except Exception:  # navigating right now: the document is being replaced
-                content = ""
-            last = navigations[-1] if navigations else first
+                content, has = "", False
             if content:
+                last = navigations[-1] if navigations else first
                 headers = await last.all_headers()
                 reason, _ = detect_block(last.status, headers, content.encode("utf-8"))
-                if not looks_like_challenge(reason):
+                if settle.done(has, reason):
                     return content
-            if time.monotonic() >= give_up:
+            elif settle.expired():
                 return content
             await asyncio.sleep(_POLL_S)
 

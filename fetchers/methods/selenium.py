@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure
 from fetchers.methods._browser import (
     CHROMIUM_ARGS,
+    Settle,
     chromium_major,
     chromium_requirement,
     desktop_user_agent,
-    looks_like_challenge,
     split_proxy,
 )
 from fetchers.methods.base import FetchMethod, FetchRequest, RawResponse, Requirement
@@ -149,8 +149,7 @@ class SeleniumMethod(FetchMethod):
                     "Network.setCookie", {"name": name, "value": value, "url": request.url}
                 )
             driver.get(request.url)
-            self._wait_selector(driver, request, deadline)
-            content, status = self._content_after_challenge(driver, deadline)
+            content, status = self._settle(driver, request, deadline)
             cookies = {c["name"]: c["value"] for c in driver.get_cookies()}
             final_url = driver.current_url
             return RawResponse(
@@ -171,33 +170,27 @@ class SeleniumMethod(FetchMethod):
                     driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
                 driver.get("about:blank")
 
-    def _wait_selector(self, driver: Any, request: FetchRequest, deadline: float) -> None:
-        if not request.wait_selector:
-            return
+    def _settle(self, driver: Any, request: FetchRequest, deadline: float) -> tuple[str, int]:
+        """(HTML, status) once the page is final (see `_browser.Settle`)."""
         from selenium.webdriver.common.by import By
 
-        while time.monotonic() < deadline:
-            try:
-                if driver.find_elements(By.CSS_SELECTOR, request.wait_selector):
-                    return
-            except Exception:  # the document is being replaced (a challenge reloading)
-                pass
-            time.sleep(_POLL_S)
-
-    def _content_after_challenge(self, driver: Any, deadline: float) -> tuple[str, int]:
-        give_up = min(deadline, time.monotonic() + self.settings.challenge_wait_s)
+        limit = max(0.0, min(deadline - time.monotonic(), self.settings.challenge_wait_s))
+        settle = Settle(bool(request.wait_selector), limit)
         content, status = "", 0
         while True:
             try:
                 content = driver.page_source
                 status = int(driver.execute_script(_STATUS_JS) or 0)
-            except Exception:
-                content = ""
+                has = bool(request.wait_selector) and bool(
+                    driver.find_elements(By.CSS_SELECTOR, request.wait_selector)
+                )
+            except Exception:  # the document is being replaced (a challenge reloading)
+                content, has = "", False
             if content:
                 reason, _ = detect_block(status or 200, {}, content.encode("utf-8"))
-                if not looks_like_challenge(reason):
+                if settle.done(has, reason):
                     return content, status
-            if time.monotonic() >= give_up:
+            elif settle.expired():
                 return content, status
             time.sleep(_POLL_S)
 
