@@ -56,8 +56,12 @@ class Row:
     server_peak_window: int
     server_admitted_per_s: float
     limit_per_s: float
-    fraction_of_limit: float  # server-admitted rate / limit
-    peak_fraction: float  # busiest server window / N
+    fraction_of_limit: float  # server-admitted rate over the whole run / limit
+    peak_fraction: float  # busiest server window / N (exact, sliding)
+    window_median: float  # admitted in each full window of W (1 s steps) / N: median
+    window_min: float
+    window_max: float
+    full_windows: int
     report_utilisation: float
     failed: int
     load_before: float
@@ -129,6 +133,7 @@ def backfill(
         raise RuntimeError(f"backfill exited {out.returncode}: {out.stderr[-2000:]}")
     summary = json.loads(out.stdout)
     stats = world.api_stats()
+    windows = full_windows(world.api_timeline(), Rate.parse(limit).window_s, world.config.api.limit)
     report = json.loads(
         run_cli(["report", "--db", str(db), str(summary["run_id"]), "--json"], 60).stdout
     )
@@ -153,10 +158,33 @@ def backfill(
         limit_per_s=round(rate.per_second, 3),
         fraction_of_limit=round(stats["admitted_per_s"] / rate.per_second, 4),
         peak_fraction=round(stats["peak_window"] / peak_of, 4),
+        window_median=windows[0],
+        window_min=windows[1],
+        window_max=windows[2],
+        full_windows=windows[3],
         report_utilisation=report["limit"]["utilisation"],
         failed=summary["counts"]["failed"],
         load_before=load_before,
         load_after=loadavg(),
+    )
+
+
+def full_windows(per_second: list[int], window_s: float, limit: int | None) -> tuple:
+    """(median, min, max, count) of admitted requests / N over every full window of W that
+    starts on a whole second after the first request (the last, partial second left out)."""
+    size = round(window_s)
+    if not limit or size < 1 or abs(window_s - size) > 1e-9:
+        return (0.0, 0.0, 0.0, 0)
+    full = per_second[:-1]
+    sums = [sum(full[i : i + size]) / limit for i in range(len(full) - size + 1)]
+    if not sums:
+        return (0.0, 0.0, 0.0, 0)
+    ordered = sorted(sums)
+    return (
+        round(ordered[len(ordered) // 2], 4),
+        round(ordered[0], 4),
+        round(ordered[-1], 4),
+        len(sums),
     )
 
 
@@ -240,15 +268,20 @@ def print_tables(rows: list[Row], rate: Any) -> None:
     sat = [r for r in rows if r.part == "saturation"]
     if sat:
         print(f"### Saturation: {sat[0].ids:,} IDs at {sat[0].limit} (server enforces the same)\n")
+        w = sat[0].limit.split("/")[1]
         print(
-            "| workers × conc | seconds | server-admitted rate /s | limit /s | fraction of limit "
-            "| busiest window (of N) | 429s at server | requests | failed IDs | load avg |"
+            f"| workers × conc | seconds | whole run: admitted /s (of limit) | every full {w} "
+            "window: median (min–max) of N | busiest window, exact (of N) | 429s at server "
+            "| requests | failed IDs | load avg |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in sat:
             print(
-                f"| {r.workers} × {r.concurrency} | {r.wall_s:.1f} | {r.server_admitted_per_s:.2f} "
-                f"| {r.limit_per_s:.2f} | **{r.fraction_of_limit:.3f}** "
+                f"| {r.workers} × {r.concurrency} | {r.wall_s:.1f} "
+                f"| {r.server_admitted_per_s:.2f} of {r.limit_per_s:.2f} "
+                f"(**{r.fraction_of_limit:.3f}**) "
+                f"| **{r.window_median:.3f}** ({r.window_min:.3f}–{r.window_max:.3f}, "
+                f"{r.full_windows} windows) "
                 f"| {r.server_peak_window:,} ({r.peak_fraction:.3f}) | **{r.server_429}** "
                 f"| {r.server_requests:,} | {r.failed} | {r.load_before:.1f}→{r.load_after:.1f} |"
             )

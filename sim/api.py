@@ -7,7 +7,8 @@ tests and the benchmark prove a client kept its limit. Some IDs fail for good (4
 few fail once (503, then succeed), optionally some answer non-JSON — all decided by a hash
 of the ID, so `expected_outcome(id, config)` tells a test what each ID should end as.
 
-`GET /stats` returns the counters and the busiest window seen; `POST /reset` zeroes them.
+`GET /stats` returns the counters and the busiest window seen, `GET /stats/timeline` the
+admitted requests of each second since the first; `POST /reset` zeroes them.
 Neither counts toward the limit. With `token` set, data requests need
 `Authorization: Bearer <token>` (401 otherwise; the check runs after the rate limit, as on
 real APIs, so a refused request still counts).
@@ -127,6 +128,7 @@ class ApiState:
     first_at: float | None = None
     last_at: float | None = None
     failed_once: set[str] = field(default_factory=set)
+    per_second: list[int] = field(default_factory=list)  # admitted, by second since first_at
     started: float = field(default_factory=time.monotonic)
 
     def reset(self) -> None:
@@ -135,6 +137,7 @@ class ApiState:
         self.peak_window = 0
         self.first_at = self.last_at = None
         self.failed_once.clear()
+        self.per_second.clear()
 
     def bump(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -155,6 +158,10 @@ class ApiState:
         if self.first_at is None:
             self.first_at = now
         self.last_at = now
+        second = int(now - self.first_at)
+        if second >= len(self.per_second):
+            self.per_second.extend([0] * (second + 1 - len(self.per_second)))
+        self.per_second[second] += 1
         return None
 
     def stats(self) -> dict[str, Any]:
@@ -235,6 +242,9 @@ class ApiConnection(asyncio.Protocol):
         path = head.target.split("?", 1)[0]
         if path == "/stats":
             self._send(_json(200, state.stats(), keep), close=not keep)
+            return
+        if path == "/stats/timeline":  # admitted requests per second since the first one
+            self._send(_json(200, state.per_second, keep), close=not keep)
             return
         if path == "/reset" and head.method in ("POST", "GET"):
             state.reset()

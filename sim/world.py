@@ -264,6 +264,10 @@ class SimWorld:
         """The API's counters (GET /stats): requests, rate_limited (429s), peak_window, …"""
         return self._api_call("GET", "/stats")
 
+    def api_timeline(self) -> list[int]:
+        """Admitted API requests in each second since the first (GET /stats/timeline)."""
+        return self._api_call("GET", "/stats/timeline")  # type: ignore[return-value]
+
     def api_reset(self) -> None:
         """Zero the API's counters and its rate window."""
         self._api_call("POST", "/reset")
