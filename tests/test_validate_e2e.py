@@ -288,22 +288,16 @@ def test_stop_then_resume_loses_nothing_and_checks_nothing_twice(
     assert total == distinct == len(slow_world.truth)
 
 
-def test_ctrl_c_stops_then_status_and_resume_from_other_terminals(
-    slow_world: SimWorld, tmp_path: Path
-) -> None:
-    db = f"duckdb:///{tmp_path / 'c.duckdb'}"
-    proc = subprocess.Popen(
+def start_slow_validate(db: str, world: SimWorld) -> subprocess.Popen[str]:
+    """A CLI validate run slow enough (5 at a time, black holes) to reach mid-run."""
+    args = ["--db", db, "--proxies", str(world.proxies_file), "--judge", world.judge_url]
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
             "engine.run",
             "validate",
-            "--db",
-            db,
-            "--proxies",
-            str(slow_world.proxies_file),
-            "--judge",
-            slow_world.judge_url,
+            *args,
             "--timeout",
             "1",
             "--concurrency",
@@ -317,6 +311,13 @@ def test_ctrl_c_stops_then_status_and_resume_from_other_terminals(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_ctrl_c_stops_then_status_and_resume_from_other_terminals(
+    slow_world: SimWorld, tmp_path: Path
+) -> None:
+    db = f"duckdb:///{tmp_path / 'c.duckdb'}"
+    proc = start_slow_validate(db, slow_world)
     try:
         # While it runs, another terminal reaches it through the control socket.
         deadline = time.monotonic() + 40
@@ -345,31 +346,7 @@ def test_stop_from_another_terminal_reaches_the_coordinator(
     slow_world: SimWorld, tmp_path: Path
 ) -> None:
     db = f"duckdb:///{tmp_path / 'o.duckdb'}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.run",
-            "validate",
-            "--db",
-            db,
-            "--proxies",
-            str(slow_world.proxies_file),
-            "--judge",
-            slow_world.judge_url,
-            "--timeout",
-            "1",
-            "--concurrency",
-            "5",
-            "--batch-size",
-            "5",
-            "--json",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_slow_validate(db, slow_world)
     try:
         deadline = time.monotonic() + 40
         while (out := cli("stop", "--db", db, "1")).returncode != 0:
