@@ -103,7 +103,7 @@ def backfill(
 ) -> Row:
     from engine.ratelimit import Rate
 
-    db = tmp / f"{part}-{workers}w.duckdb"
+    db = tmp / f"{part}-{workers}w-{time.monotonic_ns()}.duckdb"
     world.api_reset()
     load_before = loadavg()
     started = time.monotonic()
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ids", type=int, default=20_000, help="IDs of the saturation run (20000)")
     ap.add_argument("--limit", default="1500/10s", help="limit, client and server (1500/10s)")
     ap.add_argument("--workers", type=int, default=2, help="saturation run: processes (2)")
+    ap.add_argument("--repeat", type=int, default=1, help="saturation runs (1)")
     ap.add_argument("--concurrency", type=int, default=50, help="IDs in flight per worker (50)")
     ap.add_argument("--scale", default="1,2,4,8", help="worker counts for scaling (1,2,4,8)")
     ap.add_argument("--scale-ids", type=int, default=10_000, help="IDs per scaling run (10000)")
@@ -228,12 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             with SimWorld(WorldConfig(n_proxies=0, api=api, ids=n_ids, out_dir=tmp / "w1")) as w:
                 ids = ids_subset(w, args.ids, tmp)
                 budget = args.ids / (rate.per_second * 0.9) + 120
-                row = backfill(
-                    w, "saturation", ids, args.ids, args.limit, args.workers,
-                    args.concurrency, tmp, budget,
-                )  # fmt: skip
-                rows.append(row)
-                print(json.dumps(asdict(row)), file=sys.stderr)
+                for _ in range(args.repeat):
+                    row = backfill(
+                        w, "saturation", ids, args.ids, args.limit, args.workers,
+                        args.concurrency, tmp, budget,
+                    )  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps(asdict(row)), file=sys.stderr)
         if "fast" not in skip:
             api = ApiConfig()  # no server limit, 5–25 ms
             with SimWorld(WorldConfig(n_proxies=0, api=api, ids=n_ids, out_dir=tmp / "w2")) as w:

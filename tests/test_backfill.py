@@ -659,3 +659,49 @@ def test_a_million_ids_plan_without_holding_the_list(tmp_path: Path) -> None:
     # A set of a million such strings alone would be ~110 MB.
     assert big_run["peak_mb"] < small_run["peak_mb"] + 10, (small_run, big_run)
     assert big_run["peak_mb"] < 80
+
+
+# --- small pieces -----------------------------------------------------------------------------
+
+
+def test_byte_order_mark_and_crlf_are_not_part_of_ids(tmp_path: Path) -> None:
+    from engine.jobs.backfill import _check_ids_file, iter_ids
+
+    text = tmp_path / "ids.txt"
+    text.write_bytes(b"\xef\xbb\xbfdid:plc:a\r\ndid:plc:b\r\n\r\n")
+    assert [line.item_id for line in iter_ids(text)] == ["did:plc:a", "did:plc:b", None]
+    table = tmp_path / "ids.csv"
+    table.write_bytes(b"\xef\xbb\xbfdid,n\r\nx1,1\r\nx2,2\r\n")
+    _check_ids_file(str(table), "did")  # the BOM is not part of the header's first name
+    assert [line.item_id for line in iter_ids(table, "did")] == ["x1", "x2"]
+
+
+def test_header_values_from_the_environment_are_masked_in_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from engine.jobs.backfill import BackfillExecutor, BackfillJob
+    from engine.ratelimit import MemoryLimiter
+
+    monkeypatch.setenv("FF_TEST_TOKEN", "Bearer abcdefgh12345678")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("a\n")
+    prepared = BackfillJob(Settings()).prepare(
+        {
+            "ids_file": str(ids),
+            "url_template": "http://127.0.0.1:9/u/{id}",
+            "rate_limit": "10/1s",
+            "headers": ["Authorization=env:FF_TEST_TOKEN"],
+        }
+    )
+    assert "abcdefgh" not in json.dumps(prepared)
+
+    async def main() -> str:
+        ex = BackfillExecutor(prepared, 1, MemoryLimiter())
+        try:
+            return ex.redact("HTTP 401: got Bearer abcdefgh12345678 (token abcdefgh12345678)")
+        finally:
+            await ex.aclose()
+
+    assert asyncio.run(main()) == "HTTP 401: got *** (token ***)"

@@ -155,7 +155,7 @@ def _check_ids_file(source: Any, id_column: str | None) -> Path:
     if path.suffix.lower() == ".csv" and not id_column:
         raise ValueError(f"--ids {source}: a CSV file; name the ID column with --id-column")
     if id_column:
-        first = head.decode("utf-8", "replace").splitlines()[0] if head else ""
+        first = head.decode("utf-8-sig", "replace").splitlines()[0] if head else ""
         header = next(csv.reader([first]), [])
         if id_column not in [h.strip() for h in header]:
             raise ValueError(
@@ -200,7 +200,8 @@ def iter_ids(
 ) -> Iterator[IdLine]:
     """Stream a text file (one ID a line, ``#`` comments) or a CSV column, numbered from 1."""
     pattern = re.compile(id_pattern) if id_pattern else None
-    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first ID
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         if id_column is None:
             for n, line in enumerate(fh, 1):
                 if line.lstrip().startswith("#"):
@@ -439,12 +440,28 @@ class BackfillExecutor(Executor):
         self.limiter = limiter
         self.gate = Gate(limiter)
         self._aiohttp = aiohttp
+        headers = resolve_headers(params.get("headers") or [])
+        # Values from the environment never reach storage, even when an API echoes them back
+        # in an error page: they are masked in every stored error text.
+        self._secrets = [
+            headers[h["name"]]
+            for h in params.get("headers") or []
+            if h.get("env") and headers[h["name"]]
+        ]
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=float(params["timeout_s"])),
-            headers=resolve_headers(params.get("headers") or []),
+            headers=headers,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+            for part in secret.split():  # "Bearer <token>": the token alone, too
+                if len(part) >= 8:
+                    text = text.replace(part, "***")
+        return text
 
     def url_for(self, item_id: str) -> str:
         return self.template.replace("{id}", quote(item_id, safe=SAFE_IN_PATH))
@@ -471,6 +488,8 @@ class BackfillExecutor(Executor):
             except (self._aiohttp.ClientError, OSError) as exc:
                 outcome, error, retry = "network", f"{type(exc).__name__}: {exc}"[:500], True
             elapsed = (time.perf_counter() - began) * 1000
+            if error and self._secrets:
+                error = self.redact(error)
             data = {
                 "http_status": status,
                 "body": body,
