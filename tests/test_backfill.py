@@ -240,8 +240,11 @@ def test_cli_rejects_bad_input_with_clear_messages(world: SimWorld, tmp_path: Pa
         (["--ids", str(csv_file), *base, "--id-column", "id"], "not in the header"),
         (["--url-template", world.api_template], "--ids FILE"),
     ]
-    for args, message in cases:
-        out = cli("backfill", "--db", db, *args)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # each is a fresh interpreter: run them side by side
+        outs = list(pool.map(lambda case: cli("backfill", "--db", db, *case[0]), cases))
+    for (args, message), out in zip(cases, outs, strict=True):
         assert out.returncode == 2, (args, out.stderr)
         assert message in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
