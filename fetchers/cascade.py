@@ -414,7 +414,6 @@ class Fetcher:
             api=api,
         )
         attempts: list[Attempt] = []
-        stop = False
         for index, name in enumerate(order):
             m = self.method(name)
             method_rules = replace(rules, expect_json=True) if name == "api" else rules
@@ -428,11 +427,8 @@ class Fetcher:
                 if self.cache is not None and use_cache:
                     self.cache.put(cache_key, result)
                 return result
-            last = attempts[-1] if attempts else None
-            if last is not None and last.error_type == ErrorType.NOT_FOUND:
-                stop = True
-            if stop:
-                break
+            if attempts and attempts[-1].error_type == ErrorType.NOT_FOUND:
+                break  # the site says it does not exist: no other method will find it
         self.stats["failed"] += 1
         return self._failure(url, attempts, began, country)
 

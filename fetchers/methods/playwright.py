@@ -46,7 +46,7 @@ __all__ = ["PlaywrightMethod"]
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.2
+_POLL_S = 0.1
 
 
 @dataclass(eq=False)
@@ -236,11 +236,11 @@ class PlaywrightMethod(FetchMethod):
         settle = Settle(bool(request.wait_selector), limit)
         content = ""
         while True:
-            try:
-                content = await page.content()
+            try:  # selector first: once it is there the document stays, and is what we read
                 has = bool(request.wait_selector) and (
                     await page.query_selector(request.wait_selector) is not None
                 )
+                content = await page.content()
             except Exception:  # navigating right now: the document is being replaced
                 content, has = "", False
             if content:

@@ -46,7 +46,7 @@ __all__ = ["SeleniumMethod"]
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.2
+_POLL_S = 0.1
 _STATUS_JS = (
     "const e = performance.getEntriesByType('navigation');"
     "return e.length ? (e[e.length - 1].responseStatus || 0) : 0;"
@@ -178,12 +178,12 @@ class SeleniumMethod(FetchMethod):
         settle = Settle(bool(request.wait_selector), limit)
         content, status = "", 0
         while True:
-            try:
-                content = driver.page_source
-                status = int(driver.execute_script(_STATUS_JS) or 0)
+            try:  # selector first: once it is there the document stays, and is what we read
                 has = bool(request.wait_selector) and bool(
                     driver.find_elements(By.CSS_SELECTOR, request.wait_selector)
                 )
+                status = int(driver.execute_script(_STATUS_JS) or 0)
+                content = driver.page_source
             except Exception:  # the document is being replaced (a challenge reloading)
                 content, has = "", False
             if content:
