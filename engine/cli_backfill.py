@@ -103,6 +103,12 @@ def add_commands(sub: Any) -> None:
         metavar="RUN_ID",
         help="finish an earlier backfill (stopped, failed, or left running by a killed CLI)",
     )
+    b.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: fetch again the IDs stored as failed (after a wrong token, an "
+        "outage), also for a completed run",
+    )
     b.set_defaults(func=_exit_2_on_user_error(cmd_backfill))
 
     r = sub.add_parser(
@@ -171,6 +177,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                 f"with; drop {', '.join(given)} (or start a new backfill without --resume)"
             )
         return resume_backfill(args)
+    if args.retry_failed:
+        raise UserError("--retry-failed goes with --resume RUN_ID")
     params = backfill_params(args)
     # Check the parameters before a coordinator and its pool start (fast exit 2).
     try:
@@ -209,6 +217,22 @@ def resume_backfill(args: argparse.Namespace) -> int:
             run = runs.get_run(conn, run_id)
         if run is None:
             raise UserError(f"no run with id {run_id}: `python -m engine.run status` lists runs")
+        retried = 0
+        if args.retry_failed:
+            if run.kind != "backfill":
+                raise UserError(
+                    f"run {run_id} is a {run.kind} run; --retry-failed is for backfills"
+                )
+            if run.status in ("running", "stopping") and not db.is_duckdb:
+                raise UserError(
+                    f"run {run_id} is {run.status}; stop it first (`python -m engine.run stop "
+                    f"{run_id}`), then --resume --retry-failed"
+                )
+            retried = retry_failed(db, run_id, run.params)
+            if retried and run.status == "completed":
+                run.status = "running"  # retry_failed reopened it
+            if not args.json:
+                print(f"run {run_id}: {retried:,} failed ID(s) queued again", file=sys.stderr)
         if run.status == "completed":
             summary = run_summary(db, run_id)
             emit(args, summary, format_summary(summary))
@@ -252,6 +276,51 @@ def resume_backfill(args: argparse.Namespace) -> int:
         db.dispose()
     emit(args, summary, format_summary(summary))
     return EXIT_OK if summary["status"] == "completed" else EXIT_NOT_COMPLETED
+
+
+def retry_failed(db: Any, run_id: int, params: dict[str, Any], page: int = 10_000) -> int:
+    """Queue the IDs a run stored as failed as new tasks and forget those results (one
+    transaction); a completed run is reopened. Returns how many IDs were queued."""
+    import sqlalchemy as sa
+
+    from engine.settings import Settings
+    from storage import backfill as store
+    from storage import queue as q
+    from storage import runs
+    from storage.bulk import fetch_all
+    from storage.clock import utcnow
+    from storage.schema import runs as runs_table
+    from storage.schema import tasks
+
+    batch = int(params.get("batch_size") or 50)
+    max_attempts = Settings().max_attempts
+    queued = 0
+    with db.begin() as conn:
+        seq = int(
+            fetch_all(conn, sa.select(sa.func.max(tasks.c.seq)).where(tasks.c.run_id == run_id))[0][
+                0
+            ]
+            or 0
+        )
+        after = None
+        n_tasks = 0
+        while ids := store.failed_ids_after(conn, run_id, after, page):
+            after = ids[-1]
+            chunk = [ids[k : k + batch] for k in range(0, len(ids), batch)]
+            q.add_tasks(conn, run_id, chunk, seq + 1, max_attempts)
+            seq += len(chunk)
+            n_tasks += len(chunk)
+            queued += len(ids)
+        if not queued:
+            return 0
+        store.forget_failed(conn, run_id)
+        runs.add_planned(conn, run_id, 0, n_tasks)  # the IDs were counted when planned
+        conn.execute(
+            sa.update(runs_table)
+            .where(runs_table.c.id == run_id, runs_table.c.status == "completed")
+            .values(status="running", finished_at=None, error=None, updated_at=utcnow())
+        )
+    return queued
 
 
 def take_over(db: Any, run_id: int) -> int:

@@ -302,3 +302,26 @@ def missing_count(conn: sa.Connection, run_id: int) -> int:
         {"r": run_id},
     )
     return int(rows[0][0])
+
+
+def failed_ids_after(conn: sa.Connection, run_id: int, after: str | None, limit: int) -> list[str]:
+    """IDs stored as failed for a run, in ID order after ``after`` (keyset paging)."""
+    stmt = (
+        sa.select(backfill_items.c.item_id)
+        .where(backfill_items.c.run_id == run_id, backfill_items.c.status == "failed")
+        .order_by(backfill_items.c.item_id)
+        .limit(limit)
+    )
+    if after is not None:
+        stmt = stmt.where(backfill_items.c.item_id > after)
+    return [r[0] for r in fetch_all(conn, stmt)]
+
+
+def forget_failed(conn: sa.Connection, run_id: int) -> int:
+    """Delete a run's failed results so their IDs can be fetched again; returns how many."""
+    res = conn.execute(
+        sa.delete(backfill_items).where(
+            backfill_items.c.run_id == run_id, backfill_items.c.status == "failed"
+        )
+    )
+    return int(res.rowcount or 0)

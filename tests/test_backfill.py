@@ -439,6 +439,27 @@ def test_kill_9_whole_cli_then_resume_finishes_exactly_once(
     assert again.returncode == 0 and json.loads(again.stdout)["status"] == "completed"
 
 
+def test_wrong_token_then_retry_failed_fetches_them_again(world: SimWorld, tmp_path: Path) -> None:
+    """Every ID refused (401) is a completed run with every ID failed; after fixing the token,
+    `--resume --retry-failed` fetches the failed IDs again and each is stored once."""
+    ids_file = subset(world, tmp_path, 120)
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    args = ["--url-template", world.api_template, "--rate-limit", "200/1s", "--header", AUTH]
+    wrong = cli(
+        "backfill", "--db", db, "--ids", str(ids_file), *args, "--json",
+        env={"SIM_API_TOKEN": "Bearer wrong-token"},
+    )  # fmt: skip
+    assert wrong.returncode == 0, wrong.stderr
+    first = json.loads(wrong.stdout)
+    assert first["counts"]["failed"] == 120 and first["counts"]["outcomes"] == {"client_error": 120}
+    again = cli("backfill", "--db", db, "--resume", "1", "--retry-failed", "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["status"] == "completed" and summary["counts"]["done"] == 120
+    assert_exactly_the_input(db, 1, ids_of(ids_file))
+    assert "wrong-token" not in json.dumps(stored(db, 1))
+
+
 def _is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
