@@ -17,30 +17,10 @@ IDs that failed for good (404, 500 after retries), which are counted as failed a
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from storage.errors import DatabaseLockedError
-
-
-def _exit_2_on_user_error(fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
-    """``python -m engine.run`` runs run.py as ``__main__``, so its ``main()`` catches
-    ``__main__.UserError``, not the ``engine.run.UserError`` that ``run_job`` and this module
-    raise: report it here exactly as ``main()`` would (message, exit code 2)."""
-
-    @functools.wraps(fn)
-    def guarded(args: argparse.Namespace) -> int:
-        from engine.run import EXIT_USAGE, UserError
-
-        try:
-            return fn(args)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return guarded
 
 
 def add_commands(sub: Any) -> None:
@@ -109,7 +89,7 @@ def add_commands(sub: Any) -> None:
         help="with --resume: fetch again the IDs stored as failed (after a wrong token, an "
         "outage), also for a completed run",
     )
-    b.set_defaults(func=_exit_2_on_user_error(cmd_backfill))
+    b.set_defaults(func=cmd_backfill)
 
     r = sub.add_parser(
         "report",
@@ -120,7 +100,7 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--db", help="database URL or DuckDB path")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("run_id", type=int)
-    r.set_defaults(func=_exit_2_on_user_error(cmd_report))
+    r.set_defaults(func=cmd_report)
 
 
 def backfill_params(args: argparse.Namespace) -> dict[str, Any]:

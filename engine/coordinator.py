@@ -70,6 +70,8 @@ class Coordinator:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Coordinator:
+        if self.db.is_duckdb:
+            self._take_over_orphans()
         if self.db.is_duckdb and self.db.engine.url.database not in (None, "", ":memory:"):
             self.control = ControlServer(control_path(self.db.engine.url.database), self)
             self.control.start()
@@ -77,6 +79,18 @@ class Coordinator:
         self._thread = threading.Thread(target=self._serve, name="coordinator", daemon=True)
         self._thread.start()
         return self
+
+    def _take_over_orphans(self) -> None:
+        """With DuckDB this process alone holds the file, so every lease still in it belongs
+        to a coordinator that was killed: re-queue those tasks now instead of waiting for
+        their leases to expire, and mark the old workers dead."""
+        with self.db.begin() as conn:
+            leased = q.expired_leases(conn, include_live=True)
+            q.fail(conn, [t for t, _ in leased], "coordinator restarted", backoff_seconds=0)
+            for worker_id in q.stale_workers(conn, older_than_s=0):
+                q.end_worker(conn, worker_id, "dead", "its coordinator was killed")
+        if leased:
+            log.warning("re-queued %d task(s) left leased by a killed coordinator", len(leased))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Graceful: workers finish in-flight items and hand their tasks back."""

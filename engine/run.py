@@ -314,10 +314,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     coordinator = Coordinator(db, settings, log_level=args.log_level).start()
     try:
-        try:
-            coordinator.command(args.run_id, "resume", source="cli")
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        from storage.runs import get_run
+
+        with db.connect() as conn:
+            run = get_run(conn, args.run_id)
+        if run is not None and run.status == "running" and db.is_duckdb:
+            # Its coordinator was killed (nobody else can hold the file): this one has
+            # re-queued the orphaned leases and takes the run over as it is.
+            print(
+                f"taking over run {args.run_id}, left running by a killed process", file=sys.stderr
+            )
+        else:
+            try:
+                coordinator.command(args.run_id, "resume", source="cli")
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
         summary = follow_run(db, coordinator, args.run_id, args)
     finally:
         coordinator.shutdown()
@@ -567,4 +578,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m engine.run` loads this file as __main__; run the importable module's main
+    # instead, so the UserError that other modules raise is the class main() catches.
+    from engine import run as _importable
+
+    sys.exit(_importable.main())

@@ -210,16 +210,14 @@ def fail(
     )
 
 
-def expired_leases(conn: sa.Connection) -> list[tuple[int, str]]:
-    """(task id, worker id) of leases whose holder stopped heartbeating."""
+def expired_leases(conn: sa.Connection, include_live: bool = False) -> list[tuple[int, str]]:
+    """(task id, worker id) of leases whose holder stopped heartbeating (or all leases)."""
+    conds = [tasks.c.status == "leased"]
+    if not include_live:
+        conds.append(tasks.c.lease_until < db_now())
     return [
         (r[0], r[1])
-        for r in fetch_all(
-            conn,
-            sa.select(tasks.c.id, tasks.c.worker_id).where(
-                tasks.c.status == "leased", tasks.c.lease_until < db_now()
-            ),
-        )
+        for r in fetch_all(conn, sa.select(tasks.c.id, tasks.c.worker_id).where(*conds))
     ]
 
 

@@ -503,3 +503,30 @@ def _vm_hwm_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def test_kill_9_whole_cli_then_resume_takes_over(slow_world: SimWorld, tmp_path: Path) -> None:
+    """The coordinator itself dies: `resume` re-queues its orphaned leases at once (DuckDB:
+    nobody else can hold them) and finishes the run, each proxy stored once."""
+    db = f"duckdb:///{tmp_path / 'k9.duckdb'}"
+    proc = start_slow_validate(db, slow_world)
+    try:
+        deadline = time.monotonic() + 40
+        while True:
+            st = cli("status", "--db", db, "1", "--json")
+            if st.returncode == 0 and json.loads(st.stdout)["counts"]["done"] >= 10:
+                break
+            assert time.monotonic() < deadline, st.stderr
+            time.sleep(0.3)
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    started = time.monotonic()
+    resumed = cli("resume", "--db", db, "1", "--json", "--timeout", "1", "--concurrency", "100")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "completed"
+    assert time.monotonic() - started < 25, "orphaned leases must not wait for expiry (30 s)"
+    total, distinct = checks_of_run(db, 1)
+    assert total == distinct == len(slow_world.truth)
