@@ -217,28 +217,32 @@ def test_malformed_lines_reported_by_number_rest_loaded(world: SimWorld, tmp_pat
 # --- reliability ---------------------------------------------------------------------------
 
 
+def submit_slow_run(db: Any, s: Settings, coord: Coordinator, world: SimWorld) -> int:
+    params = {
+        "proxies_file": str(world.proxies_file),
+        "judge_url": world.judge_url,
+        "timeout_s": 1.0,
+        "batch_size": 10,
+    }
+    return submit_run(db, s, "validate", params, coord.name)
+
+
+def wait_until_done(db: Any, run_id: int, n: int, timeout_s: float = 30) -> None:
+    """Until at least ``n`` items of the run are stored (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while wait_run(db, run_id, timeout_s=0)["counts"]["done"] < n:
+        assert time.monotonic() < deadline, f"fewer than {n} items done in {timeout_s}s"
+        time.sleep(0.2)
+
+
 def test_kill_9_worker_mid_run_completes_exactly_once(slow_world: SimWorld, tmp_path: Path) -> None:
     url = f"duckdb:///{tmp_path / 'k.duckdb'}"
     db = open_database(url)
     s = settings(concurrency=20)
     coord = Coordinator(db, s).start()
     try:
-        run_id = submit_run(
-            db,
-            s,
-            "validate",
-            {
-                "proxies_file": str(slow_world.proxies_file),
-                "judge_url": slow_world.judge_url,
-                "timeout_s": 1.0,
-                "batch_size": 10,
-            },
-            coord.name,
-        )
-        deadline = time.monotonic() + 30
-        while wait_run(db, run_id, timeout_s=0)["counts"]["done"] < 20:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        run_id = submit_slow_run(db, s, coord, slow_world)
+        wait_until_done(db, run_id, 20)
         victim, pid = next(iter(coord.pool.pids().items()))
         os.kill(pid, signal.SIGKILL)
         summary = wait_run(db, run_id, timeout_s=120)
@@ -260,20 +264,8 @@ def test_stop_then_resume_loses_nothing_and_checks_nothing_twice(
     s = settings(concurrency=10)
     coord = Coordinator(db, s).start()
     try:
-        run_id = submit_run(
-            db,
-            s,
-            "validate",
-            {
-                "proxies_file": str(slow_world.proxies_file),
-                "judge_url": slow_world.judge_url,
-                "timeout_s": 1.0,
-                "batch_size": 10,
-            },
-            coord.name,
-        )
-        while wait_run(db, run_id, timeout_s=0)["counts"]["done"] < 15:
-            time.sleep(0.2)
+        run_id = submit_slow_run(db, s, coord, slow_world)
+        wait_until_done(db, run_id, 15)
         assert coord.command(run_id, "stop") == "stopping"
         stopped = wait_run(db, run_id, timeout_s=60)
         assert stopped["status"] == "stopped"
