@@ -56,7 +56,7 @@ from types import TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from sim.http11 import HEAD_END, MAX_HEAD, BadRequest, RequestHead, parse_head
+from sim.http11 import HEAD_END, MAX_HEAD, BadRequest, RequestHead, parse_head, response
 
 __all__ = [
     "GUARDS",
@@ -102,17 +102,6 @@ WORDS = (
     "Forte",
 )
 NOUNS = ("Vitamin C", "Zinc", "Balm", "Cream", "Syrup", "Tablets", "Lozenges", "Gel", "Drops")
-REASONS = {
-    200: "OK",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-}
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -344,16 +333,8 @@ def http_response(
     keep_alive: bool = True,
     head_only: bool = False,
 ) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: keep-alive" if keep_alive else "Connection: close",
-        "Server: fetchfleet-sim-shop",
-    ]
-    lines.extend(f"{k}: {v}" for k, v in extra)
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + body
+    """sim.http11.response with a shop's defaults: HTML, keep-alive."""
+    return response(status, body, content_type, extra, keep_alive, head_only)
 
 
 # -- serving -----------------------------------------------------------------------------------
