@@ -305,6 +305,17 @@ def start_slow_validate(db: str, world: SimWorld) -> subprocess.Popen[str]:
     )
 
 
+def wait_for_status_done(db: str, n: int, timeout_s: float = 40) -> None:
+    """Poll `engine.run status` from another process until run 1 has ``n`` items stored."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = cli("status", "--db", db, "1", "--json")
+        if st.returncode == 0 and json.loads(st.stdout)["counts"]["done"] >= n:
+            return
+        assert time.monotonic() < deadline, st.stderr
+        time.sleep(0.3)
+
+
 def test_ctrl_c_stops_then_status_and_resume_from_other_terminals(
     slow_world: SimWorld, tmp_path: Path
 ) -> None:
@@ -312,13 +323,7 @@ def test_ctrl_c_stops_then_status_and_resume_from_other_terminals(
     proc = start_slow_validate(db, slow_world)
     try:
         # While it runs, another terminal reaches it through the control socket.
-        deadline = time.monotonic() + 40
-        while True:
-            st = cli("status", "--db", db, "1", "--json")
-            if st.returncode == 0 and json.loads(st.stdout)["counts"]["done"] >= 5:
-                break
-            assert time.monotonic() < deadline, st.stderr
-            time.sleep(0.5)
+        wait_for_status_done(db, 5)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -503,13 +508,7 @@ def test_kill_9_whole_cli_then_resume_takes_over(slow_world: SimWorld, tmp_path:
     db = f"duckdb:///{tmp_path / 'k9.duckdb'}"
     proc = start_slow_validate(db, slow_world)
     try:
-        deadline = time.monotonic() + 40
-        while True:
-            st = cli("status", "--db", db, "1", "--json")
-            if st.returncode == 0 and json.loads(st.stdout)["counts"]["done"] >= 10:
-                break
-            assert time.monotonic() < deadline, st.stderr
-            time.sleep(0.3)
+        wait_for_status_done(db, 10)
         proc.kill()
         proc.communicate(timeout=30)
     finally:
