@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(s["tasks"].items())))
     if s.get("error"):
         lines.append(f"  error: {s['error']}")
+    if s.get("scrape"):
+        from engine.cli_scrape import format_scrape
+
+        lines.extend(format_scrape(s["scrape"]))
     return "\n".join(lines)
 
 
@@ -170,7 +175,14 @@ def validate_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def run_job(args: argparse.Namespace, kind: str, params: dict[str, Any]) -> int:
+def run_job(
+    args: argparse.Namespace,
+    kind: str,
+    params: dict[str, Any],
+    finish: Callable[[Database, dict[str, Any]], None] | None = None,
+) -> int:
+    """Submit a run, follow it to its end; ``finish`` may add to the summary before it is
+    printed (the scrape job's entities and method mix)."""
     from engine.api import submit_run
     from engine.coordinator import Coordinator
 
@@ -196,6 +208,8 @@ def run_job(args: argparse.Namespace, kind: str, params: dict[str, Any]) -> int:
             )
         print_bad_input(db, run_id)
         summary = follow_run(db, coordinator, run_id, args)
+        if finish is not None:
+            finish(db, summary)
     finally:
         coordinator.shutdown()
         db.dispose()
@@ -559,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine import cli_fetch
 
     cli_fetch.add_commands(sub)  # fetch, doctor
+
+    from engine import cli_scrape
+
+    cli_scrape.add_commands(sub)  # scrape
     return p
 
 

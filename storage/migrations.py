@@ -38,6 +38,19 @@ def _v2_backfill(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v3_scrape(conn: sa.Connection) -> None:
+    for table in (
+        schema.urls,
+        schema.entities,
+        schema.entity_attributes,
+        schema.files,
+        schema.fetch_logs,
+        schema.pipeline_steps,
+        schema.run_logs,
+    ):
+        table.create(conn, checkfirst=True)
+
+
 # (version, description, step). Append new steps; never edit released ones.
 STEPS: list[tuple[int, str, Step]] = [
     (
@@ -49,6 +62,11 @@ STEPS: list[tuple[int, str, Step]] = [
         2,
         "backfill: rate_limits, backfill_runs, backfill_inputs, backfill_items",
         _v2_backfill,
+    ),
+    (
+        3,
+        "scrape: urls, entities, entity_attributes, files, fetch_logs, pipeline_steps, run_logs",
+        _v3_scrape,
     ),
 ]
 

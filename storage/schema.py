@@ -231,4 +231,128 @@ backfill_items = sa.Table(
     sa.UniqueConstraint("run_id", "item_id", name="uq_backfill_items_run_item"),
 )
 
+# --- version 3: the scrape job, pipelines -----------------------------------------------------
+
+# The URL registry of a scrape run: one row per normalized URL (dedup), its fetch outcome.
+# Items of scrape tasks are ids of this table; a URL is stored once (status leaves `queued`).
+urls = sa.Table(
+    "urls",
+    metadata,
+    _id("urls")[1],
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("url", sa.Text, nullable=False),  # normalized (see engine.scrape_spec.normalize_url)
+    sa.Column("country", sa.String, nullable=False),  # of the spec source it came from
+    sa.Column("depth", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("parent_id", sa.BigInteger),
+    sa.Column("status", sa.String, nullable=False),  # queued, done, failed, blocked
+    sa.Column("method", sa.String),  # the fetch method that produced the page (or last tried)
+    sa.Column("http_status", sa.Integer),
+    sa.Column("bytes", sa.BigInteger),
+    sa.Column("entities", sa.Integer),  # entities extracted from the page
+    sa.Column("error_type", sa.String),
+    sa.Column("error", sa.Text),
+    sa.Column("fetched_at", sa.DateTime),
+    _created(),
+)
+sa.Index("uq_urls_run_url", urls.c.run_id, urls.c.url, unique=True).ddl_if(dialect="postgresql")
+
+# What was scraped, across runs: one row per (type, country, external id); the content hash
+# tells a changed entity (its attributes are replaced) from one seen again (only last_seen).
+entities = sa.Table(
+    "entities",
+    metadata,
+    _id("entities")[1],
+    sa.Column("entity_type", sa.String, nullable=False),
+    sa.Column("country", sa.String, nullable=False),
+    sa.Column("external_id", sa.String, nullable=False),
+    sa.Column("content_hash", sa.String, nullable=False),
+    sa.Column("source_url", sa.Text),
+    sa.Column("first_run_id", sa.BigInteger),
+    sa.Column("last_run_id", sa.BigInteger),
+    sa.Column("first_seen", sa.DateTime, nullable=False),
+    sa.Column("last_seen", sa.DateTime, nullable=False),
+)
+sa.Index(
+    "uq_entities_type_country_ext",
+    entities.c.entity_type,
+    entities.c.country,
+    entities.c.external_id,
+    unique=True,
+).ddl_if(dialect="postgresql")
+
+entity_attributes = sa.Table(
+    "entity_attributes",
+    metadata,
+    sa.Column("entity_id", sa.BigInteger, nullable=False),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("value", sa.Text),
+    sa.Column("value_type", sa.String, nullable=False),  # str, int, float, bool, url
+)
+sa.Index("ix_entity_attributes_entity", entity_attributes.c.entity_id).ddl_if(dialect="postgresql")
+
+files = sa.Table(
+    "files",
+    metadata,
+    _id("files")[1],
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("entity_id", sa.BigInteger),
+    sa.Column("page_url", sa.Text),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("path", sa.Text),  # where the bytes are, relative to the files directory
+    sa.Column("sha256", sa.String),
+    sa.Column("bytes", sa.BigInteger),
+    sa.Column("content_type", sa.String),
+    sa.Column("status", sa.String, nullable=False),  # stored, too_large, failed
+    sa.Column("error", sa.Text),
+    _created(),
+)
+
+# Every attempt of every fetch of a scrape run (the cascade's `Attempt`s), proxies redacted.
+fetch_logs = sa.Table(
+    "fetch_logs",
+    metadata,
+    _id("fetch_logs")[1],
+    sa.Column("run_id", sa.BigInteger),
+    sa.Column("task_id", sa.BigInteger),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("method", sa.String, nullable=False),
+    sa.Column("proxy", sa.String),
+    sa.Column("status", sa.Integer),
+    sa.Column("bytes", sa.BigInteger),
+    sa.Column("ms", sa.Float),
+    sa.Column("error_type", sa.String),
+    sa.Column("blocked_reason", sa.String),
+    sa.Column("country", sa.String),
+    _created(),
+)
+sa.Index("ix_fetch_logs_created", fetch_logs.c.created_at).ddl_if(dialect="postgresql")
+
+# Pipelines (engine.pipeline): which step a run is at, each step's outcome, and the run log
+# (a script step's output, line by line).
+pipeline_steps = sa.Table(
+    "pipeline_steps",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("status", sa.String, nullable=False),  # pending, running, done, failed, stopped
+    sa.Column("started_at", sa.DateTime),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("message", sa.Text),
+    sa.PrimaryKeyConstraint("run_id", "position", name="pk_pipeline_steps"),
+)
+
+run_logs = sa.Table(
+    "run_logs",
+    metadata,
+    _id("run_logs")[1],
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("step", sa.String),
+    sa.Column("stream", sa.String, nullable=False),  # stdout, stderr, engine
+    sa.Column("line", sa.Text, nullable=False),
+    _created(),
+)
+sa.Index("ix_run_logs_run", run_logs.c.run_id).ddl_if(dialect="postgresql")
+
 TABLES: dict[str, sa.Table] = {t.name: t for t in metadata.sorted_tables}

@@ -10,6 +10,7 @@ from engine.settings import Settings
 KINDS: dict[str, str] = {
     "validate": "engine.jobs.validate:ValidateJob",
     "backfill": "engine.jobs.backfill:BackfillJob",
+    "scrape": "engine.jobs.scrape:ScrapeJob",
 }
 
 

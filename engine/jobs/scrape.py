@@ -1,0 +1,394 @@
+"""The ``scrape`` job kind: pages through the fetcher cascade, entities out of them.
+
+Items are ids of the run's ``urls`` registry. Planning registers the spec's start URLs; each
+executed page hands back its entities, the links it follows (normalized, filtered by the
+spec) and its downloaded files; storing a page registers its new links and queues them as
+tasks in the same transaction (``storage.scrape``), so the run grows as it discovers pages
+and cannot complete while one is still unqueued. A page is stored once per run (its URL row
+leaves ``queued``); an entity once per (type, country, external id) across runs.
+
+Each worker process holds one `fetchers.Fetcher` per run: one browser per method reused
+across pages, the per-domain memory of which method works, politeness limits, and the proxy
+pool when the run uses one. The spec travels with the run as TOML text (it holds no secrets;
+API tokens are environment-variable names), so workers need no spec file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+
+from engine.jobs.base import Executor, JobKind
+from engine.model import ItemResult
+from engine.scrape_spec import (
+    ScrapeSpec,
+    load_spec,
+    normalize_url,
+    parse_spec,
+    read_start_urls,
+)
+from storage import scrape as store
+from storage.bulk import fetch_all
+from storage.clock import utcnow
+from storage.db import Database
+from storage.schema import runs
+
+log = logging.getLogger(__name__)
+
+PLAN_CHUNK = 5_000  # start URLs registered per transaction
+MAX_PROXIES = 10_000
+
+
+class ScrapeJob(JobKind):
+    name = "scrape"
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self._contexts: dict[int, store.StoreContext] = {}
+
+    def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``spec`` (a path) or ``spec_text``; optional ``country``, ``methods``,
+        ``max_pages``, ``proxies`` (a status like "active" to route through the stored pool),
+        ``strategy``."""
+        if params.get("spec_text"):
+            spec = parse_spec(params["spec_text"], params.get("spec_name") or "spec")
+            base_dir = Path(params.get("base_dir") or ".").resolve()
+            text = params["spec_text"]
+        elif params.get("spec"):
+            path = Path(params["spec"])
+            spec = load_spec(path)
+            base_dir = path.resolve().parent
+            text = path.read_text(encoding="utf-8")
+        else:
+            raise ValueError("give a spec: --spec FILE")
+        sources = spec.all_sources()
+        country = params.get("country")
+        if country:
+            sources = [s for s in sources if s.country.lower() == country.lower()]
+            if not sources:
+                known = ", ".join(sorted({s.country for s in spec.all_sources()}))
+                raise ValueError(f"--country {country}: the spec has sources for {known}")
+        if not spec.extract and not spec.follow.css and not spec.follow.regex:
+            raise ValueError("the spec neither extracts ([[extract]]) nor follows links ([follow])")
+        n_start = sum(len(read_start_urls(s, base_dir)) for s in sources)
+        if n_start == 0:
+            raise ValueError("the spec has no start URLs")
+        methods = params.get("methods")
+        if methods:
+            from fetchers.cascade import parse_methods
+
+            methods = parse_methods(methods)
+        max_pages = params.get("max_pages") or spec.max_pages
+        out = {
+            "spec_text": text,
+            "spec_name": spec.name,
+            "base_dir": str(base_dir),
+            "countries": sorted({s.country for s in sources}),
+            "entity_type": spec.entity_type,
+            "methods": methods,
+            "max_pages": int(max_pages) if max_pages else None,
+            "batch_size": int(params.get("batch_size") or self.settings.batch_size),
+            "files_dir": str(
+                Path(params.get("files_dir") or self.settings.data_dir / "files").resolve()
+            ),
+            "start_urls": n_start,
+        }
+        if params.get("proxies"):
+            out["proxies"] = str(params["proxies"])
+            out["strategy"] = params.get("strategy") or "adaptive"
+            out["pool_file"] = str(
+                (self.settings.data_dir / "pools" / f"{uuid.uuid4().hex}.json").resolve()
+            )
+        return out
+
+    def spec(self, params: dict[str, Any]) -> ScrapeSpec:
+        return parse_spec(params["spec_text"], params.get("spec_name") or "spec")
+
+    def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
+        spec = self.spec(params)
+        if params.get("pool_file"):
+            _write_pool_file(db, self.settings, params)
+        base_dir = Path(params["base_dir"])
+        batch = params["batch_size"]
+        for source in spec.all_sources():
+            if source.country not in params["countries"]:
+                continue
+            urls = [normalize_url(u) for u in read_start_urls(source, base_dir)]
+            for i in range(0, len(urls), PLAN_CHUNK):
+                chunk = [(u, 0, None, source.country) for u in urls[i : i + PLAN_CHUNK]]
+                with db.begin() as conn:
+                    ids = store.register_urls(conn, run_id, chunk, params.get("max_pages"))
+                for j in range(0, len(ids), batch):
+                    yield ids[j : j + batch]
+
+    def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
+        return store.load_urls(conn, run_id, refs)
+
+    def _context(self, conn: sa.Connection, run_id: int) -> store.StoreContext:
+        ctx = self._contexts.get(run_id)
+        if ctx is None:
+            params = json.loads(
+                fetch_all(conn, sa.select(runs.c.params).where(runs.c.id == run_id))[0][0]
+            )
+            spec = self.spec(params)
+            ctx = self._contexts[run_id] = store.StoreContext(
+                run_id=run_id,
+                entity_type=params["entity_type"],
+                max_pages=params.get("max_pages"),
+                max_depth=spec.follow.max_depth,
+                batch_size=params["batch_size"],
+                max_attempts=self.settings.max_attempts,
+            )
+        return ctx
+
+    def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
+        if not results:
+            return 0
+        ctx = self._context(conn, results[0].run_id)
+        return store.store_pages(
+            conn, ctx, [(r.task_id, r.worker_id, r.data["page"]) for r in results]
+        )
+
+    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
+        return store.outcome_counts(conn, run_id)
+
+    def ok_outcomes(self) -> set[str]:
+        return {"done"}
+
+    async def open_executor(self, params: dict[str, Any]) -> Executor:
+        from fetchers.cascade import Fetcher
+        from fetchers.config import FetchSettings
+
+        spec = self.spec(params)
+        overrides: dict[str, Any] = {}
+        if spec.fetch.timeout_s:
+            overrides["fetch_timeout_s"] = spec.fetch.timeout_s
+        fsettings = FetchSettings(**overrides)
+        pool = _read_pool_file(params, self.settings) if params.get("pool_file") else None
+        fetcher = Fetcher(fsettings, pool=pool)
+        return ScrapeExecutor(spec, params, fetcher)
+
+
+def _write_pool_file(db: Database, settings: Any, params: dict[str, Any]) -> None:
+    """Snapshot the stored proxies the run routes through for the local workers (they cannot
+    open the DuckDB file the coordinator holds). Passwords stay Fernet tokens, as stored."""
+    from storage.schema import proxies
+
+    with db.connect() as conn:
+        rows = fetch_all(
+            conn,
+            sa.select(
+                proxies.c.protocol,
+                proxies.c.scheme,
+                proxies.c.host,
+                proxies.c.port,
+                proxies.c.username,
+                proxies.c.password_enc,
+            )
+            .where(proxies.c.status == params["proxies"])
+            .order_by(proxies.c.latency_ms.nulls_last())
+            .limit(MAX_PROXIES),
+        )
+    if not rows:
+        raise ValueError(
+            f"--proxies {params['proxies']}: no stored proxy has that status; validate a list "
+            "first (`python -m engine.run validate --proxies FILE`)"
+        )
+    path = Path(params["pool_file"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([list(r) for r in rows]))
+    path.chmod(0o600)
+
+
+def _read_pool_file(params: dict[str, Any], settings: Any) -> Any:
+    from fetchers.pool import ProxyPool
+    from fetchers.proxy_parse import ProxySpec
+    from storage.secrets import SecretBox
+
+    box = SecretBox.load(settings.secret_key, settings.secret_key_file)
+    specs = []
+    for protocol, scheme, host, port, username, password_enc in json.loads(
+        Path(params["pool_file"]).read_text()
+    ):
+        specs.append(
+            ProxySpec(
+                scheme=protocol or scheme or "http",
+                host=host,
+                port=int(port),
+                username=username,
+                password=box.decrypt(password_enc),
+            )
+        )
+    return ProxyPool(specs, params.get("strategy") or "adaptive")
+
+
+class ScrapeExecutor(Executor):
+    """One page: fetch through the cascade, extract, validate, follow, download files."""
+
+    def __init__(self, spec: ScrapeSpec, params: dict[str, Any], fetcher: Any) -> None:
+        from fetchers.extract import make_extractor
+        from fetchers.validation import ValidationRules
+
+        self.spec = spec
+        self.fetcher = fetcher
+        self.files_dir = Path(params["files_dir"])
+        self.methods: dict[str, list[str] | None] = {}
+        override = params.get("methods")
+        for source in spec.all_sources():
+            self.methods[source.country] = override or source.methods or spec.methods
+        self.rules = ValidationRules(
+            min_length=spec.fetch.min_length,
+            required_selectors=tuple(spec.fetch.required_selectors),
+        )
+        follow = spec.follow
+        self._follow = make_extractor([], None, None, follow.css, follow.regex)
+        self._extractors = [
+            (e, make_extractor(e.rules(), e.list, e.list_xpath, follow.css, follow.regex))
+            for e in spec.extract
+        ]
+        self._types = {name: f.type for e in spec.extract for name, f in e.fields.items()}
+        self._patterns = {k: re.compile(v) for k, v in spec.validate_.patterns.items()}
+        self._required = list(dict.fromkeys([spec.id_field, *spec.validate_.required]))
+
+    async def execute(self, item: store.UrlItem) -> tuple[bool, str, dict[str, Any]]:
+        fetched_at = utcnow()
+        res = await self.fetcher.fetch(
+            item.url,
+            country=item.country,
+            method=self.methods.get(item.country),
+            rules=self.rules,
+        )
+        page = store.PageResult(
+            url_id=item.id,
+            url=item.url,
+            depth=item.depth,
+            country=item.country,
+            status="done" if res.success else "failed",
+            method=res.method_used,
+            http_status=res.status,
+            bytes=len(res.content),
+            fetched_at=fetched_at,
+            attempts=[
+                (
+                    a.method,
+                    a.proxy,
+                    a.status,
+                    a.bytes,
+                    round(a.ms, 1),
+                    str(a.error_type) if a.error_type else None,
+                    a.blocked_reason,
+                )
+                for a in res.attempts
+            ],
+        )
+        if not res.success:
+            if res.error_type is not None and str(res.error_type) in ("blocked", "invalid"):
+                page.status = "blocked"
+            page.error_type = str(res.error_type) if res.error_type else "failed"
+            page.error = res.blocked_reason or res.error
+            return False, page.status, {"page": page}
+        base = res.final_url or item.url
+        self._extract(page, res.content, base)
+        if self.spec.follow.css or self.spec.follow.regex:
+            page.links = self._links(res.content, base)
+        if self.spec.files:
+            await self._download(page, res.content, base)
+        return True, "done", {"page": page}
+
+    def _extract(self, page: store.PageResult, content: bytes, url: str) -> None:
+        chosen = next(
+            (ex for e, ex in self._extractors if e.match is None or re.search(e.match, url)), None
+        )
+        if chosen is None:
+            return
+        for i, (values, problem) in enumerate(chosen.extract(content, url)):
+            key = values.get(self.spec.id_field) or f"#{i + 1}"
+            missing = [f for f in self._required if not values.get(f)]
+            if missing:
+                page.invalid.append((key, f"missing {', '.join(missing)}"))
+                continue
+            if problem:
+                page.invalid.append((key, problem))
+                continue
+            bad = [
+                f"{name} {values.get(name)!r} does not match {p.pattern!r}"
+                for name, p in self._patterns.items()
+                if values.get(name) is not None and not p.search(values[name] or "")
+            ]
+            if bad:
+                page.invalid.append((key, "; ".join(bad)))
+                continue
+            attrs = [(k, v, self._types.get(k, "str")) for k, v in values.items()]
+            digest = hashlib.sha1(
+                "\x1f".join(f"{k}={v}" for k, v, _ in sorted(attrs)).encode()
+            ).hexdigest()[:16]
+            page.entities.append(store.Entity(str(values[self.spec.id_field]), digest, attrs, url))
+
+    def _links(self, content: bytes, url: str) -> list[str]:
+        here = urlsplit(url).hostname
+        out: dict[str, None] = {}
+        for link in self._follow.links(content, url):
+            parts = urlsplit(link)
+            if parts.scheme not in ("http", "https"):
+                continue
+            if self.spec.follow.same_domain and parts.hostname != here:
+                continue
+            out[normalize_url(link)] = None
+        return list(out)
+
+    async def _download(self, page: store.PageResult, content: bytes, url: str) -> None:
+        from fetchers.validation import ValidationRules
+
+        owner = page.entities[0].external_id if len(page.entities) == 1 else None
+        for files in self.spec.files:
+            for link in dict.fromkeys(self._follow.hrefs(content, url, files.css)):
+                res = await self.fetcher.fetch(
+                    link,
+                    country=page.country,
+                    method="http",
+                    rules=ValidationRules(min_length=1, detect_blocks=False),
+                    use_cache=False,
+                )
+                ctype = res.headers.get("content-type")
+                if not res.success:
+                    page.files.append(
+                        (link, None, None, None, ctype, "failed", res.error or "", owner)
+                    )
+                    continue
+                data = res.content
+                if len(data) > files.max_bytes:
+                    page.files.append(
+                        (
+                            link,
+                            None,
+                            None,
+                            len(data),
+                            ctype,
+                            "too_large",
+                            f"{len(data):,} bytes > max_bytes {files.max_bytes:,}",
+                            owner,
+                        )
+                    )
+                    continue
+                digest = hashlib.sha256(data).hexdigest()
+                suffix = Path(urlsplit(link).path).suffix[:10]
+                rel = f"{digest[:2]}/{digest}{suffix}"
+                target = self.files_dir / rel
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(target.name + ".part")
+                    tmp.write_bytes(data)
+                    tmp.replace(target)
+                page.files.append((link, rel, digest, len(data), ctype, "stored", None, owner))
+
+    async def aclose(self) -> None:
+        await self.fetcher.aclose()

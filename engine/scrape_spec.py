@@ -1,0 +1,325 @@
+"""The scrape spec: a TOML file that says what to fetch, what to follow and what to extract.
+
+```toml
+name = "malaysia_pharmacy"
+country = "Malaysia"            # or several [[sources]] with their own country
+entity_type = "product"
+start_urls = ["https://shop.example/catalog?page=1"]   # or start_urls_file = "urls.txt"
+methods = ["http", "playwright"]   # optional: this spec's fetch order (else the country's)
+max_pages = 5000                   # optional cap on the pages of one run
+id_field = "id"                    # the field that is the entity's external id
+
+[follow]                           # optional: which links to follow
+css = ["a.next", "a.product-link"]
+regex = []                         # URL regexes, matched against every <a href>
+max_depth = 10
+same_domain = true
+
+[[extract]]                        # one or more; the first whose `match` fits the URL is used
+match = "/catalog"                 # optional regex on the page URL
+list = "li.product"                # optional: one entity per match (CSS; or list_xpath)
+[extract.fields]
+id = { attr = "data-id" }
+name = ".name"                     # a string is a CSS selector, its text
+price = { css = ".price", type = "float" }
+sku = { xpath = ".//span[@class='sku']/text()" }
+
+[validate]                         # optional: entities failing these are reported, not stored
+required = ["id", "name", "price"]
+patterns = { price = '^\\d+(\\.\\d+)?$' }
+
+[fetch]                            # optional: what a good page looks like (else: next method)
+required_selectors = ["main"]
+min_length = 200
+
+[[files]]                          # optional: files to download (PDFs, images)
+css = "a.leaflet"
+max_bytes = 5_000_000
+```
+
+Errors name the file, the line and column (TOML syntax) or the field path (`extract[0].fields.price.type`).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fetchers.extract import TYPES, FieldRule
+
+__all__ = ["ScrapeSpec", "SpecError", "load_spec", "normalize_url", "parse_spec"]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message says where and what to change."""
+
+
+def normalize_url(url: str) -> str:
+    """The registry key of a URL: scheme and host lower-cased, default port and fragment
+    dropped, an empty path made "/". The query keeps its order (it can be meaningful)."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port and not ((scheme == "http" and port == 80) or (scheme == "https" and port == 443)):
+        host = f"{host}:{port}"
+    if parts.username:
+        userinfo = parts.username + (f":{parts.password}" if parts.password else "")
+        host = f"{userinfo}@{host}"
+    return urlunsplit((scheme, host, parts.path or "/", parts.query, ""))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldSpec(_Model):
+    css: str | None = None
+    xpath: str | None = None
+    attr: str | None = None
+    type: str = "str"
+    regex: str | None = None
+    all: bool = False
+    sep: str = " | "
+
+    @model_validator(mode="after")
+    def _check(self) -> FieldSpec:
+        if self.css and self.xpath:
+            raise ValueError("give css or xpath, not both")
+        if not (self.css or self.xpath or self.attr):
+            raise ValueError("give css, xpath or attr")
+        if self.type not in TYPES:
+            raise ValueError(f"type {self.type!r}: use one of {', '.join(TYPES)}")
+        if self.regex:
+            re.compile(self.regex)
+        if self.css:
+            _check_css(self.css)
+        if self.xpath:
+            _check_xpath(self.xpath)
+        return self
+
+
+class ExtractSpec(_Model):
+    match: str | None = None
+    list: str | None = None
+    list_xpath: str | None = None
+    fields: dict[str, FieldSpec]
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: {"css": x} if isinstance(x, str) else x for k, x in v.items()}
+        return v
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            re.compile(v)
+        return v
+
+    @field_validator("list")
+    @classmethod
+    def _css(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_css(v)
+        return v
+
+    def rules(self) -> list[FieldRule]:
+        return [FieldRule(name=k, **f.model_dump()) for k, f in self.fields.items()]
+
+
+class FollowSpec(_Model):
+    css: list[str] = Field(default_factory=list)
+    regex: list[str] = Field(default_factory=list)
+    max_depth: int = Field(10, ge=0, le=10_000)
+    same_domain: bool = True
+
+    @field_validator("css", "regex", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> FollowSpec:
+        for r in self.regex:
+            re.compile(r)
+        for c in self.css:
+            _check_css(c)
+        return self
+
+
+class ValidateSpec(_Model):
+    required: list[str] = Field(default_factory=list)
+    patterns: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("patterns")
+    @classmethod
+    def _regexes(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return v
+
+
+class FetchSpec(_Model):
+    required_selectors: list[str] = Field(default_factory=list)
+    min_length: int = Field(1, ge=0)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class FilesSpec(_Model):
+    css: list[str]
+    max_bytes: int = Field(10_000_000, ge=1)
+
+    @field_validator("css", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class SourceSpec(_Model):
+    country: str
+    start_urls: list[str] = Field(default_factory=list)
+    start_urls_file: str | None = None
+    methods: list[str] | None = None
+
+
+class ScrapeSpec(_Model):
+    name: str
+    entity_type: str = "entity"
+    country: str | None = None
+    start_urls: list[str] = Field(default_factory=list)
+    start_urls_file: str | None = None
+    sources: list[SourceSpec] = Field(default_factory=list)
+    methods: list[str] | None = None
+    max_pages: int | None = Field(None, ge=1)
+    id_field: str = "id"
+    follow: FollowSpec = Field(default_factory=FollowSpec)
+    extract: list[ExtractSpec] = Field(default_factory=list)
+    validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate")
+    fetch: FetchSpec = Field(default_factory=FetchSpec)
+    files: list[FilesSpec] = Field(default_factory=list)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> ScrapeSpec:
+        if not self.sources and not self.country:
+            raise ValueError("give `country` (with start_urls) or one or more [[sources]]")
+        if not self.sources and not (self.start_urls or self.start_urls_file):
+            raise ValueError("give start_urls = [...] or start_urls_file = 'FILE'")
+        if self.extract and not any(self.id_field in e.fields for e in self.extract):
+            raise ValueError(f"id_field {self.id_field!r} is not a field of any [[extract]]")
+        if self.methods is not None:
+            from fetchers.cascade import parse_methods
+
+            parse_methods(self.methods)
+        return self
+
+    def all_sources(self) -> list[SourceSpec]:
+        """The sources, the top-level shorthand included."""
+        out = list(self.sources)
+        if self.country and (self.start_urls or self.start_urls_file):
+            out.insert(
+                0,
+                SourceSpec(
+                    country=self.country,
+                    start_urls=self.start_urls,
+                    start_urls_file=self.start_urls_file,
+                    methods=self.methods,
+                ),
+            )
+        return out
+
+    def extract_for(self, url: str) -> ExtractSpec | None:
+        for e in self.extract:
+            if e.match is None or re.search(e.match, url):
+                return e
+        return None
+
+
+def _check_css(selector: str) -> None:
+    from cssselect import GenericTranslator, SelectorError
+
+    try:
+        GenericTranslator().css_to_xpath(selector)
+    except SelectorError as exc:
+        raise ValueError(f"CSS selector {selector!r}: {exc}") from None
+
+
+def _check_xpath(path: str) -> None:
+    from lxml import etree
+
+    try:
+        etree.XPath(path)
+    except etree.XPathSyntaxError as exc:
+        raise ValueError(f"XPath {path!r}: {exc}") from None
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + ("validate" if part == "validate_" else str(part))
+    return out or "spec"
+
+
+def parse_spec(text: str, source: str = "spec") -> ScrapeSpec:
+    """A spec from TOML text; SpecError says what is wrong and where."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return ScrapeSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (see the spec format in README.md, 'Scrape specs')"
+            problems.append(f"{_where(tuple(err['loc']))}: {msg}")
+        raise SpecError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_spec(path: str | Path) -> ScrapeSpec:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such spec file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{p}: not a text file (a spec is TOML, UTF-8)") from None
+    return parse_spec(text, str(p))
+
+
+def read_start_urls(source: SourceSpec, base_dir: Path) -> list[str]:
+    """The source's start URLs, inline and from its file (one a line, # comments), checked."""
+    urls = list(source.start_urls)
+    if source.start_urls_file:
+        path = Path(source.start_urls_file)
+        if not path.is_absolute():
+            path = base_dir / path
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise SpecError(f"start_urls_file {path}: no such file") from None
+        urls.extend(s for s in (ln.strip() for ln in lines) if s and not s.startswith("#"))
+    for i, u in enumerate(urls, 1):
+        parts = urlsplit(u)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SpecError(f"start URL {i} ({u!r}) of {source.country}: not an http(s) URL")
+    return urls

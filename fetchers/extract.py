@@ -1,0 +1,299 @@
+"""Field extraction from HTML: CSS or XPath per field, a list selector for many entities a page.
+
+Two backends behind one interface (`Extractor`): selectolax (the Lexbor engine, CSS only)
+when every selector of a spec is CSS, since it parses a catalog page several times faster
+than lxml; lxml with cssselect-compiled XPath as soon as one field needs XPath. Selectors are
+compiled once per spec, not per page.
+
+A field rule: `css` or `xpath` (relative to the list item when the spec has `list`), `attr`
+(an attribute instead of the text; with neither selector, the attribute of the list item or
+page itself), `type` (str, int, float, bool, url), `regex` (keep the first group / match),
+`all` (every match, joined by `sep`). Values that do not convert make the entity invalid with
+a reason; the caller reports it instead of storing it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urljoin
+
+__all__ = [
+    "Extractor",
+    "FieldRule",
+    "Invalid",
+    "Row",
+    "make_extractor",
+]
+
+TYPES = ("str", "int", "float", "bool", "url")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_TRUE = {"1", "true", "yes", "y", "on", "in stock", "available"}
+_FALSE = {"0", "false", "no", "n", "off", "out of stock", "unavailable"}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRule:
+    name: str
+    css: str | None = None
+    xpath: str | None = None
+    attr: str | None = None
+    type: str = "str"
+    regex: str | None = None
+    all: bool = False
+    sep: str = " | "
+
+
+class Invalid(ValueError):
+    """A value did not convert to its field's type."""
+
+
+def convert(rule: FieldRule, raw: str | None, base_url: str) -> str | None:
+    """The stored text of a value of ``rule.type`` (None stays None); raises Invalid."""
+    if raw is None:
+        return None
+    value = " ".join(raw.split())
+    if rule.regex:
+        m = re.search(rule.regex, value)
+        if not m:
+            return None
+        value = m.group(1) if m.groups() else m.group(0)
+    if rule.type == "str":
+        return value
+    if rule.type == "url":
+        return urljoin(base_url, value) if value else None
+    if rule.type == "bool":
+        low = value.lower()
+        if low in _TRUE:
+            return "true"
+        if low in _FALSE:
+            return "false"
+        raise Invalid(f"{rule.name}: {value!r} is not a yes/no value")
+    m = _NUMBER.search(value)
+    if not m:
+        raise Invalid(f"{rule.name}: no number in {value!r}")
+    number = m.group(0).replace(",", "")
+    if rule.type == "int":
+        try:
+            return str(int(float(number)))
+        except ValueError:
+            raise Invalid(f"{rule.name}: {value!r} is not an integer") from None
+    return repr(float(number)) if "." not in number else number
+
+
+# One entity: field → converted value (None when absent), and what did not convert (or None).
+Row = tuple[dict[str, str | None], str | None]
+
+
+class Extractor(Protocol):
+    def extract(self, content: bytes, url: str) -> list[Row]:
+        """One row per entity (per list item, or one for the page)."""
+        ...
+
+    def links(self, content: bytes, url: str) -> list[str]:
+        """Absolute URLs of the elements the spec follows, plus every link matching its
+        regexes."""
+        ...
+
+    def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
+        """Absolute URLs (href, else src) of elements matching CSS ``selectors``."""
+        ...
+
+
+def make_extractor(
+    fields: Sequence[FieldRule],
+    list_selector: str | None = None,
+    list_xpath: str | None = None,
+    follow_css: Sequence[str] = (),
+    follow_regex: Sequence[str] = (),
+) -> Extractor:
+    if list_xpath or any(f.xpath for f in fields):
+        return LxmlExtractor(fields, list_selector, list_xpath, follow_css, follow_regex)
+    return LexborExtractor(fields, list_selector, follow_css, follow_regex)
+
+
+def _first_group_links(urls: Iterable[str | None], base: str) -> list[str]:
+    out = []
+    for href in urls:
+        if href and not href.startswith(("javascript:", "mailto:", "tel:", "#")):
+            out.append(urljoin(base, href.strip()))
+    return out
+
+
+class LexborExtractor:
+    def __init__(
+        self,
+        fields: Sequence[FieldRule],
+        list_selector: str | None,
+        follow_css: Sequence[str],
+        follow_regex: Sequence[str],
+    ) -> None:
+        from selectolax.lexbor import LexborHTMLParser
+
+        self._parser = LexborHTMLParser
+        self.fields = tuple(fields)
+        self.list_selector = list_selector
+        self.follow_css = tuple(follow_css)
+        self.follow_regex = tuple(re.compile(r) for r in follow_regex)
+        self._cache: tuple[bytes, Any] | None = None
+
+    def _tree(self, content: bytes) -> Any:
+        # extract() and links() run on the same page: parse it once (the cache holds the
+        # content itself, so an identity match cannot be a recycled id)
+        if self._cache is not None and self._cache[0] is content:
+            return self._cache[1]
+        tree = self._parser(content)
+        self._cache = (content, tree)
+        return tree
+
+    def _value(self, node: Any, rule: FieldRule) -> str | None:
+        targets = node.css(rule.css) if rule.css else [node]
+        if not targets:
+            return None
+        if not rule.all:
+            targets = targets[:1]
+        vals = []
+        for t in targets:
+            v = t.attributes.get(rule.attr) if rule.attr else t.text(deep=True)
+            if v is not None:
+                vals.append(v)
+        if not vals:
+            return None
+        return rule.sep.join(" ".join(v.split()) for v in vals)
+
+    def extract(self, content: bytes, url: str) -> list[Row]:
+        tree = self._tree(content)
+        root = tree.root if tree.root is not None else tree
+        nodes = tree.css(self.list_selector) if self.list_selector else [root]
+        return [
+            _row(self.fields, (self._value(node, r) for r in self.fields), url) for node in nodes
+        ]
+
+    def links(self, content: bytes, url: str) -> list[str]:
+        tree = self._tree(content)
+        out = self.hrefs(content, url, self.follow_css) if self.follow_css else []
+        if self.follow_regex:
+            for a in tree.css("a[href]"):
+                href = a.attributes.get("href")
+                if href and any(r.search(urljoin(url, href)) for r in self.follow_regex):
+                    out.extend(_first_group_links([href], url))
+        return out
+
+    def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
+        tree = self._tree(content)
+        raw = []
+        for sel in selectors:
+            for node in tree.css(sel):
+                raw.append(node.attributes.get("href") or node.attributes.get("src"))
+        return _first_group_links(raw, url)
+
+
+class LxmlExtractor:
+    def __init__(
+        self,
+        fields: Sequence[FieldRule],
+        list_selector: str | None,
+        list_xpath: str | None,
+        follow_css: Sequence[str],
+        follow_regex: Sequence[str],
+    ) -> None:
+        from cssselect import GenericTranslator
+        from lxml import etree
+
+        self._etree = etree
+        tr = GenericTranslator()
+        self._css = lambda sel, prefix="descendant-or-self::": etree.XPath(
+            tr.css_to_xpath(sel, prefix=prefix)
+        )
+        self.fields = tuple(fields)
+        self._field_paths = [
+            etree.XPath(f.xpath)
+            if f.xpath
+            else (self._css(f.css, "descendant::") if f.css else None)
+            for f in self.fields
+        ]
+        if list_xpath:
+            self._list = etree.XPath(list_xpath)
+        elif list_selector:
+            self._list = self._css(list_selector)
+        else:
+            self._list = None
+        self.follow_css = tuple(follow_css)
+        self.follow_regex = tuple(re.compile(r) for r in follow_regex)
+        self._cache: tuple[bytes, Any] | None = None
+
+    def _tree(self, content: bytes) -> Any:
+        if self._cache is not None and self._cache[0] is content:
+            return self._cache[1]
+        from lxml import html
+
+        tree = html.fromstring(content) if content.strip() else html.fromstring(b"<html/>")
+        self._cache = (content, tree)
+        return tree
+
+    @staticmethod
+    def _text(item: Any, attr: str | None) -> str | None:
+        if isinstance(item, str):
+            return str(item)
+        if attr:
+            return item.get(attr)
+        return item.text_content()
+
+    def _value(self, node: Any, rule: FieldRule, path: Any) -> str | None:
+        found = path(node) if path is not None else [node]
+        if not isinstance(found, list):
+            found = [found]
+        if not found:
+            return None
+        if not rule.all:
+            found = found[:1]
+        vals = [v for v in (self._text(x, rule.attr) for x in found) if v is not None]
+        if not vals:
+            return None
+        return rule.sep.join(" ".join(v.split()) for v in vals)
+
+    def extract(self, content: bytes, url: str) -> list[Row]:
+        tree = self._tree(content)
+        nodes = self._list(tree) if self._list is not None else [tree]
+        return [
+            _row(
+                self.fields,
+                (
+                    self._value(node, r, p)
+                    for r, p in zip(self.fields, self._field_paths, strict=True)
+                ),
+                url,
+            )
+            for node in nodes
+        ]
+
+    def links(self, content: bytes, url: str) -> list[str]:
+        tree = self._tree(content)
+        out = self.hrefs(content, url, self.follow_css) if self.follow_css else []
+        if self.follow_regex:
+            for href in tree.xpath("//a/@href"):
+                if any(r.search(urljoin(url, href)) for r in self.follow_regex):
+                    out.extend(_first_group_links([href], url))
+        return out
+
+    def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
+        tree = self._tree(content)
+        raw = []
+        for sel in selectors:
+            for node in self._css(sel)(tree):
+                raw.append(node.get("href") or node.get("src"))
+        return _first_group_links(raw, url)
+
+
+def _row(fields: Sequence[FieldRule], raws: Iterable[str | None], url: str) -> Row:
+    values: dict[str, str | None] = {}
+    problems = []
+    for rule, raw in zip(fields, raws, strict=True):
+        try:
+            values[rule.name] = convert(rule, raw, url)
+        except Invalid as exc:
+            values[rule.name] = None
+            problems.append(str(exc))
+    return values, "; ".join(problems) or None

@@ -1,0 +1,516 @@
+"""Storage of the scrape job: the URL registry, entities with attributes, files, fetch logs.
+
+Everything is written in bulk per flush (``storage.bulk.staged``: Arrow on DuckDB, COPY on
+PostgreSQL): a page brings ~20 entities and ~100 attributes, and row-by-row inserts would
+cost 20x. Exactly once: a page result is stored only while its ``urls`` row is still
+``queued``; entities are keyed by (type, country, external id) across runs, so a page fetched
+twice (a task re-run after a crash) updates ``last_seen`` and stores nothing twice. Newly found
+links become ``urls`` rows and tasks in the same transaction, so a run cannot settle as
+completed while a page it discovered is still unqueued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from storage import queue as q
+from storage import runs as run_store
+from storage.bulk import fetch_all, staged
+from storage.clock import utcnow
+from storage.schema import runs, urls
+
+# A page's fetch outcome as stored in urls.status; "done" is the only ok one.
+PAGE_STATUSES = ("done", "failed", "blocked")
+
+
+@dataclass(slots=True)
+class UrlItem:
+    """An executable scrape item: one registered URL of a run."""
+
+    id: int
+    url: str
+    depth: int
+    country: str
+
+
+@dataclass(slots=True)
+class Entity:
+    external_id: str
+    content_hash: str
+    attributes: list[tuple[str, str | None, str]]  # (name, value, value_type)
+    source_url: str | None = None
+
+
+@dataclass(slots=True)
+class PageResult:
+    """What a worker hands over for one page (lists of tuples: cheap to pickle)."""
+
+    url_id: int
+    url: str
+    depth: int
+    country: str
+    status: str  # done, failed, blocked
+    method: str | None = None
+    http_status: int | None = None
+    bytes: int = 0
+    error_type: str | None = None
+    error: str | None = None
+    entities: list[Entity] = field(default_factory=list)
+    invalid: list[tuple[str, str]] = field(default_factory=list)  # (entity key, reason)
+    links: list[str] = field(default_factory=list)  # normalized absolute URLs to follow
+    files: list[tuple[Any, ...]] = field(default_factory=list)
+    # (url, path, sha256, bytes, content_type, status, error, external_id)
+    attempts: list[tuple[Any, ...]] = field(default_factory=list)
+    # (method, proxy, status, bytes, ms, error_type, blocked_reason)
+    fetched_at: Any = None
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def register_urls(
+    conn: sa.Connection,
+    run_id: int,
+    new: Sequence[tuple[str, int, int | None, str]],
+    max_pages: int | None,
+) -> list[int]:
+    """Add (url, depth, parent id, country) rows not yet registered for the run, up to ``max_pages``
+    URLs in all; returns the ids of the rows added, in input order."""
+    seen: set[str] = set()
+    rows = []
+    for url, depth, parent, country in new:
+        if url not in seen:
+            seen.add(url)
+            rows.append((len(rows), url, depth, parent, country))
+    if not rows:
+        return []
+    cap = None
+    if max_pages is not None:
+        have = fetch_all(
+            conn, sa.select(sa.func.count()).select_from(urls).where(urls.c.run_id == run_id)
+        )[0][0]
+        cap = max(0, max_pages - have)
+        if cap == 0:
+            return []
+    cols = {
+        "ord": "bigint",
+        "url": "text",
+        "depth": "int",
+        "parent_id": "bigint",
+        "country": "text",
+    }
+    with staged(conn, cols, rows) as s:
+        limit = f"LIMIT {int(cap)}" if cap is not None else ""
+        conflict = " ON CONFLICT DO NOTHING" if conn.dialect.name == "postgresql" else ""
+        added = fetch_all(
+            conn,
+            sa.text(
+                f"INSERT INTO urls (run_id, url, country, depth, parent_id, status, created_at) "
+                f"SELECT :run, s.url, s.country, s.depth, s.parent_id, 'queued', :now FROM ("
+                f"  SELECT * FROM {s} x WHERE NOT EXISTS ("
+                f"    SELECT 1 FROM urls u WHERE u.run_id = :run AND u.url = x.url)"
+                f"  ORDER BY x.ord {limit}) s{conflict} RETURNING id, url"
+            ),
+            {"run": run_id, "now": utcnow()},
+        )
+    order = {row[1]: row[0] for row in rows}
+    return [r[0] for r in sorted(added, key=lambda r: order[r[1]])]
+
+
+def queue_urls(
+    conn: sa.Connection, run_id: int, url_ids: Sequence[int], batch_size: int, max_attempts: int
+) -> int:
+    """One task per ``batch_size`` URL ids, numbered after the run's existing tasks."""
+    if not url_ids:
+        return 0
+    batches = [list(url_ids[i : i + batch_size]) for i in range(0, len(url_ids), batch_size)]
+    seq = fetch_all(conn, sa.select(runs.c.total_tasks).where(runs.c.id == run_id))[0][0]
+    n = q.add_tasks(conn, run_id, batches, int(seq), max_attempts)
+    run_store.add_planned(conn, run_id, n, len(batches))
+    return n
+
+
+def load_urls(conn: sa.Connection, run_id: int, ids: list[Any]) -> list[UrlItem]:
+    """The still-queued URLs among ``ids`` (a re-run task skips pages already stored)."""
+    if not ids:
+        return []
+    rows = fetch_all(
+        conn,
+        sa.select(urls.c.id, urls.c.url, urls.c.depth, urls.c.country).where(
+            urls.c.run_id == run_id,
+            urls.c.id.in_([int(i) for i in ids]),
+            urls.c.status == "queued",
+        ),
+    )
+    return [UrlItem(int(r[0]), r[1], int(r[2]), r[3]) for r in rows]
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StoreContext:
+    run_id: int
+    entity_type: str
+    max_pages: int | None
+    max_depth: int
+    batch_size: int
+    max_attempts: int
+
+
+def store_pages(
+    conn: sa.Connection,
+    ctx: StoreContext,
+    results: Sequence[tuple[int | None, str | None, PageResult]],
+) -> int:
+    """Store page results ((task id, worker id, page)) of one run; returns pages new here."""
+    ids = sorted({p.url_id for _, _, p in results})
+    if not ids:
+        return 0
+    queued = {
+        int(r[0])
+        for r in fetch_all(
+            conn,
+            sa.select(urls.c.id).where(
+                urls.c.run_id == ctx.run_id, urls.c.id.in_(ids), urls.c.status == "queued"
+            ),
+        )
+    }
+    fresh: dict[int, tuple[int | None, str | None, PageResult]] = {}
+    for task_id, worker_id, page in results:
+        if page.url_id in queued and page.url_id not in fresh:
+            fresh[page.url_id] = (task_id, worker_id, page)
+    if not fresh:
+        return 0
+    now = utcnow()
+    pages = list(fresh.values())
+    entity_ids: dict[tuple[str, str], int] = {}
+    for country in sorted({p.country for _, _, p in pages}):
+        of_country = [p for _, _, p in pages if p.country == country]
+        for ext, eid in _store_entities(conn, ctx, country, of_country, now).items():
+            entity_ids[(country, ext)] = eid
+    _update_urls(conn, [p for _, _, p in pages], now)
+    _store_fetch_logs(conn, ctx, pages, now)
+    _store_files(conn, ctx, [p for _, _, p in pages], entity_ids, now)
+    _store_invalid(conn, ctx, pages, now)
+    links = [
+        (link, p.depth + 1, p.url_id, p.country)
+        for _, _, p in pages
+        if p.depth < ctx.max_depth
+        for link in p.links
+    ]
+    if links:
+        new_ids = register_urls(conn, ctx.run_id, links, ctx.max_pages)
+        queue_urls(conn, ctx.run_id, new_ids, ctx.batch_size, ctx.max_attempts)
+    return len(pages)
+
+
+def _update_urls(conn: sa.Connection, pages: list[PageResult], now: Any) -> None:
+    cols = {
+        "id": "bigint",
+        "status": "text",
+        "method": "text",
+        "http_status": "int",
+        "bytes": "bigint",
+        "entities": "int",
+        "error_type": "text",
+        "error": "text",
+        "fetched_at": "timestamp",
+    }
+    rows = [
+        (
+            p.url_id,
+            p.status,
+            p.method,
+            p.http_status,
+            p.bytes,
+            len(p.entities),
+            p.error_type,
+            (p.error or "")[:2000] or None,
+            p.fetched_at or now,
+        )
+        for p in pages
+    ]
+    sets = ", ".join(f"{c} = s.{c}" for c in cols if c != "id")
+    with staged(conn, cols, rows) as s:
+        conn.execute(sa.text(f"UPDATE urls SET {sets} FROM {s} s WHERE urls.id = s.id"))
+
+
+def _store_entities(
+    conn: sa.Connection, ctx: StoreContext, country: str, pages: list[PageResult], now: Any
+) -> dict[str, int]:
+    """Upsert the pages' entities; returns external id → entity id."""
+    latest: dict[str, Entity] = {}
+    for p in pages:
+        for e in p.entities:
+            e.source_url = e.source_url or p.url
+            latest[e.external_id] = e  # the same entity twice in one flush: the last wins
+    if not latest:
+        return {}
+    cols = {"external_id": "text", "content_hash": "text", "source_url": "text"}
+    rows = [(e.external_id, e.content_hash, e.source_url) for e in latest.values()]
+    key = {"t": ctx.entity_type, "c": country, "run": ctx.run_id, "now": now}
+    with staged(conn, cols, rows) as s:
+        before = {
+            r[1]: (int(r[0]), r[2])
+            for r in fetch_all(
+                conn,
+                sa.text(
+                    f"SELECT e.id, e.external_id, e.content_hash FROM entities e JOIN {s} s "
+                    "ON e.external_id = s.external_id WHERE e.entity_type = :t AND e.country = :c"
+                ),
+                key,
+            )
+        }
+        conflict = " ON CONFLICT DO NOTHING" if conn.dialect.name == "postgresql" else ""
+        inserted = fetch_all(
+            conn,
+            sa.text(
+                "INSERT INTO entities (entity_type, country, external_id, content_hash, "
+                "source_url, first_run_id, last_run_id, first_seen, last_seen) "
+                f"SELECT :t, :c, s.external_id, s.content_hash, s.source_url, :run, :run, :now, "
+                f":now FROM {s} s WHERE NOT EXISTS (SELECT 1 FROM entities e WHERE "
+                "e.entity_type = :t AND e.country = :c AND e.external_id = s.external_id)"
+                f"{conflict} RETURNING id, external_id"
+            ),
+            key,
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE entities SET content_hash = s.content_hash, source_url = s.source_url, "
+                f"last_run_id = :run, last_seen = :now FROM {s} s WHERE entities.entity_type = :t "
+                "AND entities.country = :c AND entities.external_id = s.external_id"
+            ),
+            key,
+        )
+        if conn.dialect.name == "postgresql" and len(inserted) + len(before) < len(latest):
+            # another worker inserted some of them between our two statements
+            before.update(
+                {
+                    r[1]: (int(r[0]), "")
+                    for r in fetch_all(
+                        conn,
+                        sa.text(
+                            f"SELECT e.id, e.external_id FROM entities e JOIN {s} s ON "
+                            "e.external_id = s.external_id WHERE e.entity_type = :t AND "
+                            "e.country = :c"
+                        ),
+                        key,
+                    )
+                    if r[1] not in before
+                }
+            )
+    ids = {ext: eid for ext, (eid, _) in before.items()}
+    ids.update({r[1]: int(r[0]) for r in inserted})
+    changed = [ids[ext] for ext, (_, h) in before.items() if h != latest[ext].content_hash]
+    if changed:
+        conn.execute(
+            sa.text("DELETE FROM entity_attributes WHERE entity_id IN :ids").bindparams(
+                sa.bindparam("ids", expanding=True)
+            ),
+            {"ids": changed},
+        )
+    write = set(changed) | {int(r[0]) for r in inserted}
+    attrs = [
+        (ids[e.external_id], name, value, vtype)
+        for e in latest.values()
+        if ids.get(e.external_id) in write
+        for name, value, vtype in e.attributes
+    ]
+    if attrs:
+        acols = {"entity_id": "bigint", "name": "text", "value": "text", "value_type": "text"}
+        with staged(conn, acols, attrs) as s:
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO entity_attributes (entity_id, name, value, value_type) "
+                    f"SELECT entity_id, name, value, value_type FROM {s}"
+                )
+            )
+    return ids
+
+
+def _store_fetch_logs(
+    conn: sa.Connection,
+    ctx: StoreContext,
+    pages: list[tuple[int | None, str | None, PageResult]],
+    now: Any,
+) -> None:
+    cols = {
+        "run_id": "bigint",
+        "task_id": "bigint",
+        "url": "text",
+        "method": "text",
+        "proxy": "text",
+        "status": "int",
+        "bytes": "bigint",
+        "ms": "float",
+        "error_type": "text",
+        "blocked_reason": "text",
+        "country": "text",
+        "created_at": "timestamp",
+    }
+    rows = [
+        (ctx.run_id, task_id, p.url, *a, p.country, p.fetched_at or now)
+        for task_id, _, p in pages
+        for a in p.attempts
+    ]
+    if rows:
+        with staged(conn, cols, rows) as s:
+            names = ", ".join(cols)
+            conn.execute(sa.text(f"INSERT INTO fetch_logs ({names}) SELECT {names} FROM {s}"))
+
+
+def _store_files(
+    conn: sa.Connection,
+    ctx: StoreContext,
+    pages: list[PageResult],
+    entity_ids: dict[tuple[str, str], int],
+    now: Any,
+) -> None:
+    from storage.schema import files
+
+    rows = [
+        {
+            "run_id": ctx.run_id,
+            "entity_id": entity_ids.get((p.country, f[7])) if f[7] is not None else None,
+            "page_url": p.url,
+            "url": f[0],
+            "path": f[1],
+            "sha256": f[2],
+            "bytes": f[3],
+            "content_type": f[4],
+            "status": f[5],
+            "error": f[6],
+            "created_at": now,
+        }
+        for p in pages
+        for f in p.files
+    ]
+    if rows:
+        conn.execute(sa.insert(files), rows)
+
+
+def _store_invalid(
+    conn: sa.Connection,
+    ctx: StoreContext,
+    pages: list[tuple[int | None, str | None, PageResult]],
+    now: Any,
+) -> None:
+    from storage.schema import errors
+
+    rows = [
+        {
+            "run_id": ctx.run_id,
+            "task_id": task_id,
+            "worker_id": worker_id,
+            "item_key": p.url[:500],
+            "error_type": etype,
+            "message": message[:2000],
+            "created_at": now,
+        }
+        for task_id, worker_id, p in pages
+        for etype, message in _page_errors(p)
+    ]
+    if rows:
+        conn.execute(sa.insert(errors), rows)
+
+
+def _page_errors(p: PageResult) -> Iterable[tuple[str, str]]:
+    if p.status != "done":
+        yield (p.error_type or p.status), f"{p.url}: {p.error or p.status}"
+    for key, reason in p.invalid:
+        yield "invalid_entity", f"{p.url}: entity {key}: {reason}"
+    for f in p.files:
+        if f[5] != "stored":
+            yield f"file_{f[5]}", f"{f[0]}: {f[6] or f[5]}"
+
+
+def outcome_counts(conn: sa.Connection, run_id: int) -> dict[str, int]:
+    rows = fetch_all(
+        conn,
+        sa.select(urls.c.status, sa.func.count())
+        .where(urls.c.run_id == run_id, urls.c.status != "queued")
+        .group_by(urls.c.status),
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def entity_rows(
+    conn: sa.Connection, entity_type: str | None = None, country: str | None = None
+) -> list[dict[str, Any]]:
+    """Entities with their attributes as dicts (tests, small exports, the console preview)."""
+    from storage.schema import entities, entity_attributes
+
+    stmt = sa.select(
+        entities.c.id, entities.c.external_id, entities.c.country, entities.c.entity_type
+    )
+    if entity_type:
+        stmt = stmt.where(entities.c.entity_type == entity_type)
+    if country:
+        stmt = stmt.where(entities.c.country == country)
+    base = {
+        int(r[0]): {"external_id": r[1], "country": r[2], "entity_type": r[3]}
+        for r in fetch_all(conn, stmt)
+    }
+    if base:
+        attrs = fetch_all(
+            conn,
+            sa.select(
+                entity_attributes.c.entity_id, entity_attributes.c.name, entity_attributes.c.value
+            ),
+        )
+        for eid, name, value in attrs:
+            if int(eid) in base:
+                base[int(eid)][name] = value
+    return list(base.values())
+
+
+def run_stats(conn: sa.Connection, run_id: int) -> dict[str, Any]:
+    """What a scrape run produced: entities seen and new, which method won per country,
+    why attempts were blocked, files stored."""
+    from storage.schema import entities, fetch_logs, files
+
+    seen, new = fetch_all(
+        conn,
+        sa.select(
+            sa.func.count(),
+            sa.func.coalesce(
+                sa.func.sum(sa.case((entities.c.first_run_id == run_id, 1), else_=0)), 0
+            ),
+        ).where(entities.c.last_run_id == run_id),
+    )[0]
+    mix: dict[str, dict[str, int]] = {}
+    for country, method, n in fetch_all(
+        conn,
+        sa.select(urls.c.country, urls.c.method, sa.func.count())
+        .where(urls.c.run_id == run_id, urls.c.status == "done")
+        .group_by(urls.c.country, urls.c.method)
+        .order_by(urls.c.country, urls.c.method),
+    ):
+        mix.setdefault(country, {})[method or "?"] = int(n)
+    blocked = {
+        r[0]: int(r[1])
+        for r in fetch_all(
+            conn,
+            sa.select(fetch_logs.c.blocked_reason, sa.func.count())
+            .where(fetch_logs.c.run_id == run_id, fetch_logs.c.blocked_reason.is_not(None))
+            .group_by(fetch_logs.c.blocked_reason)
+            .order_by(sa.func.count().desc())
+            .limit(10),
+        )
+    }
+    stored_files = fetch_all(
+        conn,
+        sa.select(sa.func.count()).where(files.c.run_id == run_id, files.c.status == "stored"),
+    )[0][0]
+    return {
+        "entities": int(seen),
+        "new_entities": int(new),
+        "methods": mix,
+        "blocked_reasons": blocked,
+        "files": int(stored_files),
+    }
