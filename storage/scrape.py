@@ -514,3 +514,14 @@ def run_stats(conn: sa.Connection, run_id: int) -> dict[str, Any]:
         "blocked_reasons": blocked,
         "files": int(stored_files),
     }
+
+
+def store_entities(
+    conn: sa.Connection, run_id: int, entity_type: str, country: str, entities: list[Entity]
+) -> dict[str, int]:
+    """Upsert entities outside a page (the pipeline API's ``store``); returns external id →
+    entity id. Same rules as pages: keyed by (type, country, external id), attributes
+    replaced only when the content hash changed."""
+    ctx = StoreContext(run_id, entity_type, None, 0, 1, 1)
+    page = PageResult(0, "", 0, country, "done", entities=entities)
+    return _store_entities(conn, ctx, country, [page], utcnow())
