@@ -5,7 +5,8 @@ Every shop serves, deterministically by seed (`shop_products(spec)` is the groun
 - `/` and `/catalog?page=N` — 20 products a page (`li.product` with `a.product-link`,
   `.name`, `.price`, `.sku`), `a.next` to the following page;
 - `/product/<id>` — one product (`.product-detail` with name, price, currency, sku,
-  category, description);
+  category, description, and `a.leaflet` linking its PDF);
+- `/files/<id>.pdf` — the product's leaflet (`leaflet_pdf(spec, id)`, ~2 KB, deterministic);
 - `/api/products?page=N` (JSON: items, page, pages, next) and `/api/products/<id>`; with
   `api_token` set they need `Authorization: Bearer <token>` (401 otherwise);
 - `/__sim/stats` — the shop's counters; `/__sim/echo` — the request's headers, cookies and
@@ -68,6 +69,7 @@ __all__ = [
     "ShopsConfig",
     "clearance_token",
     "default_shops",
+    "leaflet_pdf",
     "shop_products",
 ]
 
@@ -268,13 +270,20 @@ def product_html(spec: ShopSpec, p: dict[str, Any]) -> bytes:
         f'</span></p><p>SKU <span class="sku">{p["sku"]}</span> &middot; '
         f'<span class="category">{esc(p["category"])}</span> &middot; '
         f'<span class="stock">{stock}</span></p><p class="description">{esc(p["name"])} from '
-        f"{esc(spec.name)}: a simulated product, its fields fixed by the shop's seed.</p></div>"
+        f"{esc(spec.name)}: a simulated product, its fields fixed by the shop's seed.</p>"
+        f'<p><a class="leaflet" href="/files/{p["id"]}.pdf">Leaflet (PDF)</a></p></div>'
     )
     return (
         _HEAD.format(title=esc(p["name"]), shop=esc(spec.name))
         + body
         + _FOOT.format(shop=esc(spec.name), country=spec.country, currency=spec.currency)
     ).encode()
+
+
+def leaflet_pdf(spec: ShopSpec, product_id: str) -> bytes:
+    """A product's leaflet: a small deterministic PDF-like file (the file-download case)."""
+    seed = hashlib.sha256(f"{spec.seed}:{spec.name}:{product_id}".encode()).hexdigest()
+    return b"%PDF-1.4\n% " + (seed * 32).encode() + b"\n%%EOF\n"
 
 
 def challenge_html(spec: ShopSpec, token: str) -> bytes:
@@ -456,6 +465,12 @@ def answer(state: ShopState, head: RequestHead, peer_ip: str) -> tuple[bytes, fl
             return reply(404, b"<html><title>Not found</title>no such product</html>"), delay
         state.bump("product_pages")
         return reply(200, product_html(spec, product)), delay
+    if path.startswith("/files/") and path.endswith(".pdf"):
+        product_id = unquote(path[len("/files/") : -len(".pdf")])
+        if product_id not in state.by_id:
+            return reply(404, b"<html><title>Not found</title>no such file</html>"), delay
+        state.bump("files")
+        return reply(200, leaflet_pdf(spec, product_id), "application/pdf"), delay
     if is_api:
         if spec.api_token and head.get("Authorization") != f"Bearer {spec.api_token}":
             state.bump("unauthorized")

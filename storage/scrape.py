@@ -110,7 +110,8 @@ def register_urls(
             conn,
             sa.text(
                 f"INSERT INTO urls (run_id, url, country, depth, parent_id, status, created_at) "
-                f"SELECT :run, s.url, s.country, s.depth, s.parent_id, 'queued', :now FROM ("
+                f"SELECT CAST(:run AS BIGINT), s.url, s.country, s.depth, s.parent_id, 'queued', "
+                f"CAST(:now AS TIMESTAMP) FROM ("
                 f"  SELECT * FROM {s} x WHERE NOT EXISTS ("
                 f"    SELECT 1 FROM urls u WHERE u.run_id = :run AND u.url = x.url)"
                 f"  ORDER BY x.ord {limit}) s{conflict} RETURNING id, url"
@@ -272,8 +273,10 @@ def _store_entities(
             sa.text(
                 "INSERT INTO entities (entity_type, country, external_id, content_hash, "
                 "source_url, first_run_id, last_run_id, first_seen, last_seen) "
-                f"SELECT :t, :c, s.external_id, s.content_hash, s.source_url, :run, :run, :now, "
-                f":now FROM {s} s WHERE NOT EXISTS (SELECT 1 FROM entities e WHERE "
+                "SELECT CAST(:t AS TEXT), CAST(:c AS TEXT), s.external_id, s.content_hash, "
+                "s.source_url, CAST(:run AS BIGINT), CAST(:run AS BIGINT), "
+                "CAST(:now AS TIMESTAMP), CAST(:now AS TIMESTAMP) "
+                f"FROM {s} s WHERE NOT EXISTS (SELECT 1 FROM entities e WHERE "
                 "e.entity_type = :t AND e.country = :c AND e.external_id = s.external_id)"
                 f"{conflict} RETURNING id, external_id"
             ),

@@ -1,0 +1,429 @@
+"""The scrape job end to end: specs against the sim shops, stored entities compared with the
+sim's ground truth, files, bad specs, stop/resume, kill -9, proxies from storage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from engine.api import submit_run, wait_run
+from engine.coordinator import Coordinator
+from engine.settings import Settings
+from sim.shops import ShopsConfig, ShopSpec, ShopWorld, leaflet_pdf, shop_products
+from storage.bulk import fetch_all
+from storage.db import open_database
+from storage.scrape import entity_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = ("name", "price", "sku", "category", "currency")
+
+SHOPS = ShopsConfig(
+    (
+        ShopSpec("my-pharmacy", "Malaysia", "none", 100, seed=3),
+        ShopSpec("in-market", "India", "none", 60, seed=3),
+        ShopSpec("br-flaky", "Brazil", "flaky", 160, seed=3, error_rate=0.3),
+        ShopSpec("id-slow", "Indonesia", "slow", 160, seed=3, latency_ms=300),
+        ShopSpec("ar-socks", "Argentina", "socks_only", 40, seed=3),
+    )
+)
+
+
+@pytest.fixture(scope="module")
+def shops() -> Iterator[ShopWorld]:
+    with ShopWorld(SHOPS) as world:
+        yield world
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key"},
+    )
+
+
+CATALOG_EXTRACT = """
+[[extract]]
+match = "/catalog"
+list = "li.product"
+[extract.fields]
+id = { attr = "data-id" }
+name = ".name"
+price = { css = ".price", type = "float" }
+currency = { css = ".price", attr = "data-currency" }
+sku = { xpath = ".//span[@class='sku']/text()" }
+category = ".category"
+"""
+
+
+def catalog_spec(sources: list[tuple[str, str]], extra: str = "") -> str:
+    """A spec following `a.next` from page 1 of each (country, catalog URL)."""
+    parts = ['name = "test"', 'entity_type = "product"']
+    for country, url in sources:
+        parts += ["[[sources]]", f'country = "{country}"', f'start_urls = ["{url}"]']
+    parts += ["[follow]", 'css = ["a.next"]', "max_depth = 100", extra, CATALOG_EXTRACT]
+    return "\n".join(parts)
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def truth(shops: ShopWorld, name: str) -> dict[str, dict[str, Any]]:
+    return {p["id"]: p for p in shop_products(shops[name].spec)}
+
+
+def stored(db_url: str, country: str | None = None) -> dict[str, dict[str, Any]]:
+    db = open_database(db_url)
+    try:
+        with db.connect() as conn:
+            rows = entity_rows(conn, "product", country)
+    finally:
+        db.dispose()
+    return {r["external_id"]: r for r in rows}
+
+
+def scalar(db_url: str, sql: str, **params: Any) -> Any:
+    db = open_database(db_url)
+    try:
+        with db.connect() as conn:
+            return fetch_all(conn, sa.text(sql), params)[0][0]
+    finally:
+        db.dispose()
+
+
+# --- the ground truth ------------------------------------------------------------------------
+
+
+def test_three_country_spec_stores_exactly_the_sims_products(
+    shops: ShopWorld, tmp_path: Path, db_url: str
+) -> None:
+    names = {"Malaysia": "my-pharmacy", "India": "in-market", "Brazil": "br-flaky"}
+    spec = catalog_spec([(c, shops[n].catalog_url(1)) for c, n in names.items()])
+    out = cli(
+        "scrape", "--spec", write(tmp_path, spec), "--db", db_url, "--json",
+        "--concurrency", "16", "--batch-size", "2",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    pages = sum(shops[n].spec.pages for n in names.values())
+    assert summary["status"] == "completed"
+    assert summary["counts"]["outcomes"] == {"done": pages}
+    assert summary["scrape"]["entities"] == 320
+    assert set(summary["scrape"]["methods"]) == set(names)
+    for country, name in names.items():
+        want = truth(shops, name)
+        got = stored(db_url, country)
+        assert set(got) == set(want), country
+        for pid, product in want.items():
+            assert {f: got[pid][f] for f in FIELDS} == {f: product[f] for f in FIELDS}
+    # each page stored once, every attempt logged (the flaky shop's 5xx retries included)
+    assert scalar(db_url, "SELECT count(*) FROM urls WHERE status = 'done'") == pages
+    assert scalar(db_url, "SELECT count(DISTINCT url) FROM urls") == pages
+    assert scalar(db_url, "SELECT count(*) FROM fetch_logs") >= pages
+    assert scalar(db_url, "SELECT count(*) FROM fetch_logs WHERE status >= 500") >= 1
+    assert scalar(db_url, "SELECT count(*) FROM entity_attributes") == 320 * 6
+
+    # a second run sees the same entities again: nothing new, nothing duplicated
+    again = cli("scrape", "--spec", write(tmp_path, spec), "--db", db_url, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["scrape"] == {
+        **json.loads(again.stdout)["scrape"],
+        "entities": 320,
+        "new_entities": 0,
+    }
+    assert scalar(db_url, "SELECT count(*) FROM entities") == 320
+    assert scalar(db_url, "SELECT count(*) FROM entity_attributes") == 320 * 6
+
+
+def test_detail_pages_and_leaflet_downloads(shops: ShopWorld, tmp_path: Path) -> None:
+    shop = shops["in-market"]
+    spec = f"""
+name = "details"
+country = "India"
+entity_type = "product"
+start_urls = ["{shop.catalog_url(1)}"]
+[follow]
+css = ["a.next", "a.product-link"]
+[[extract]]
+match = "/product/"
+[extract.fields]
+id = {{ css = ".product-detail", attr = "data-id" }}
+name = "h1.name"
+price = {{ css = ".price", type = "float" }}
+stock = {{ css = ".stock", type = "bool" }}
+[[files]]
+css = "a.leaflet"
+max_bytes = 100000
+"""
+    db = f"duckdb:///{tmp_path / 'd.duckdb'}"
+    files_dir = tmp_path / "files"
+    out = cli(
+        "scrape", "--spec", write(tmp_path, spec), "--db", db, "--json",
+        "--files-dir", str(files_dir),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    want = truth(shops, "in-market")
+    got = stored(db)
+    assert set(got) == set(want)
+    assert all(got[i]["stock"] == ("true" if p["in_stock"] else "false") for i, p in want.items())
+    assert json.loads(out.stdout)["scrape"]["files"] == 60
+    db_ = open_database(db)
+    with db_.connect() as conn:
+        rows = fetch_all(
+            conn,
+            sa.text(
+                "SELECT e.external_id, f.path, f.sha256, f.bytes FROM files f "
+                "JOIN entities e ON e.id = f.entity_id WHERE f.status = 'stored'"
+            ),
+        )
+    db_.dispose()
+    assert len(rows) == 60
+    for ext, path, sha, size in rows:
+        data = leaflet_pdf(shop.spec, ext)
+        assert sha == hashlib.sha256(data).hexdigest() and size == len(data)
+        assert (files_dir / path).read_bytes() == data
+
+    # a size limit below the file's: recorded as too_large, reported, nothing written
+    small = spec.replace("max_bytes = 100000", "max_bytes = 100")
+    db2 = f"duckdb:///{tmp_path / 'd2.duckdb'}"
+    out = cli(
+        "scrape", "--spec", write(tmp_path, small, "small.toml"), "--db", db2, "--json",
+        "--files-dir", str(tmp_path / "none"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert scalar(db2, "SELECT count(*) FROM files WHERE status = 'too_large'") == 60
+    assert scalar(db2, "SELECT count(*) FROM errors WHERE error_type = 'file_too_large'") == 60
+    assert not (tmp_path / "none").exists()
+
+
+def test_invalid_entities_are_reported_not_stored(shops: ShopWorld, tmp_path: Path) -> None:
+    shop = shops["my-pharmacy"]
+    pattern = r"^\d{1,2}\."  # prices under 100 pass
+    spec = catalog_spec([("Malaysia", shop.catalog_url(1))], "") + (
+        f"\n[validate]\nrequired = ['name']\npatterns = {{ price = '{pattern}' }}\n"
+    )
+    db = f"duckdb:///{tmp_path / 'i.duckdb'}"
+    out = cli("scrape", "--spec", write(tmp_path, spec), "--db", db, "--json")
+    assert out.returncode == 0, out.stderr
+    cheap = {i for i, p in truth(shops, "my-pharmacy").items() if float(p["price"]) < 100}
+    assert 0 < len(cheap) < 100
+    assert set(stored(db)) == cheap
+    assert scalar(
+        db, "SELECT count(*) FROM errors WHERE error_type = 'invalid_entity'"
+    ) == 100 - len(cheap)
+
+
+def test_bad_specs_are_refused_with_the_place(shops: ShopWorld, tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'b.duckdb'}"
+    good = catalog_spec([("Malaysia", shops["my-pharmacy"].catalog_url(1))])
+    cases = {
+        "name = 'x'\ncountry = = 'Malaysia'\n": "at line 2, column 11",  # TOML syntax
+        good.replace("max_depth", "max_dept"): "follow.max_dept: unknown key",
+        good.replace('list = "li.product"', 'list = "li..product"'): "CSS selector",
+        good.replace(".//span[@class='sku']/text()", ".//span[@class="): "XPath",
+        good.replace('type = "float"', 'type = "money"'): "type 'money'",
+        good.replace('id = { attr = "data-id" }', ""): "id_field 'id'",
+        "name = 'x'\ncountry = 'Malaysia'\n" + CATALOG_EXTRACT: "start_urls",
+        good.replace("http://", "ftp://"): "not an http(s) URL",
+    }
+    for text, expected in cases.items():
+        out = cli("scrape", "--spec", write(tmp_path, text), "--db", db)
+        assert out.returncode == 2, (expected, out.stderr)
+        assert expected in out.stderr, (expected, out.stderr)
+    out = cli("scrape", "--spec", write(tmp_path, good), "--db", db, "--country", "Peru")
+    assert out.returncode == 2 and "--country Peru: the spec has sources for Malaysia" in out.stderr
+    out = cli("scrape", "--spec", str(tmp_path / "missing.toml"), "--db", db)
+    assert out.returncode == 2 and "no such spec file" in out.stderr
+
+
+def test_proxies_from_storage_reach_a_socks_only_site(shops: ShopWorld, tmp_path: Path) -> None:
+    """Routed through the validated pool (here: the shop world's SOCKS proxy stored as an
+    active proxy) the SOCKS-only shop answers; without it every page is access-denied."""
+    from storage.proxies import upsert_proxies
+
+    shop = shops["ar-socks"]
+    db = f"duckdb:///{tmp_path / 'p.duckdb'}"
+    spec = write(tmp_path, catalog_spec([("Argentina", shop.catalog_url(1))]))
+    direct = cli("scrape", "--spec", spec, "--db", db, "--json", "--methods", "http")
+    assert direct.returncode == 0, direct.stderr
+    assert json.loads(direct.stdout)["counts"]["outcomes"] == {"blocked": 1}
+    assert stored(db) == {}
+
+    from fetchers.proxy_parse import parse_proxy_line
+    from storage.secrets import SecretBox
+
+    database = open_database(db)
+    box = SecretBox.load(None, Path("/tmp/fetchfleet-test-secret.key"))
+    with database.begin() as conn:
+        upsert_proxies(conn, [parse_proxy_line(shops.socks_proxy)], box, source="test")
+        conn.execute(sa.text("UPDATE proxies SET status = 'active', protocol = 'socks5'"))
+    database.dispose()
+    routed = cli(
+        "scrape", "--spec", spec, "--db", db, "--json", "--methods", "http",
+        "--proxies", "active", "--strategy", "round_robin",
+    )  # fmt: skip
+    assert routed.returncode == 0, routed.stderr
+    assert json.loads(routed.stdout)["counts"]["outcomes"] == {"done": shop.spec.pages}
+    assert set(stored(db)) == set(truth(shops, "ar-socks"))
+    proxy = scalar(db, "SELECT max(proxy) FROM fetch_logs WHERE run_id = 2")
+    assert proxy and proxy.startswith("socks5://127.0.0.5:")
+
+
+# --- stop, resume, kill -9 -------------------------------------------------------------------
+
+
+def slow_spec(shops: ShopWorld, tmp_path: Path) -> str:
+    """Catalog pages of the slow shop, then every product page (300 ms each)."""
+    shop = shops["id-slow"]
+    pages = ", ".join(f'"{shop.catalog_url(i)}"' for i in range(1, shop.spec.pages + 1))
+    return write(
+        tmp_path,
+        f"""
+name = "slow"
+country = "Indonesia"
+entity_type = "product"
+start_urls = [{pages}]
+[follow]
+css = ["a.product-link"]
+max_depth = 1
+[[extract]]
+match = "/product/"
+[extract.fields]
+id = {{ css = ".product-detail", attr = "data-id" }}
+name = "h1.name"
+price = ".price"
+""",
+        "slow.toml",
+    )
+
+
+def check_slow_run(shops: ShopWorld, db: str, run_id: int) -> None:
+    n = shops["id-slow"].spec.n_products
+    pages = shops["id-slow"].spec.pages + n
+    assert set(stored(db)) == set(truth(shops, "id-slow"))
+    assert scalar(db, "SELECT count(*) FROM urls WHERE run_id = :r", r=run_id) == pages
+    assert (
+        scalar(db, "SELECT count(*) FROM urls WHERE status = 'done' AND run_id = :r", r=run_id)
+        == pages
+    )
+    # every stored page's successful attempt is logged exactly once
+    assert (
+        scalar(
+            db, "SELECT count(*) FROM fetch_logs WHERE error_type IS NULL AND run_id = :r", r=run_id
+        )
+        == pages
+    )
+    assert scalar(db, "SELECT count(*) FROM entities") == n
+    assert scalar(db, "SELECT count(*) FROM entity_attributes") == n * 3
+
+
+def status_done(db: str) -> int:
+    out = cli("status", "--db", db, "1", "--json", timeout=30)
+    return json.loads(out.stdout)["counts"]["done"] if out.returncode == 0 else 0
+
+
+def start_slow(shops: ShopWorld, tmp_path: Path, db: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "engine.run", "scrape", "--spec", slow_spec(shops, tmp_path),
+            "--db", db, "--json", "--concurrency", "4", "--batch-size", "4",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def wait_done(db: str, n: int, timeout_s: float = 40) -> None:
+    deadline = time.monotonic() + timeout_s
+    while status_done(db) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} pages in {timeout_s}s"
+        time.sleep(0.5)
+
+
+def test_stop_from_another_terminal_then_resume(shops: ShopWorld, tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 's.duckdb'}"
+    proc = start_slow(shops, tmp_path, db)
+    try:
+        wait_done(db, 20)
+        stop = cli("stop", "--db", db, "1", timeout=30)
+        assert stop.returncode == 0, stop.stderr
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    stopped = json.loads(out)
+    assert stopped["status"] == "stopped"
+    assert (
+        stopped["counts"]["done"] < stopped["counts"]["total"] or stopped["counts"]["total"] < 168
+    )
+    resumed = cli("scrape", "--resume", "1", "--db", db, "--json", "--concurrency", "16")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "completed"
+    check_slow_run(shops, db, 1)
+
+
+def test_kill_9_of_the_cli_then_resume(shops: ShopWorld, tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'k.duckdb'}"
+    proc = start_slow(shops, tmp_path, db)
+    try:
+        wait_done(db, 20)
+        os.killpg(os.getpgid(proc.pid), 0)  # still alive
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    resumed = cli("scrape", "--resume", "1", "--db", db, "--json", "--concurrency", "16")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "completed"
+    check_slow_run(shops, db, 1)
+
+
+def test_kill_9_of_a_pool_worker_mid_scrape(shops: ShopWorld, tmp_path: Path) -> None:
+    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    db = open_database(url)
+    s = Settings(
+        workers=2,
+        concurrency=4,
+        batch_size=4,
+        heartbeat_s=0.5,
+        lease_s=10.0,
+        retry_backoff_s=0.2,
+        secret_key_file=Path("/tmp/fetchfleet-test-secret.key"),
+    )
+    coord = Coordinator(db, s).start()
+    try:
+        run_id = submit_run(db, s, "scrape", {"spec": slow_spec(shops, tmp_path)}, coord.name)
+        deadline = time.monotonic() + 40
+        while wait_run(db, run_id, timeout_s=0)["counts"]["done"] < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        victim, pid = next(iter(coord.pool.pids().items()))
+        os.kill(pid, signal.SIGKILL)
+        summary = wait_run(db, run_id, timeout_s=120)
+        assert summary["status"] == "completed", summary
+        assert [r[0] for r in coord.replaced] == [victim]
+    finally:
+        coord.shutdown()
+        db.dispose()
+    check_slow_run(shops, url, run_id)
