@@ -282,7 +282,10 @@ def parse_spec(text: str, source: str = "spec") -> ScrapeSpec:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{source}: not valid TOML: {exc}") from None
+        msg = str(exc)
+        if "end of document" in msg:  # an unclosed [ { or quote: say where the file ends
+            msg += f" (line {len(text.splitlines())}: is a bracket or a quote left open?)"
+        raise SpecError(f"{source}: not valid TOML: {msg}") from None
     try:
         return ScrapeSpec.model_validate(data)
     except ValidationError as exc:

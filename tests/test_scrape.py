@@ -427,3 +427,47 @@ def test_kill_9_of_a_pool_worker_mid_scrape(shops: ShopWorld, tmp_path: Path) ->
         coord.shutdown()
         db.dispose()
     check_slow_run(shops, url, run_id)
+
+
+# --- the cascade inside a scrape: browsers where needed --------------------------------------
+
+
+def test_challenge_and_captcha_shops_pass_through_a_browser(tmp_path: Path) -> None:
+    """http is blocked (JS challenge 503, captcha 200 page); Playwright gets through; no
+    challenge or captcha page is ever stored as content; the block reasons are logged."""
+    from tests.conftest import require_tool
+
+    require_tool("/usr/bin/chromium", "chromium")
+    config = ShopsConfig(
+        (
+            ShopSpec("my-guarded", "Malaysia", "js_challenge", 60, seed=4),
+            ShopSpec("ru-apteka", "Russia", "captcha", 60, seed=4),
+        )
+    )
+    with ShopWorld(config) as world:
+        sources = [
+            ("Malaysia", world["my-guarded"].catalog_url(1)),
+            ("Russia", world["ru-apteka"].catalog_url(1)),
+        ]
+        spec = catalog_spec(sources).replace(
+            'name = "test"', 'name = "guarded"\nmethods = ["http", "playwright"]'
+        )
+        db = f"duckdb:///{tmp_path / 'g.duckdb'}"
+        out = cli(
+            "scrape", "--spec", write(tmp_path, spec), "--db", db, "--json",
+            "--workers", "1", "--concurrency", "4", timeout=240,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["counts"]["outcomes"] == {"done": 6}
+        for country, name in (("Malaysia", "my-guarded"), ("Russia", "ru-apteka")):
+            assert set(stored(db, country)) == set(truth(world, name))
+        methods = summary["scrape"]["methods"]
+        # the browser gets through first; the cookies it earned then let http in (handoff)
+        for country in ("Russia", "Malaysia"):
+            assert methods[country].get("playwright", 0) >= 1, methods
+            assert sum(methods[country].values()) == 3
+        reasons = " ".join(summary["scrape"]["blocked_reasons"])
+        assert "captcha" in reasons and "challenge" in reasons
+    assert scalar(db, "SELECT count(*) FROM urls WHERE status <> 'done'") == 0
+    assert scalar(db, "SELECT count(*) FROM entities") == 120

@@ -1,0 +1,108 @@
+"""Extraction (both backends), value types, URL normalization and spec parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.scrape_spec import SpecError, normalize_url, parse_spec
+from fetchers.extract import FieldRule, LexborExtractor, LxmlExtractor, make_extractor
+from sim.shops import ShopSpec, catalog_html, shop_products
+
+SPEC = ShopSpec("x-shop", "Malaysia", n_products=45)
+CSS = [
+    FieldRule("id", attr="data-id"),
+    FieldRule("name", css=".name"),
+    FieldRule("price", css=".price", type="float"),
+    FieldRule("currency", css=".price", attr="data-currency"),
+    FieldRule("link", css="a.product-link", attr="href", type="url"),
+]
+
+
+def test_css_and_xpath_backends_agree_with_the_truth() -> None:
+    page = catalog_html(SPEC, 2)
+    url = "http://shop.test/catalog?page=2"
+    fast = make_extractor(CSS, "li.product")
+    xpath = [*CSS[:1], FieldRule("name", xpath=".//span[@class='name']/text()"), *CSS[2:]]
+    slow = make_extractor(xpath, "li.product")
+    assert isinstance(fast, LexborExtractor) and isinstance(slow, LxmlExtractor)
+    rows = fast.extract(page, url)
+    assert rows == slow.extract(page, url)
+    truth = shop_products(SPEC)[20:40]
+    assert [r[0]["id"] for r in rows] == [p["id"] for p in truth]
+    assert all(r[1] is None for r in rows)
+    assert rows[0][0]["price"] == truth[0]["price"]
+    assert rows[0][0]["link"] == f"http://shop.test/product/{truth[0]['id']}"
+    # links: the spec's CSS, resolved against the page
+    ex = make_extractor([], None, follow_css=["a.next", "a.prev"])
+    assert ex.links(page, url) == [
+        "http://shop.test/catalog?page=3",
+        "http://shop.test/catalog?page=1",
+    ]
+    ex = make_extractor([], None, follow_regex=[r"/product/X"])
+    assert len(ex.links(page, url)) == 20
+
+
+@pytest.mark.parametrize("backend", ["css", "xpath"])
+def test_value_types_and_bad_values(backend: str) -> None:
+    html = (
+        b"<html><body><div id=p><span class=a>RM 1,234.50</span><span class=b>12 pcs</span>"
+        b"<span class=c>In stock</span><span class=d>maybe</span><span class=e>SKU: AB-77</span>"
+        b"</div></body></html>"
+    )
+
+    def rule(name: str, sel: str, **kw: str) -> FieldRule:
+        if backend == "css":
+            return FieldRule(name, css=sel, **kw)
+        return FieldRule(name, xpath=f".//span[@class='{sel[1:]}']", **kw)
+
+    rules = [
+        rule("price", ".a", type="float"),
+        rule("qty", ".b", type="int"),
+        rule("stock", ".c", type="bool"),
+        rule("sku", ".e", regex=r"SKU: (\S+)"),
+        rule("missing", ".zz"),
+    ]
+    ((values, problem),) = make_extractor(rules).extract(html, "http://x/")
+    assert values == {
+        "price": "1234.50",
+        "qty": "12",
+        "stock": "true",
+        "sku": "AB-77",
+        "missing": None,
+    }
+    assert problem is None
+    ((values, problem),) = make_extractor([rule("flag", ".d", type="bool")]).extract(
+        html, "http://x/"
+    )
+    assert values == {"flag": None} and problem == "flag: 'maybe' is not a yes/no value"
+
+
+def test_normalize_url() -> None:
+    assert normalize_url("HTTP://Shop.Test:80/a?b=1#frag") == "http://shop.test/a?b=1"
+    assert normalize_url("https://shop.test:443") == "https://shop.test/"
+    assert (
+        normalize_url("http://127.0.0.4:8080/catalog?page=2")
+        == "http://127.0.0.4:8080/catalog?page=2"
+    )
+    assert normalize_url("http://[::1]:81/x") == "http://[::1]:81/x"
+
+
+def test_spec_errors_say_where() -> None:
+    with pytest.raises(SpecError, match=r"s.toml: not valid TOML: .*line 2, column 10"):
+        parse_spec("name = 'x'\nfollow = }\n", "s.toml")
+    with pytest.raises(SpecError, match=r"end of document\) \(line 2: is a bracket or a quote"):
+        parse_spec("name = 'x'\nfollow = [", "s.toml")
+    with pytest.raises(SpecError, match=r"extract\[0\].fields.price: .*give css, xpath or attr"):
+        parse_spec(
+            "name='x'\ncountry='M'\nstart_urls=['http://a/']\n[[extract]]\n"
+            "[extract.fields]\nid={attr='x'}\nprice={type='float'}\n"
+        )
+    spec = parse_spec(
+        "name='x'\nentity_type='p'\n[[sources]]\ncountry='A'\nstart_urls=['http://a/']\n"
+        "[[sources]]\ncountry='B'\nstart_urls_file='b.txt'\nmethods=['http','playwright']\n"
+        "[follow]\ncss='a.next'\n"
+    )
+    assert [s.country for s in spec.all_sources()] == ["A", "B"]
+    assert spec.follow.css == ["a.next"] and spec.all_sources()[1].methods == ["http", "playwright"]
+    with pytest.raises(SpecError, match=r"unknown fetch method|one of"):
+        parse_spec("name='x'\ncountry='M'\nstart_urls=['http://a/']\nmethods=['curl']\n")
