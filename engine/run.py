@@ -325,11 +325,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         emit(args, result, f"run {args.run_id}: {result['status']} (in PID {exc.pid})")
         return EXIT_OK
+    from storage.runs import get_run
+
+    with db.connect() as conn:
+        found = get_run(conn, args.run_id)
+    if found is not None and found.kind == "pipeline":
+        db.dispose()
+        raise UserError(
+            f"run {args.run_id} is a pipeline: `python -m engine.run pipeline --resume {args.run_id}`"
+        )
     settings = settings_from(args)
     coordinator = Coordinator(db, settings, log_level=args.log_level).start()
     try:
-        from storage.runs import get_run
-
         with db.connect() as conn:
             run = get_run(conn, args.run_id)
         if run is not None and run.status == "running" and db.is_duckdb:
@@ -577,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine import cli_scrape
 
     cli_scrape.add_commands(sub)  # scrape
+
+    from engine import cli_pipeline
+
+    cli_pipeline.add_commands(sub)  # pipeline
     return p
 
 

@@ -174,8 +174,12 @@ def command_worker(conn: sa.Connection, worker_id: str, action: str, source: str
 def settle(conn: sa.Connection) -> list[tuple[int, str]]:
     """Move runs whose tasks are all finished to their final status; returns the changes."""
     changed: list[tuple[int, str]] = []
+    # A pipeline run has no tasks: the process running its steps settles it (engine.pipeline).
     active = fetch_all(
-        conn, sa.select(runs.c.id, runs.c.status).where(runs.c.status.in_(("running", "stopping")))
+        conn,
+        sa.select(runs.c.id, runs.c.status).where(
+            runs.c.status.in_(("running", "stopping")), runs.c.kind != "pipeline"
+        ),
     )
     for run_id, status in active:
         counts = task_counts(conn, run_id)

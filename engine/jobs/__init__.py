@@ -11,6 +11,7 @@ KINDS: dict[str, str] = {
     "validate": "engine.jobs.validate:ValidateJob",
     "backfill": "engine.jobs.backfill:BackfillJob",
     "scrape": "engine.jobs.scrape:ScrapeJob",
+    "pipeline": "engine.jobs.pipeline:PipelineJob",
 }
 
 

@@ -1,0 +1,682 @@
+"""Pipelines: a source that needs code, as a list of named steps registered for a country.
+
+    from engine.pipeline import Pipeline, ScriptStep, register
+
+    shop = register(Pipeline("shop", "Malaysia"))
+
+    @shop.step
+    def catalog(ctx):
+        page = ctx.state.get("page", 1)            # saved with every ctx.store()
+        while page <= 10:
+            ctx.check_stop()                       # raises StopRequested on stop/pause/cancel
+            result = ctx.fetch(f"https://shop.example/catalog?page={page}")
+            page += 1
+            ctx.state["page"] = page
+            ctx.store("product", parse(result.text))   # entities and state: one transaction
+
+    shop.add(ScriptStep("legacy", ["python", "scrapers/old.py"]))
+
+    run_pipeline(db, shop)                          # or: python -m engine.run pipeline mod:shop
+
+A run (kind ``pipeline``) has one ``pipeline_steps`` row per step; steps run in order in the
+calling thread and each records ``running`` → ``done`` / ``failed`` / ``stopped`` with its
+times. A resumed run starts at the first step that is not ``done``, with the state that step
+last saved, so work that was stored is not done again and nothing is stored twice (entities
+are upserted by type, country and external id). Step functions are synchronous: ``ctx.fetch``
+blocks (the cascade runs on the run's own event-loop thread); a step that wants many fetches
+at once can run its own ``asyncio.run`` with ``fetchers.afetch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage import pipelines as store
+from storage import runs as run_store
+from storage.clock import utcnow
+from storage.db import Database, redact_url
+from storage.scrape import Entity, store_entities
+
+log = logging.getLogger(__name__)
+
+KIND = "pipeline"
+STOP_STATUSES = ("stopping", "stopped", "paused", "cancelled")
+RESUMABLE = ("running", "stopping", "stopped", "paused", "failed")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
+
+
+class StopRequested(Exception):
+    """Raised by ``ctx.check_stop()`` when the run was asked to stop, pause or cancel. Let it
+    propagate: the step is recorded ``stopped`` and a resume runs it again from its saved
+    state."""
+
+
+class PipelineError(ValueError):
+    """A pipeline or run that cannot be started as asked; the message says what to do."""
+
+
+# --- definitions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A Python step: ``fn(ctx)`` does the work; what it returns is ignored."""
+
+    name: str
+    fn: Callable[[StepContext], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptStep:
+    """An existing scraper script, run unchanged as a subprocess (see engine.pipeline_script).
+
+    ``argv`` is run without a shell in ``cwd``; ``env`` is added to this process's
+    environment and the run's FETCHFLEET_* variables. A stop sends SIGTERM to the script's
+    process group and SIGKILL after ``grace_s``."""
+
+    name: str
+    argv: Sequence[str]
+    cwd: str | os.PathLike[str] | None = None
+    env: Mapping[str, str] | None = None
+    grace_s: float = 10.0
+
+
+AnyStep = Step | ScriptStep
+
+
+@dataclass
+class Pipeline:
+    """Named steps for a country (``None``: the country is given per run)."""
+
+    name: str
+    country: str | None = None
+    steps: list[AnyStep] = field(default_factory=list)
+    module: str | None = None  # set by register(): where it was defined
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise PipelineError(f"pipeline name {self.name!r}: letters, digits, _ . - only")
+        steps, self.steps = list(self.steps), []
+        for s in steps:
+            self.add(s)
+
+    def add(self, step: AnyStep) -> AnyStep:
+        if not isinstance(step, Step | ScriptStep):
+            raise PipelineError(f"{step!r} is not a Step or ScriptStep")
+        if not _NAME.fullmatch(step.name):
+            raise PipelineError(f"step name {step.name!r}: letters, digits, _ . - only")
+        if step.name in self.step_names:
+            raise PipelineError(f"pipeline {self.name!r} already has a step {step.name!r}")
+        self.steps.append(step)
+        return step
+
+    def step(
+        self, fn: Callable[[StepContext], Any] | None = None, *, name: str | None = None
+    ) -> Any:
+        """Decorator: ``@p.step`` or ``@p.step(name="x")`` appends a Python step."""
+
+        def wrap(f: Callable[[StepContext], Any]) -> Callable[[StepContext], Any]:
+            self.add(Step(name or f.__name__, f))
+            return f
+
+        return wrap(fn) if fn is not None else wrap
+
+    @property
+    def step_names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+
+_registry: dict[tuple[str, str | None], Pipeline] = {}
+
+
+def register(pipeline: Pipeline) -> Pipeline:
+    """Register a pipeline under (name, country); returns it, so ``p = register(Pipeline(…))``
+    works at module level. Registering the same name and country again replaces it (a module
+    imported twice)."""
+    if pipeline.module is None:
+        pipeline.module = sys._getframe(1).f_globals.get("__name__")
+    _registry[(pipeline.name, pipeline.country)] = pipeline
+    return pipeline
+
+
+def registered(module: str | None = None) -> list[Pipeline]:
+    return [p for p in _registry.values() if module is None or p.module == module]
+
+
+# --- control ---------------------------------------------------------------------------------
+
+
+class PipelineControl:
+    """Where stop requests meet the running pipeline. It is also the target of the DuckDB
+    control socket (``engine.control.dispatch`` needs ``.db`` and ``.command``), so
+    ``engine.run stop RUN_ID`` in another terminal reaches this process; with PostgreSQL that
+    command writes the run's status and ``stop_requested`` reads it (every ``poll_s``)."""
+
+    def __init__(self, db: Database, poll_s: float = 0.5) -> None:
+        self.db = db
+        self.poll_s = poll_s
+        self.run_id: int | None = None
+        self._event = threading.Event()
+        self._signalled: str | None = None
+        self._polled = 0.0
+
+    def command(self, run_id: int, action: str, source: str = "cli") -> str:
+        with self.db.begin() as conn:
+            run = run_store.get_run(conn, run_id)
+            if run is not None and run.kind == KIND and action == "resume":
+                raise ValueError(
+                    f"run {run_id} is a pipeline: resume it with "
+                    f"`python -m engine.run pipeline --resume {run_id}`"
+                )
+            status = run_store.apply_command(conn, run_id, action, source)
+            run_store.settle(conn)
+        if run_id == self.run_id and action in ("stop", "pause", "cancel"):
+            self._event.set()
+        return status
+
+    def request_stop(self, source: str) -> None:
+        """Ctrl-C or SIGTERM of the process running the pipeline. Safe in a signal handler:
+        it only sets a flag; the stop is recorded in the run (``stopping``) the next time the
+        runner looks, outside any transaction of its own."""
+        self._signalled = source
+        self._event.set()
+
+    def stop_requested(self) -> bool:
+        if self._event.is_set():
+            source, self._signalled = self._signalled, None
+            if source and self.run_id is not None:
+                with contextlib.suppress(ValueError):  # already stopping, paused, cancelled
+                    self.command(self.run_id, "stop", source)
+            return True
+        now = time.monotonic()
+        if self.run_id is not None and now - self._polled >= self.poll_s:
+            self._polled = now
+            with self.db.connect() as conn:
+                if store.run_status(conn, self.run_id) in STOP_STATUSES:
+                    self._event.set()
+        return self._event.is_set()
+
+    def attach(self, run_id: int) -> None:
+        self.run_id = run_id
+        self._polled = 0.0
+
+
+class RunLog:
+    """Lines for ``run_logs``, written in batches (every ``flush_s`` or ``max_lines``), so a
+    chatty script costs one insert per batch and memory stays bounded."""
+
+    def __init__(
+        self,
+        db: Database,
+        run_id: int,
+        on_line: Callable[[str | None, str, str], None] | None = None,
+        flush_s: float = 0.25,
+        max_lines: int = 500,
+    ) -> None:
+        self.db, self.run_id, self.on_line = db, run_id, on_line
+        self.flush_s, self.max_lines = flush_s, max_lines
+        self._buf: list[tuple[str | None, str, str, Any]] = []
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def write(self, step: str | None, stream: str, line: str) -> None:
+        with self._lock:
+            self._buf.append((step, stream, line, utcnow()))
+        if self.on_line is not None:
+            self.on_line(step, stream, line)
+        self.maybe_flush()
+
+    def maybe_flush(self) -> None:
+        if len(self._buf) >= self.max_lines or time.monotonic() - self._last >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._buf = self._buf, []
+            self._last = time.monotonic()
+        if lines:
+            with self.db.begin() as conn:
+                store.add_logs(conn, self.run_id, lines)
+
+
+class _FetchLoop:
+    """One ``fetchers.Fetcher`` on its own event-loop thread for the run: synchronous steps
+    fetch through it, and browsers and what it learned per domain are reused across steps."""
+
+    def __init__(self, settings: Any) -> None:
+        from fetchers import Fetcher
+
+        self.loop = asyncio.new_event_loop()
+        self.fetcher = Fetcher(settings)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="pipeline-fetch", daemon=True
+        )
+        self.thread.start()
+
+    def fetch(self, url: str, **kwargs: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(
+            self.fetcher.fetch(url, **kwargs), self.loop
+        ).result()
+
+    def close(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.fetcher.aclose(), self.loop).result(timeout=60)
+        except Exception as exc:  # closing must not hide the run's outcome
+            log.warning("closing the pipeline's fetcher: %s", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+# --- the step context ------------------------------------------------------------------------
+
+
+def entity_from(obj: Entity | Mapping[str, Any]) -> Entity:
+    """A dict with an ``id`` key becomes an Entity: the other keys are its attributes and
+    the content hash is computed the way the scrape job computes it, so the same product
+    found by a spec and by a pipeline is one entity."""
+    if isinstance(obj, Entity):
+        return obj
+    if not isinstance(obj, Mapping) or obj.get("id") in (None, ""):
+        raise ValueError(f"an entity needs an 'id' key: {obj!r:.200}")
+    attrs = []
+    for name, value in obj.items():
+        if name == "id":
+            continue
+        attrs.append((str(name), *_typed(value)))
+    digest = hashlib.sha1(
+        "\x1f".join(f"{k}={v}" for k, v, _ in sorted(attrs, key=lambda a: a[0])).encode()
+    ).hexdigest()[:16]
+    url = obj.get("url") or obj.get("source_url")
+    return Entity(str(obj["id"]), digest, attrs, str(url) if url else None)
+
+
+def _typed(value: Any) -> tuple[str | None, str]:
+    if value is None:
+        return None, "str"
+    if isinstance(value, bool):
+        return ("true" if value else "false"), "bool"
+    if isinstance(value, int):
+        return str(value), "int"
+    if isinstance(value, float):
+        return repr(value), "float"
+    if isinstance(value, str):
+        return value, "str"
+    return json.dumps(value, sort_keys=True, default=str), "str"
+
+
+class StepContext:
+    """What a step gets: the run's identity, the log, the cascade, storage and stop checks."""
+
+    def __init__(self, runner: _Runner, position: int, name: str, state: dict[str, Any]) -> None:
+        self._runner = runner
+        self.position = position
+        self.step = name
+        self.run_id = runner.run_id
+        self.pipeline = runner.pipeline.name
+        self.country = runner.country
+        self.db_url = redact_url(runner.db.url)  # never with its password
+        self.state: dict[str, Any] = dict(state)
+
+    def log(self, line: str) -> None:
+        """A line in the run log (``run_logs``, stream ``stdout``)."""
+        for part in str(line).splitlines() or [""]:
+            self._runner.log.write(self.step, "stdout", part)
+
+    def fetch(self, url: str, **kwargs: Any) -> Any:
+        """``Fetcher.fetch`` through the cascade (``country`` defaults to the run's); returns a
+        ``fetchers.FetchResult`` and never raises for a failed fetch (check ``.success``).
+        Every attempt is recorded in ``fetch_logs``."""
+        kwargs.setdefault("country", self.country)
+        result = self._runner.fetcher().fetch(url, **kwargs)
+        with self._runner.db.begin() as conn:
+            store.add_fetch_logs(conn, self.run_id, url, kwargs["country"], result.attempts)
+        return result
+
+    def store(
+        self,
+        entity_type: str,
+        entities: Iterable[Entity | Mapping[str, Any]],
+        *,
+        country: str | None = None,
+    ) -> dict[str, int]:
+        """Upsert entities (``storage.scrape.Entity`` or dicts with an ``id``) and save
+        ``ctx.state`` in one transaction: after a crash either both are stored or neither,
+        so a resumed step continues exactly after the last stored batch. Returns external
+        id → entity id."""
+        items = [entity_from(e) for e in entities]
+        state = json.loads(json.dumps(self.state))  # fail here if it is not JSON
+        with self._runner.db.begin() as conn:
+            ids = store_entities(conn, self.run_id, entity_type, country or self.country, items)
+            store.save_state(conn, self.run_id, self.position, state)
+        self._runner.saved_state = state
+        return ids
+
+    def stored(
+        self, entity_type: str, *, after: str | None = None, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        """Entities of this run and country (as ``{"id": …, attribute: value}``, by id after
+        ``after``): how a later step reads what an earlier step stored, a page at a time."""
+        with self._runner.db.connect() as conn:
+            return store.run_entities(conn, self.run_id, entity_type, self.country, after, limit)
+
+    def checkpoint(self) -> None:
+        """Save ``ctx.state`` without storing anything."""
+        state = json.loads(json.dumps(self.state))
+        with self._runner.db.begin() as conn:
+            store.save_state(conn, self.run_id, self.position, state)
+        self._runner.saved_state = state
+
+    @property
+    def stopping(self) -> bool:
+        return self._runner.control.stop_requested()
+
+    def check_stop(self) -> None:
+        """Raise StopRequested if the run was asked to stop, pause or cancel."""
+        if self._runner.control.stop_requested():
+            raise StopRequested(f"run {self.run_id} was asked to stop")
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineResult:
+    run_id: int
+    status: str
+    error: str | None
+    steps: list[dict[str, Any]]
+
+
+_active: set[int] = set()
+_active_lock = threading.Lock()
+
+
+class _RunLock:
+    """One process per run. DuckDB: the file lock already proves it across processes, this
+    set covers threads. PostgreSQL: a session advisory lock on a connection held for the
+    run, released by the server when a killed process's connection drops."""
+
+    def __init__(self, db: Database, run_id: int) -> None:
+        self.db, self.run_id = db, run_id
+        self._conn: Any = None
+
+    def acquire(self) -> None:
+        with _active_lock:
+            if self.run_id in _active:
+                raise PipelineError(f"run {self.run_id} is already running in this process")
+            _active.add(self.run_id)
+        if self.db.is_duckdb:
+            return
+        import sqlalchemy as sa
+
+        conn = self.db.engine.connect()
+        got = conn.execute(
+            sa.text("SELECT pg_try_advisory_lock(727002, CAST(:r AS integer))"),
+            {"r": self.run_id},
+        ).scalar()
+        conn.commit()
+        if not got:
+            conn.close()
+            self.release()
+            raise PipelineError(
+                f"run {self.run_id} is being run by another process: stop it there "
+                f"(`python -m engine.run stop {self.run_id}`), then resume"
+            )
+        self._conn = conn
+
+    def release(self) -> None:
+        if self._conn is not None:
+            import sqlalchemy as sa
+
+            try:
+                self._conn.execute(
+                    sa.text("SELECT pg_advisory_unlock(727002, CAST(:r AS integer))"),
+                    {"r": self.run_id},
+                )
+                self._conn.commit()
+            finally:
+                self._conn.close()
+                self._conn = None
+        with _active_lock:
+            _active.discard(self.run_id)
+
+
+class _Runner:
+    def __init__(
+        self,
+        db: Database,
+        pipeline: Pipeline,
+        run_id: int,
+        country: str,
+        control: PipelineControl,
+        fetch_settings: Any,
+        on_line: Callable[[str | None, str, str], None] | None,
+    ) -> None:
+        self.db, self.pipeline, self.run_id, self.country = db, pipeline, run_id, country
+        self.control = control
+        self.fetch_settings = fetch_settings
+        self.log = RunLog(db, run_id, on_line)
+        self.saved_state: dict[str, Any] = {}
+        self._fetch: _FetchLoop | None = None
+
+    def fetcher(self) -> _FetchLoop:
+        if self._fetch is None:
+            from fetchers import FetchSettings
+
+            self._fetch = _FetchLoop(self.fetch_settings or FetchSettings())
+        return self._fetch
+
+    def close(self) -> None:
+        if self._fetch is not None:
+            self._fetch.close()
+            self._fetch = None
+
+    def engine_line(self, step: str | None, line: str) -> None:
+        self.log.write(step, "engine", line)
+
+    def run(self) -> PipelineResult:
+        with self.db.connect() as conn:
+            rows = store.get_steps(conn, self.run_id)
+        outcome, error = "completed", None
+        for row in rows:
+            if row.status == "done":
+                continue
+            if self.control.stop_requested():
+                outcome = "stopped"
+                self.engine_line(None, f"stopped before step {row.name}")
+                break
+            status, error = self._run_step(row.position, row.name, row.state, row.status)
+            if status == "stopped":
+                outcome = "stopped"
+                break
+            if status == "failed":
+                outcome = "failed"
+                break
+        self.log.flush()
+        with self.db.begin() as conn:
+            if outcome == "completed":
+                store.finish_run(conn, self.run_id, "completed", ("running", "stopping"))
+            elif outcome == "failed":
+                store.finish_run(
+                    conn, self.run_id, "failed", ("running", "stopping", "paused"), error
+                )
+            else:  # a pause or a cancel keeps its status; a stop ends as stopped
+                store.finish_run(conn, self.run_id, "stopped", ("running", "stopping"))
+            run = run_store.get_run(conn, self.run_id)
+            steps = [s.to_dict() for s in store.get_steps(conn, self.run_id)]
+        assert run is not None
+        return PipelineResult(self.run_id, run.status, run.error, steps)
+
+    def _run_step(
+        self, position: int, name: str, state: dict[str, Any], was: str
+    ) -> tuple[str, str | None]:
+        step = self.pipeline.steps[position]
+        self.saved_state = dict(state)
+        with self.db.begin() as conn:
+            store.start_step(conn, self.run_id, position)
+        again = f" again (it was {was})" if was != "pending" else ""
+        self.engine_line(name, f"step {name} started{again}")
+        exit_code: int | None = None
+        try:
+            if isinstance(step, ScriptStep):
+                from engine.pipeline_script import run_script
+
+                status, exit_code, error = run_script(self, step, name)
+            else:
+                step.fn(StepContext(self, position, name, state))
+                status, error = "done", None
+        except StopRequested:
+            status, error = "stopped", None
+        except Exception as exc:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            for line in traceback.format_exc().rstrip().splitlines():
+                self.log.write(name, "stderr", line)
+        except BaseException:  # a second Ctrl-C: record what we can, then go
+            self._end(position, name, "stopped", None, None)
+            with self.db.begin() as conn:
+                store.finish_run(conn, self.run_id, "stopped", ("running", "stopping"), "aborted")
+            raise
+        self._end(position, name, status, error, exit_code)
+        if error:
+            error = f"step {name} failed: {error}"
+        return status, error
+
+    def _end(
+        self, position: int, name: str, status: str, error: str | None, exit_code: int | None
+    ) -> None:
+        self.engine_line(
+            name,
+            f"step {name} {status}"
+            + (f" (exit code {exit_code})" if exit_code is not None else "")
+            + (f": {error}" if error else ""),
+        )
+        self.log.flush()
+        with self.db.begin() as conn:
+            store.end_step(conn, self.run_id, position, status, self.saved_state, error, exit_code)
+
+
+def coordinator_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_pipeline(
+    db: Database,
+    pipeline: Pipeline,
+    resume_run_id: int | None = None,
+    *,
+    country: str | None = None,
+    ref: str | None = None,
+    fetch_settings: Any = None,
+    control: PipelineControl | None = None,
+    on_line: Callable[[str | None, str, str], None] | None = None,
+) -> PipelineResult:
+    """Run ``pipeline`` as a new run (or resume run ``resume_run_id``) in this thread, to
+    its end or until it is stopped; returns the outcome.
+
+    ``ref`` is how the CLI finds the pipeline again on ``--resume`` (``module:name`` or a
+    file path); ``fetch_settings`` a ``fetchers.FetchSettings`` for ``ctx.fetch``;
+    ``control`` lets another thread stop the run (``control.command(run_id, "stop")``);
+    ``on_line(step, stream, line)`` sees every line of the run log as it is written."""
+    control = control or PipelineControl(db)
+    if resume_run_id is None:
+        run_id, country = _create(db, pipeline, country, ref)
+        lock = _RunLock(db, run_id)
+        lock.acquire()
+        resumed_at = None
+    else:
+        run_id = resume_run_id
+        lock = _RunLock(db, run_id)
+        lock.acquire()
+        try:
+            country, resumed_at = _prepare_resume(db, pipeline, run_id, control)
+        except BaseException:
+            lock.release()
+            raise
+    control.attach(run_id)
+    runner = _Runner(db, pipeline, run_id, country, control, fetch_settings, on_line)
+    try:
+        where = f" at step {resumed_at}" if resumed_at else ""
+        runner.engine_line(
+            None,
+            f"run {run_id}: pipeline {pipeline.name} for {country} "
+            f"{'resumed' + where if resume_run_id else 'started'}",
+        )
+        return runner.run()
+    finally:
+        try:
+            runner.log.flush()
+        finally:
+            runner.close()
+            lock.release()
+
+
+def _create(
+    db: Database, pipeline: Pipeline, country: str | None, ref: str | None
+) -> tuple[int, str]:
+    if not pipeline.steps:
+        raise PipelineError(f"pipeline {pipeline.name!r} has no steps")
+    if pipeline.country and country and country != pipeline.country:
+        raise PipelineError(
+            f"pipeline {pipeline.name!r} is registered for {pipeline.country}, not {country}"
+        )
+    country = country or pipeline.country
+    if not country:
+        raise PipelineError(f"pipeline {pipeline.name!r} has no country: give one (--country)")
+    params = {
+        "pipeline": pipeline.name,
+        "country": country,
+        "ref": ref,
+        "steps": pipeline.step_names,
+    }
+    with db.begin() as conn:
+        run_id = run_store.create_run(conn, KIND, params, coordinator_name())
+        run_store.add_planned(conn, run_id, len(pipeline.steps), 0)
+        store.create_steps(conn, run_id, pipeline.step_names)
+        run_store.start_run(conn, run_id)
+    return run_id, country
+
+
+def _prepare_resume(
+    db: Database, pipeline: Pipeline, run_id: int, control: PipelineControl
+) -> tuple[str, str | None]:
+    """Check that the run can be resumed with this pipeline and set it running; returns the
+    run's country and the step it resumes at."""
+    with db.begin() as conn:
+        run = run_store.get_run(conn, run_id)
+        if run is None:
+            raise PipelineError(
+                f"no run with id {run_id}: `python -m engine.run status` lists runs"
+            )
+        if run.kind != KIND:
+            raise PipelineError(
+                f"run {run_id} is a {run.kind} run: `python -m engine.run resume {run_id}`"
+            )
+        if run.status not in RESUMABLE:
+            raise PipelineError(f"run {run_id} is {run.status}: nothing to resume")
+        steps = store.get_steps(conn, run_id)
+        names = [s.name for s in steps]
+        if names != pipeline.step_names:
+            raise PipelineError(
+                f"pipeline {pipeline.name!r} has steps {pipeline.step_names}, but run {run_id} "
+                f"was started with {names}: resume it with the pipeline it was started with"
+            )
+        if run.status != "running":  # running: its process was killed, we take it over
+            run_store.apply_command(conn, run_id, "resume", "pipeline --resume")
+        store.set_coordinator(conn, run_id, coordinator_name())
+    pending = next((s.name for s in steps if s.status != "done"), None)
+    return str(run.params.get("country")), pending
