@@ -559,10 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="start the simulated world and validate its proxies",
+        help="start the simulated world, validate its proxies and scrape its shops",
         description="Offline demo: starts sim/ on loopback (a judge and a "
-        "proxy fleet), validates the fleet, prints the summary and how it "
-        "matches the sim's ground truth.",
+        "proxy fleet), validates the fleet, then scrapes one sim shop per country "
+        "through the fetcher cascade; prints the summaries, which method won where, "
+        "and how both match the sim's ground truth.",
     )
     common(d)
     d.add_argument("--proxies", type=int, default=120, help="sim proxies (120)")
@@ -571,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=2.0)
     d.add_argument("--batch-size", type=int, default=20)
     d.add_argument("--max-attempts", type=int)
+    d.add_argument(
+        "--skip-scrape", action="store_true", help="validate only; do not scrape the sim shops"
+    )
     d.set_defaults(func=cmd_demo)
 
     from engine import cli_backfill

@@ -422,6 +422,11 @@ def test_demo_runs_offline(tmp_path: Path) -> None:
     summary = json.loads(out.stdout)
     assert summary["status"] == "completed" and summary["counts"]["done"] == 60
     assert summary["truth"]["false_positives"] == summary["truth"]["false_negatives"] == 0
+    scraped = summary["scrape_run"]  # one sim shop per country through its cascade
+    assert scraped["status"] == "completed"
+    assert scraped["truth"]["missing"] == scraped["truth"]["unexpected"] == 0
+    assert scraped["methods"]["Argentina"] == {"tor": 2}  # the SOCKS-only shop, via "tor"
+    assert "playwright" in scraped["methods"]["Malaysia"]  # the JS-challenge shop
 
 
 def test_revalidate_on_a_schedule(world: SimWorld, tmp_path: Path) -> None:
