@@ -32,6 +32,13 @@ patterns = { price = '^\\d+(\\.\\d+)?$' }
 required_selectors = ["main"]
 min_length = 200
 
+[api]                              # optional (also per [[sources]]): for the `api` method
+url_template = "https://shop.example/api/products?page={page}"
+auth_env = "SHOP_API_TOKEN"        # the variable's NAME; the token is never stored or logged
+pagination = "page"                # none, page, next
+max_pages = 50
+# then [[extract]] json_list = "items" and fields with json = "path"
+
 [[files]]                          # optional: files to download (PDFs, images)
 css = "a.leaflet"
 max_bytes = 5_000_000
@@ -88,13 +95,14 @@ class FieldSpec(_Model):
     regex: str | None = None
     all: bool = False
     sep: str = " | "
+    json: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> FieldSpec:
         if self.css and self.xpath:
             raise ValueError("give css or xpath, not both")
-        if not (self.css or self.xpath or self.attr):
-            raise ValueError("give css, xpath or attr")
+        if not (self.css or self.xpath or self.attr or self.json):
+            raise ValueError("give css, xpath, attr or json")
         if self.type not in TYPES:
             raise ValueError(f"type {self.type!r}: use one of {', '.join(TYPES)}")
         if self.regex:
@@ -110,6 +118,7 @@ class ExtractSpec(_Model):
     match: str | None = None
     list: str | None = None
     list_xpath: str | None = None
+    json_list: str | None = None  # where the entities are in an API answer (`items`)
     fields: dict[str, FieldSpec]
 
     @field_validator("fields", mode="before")
@@ -133,8 +142,18 @@ class ExtractSpec(_Model):
             _check_css(v)
         return v
 
-    def rules(self) -> list[FieldRule]:
-        return [FieldRule(name=k, **f.model_dump()) for k, f in self.fields.items()]
+    def rules(self, kind: str = "html") -> list[FieldRule]:
+        """The fields for HTML pages (css/xpath/attr) or for API answers (json)."""
+        out = []
+        for name, f in self.fields.items():
+            d = f.model_dump()
+            if kind == "json":
+                if f.json:
+                    d.update(css=None, xpath=None, attr=None)
+                    out.append(FieldRule(name=name, **d))
+            elif f.css or f.xpath or f.attr:
+                out.append(FieldRule(name=name, **{**d, "json": None}))
+        return out
 
 
 class FollowSpec(_Model):
@@ -188,11 +207,37 @@ class FilesSpec(_Model):
         return [v] if isinstance(v, str) else v
 
 
+class ApiConfig(_Model):
+    """A JSON API of a source, for the `api` fetch method (see fetchers/methods/api.py)."""
+
+    url_template: str | None = None  # {url} the page URL, {page} the page number
+    auth_env: str | None = None  # the NAME of the variable holding the token
+    auth_header: str = "Authorization"
+    auth_scheme: str | None = "Bearer"
+    pagination: str = "none"  # none, page, next
+    first_page: int = 1
+    max_pages: int = Field(1, ge=1, le=100_000)
+    items_path: str = "items"
+    next_path: str = "next"
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ApiConfig:
+        self.to_api_spec()  # the method's own checks (pagination, secret-bearing headers)
+        return self
+
+    def to_api_spec(self) -> Any:
+        from fetchers.methods.api import ApiSpec
+
+        return ApiSpec(**self.model_dump())
+
+
 class SourceSpec(_Model):
     country: str
     start_urls: list[str] = Field(default_factory=list)
     start_urls_file: str | None = None
     methods: list[str] | None = None
+    api: ApiConfig | None = None
 
 
 class ScrapeSpec(_Model):
@@ -203,6 +248,7 @@ class ScrapeSpec(_Model):
     start_urls_file: str | None = None
     sources: list[SourceSpec] = Field(default_factory=list)
     methods: list[str] | None = None
+    api: ApiConfig | None = None
     max_pages: int | None = Field(None, ge=1)
     id_field: str = "id"
     follow: FollowSpec = Field(default_factory=FollowSpec)
@@ -238,6 +284,7 @@ class ScrapeSpec(_Model):
                     start_urls=self.start_urls,
                     start_urls_file=self.start_urls_file,
                     methods=self.methods,
+                    api=self.api,
                 ),
             )
         return out

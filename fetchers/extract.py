@@ -24,6 +24,7 @@ __all__ = [
     "Extractor",
     "FieldRule",
     "Invalid",
+    "JsonExtractor",
     "Row",
     "make_extractor",
 ]
@@ -44,6 +45,7 @@ class FieldRule:
     regex: str | None = None
     all: bool = False
     sep: str = " | "
+    json: str | None = None  # dotted path in an API answer's item (`price`, `offer.price`)
 
 
 class Invalid(ValueError):
@@ -100,6 +102,44 @@ class Extractor(Protocol):
     def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
         """Absolute URLs (href, else src) of elements matching CSS ``selectors``."""
         ...
+
+
+class JsonExtractor:
+    """Entities from a JSON answer (the `api` method): the list at `list_path` (or the
+    document itself), each field at its `json` path; fields without one are None."""
+
+    def __init__(self, fields: Sequence[FieldRule], list_path: str | None) -> None:
+        self.fields = tuple(fields)
+        self.list_path = list_path
+
+    def extract(self, content: bytes, url: str) -> list[Row]:
+        import json
+
+        from fetchers.methods.api import dig
+
+        try:
+            doc = json.loads(content)
+        except ValueError:
+            return []
+        items = dig(doc, self.list_path) if self.list_path else doc
+        if not isinstance(items, list):
+            items = [items] if isinstance(items, dict) else []
+        out = []
+        for item in items:
+            raws = []
+            for rule in self.fields:
+                v = dig(item, rule.json) if rule.json else None
+                if isinstance(v, bool):
+                    v = "true" if v else "false"
+                raws.append(None if v is None else v if isinstance(v, str) else json.dumps(v))
+            out.append(_row(self.fields, raws, url))
+        return out
+
+    def links(self, content: bytes, url: str) -> list[str]:
+        return []
+
+    def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
+        return []
 
 
 def make_extractor(

@@ -471,3 +471,65 @@ def test_challenge_and_captcha_shops_pass_through_a_browser(tmp_path: Path) -> N
         assert "captcha" in reasons and "challenge" in reasons
     assert scalar(db, "SELECT count(*) FROM urls WHERE status <> 'done'") == 0
     assert scalar(db, "SELECT count(*) FROM entities") == 120
+
+
+def test_api_source_with_token_from_the_environment(shops: ShopWorld, tmp_path: Path) -> None:
+    """India's order starts with `api`: with the spec's [api] and its token variable set, one
+    paginated API call brings every product; without the variable the method is unavailable
+    and the cascade falls back to the HTML pages. The token is never stored."""
+    config = ShopsConfig((ShopSpec("in-api", "India", "none", 70, seed=5, api_token="s3cr3t-tok"),))
+    with ShopWorld(config) as world:
+        base = world["in-api"].base_url
+        spec = f"""
+name = "india-api"
+country = "India"
+entity_type = "product"
+start_urls = ["{base}/catalog?page=1"]
+[api]
+url_template = "{base}/api/products?page={{page}}"
+auth_env = "FF_TEST_SHOP_TOKEN"
+pagination = "page"
+max_pages = 20
+[follow]
+css = ["a.next"]
+[[extract]]
+json_list = "items"
+list = "li.product"
+[extract.fields]
+id = {{ attr = "data-id", json = "id" }}
+name = {{ css = ".name", json = "name" }}
+price = {{ css = ".price", json = "price", type = "float" }}
+"""
+        path = write(tmp_path, spec)
+        db = f"duckdb:///{tmp_path / 'api.duckdb'}"
+        env = {**os.environ, "FF_TEST_SHOP_TOKEN": "s3cr3t-tok"}
+        out = subprocess.run(
+            [sys.executable, "-m", "engine.run", "scrape", "--spec", path, "--db", db, "--json"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["scrape"]["methods"] == {"India": {"api": 1}}
+        want = truth(world, "in-api")
+        got = stored(db)
+        assert set(got) == set(want)
+        assert all(
+            got[i]["name"] == p["name"] and got[i]["price"] == p["price"] for i, p in want.items()
+        )
+
+        db2 = f"duckdb:///{tmp_path / 'html.duckdb'}"
+        env.pop("FF_TEST_SHOP_TOKEN")
+        out = subprocess.run(
+            [sys.executable, "-m", "engine.run", "scrape", "--spec", path, "--db", db2, "--json"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["scrape"]["methods"] == {"India": {"http": 4}}
+        assert set(stored(db2)) == set(want)
+    for url in (db, db2):
+        database = open_database(url)
+        with database.connect() as conn:
+            for table in ("runs", "fetch_logs", "errors", "urls", "entity_attributes"):
+                rows = fetch_all(conn, sa.text(f"SELECT * FROM {table}"))
+                assert "s3cr3t-tok" not in repr(rows), table
+        database.dispose()

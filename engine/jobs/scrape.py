@@ -242,17 +242,26 @@ class ScrapeExecutor(Executor):
         self.fetcher = fetcher
         self.files_dir = Path(params["files_dir"])
         self.methods: dict[str, list[str] | None] = {}
+        self.apis: dict[str, Any] = {}
         override = params.get("methods")
         for source in spec.all_sources():
             self.methods[source.country] = override or source.methods or spec.methods
+            if source.api is not None:
+                self.apis[source.country] = source.api.to_api_spec()
         self.rules = ValidationRules(
             min_length=spec.fetch.min_length,
             required_selectors=tuple(spec.fetch.required_selectors),
         )
         follow = spec.follow
         self._follow = make_extractor([], None, None, follow.css, follow.regex)
+        from fetchers.extract import JsonExtractor
+
         self._extractors = [
-            (e, make_extractor(e.rules(), e.list, e.list_xpath, follow.css, follow.regex))
+            (
+                e,
+                make_extractor(e.rules(), e.list, e.list_xpath, follow.css, follow.regex),
+                JsonExtractor(e.rules("json"), e.json_list),
+            )
             for e in spec.extract
         ]
         self._types = {name: f.type for e in spec.extract for name, f in e.fields.items()}
@@ -266,6 +275,7 @@ class ScrapeExecutor(Executor):
             country=item.country,
             method=self.methods.get(item.country),
             rules=self.rules,
+            api=self.apis.get(item.country),
         )
         page = store.PageResult(
             url_id=item.id,
@@ -297,6 +307,9 @@ class ScrapeExecutor(Executor):
             page.error = res.blocked_reason or res.error
             return False, page.status, {"page": page}
         base = res.final_url or item.url
+        if res.method_used == "api":  # a JSON answer: entities by json paths, no links
+            self._extract(page, res.content, base, json_answer=True)
+            return True, "done", {"page": page}
         self._extract(page, res.content, base)
         if self.spec.follow.css or self.spec.follow.regex:
             page.links = self._links(res.content, base)
@@ -304,9 +317,16 @@ class ScrapeExecutor(Executor):
             await self._download(page, res.content, base)
         return True, "done", {"page": page}
 
-    def _extract(self, page: store.PageResult, content: bytes, url: str) -> None:
+    def _extract(
+        self, page: store.PageResult, content: bytes, url: str, json_answer: bool = False
+    ) -> None:
         chosen = next(
-            (ex for e, ex in self._extractors if e.match is None or re.search(e.match, url)), None
+            (
+                jx if json_answer else ex
+                for e, ex, jx in self._extractors
+                if e.match is None or re.search(e.match, url)
+            ),
+            None,
         )
         if chosen is None:
             return

@@ -33,7 +33,7 @@ from fetchers.methods.http import CurlClient
 if TYPE_CHECKING:
     from fetchers.config import FetchSettings
 
-__all__ = ["ApiMethod", "ApiSpec"]
+__all__ = ["ApiMethod", "ApiSpec", "dig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,8 @@ class ApiSpec:
             raise InvalidContent(f"api: url_template needs a value for {exc}") from None
 
 
-def _dig(doc: Any, path: str) -> Any:
+def dig(doc: Any, path: str) -> Any:
+    """The value at a dotted path (`data.items`, `items.0.id`); None when absent."""
     for key in filter(None, path.split(".")):
         if isinstance(doc, Mapping):
             doc = doc.get(key)
@@ -128,7 +129,7 @@ class ApiMethod(FetchMethod):
                 doc = json.loads(last.content)
             except ValueError:
                 return last  # the validator says "not JSON"
-            found = _dig(doc, spec.items_path)
+            found = dig(doc, spec.items_path)
             batch = found if isinstance(found, list) else []
             items.extend(batch)
             pages += bool(batch)
@@ -140,7 +141,7 @@ class ApiMethod(FetchMethod):
                 page += 1
                 url = spec.render(request.url, page)
             else:
-                nxt = _dig(doc, spec.next_path)
+                nxt = dig(doc, spec.next_path)
                 if not nxt:
                     break
                 url = urljoin(url, str(nxt))
