@@ -26,25 +26,38 @@ def live_home(url: str, heartbeat_within_s: float) -> None:
                 ("items/s now", f"{snap.items_per_s_now:,.1f}"),
                 ("items last hour", f"{snap.items_last_hour:,}"),
                 ("errors last hour", f"{snap.errors_last_hour:,}"),
+                ("fetches last hour", f"{snap.fetch.attempts:,}"),
+                ("blocked last hour", f"{snap.fetch.blocked:,}"),
             ],
             {
                 "workers alive": "Local and remote workers that heartbeated recently",
                 "items/s now": "Items stored over the last 10 seconds, per second",
                 "errors last hour": "Error log entries: failed task attempts, malformed input",
+                "fetches last hour": "Fetch attempts of scrape runs (every method the cascade "
+                "tried), from the fetch log",
+                "blocked last hour": "Fetch attempts that met a block page (challenge, captcha…)",
             },
         )
     left, right = st.columns([3, 2])
     with left:
-        views.chart(
-            views.line(
-                [m for m, _ in snap.per_minute],
-                [v for _, v in snap.per_minute],
-                "Items/s over the last hour (per minute)",
-                "minute (UTC)",
-                "items/s",
-            ),
-            key="home_throughput",
+        fig = views.line(
+            [m for m, _ in snap.per_minute],
+            [v for _, v in snap.per_minute],
+            "Items/s over the last hour (per minute)",
+            "minute (UTC)",
+            "items/s",
         )
+        if snap.fetch.attempts:  # scrape runs: their fetch attempts beside the items
+            fig.data[0].name = "items/s"
+            fig.add_scatter(
+                x=[m for m, _ in snap.fetch_per_minute],
+                y=[v for _, v in snap.fetch_per_minute],
+                mode="lines",
+                name="fetch attempts/s",
+                line={"width": 1, "dash": "dot"},
+            )
+            fig.update_layout(showlegend=True)
+        views.chart(fig, key="home_throughput")
     with right:
         runs = snap.runs_by_status
         statuses = [s for s in RUN_STATUSES if runs.get(s)] + sorted(

@@ -1,20 +1,27 @@
 """Console responsiveness: each page's first view over a big database (prints a table).
 
-    python bench/console.py [--proxies 100000] [--checks 1000000] [--repeat 3]
+    python bench/console.py [--proxies 100000] [--checks 1000000] [--fetch-logs 1000000]
+                            [--pages 100000] [--entities 100000] [--repeat 3]
                             [--browser] [--out bench/out/console.json]
 
-A temporary DuckDB file gets, in bulk SQL (``INSERT … SELECT … FROM range(n)``,
-``console.testing.seed_history``): ``--proxies`` proxies and ``--checks`` rows of
-``proxy_checks`` (10 completed runs, each checking every proxy, spread over the last 24 h),
-their tasks, 10,000 error-log rows and four workers. ``proxy_checks`` stands in for the
-issue's *fetch_log* (that table arrives with the scrape job): it is the per-item log the
-Home, Workers, Runs and Validation pages aggregate over.
+A temporary DuckDB file gets, in bulk SQL (``INSERT … SELECT … FROM range(n)``: DuckDB builds
+the rows itself, no Python tuples, the same path as ``storage.bulk``'s Arrow staging minus the
+copy; ``console.testing.seed_history`` and ``seed_scrape_history``):
+* ``--proxies`` proxies and ``--checks`` rows of ``proxy_checks`` (10 completed validate runs,
+  each checking every proxy, spread over the last 24 h), their tasks, 10,000 error-log rows
+  and four workers — what the Home, Workers, Runs and Validation pages aggregate over;
+* ``--fetch-logs`` rows of ``fetch_logs`` (the issue's *fetch_log*: every attempt of every
+  fetch, mixed methods and outcomes, blocked ones with a reason, spread over 24 h) over 10
+  completed scrape runs with ``--pages`` pages in ``urls`` and ``--entities`` entities with 5
+  attributes each — what the Scraping page, the Runs page's fetch log statistics and the
+  Home page's fetch figures read.
 
 Then, for every page:
 * **server** — Streamlit's AppTest runs the page in this process, as the server would for a
   new session: a fresh AppTest, the data cache cleared (every SQL aggregate really runs),
   the engine (coordinator + pool) already up. Timed: the whole script run. ``--repeat``
-  times; the table shows the median and the worst.
+  times; the table shows the median and the worst. Runs & errors and Scraping show the
+  newest run, a scrape run with 100,000 fetch-log rows.
 * **browser** (``--browser``, needs /usr/bin/chromium) — `streamlit run app.py` against the
   same file and Playwright with the system Chromium: the first load of the app (Home, with
   Streamlit's JavaScript and the engine's start), then, after a 10 s warm-up, each page
@@ -60,8 +67,13 @@ TITLES = {  # page -> its title (what the browser waits for)
 }
 
 
-def seed(path: Path, proxies: int, checks: int) -> dict[str, Any]:
-    from console.testing import seed_history
+SCRAPE_RUNS = 10
+
+
+def seed(
+    path: Path, proxies: int, checks: int, fetch_logs: int, pages: int, entities: int
+) -> dict[str, Any]:
+    from console.testing import seed_history, seed_scrape_history
     from storage.db import open_database
 
     runs = max(1, checks // proxies)
@@ -69,6 +81,14 @@ def seed(path: Path, proxies: int, checks: int) -> dict[str, Any]:
     began = time.perf_counter()
     try:
         counts = seed_history(db, proxies=proxies, runs=runs, errors=10_000, workers=4)
+        counts |= seed_scrape_history(
+            db,
+            runs=SCRAPE_RUNS,
+            pages_per_run=max(1, pages // SCRAPE_RUNS),
+            entities=entities,
+            attributes=5,
+            fetch_logs=fetch_logs,
+        )
     finally:
         db.dispose()
     counts["seconds"] = round(time.perf_counter() - began, 2)
@@ -187,6 +207,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--proxies", type=int, default=100_000)
     ap.add_argument("--checks", type=int, default=1_000_000, help="proxy_checks rows")
+    ap.add_argument("--fetch-logs", type=int, default=1_000_000, help="fetch_logs rows")
+    ap.add_argument("--pages", type=int, default=100_000, help="urls rows (10 scrape runs)")
+    ap.add_argument("--entities", type=int, default=100_000, help="entities (5 attributes each)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--browser", action="store_true", help="also time pages in Chromium")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "console.json")
@@ -197,7 +220,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ff-console-bench-"))
     path = tmp / "console.duckdb"
     print(f"seeding {path} …", file=sys.stderr)
-    seeded = seed(path, args.proxies, args.checks)
+    seeded = seed(path, args.proxies, args.checks, args.fetch_logs, args.pages, args.entities)
     print(f"seeded {seeded}", file=sys.stderr)
     env = {
         **os.environ,

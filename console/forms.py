@@ -169,3 +169,107 @@ def check_validation(
         if not any(k in res.params for k in flt):
             res.params["minutes_old"] = 0.0  # every proxy checked before now
     return res
+
+
+# --- the scrape form ---------------------------------------------------------------------------
+
+EVERY_SOURCE = "every source"
+STRATEGIES = ("adaptive", "round_robin", "least_connections", "weighted")
+
+
+def spec_countries(text: str) -> list[str]:
+    """The countries of a spec's sources, or [] while it does not parse (the form says why
+    on Start)."""
+    from engine.scrape_spec import SpecError, parse_spec
+
+    if not text.strip():
+        return []
+    try:
+        spec = parse_spec(text)
+    except SpecError:
+        return []
+    return sorted({s.country for s in spec.all_sources()})
+
+
+def check_scrape(
+    *,
+    spec_text: str,
+    spec_name: str,
+    base_dir: Path,
+    country: str | None,
+    methods: list[str],
+    max_pages: int,
+    batch_size: int,
+    workers: int,
+    concurrency: int,
+    duckdb: bool,
+    proxies: str | None = None,
+    strategy: str | None = None,
+    stored_proxies: int | None = None,
+) -> FormResult:
+    """Check the Scraping form: the spec parses (``parse_spec``: TOML line and column, or the
+        field path), the country is one of its sources, the method order is known, numbers are in
+        range, and there are stored proxies to route through (``stored_proxies``: how many have the
+    chosen status). Returns the params ``ScrapeJob.prepare`` takes (it then reads start-URL
+    files)."""
+    from engine.scrape_spec import SpecError, parse_spec
+    from fetchers.cascade import PolicyError, parse_methods
+
+    res = FormResult()
+    e = res.errors
+    spec = None
+    if not spec_text.strip():
+        e["spec"] = "the spec is empty: choose one under specs/, upload one or write TOML here"
+    else:
+        try:
+            spec = parse_spec(spec_text, spec_name)
+        except SpecError as exc:
+            e["spec"] = str(exc)
+    country = (country or "").strip() or None
+    if country == EVERY_SOURCE:
+        country = None
+    if country and spec is not None:
+        known = sorted({s.country for s in spec.all_sources()})
+        if country.lower() not in {k.lower() for k in known}:
+            e["country"] = (
+                f"{country!r} is not a country of this spec: its sources are for {', '.join(known)}"
+            )
+    if methods:
+        try:
+            methods = parse_methods(methods)
+        except PolicyError as exc:
+            e["methods"] = str(exc)
+    if max_pages < 0:
+        e["max_pages"] = "max pages must be 0 (the spec's cap, or none) or more"
+    if not 1 <= batch_size <= 100_000:
+        e["batch_size"] = "the batch size must be between 1 and 100,000 pages per task"
+    if workers < 0 or workers > 256:
+        e["workers"] = "workers must be between 0 and 256"
+    elif workers == 0 and duckdb:
+        e["workers"] = (
+            "with DuckDB at least one local worker is needed (standalone workers need PostgreSQL)"
+        )
+    if not 1 <= concurrency <= 10_000:
+        e["concurrency"] = "concurrency must be between 1 and 10,000 pages per worker"
+    if proxies and stored_proxies == 0:
+        e["proxies"] = (
+            f"no stored proxy is {proxies}: validate a list first (the Validation page) "
+            "or fetch directly"
+        )
+    if strategy and strategy not in STRATEGIES:
+        e["strategy"] = f"strategy must be one of {', '.join(STRATEGIES)}"
+    if e:
+        return res
+    res.params = {
+        "spec_text": spec_text,
+        "spec_name": spec_name,
+        "base_dir": str(base_dir),
+        "country": country,
+        "methods": methods or None,
+        "max_pages": int(max_pages) or None,
+        "batch_size": int(batch_size),
+    }
+    if proxies:
+        res.params["proxies"] = proxies
+        res.params["strategy"] = strategy or "adaptive"
+    return res

@@ -21,7 +21,7 @@ from console.resources import get_console
 from engine.summary import run_summary
 from storage import dashboard as dash
 from storage.clock import utcnow
-from storage.export import export
+from storage.export import export, export_entities
 
 LIVE_TTL_S = 1.0
 SLOW_TTL_S = 5.0
@@ -44,6 +44,8 @@ class HomeSnapshot:
     items_last_hour: int
     errors_last_hour: int
     pool_by_status: dict[str, int]
+    fetch: dash.FetchActivity  # fetch attempts of scrape runs over the last hour
+    fetch_per_minute: list[tuple[datetime, float]]  # (minute, attempts/s), gaps 0
 
 
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
@@ -62,10 +64,14 @@ def home_snapshot(url: str, heartbeat_within_s: float) -> HomeSnapshot:
             items_last_hour=sum(by_minute.values()),
             errors_last_hour=dash.errors_since(conn, hour_ago),
             pool_by_status=dash.pool_by_status(conn),
+            fetch=dash.fetch_activity(conn, hour_ago),
+            fetch_per_minute=[],
         )
     start = now.replace(second=0, microsecond=0) - timedelta(minutes=59)
     minutes = [start + timedelta(minutes=i) for i in range(60)]
     snap.per_minute.extend((m, round(by_minute.get(m, 0) / 60, 2)) for m in minutes)
+    fetches = dict(snap.fetch.per_minute)
+    snap.fetch_per_minute.extend((m, round(fetches.get(m, 0) / 60, 2)) for m in minutes)
     return snap
 
 
@@ -175,6 +181,69 @@ def hourly(url: str, hours: int = 24) -> tuple[pd.DataFrame, pd.DataFrame]:
     )
 
 
+# --- scrape runs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScrapeLive:
+    progress: dash.ScrapeProgress
+    method_mix: list[tuple[str, str, int]]  # (country, method, pages done)
+    blocked: list[tuple[str, str, int]]  # (reason, method, attempts)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def scrape_live(url: str, run_id: int) -> ScrapeLive:
+    with _db(url).connect() as conn:
+        return ScrapeLive(
+            progress=dash.scrape_progress(conn, run_id, NOW_WINDOW_S),
+            method_mix=dash.method_mix(conn, run_id),
+            blocked=dash.blocked_reasons(conn, run_id),
+        )
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def run_ids(url: str, kind: str, limit: int = 200) -> list[int]:
+    """The newest runs of a kind, newest first."""
+    with _db(url).connect() as conn:
+        return [s.id for s in dash.run_stats(conn, limit=limit, kind=kind)]
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def fetch_log_stats(url: str, run_id: int) -> dash.FetchLogStats:
+    with _db(url).connect() as conn:
+        return dash.fetch_log_stats(conn, run_id)
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def entity_countries(url: str, run_id: int | None) -> list[str]:
+    with _db(url).connect() as conn:
+        return dash.entity_countries(conn, run_id)
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def entity_page(
+    url: str, run_id: int | None, country: str | None, page: int, size: int
+) -> tuple[int, pd.DataFrame]:
+    """(entities matching, one page of them with their attributes as columns)."""
+    with _db(url).connect() as conn:
+        total = dash.entity_count(conn, run_id, country)
+        cols, rows = dash.entity_page(conn, run_id, country, (page - 1) * size, size)
+    return total, pd.DataFrame(rows, columns=cols)
+
+
+def entities_export_bytes(
+    url: str, fmt: str, exports_dir: Path, run_id: int | None, country: str | None
+) -> bytes:
+    """Entities with their attributes as columns, CSV or Parquet (storage.export, streamed)."""
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    out = exports_dir / f"console-entities-{utcnow():%Y%m%d%H%M%S%f}.{fmt}"
+    try:
+        export_entities(_db(url), fmt, out, run_id=run_id, country=country)
+        return out.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)
+
+
 # --- workers -------------------------------------------------------------------------------
 
 WORKER_COLUMNS = [
@@ -228,6 +297,14 @@ def workers_frame(url: str) -> pd.DataFrame:
 def pool_values(url: str, column: str) -> list[str]:
     with _db(url).connect() as conn:
         return dash.pool_values(conn, column)
+
+
+def pool_status_count(url: str, status: str | None) -> int | None:
+    """Stored proxies with a status (None when no status is asked about)."""
+    if status is None:
+        return None
+    with _db(url).connect() as conn:
+        return dash.pool_by_status(conn).get(status, 0)
 
 
 @st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)

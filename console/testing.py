@@ -172,3 +172,135 @@ def seed_history(
             p,
         )
     return {"proxies": proxies, "proxy_checks": per_run * runs, "runs": runs, "errors": errors}
+
+
+SCRAPE_METHODS = ["http", "http", "http", "playwright", "selenium", "tor", "api"]
+PAGE_STATUSES = ["done"] * 8 + ["blocked", "failed"]
+FETCH_ERRORS = ["NULL"] * 7 + ["'blocked'", "'timeout'", "'server_error'"]
+BLOCK_REASONS = ["cf-challenge", "captcha", "access-denied", "empty-body"]
+
+
+def seed_scrape_history(
+    db: Database,
+    runs: int = 3,
+    pages_per_run: int = 100,
+    entities: int = 500,
+    attributes: int = 5,
+    fetch_logs: int = 1_000,
+) -> dict[str, int]:
+    """Synthetic scrape runs in bulk ``INSERT … SELECT … FROM range(n)`` (DuckDB only):
+    ``runs`` completed scrape runs with ``pages_per_run`` pages each (mostly done, some
+    blocked or failed, their winning methods mixed per country), ``entities`` entities with
+    ``attributes`` attributes each (spread over the runs), and ``fetch_logs`` fetch attempts
+    spread over the runs and the last 24 hours (blocked ones with a reason)."""
+    if not db.is_duckdb:
+        raise ValueError("seed_scrape_history writes DuckDB SQL (range(n)); use a DuckDB database")
+    now = utcnow()
+    p = {"now": now}
+    countries = _list(COUNTRIES[:6])
+    methods, statuses = _list(SCRAPE_METHODS), _list(PAGE_STATUSES)
+    reasons = _list(BLOCK_REASONS)
+    errs = "[" + ", ".join(FETCH_ERRORS) + "]"
+    nc, nm = 6, len(SCRAPE_METHODS)
+    with db.begin() as conn:
+        x = conn.execute
+        x(
+            sa.text(
+                f"""INSERT INTO runs (kind, status, params, total_items, total_tasks, coordinator,
+                    created_at, started_at, finished_at, updated_at)
+                SELECT 'scrape', 'completed', '{{"spec_name": "bench", "countries": []}}',
+                       {pages_per_run}, {-(-pages_per_run // 50)}, 'bench:1',
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i)
+                           + INTERVAL '50 minute',
+                       CAST(:now AS TIMESTAMP)
+                FROM range({runs}) t(i)"""
+            ),
+            p,
+        )
+        ids = [
+            int(r[0])
+            for r in conn.execute(
+                sa.text("SELECT id FROM runs WHERE kind = 'scrape' ORDER BY id")
+            ).fetchall()
+        ][-runs:]
+        first, last = ids[0], ids[-1]
+        x(
+            sa.text(
+                f"""INSERT INTO urls (run_id, url, country, depth, status, method, http_status,
+                    bytes, entities, error_type, fetched_at, created_at)
+                SELECT r.id, 'https://shop-' || (i % {nc}) || '.example/catalog?page=' || i,
+                       {countries}[1 + (i % {nc})::INT], i // {nc},
+                       {statuses}[1 + (hash(i + r.id) % {len(PAGE_STATUSES)})::INT],
+                       {methods}[1 + (hash(i * 7 + r.id) % {nm})::INT],
+                       200, 20000 + hash(i) % 30000, 20, NULL,
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 second' * ((i * 11 + r.id) % 86400),
+                       r.created_at
+                FROM runs r, range({pages_per_run}) t(i)
+                WHERE r.id BETWEEN {first} AND {last}"""
+            ),
+            p,
+        )
+        x(
+            sa.text(
+                """UPDATE urls SET error_type = status, error = status || ' page'
+                WHERE status <> 'done' AND run_id BETWEEN :first AND :last"""
+            ),
+            {"first": first, "last": last},
+        )
+        x(
+            sa.text(
+                f"""INSERT INTO entities (entity_type, country, external_id, content_hash,
+                    source_url, first_run_id, last_run_id, first_seen, last_seen)
+                SELECT 'product', {countries}[1 + ((i // {runs}) % {nc})::INT],
+                       'P-' || lpad(i::VARCHAR, 7, '0'),
+                       md5(i::VARCHAR), 'https://shop-' || (i % {nc}) || '.example/catalog',
+                       CASE WHEN i % 2 = 0 THEN {first} + (i % {runs}) ELSE {first} END,
+                       {first} + (i % {runs}),
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 day',
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 second' * (i % 3600)
+                FROM range({entities}) t(i)"""
+            ),
+            p,
+        )
+        names = _list(["id", "name", "price", "currency", "sku", "category", "brand"][:attributes])
+        types = _list(["str", "str", "float", "str", "str", "str", "str"][:attributes])
+        x(
+            sa.text(
+                f"""INSERT INTO entity_attributes (entity_id, name, value, value_type)
+                SELECT e.id, {names}[1 + a::INT],
+                       CASE a WHEN 0 THEN e.external_id
+                              WHEN 2 THEN ((hash(e.id) % 100000) / 100.0)::VARCHAR
+                              ELSE {names}[1 + a::INT] || ' ' || e.id END,
+                       {types}[1 + a::INT]
+                FROM entities e, range({attributes}) t(a)
+                WHERE e.last_run_id BETWEEN {first} AND {last}"""
+            ),
+        )
+        x(
+            sa.text(
+                f"""INSERT INTO fetch_logs (run_id, task_id, url, method, proxy, status, bytes, ms,
+                    error_type, blocked_reason, country, created_at)
+                SELECT {first} + (i % {runs}), i // 50,
+                       'https://shop-' || (i % {nc}) || '.example/catalog?page=' || (i // {runs}),
+                       {methods}[1 + (hash(i) % {nm})::INT], NULL,
+                       CASE WHEN hash(i * 3) % 10 < 7 THEN 200 WHEN hash(i * 3) % 10 = 7 THEN 403
+                            ELSE 503 END,
+                       20000 + hash(i) % 30000, 30 + hash(i * 13) % 3000,
+                       {errs}[1 + (hash(i * 3) % 10)::INT],
+                       CASE WHEN hash(i * 3) % 10 = 7
+                            THEN {reasons}[1 + (hash(i * 5) % {len(BLOCK_REASONS)})::INT] END,
+                       {countries}[1 + (i % {nc})::INT],
+                       CAST(:now AS TIMESTAMP) - INTERVAL '1 second' * ((i * 7) % 86400)
+                FROM range({fetch_logs}) t(i)"""
+            ),
+            p,
+        )
+    return {
+        "scrape_runs": runs,
+        "urls": runs * pages_per_run,
+        "entities": entities,
+        "entity_attributes": entities * attributes,
+        "fetch_logs": fetch_logs,
+    }

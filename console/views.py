@@ -75,10 +75,18 @@ def download_buttons(
     stem: str | None = None,
 ) -> None:
     """CSV and Parquet of a selection, built only when the user clicks (storage.export)."""
-    stem = stem or table
+    download_pair(
+        lambda fmt: reads.export_bytes(url, table, fmt, exports_dir, run_id, where),
+        key,
+        stem or table,
+    )
+
+
+def download_pair(make: Callable[[str], bytes], key: str, stem: str) -> None:
+    """A CSV and a Parquet button; ``make(fmt)`` builds the file only when clicked."""
 
     def maker(fmt: str) -> Callable[[], bytes]:
-        return lambda: reads.export_bytes(url, table, fmt, exports_dir, run_id, where)
+        return lambda: make(fmt)
 
     c1, c2, _ = st.columns([1, 1, 4])
     c1.download_button(

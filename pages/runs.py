@@ -1,6 +1,6 @@
 """Runs & errors: every run with its counts; one run in detail (tasks, retries, errors by
-type with examples, outcomes) with Stop / Pause / Resume / Cancel; error and item-log
-statistics per hour.
+type with examples, outcomes, and for a scrape run its fetch log statistics) with Stop /
+Pause / Resume / Cancel; error and item-log statistics per hour.
 
 Commands go through ``Coordinator.command`` (``storage.runs.apply_command``), the same path as
 ``python -m engine.run stop|pause|resume|cancel``.
@@ -102,6 +102,8 @@ def run_detail(c: Console, run_id: int) -> None:
                         st.caption("no error message recorded")
                     for key, message in g.examples:
                         st.text(f"{key}: {message}")
+        if s["kind"] == "scrape":
+            fetch_log(c.url, run_id)
         st.markdown("**Errors by type**")
         if not error_groups:
             st.caption("no errors recorded for this run")
@@ -109,6 +111,42 @@ def run_detail(c: Console, run_id: int) -> None:
             with st.expander(f"{g.name}: {g.count:,}", expanded=True):
                 for key, message in g.examples:
                     st.text(f"{key or '-'}: {message}")
+
+
+def fetch_log(url: str, run_id: int) -> None:
+    """A scrape run's fetch log: attempts by method and outcome, time per attempt by method."""
+    stats = reads.fetch_log_stats(url, run_id)
+    st.markdown(f"**Fetch log statistics** · {stats.attempts:,} attempt(s)")
+    if not stats.attempts:
+        st.caption("no fetch attempt logged for this run yet")
+        return
+    left, right = st.columns([3, 2])
+    with left:
+        st.dataframe(
+            [
+                {
+                    "method": m.method,
+                    "attempts": m.attempts,
+                    "ok": m.ok,
+                    "blocked": m.blocked,
+                    "other errors": m.attempts - m.ok - m.blocked,
+                    "median ms": m.median_ms,
+                    "p90 ms": m.p90_ms,
+                    "MB": round(m.bytes / 1e6, 2),
+                }
+                for m in stats.by_method
+            ],
+            hide_index=True,
+            width="stretch",
+            key="run_fetch_methods",
+        )
+    with right:
+        views.chart(
+            views.stacked_bars(
+                stats.by_outcome, "Attempts by method and outcome", "method", "attempts"
+            ),
+            key="run_fetch_outcomes",
+        )
 
 
 @st.fragment(run_every=30)

@@ -1,15 +1,39 @@
-"""Scraping: arrives with the scrape job and the fetcher cascade (issue 3).
+"""Scraping: start a scrape run from a spec, watch it live, browse and export its entities.
 
-Until the engine registers a ``scrape`` job kind this page says so and what it will do; the
-navigation keeps its place so links and muscle memory do not change when it lands.
+Start: pick a spec under ``specs/`` or upload one; its text is shown and can be edited before
+Start. The form is checked field by field (``console.forms.check_scrape``: the spec with
+``parse_spec`` — TOML line and column, or the field path —, the country against the spec's
+sources, the method order, the numbers), then the run goes through ``engine.api.submit_run``
+like ``python -m engine.run scrape`` and ``ScrapeJob.prepare`` runs its own checks (start
+URLs, start-URL files, stored proxies). Live: pages/s, the success ratio, which method won per
+country, why attempts were blocked. The entities table is paged in SQL
+(``storage.dashboard.entity_page``) and downloads stream (``storage.export.export_entities``).
+
+Until the engine registers the ``scrape`` job kind the page says so instead.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+from typing import Any
+
 import streamlit as st
 
-from console import views
+from console import forms, reads, views
+from console.resources import Console, console_or_stop
+from engine.api import submit_run
+from engine.model import TERMINAL
+from storage.runs import TRANSITIONS
 
+ROOT = Path(__file__).resolve().parent.parent
+SPECS_DIR = ROOT / "specs"
+SOURCES = {"A spec under specs/": "file", "Upload a spec": "upload"}
+METHODS = ("http", "playwright", "selenium", "tor", "api")
+PROXIES = {"direct (no proxy)": None, "stored proxies: active": "active"}
+ALL = "all countries"
+PAGE_SIZES = (25, 50, 100, 200)
 WHAT = (
     "choose or upload a scrape spec (checked before start, with line and column of any error)",
     "pick a country and override its fetch-method order",
@@ -17,6 +41,273 @@ WHAT = (
     "watch pages/s, the success ratio, which method won per country and why pages were blocked",
     "browse the extracted entities and download them as CSV or Parquet",
 )
+FLAG_FIELDS = {  # ScrapeJob.prepare's messages name CLI flags or the spec: show them there
+    "--country": "country",
+    "--proxies": "proxies",
+    "--methods": "methods",
+    "unknown fetch method": "methods",
+    "start url": "spec",
+    "start_urls_file": "spec",
+    "the spec": "spec",
+}
+
+
+def field_of(message: str) -> str | None:
+    low = message.lower()
+    for flag, name in FLAG_FIELDS.items():
+        if low.startswith(flag):
+            return name
+    return None
+
+
+def spec_files() -> list[str]:
+    return sorted(p.name for p in SPECS_DIR.glob("*.toml")) if SPECS_DIR.is_dir() else []
+
+
+def spec_chooser(slot_errors: dict[str, str]) -> tuple[str, str, Path]:
+    """The spec's source and its editable text; returns (text, name, base directory).
+
+    Choosing another file or upload loads its text into the editor; edits stay until then.
+    """
+    label = st.radio("Spec", list(SOURCES), horizontal=True, key="sc_source")
+    source = SOURCES[label]
+    name, base_dir, loaded, text = "spec", SPECS_DIR, "none", ""
+    if source == "file":
+        files = spec_files()
+        if not files:
+            st.info(f"No spec under {SPECS_DIR}: upload one or write it below.")
+        else:
+            name = st.selectbox("Spec file", files, key="sc_file")
+            loaded = f"file:{name}"
+            text = (SPECS_DIR / name).read_text(encoding="utf-8", errors="replace")
+            name = f"specs/{name}"
+    else:
+        upload = st.file_uploader("Spec file (TOML)", type=["toml", "txt"], key="sc_upload")
+        if upload is not None:
+            data = upload.getvalue()
+            name, loaded = upload.name, f"upload:{upload.file_id}"
+            if err := forms.check_text(data, f"the upload {upload.name!r}"):
+                slot_errors["spec"] = err.replace("one proxy a line", "a TOML scrape spec")
+            else:
+                text = data.decode("utf-8", errors="replace")
+    if st.session_state.get("sc_loaded") != loaded:
+        st.session_state["sc_text"] = text
+        st.session_state["sc_loaded"] = loaded
+    return name, source, base_dir
+
+
+def start_form(c: Console) -> None:
+    errors: dict[str, str] = {}
+    name, _source, base_dir = spec_chooser(errors)
+    text = st.text_area(
+        "Spec text (TOML; edit before Start)", key="sc_text", height=300,
+        help="The spec format: engine/scrape_spec.py and README.md ('Scrape specs'). "
+        "It travels with the run as text; start_urls_file paths are relative to specs/.",
+    )  # fmt: skip
+    slots: dict[str, Any] = {"spec": st.empty()}
+    countries = forms.spec_countries(text or "")
+    if countries:
+        st.caption(f"sources: {', '.join(countries)}")
+    s, pool = c.settings, c.coordinator.pool
+    with st.form("sc_form", border=True):
+        cols = st.columns([2, 3, 2])
+        country = cols[0].selectbox(
+            "Country", [forms.EVERY_SOURCE, *countries], key="sc_country",
+            accept_new_options=True, help="Only this country's sources of the spec",
+        )  # fmt: skip
+        methods = cols[1].multiselect(
+            "Method order override (in the order picked)", list(METHODS), key="sc_methods",
+            help="Empty: the source's or spec's order, else the country's row of the policy",
+        )  # fmt: skip
+        proxies = cols[2].selectbox("Route through", list(PROXIES), key="sc_proxies")
+        for col, field in zip(
+            st.columns([2, 3, 2]), ("country", "methods", "proxies"), strict=True
+        ):
+            slots[field] = col.empty()
+        cols = st.columns(4)
+        max_pages = cols[0].number_input(
+            "Max pages (0 = the spec's)", value=0, step=100, key="sc_max_pages"
+        )
+        batch = cols[1].number_input(
+            "Batch (pages per task)", value=int(s.batch_size), key="sc_batch"
+        )
+        workers = cols[2].number_input("Workers (pool)", value=int(pool.target), key="sc_workers")
+        conc = cols[3].number_input("Concurrency (pool)", value=int(s.concurrency), key="sc_conc")
+        names = ("max_pages", "batch_size", "workers", "concurrency")
+        for col, field in zip(st.columns(4), names, strict=True):
+            slots[field] = col.empty()
+        submitted = st.form_submit_button("Start", type="primary", key="sc_start")
+    general = st.empty()
+    if not submitted:
+        if "spec" in errors:
+            views.field_error(slots["spec"], errors, "spec")
+        return
+    result = forms.check_scrape(
+        spec_text=text or "",
+        spec_name=name,
+        base_dir=base_dir,
+        country=country,
+        methods=list(methods or []),
+        max_pages=int(max_pages or 0),
+        batch_size=int(batch or 0),
+        workers=int(workers or 0),
+        concurrency=int(conc or 0),
+        duckdb=c.db.is_duckdb,
+        proxies=PROXIES[proxies],
+        stored_proxies=reads.pool_status_count(c.url, PROXIES[proxies]),
+    )
+    errors = {**result.errors, **errors}
+    if errors:
+        for key, slot in slots.items():
+            views.field_error(slot, errors, key)
+        general.error("Nothing was started: fix the fields marked above.")
+        return
+    coord = c.coordinator
+    try:
+        with st.spinner("Checking the spec and registering its start URLs…"):
+            run_id = submit_run(c.db, coord.settings, "scrape", result.params, coord.name)
+    except ValueError as exc:
+        msg = str(exc)
+        target = slots.get(field_of(msg) or "", general)
+        target.error(re.sub(r"^--[a-z-]+ ", "", msg), icon=":material/error:")
+        return
+    if int(conc) != coord.settings.concurrency:
+        coord.set_concurrency(int(conc))
+    if int(workers) != coord.pool.target:
+        coord.resize(int(workers))
+    st.session_state["sc_run"] = run_id
+    st.session_state["sc_pick"] = run_id
+    general.success(f"Run {run_id} started.", icon=":material/play_arrow:")
+
+
+def pick_run(url: str) -> int | None:
+    """The run shown below: picked from the scrape runs (this session's start first)."""
+    ids = reads.run_ids(url, "scrape")
+    if not ids:
+        return None
+    mine = st.session_state.get("sc_run")
+    if mine is not None and int(mine) not in ids:  # just started: not in the cached list yet
+        ids = [int(mine), *ids]
+    if st.session_state.get("sc_pick") not in ids:
+        st.session_state["sc_pick"] = int(mine) if mine is not None else ids[0]
+    return int(st.selectbox("Run", ids, key="sc_pick", help="The newest scrape runs"))
+
+
+def _act(c: Console, run_id: int, action: str) -> None:
+    try:
+        status = c.coordinator.command(run_id, action, source="console")
+    except ValueError as exc:
+        st.session_state["sc_msg"] = ("error", str(exc))
+    else:
+        st.session_state["sc_msg"] = ("ok", f"run {run_id}: {action} → {status}")
+
+
+def live_run(c: Console, run_id: int) -> None:
+    """Progress, rates, the method mix and blocked reasons of one run (a fragment)."""
+    s = reads.summary(c.url, run_id)
+    live = reads.scrape_live(c.url, run_id)
+    p, status = live.progress, s["status"]
+    with st.container(key="sc_live", border=True):
+        st.markdown(
+            f"**Run {run_id}** · status **{status}** · "
+            f"{views.fmt_duration(s['duration_s'])} · created {s['created_at']} UTC"
+        )
+        frac = p.fetched / p.registered if p.registered else (1.0 if status in TERMINAL else 0.0)
+        st.progress(
+            min(frac, 1.0), text=f"{p.fetched:,} of {p.registered:,} registered pages fetched"
+        )
+        ratio = "—" if p.success_ratio is None else f"{p.success_ratio:.0%}"
+        views.metrics(
+            [
+                ("pages", f"{p.fetched:,} / {p.registered:,}"),
+                ("done", f"{p.done:,}"),
+                ("blocked", f"{p.by_status.get('blocked', 0):,}"),
+                ("failed", f"{p.by_status.get('failed', 0):,}"),
+                ("pages/s", f"{p.pages_per_s:,.1f}"),
+                ("success", ratio),
+                ("entities", f"{p.entities_seen:,} ({p.entities_new:,} new)"),
+            ],
+            {
+                "pages/s": f"Pages fetched over the last {p.recent_s:g} seconds, per second",
+                "success": "Pages done over pages fetched (after the whole cascade)",
+                "entities": "Entities this run saw; new: first seen in this run",
+            },
+        )
+        buttons = st.columns(6)
+        for col, action in zip(buttons, ("stop", "resume", "cancel"), strict=False):
+            col.button(
+                action.capitalize(),
+                key=f"sc_{action}",
+                disabled=status not in TRANSITIONS[action][0],
+                on_click=_act,
+                args=(c, run_id, action),
+                width="stretch",
+            )
+        if msg := st.session_state.pop("sc_msg", None):
+            (st.error if msg[0] == "error" else st.success)(msg[1])
+        if s.get("error"):
+            st.error(s["error"])
+        left, mid, right = st.columns(3)
+        with left:
+            tp = reads.run_throughput(c.url, run_id)
+            views.chart(
+                views.line(
+                    tp["time"], tp["items/s"], "Pages/s (last 90 s)", "time (UTC)", "pages/s"
+                ),
+                key="sc_rate_chart",
+            )
+        with mid:
+            views.chart(
+                views.stacked_bars(
+                    [(country, m, n) for country, m, n in live.method_mix],
+                    "Which method won, per country",
+                    "",
+                    "pages done",
+                ),
+                key="sc_mix_chart",
+            )
+        with right:
+            views.chart(
+                views.stacked_bars(
+                    [(reason, m, n) for reason, m, n in live.blocked],
+                    "Blocked attempts by reason",
+                    "",
+                    "attempts",
+                ),
+                key="sc_blocked_chart",
+            )
+        if not live.blocked:
+            st.caption("No attempt of this run was blocked.")
+
+
+def entities_section(c: Console, run_id: int) -> None:
+    """The run's entities, one page at a time, with their attributes as columns."""
+    st.subheader("Entities")
+    a, b = st.columns([3, 1])
+    countries = reads.entity_countries(c.url, run_id)
+    picked = a.selectbox("Country", [ALL, *countries], key="sc_ent_country")
+    size = b.selectbox("Rows per page", PAGE_SIZES, index=1, key="sc_ent_size")
+    country = None if picked == ALL else picked
+    page = int(st.session_state.get("sc_ent_page", 1))
+    total, frame = reads.entity_page(c.url, run_id, country, page, size)
+    pages = max(1, math.ceil(total / size))
+    if page > pages:
+        page = 1
+        st.session_state["sc_ent_page"] = 1
+        total, frame = reads.entity_page(c.url, run_id, country, page, size)
+    st.caption(
+        f"{total:,} entities seen last by run {run_id}"
+        + (f" in {country}" if country else "")
+        + f" · page {page} of {pages}"
+    )
+    st.dataframe(frame, hide_index=True, width="stretch", key="sc_entities")
+    st.pagination(pages, key="sc_ent_page", max_visible_pages=9)
+    stem = f"entities-run{run_id}" + (f"-{country}" if country else "")
+    views.download_pair(
+        lambda fmt: reads.entities_export_bytes(c.url, fmt, c.exports_dir, run_id, country),
+        key="sc_dl",
+        stem=re.sub(r"[^A-Za-z0-9._-]+", "_", stem),
+    )
 
 
 def main() -> None:
@@ -24,7 +315,16 @@ def main() -> None:
         views.arrives_with("Scraping", "scrape", "issue 3", WHAT)
         return
     st.title("Scraping")
-    st.warning("The scrape job is registered, but its console page is not built yet.")
+    c = console_or_stop()
+    start_form(c)
+    st.subheader("Runs")
+    run_id = pick_run(c.url)
+    if run_id is None:
+        st.info("No scrape run yet: start one above.", icon=":material/info:")
+        return
+    active = reads.summary(c.url, run_id)["status"] not in TERMINAL
+    st.fragment(live_run, run_every=1 if active else 5)(c, run_id)
+    st.fragment(entities_section, run_every=5 if active else None)(c, run_id)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ parameter; the few names that are inlined (a ``date_trunc`` unit, a sort column,
 width) come from whitelists in this module, never from input.
 
 The *item logs* are the per-item result tables of the job kinds (one row per run and item);
-throughput, per-worker rates and outcome breakdowns read them. Today that is
-``proxy_checks`` (validate); a kind that lands with its own result table adds one entry to
-``ITEM_LOGS`` and every chart counts it.
+throughput, per-worker rates and outcome breakdowns read them: ``proxy_checks`` (validate),
+``backfill_items`` (backfill) and ``urls`` (scrape: one row per page, counted once fetched);
+a kind that lands with its own result table adds one entry to ``ITEM_LOGS`` and every chart
+counts it. The scrape job's ``fetch_logs`` (every attempt of every fetch) is read by its own
+functions below: the fetch activity on Home, the per-run fetch statistics.
 
 Both databases: the SQL below runs unchanged on DuckDB and PostgreSQL (``date_trunc``,
 ``FILTER (WHERE …)``, ``GROUP BY`` an output alias).
@@ -27,8 +29,20 @@ import sqlalchemy as sa
 
 from storage.bulk import fetch_all
 from storage.clock import NOW_SQL, utcnow
-from storage.export import build_query
-from storage.schema import TABLES, errors, proxies, proxy_checks, runs, tasks, workers
+from storage.export import attribute_names, build_query, entities_query, entity_filter
+from storage.schema import (
+    TABLES,
+    entities,
+    errors,
+    fetch_logs,
+    files,
+    proxies,
+    proxy_checks,
+    runs,
+    tasks,
+    urls,
+    workers,
+)
 
 ALIVE_WORKER_STATUSES = ("starting", "idle", "busy", "stopping")
 TIME_UNITS = ("second", "minute", "hour")
@@ -46,7 +60,8 @@ class ItemLog:
     key: str | None = None  # the item's key column (None: proxies, joined by proxy_id)
     outcome: str = "outcome"
     error: str = "error"
-    worker: str = "worker_id"
+    worker: str | None = "worker_id"  # None: the log does not say which worker
+    pending: str | None = None  # an outcome value of rows not executed yet (not counted)
 
     def col(self, name: str) -> sa.ColumnElement[Any]:
         return self.table.c[name]
@@ -54,6 +69,10 @@ class ItemLog:
     @property
     def ok(self) -> sa.ColumnElement[bool]:
         return self.table.c[self.ok_column] == self.ok_value
+
+    def stored(self) -> list[sa.ColumnElement[bool]]:
+        """Conditions for rows that are results (a registered, unfetched page is not)."""
+        return [] if self.pending is None else [self.col(self.outcome) != self.pending]
 
 
 ITEM_LOGS: dict[str, ItemLog] = {
@@ -68,6 +87,18 @@ if "backfill_items" in TABLES:  # the backfill job's results (one row per run an
         ok_value="ok",
         key="item_id",
     )
+# the scrape job's pages: one urls row per page, a result once it left `queued`
+ITEM_LOGS["scrape"] = ItemLog(
+    "scrape",
+    urls,
+    time="fetched_at",
+    ok_column="status",
+    ok_value="done",
+    key="url",
+    outcome="status",
+    worker=None,
+    pending="queued",
+)
 
 
 def _unit(unit: str) -> sa.ColumnElement[Any]:
@@ -114,7 +145,7 @@ def done_counts(conn: sa.Connection, run_ids: Sequence[int]) -> dict[int, tuple[
         rows = fetch_all(
             conn,
             sa.select(run_col, sa.func.count(), sa.func.count().filter(log.ok))
-            .where(run_col.in_(list(run_ids)))
+            .where(run_col.in_(list(run_ids)), *log.stored())
             .group_by(run_col),
         )
         for run_id, done, ok in rows:
@@ -281,7 +312,7 @@ def outcome_groups(conn: sa.Connection, kind: str, run_id: int, examples: int = 
         for r in fetch_all(
             conn,
             sa.select(outcome, sa.func.count())
-            .where(t.c.run_id == run_id)
+            .where(t.c.run_id == run_id, *log.stored())
             .group_by(outcome)
             .order_by(sa.func.count().desc()),
         )
@@ -439,6 +470,8 @@ def _recent_per_worker(
     if not worker_ids:
         return out
     for log in ITEM_LOGS.values():
+        if log.worker is None:
+            continue
         w = log.col(log.worker)
         for worker_id, n in fetch_all(
             conn,
@@ -612,3 +645,259 @@ def table_preview(
 def table_count(conn: sa.Connection, table_name: str, run_id: int | None = None) -> int:
     sub = build_query(table_name, run_id).order_by(None).subquery()
     return int(fetch_all(conn, sa.select(sa.func.count()).select_from(sub))[0][0])
+
+
+# --- the scrape job --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ScrapeProgress:
+    """One scrape run at a glance: its pages by status, rates, entities and files."""
+
+    registered: int  # URLs registered for the run (start URLs and links it follows)
+    by_status: dict[str, int]  # queued, done, failed, blocked
+    pages_recent: int  # pages fetched in the last ``recent_s`` seconds
+    recent_s: float
+    bytes: int
+    entities_seen: int  # entities this run saw last
+    entities_new: int  # of those, first seen in this run
+    files: int  # files stored
+
+    @property
+    def fetched(self) -> int:
+        return sum(n for s, n in self.by_status.items() if s != "queued")
+
+    @property
+    def done(self) -> int:
+        return self.by_status.get("done", 0)
+
+    @property
+    def pages_per_s(self) -> float:
+        return round(self.pages_recent / self.recent_s, 2) if self.recent_s else 0.0
+
+    @property
+    def success_ratio(self) -> float | None:
+        """Pages done over pages fetched (None before the first page)."""
+        return self.done / self.fetched if self.fetched else None
+
+
+def scrape_progress(conn: sa.Connection, run_id: int, recent_s: float = 10) -> ScrapeProgress:
+    since = utcnow() - timedelta(seconds=recent_s)
+    by_status = {
+        r[0]: int(r[1])
+        for r in fetch_all(
+            conn,
+            sa.select(urls.c.status, sa.func.count())
+            .where(urls.c.run_id == run_id)
+            .group_by(urls.c.status),
+        )
+    }
+    recent, nbytes = fetch_all(
+        conn,
+        sa.select(
+            sa.func.count().filter(urls.c.fetched_at >= since),
+            sa.func.coalesce(sa.func.sum(urls.c.bytes), 0),
+        ).where(urls.c.run_id == run_id),
+    )[0]
+    seen, new = fetch_all(
+        conn,
+        sa.select(sa.func.count(), sa.func.count().filter(entities.c.first_run_id == run_id)).where(
+            entities.c.last_run_id == run_id
+        ),
+    )[0]
+    stored = fetch_all(
+        conn,
+        sa.select(sa.func.count())
+        .select_from(files)
+        .where(files.c.run_id == run_id, files.c.status == "stored"),
+    )[0][0]
+    return ScrapeProgress(
+        registered=sum(by_status.values()),
+        by_status=by_status,
+        pages_recent=int(recent or 0),
+        recent_s=float(recent_s),
+        bytes=int(nbytes or 0),
+        entities_seen=int(seen or 0),
+        entities_new=int(new or 0),
+        files=int(stored or 0),
+    )
+
+
+def method_mix(conn: sa.Connection, run_id: int) -> list[tuple[str, str, int]]:
+    """(country, method, pages): which fetch method produced the run's good pages, per
+    country (the method that won the cascade for each page)."""
+    method = sa.func.coalesce(urls.c.method, "?").label("m")
+    rows = fetch_all(
+        conn,
+        sa.select(urls.c.country, method, sa.func.count())
+        .where(urls.c.run_id == run_id, urls.c.status == "done")
+        .group_by(urls.c.country, sa.text("m"))
+        .order_by(urls.c.country, sa.text("m")),
+    )
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+def blocked_reasons(
+    conn: sa.Connection, run_id: int, limit: int = 10
+) -> list[tuple[str, str, int]]:
+    """(reason, method, attempts) of the run's blocked attempts, for its ``limit`` most
+    frequent reasons (a challenge page, a captcha, an access-denied page…)."""
+    fl = fetch_logs
+    cond = [fl.c.run_id == run_id, fl.c.blocked_reason.is_not(None)]
+    top = [
+        r[0]
+        for r in fetch_all(
+            conn,
+            sa.select(fl.c.blocked_reason)
+            .where(*cond)
+            .group_by(fl.c.blocked_reason)
+            .order_by(sa.func.count().desc(), fl.c.blocked_reason)
+            .limit(limit),
+        )
+    ]
+    if not top:
+        return []
+    rows = fetch_all(
+        conn,
+        sa.select(fl.c.blocked_reason, fl.c.method, sa.func.count())
+        .where(*cond, fl.c.blocked_reason.in_(top))
+        .group_by(fl.c.blocked_reason, fl.c.method),
+    )
+    rank = {r: i for i, r in enumerate(top)}
+    return sorted(((r[0], r[1], int(r[2])) for r in rows), key=lambda r: (rank[r[0]], r[1]))
+
+
+@dataclass(slots=True)
+class MethodStat:
+    method: str
+    attempts: int
+    ok: int
+    blocked: int
+    median_ms: float | None
+    p90_ms: float | None
+    bytes: int
+
+
+@dataclass(slots=True)
+class FetchLogStats:
+    """A run's fetch log: every attempt of every fetch, by method and outcome."""
+
+    by_outcome: list[tuple[str, str, int]]  # (method, outcome: ok or the error type, attempts)
+    by_method: list[MethodStat]
+
+    @property
+    def attempts(self) -> int:
+        return sum(m.attempts for m in self.by_method)
+
+
+def _outcome(fl: sa.Table) -> sa.ColumnElement[Any]:
+    return sa.func.coalesce(fl.c.error_type, "ok")
+
+
+def fetch_log_stats(conn: sa.Connection, run_id: int) -> FetchLogStats:
+    """Attempts by method and outcome, and per method: attempts, ok, blocked, the median and
+    90th percentile of the time an attempt took (``percentile_cont``, both databases)."""
+    fl = fetch_logs
+    outcome = _outcome(fl).label("o")
+    by_outcome = [
+        (r[0], r[1], int(r[2]))
+        for r in fetch_all(
+            conn,
+            sa.select(fl.c.method, outcome, sa.func.count())
+            .where(fl.c.run_id == run_id)
+            .group_by(fl.c.method, sa.text("o"))
+            .order_by(fl.c.method, sa.func.count().desc()),
+        )
+    ]
+    rows = fetch_all(
+        conn,
+        sa.select(
+            fl.c.method,
+            sa.func.count(),
+            sa.func.count().filter(fl.c.error_type.is_(None)),
+            sa.func.count().filter(fl.c.error_type == "blocked"),
+            sa.func.percentile_cont(0.5).within_group(fl.c.ms),
+            sa.func.percentile_cont(0.9).within_group(fl.c.ms),
+            sa.func.coalesce(sa.func.sum(fl.c.bytes), 0),
+        )
+        .where(fl.c.run_id == run_id)
+        .group_by(fl.c.method)
+        .order_by(sa.func.count().desc(), fl.c.method),
+    )
+    by_method = [
+        MethodStat(
+            method=r[0],
+            attempts=int(r[1]),
+            ok=int(r[2]),
+            blocked=int(r[3]),
+            median_ms=None if r[4] is None else round(float(r[4]), 1),
+            p90_ms=None if r[5] is None else round(float(r[5]), 1),
+            bytes=int(r[6]),
+        )
+        for r in rows
+    ]
+    return FetchLogStats(by_outcome=by_outcome, by_method=by_method)
+
+
+@dataclass(slots=True)
+class FetchActivity:
+    """Fetch attempts (all scrape runs) since a time: the Home page's fetch figures."""
+
+    attempts: int
+    ok: int
+    blocked: int
+    per_minute: list[tuple[datetime, int]]  # (minute, attempts), oldest first, no gaps filled
+
+
+def fetch_activity(conn: sa.Connection, since: datetime) -> FetchActivity:
+    """Time-bounded (``created_at >= since``; indexed on PostgreSQL): cheap at any size."""
+    fl = fetch_logs
+    minute = _bucket("minute", fl.c.created_at).label("b")
+    rows = fetch_all(
+        conn,
+        sa.select(
+            minute,
+            sa.func.count(),
+            sa.func.count().filter(fl.c.error_type.is_(None)),
+            sa.func.count().filter(fl.c.error_type == "blocked"),
+        )
+        .where(fl.c.created_at >= since)
+        .group_by(sa.text("b"))
+        .order_by(sa.text("b")),
+    )
+    return FetchActivity(
+        attempts=sum(int(r[1]) for r in rows),
+        ok=sum(int(r[2]) for r in rows),
+        blocked=sum(int(r[3]) for r in rows),
+        per_minute=[(r[0], int(r[1])) for r in rows],
+    )
+
+
+def entity_countries(conn: sa.Connection, run_id: int | None = None) -> list[str]:
+    """The countries of a run's entities (or of all), for the table's filter."""
+    stmt = sa.select(entities.c.country).group_by(entities.c.country).order_by(entities.c.country)
+    if run_id is not None:
+        stmt = stmt.where(entities.c.last_run_id == run_id)
+    return [r[0] for r in fetch_all(conn, stmt.limit(300))]
+
+
+def entity_count(conn: sa.Connection, run_id: int | None = None, country: str | None = None) -> int:
+    stmt = sa.select(sa.func.count()).select_from(entities).where(*entity_filter(run_id, country))
+    return int(fetch_all(conn, stmt)[0][0])
+
+
+def entity_page(
+    conn: sa.Connection,
+    run_id: int | None = None,
+    country: str | None = None,
+    offset: int = 0,
+    limit: int = 50,
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """One page of entities with their attributes as columns (``storage.export``'s wide view:
+    the page of entities is cut before the attributes are joined)."""
+    conds = entity_filter(run_id, country)
+    names = attribute_names(conn, conds)
+    stmt = entities_query(names, conds, offset=max(0, int(offset)), limit=max(1, int(limit)))
+    result = conn.execute(stmt)
+    cols = list(result.keys())
+    return cols, [tuple(r) for r in result.fetchall()]

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from storage.db import Database
-from storage.schema import TABLES, proxy_checks
+from storage.schema import TABLES, entities, entity_attributes, proxy_checks
 
 SECRET_COLUMNS = {"password_enc"}
 CHUNK = 50_000
@@ -43,6 +43,11 @@ def build_query(
         elif table_name == "proxies":
             checked = sa.select(proxy_checks.c.proxy_id).where(proxy_checks.c.run_id == run_id)
             stmt = stmt.where(table.c.id.in_(checked))
+        elif table_name == "entities":  # the entities a run saw last (as `run_stats` counts)
+            stmt = stmt.where(table.c.last_run_id == run_id)
+        elif table_name == "entity_attributes":
+            seen = sa.select(entities.c.id).where(entities.c.last_run_id == run_id)
+            stmt = stmt.where(table.c.entity_id.in_(seen))
         else:
             raise ValueError(f"table {table_name} has no run to filter by; drop --run")
     for column, value in (where or {}).items():
@@ -76,7 +81,11 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: csv or parquet")
     stmt = build_query(table_name, run_id, where)
-    schema = _arrow_schema(TABLES[table_name])
+    return _write(db, stmt, _arrow_schema(TABLES[table_name]), fmt, out)
+
+
+def _write(db: Database, stmt: sa.Select, schema: pa.Schema, fmt: str, out: Path) -> int:
+    """Stream ``stmt`` into a CSV or Parquet file (``CHUNK`` rows at a time, atomically)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
     rows = 0
@@ -88,7 +97,9 @@ def export(
                 pq.ParquetWriter(tmp, schema) if fmt == "parquet" else pacsv.CSVWriter(tmp, schema)
             )
             for chunk in result.partitions():
-                batch = pa.RecordBatch.from_pylist([dict(r._mapping) for r in chunk], schema)
+                batch = pa.RecordBatch.from_pylist(
+                    [dict(zip(schema.names, r, strict=True)) for r in chunk], schema
+                )
                 writer.write(batch)
                 rows += len(chunk)
         writer.close()
@@ -99,6 +110,115 @@ def export(
             writer.close()
         tmp.unlink(missing_ok=True)
     return rows
+
+
+# --- entities with their attributes, one row each ---------------------------------------------
+
+ENTITY_COLUMNS = ("entity_id", "entity_type", "country", "external_id")
+ENTITY_TAIL = ("source_url", "first_seen", "last_seen", "first_run_id", "last_run_id")
+MAX_ATTRIBUTE_COLUMNS = 100
+
+
+def entity_filter(
+    run_id: int | None = None, country: str | None = None, entity_type: str | None = None
+) -> list[sa.ColumnElement[bool]]:
+    """Which entities: those a run saw last, of a country, of a type (bound parameters)."""
+    conds: list[sa.ColumnElement[bool]] = []
+    if run_id is not None:
+        conds.append(entities.c.last_run_id == run_id)
+    if country:
+        conds.append(entities.c.country == country)
+    if entity_type:
+        conds.append(entities.c.entity_type == entity_type)
+    return conds
+
+
+def attribute_names(
+    conn: sa.Connection, conds: list[sa.ColumnElement[bool]], limit: int = MAX_ATTRIBUTE_COLUMNS
+) -> list[str]:
+    """The attribute names of the selected entities (the wide view's columns), by name."""
+    a = entity_attributes
+    stmt = (
+        sa.select(a.c.name)
+        .select_from(a.join(entities, entities.c.id == a.c.entity_id))
+        .where(*conds)
+        .group_by(a.c.name)
+        .order_by(a.c.name)
+        .limit(limit)
+    )
+    return [r[0] for r in conn.execute(stmt).fetchall()]
+
+
+def attribute_labels(names: list[str]) -> list[str]:
+    """Column labels of the attributes: their names, prefixed where one would clash with an
+    entity column (an attribute called ``country``)."""
+    taken = set(ENTITY_COLUMNS) | set(ENTITY_TAIL)
+    return [f"attr_{n}" if n in taken else n for n in names]
+
+
+def entities_query(
+    names: list[str],
+    conds: list[sa.ColumnElement[bool]],
+    offset: int | None = None,
+    limit: int | None = None,
+) -> sa.Select:
+    """Entities with one column per attribute name (``max(value) FILTER (WHERE name = …)``,
+    the name bound), oldest first; ``offset``/``limit`` page the entities before the join,
+    so a page costs the same however many entities there are."""
+    e, a = entities, entity_attributes
+    base = sa.select(e).where(*conds).order_by(e.c.id)
+    if offset:
+        base = base.offset(int(offset))
+    if limit is not None:
+        base = base.limit(int(limit))
+    sub = base.subquery("e")
+    attrs = [
+        sa.func.max(a.c.value).filter(a.c.name == sa.bindparam(f"attr_{i}", n)).label(label)
+        for i, (n, label) in enumerate(zip(names, attribute_labels(names), strict=True))
+    ]
+    keys = [
+        sub.c.id.label("entity_id"),
+        sub.c.entity_type,
+        sub.c.country,
+        sub.c.external_id,
+    ]
+    tail = [sub.c[c] for c in ENTITY_TAIL]
+    return (
+        sa.select(*keys, *attrs, *tail)
+        .select_from(sub.outerjoin(a, a.c.entity_id == sub.c.id))
+        .group_by(*keys, *tail)
+        .order_by(sub.c.id)
+    )
+
+
+def export_entities(
+    db: Database,
+    fmt: str,
+    out: Path,
+    run_id: int | None = None,
+    country: str | None = None,
+    entity_type: str | None = None,
+) -> int:
+    """Entities with their attributes as columns (one row each) to CSV or Parquet, streamed;
+    returns the rows written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: csv or parquet")
+    conds = entity_filter(run_id, country, entity_type)
+    with db.connect() as conn:
+        names = attribute_names(conn, conds)
+    schema = pa.schema(
+        [
+            pa.field("entity_id", pa.int64()),
+            *(pa.field(c, pa.string()) for c in ENTITY_COLUMNS[1:]),
+            *(pa.field(label, pa.string()) for label in attribute_labels(names)),
+            pa.field("source_url", pa.string()),
+            pa.field("first_seen", pa.timestamp("us")),
+            pa.field("last_seen", pa.timestamp("us")),
+            pa.field("first_run_id", pa.int64()),
+            pa.field("last_run_id", pa.int64()),
+        ]
+    )
+    return _write(db, entities_query(names, conds), schema, fmt, out)
 
 
 _ARROW = {
