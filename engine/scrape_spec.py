@@ -95,13 +95,16 @@ class FieldSpec(_Model):
     regex: str | None = None
     all: bool = False
     sep: str = " | "
-    json: str | None = None
+    # `json` in the spec; named so here because BaseModel.json is a (deprecated) method
+    json_path: str | None = Field(None, alias="json")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _check(self) -> FieldSpec:
         if self.css and self.xpath:
             raise ValueError("give css or xpath, not both")
-        if not (self.css or self.xpath or self.attr or self.json):
+        if not (self.css or self.xpath or self.attr or self.json_path):
             raise ValueError("give css, xpath, attr or json")
         if self.type not in TYPES:
             raise ValueError(f"type {self.type!r}: use one of {', '.join(TYPES)}")
@@ -147,8 +150,9 @@ class ExtractSpec(_Model):
         out = []
         for name, f in self.fields.items():
             d = f.model_dump()
+            d["json"] = d.pop("json_path")
             if kind == "json":
-                if f.json:
+                if f.json_path:
                     d.update(css=None, xpath=None, attr=None)
                     out.append(FieldRule(name=name, **d))
             elif f.css or f.xpath or f.attr:
