@@ -812,11 +812,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--products", type=int, default=100, help="products per shop (100)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--truth", type=Path, help="write every shop's products here (JSON)")
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        help="serve the shops on fixed ports BASE, BASE+1, … in the listed order (default: "
+        "free ports); specs/sim_shops.toml expects 8401 (my-pharmacy 8401, in-market 8403)",
+    )
     args = parser.parse_args(argv)
+    config = default_shops(args.seed, args.products)
+    if args.base_port:
+        from dataclasses import replace
+
+        config = replace(
+            config,
+            shops=tuple(replace(s, port=args.base_port + i) for i, s in enumerate(config.shops)),
+        )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with ShopWorld(default_shops(args.seed, args.products)) as world:
+    with ShopWorld(config) as world:
         if args.truth:
             world.write_truth(args.truth)
         print(json.dumps(world.endpoints()), flush=True)

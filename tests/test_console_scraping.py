@@ -98,7 +98,7 @@ def example_for(shops: Any) -> str:
     """specs/sim_shops.toml with the running shops' ports (as the README says to edit it)."""
     text = EXAMPLE.read_text()
     text = text.replace("http://127.0.0.4:8401", shops["my-pharmacy"].base_url)
-    return text.replace("http://127.0.0.4:8402", shops["in-market"].base_url)
+    return text.replace("http://127.0.0.4:8403", shops["in-market"].base_url)
 
 
 # --- renders ---------------------------------------------------------------------------------
