@@ -50,14 +50,27 @@ def wait_run(
     poll_s: float = 0.2,
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
-    """Poll until the run reaches a final status (or ``timeout_s``); returns its summary."""
+    """Poll until the run reaches a final status (or ``timeout_s``); returns its summary.
+
+    Without a progress callback (or with a disabled one: ``enabled`` False) only the run's
+    status is polled; the summary, which counts the stored results, is built once at the end.
+    """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    wants_progress = on_progress is not None and getattr(on_progress, "enabled", True)
     while True:
-        summary = run_summary(db, run_id)
-        if on_progress:
-            on_progress(summary)
-        if summary["status"] in TERMINAL:
-            return summary
-        if deadline is not None and time.monotonic() > deadline:
+        if wants_progress:
+            summary = run_summary(db, run_id)
+            on_progress(summary)  # type: ignore[misc]
+            status = summary["status"]
+        else:
+            with db.connect() as conn:
+                status = runs.get_status(conn, run_id)
+            if status is None:
+                return run_summary(db, run_id)  # raises: no such run
+        if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            if not wants_progress:
+                summary = run_summary(db, run_id)
+                if on_progress:
+                    on_progress(summary)
             return summary
         time.sleep(poll_s)

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from engine.control import ControlServer, control_path
-from engine.model import ItemResult
+from engine.model import ItemResult, ResultBatch
 from engine.pool import LocalPool
 from engine.queue_base import Reply
 from engine.queue_sql import SqlQueue
@@ -58,7 +58,8 @@ class Coordinator:
         self.pool = LocalPool(settings, self.mode, db.url, self.requests, ctx, log_level)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._results: list[ItemResult] = []
+        self._results: list[ItemResult | ResultBatch] = []
+        self._n_results = 0  # items in _results (a ResultBatch holds many)
         self._ops: list[tuple[str, str, tuple[Any, ...]]] = []
         self._exit: set[str] = set()
         self.control: ControlServer | None = None
@@ -147,7 +148,7 @@ class Coordinator:
                     self._serve_requests(until)
                 else:
                     self._stop.wait(max(0.0, until - now))
-                if time.monotonic() >= next_flush or len(self._results) >= FLUSH_AT:
+                if time.monotonic() >= next_flush or self._n_results >= FLUSH_AT:
                     self._flush()
                     next_flush = time.monotonic() + self.settings.flush_s
                 if time.monotonic() >= next_watch:
@@ -161,7 +162,7 @@ class Coordinator:
         assert self.requests is not None
         while True:
             timeout = until - time.monotonic()
-            if timeout <= 0 or len(self._results) >= FLUSH_AT:
+            if timeout <= 0 or self._n_results >= FLUSH_AT:
                 return
             try:
                 worker_id, req_id, op, args = self.requests.get(timeout=min(timeout, 0.1))
@@ -189,12 +190,14 @@ class Coordinator:
             return reply
         if op == "submit":
             self._results.extend(args[0])
+            self._n_results += sum(len(r) if isinstance(r, ResultBatch) else 1 for r in args[0])
             return None
         self._ops.append((op, worker_id, args))  # complete, release, fail, unregister
         return None
 
     def _flush(self) -> None:
         results, self._results = self._results, []
+        self._n_results = 0
         ops, self._ops = self._ops, []
         completes = [t for op, _, args in ops if op == "complete" for t in args[0]]
         if results or completes:

@@ -66,12 +66,22 @@ class LocalPool:
             "requests": self.requests,
             "replies": replies,
             "log_level": self.log_level,
+            "limits_path": self._limits_path(),
         }
         proc = self.ctx.Process(target=process_main, args=(boot,), name=worker_id, daemon=True)
         proc.start()
         self.members[worker_id] = _Member(proc, replies)
         log.info("started worker %s (pid %s)", worker_id, proc.pid)
         return worker_id
+
+    def _limits_path(self) -> str | None:
+        """Where pool workers share rate limits (embedded mode), computed here so that they
+        need not import the storage layer."""
+        if self.mode != "pipe":
+            return None
+        from engine.ratelimit_shared import shared_path_for
+
+        return str(shared_path_for(self.db_url, coordinator_pid=os.getpid()))
 
     def active(self) -> list[str]:
         """Workers alive and not asked to exit, oldest first."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine.model import ItemResult, TaskWork
+from engine.model import ItemResult, ResultBatch, TaskWork
 
 # What a worker does with a held task, by its run's status (see storage.queue.heartbeat).
 CONTINUE = "continue"
@@ -46,7 +46,7 @@ class QueueBackend(Protocol):
         self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
     ) -> Reply: ...
 
-    def submit(self, worker_id: str, results: list[ItemResult]) -> None: ...
+    def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None: ...
 
     def complete(self, worker_id: str, task_ids: list[int]) -> None: ...
 

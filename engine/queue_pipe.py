@@ -14,7 +14,7 @@ import queue
 import threading
 from typing import Any
 
-from engine.model import ItemResult
+from engine.model import ItemResult, ResultBatch
 from engine.queue_base import Reply
 
 ONE_WAY = {"submit", "complete", "release", "fail", "unregister"}
@@ -56,7 +56,7 @@ class PipeQueue:
     ) -> Reply:
         return self._call(worker_id, "heartbeat", task_ids, status, done, failed)
 
-    def submit(self, worker_id: str, results: list[ItemResult]) -> None:
+    def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None:
         self._call(worker_id, "submit", results)
 
     def complete(self, worker_id: str, task_ids: list[int]) -> None:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from engine.jobs import get_kind
 from engine.jobs.base import JobKind
-from engine.model import ItemResult, TaskWork, item_ref
+from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
 from engine.queue_base import Reply, directive_for
 from engine.settings import Settings
 from storage import queue as q
@@ -117,16 +117,33 @@ class SqlQueue:
             directives={t: directive_for(s) for t, s in statuses.items()}, worker_action=action
         )
 
-    def submit(self, worker_id: str, results: list[ItemResult]) -> None:
+    def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None:
         self.store(results)
 
-    def store(self, results: list[ItemResult], complete: list[int] | None = None) -> int:
-        """Store results (and mark tasks done) in one transaction; returns new results."""
+    def store(
+        self, results: list[ItemResult | ResultBatch], complete: list[int] | None = None
+    ) -> int:
+        """Store results (and mark tasks done) in one transaction; returns new results.
+
+        Columnar batches of one run are merged and stored with one ``store_batch`` call."""
         if not results and not complete:
             return 0
         new = 0
+        by_run: dict[int, list[ItemResult]] = defaultdict(list)
+        batches: dict[int, ResultBatch] = {}
+        task_set = set(complete or ())
+        for r in results:
+            if isinstance(r, ResultBatch):
+                task_set.update(r.task_ids)
+                merged = batches.get(r.run_id)
+                if merged is None:
+                    merged = batches[r.run_id] = ResultBatch.empty(r.run_id, tuple(r.columns))
+                merged.extend(r)
+            else:
+                task_set.add(r.task_id)
+                by_run[r.run_id].append(r)
         with self.db.begin() as conn:
-            task_ids = sorted({r.task_id for r in results} | set(complete or ()))
+            task_ids = sorted(task_set)
             if self.db.dialect == "postgresql" and task_ids:
                 # Two executions of one task (a lease that expired under a slow worker)
                 # serialise here, so each item counts as new exactly once.
@@ -137,11 +154,10 @@ class SqlQueue:
                     ).bindparams(sa.bindparam("ids", expanding=True)),
                     {"ids": task_ids},
                 )
-            by_run: dict[int, list[ItemResult]] = defaultdict(list)
-            for r in results:
-                by_run[r.run_id].append(r)
-            for run_id, batch in by_run.items():
-                new += self.kind_of_run(conn, run_id).store(conn, batch)
+            for run_id, items in by_run.items():
+                new += self.kind_of_run(conn, run_id).store(conn, items)
+            for run_id, batch in batches.items():
+                new += self.kind_of_run(conn, run_id).store_batch(conn, batch)
             q.complete(conn, complete or [])
         return new
 

@@ -47,14 +47,17 @@ def boot_id() -> bytes:
         return b"\0" * 16
 
 
-def shared_path_for(db_url: str | None) -> Path:
-    """Beside the DuckDB file; for an in-memory database, per coordinator (our parent)."""
+def shared_path_for(db_url: str | None, coordinator_pid: int | None = None) -> Path:
+    """Beside the DuckDB file; for an in-memory database, per coordinator (by default our
+    parent). The coordinator computes it for its pool workers, which do not import
+    ``storage.db`` (SQLAlchemy)."""
     from storage.db import duckdb_path
 
     path = duckdb_path(db_url) if db_url else None
     if path is not None:
         return path.with_name(path.name + ".ratelimit")
-    return Path(tempfile.gettempdir()) / f"fetchfleet-ratelimit-{os.getppid()}.bin"
+    pid = os.getppid() if coordinator_pid is None else coordinator_pid
+    return Path(tempfile.gettempdir()) / f"fetchfleet-ratelimit-{pid}.bin"
 
 
 class SharedLimiter:

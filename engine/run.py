@@ -13,11 +13,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.settings import Settings
-from storage.db import Database, open_database, resolve_db_url
 from storage.errors import DatabaseLockedError, StorageError
+
+if TYPE_CHECKING:
+    from storage.db import Database
 
 log = logging.getLogger("fetchfleet")
 
@@ -29,6 +31,20 @@ class UserError(Exception):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+# storage.db (SQLAlchemy, DuckDB) is imported on first use: spawned pool workers re-import
+# this module as their __main__, and they never open the database.
+def resolve_db_url(cli_url: str | None = None) -> str:
+    from storage.db import resolve_db_url as resolve
+
+    return resolve(cli_url)
+
+
+def open_database(url: str, **kwargs: Any) -> Database:
+    from storage.db import open_database as open_db_at
+
+    return open_db_at(url, **kwargs)
 
 
 def parse_duration(text: str) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.jobs import get_kind
 from engine.jobs.base import Executor
-from engine.model import ItemResult, TaskWork, item_ref
+from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
 from engine.queue_base import ABANDON, CONTINUE, RELEASE, QueueBackend, Reply
 from engine.settings import Settings
 
@@ -58,7 +58,11 @@ class Worker:
         self.idle_exit_s = idle_exit_s
         self.exiting = asyncio.Event()
         self._held: dict[int, _Held] = {}
-        self._results: list[ItemResult] = []
+        self._results: list[ItemResult | ResultBatch] = []
+        # Runs whose kind hands results over column by column: run id → columns, and the
+        # batch being filled until the next flush.
+        self._columns: dict[int, tuple[str, ...] | None] = {}
+        self._batches: dict[int, ResultBatch] = {}
         self._finished: list[int] = []  # tasks whose results are all buffered
         self._released: list[int] = []
         self._executors: dict[int, Executor] = {}
@@ -151,6 +155,7 @@ class Worker:
             kind = get_kind(work.kind, self.settings)
             ex = await kind.open_executor(work.params)
             self._executors[work.run_id] = ex
+            self._columns[work.run_id] = kind.columns
         return ex
 
     async def _run_task(self, held: _Held) -> None:
@@ -185,6 +190,13 @@ class Worker:
                 self._done += 1
             else:
                 self._failed += 1
+            columns = self._columns.get(work.run_id)
+            if columns is not None:
+                batch = self._batches.get(work.run_id)
+                if batch is None:
+                    batch = self._batches[work.run_id] = ResultBatch.empty(work.run_id, columns)
+                batch.add(work.id, item_ref(item), ok, outcome, data, self.worker_id)
+                return
             self._results.append(
                 ItemResult(
                     run_id=work.run_id,
@@ -207,6 +219,8 @@ class Worker:
     async def _flush(self) -> None:
         async with self._flush_lock:
             results, self._results = self._results, []
+            results += self._batches.values()
+            self._batches = {}
             finished, self._finished = self._finished, []
             released, self._released = self._released, []
             if results:
@@ -291,7 +305,7 @@ def process_main(boot: dict[str, Any]) -> None:
         backend: QueueBackend = PipeQueue(boot["requests"], boot["replies"])
         # The pool shares rate limits through a file beside the database (it outlives us),
         # opened when a job first needs a limit.
-        path = shared_path_for(boot.get("db_url"))
+        path = boot.get("limits_path") or shared_path_for(boot.get("db_url"))
         bind_process_limiter(lambda: SharedLimiter(path))
         _exit_with_parent()  # nothing we do can be stored once the coordinator is gone
     else:

@@ -9,26 +9,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from storage.bulk import fetch_all, staged
+from storage.bulk import fetch_all, staged, staged_columns, unnest_select
 from storage.clock import utcnow
+from storage.proxy_rows import ProxyRow
 from storage.schema import proxies, proxy_checks
 from storage.secrets import SecretBox
 
 # EWMA weight of the newest latency sample: recent behaviour matters, one outlier does not.
 LATENCY_ALPHA = 0.3
-
-
-@dataclass(slots=True)
-class ProxyRow:
-    """What a check needs to reach a proxy (password decrypted, never logged)."""
-
-    id: int
-    key: str
-    scheme: str | None
-    host: str
-    port: int
-    username: str | None
-    password: str | None
 
 
 @dataclass(slots=True)
@@ -86,12 +74,19 @@ def upsert_proxies(
     """
     if not specs:
         return []
-    now = utcnow()
-    rows = [
-        (i, s.key, s.scheme, s.host, s.port, s.username, box.encrypt(s.password), source, now)
-        for i, s in enumerate(specs)
+    n = len(specs)
+    values = [
+        list(range(n)),
+        [s.key for s in specs],
+        [s.scheme for s in specs],
+        [s.host for s in specs],
+        [s.port for s in specs],
+        [s.username for s in specs],
+        [box.encrypt(s.password) for s in specs],
+        [source] * n,
+        [utcnow()] * n,
     ]
-    with staged(conn, IMPORT_COLS, rows) as s:
+    with staged_columns(conn, IMPORT_COLS, values) as s:
         conn.execute(
             sa.text(
                 f"""INSERT INTO proxies (key, scheme, host, port, username, password_enc, source,
@@ -132,6 +127,16 @@ def load_for_check(
     """The proxies of a task that this run has not stored a result for yet."""
     if not ids:
         return []
+    if conn.dialect.name == "duckdb":  # on the claim path: one statement, ids bound as a list
+        rows = conn.exec_driver_sql(
+            """SELECT p.id, p.key, p.scheme, p.host, p.port, p.username, p.password_enc
+            FROM proxies p
+            WHERE p.id IN (SELECT unnest($1::BIGINT[]))
+              AND NOT EXISTS (SELECT 1 FROM proxy_checks c
+                              WHERE c.run_id = $2 AND c.proxy_id = p.id)""",
+            ([int(i) for i in ids], int(run_id)),
+        ).fetchall()
+        return _proxy_rows(rows, box)
     done = {
         int(r[0])
         for r in fetch_all(
@@ -156,6 +161,10 @@ def load_for_check(
             proxies.c.password_enc,
         ).where(proxies.c.id.in_(todo)),
     )
+    return _proxy_rows(rows, box)
+
+
+def _proxy_rows(rows: Sequence[Any], box: SecretBox) -> list[ProxyRow]:
     return [
         ProxyRow(
             id=int(r[0]),
@@ -164,7 +173,7 @@ def load_for_check(
             host=r[3],
             port=int(r[4]),
             username=r[5],
-            password=box.decrypt(r[6]),
+            password=box.decrypt(r[6]) if r[6] is not None else None,
         )
         for r in rows
     ]
@@ -189,35 +198,23 @@ CHECK_COLS = {
 
 def store_checks(conn: sa.Connection, rows: Iterable[Sequence[Any]]) -> int:
     """Store check results (tuples in CHECK_COLS order) exactly once per (run, proxy) and fold
-    them into the pool. Returns how many were new.
-
-    Callers on PostgreSQL hold the lock of the tasks these rows belong to, so two executions
-    of one task cannot both count as new.
-    """
-    unique: dict[tuple[int, int], Sequence[Any]] = {}
-    for row in rows:
-        unique.setdefault((row[0], row[1]), row)
-    if not unique:
+    them into the pool. Returns how many were new."""
+    rows = list(rows)
+    if not rows:
         return 0
+    return store_check_columns(conn, [list(c) for c in zip(*rows, strict=True)])
+
+
+# What the pool takes from a new check (the UPDATE below reads these columns of ``s``).
+_FOLD_COLS = (
+    "proxy_id", "checked_at", "outcome", "alive", "protocol", "latency_ms", "anonymity",
+    "exit_ip", "country", "error",
+)  # fmt: skip
+
+
+def _fold_sql(s: str) -> str:
     a = LATENCY_ALPHA
-    cols = ", ".join(CHECK_COLS)
-    with staged(conn, CHECK_COLS, list(unique.values())) as s:
-        conn.execute(
-            sa.text(
-                f"""DELETE FROM {s} WHERE EXISTS (SELECT 1 FROM proxy_checks c
-                WHERE c.run_id = {s}.run_id AND c.proxy_id = {s}.proxy_id)"""
-            )
-        )
-        new = fetch_all(conn, sa.text(f"SELECT count(*) FROM {s}"))[0][0]
-        if not new:
-            return 0
-        on_conflict = " ON CONFLICT DO NOTHING" if conn.dialect.name == "postgresql" else ""
-        conn.execute(
-            sa.text(f"INSERT INTO proxy_checks ({cols}) SELECT {cols} FROM {s}{on_conflict}")
-        )
-        conn.execute(
-            sa.text(
-                f"""UPDATE proxies SET
+    return f"""UPDATE proxies SET
                 status = CASE WHEN {s}.alive THEN 'active' ELSE 'inactive' END,
                 protocol = COALESCE({s}.protocol, proxies.protocol),
                 anonymity = CASE WHEN {s}.alive THEN {s}.anonymity ELSE proxies.anonymity END,
@@ -232,11 +229,74 @@ def store_checks(conn: sa.Connection, rows: Iterable[Sequence[Any]]) -> int:
                 failure_count = proxies.failure_count + CASE WHEN {s}.alive THEN 0 ELSE 1 END,
                 last_outcome = {s}.outcome,
                 last_error = {s}.error,
-                last_checked = {s}.checked_at
-            FROM {s} WHERE proxies.id = {s}.proxy_id"""
+                last_checked = {s}.checked_at"""
+
+
+def store_check_columns(conn: sa.Connection, columns: Sequence[list[Any]]) -> int:
+    """``store_checks`` from one list per column (CHECK_COLS order, equal lengths).
+
+    Callers on PostgreSQL hold the lock of the tasks these rows belong to, so two executions
+    of one task cannot both count as new. On DuckDB the coordinator is the only writer (its
+    writes are serialised by ``Database.write_lock``): the insert skips what is stored for
+    (run, proxy) in the same statement, and only what it inserted is folded into the pool.
+    """
+    if not columns or not columns[0]:
+        return 0
+    keys = list(zip(columns[0], columns[1], strict=True))
+    if len(set(keys)) != len(keys):  # a batch repeating an item: its first result counts
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        keep = sorted(first.values())
+        columns = [[col[i] for i in keep] for col in columns]
+    if conn.dialect.name == "duckdb":
+        return _store_checks_duckdb(conn, columns)
+    rows = list(zip(*columns, strict=True))
+    cols = ", ".join(CHECK_COLS)
+    with staged(conn, CHECK_COLS, rows) as s:
+        conn.execute(
+            sa.text(
+                f"""DELETE FROM {s} WHERE EXISTS (SELECT 1 FROM proxy_checks c
+                WHERE c.run_id = {s}.run_id AND c.proxy_id = {s}.proxy_id)"""
             )
         )
+        new = fetch_all(conn, sa.text(f"SELECT count(*) FROM {s}"))[0][0]
+        if not new:
+            return 0
+        conn.execute(
+            sa.text(
+                f"INSERT INTO proxy_checks ({cols}) SELECT {cols} FROM {s} ON CONFLICT DO NOTHING"
+            )
+        )
+        conn.execute(sa.text(_fold_sql(s) + f" FROM {s} WHERE proxies.id = {s}.proxy_id"))
     return int(new)
+
+
+def _store_checks_duckdb(conn: sa.Connection, columns: Sequence[list[Any]]) -> int:
+    """Two statements, no temp table: insert what is new (list parameters unnested), then fold
+    the inserted rows into the pool."""
+    cols = ", ".join(CHECK_COLS)
+    new = conn.exec_driver_sql(
+        f"""INSERT INTO proxy_checks ({cols})
+        SELECT * FROM (SELECT {unnest_select(CHECK_COLS)}) s
+        WHERE NOT EXISTS (SELECT 1 FROM proxy_checks c
+                          WHERE c.run_id = s.run_id AND c.proxy_id = s.proxy_id)
+        RETURNING run_id, proxy_id""",
+        tuple(columns),
+    ).fetchall()
+    if not new:
+        return 0
+    index = {name: i for i, name in enumerate(CHECK_COLS)}
+    fold = [columns[index[c]] for c in _FOLD_COLS]
+    if len(new) != len(columns[0]):  # some were stored already (a task run again)
+        stored = set(map(tuple, new))
+        keep = [k in stored for k in zip(columns[0], columns[1], strict=True)]
+        fold = [[v for v, k in zip(col, keep, strict=True) if k] for col in fold]
+    fold_types = {c: CHECK_COLS[c] for c in _FOLD_COLS}
+    conn.exec_driver_sql(
+        _fold_sql("s")
+        + f" FROM (SELECT {unnest_select(fold_types)}) s WHERE proxies.id = s.proxy_id",
+        tuple(fold),
+    )
+    return len(new)
 
 
 def outcome_counts(conn: sa.Connection, run_id: int) -> dict[str, int]:

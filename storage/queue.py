@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from storage.bulk import fetch_all, staged
+from storage.bulk import fetch_all, staged_columns
 from storage.clock import NOW_SQL, db_now, seconds_from_now, utcnow
 from storage.schema import commands, runs, tasks, workers
 
@@ -44,13 +44,19 @@ def add_tasks(
     max_attempts: int,
 ) -> int:
     """Insert one task per batch of item references; returns how many items were queued."""
-    now = utcnow()
-    rows = [
-        (run_id, start_seq + i, "queued", json.dumps(list(b)), len(b), max_attempts, now)
-        for i, b in enumerate(batches)
-    ]
-    if not rows:
+    if not batches:
         return 0
+    n = len(batches)
+    sizes = [len(b) for b in batches]
+    values = [
+        [run_id] * n,
+        [start_seq + i for i in range(n)],
+        ["queued"] * n,
+        [json.dumps(list(b)) for b in batches],
+        sizes,
+        [max_attempts] * n,
+        [utcnow()] * n,
+    ]
     cols = {
         "run_id": "bigint",
         "seq": "int",
@@ -60,11 +66,11 @@ def add_tasks(
         "max_attempts": "int",
         "created_at": "timestamp",
     }
-    with staged(conn, cols, rows) as s:
+    with staged_columns(conn, cols, values) as s:
         conn.execute(
             sa.text(f"INSERT INTO tasks ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {s}")
         )
-    return sum(r[4] for r in rows)
+    return sum(sizes)
 
 
 def claim(

@@ -100,6 +100,12 @@ def get_run(conn: sa.Connection, run_id: int) -> RunRow | None:
     return _row(rows[0]) if rows else None
 
 
+def get_status(conn: sa.Connection, run_id: int) -> str | None:
+    """A run's status alone: what a waiting loop polls (no counting)."""
+    rows = fetch_all(conn, sa.select(runs.c.status).where(runs.c.id == run_id))
+    return rows[0][0] if rows else None
+
+
 def list_runs(conn: sa.Connection, limit: int = 50, status: str | None = None) -> list[RunRow]:
     stmt = sa.select(runs).order_by(runs.c.id.desc()).limit(limit)
     if status:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import sqlalchemy as sa
-
-from engine.model import ItemResult
+from engine.model import ItemResult, ResultBatch
 from engine.settings import Settings
-from storage.db import Database
+
+if TYPE_CHECKING:  # not at run time: pool workers import kinds and never touch SQL
+    import sqlalchemy as sa
+
+    from storage.db import Database
 
 
 class Executor(ABC):
@@ -32,6 +34,10 @@ class Executor(ABC):
 
 class JobKind(ABC):
     name: ClassVar[str]
+    # Optional columnar hand-over: the ``data`` keys a kind stores. When set, workers hand
+    # results over as ``ResultBatch`` columns and they arrive in ``store_batch``; when None
+    # (the default), one ``ItemResult`` per item arrives in ``store``.
+    columns: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -53,6 +59,11 @@ class JobKind(ABC):
     @abstractmethod
     def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
         """Store results exactly once per (run, item); returns how many were new."""
+
+    def store_batch(self, conn: sa.Connection, batch: ResultBatch) -> int:
+        """Store a columnar batch exactly once per (run, item); returns how many were new.
+        Kinds that declare ``columns`` override it to write the columns as they are."""
+        return self.store(conn, batch.to_results())
 
     @abstractmethod
     def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:

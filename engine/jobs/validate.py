@@ -12,17 +12,20 @@ import asyncio
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
-
-import sqlalchemy as sa
+from typing import TYPE_CHECKING, Any
 
 from engine.jobs.base import Executor, JobKind
-from engine.model import ItemResult
-from storage import proxies as store
-from storage.clock import utcnow
-from storage.db import Database
-from storage.schema import errors
-from storage.secrets import SecretBox
+from engine.model import ItemResult, ResultBatch
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from storage.db import Database
+    from storage.proxy_rows import ProxyRow
+    from storage.secrets import SecretBox
+
+# Storage modules (SQLAlchemy, DuckDB) are imported inside the methods that write: pool
+# worker processes import this module for its executor only.
 
 IMPORT_CHUNK = 10_000
 MAX_PARSE_ERRORS_STORED = 1_000
@@ -31,8 +34,14 @@ FILTER_KEYS = ("status", "protocol", "older_than_hours", "minutes_old", "limit")
 
 class ValidateJob(JobKind):
     name = "validate"
+    # Workers hand results over column by column (see store_batch).
+    columns = (
+        "checked_at", "protocol", "latency_ms", "anonymity", "exit_ip", "country", "error",
+    )  # fmt: skip
 
     def _box(self) -> SecretBox:
+        from storage.secrets import SecretBox
+
         return SecretBox.load(self.settings.secret_key, self.settings.secret_key_file)
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -74,6 +83,8 @@ class ValidateJob(JobKind):
         if params.get("proxies_file"):
             ids = self._import(db, run_id, Path(params["proxies_file"]))
         else:
+            from storage import proxies as store
+
             flt = store.ProxyFilter(**{k: params.get(k) for k in FILTER_KEYS})
             with db.connect() as conn:
                 ids = iter(store.select_ids(conn, flt))
@@ -81,7 +92,12 @@ class ValidateJob(JobKind):
             yield chunk
 
     def _import(self, db: Database, run_id: int, path: Path) -> Iterator[int]:
+        import sqlalchemy as sa
+
         from fetchers.proxy_parse import iter_proxy_lines, redact_line
+        from storage import proxies as store
+        from storage.clock import utcnow
+        from storage.schema import errors
 
         box = self._box()
         seen: set[str] = set()
@@ -126,32 +142,50 @@ class ValidateJob(JobKind):
                 )
 
     def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
+        from storage import proxies as store
+
         return store.load_for_check(conn, run_id, refs, self._box())
 
     def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
-        rows = []
+        batches: dict[int, ResultBatch] = {}
         for r in results:
-            d = r.data
-            rows.append(
-                (
-                    r.run_id,
-                    int(r.ref),
-                    r.task_id,
-                    r.worker_id,
-                    d.get("checked_at") or utcnow(),
-                    r.outcome,
-                    r.ok,
-                    d.get("protocol"),
-                    d.get("latency_ms"),
-                    d.get("anonymity"),
-                    d.get("exit_ip"),
-                    d.get("country"),
-                    d.get("error"),
-                )
-            )
-        return store.store_checks(conn, rows)
+            batch = batches.get(r.run_id)
+            if batch is None:
+                batch = batches[r.run_id] = ResultBatch.empty(r.run_id, self.columns)
+            batch.add(r.task_id, r.ref, r.ok, r.outcome, r.data, r.worker_id)
+        return sum(self.store_batch(conn, b) for b in batches.values())
+
+    def store_batch(self, conn: sa.Connection, batch: ResultBatch) -> int:
+        from storage import proxies as store
+        from storage.clock import utcnow
+
+        n = len(batch)
+        if not n:
+            return 0
+        c = batch.columns
+        now = utcnow()
+        return store.store_check_columns(
+            conn,
+            [
+                [batch.run_id] * n,
+                [int(r) for r in batch.refs],
+                batch.task_ids,
+                batch.worker_ids,
+                [t or now for t in c["checked_at"]],
+                batch.outcomes,
+                batch.oks,
+                c["protocol"],
+                c["latency_ms"],
+                c["anonymity"],
+                c["exit_ip"],
+                c["country"],
+                c["error"],
+            ],
+        )
 
     def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
+        from storage import proxies as store
+
         return store.outcome_counts(conn, run_id)
 
     def ok_outcomes(self) -> set[str]:
@@ -169,7 +203,7 @@ class ValidateExecutor(Executor):
     def __init__(self, checker: Any) -> None:
         self.checker = checker
 
-    async def execute(self, item: store.ProxyRow) -> tuple[bool, str, dict[str, Any]]:
+    async def execute(self, item: ProxyRow) -> tuple[bool, str, dict[str, Any]]:
         from fetchers.proxy_parse import ProxySpec
 
         spec = ProxySpec(
