@@ -56,7 +56,9 @@ def convert(rule: FieldRule, raw: str | None, base_url: str) -> str | None:
     """The stored text of a value of ``rule.type`` (None stays None); raises Invalid."""
     if raw is None:
         return None
-    value = " ".join(raw.split())
+    value = raw.strip()
+    if "  " in value or "\n" in value or "\t" in value or "\r" in value:
+        value = " ".join(value.split())  # runs of whitespace in the text become one space
     if rule.regex:
         m = re.search(rule.regex, value)
         if not m:
@@ -189,19 +191,17 @@ class LexborExtractor:
         return tree
 
     def _value(self, node: Any, rule: FieldRule) -> str | None:
-        targets = node.css(rule.css) if rule.css else [node]
-        if not targets:
-            return None
-        if not rule.all:
-            targets = targets[:1]
+        if not rule.all:  # the common case: the first match only (css_first stops there)
+            t = node.css_first(rule.css) if rule.css else node
+            if t is None:
+                return None
+            return t.attributes.get(rule.attr) if rule.attr else t.text(deep=True)
         vals = []
-        for t in targets:
+        for t in node.css(rule.css) if rule.css else [node]:
             v = t.attributes.get(rule.attr) if rule.attr else t.text(deep=True)
             if v is not None:
-                vals.append(v)
-        if not vals:
-            return None
-        return rule.sep.join(" ".join(v.split()) for v in vals)
+                vals.append(" ".join(v.split()))
+        return rule.sep.join(vals) if vals else None
 
     def extract(self, content: bytes, url: str) -> list[Row]:
         tree = self._tree(content)
@@ -292,6 +292,8 @@ class LxmlExtractor:
         vals = [v for v in (self._text(x, rule.attr) for x in found) if v is not None]
         if not vals:
             return None
+        if len(vals) == 1:
+            return vals[0]
         return rule.sep.join(" ".join(v.split()) for v in vals)
 
     def extract(self, content: bytes, url: str) -> list[Row]:

@@ -92,7 +92,9 @@ def test_spec_errors_say_where() -> None:
         parse_spec("name = 'x'\nfollow = }\n", "s.toml")
     with pytest.raises(SpecError, match=r"end of document\) \(line 2: is a bracket or a quote"):
         parse_spec("name = 'x'\nfollow = [", "s.toml")
-    with pytest.raises(SpecError, match=r"extract\[0\].fields.price: .*give css, xpath, attr or json"):
+    with pytest.raises(
+        SpecError, match=r"extract\[0\].fields.price: .*give css, xpath, attr or json"
+    ):
         parse_spec(
             "name='x'\ncountry='M'\nstart_urls=['http://a/']\n[[extract]]\n"
             "[extract.fields]\nid={attr='x'}\nprice={type='float'}\n"
