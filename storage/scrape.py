@@ -12,7 +12,7 @@ completed while a page it discovered is still unqueued.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,51 +22,12 @@ from storage import runs as run_store
 from storage.bulk import fetch_all, staged
 from storage.clock import utcnow
 from storage.schema import runs, urls
+from storage.scrape_rows import Entity, PageResult, UrlItem
+
+__all__ = ["Entity", "PageResult", "UrlItem"]  # re-exported: the rows live in scrape_rows
 
 # A page's fetch outcome as stored in urls.status; "done" is the only ok one.
 PAGE_STATUSES = ("done", "failed", "blocked")
-
-
-@dataclass(slots=True)
-class UrlItem:
-    """An executable scrape item: one registered URL of a run."""
-
-    id: int
-    url: str
-    depth: int
-    country: str
-
-
-@dataclass(slots=True)
-class Entity:
-    external_id: str
-    content_hash: str
-    attributes: list[tuple[str, str | None, str]]  # (name, value, value_type)
-    source_url: str | None = None
-
-
-@dataclass(slots=True)
-class PageResult:
-    """What a worker hands over for one page (lists of tuples: cheap to pickle)."""
-
-    url_id: int
-    url: str
-    depth: int
-    country: str
-    status: str  # done, failed, blocked
-    method: str | None = None
-    http_status: int | None = None
-    bytes: int = 0
-    error_type: str | None = None
-    error: str | None = None
-    entities: list[Entity] = field(default_factory=list)
-    invalid: list[tuple[str, str]] = field(default_factory=list)  # (entity key, reason)
-    links: list[str] = field(default_factory=list)  # normalized absolute URLs to follow
-    files: list[tuple[Any, ...]] = field(default_factory=list)
-    # (url, path, sha256, bytes, content_type, status, error, external_id)
-    attempts: list[tuple[Any, ...]] = field(default_factory=list)
-    # (method, proxy, status, bytes, ms, error_type, blocked_reason)
-    fetched_at: Any = None
 
 
 # --- planning --------------------------------------------------------------------------------

@@ -21,14 +21,13 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import sqlalchemy as sa
-
 from engine.jobs.base import Executor, JobKind
-from engine.model import ItemResult
+from engine.model import ItemResult, ResultBatch
 from engine.scrape_spec import (
     ScrapeSpec,
     load_spec,
@@ -36,11 +35,12 @@ from engine.scrape_spec import (
     parse_spec,
     read_start_urls,
 )
-from storage import scrape as store
-from storage.bulk import fetch_all
-from storage.clock import utcnow
-from storage.db import Database
-from storage.schema import runs
+from storage.scrape_rows import Entity, PageResult, UrlItem
+
+if TYPE_CHECKING:  # pool workers never touch SQL: no SQLAlchemy import at run time
+    import sqlalchemy as sa
+
+    from storage.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,11 @@ MAX_PROXIES = 10_000
 
 class ScrapeJob(JobKind):
     name = "scrape"
+    columns = ("page",)  # pages travel as wire tuples in ResultBatch columns
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
-        self._contexts: dict[int, store.StoreContext] = {}
+        self._contexts: dict[int, Any] = {}  # run id → storage.scrape.StoreContext
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
         """``spec`` (a path) or ``spec_text``; optional ``country``, ``methods``,
@@ -114,6 +115,8 @@ class ScrapeJob(JobKind):
         return parse_spec(params["spec_text"], params.get("spec_name") or "spec")
 
     def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
+        from storage import scrape as store
+
         spec = self.spec(params)
         if params.get("pool_file"):
             _write_pool_file(db, self.settings, params)
@@ -131,11 +134,19 @@ class ScrapeJob(JobKind):
                     yield ids[j : j + batch]
 
     def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
+        from storage import scrape as store
+
         return store.load_urls(conn, run_id, refs)
 
-    def _context(self, conn: sa.Connection, run_id: int) -> store.StoreContext:
+    def _context(self, conn: sa.Connection, run_id: int) -> Any:
         ctx = self._contexts.get(run_id)
         if ctx is None:
+            import sqlalchemy as sa
+
+            from storage import scrape as store
+            from storage.bulk import fetch_all
+            from storage.schema import runs
+
             params = json.loads(
                 fetch_all(conn, sa.select(runs.c.params).where(runs.c.id == run_id))[0][0]
             )
@@ -154,12 +165,29 @@ class ScrapeJob(JobKind):
         if not results:
             return 0
         ctx = self._context(conn, results[0].run_id)
-        return store.store_pages(
-            conn, ctx, [(r.task_id, r.worker_id, r.data["page"]) for r in results]
-        )
+        pages = [(r.task_id, r.worker_id, PageResult.from_wire(r.data["page"])) for r in results]
+        from storage.scrape import store_pages
+
+        return store_pages(conn, ctx, pages)
+
+    def store_batch(self, conn: sa.Connection, batch: ResultBatch) -> int:
+        if not len(batch):
+            return 0
+        ctx = self._context(conn, batch.run_id)
+        pages = [
+            (task_id, worker_id, PageResult.from_wire(page))
+            for task_id, worker_id, page in zip(
+                batch.task_ids, batch.worker_ids, batch.columns["page"], strict=True
+            )
+        ]
+        from storage.scrape import store_pages
+
+        return store_pages(conn, ctx, pages)
 
     def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
-        return store.outcome_counts(conn, run_id)
+        from storage.scrape import outcome_counts
+
+        return outcome_counts(conn, run_id)
 
     def ok_outcomes(self) -> set[str]:
         return {"done"}
@@ -181,6 +209,9 @@ class ScrapeJob(JobKind):
 def _write_pool_file(db: Database, settings: Any, params: dict[str, Any]) -> None:
     """Snapshot the stored proxies the run routes through for the local workers (they cannot
     open the DuckDB file the coordinator holds). Passwords stay Fernet tokens, as stored."""
+    import sqlalchemy as sa
+
+    from storage.bulk import fetch_all
     from storage.schema import proxies
 
     with db.connect() as conn:
@@ -268,8 +299,8 @@ class ScrapeExecutor(Executor):
         self._patterns = {k: re.compile(v) for k, v in spec.validate_.patterns.items()}
         self._required = list(dict.fromkeys([spec.id_field, *spec.validate_.required]))
 
-    async def execute(self, item: store.UrlItem) -> tuple[bool, str, dict[str, Any]]:
-        fetched_at = utcnow()
+    async def execute(self, item: UrlItem) -> tuple[bool, str, dict[str, Any]]:
+        fetched_at = datetime.now(UTC).replace(tzinfo=None)
         res = await self.fetcher.fetch(
             item.url,
             country=item.country,
@@ -277,7 +308,7 @@ class ScrapeExecutor(Executor):
             rules=self.rules,
             api=self.apis.get(item.country),
         )
-        page = store.PageResult(
+        page = PageResult(
             url_id=item.id,
             url=item.url,
             depth=item.depth,
@@ -305,20 +336,20 @@ class ScrapeExecutor(Executor):
                 page.status = "blocked"
             page.error_type = str(res.error_type) if res.error_type else "failed"
             page.error = res.blocked_reason or res.error
-            return False, page.status, {"page": page}
+            return False, page.status, {"page": page.to_wire()}
         base = res.final_url or item.url
         if res.method_used == "api":  # a JSON answer: entities by json paths, no links
             self._extract(page, res.content, base, json_answer=True)
-            return True, "done", {"page": page}
+            return True, "done", {"page": page.to_wire()}
         self._extract(page, res.content, base)
         if self.spec.follow.css or self.spec.follow.regex:
             page.links = self._links(res.content, base)
         if self.spec.files:
             await self._download(page, res.content, base)
-        return True, "done", {"page": page}
+        return True, "done", {"page": page.to_wire()}
 
     def _extract(
-        self, page: store.PageResult, content: bytes, url: str, json_answer: bool = False
+        self, page: PageResult, content: bytes, url: str, json_answer: bool = False
     ) -> None:
         chosen = next(
             (
@@ -351,7 +382,7 @@ class ScrapeExecutor(Executor):
             digest = hashlib.sha1(
                 "\x1f".join(f"{k}={v}" for k, v, _ in sorted(attrs)).encode()
             ).hexdigest()[:16]
-            page.entities.append(store.Entity(str(values[self.spec.id_field]), digest, attrs, url))
+            page.entities.append(Entity(str(values[self.spec.id_field]), digest, attrs, url))
 
     def _links(self, content: bytes, url: str) -> list[str]:
         here = urlsplit(url).hostname
@@ -365,7 +396,7 @@ class ScrapeExecutor(Executor):
             out[normalize_url(link)] = None
         return list(out)
 
-    async def _download(self, page: store.PageResult, content: bytes, url: str) -> None:
+    async def _download(self, page: PageResult, content: bytes, url: str) -> None:
         from fetchers.validation import ValidationRules
 
         owner = page.entities[0].external_id if len(page.entities) == 1 else None
