@@ -406,7 +406,7 @@ def table(rows: list[Row], spread: dict[int, tuple[float, float]] | None = None)
     head = (
         "| tool | N | conc | proxies/s | seconds | start / plan / run / exit s | FP | FN "
         "| flaky alive | peak RSS MB, tree | main / max child MB | client CPU s (main) "
-        "| sim CPU s | other CPU s |"
+        "| CPU ms/proxy: main + children | sim CPU s | other CPU s |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
@@ -416,11 +416,17 @@ def table(rows: list[Row], spread: dict[int, tuple[float, float]] | None = None)
         phases = " / ".join(f"{ph.get(k, 0):.1f}" for k in ("start", "plan", "run", "exit"))
         fn = f"{r.fn}" + (f" ({r.fn_connect_only} CONNECT-only)" if r.fn_connect_only else "")
         child = f"{p.peak_child_mb:.0f}" if p.peak_child_mb else "–"
+        ms = 1000 / r.n if r.n else 0.0
+        per_proxy = f"{p.cpu_s * ms:.2f}" + (
+            f": {p.cpu_root_s * ms:.2f} + {(p.cpu_s - p.cpu_root_s) * ms:.2f}"
+            if p.procs > 1
+            else ""
+        )
         lines.append(
             f"| {r.tool} | {r.n:,} | {r.concurrency} | {r.rate:,.0f} | {secs} | {phases} "
             f"| {r.fp} | {fn} | {r.flaky_alive}/{r.flaky} | {p.peak_tree_mb:.0f} ({p.procs} "
             f"procs) | {p.peak_root_mb:.0f} / {child} | {p.cpu_s:.1f} ({p.cpu_root_s:.1f}) "
-            f"| {r.sim_cpu_s:.1f} | {r.other_cpu_s:.1f} |"
+            f"| {per_proxy} | {r.sim_cpu_s:.1f} | {r.other_cpu_s:.1f} |"
             + (f" **{r.note or 'timed out'}**" if r.note or p.timed_out else "")
         )
     return "\n".join(lines)

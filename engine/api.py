@@ -49,11 +49,14 @@ def wait_run(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     poll_s: float = 0.2,
     timeout_s: float | None = None,
+    sleep: Callable[[float], Any] = time.sleep,
 ) -> dict[str, Any]:
     """Poll until the run reaches a final status (or ``timeout_s``); returns its summary.
 
     Without a progress callback (or with a disabled one: ``enabled`` False) only the run's
     status is polled; the summary, which counts the stored results, is built once at the end.
+    ``sleep`` waits between polls: a coordinator in this process passes its
+    ``wait_settled``, which returns as soon as it settles a run.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     wants_progress = on_progress is not None and getattr(on_progress, "enabled", True)
@@ -73,4 +76,4 @@ def wait_run(
                 if on_progress:
                     on_progress(summary)
             return summary
-        time.sleep(poll_s)
+        sleep(poll_s)

@@ -57,6 +57,7 @@ class Coordinator:
         self.requests = ctx.Queue() if self.mode == "pipe" else None
         self.pool = LocalPool(settings, self.mode, db.url, self.requests, ctx, log_level)
         self._stop = threading.Event()
+        self._settled = threading.Event()  # set when a run reached its final status
         self._thread: threading.Thread | None = None
         self._results: list[ItemResult | ResultBatch] = []
         self._n_results = 0  # items in _results (a ResultBatch holds many)
@@ -204,7 +205,8 @@ class Coordinator:
             self.sql.store(results, completes)
         if completes:  # settle now: a run whose last task just finished ends at once
             with self.db.begin() as conn:
-                runs.settle(conn)
+                if runs.settle(conn):
+                    self._settled.set()
         for op, worker_id, args in ops:
             if op == "release":
                 self.sql.release(worker_id, *args)
@@ -244,6 +246,13 @@ class Coordinator:
                 q.end_worker(conn, worker_id, "dead", "stopped heartbeating")
             for run_id, status in runs.settle(conn):
                 log.info("run %s %s", run_id, status)
+                self._settled.set()
+
+    def wait_settled(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for this coordinator to settle a run (``wait_run``'s
+        sleep: a finished run is seen at once instead of at the next poll)."""
+        if self._settled.wait(timeout):
+            self._settled.clear()
 
     # --- operator API ------------------------------------------------------------------
 

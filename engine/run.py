@@ -130,7 +130,8 @@ def follow_run(db: Database, coordinator: Any, run_id: int, args: argparse.Names
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         with RunProgress(enabled=None if not args.json else False) as progress:
-            return wait_run(db, run_id, on_progress=progress)
+            wait = getattr(coordinator, "wait_settled", time.sleep)
+            return wait_run(db, run_id, on_progress=progress, sleep=wait)
     finally:
         signal.signal(signal.SIGINT, previous)
 

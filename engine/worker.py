@@ -318,4 +318,14 @@ def process_main(boot: dict[str, Any]) -> None:
     asyncio.run(run_worker(worker))
     if boot["mode"] == "pipe":
         boot["requests"].close()
-        boot["requests"].join_thread()
+        boot["requests"].join_thread()  # everything we sent is in the pipe now
+        # Skip the interpreter's teardown (module and object cleanup, 0.05-0.1 s that the
+        # coordinator waits for on every shutdown): no database here; exit hooks still run.
+        import atexit
+        import sys
+
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
