@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from storage import queue as q
 from storage import runs as run_store
-from storage.bulk import fetch_all, staged
+from storage.bulk import fetch_all, staged, staged_columns
 from storage.clock import utcnow
 from storage.schema import runs, urls
 from storage.scrape_rows import Entity, PageResult, UrlItem
@@ -206,15 +206,16 @@ def _store_entities(
     conn: sa.Connection, ctx: StoreContext, country: str, pages: list[PageResult], now: Any
 ) -> dict[str, int]:
     """Upsert the pages' entities; returns external id → entity id."""
-    latest: dict[str, Entity] = {}
+    # external id → (content hash, attributes, source url); the same entity twice in one
+    # flush: the last wins. Entities are Entity tuples or plain 4-tuples (off the wire).
+    latest: dict[str, tuple[str, list[tuple[str, str | None, str]], str | None]] = {}
     for p in pages:
         for e in p.entities:
-            e.source_url = e.source_url or p.url
-            latest[e.external_id] = e  # the same entity twice in one flush: the last wins
+            latest[e[0]] = (e[1], e[2], e[3] or p.url)
     if not latest:
         return {}
     cols = {"external_id": "text", "content_hash": "text", "source_url": "text"}
-    rows = [(e.external_id, e.content_hash, e.source_url) for e in latest.values()]
+    rows = [(ext, h, src) for ext, (h, _, src) in latest.items()]
     key = {"t": ctx.entity_type, "c": country, "run": ctx.run_id, "now": now}
     with staged(conn, cols, rows) as s:
         before = {
@@ -270,7 +271,7 @@ def _store_entities(
             )
     ids = {ext: eid for ext, (eid, _) in before.items()}
     ids.update({r[1]: int(r[0]) for r in inserted})
-    changed = [ids[ext] for ext, (_, h) in before.items() if h != latest[ext].content_hash]
+    changed = [ids[ext] for ext, (_, h) in before.items() if h != latest[ext][0]]
     if changed:
         conn.execute(
             sa.text("DELETE FROM entity_attributes WHERE entity_id IN :ids").bindparams(
@@ -279,15 +280,21 @@ def _store_entities(
             {"ids": changed},
         )
     write = set(changed) | {int(r[0]) for r in inserted}
-    attrs = [
-        (ids[e.external_id], name, value, vtype)
-        for e in latest.values()
-        if ids.get(e.external_id) in write
-        for name, value, vtype in e.attributes
-    ]
-    if attrs:
+    ent: list[int] = []
+    names: list[str] = []
+    values: list[str | None] = []
+    types: list[str] = []
+    for ext, (_, attributes, _) in latest.items():
+        eid = ids.get(ext)
+        if eid in write:
+            for name, value, vtype in attributes:
+                ent.append(eid)
+                names.append(name)
+                values.append(value)
+                types.append(vtype)
+    if ent:
         acols = {"entity_id": "bigint", "name": "text", "value": "text", "value_type": "text"}
-        with staged(conn, acols, attrs) as s:
+        with staged_columns(conn, acols, [ent, names, values, types]) as s:
             conn.execute(
                 sa.text(
                     f"INSERT INTO entity_attributes (entity_id, name, value, value_type) "

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["Entity", "PageResult", "UrlItem"]
 
@@ -19,8 +19,10 @@ class UrlItem:
     country: str
 
 
-@dataclass(slots=True)
-class Entity:
+class Entity(NamedTuple):
+    """A tuple, so pages carry entities to the coordinator as cheaply as plain tuples (a
+    wire tuple and an Entity are read the same way)."""
+
     external_id: str
     content_hash: str
     attributes: list[tuple[str, str | None, str]]  # (name, value, value_type)
@@ -41,7 +43,7 @@ class PageResult:
     bytes: int = 0
     error_type: str | None = None
     error: str | None = None
-    entities: list[Entity] = field(default_factory=list)
+    entities: list[Entity] = field(default_factory=list)  # or plain 4-tuples off the wire
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (entity key, reason)
     links: list[str] = field(default_factory=list)  # normalized absolute URLs to follow
     files: list[tuple[Any, ...]] = field(default_factory=list)
@@ -65,7 +67,7 @@ class PageResult:
             self.bytes,
             self.error_type,
             self.error,
-            [(e.external_id, e.content_hash, e.attributes, e.source_url) for e in self.entities],
+            self.entities,
             self.invalid,
             self.links,
             self.files,
@@ -77,6 +79,4 @@ class PageResult:
     def from_wire(cls, t: tuple[Any, ...] | PageResult) -> PageResult:
         if isinstance(t, PageResult):
             return t
-        page = cls(*t[:10], [], *t[11:])
-        page.entities = [Entity(*e) for e in t[10]]
-        return page
+        return cls(*t)  # entities stay (external_id, hash, attributes, source_url) tuples
