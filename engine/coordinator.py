@@ -261,7 +261,11 @@ class Coordinator:
             return runs.apply_command(conn, run_id, action, source)
 
     def stop_worker(self, worker_id: str) -> None:
+        """Stop one worker gracefully. A worker of this pool also leaves the pool: its size
+        goes down by one (what the Workers page shows), so it is not replaced."""
         self._exit.add(worker_id)
         self.sql.request_exit(worker_id)
         with self._pool_lock:
+            if worker_id in self.pool.active():
+                self.pool_size = self.pool.target = max(0, self.pool.target - 1)
             self.pool.terminate(worker_id)

@@ -68,12 +68,18 @@ def _stop(c: Console) -> None:
         return
     local = worker_id in c.coordinator.pool.members
     c.coordinator.stop_worker(worker_id)
+    if local:  # the pool shrank by one: the size control shows the new size
+        st.session_state["pool_size"] = c.coordinator.pool.target
     if not local:
         with c.db.begin() as conn:
             run_store.command_worker(conn, worker_id, "stop", "console")
     st.session_state["workers_msg"] = (
         f"asked {worker_id} to finish its in-flight items and exit"
-        + ("" if local else " (it reads the command on its next claim)")
+        + (
+            f"; the pool is now {c.coordinator.pool.target} worker(s)"
+            if local
+            else " (it reads the command on its next claim)"
+        )
     )
 
 

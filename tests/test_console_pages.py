@@ -342,6 +342,10 @@ def test_workers_page_resizes_the_pool_and_stops_a_worker(pool_env: str) -> None
     while alive[0] in coord.pool.members and time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive[0] not in coord.pool.members, "the stopped worker exits"
+    assert any("the pool is now 1 worker(s)" in s.value for s in at.success)
+    assert coord.pool.target == 1 and at.number_input(key="pool_size").value == 1
+    time.sleep(2.5)  # two watchdog rounds: the stopped worker is not replaced
+    assert len(coord.pool.active()) == 1
 
 
 # --- data & settings -------------------------------------------------------------------------
