@@ -164,7 +164,51 @@ def _first_group_links(urls: Iterable[str | None], base: str) -> list[str]:
     return out
 
 
-class LexborExtractor:
+class _HtmlExtractor:
+    """What both HTML backends share: the follow rules, one parse per page (extract, links
+    and hrefs of one page reuse it), link resolution. Subclasses parse and select."""
+
+    def __init__(self, follow_css: Sequence[str], follow_regex: Sequence[str]) -> None:
+        self.follow_css = tuple(follow_css)
+        self.follow_regex = tuple(re.compile(r) for r in follow_regex)
+        # (content, tree): holding the content itself, an identity match cannot be a
+        # recycled id
+        self._cache: tuple[bytes, Any] | None = None
+
+    def _parse(self, content: bytes) -> Any:
+        raise NotImplementedError
+
+    def _anchor_hrefs(self, tree: Any) -> list[str]:
+        """Every <a href> of the page."""
+        raise NotImplementedError
+
+    def _attr_hrefs(self, tree: Any, selector: str) -> list[str | None]:
+        """href (else src) of the elements matching a CSS selector."""
+        raise NotImplementedError
+
+    def _tree(self, content: bytes) -> Any:
+        if self._cache is not None and self._cache[0] is content:
+            return self._cache[1]
+        tree = self._parse(content)
+        self._cache = (content, tree)
+        return tree
+
+    def links(self, content: bytes, url: str) -> list[str]:
+        out = self.hrefs(content, url, self.follow_css) if self.follow_css else []
+        if self.follow_regex:
+            for href in self._anchor_hrefs(self._tree(content)):
+                if href and any(r.search(urljoin(url, href)) for r in self.follow_regex):
+                    out.extend(_first_group_links([href], url))
+        return out
+
+    def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
+        tree = self._tree(content)
+        return _first_group_links(
+            [h for sel in selectors for h in self._attr_hrefs(tree, sel)], url
+        )
+
+
+class LexborExtractor(_HtmlExtractor):
     def __init__(
         self,
         fields: Sequence[FieldRule],
@@ -174,21 +218,19 @@ class LexborExtractor:
     ) -> None:
         from selectolax.lexbor import LexborHTMLParser
 
+        super().__init__(follow_css, follow_regex)
         self._parser = LexborHTMLParser
         self.fields = tuple(fields)
         self.list_selector = list_selector
-        self.follow_css = tuple(follow_css)
-        self.follow_regex = tuple(re.compile(r) for r in follow_regex)
-        self._cache: tuple[bytes, Any] | None = None
 
-    def _tree(self, content: bytes) -> Any:
-        # extract() and links() run on the same page: parse it once (the cache holds the
-        # content itself, so an identity match cannot be a recycled id)
-        if self._cache is not None and self._cache[0] is content:
-            return self._cache[1]
-        tree = self._parser(content)
-        self._cache = (content, tree)
-        return tree
+    def _parse(self, content: bytes) -> Any:
+        return self._parser(content)
+
+    def _anchor_hrefs(self, tree: Any) -> list[str]:
+        return [a.attributes.get("href") for a in tree.css("a[href]")]
+
+    def _attr_hrefs(self, tree: Any, selector: str) -> list[str | None]:
+        return [n.attributes.get("href") or n.attributes.get("src") for n in tree.css(selector)]
 
     def _value(self, node: Any, rule: FieldRule) -> str | None:
         if not rule.all:  # the common case: the first match only (css_first stops there)
@@ -211,26 +253,8 @@ class LexborExtractor:
             _row(self.fields, (self._value(node, r) for r in self.fields), url) for node in nodes
         ]
 
-    def links(self, content: bytes, url: str) -> list[str]:
-        tree = self._tree(content)
-        out = self.hrefs(content, url, self.follow_css) if self.follow_css else []
-        if self.follow_regex:
-            for a in tree.css("a[href]"):
-                href = a.attributes.get("href")
-                if href and any(r.search(urljoin(url, href)) for r in self.follow_regex):
-                    out.extend(_first_group_links([href], url))
-        return out
 
-    def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
-        tree = self._tree(content)
-        raw = []
-        for sel in selectors:
-            for node in tree.css(sel):
-                raw.append(node.attributes.get("href") or node.attributes.get("src"))
-        return _first_group_links(raw, url)
-
-
-class LxmlExtractor:
+class LxmlExtractor(_HtmlExtractor):
     def __init__(
         self,
         fields: Sequence[FieldRule],
@@ -242,6 +266,7 @@ class LxmlExtractor:
         from cssselect import GenericTranslator
         from lxml import etree
 
+        super().__init__(follow_css, follow_regex)
         self._etree = etree
         tr = GenericTranslator()
         self._css = lambda sel, prefix="descendant-or-self::": etree.XPath(
@@ -260,18 +285,17 @@ class LxmlExtractor:
             self._list = self._css(list_selector)
         else:
             self._list = None
-        self.follow_css = tuple(follow_css)
-        self.follow_regex = tuple(re.compile(r) for r in follow_regex)
-        self._cache: tuple[bytes, Any] | None = None
 
-    def _tree(self, content: bytes) -> Any:
-        if self._cache is not None and self._cache[0] is content:
-            return self._cache[1]
+    def _parse(self, content: bytes) -> Any:
         from lxml import html
 
-        tree = html.fromstring(content) if content.strip() else html.fromstring(b"<html/>")
-        self._cache = (content, tree)
-        return tree
+        return html.fromstring(content) if content.strip() else html.fromstring(b"<html/>")
+
+    def _anchor_hrefs(self, tree: Any) -> list[str]:
+        return [str(h) for h in tree.xpath("//a/@href")]
+
+    def _attr_hrefs(self, tree: Any, selector: str) -> list[str | None]:
+        return [n.get("href") or n.get("src") for n in self._css(selector)(tree)]
 
     @staticmethod
     def _text(item: Any, attr: str | None) -> str | None:
@@ -310,23 +334,6 @@ class LxmlExtractor:
             )
             for node in nodes
         ]
-
-    def links(self, content: bytes, url: str) -> list[str]:
-        tree = self._tree(content)
-        out = self.hrefs(content, url, self.follow_css) if self.follow_css else []
-        if self.follow_regex:
-            for href in tree.xpath("//a/@href"):
-                if any(r.search(urljoin(url, href)) for r in self.follow_regex):
-                    out.extend(_first_group_links([href], url))
-        return out
-
-    def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
-        tree = self._tree(content)
-        raw = []
-        for sel in selectors:
-            for node in self._css(sel)(tree):
-                raw.append(node.get("href") or node.get("src"))
-        return _first_group_links(raw, url)
 
 
 def _row(fields: Sequence[FieldRule], raws: Iterable[str | None], url: str) -> Row:
