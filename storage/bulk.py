@@ -1,15 +1,15 @@
 """Bulk writes: stage many rows as one relation, then set-based SQL over it.
 
 Row-by-row inserts cost DuckDB about 20x (see shared/reference/stack-notes.md), so results
-are staged once per batch: on DuckDB as a registered Arrow table copied into a temp table,
-on PostgreSQL with COPY into a temp table. The statements that follow (dedupe against what
-is stored, insert, apply aggregates) are the same SQL on both.
+are staged once per batch into a temp table: on DuckDB by binding one list per column as a
+parameter and unnesting it in SQL, on PostgreSQL with COPY. The statements that follow
+(dedupe against what is stored, insert, apply aggregates) are the same SQL on both.
 
-``staged_columns`` and ``unnest_select`` take one list per column instead of rows. On DuckDB
-they bind each list as one parameter and unnest it in SQL: no Arrow, so a process that only
-uses them never imports pyarrow, nor the pandas that ``pa.array`` imports on first use (about
-0.5 s of CPU per process, more than a 10,000-proxy run spends converting). Timestamps must
-be naive UTC (``storage.clock.utcnow``), the form every timestamp column stores.
+``staged`` takes rows, ``staged_columns`` one list per column (``unnest_select`` is the
+DuckDB SELECT list behind both). No Arrow: staging never imports pyarrow, nor the pandas
+that ``pa.array`` imports on first use (about 0.5 s of CPU per process, more than a
+10,000-proxy run spends converting). Timestamps must be naive UTC (``storage.clock.utcnow``),
+the form every timestamp column stores.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import sqlalchemy as sa
 
 _counter = itertools.count()
 
-# Column types understood by ``staged``: SQL type, and the arrow type's name (pyarrow is
-# imported only when ``staged`` stages rows on DuckDB).
+# Column types understood by ``staged`` and ``staged_columns``.
 SQL_TYPES: dict[str, str] = {
     "bigint": "BIGINT",
     "int": "INTEGER",
@@ -33,23 +32,8 @@ SQL_TYPES: dict[str, str] = {
     "bool": "BOOLEAN",
     "timestamp": "TIMESTAMP",
 }
-_ARROW_TYPES = {
-    "bigint": ("int64",),
-    "int": ("int32",),
-    "float": ("float64",),
-    "text": ("string",),
-    "bool": ("bool_",),
-    "timestamp": ("timestamp", "us"),
-}
 # DuckDB list types for unnest (DOUBLE PRECISION[] is not a DuckDB spelling).
 _DUCKDB_TYPES = {**SQL_TYPES, "float": "DOUBLE", "text": "VARCHAR"}
-
-
-def _arrow_type(kind: str) -> Any:
-    import pyarrow as pa
-
-    name, *args = _ARROW_TYPES[kind]
-    return getattr(pa, name)(*args)
 
 
 def unnest_select(columns: dict[str, str], first_param: int = 1) -> str:
@@ -67,7 +51,7 @@ def staged_columns(
 ) -> Iterator[str]:
     """Like ``staged``, from one list per column (in ``columns`` order, equal lengths)."""
     if conn.dialect.name != "duckdb":
-        with staged(conn, columns, list(zip(*values, strict=True))) as name:
+        with _copied(conn, columns, list(zip(*values, strict=True))) as name:
             yield name
         return
     name = f"stage_{next(_counter)}"
@@ -86,31 +70,27 @@ def staged(
     conn: sa.Connection, columns: dict[str, str], rows: Sequence[Sequence[Any]]
 ) -> Iterator[str]:
     """Yield the name of a temp table holding ``rows`` (tuples in ``columns`` order)."""
-    name = f"stage_{next(_counter)}"
-    dialect = conn.dialect.name
-    cols_sql = ", ".join(f"{c} {SQL_TYPES[t]}" for c, t in columns.items())
-    if dialect == "duckdb":
-        import pyarrow as pa
+    if conn.dialect.name == "duckdb":
+        values = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in columns]
+        with staged_columns(conn, columns, values) as name:
+            yield name
+        return
+    with _copied(conn, columns, rows) as name:
+        yield name
 
-        arrays = [
-            pa.array([r[i] for r in rows], type=_arrow_type(t))
-            for i, t in enumerate(columns.values())
-        ]
-        table = pa.Table.from_arrays(arrays, names=list(columns))
-        raw = conn.connection.driver_connection
-        view = f"{name}_arrow"
-        raw.register(view, table)
-        try:
-            conn.execute(sa.text(f"CREATE TEMP TABLE {name} ({cols_sql})"))
-            conn.execute(sa.text(f"INSERT INTO {name} SELECT * FROM {view}"))
-        finally:
-            raw.unregister(view)
-    else:
-        conn.execute(sa.text(f"CREATE TEMP TABLE {name} ({cols_sql}) ON COMMIT DROP"))
-        raw = conn.connection.driver_connection
-        with raw.cursor() as cur, cur.copy(f"COPY {name} ({', '.join(columns)}) FROM STDIN") as cp:
-            for row in rows:
-                cp.write_row(row)
+
+@contextlib.contextmanager
+def _copied(
+    conn: sa.Connection, columns: dict[str, str], rows: Sequence[Sequence[Any]]
+) -> Iterator[str]:
+    """PostgreSQL: COPY the rows into a temp table dropped at commit."""
+    name = f"stage_{next(_counter)}"
+    cols_sql = ", ".join(f"{c} {SQL_TYPES[t]}" for c, t in columns.items())
+    conn.execute(sa.text(f"CREATE TEMP TABLE {name} ({cols_sql}) ON COMMIT DROP"))
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur, cur.copy(f"COPY {name} ({', '.join(columns)}) FROM STDIN") as cp:
+        for row in rows:
+            cp.write_row(row)
     try:
         yield name
     finally:

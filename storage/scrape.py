@@ -1,7 +1,7 @@
 """Storage of the scrape job: the URL registry, entities with attributes, files, fetch logs.
 
-Everything is written in bulk per flush (``storage.bulk.staged_columns``: list parameters on
-DuckDB, COPY on PostgreSQL): a page brings ~20 entities and ~100 attributes, and row-by-row inserts would
+Everything is written in bulk per flush (``storage.bulk``: list parameters on DuckDB, COPY
+on PostgreSQL): a page brings ~20 entities and ~100 attributes, and row-by-row inserts would
 cost 20x. Exactly once: a page result is stored only while its ``urls`` row is still
 ``queued``; entities are keyed by (type, country, external id) across runs, so a page fetched
 twice (a task re-run after a crash) updates ``last_seen`` and stores nothing twice. Newly found
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from storage import queue as q
 from storage import runs as run_store
-from storage.bulk import fetch_all, staged_columns
+from storage.bulk import fetch_all, staged, staged_columns
 from storage.clock import utcnow
 from storage.schema import runs, urls
 from storage.scrape_rows import Entity, PageResult, UrlItem
@@ -64,7 +64,7 @@ def register_urls(
         "parent_id": "bigint",
         "country": "text",
     }
-    with staged_columns(conn, cols, [list(c) for c in zip(*rows, strict=True)]) as s:
+    with staged(conn, cols, rows) as s:
         limit = f"LIMIT {int(cap)}" if cap is not None else ""
         conflict = " ON CONFLICT DO NOTHING" if conn.dialect.name == "postgresql" else ""
         added = fetch_all(
@@ -198,7 +198,7 @@ def _update_urls(conn: sa.Connection, pages: list[PageResult], now: Any) -> None
         for p in pages
     ]
     sets = ", ".join(f"{c} = s.{c}" for c in cols if c != "id")
-    with staged_columns(conn, cols, [list(c) for c in zip(*rows, strict=True)]) as s:
+    with staged(conn, cols, rows) as s:
         conn.execute(sa.text(f"UPDATE urls SET {sets} FROM {s} s WHERE urls.id = s.id"))
 
 
@@ -217,7 +217,7 @@ def _store_entities(
     cols = {"external_id": "text", "content_hash": "text", "source_url": "text"}
     rows = [(ext, h, src) for ext, (h, _, src) in latest.items()]
     key = {"t": ctx.entity_type, "c": country, "run": ctx.run_id, "now": now}
-    with staged_columns(conn, cols, [list(c) for c in zip(*rows, strict=True)]) as s:
+    with staged(conn, cols, rows) as s:
         before = {
             r[1]: (int(r[0]), r[2])
             for r in fetch_all(
@@ -330,7 +330,7 @@ def _store_fetch_logs(
         for a in p.attempts
     ]
     if rows:
-        with staged_columns(conn, cols, [list(c) for c in zip(*rows, strict=True)]) as s:
+        with staged(conn, cols, rows) as s:
             names = ", ".join(cols)
             conn.execute(sa.text(f"INSERT INTO fetch_logs ({names}) SELECT {names} FROM {s}"))
 
