@@ -60,7 +60,7 @@ from bench.validate import (  # noqa: E402  (one way of measuring for every benc
     TreeSampler,
     _stat,
     code_state,
-    machine_busy_s,
+    run_sampled,
     wait_for_quiet,
 )
 
@@ -262,51 +262,10 @@ class Proc:
 
 
 def measure(cmd: list[str], env: dict[str, str], timeout_s: float) -> Proc:
-    """Run cmd in its own process group, sample its tree's RSS, kill the group after
-    timeout_s — and on any exception (Ctrl-C) too."""
+    """bench/validate.py's run, with this bench's sampler (PSS too)."""
     res = Proc()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        busy0, res.started, began = machine_busy_s(), time.time(), time.monotonic()
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True
-        )
-        sampler = Sampler(proc.pid)
-        sampler.start()
-        status = None
-        try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() - began > timeout_s:
-                    res.timed_out = True
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    _, status, usage = os.wait4(proc.pid, 0)
-                    break
-                time.sleep(0.02)
-        finally:
-            if status is None:  # interrupted: leave nothing running
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.wait4(proc.pid, 0)
-                sampler.stop()
-        res.wall_s = time.monotonic() - began
-        res.machine_busy_s = machine_busy_s() - busy0
-        sampler.stop()
-        proc.returncode = res.code = os.waitstatus_to_exitcode(status)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # strays of a crashed run
-        out.seek(0)
-        err.seek(0)
-        res.stdout = out.read().decode(errors="replace")
-        res.stderr = err.read().decode(errors="replace")
-    res.cpu_s = usage.ru_utime + usage.ru_stime
-    res.peak_tree_mb = sampler.peak_total / 2**20
-    res.peak_pss_mb = sampler.peak_pss / 2**20
-    res.peak_root_mb = sampler.peak_root / 2**20
-    res.peak_child_mb = sampler.peak_child / 2**20
-    res.procs = sampler.peak_procs
+    watch, _ = run_sampled(cmd, env, timeout_s, res, Sampler)
+    res.peak_pss_mb = watch.peak_pss / 2**20
     return res
 
 

@@ -143,29 +143,42 @@ class Proc:
     stderr: str = ""
 
 
-def measure(cmd: list[str], env: dict[str, str], timeout_s: float) -> Proc:
-    """Run cmd in its own process group; sample its tree; kill the group after timeout_s."""
-    res = Proc()
+def run_sampled(
+    cmd: list[str], env: dict[str, str], timeout_s: float, res: Any, sampler: type = TreeSampler
+) -> tuple[Any, Any]:
+    """Run cmd in its own process group with ``sampler`` on its tree; kill the group after
+    timeout_s — and on any exception (Ctrl-C) too. Fills ``res``'s common fields (code,
+    started, wall_s, cpu_s, machine_busy_s, timed_out, stdout, stderr, peak_tree/root/child_mb,
+    procs); returns (the stopped sampler, wait4's rusage) for the rest."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         busy0, res.started, began = machine_busy_s(), time.time(), time.monotonic()
         proc = subprocess.Popen(
             cmd, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True
         )
-        sampler = TreeSampler(proc.pid)
-        sampler.start()
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - began > timeout_s:
-                res.timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                _, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.02)
+        watch = sampler(proc.pid)
+        watch.start()
+        status = None
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() - began > timeout_s:
+                    res.timed_out = True
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.02)
+        finally:
+            if status is None:  # interrupted: leave nothing running
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.wait4(proc.pid, 0)
+                watch.stop()
         res.wall_s = time.monotonic() - began
         res.machine_busy_s = machine_busy_s() - busy0
-        sampler.stop()
+        watch.stop()
         proc.returncode = res.code = os.waitstatus_to_exitcode(status)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # strays of a crashed run (none after a clean exit)
@@ -174,12 +187,19 @@ def measure(cmd: list[str], env: dict[str, str], timeout_s: float) -> Proc:
         res.stdout = out.read().decode(errors="replace")
         res.stderr = err.read().decode(errors="replace")
     res.cpu_s = usage.ru_utime + usage.ru_stime
-    res.cpu_root_s = sampler.cpu_root
+    res.peak_tree_mb = watch.peak_total / 2**20
+    res.peak_root_mb = watch.peak_root / 2**20
+    res.peak_child_mb = watch.peak_child / 2**20
+    res.procs = watch.peak_procs
+    return watch, usage
+
+
+def measure(cmd: list[str], env: dict[str, str], timeout_s: float) -> Proc:
+    """Run cmd in its own process group; sample its tree; kill the group after timeout_s."""
+    res = Proc()
+    watch, usage = run_sampled(cmd, env, timeout_s, res)
+    res.cpu_root_s = watch.cpu_root
     res.maxrss_mb = usage.ru_maxrss / 1024
-    res.peak_tree_mb = sampler.peak_total / 2**20
-    res.peak_root_mb = sampler.peak_root / 2**20
-    res.peak_child_mb = sampler.peak_child / 2**20
-    res.procs = sampler.peak_procs
     return res
 
 
