@@ -59,6 +59,26 @@ def _list(values: list[str]) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
+def _insert_runs(
+    conn: sa.Connection, kind: str, params: str, runs: int, items: int, now: Any
+) -> None:
+    """``runs`` completed runs of ``kind``, one an hour up to ``now``, 50 items a task."""
+    conn.execute(
+        sa.text(
+            f"""INSERT INTO runs (kind, status, params, total_items, total_tasks, coordinator,
+                created_at, started_at, finished_at, updated_at)
+            SELECT :kind, 'completed', :params, {items}, {-(-items // 50)}, 'bench:1',
+                   CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
+                   CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
+                   CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i)
+                       + INTERVAL '50 minute',
+                   CAST(:now AS TIMESTAMP)
+            FROM range({runs}) t(i)"""
+        ),
+        {"kind": kind, "params": params, "now": now},
+    )
+
+
 def seed_history(
     db: Database,
     proxies: int = 1_000,
@@ -81,21 +101,7 @@ def seed_history(
     countries, outcomes = _list(COUNTRIES), _list(OUTCOMES)
     with db.begin() as conn:
         x = conn.execute
-        x(
-            sa.text(
-                f"""INSERT INTO runs (kind, status, params, total_items, total_tasks, coordinator,
-                    created_at, started_at, finished_at, updated_at)
-                SELECT 'validate', 'completed', '{{"judge_url": "http://judge/get"}}',
-                       {per_run}, {-(-per_run // 50)}, 'bench:1',
-                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
-                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
-                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i)
-                           + INTERVAL '50 minute',
-                       CAST(:now AS TIMESTAMP)
-                FROM range({runs}) t(i)"""
-            ),
-            p,
-        )
+        _insert_runs(conn, "validate", '{"judge_url": "http://judge/get"}', runs, per_run, now)
         x(
             sa.text(
                 f"""INSERT INTO proxies (key, scheme, protocol, host, port, status, anonymity,
@@ -204,20 +210,8 @@ def seed_scrape_history(
     nc, nm = 6, len(SCRAPE_METHODS)
     with db.begin() as conn:
         x = conn.execute
-        x(
-            sa.text(
-                f"""INSERT INTO runs (kind, status, params, total_items, total_tasks, coordinator,
-                    created_at, started_at, finished_at, updated_at)
-                SELECT 'scrape', 'completed', '{{"spec_name": "bench", "countries": []}}',
-                       {pages_per_run}, {-(-pages_per_run // 50)}, 'bench:1',
-                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
-                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i),
-                       CAST(:now AS TIMESTAMP) - INTERVAL '1 hour' * ({runs} - i)
-                           + INTERVAL '50 minute',
-                       CAST(:now AS TIMESTAMP)
-                FROM range({runs}) t(i)"""
-            ),
-            p,
+        _insert_runs(
+            conn, "scrape", '{"spec_name": "bench", "countries": []}', runs, pages_per_run, now
         )
         ids = [
             int(r[0])

@@ -259,7 +259,7 @@ def live_run(c: Console, run_id: int) -> None:
         with mid:
             views.chart(
                 views.stacked_bars(
-                    [(country, m, n) for country, m, n in live.method_mix],
+                    live.method_mix,
                     "Which method won, per country",
                     "",
                     "pages done",
@@ -269,7 +269,7 @@ def live_run(c: Console, run_id: int) -> None:
         with right:
             views.chart(
                 views.stacked_bars(
-                    [(reason, m, n) for reason, m, n in live.blocked],
+                    live.blocked,
                     "Blocked attempts by reason",
                     "",
                     "attempts",

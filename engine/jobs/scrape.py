@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,25 +164,19 @@ class ScrapeJob(JobKind):
     def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
         if not results:
             return 0
-        ctx = self._context(conn, results[0].run_id)
-        pages = [(r.task_id, r.worker_id, PageResult.from_wire(r.data["page"])) for r in results]
-        from storage.scrape import store_pages
-
-        return store_pages(conn, ctx, pages)
+        triples = [(r.task_id, r.worker_id, r.data["page"]) for r in results]
+        return self._store(conn, results[0].run_id, triples)
 
     def store_batch(self, conn: sa.Connection, batch: ResultBatch) -> int:
-        if not len(batch):
-            return 0
-        ctx = self._context(conn, batch.run_id)
-        pages = [
-            (task_id, worker_id, PageResult.from_wire(page))
-            for task_id, worker_id, page in zip(
-                batch.task_ids, batch.worker_ids, batch.columns["page"], strict=True
-            )
-        ]
+        triples = zip(batch.task_ids, batch.worker_ids, batch.columns["page"], strict=True)
+        return self._store(conn, batch.run_id, triples)
+
+    def _store(self, conn: sa.Connection, run_id: int, triples: Iterable[tuple[Any, ...]]) -> int:
+        """(task id, worker id, page as sent) of one run → stored pages."""
         from storage.scrape import store_pages
 
-        return store_pages(conn, ctx, pages)
+        pages = [(task_id, worker_id, PageResult.from_wire(p)) for task_id, worker_id, p in triples]
+        return store_pages(conn, self._context(conn, run_id), pages) if pages else 0
 
     def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
         from storage.scrape import outcome_counts
