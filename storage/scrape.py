@@ -21,7 +21,7 @@ from storage import queue as q
 from storage import runs as run_store
 from storage.bulk import fetch_all, staged, staged_columns
 from storage.clock import utcnow
-from storage.schema import runs, urls
+from storage.schema import entities, entity_attributes, errors, fetch_logs, files, runs, urls
 from storage.scrape_rows import Entity, PageResult, UrlItem
 
 __all__ = ["Entity", "PageResult", "UrlItem"]  # re-exported: the rows live in scrape_rows
@@ -342,8 +342,6 @@ def _store_files(
     entity_ids: dict[tuple[str, str], int],
     now: Any,
 ) -> None:
-    from storage.schema import files
-
     rows = [
         {
             "run_id": ctx.run_id,
@@ -371,8 +369,6 @@ def _store_invalid(
     pages: list[tuple[int | None, str | None, PageResult]],
     now: Any,
 ) -> None:
-    from storage.schema import errors
-
     rows = [
         {
             "run_id": ctx.run_id,
@@ -414,8 +410,6 @@ def entity_rows(
     conn: sa.Connection, entity_type: str | None = None, country: str | None = None
 ) -> list[dict[str, Any]]:
     """Entities with their attributes as dicts (tests, small exports, the console preview)."""
-    from storage.schema import entities, entity_attributes
-
     stmt = sa.select(
         entities.c.id, entities.c.external_id, entities.c.country, entities.c.entity_type
     )
@@ -443,8 +437,6 @@ def entity_rows(
 def run_stats(conn: sa.Connection, run_id: int) -> dict[str, Any]:
     """What a scrape run produced: entities seen and new, which method won per country,
     why attempts were blocked, files stored."""
-    from storage.schema import entities, fetch_logs, files
-
     seen, new = fetch_all(
         conn,
         sa.select(
