@@ -72,6 +72,9 @@ class Coordinator:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Coordinator:
+        from engine.runtime import tune_gc
+
+        tune_gc()
         if self.db.is_duckdb:
             self._take_over_orphans()
         if self.db.is_duckdb and self.db.engine.url.database not in (None, "", ":memory:"):

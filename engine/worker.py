@@ -258,6 +258,9 @@ async def run_worker(worker: Worker) -> str:
     """Run a worker until it is asked to exit; SIGTERM/SIGINT ask it to exit gracefully."""
     import signal
 
+    from engine.runtime import tune_gc
+
+    tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):

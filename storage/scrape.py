@@ -244,14 +244,16 @@ def _store_entities(
             ),
             key,
         )
-        conn.execute(
-            sa.text(
-                "UPDATE entities SET content_hash = s.content_hash, source_url = s.source_url, "
-                f"last_run_id = :run, last_seen = :now FROM {s} s WHERE entities.entity_type = :t "
-                "AND entities.country = :c AND entities.external_id = s.external_id"
-            ),
-            key,
-        )
+        if before or len(inserted) < len(latest):  # not only new ones: touch what was there
+            conn.execute(
+                sa.text(
+                    "UPDATE entities SET content_hash = s.content_hash, "
+                    "source_url = s.source_url, last_run_id = :run, last_seen = :now "
+                    f"FROM {s} s WHERE entities.entity_type = :t AND entities.country = :c "
+                    "AND entities.external_id = s.external_id"
+                ),
+                key,
+            )
         if conn.dialect.name == "postgresql" and len(inserted) + len(before) < len(latest):
             # another worker inserted some of them between our two statements
             before.update(

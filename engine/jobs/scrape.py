@@ -355,28 +355,38 @@ class ScrapeExecutor(Executor):
         )
         if chosen is None:
             return
+        id_field, required, patterns, types = (
+            self.spec.id_field,
+            self._required,
+            self._patterns,
+            self._types,
+        )
+        order: list[str] | None = None  # the fields sorted, for the content hash
         for i, (values, problem) in enumerate(chosen.extract(content, url)):
-            key = values.get(self.spec.id_field) or f"#{i + 1}"
-            missing = [f for f in self._required if not values.get(f)]
+            key = values.get(id_field) or f"#{i + 1}"
+            missing = [f for f in required if not values.get(f)]
             if missing:
                 page.invalid.append((key, f"missing {', '.join(missing)}"))
                 continue
             if problem:
                 page.invalid.append((key, problem))
                 continue
-            bad = [
-                f"{name} {values.get(name)!r} does not match {p.pattern!r}"
-                for name, p in self._patterns.items()
-                if values.get(name) is not None and not p.search(values[name] or "")
-            ]
-            if bad:
-                page.invalid.append((key, "; ".join(bad)))
-                continue
-            attrs = [(k, v, self._types.get(k, "str")) for k, v in values.items()]
+            if patterns:
+                bad = [
+                    f"{name} {values.get(name)!r} does not match {p.pattern!r}"
+                    for name, p in patterns.items()
+                    if values.get(name) is not None and not p.search(values[name] or "")
+                ]
+                if bad:
+                    page.invalid.append((key, "; ".join(bad)))
+                    continue
+            if order is None or len(order) != len(values):
+                order = sorted(values)
             digest = hashlib.sha1(
-                "\x1f".join(f"{k}={v}" for k, v, _ in sorted(attrs)).encode()
+                "\x1f".join([f"{k}={values[k]}" for k in order]).encode()
             ).hexdigest()[:16]
-            page.entities.append(Entity(str(values[self.spec.id_field]), digest, attrs, url))
+            attrs = [(k, v, types.get(k, "str")) for k, v in values.items()]
+            page.entities.append(Entity(str(values[id_field]), digest, attrs, url))
 
     def _links(self, content: bytes, url: str) -> list[str]:
         here = urlsplit(url).hostname
