@@ -33,12 +33,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import threading
 import time
 import tomllib
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,9 +77,16 @@ class PolicyError(ValueError):
     """A policy file or row that cannot be used; the message names the file and row."""
 
 
+# an http(s) URL whose netloc urlsplit would take as it is (no tab or newline to drop, no
+# IPv6 brackets to check, ASCII)
+_PLAIN_NETLOC = re.compile(r"https?://([^/?#\[\]\t\r\n]*)(?=[/?#]|\Z)", re.ASCII)
+
+
 def domain_of(url: str) -> str:
     """The politeness and learning key: host[:port], lower-case."""
-    return urlsplit(url).netloc.rpartition("@")[2].lower()
+    m = _PLAIN_NETLOC.match(url)
+    netloc = m.group(1) if m is not None and m.group(1).isascii() else urlsplit(url).netloc
+    return netloc.rpartition("@")[2].lower()
 
 
 def parse_methods(value: str | Sequence[str]) -> list[str]:
@@ -295,17 +302,41 @@ class Politeness:
         until = time.monotonic() + seconds
         self._next_start[domain] = max(self._next_start.get(domain, 0.0), until)
 
-    @asynccontextmanager
-    async def slot(self, domain: str) -> AsyncIterator[None]:
-        async with self._sem(domain):
-            while True:
-                wait = self._next_start.get(domain, 0.0) - time.monotonic()
+    def slot(self, domain: str) -> _Slot:
+        """`async with politeness.slot(domain):` one request start, within the limits."""
+        return _Slot(self, domain)
+
+
+class _Slot:
+    """One request's place in a domain's slot (a plain class: no generator per request)."""
+
+    __slots__ = ("_domain", "_politeness", "_sem")
+
+    def __init__(self, politeness: Politeness, domain: str) -> None:
+        self._politeness = politeness
+        self._domain = domain
+        self._sem: asyncio.Semaphore | None = None
+
+    async def __aenter__(self) -> None:
+        p, domain = self._politeness, self._domain
+        sem = p._sem(domain)
+        await sem.acquire()
+        try:
+            while domain in p._next_start:
+                wait = p._next_start[domain] - time.monotonic()
                 if wait <= 0:
                     break
                 await asyncio.sleep(wait)
-            if self.delay_s:
-                self._next_start[domain] = time.monotonic() + self.delay_s
-            yield
+        except BaseException:
+            sem.release()
+            raise
+        self._sem = sem
+        if p.delay_s:
+            p._next_start[domain] = time.monotonic() + p.delay_s
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._sem is not None
+        self._sem.release()
 
 
 # -- the cascade -------------------------------------------------------------------------------
@@ -462,7 +493,7 @@ class Fetcher:
                     attempts.append(Attempt(m.name, error_type=ErrorType.PROXY, message=str(exc)))
                     return None
                 proxy_url = lease.url
-            request = replace(base, proxy=proxy_url)
+            request = base if proxy_url == base.proxy else replace(base, proxy=proxy_url)
             if s.handoff_cookies and (m.name == "http" or m.browser):
                 jar, ua = self.memory.handoff(domain, proxy_url)
                 if jar:
@@ -478,9 +509,9 @@ class Fetcher:
             try:
                 async with self.politeness.slot(domain):
                     t0 = time.monotonic()
-                    raw = await asyncio.wait_for(
-                        m.fetch(request), request.timeout_s * 2 + _SAFETY_MARGIN_S
-                    )
+                    # asyncio.timeout, not wait_for: no extra task per request
+                    async with asyncio.timeout(request.timeout_s * 2 + _SAFETY_MARGIN_S):
+                        raw = await m.fetch(request)
                 verdict = validate(raw.status, raw.headers, raw.content, rules)
             except AttemptError as exc:
                 verdict = Verdict(False, exc.error_type, None)
@@ -505,7 +536,8 @@ class Fetcher:
                 )
                 outcome = "ok" if verdict.ok else ("failed" if transport else "blocked")
                 lease.release(outcome, attempt.ms)
-            self._log(base.url, attempt)
+            if log.isEnabledFor(logging.INFO):
+                self._log(base.url, attempt)
 
             if verdict.ok:
                 assert raw is not None

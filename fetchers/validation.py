@@ -89,6 +89,17 @@ VENDOR_HEADERS: tuple[tuple[str, str | None, str], ...] = (
     ("x-iinfo", None, "imperva"),
 )
 
+# A page that holds none of these holds no marker: each marker contains one of them (the
+# shared infixes stand for several markers each, the rest are markers themselves), so an
+# ordinary page is scanned 12 times instead of 22; a page that holds one is then checked
+# marker by marker, in order, as before.
+_SHARED_INFIXES: tuple[bytes, ...] = (b"captcha", b"challenge", b"cf_chl_")
+_PREFILTER: tuple[bytes, ...] = _SHARED_INFIXES + tuple(
+    marker
+    for marker, _ in STRONG_MARKERS + WEAK_MARKERS
+    if not any(infix in marker for infix in _SHARED_INFIXES)
+)
+
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.S)
 _HEAD_BYTES = 16 * 1024
 
@@ -171,12 +182,15 @@ def detect_block(
     if mitigated:
         return f"cloudflare cf-mitigated: {mitigated}", True
     low = content.lower()
-    for marker, reason in STRONG_MARKERS:
-        if marker in low:
-            return reason, True
-    for marker, reason in WEAK_MARKERS:
-        if marker in low:
-            return reason, False
+    for needle in _PREFILTER:
+        if needle in low:
+            for marker, reason in STRONG_MARKERS:
+                if marker in low:
+                    return reason, True
+            for marker, reason in WEAK_MARKERS:
+                if marker in low:
+                    return reason, False
+            break
     title = _title(low)
     if title:
         for text, reason in BLOCK_TITLES:

@@ -127,3 +127,16 @@ def test_ordinary_pages_pass():
     assert validate(200, {"content-type": "text/html"}, PAGE).ok
     # a shop selling a product called "Captcha" is not a block page by its body text alone
     assert validate(200, {}, b"<html><title>Shop</title><p>Captcha Cat toy</p></html>").ok
+
+
+def test_every_marker_is_found_anywhere_in_a_page_in_any_case():
+    # detect_block scans a page for a few shared infixes first (a page without any holds no
+    # marker); each marker must still be found wherever it sits, whatever its case
+    from fetchers.validation import STRONG_MARKERS, WEAK_MARKERS
+
+    filler = b"<p class='product'>An ordinary product description.</p>" * 200
+    for markers, strong in ((STRONG_MARKERS, True), (WEAK_MARKERS, False)):
+        for marker, reason in markers:
+            for body in (marker.upper() + filler, filler + marker.upper(), filler + marker):
+                assert detect_block(200, {}, PAGE + body) == (reason, strong), marker
+    assert detect_block(200, {}, PAGE + filler) == (None, False)

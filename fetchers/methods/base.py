@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import shutil
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,6 +85,10 @@ class Requirement:
     def found(self) -> str | None:
         """Where it is (module file, binary path, address), or None."""
         if self.kind == "python":
+            module = sys.modules.get(self.target)
+            spec = getattr(module, "__spec__", None) if module is not None else None
+            if spec is not None:  # imported already: what find_spec would answer, without it
+                return spec.origin or self.target
             try:
                 spec = importlib.util.find_spec(self.target)
             except (ImportError, ValueError):
