@@ -88,12 +88,15 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while not self.exiting.is_set():
-                # Keep a backlog of half the concurrency beyond what runs, and claim only
-                # when a quarter of the concurrency is free: each claim then brings several
-                # tasks (one round trip, one transaction) and slots never sit empty waiting.
+                # Keep a backlog beyond what runs — half the concurrency, or up to two tasks
+                # when that is more (slow items, small concurrency: the backlog must outlast
+                # a claim that waits for the coordinator's flush) — and claim only when a
+                # quarter of the concurrency is free: each claim then brings several tasks
+                # (one round trip, one transaction) and slots never sit empty waiting.
                 pending = sum(h.pending for h in self._held.values())
                 conc = self.settings.concurrency
-                room = conc + conc // 2 - pending
+                backlog = max(conc // 2, min(2 * self.settings.batch_size, conc))
+                room = conc + backlog - pending
                 if room < max(1, conc // 4) and self._held:
                     await self._wait(0.05)
                     continue

@@ -249,9 +249,24 @@ class LexborExtractor(_HtmlExtractor):
         tree = self._tree(content)
         root = tree.root if tree.root is not None else tree
         nodes = tree.css(self.list_selector) if self.list_selector else [root]
-        return [
-            _row(self.fields, (self._value(node, r) for r in self.fields), url) for node in nodes
-        ]
+        out = []
+        for node in nodes:
+            found: dict[str, Any] = {}  # css → first match: fields sharing a selector query once
+            raws: list[str | None] = []
+            for rule in self.fields:
+                if rule.all or not rule.css:
+                    raws.append(self._value(node, rule))
+                    continue
+                if rule.css in found:
+                    t = found[rule.css]
+                else:
+                    t = found[rule.css] = node.css_first(rule.css)
+                if t is None:
+                    raws.append(None)
+                else:
+                    raws.append(t.attributes.get(rule.attr) if rule.attr else t.text(deep=True))
+            out.append(_row(self.fields, raws, url))
+        return out
 
 
 class LxmlExtractor(_HtmlExtractor):

@@ -28,7 +28,7 @@ def add_inputs(conn: sa.Connection, run_id: int, rows: Sequence[tuple[int, str]]
     """Append valid input lines ``(line_no, item_id)``; duplicates are flagged later."""
     if not rows:
         return
-    with staged(conn, INPUT_COLS, [(run_id, n, i) for n, i in rows]) as s:
+    with staged(conn, INPUT_COLS, [(run_id, n, i) for n, i in rows], once=True) as s:
         conn.execute(
             sa.text(
                 f"INSERT INTO backfill_inputs (run_id, line_no, item_id, dup) "

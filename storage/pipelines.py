@@ -199,7 +199,7 @@ def add_logs(
     if not lines:
         return
     rows = [(i, *line) for i, line in enumerate(lines)]
-    with staged(conn, LOG_COLUMNS, rows) as s:
+    with staged(conn, LOG_COLUMNS, rows, once=True) as s:
         conn.execute(
             sa.text(
                 "INSERT INTO run_logs (run_id, step, stream, line, created_at) "

@@ -66,7 +66,7 @@ def add_tasks(
         "max_attempts": "int",
         "created_at": "timestamp",
     }
-    with staged_columns(conn, cols, values) as s:
+    with staged_columns(conn, cols, values, once=True) as s:
         conn.execute(
             sa.text(f"INSERT INTO tasks ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {s}")
         )

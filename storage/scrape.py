@@ -64,7 +64,7 @@ def register_urls(
         "parent_id": "bigint",
         "country": "text",
     }
-    with staged(conn, cols, rows) as s:
+    with staged(conn, cols, rows, once=True) as s:
         limit = f"LIMIT {int(cap)}" if cap is not None else ""
         conflict = " ON CONFLICT DO NOTHING" if conn.dialect.name == "postgresql" else ""
         added = fetch_all(
@@ -130,32 +130,23 @@ def store_pages(
     results: Sequence[tuple[int | None, str | None, PageResult]],
 ) -> int:
     """Store page results ((task id, worker id, page)) of one run; returns pages new here."""
-    ids = sorted({p.url_id for _, _, p in results})
-    if not ids:
-        return 0
-    queued = {
-        int(r[0])
-        for r in fetch_all(
-            conn,
-            sa.select(urls.c.id).where(
-                urls.c.run_id == ctx.run_id, urls.c.id.in_(ids), urls.c.status == "queued"
-            ),
-        )
-    }
-    fresh: dict[int, tuple[int | None, str | None, PageResult]] = {}
+    first: dict[int, tuple[int | None, str | None, PageResult]] = {}
     for task_id, worker_id, page in results:
-        if page.url_id in queued and page.url_id not in fresh:
-            fresh[page.url_id] = (task_id, worker_id, page)
-    if not fresh:
+        first.setdefault(page.url_id, (task_id, worker_id, page))
+    if not first:
         return 0
     now = utcnow()
-    pages = list(fresh.values())
+    # A page is new here while its url is still queued: marking it fetched in the same
+    # statement (RETURNING) is what makes a page stored once per run.
+    fresh_ids = _update_urls(conn, ctx.run_id, [p for _, _, p in first.values()], now)
+    pages = [t for i, t in first.items() if i in fresh_ids]  # arrival order: the last wins
+    if not pages:
+        return 0
     entity_ids: dict[tuple[str, str], int] = {}
     for country in sorted({p.country for _, _, p in pages}):
         of_country = [p for _, _, p in pages if p.country == country]
         for ext, eid in _store_entities(conn, ctx, country, of_country, now).items():
             entity_ids[(country, ext)] = eid
-    _update_urls(conn, [p for _, _, p in pages], now)
     _store_fetch_logs(conn, ctx, pages, now)
     _store_files(conn, ctx, [p for _, _, p in pages], entity_ids, now)
     _store_invalid(conn, ctx, pages, now)
@@ -171,7 +162,8 @@ def store_pages(
     return len(pages)
 
 
-def _update_urls(conn: sa.Connection, pages: list[PageResult], now: Any) -> None:
+def _update_urls(conn: sa.Connection, run_id: int, pages: list[PageResult], now: Any) -> set[int]:
+    """Record the pages' fetch on their urls still queued; returns the ids it updated."""
     cols = {
         "id": "bigint",
         "status": "text",
@@ -198,8 +190,16 @@ def _update_urls(conn: sa.Connection, pages: list[PageResult], now: Any) -> None
         for p in pages
     ]
     sets = ", ".join(f"{c} = s.{c}" for c in cols if c != "id")
-    with staged(conn, cols, rows) as s:
-        conn.execute(sa.text(f"UPDATE urls SET {sets} FROM {s} s WHERE urls.id = s.id"))
+    with staged(conn, cols, rows, once=True) as s:
+        done = fetch_all(
+            conn,
+            sa.text(
+                f"UPDATE urls SET {sets} FROM {s} s WHERE urls.id = s.id "
+                "AND urls.run_id = :run AND urls.status = 'queued' RETURNING urls.id"
+            ),
+            {"run": run_id},
+        )
+    return {int(r[0]) for r in done}
 
 
 def _store_entities(
@@ -296,7 +296,7 @@ def _store_entities(
                 types.append(vtype)
     if ent:
         acols = {"entity_id": "bigint", "name": "text", "value": "text", "value_type": "text"}
-        with staged_columns(conn, acols, [ent, names, values, types]) as s:
+        with staged_columns(conn, acols, [ent, names, values, types], once=True) as s:
             conn.execute(
                 sa.text(
                     f"INSERT INTO entity_attributes (entity_id, name, value, value_type) "
@@ -332,7 +332,7 @@ def _store_fetch_logs(
         for a in p.attempts
     ]
     if rows:
-        with staged(conn, cols, rows) as s:
+        with staged(conn, cols, rows, once=True) as s:
             names = ", ".join(cols)
             conn.execute(sa.text(f"INSERT INTO fetch_logs ({names}) SELECT {names} FROM {s}"))
 
