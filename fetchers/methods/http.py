@@ -198,7 +198,10 @@ class CurlClient:
             ):
                 raise translate(exc, proxy, request.proxy, *secrets) from None
             raise
-        ua = send.get("User-Agent") or (r.request.headers.get("User-Agent") if r.request else None)
+        ua = send.get("User-Agent")
+        if not ua and r.request is not None and (send or session.headers):
+            # the request headers are the session's and ours: with neither, no User-Agent to read
+            ua = r.request.headers.get("User-Agent")
         return RawResponse(
             status=r.status_code,
             content=r.content,
