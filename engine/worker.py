@@ -88,16 +88,17 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while not self.exiting.is_set():
-                # Keep a backlog beyond what runs — half the concurrency, or up to two tasks
-                # when that is more (slow items, small concurrency: the backlog must outlast
-                # a claim that waits for the coordinator's flush) — and claim only when a
-                # quarter of the concurrency is free: each claim then brings several tasks
-                # (one round trip, one transaction) and slots never sit empty waiting.
+                # Keep a backlog beyond what runs: half the concurrency, or up to three
+                # tasks when that is more (small concurrency, large tasks: the backlog must
+                # outlast a claim that waits for the coordinator's flush). Claim only when a
+                # quarter of the concurrency, and at least a task, is free: each claim then
+                # brings several tasks (one round trip, one transaction; a claim costs the
+                # coordinator ~10-15 ms whatever it brings) and slots never sit empty.
                 pending = sum(h.pending for h in self._held.values())
-                conc = self.settings.concurrency
-                backlog = max(conc // 2, min(2 * self.settings.batch_size, conc))
+                conc, batch = self.settings.concurrency, self.settings.batch_size
+                backlog = max(conc // 2, min(3 * batch, 2 * conc))
                 room = conc + backlog - pending
-                if room < max(1, conc // 4) and self._held:
+                if room < max(1, conc // 4, min(batch, backlog)) and self._held:
                     await self._wait(0.05)
                     continue
                 want = max(1, min(32, -(-room // self.settings.batch_size)))
