@@ -100,13 +100,20 @@ def load_urls(conn: sa.Connection, run_id: int, ids: list[Any]) -> list[UrlItem]
     """The still-queued URLs among ``ids`` (a re-run task skips pages already stored)."""
     if not ids:
         return []
+    # One list parameter, not an expanded IN of one parameter per id: 4x cheaper on DuckDB,
+    # and every claim runs this.
+    member = (
+        "list_contains(CAST(:ids AS BIGINT[]), id)"
+        if conn.dialect.name == "duckdb"
+        else "id = ANY(CAST(:ids AS BIGINT[]))"
+    )
     rows = fetch_all(
         conn,
-        sa.select(urls.c.id, urls.c.url, urls.c.depth, urls.c.country).where(
-            urls.c.run_id == run_id,
-            urls.c.id.in_([int(i) for i in ids]),
-            urls.c.status == "queued",
+        sa.text(
+            "SELECT id, url, depth, country FROM urls "
+            f"WHERE run_id = :run AND status = 'queued' AND {member}"
         ),
+        {"run": run_id, "ids": [int(i) for i in ids]},
     )
     return [UrlItem(int(r[0]), r[1], int(r[2]), r[3]) for r in rows]
 

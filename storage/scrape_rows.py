@@ -20,8 +20,7 @@ class UrlItem:
 
 
 class Entity(NamedTuple):
-    """A tuple, so pages carry entities to the coordinator as cheaply as plain tuples (a
-    wire tuple and an Entity are read the same way)."""
+    """A tuple, read by the store the same way as the plain 4-tuple it travels as."""
 
     external_id: str
     content_hash: str
@@ -55,7 +54,8 @@ class PageResult:
     def to_wire(self) -> tuple[Any, ...]:
         """Plain tuples for the trip to the coordinator: a slotted dataclass unpickles through
         Python-level ``__setstate__``, ~5x slower than a tuple, and the coordinator unpickles
-        every page of every worker."""
+        every page of every worker; an Entity (a NamedTuple) pickles through its class and
+        ``__getnewargs__``, so entities travel as the plain tuples they are."""
         return (
             self.url_id,
             self.url,
@@ -67,7 +67,7 @@ class PageResult:
             self.bytes,
             self.error_type,
             self.error,
-            self.entities,
+            [tuple(e) for e in self.entities],
             self.invalid,
             self.links,
             self.files,
