@@ -89,10 +89,7 @@ def registered(
         if dtype is not None and None not in vals:
             arrays[col] = np.fromiter(vals, dtype=dtype, count=len(vals))
         else:
-            arrays[col] = np.array(vals, dtype=object)
-            if arrays[col].ndim != 1:  # a value that is itself a sequence
-                arrays[col] = np.empty(len(vals), dtype=object)
-                arrays[col][:] = list(vals)
+            arrays[col] = np.array(vals, dtype=object)  # scalars: str, datetime, None
     name = f"src_{next(_counter)}"
     raw = conn.connection.driver_connection
     raw.register(name, arrays)

@@ -380,7 +380,7 @@ class ScrapeExecutor(Executor):
                 if bad:
                     page.invalid.append((key, "; ".join(bad)))
                     continue
-            if order is None or len(order) != len(values):
+            if order is None:  # every row of one extractor has the same fields
                 order = sorted(values)
             digest = hashlib.sha1(
                 "\x1f".join([f"{k}={values[k]}" for k in order]).encode()
