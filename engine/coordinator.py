@@ -63,6 +63,8 @@ class Coordinator:
         self._n_results = 0  # items in _results (a ResultBatch holds many)
         self._ops: list[tuple[str, str, tuple[Any, ...]]] = []
         self._exit: set[str] = set()
+        self._dry = False  # the last claim found fewer tasks than it asked for
+        self._flush_now = False
         self.control: ControlServer | None = None
         # The console calls resize/stop_worker from its session threads while the service
         # thread reaps and replaces processes: pool membership changes under this lock.
@@ -103,6 +105,8 @@ class Coordinator:
         self.pool.wait(timeout)
         self.pool.kill()
         self._stop.set()
+        if self.requests is not None:
+            self.requests.put(None)  # wake the service thread now, not at its next poll
         if self._thread:
             self._thread.join(timeout)
         self._flush()
@@ -152,7 +156,8 @@ class Coordinator:
                     self._serve_requests(until)
                 else:
                     self._stop.wait(max(0.0, until - now))
-                if time.monotonic() >= next_flush or self._n_results >= FLUSH_AT:
+                if self._flush_now or time.monotonic() >= next_flush or self._n_results >= FLUSH_AT:
+                    self._flush_now = False
                     self._flush()
                     next_flush = time.monotonic() + self.settings.flush_s
                 if time.monotonic() >= next_watch:
@@ -169,16 +174,22 @@ class Coordinator:
             if timeout <= 0 or self._n_results >= FLUSH_AT:
                 return
             try:
-                worker_id, req_id, op, args = self.requests.get(timeout=min(timeout, 0.1))
+                request = self.requests.get(timeout=min(timeout, 0.1))
             except queue.Empty:
                 if self._stop.is_set():
                     return
                 continue
+            if request is None:  # shutdown's wake-up call
+                return
+            worker_id, req_id, op, args = request
             reply = self._handle(worker_id, op, args)
             if op in ("register", "claim", "heartbeat"):
                 replies = self.pool.replies(worker_id)
                 if replies is not None:
                     replies.put((req_id, reply))
+            if op == "complete" and self._dry:
+                self._flush_now = True  # the queue ran dry: these may be a run's last tasks
+                return
 
     def _handle(self, worker_id: str, op: str, args: tuple[Any, ...]) -> Any:
         if op == "register":
@@ -186,7 +197,11 @@ class Coordinator:
         if op == "claim":
             if worker_id in self._exit or self.pool.closing:
                 return Reply(worker_action="exit")
-            return self.sql.claim(worker_id, *args)
+            reply = self.sql.claim(worker_id, *args)
+            # A claim that found fewer tasks than asked for means the queue is dry: from
+            # now on completions are stored at once instead of at the next periodic flush.
+            self._dry = len(reply.tasks) < args[0]
+            return reply
         if op == "heartbeat":
             reply = self.sql.heartbeat(worker_id, *args)
             if worker_id in self._exit:
@@ -208,8 +223,9 @@ class Coordinator:
             self.sql.store(results, completes)
         if completes:  # settle now: a run whose last task just finished ends at once
             with self.db.begin() as conn:
-                if runs.settle(conn):
-                    self._settled.set()
+                settled = runs.settle(conn)
+            if settled:  # after the commit: a waiter woken earlier would read the old status
+                self._settled.set()
         for op, worker_id, args in ops:
             if op == "release":
                 self.sql.release(worker_id, *args)
@@ -247,9 +263,11 @@ class Coordinator:
                 )
             for worker_id in q.stale_workers(conn, 3 * self.settings.lease_s):
                 q.end_worker(conn, worker_id, "dead", "stopped heartbeating")
-            for run_id, status in runs.settle(conn):
-                log.info("run %s %s", run_id, status)
-                self._settled.set()
+            settled = runs.settle(conn)
+        for run_id, status in settled:
+            log.info("run %s %s", run_id, status)
+        if settled:
+            self._settled.set()
 
     def wait_settled(self, timeout: float) -> None:
         """Wait up to ``timeout`` for this coordinator to settle a run (``wait_run``'s

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fetchfleet")
 
 EXIT_OK, EXIT_NOT_COMPLETED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
+# Set once a job's pool is stopped and its database closed: `python -m engine.run` may then
+# skip the interpreter's teardown (engine.runtime.exit_now).
+TEARDOWN_SKIPPABLE = False
 
 
 class UserError(Exception):
@@ -230,6 +233,8 @@ def run_job(
     finally:
         coordinator.shutdown()
         db.dispose()
+    global TEARDOWN_SKIPPABLE
+    TEARDOWN_SKIPPABLE = True  # the pool is gone and the database closed
     emit(args, summary, format_summary(summary))
     return EXIT_OK if summary["status"] == "completed" else EXIT_NOT_COMPLETED
 
@@ -371,6 +376,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     finally:
         coordinator.shutdown()
         db.dispose()
+    global TEARDOWN_SKIPPABLE
+    TEARDOWN_SKIPPABLE = True  # the pool is gone and the database closed
     emit(args, summary, format_summary(summary))
     return EXIT_OK if summary["status"] == "completed" else EXIT_NOT_COMPLETED
 
@@ -632,4 +639,9 @@ if __name__ == "__main__":
     # instead, so the UserError that other modules raise is the class main() catches.
     from engine import run as _importable
 
-    sys.exit(_importable.main())
+    _code = _importable.main()
+    if _importable.TEARDOWN_SKIPPABLE:
+        from engine.runtime import exit_now
+
+        exit_now(_code)
+    sys.exit(_code)

@@ -11,6 +11,7 @@ cycles at once; only cyclic garbage waits longer.
 from __future__ import annotations
 
 import gc
+from typing import NoReturn
 
 #: (young, middle, old) collection thresholds for engine processes.
 GC_THRESHOLDS = (50_000, 20, 100)
@@ -19,3 +20,24 @@ GC_THRESHOLDS = (50_000, 20, 100)
 def tune_gc() -> None:
     """Collect less often; idempotent."""
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown.
+
+    Why: freeing every module and object of a process that holds SQLAlchemy, DuckDB and the
+    fetchers costs 0.05-0.1 s, which the user (or the coordinator) waits for on every run.
+    Only call it once every database handle is disposed: exit hooks (atexit, logging, the
+    multiprocessing queues' feeder threads) still run and stdio is flushed; finalizers of
+    objects still alive do not run.
+    """
+    import atexit
+    import logging
+    import os
+    import sys
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -70,6 +70,7 @@ class Worker:
         self._done = 0
         self._failed = 0
         self._flush_lock = asyncio.Lock()
+        self._tail_flush: asyncio.Task[None] | None = None
         # Rate limits: a worker on PostgreSQL shares them with the fleet through the database.
         from engine.ratelimit import bind_for_backend
 
@@ -178,6 +179,10 @@ class Worker:
             self._finished.append(work.id)
         elif held.directive == RELEASE:
             self._released.append(work.id)
+        if not self._held and not self.exiting.is_set():
+            # Nothing else held: this may be the run's last task. Hand it over now rather
+            # than at the next periodic flush, so the run settles without that delay.
+            self._tail_flush = asyncio.create_task(self._flush())
 
     async def _run_item(self, held: _Held, executor: Executor, item: Any) -> None:
         async with self._sem:
@@ -326,13 +331,7 @@ def process_main(boot: dict[str, Any]) -> None:
     if boot["mode"] == "pipe":
         boot["requests"].close()
         boot["requests"].join_thread()  # everything we sent is in the pipe now
-        # Skip the interpreter's teardown (module and object cleanup, 0.05-0.1 s that the
-        # coordinator waits for on every shutdown): no database here; exit hooks still run.
-        import atexit
-        import sys
+        # No database here: skip the teardown the coordinator would wait for.
+        from engine.runtime import exit_now
 
-        atexit._run_exitfuncs()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_now(0)

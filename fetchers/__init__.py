@@ -23,12 +23,37 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fetchers.cascade import DomainMemory, Fetcher, Policy, PolicyError
-from fetchers.config import FetchSettings
 from fetchers.errors import ErrorType, FetchError
-from fetchers.result import Attempt, FetchResult
+
+if TYPE_CHECKING:
+    from fetchers.cascade import DomainMemory, Fetcher, Policy, PolicyError
+    from fetchers.config import FetchSettings
+    from fetchers.result import Attempt, FetchResult
+
+# Loaded on first use: a proxy check or a pool worker imports `fetchers.<module>`, which
+# runs this file first, and the cascade's imports cost ~60 ms per process it does not need.
+_LAZY = {
+    "DomainMemory": "fetchers.cascade",
+    "Fetcher": "fetchers.cascade",
+    "Policy": "fetchers.cascade",
+    "PolicyError": "fetchers.cascade",
+    "FetchSettings": "fetchers.config",
+    "Attempt": "fetchers.result",
+    "FetchResult": "fetchers.result",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fetchers' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "Attempt",
@@ -59,6 +84,9 @@ _runner: _LoopThread | None = None
 def _shared() -> tuple[FetchSettings, DomainMemory]:
     """The default settings (from FETCHFLEET_* variables) and the domain memory that every
     default fetcher shares, so learning survives across loops and calls."""
+    from fetchers.cascade import DomainMemory
+    from fetchers.config import FetchSettings
+
     global _settings, _memory
     with _lock:
         if _settings is None:
@@ -70,6 +98,8 @@ def _shared() -> tuple[FetchSettings, DomainMemory]:
 
 def default_fetcher() -> Fetcher:
     """The default `Fetcher` of the running event loop."""
+    from fetchers.cascade import Fetcher
+
     loop = asyncio.get_running_loop()
     fetcher = _per_loop.get(loop)
     if fetcher is None:
