@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 from fetchers.cache import ResponseCache
 from fetchers.config import FetchSettings
-from fetchers.errors import AttemptError, ErrorType, FetchTimeout
+from fetchers.errors import AttemptError, ErrorType, FetchTimeout, TooLarge
 from fetchers.methods.base import METHOD_NAMES, FetchMethod, FetchRequest, create_method
 from fetchers.methods.http import scrub
 from fetchers.pool import NoProxyAvailable, ProxyLease, ProxyPool
@@ -413,17 +413,22 @@ class Fetcher:
         api: ApiSpec | None = None,
         timeout_s: float | None = None,
         use_cache: bool = True,
+        max_bytes: int | None = None,
     ) -> FetchResult:
         """Fetch `url` through the cascade; never raises for a failed fetch (see
         `FetchResult.success`, `.error_type`, `.raise_for_error()`), only for bad
-        arguments (`PolicyError`, `ValueError`)."""
+        arguments (`PolicyError`, `ValueError`).
+
+        `max_bytes`: a larger body is refused by its Content-Length or cut off while it
+        arrives (curl-based methods: http, tor, api); the result fails with `too_large`, the
+        answer's status and headers, and no other method is tried."""
         began = time.monotonic()
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s) URL")
         cache_key = url if api is None else f"{url} {api.url_template or ''}"
         if self.cache is not None and use_cache:
             hit = self.cache.get(cache_key)
-            if hit is not None:
+            if hit is not None and (max_bytes is None or len(hit.content) <= max_bytes):
                 return replace(hit, country=country)
         order = parse_methods(method) if method else list(self.policy.order_for(country))
         domain = domain_of(url)
@@ -443,6 +448,7 @@ class Fetcher:
             wait_selector=wait_selector
             or (rules.required_selectors[0] if rules.required_selectors else None),
             api=api,
+            max_bytes=max_bytes,
         )
         attempts: list[Attempt] = []
         for index, name in enumerate(order):
@@ -454,6 +460,9 @@ class Fetcher:
             if result is not None:
                 result.elapsed_ms = (time.monotonic() - began) * 1000
                 result.country = country
+                if not result.success:  # too large: final, and not the method's failure
+                    self.stats["failed"] += 1
+                    return result
                 self.stats[name] += 1
                 if self.cache is not None and use_cache:
                     self.cache.put(cache_key, result)
@@ -473,7 +482,8 @@ class Fetcher:
         attempts: list[Attempt],
         explored: bool,
     ) -> FetchResult | None:
-        """Try one method (with its retries); a result on success, else None."""
+        """Try one method (with its retries); a result on success or on a final failure
+        (too large), else None."""
         reason = m.unavailable_reason()
         if reason:
             attempts.append(
@@ -505,6 +515,7 @@ class Fetcher:
             )
             t0 = time.monotonic()
             raw = None
+            refused: TooLarge | None = None
             verdict: Verdict
             try:
                 async with self.politeness.slot(domain):
@@ -516,6 +527,9 @@ class Fetcher:
             except AttemptError as exc:
                 verdict = Verdict(False, exc.error_type, None)
                 attempt.message = scrub(str(exc), proxy_url)
+                if isinstance(exc, TooLarge):  # an answer, refused for its size
+                    refused = exc
+                    attempt.status, attempt.bytes = exc.status, exc.received
             except TimeoutError:
                 exc2 = FetchTimeout(f"{m.name}: no answer within the safety timeout")
                 verdict = Verdict(False, exc2.error_type, None)
@@ -534,7 +548,8 @@ class Fetcher:
                     ErrorType.TIMEOUT,
                     ErrorType.NETWORK,
                 )
-                outcome = "ok" if verdict.ok else ("failed" if transport else "blocked")
+                delivered = verdict.ok or refused is not None
+                outcome = "ok" if delivered else ("failed" if transport else "blocked")
                 lease.release(outcome, attempt.ms)
             if log.isEnabledFor(logging.INFO):
                 self._log(base.url, attempt)
@@ -556,6 +571,11 @@ class Fetcher:
                     attempts=attempts,
                     headers=raw.headers,
                 )
+            if refused is not None:  # final: every method would bring the same body
+                failure = self._failure(base.url, attempts, t0, None)
+                failure.error = f"{m.name}: {attempt.message}"
+                failure.headers = refused.headers
+                return failure
             self.memory.record(domain, m.name, False)
             etype = verdict.error_type
             if etype == ErrorType.BLOCKED:

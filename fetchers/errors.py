@@ -17,11 +17,13 @@ all — that is a normal `CheckResult` with an outcome.
         ├── NetworkFailure     connection refused/reset, DNS, TLS, empty reply
         ├── BlockedError       a block page: challenge, captcha, access denied
         ├── RateLimitedError   429 (or a rate-limit page); `retry_after` when the site said
-        └── InvalidContent     an answer, but not the page wanted (too short, selector missing)
+        ├── InvalidContent     an answer, but not the page wanted (too short, selector missing)
+        └── TooLarge           the body is over the caller's `max_bytes` (transfer stopped)
 
-Fetch methods raise the transport classes (unavailable, timeout, proxy, network); the
-validator turns answers into verdicts (blocked, rate limited, invalid). `FetchResult` never
-raises on its own: `result.raise_for_error()` raises the class matching its `error_type`.
+Fetch methods raise the transport classes (unavailable, timeout, proxy, network) and
+`TooLarge`; the validator turns answers into verdicts (blocked, rate limited, invalid).
+`FetchResult` never raises on its own: `result.raise_for_error()` raises the class matching
+its `error_type`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "ProxyFailure",
     "ProxyParseError",
     "RateLimitedError",
+    "TooLarge",
     "error_class",
 ]
 
@@ -78,7 +81,8 @@ class ErrorType(StrEnum):
       `rate_limited` (after its Retry-After, when that is short enough);
     - the method cannot get this page, try the next one: `blocked`, `invalid`, `http_error`
       (other 4xx), `unavailable`;
-    - final, no other method will do better: `not_found` (404, 410).
+    - final, no other method will do better: `not_found` (404, 410), `too_large` (the body
+      is over the `max_bytes` the caller set).
     """
 
     BLOCKED = "blocked"
@@ -91,6 +95,7 @@ class ErrorType(StrEnum):
     PROXY = "proxy"
     NETWORK = "network"
     UNAVAILABLE = "unavailable"
+    TOO_LARGE = "too_large"
 
     @property
     def transient(self) -> bool:
@@ -168,6 +173,36 @@ class InvalidContent(AttemptError):
     error_type = ErrorType.INVALID
 
 
+class TooLarge(AttemptError):
+    """The body is larger than the caller's `max_bytes`: refused when its Content-Length said
+    so (nothing read), else the transfer was stopped as soon as more arrived. Raise the limit
+    to keep such files.
+
+    `announced` is the Content-Length when the server sent one, `received` the body bytes read
+    before stopping; `status` and `headers` (lower-case names) are the answer's.
+    """
+
+    error_type = ErrorType.TOO_LARGE
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_type: ErrorType | None = None,
+        limit: int = 0,
+        received: int = 0,
+        announced: int | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, error_type=error_type)
+        self.limit = limit
+        self.received = received
+        self.announced = announced
+        self.status = status
+        self.headers = headers or {}
+
+
 _CLASSES: dict[ErrorType, type[AttemptError]] = {
     ErrorType.BLOCKED: BlockedError,
     ErrorType.RATE_LIMITED: RateLimitedError,
@@ -175,6 +210,7 @@ _CLASSES: dict[ErrorType, type[AttemptError]] = {
     ErrorType.PROXY: ProxyFailure,
     ErrorType.NETWORK: NetworkFailure,
     ErrorType.UNAVAILABLE: MethodUnavailable,
+    ErrorType.TOO_LARGE: TooLarge,
 }
 
 

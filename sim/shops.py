@@ -10,7 +10,11 @@ Every shop serves, deterministically by seed (`shop_products(spec)` is the groun
 - `/api/products?page=N` (JSON: items, page, pages, next) and `/api/products/<id>`; with
   `api_token` set they need `Authorization: Bearer <token>` (401 otherwise);
 - `/__sim/stats` — the shop's counters; `/__sim/echo` — the request's headers, cookies and
-  client address as JSON (neither is guarded or counted).
+  client address as JSON (neither is guarded or counted);
+- `/__sim/stream?bytes=N&seconds=S&length=1` — a large download made as it is sent: N bytes
+  (at most 256 MB), chunked (with `length=1`: announced by Content-Length instead), spread
+  over S seconds (at most 60), written only as fast as the client reads; it stops when the
+  client hangs up and counts the bytes it wrote in `stream_bytes`.
 
 and is guarded by one of (`ShopSpec.guard`):
 
@@ -79,6 +83,9 @@ SHOP_HOST = "127.0.0.4"
 SOCKS_HOST = "127.0.0.5"  # the "tor" SOCKS proxy: listens here and connects onward from here
 GUARDS = ("none", "js_challenge", "captcha", "rate_limit", "slow", "flaky", "socks_only")
 KEEP_ALIVE_IDLE_S = 30.0
+STREAM_PATH = "/__sim/stream"
+STREAM_MAX_BYTES = 256 * 1024 * 1024
+STREAM_MAX_S = 60.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CURRENCY = {
     "Malaysia": "MYR",
@@ -505,13 +512,15 @@ def _api(state: ShopState, path: str, query: dict[str, str], reply: Any) -> byte
 class ShopConnection(asyncio.Protocol):
     """One client connection; requests answered in order, one at a time."""
 
-    __slots__ = ("buf", "busy", "peer_ip", "state", "timer", "transport")
+    __slots__ = ("buf", "busy", "paused", "peer_ip", "state", "streaming", "timer", "transport")
 
     def __init__(self, state: ShopState) -> None:
         self.state = state
         self.buf = bytearray()
         self.busy = False
         self.timer: asyncio.TimerHandle | None = None
+        self.paused: asyncio.Future[None] | None = None  # the transport's buffer is full
+        self.streaming: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -546,6 +555,9 @@ class ShopConnection(asyncio.Protocol):
             return
         del self.buf[: start + length]
         self.busy = True
+        if head.target.startswith(STREAM_PATH):  # the connection ends with the stream
+            self.streaming = asyncio.get_running_loop().create_task(self._stream(head))
+            return
         try:
             reply, delay = answer(self.state, head, self.peer_ip)
         except Exception:
@@ -572,6 +584,47 @@ class ShopConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.resume_writing()  # a stream waiting for room sees the hang-up
+
+    def pause_writing(self) -> None:
+        self.paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.paused is not None and not self.paused.done():
+            self.paused.set_result(None)
+        self.paused = None
+
+    async def _stream(self, head: RequestHead) -> None:
+        """`/__sim/stream`: filler bytes, paced and bounded (see the module docstring)."""
+        query = dict(parse_qsl(urlsplit(head.target).query))
+        try:
+            total = min(int(query.get("bytes", "0")), STREAM_MAX_BYTES)
+            seconds = min(float(query.get("seconds", "0")), STREAM_MAX_S)
+        except ValueError:
+            self._send(http_response(400, b"bytes and seconds are numbers\n", "text/plain"), True)
+            return
+        announce = query.get("length") == "1"
+        framing = f"Content-Length: {total}" if announce else "Transfer-Encoding: chunked"
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            + f"{framing}\r\nConnection: close\r\nServer: fetchfleet-sim\r\n\r\n".encode()
+        )
+        self.state.bump("streams")
+        loop = asyncio.get_running_loop()
+        began, sent, filler = loop.time(), 0, b"x" * 65536
+        while sent < total and not self.transport.is_closing():
+            n = min(len(filler), total - sent)
+            self.transport.write(filler[:n] if announce else b"%x\r\n%s\r\n" % (n, filler[:n]))
+            sent += n
+            self.state.counts["stream_bytes"] = self.state.counts.get("stream_bytes", 0) + n
+            if self.paused is not None:
+                await self.paused
+            if seconds > 0:
+                await asyncio.sleep(max(0.0, began + seconds * sent / total - loop.time()))
+        if not self.transport.is_closing():
+            if not announce:
+                self.transport.write(b"0\r\n\r\n")
+            self.transport.close()
 
 
 async def start_shops(config: ShopsConfig) -> tuple[list[asyncio.Server], dict[str, Any]]:

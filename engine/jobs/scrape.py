@@ -401,6 +401,7 @@ class ScrapeExecutor(Executor):
         return list(out)
 
     async def _download(self, page: PageResult, content: bytes, url: str) -> None:
+        from fetchers.errors import ErrorType
         from fetchers.validation import ValidationRules
 
         owner = page.entities[0].external_id if len(page.entities) == 1 else None
@@ -412,15 +413,25 @@ class ScrapeExecutor(Executor):
                     method="http",
                     rules=ValidationRules(min_length=1, detect_blocks=False),
                     use_cache=False,
+                    max_bytes=files.max_bytes,  # enforced while the body arrives
                 )
                 ctype = res.headers.get("content-type")
+                if res.error_type == ErrorType.TOO_LARGE:
+                    # refused by its Content-Length (the size), or cut off as it arrived (no size)
+                    length = res.headers.get("content-length", "")
+                    announced = int(length) if length.isdigit() else 0
+                    size = announced if announced > files.max_bytes else None
+                    page.files.append(
+                        (link, None, None, size, ctype, "too_large", res.error or "", owner)
+                    )
+                    continue
                 if not res.success:
                     page.files.append(
                         (link, None, None, None, ctype, "failed", res.error or "", owner)
                     )
                     continue
                 data = res.content
-                if len(data) > files.max_bytes:
+                if len(data) > files.max_bytes:  # a second guard (a method that does not stream)
                     page.files.append(
                         (
                             link,

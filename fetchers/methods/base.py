@@ -59,6 +59,8 @@ class FetchRequest:
     user_agent: str | None = None  # with cookies a browser earned: its User-Agent
     wait_selector: str | None = None  # browsers: wait until this CSS selector appears
     api: ApiSpec | None = None  # the api method: how to call the JSON endpoint
+    # a bigger body is refused (Content-Length) or cut off while it arrives: `TooLarge`
+    max_bytes: int | None = None
 
 
 @dataclass(slots=True)

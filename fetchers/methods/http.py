@@ -15,17 +15,22 @@ Proxies: `http://`, `https://` (CONNECT), `socks4://`, `socks5://` with optional
 `user:pass@`; SOCKS goes as `socks5h`/`socks4a` so names are resolved by the proxy (and
 `localhost` never turns into ::1). One `AsyncSession` per event loop, its cookie jar kept
 across requests (cookies set by a site come back to it).
+
+A request with `max_bytes` (file downloads) is streamed: refused when its Content-Length is
+over the limit, cut off as soon as more than the limit has arrived (`TooLarge`); a 2 GB link
+never lands in memory. Without it, the body is read whole, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure
+from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure, TooLarge
 from fetchers.methods.base import FetchMethod, FetchRequest, RawResponse, Requirement
 
 if TYPE_CHECKING:
@@ -133,6 +138,75 @@ def translate(exc: BaseException, proxy: str | None, *secrets: str | None) -> At
     return NetworkFailure(message)
 
 
+class _Capped:
+    """The session as `CurlClient.request` calls it when the request has `max_bytes`.
+
+    `request` streams (curl_cffi `stream=True`): it refuses an answer whose Content-Length is
+    over the limit before reading its body, reads the body chunk by chunk (`aiter_content`)
+    and stops the transfer as soon as more than the limit has arrived, raising `TooLarge`.
+    Under the limit, the response comes back with `content` filled, like a plain request.
+    The limit counts the body as `content` holds it (decoded when it came compressed).
+    """
+
+    __slots__ = ("headers", "limit", "session")
+
+    def __init__(self, session: Any, limit: int) -> None:
+        self.session = session
+        self.headers = session.headers  # the session's default headers (User-Agent lookup)
+        self.limit = limit
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        r = await self.session.request(method, url, stream=True, **kwargs)
+        limit = self.limit
+        chunks: list[bytes] = []
+        try:
+            length = r.headers.get("content-length")
+            announced = int(length) if length and length.isdigit() else None
+            if announced is not None and announced > limit:
+                what = f"Content-Length {announced:,} > max_bytes {limit:,}: not downloaded"
+                raise _too_large(r, limit, 0, announced, what)
+            received = 0
+            async with contextlib.aclosing(r.aiter_content()) as body:
+                async for chunk in body:
+                    received += len(chunk)
+                    if received > limit:
+                        what = f"over max_bytes {limit:,}: transfer stopped at {received:,} bytes"
+                        raise _too_large(r, limit, received, announced, what)
+                    chunks.append(chunk)
+        finally:
+            await _stop(r)
+        r.content = b"".join(chunks)
+        return r
+
+
+def _too_large(r: Any, limit: int, received: int, announced: int | None, what: str) -> TooLarge:
+    return TooLarge(
+        f"{what} (raise max_bytes to keep such files)",
+        limit=limit,
+        received=received,
+        announced=announced,
+        status=r.status_code,
+        headers=_headers_dict(r.headers),
+    )
+
+
+async def _stop(r: Any) -> None:
+    """End a streamed transfer now, whatever the server does next.
+
+    `quit_now` makes curl's write callback refuse the next chunk (curl_cffi's own abort
+    flag); cancelling the transfer task takes the handle out of curl's multi handle at once
+    (curl_cffi's cleanup releases it), which closes the connection even when no more data
+    comes. A finished transfer is left alone.
+    """
+    task = r.astream_task
+    if task is None or task.done():
+        return
+    if r.quit_now is not None:
+        r.quit_now.set()
+    task.cancel()
+    await asyncio.wait((task,))
+
+
 class CurlClient:
     """An AsyncSession per event loop, with our request defaults and error translation.
 
@@ -178,6 +252,8 @@ class CurlClient:
         if headers:
             send.update(headers)
         session = self.session()
+        if request.max_bytes is not None:
+            session = _Capped(session, request.max_bytes)
         try:
             r = await session.request(
                 method,
