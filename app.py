@@ -12,6 +12,7 @@ import streamlit as st
 
 from console import reads, views
 from console.resources import console_or_stop
+from engine.jobs import kinds
 
 RUN_STATUSES = ("running", "queued", "paused", "completed", "stopped", "failed", "cancelled")
 
@@ -95,7 +96,8 @@ def home() -> None:
 
 
 def navigation() -> st.navigation:  # type: ignore[valid-type]
-    """Every page of the console, grouped; tests and the browser test drive it."""
+    """Every page of the console, grouped; tests and the browser test drive it. The job
+    pages are the registered kinds' (``KindInfo.page``)."""
     return st.navigation(
         {
             "Fleet": [
@@ -104,9 +106,9 @@ def navigation() -> st.navigation:  # type: ignore[valid-type]
                 st.Page("pages/runs.py", title="Runs & errors", icon=":material/list_alt:"),
             ],
             "Jobs": [
-                st.Page("pages/validation.py", title="Validation", icon=":material/verified:"),
-                st.Page("pages/scraping.py", title="Scraping", icon=":material/travel_explore:"),
-                st.Page("pages/backfill.py", title="Backfill", icon=":material/history:"),
+                st.Page(info.page.path, title=info.page.title, icon=info.page.icon)
+                for info in kinds().values()
+                if info.page is not None
             ],
             "Data": [
                 st.Page("pages/data.py", title="Data & export", icon=":material/download:"),

@@ -101,7 +101,7 @@ def backfill(
     tmp: Path,
     timeout: float,
 ) -> Row:
-    from engine.ratelimit import Rate
+    from engine.ratelimit.base import Rate
 
     db = tmp / f"{part}-{workers}w-{time.monotonic_ns()}.duckdb"
     world.api_reset()
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "backfill.json"))
     args = ap.parse_args(argv)
 
-    from engine.ratelimit import Rate
+    from engine.ratelimit.base import Rate
     from sim.api import ApiConfig
     from sim.world import SimWorld, WorldConfig
 

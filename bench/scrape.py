@@ -469,7 +469,7 @@ def run_bare(site: Site, n: int, procs: int, args: argparse.Namespace, tmp: Path
 
 
 def ff_spec(site: Site, n: int, tmp: Path) -> Path:
-    """The scrape spec (engine/scrape_spec.py) of the workload."""
+    """The scrape spec (engine/jobs/scrape/spec.py) of the workload."""
     urls = site.urls_file(n)
     spec = tmp / f"spec-{n}.toml"
     spec.write_text(

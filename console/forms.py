@@ -180,7 +180,7 @@ STRATEGIES = ("adaptive", "round_robin", "least_connections", "weighted")
 def spec_countries(text: str) -> list[str]:
     """The countries of a spec's sources, or [] while it does not parse (the form says why
     on Start)."""
-    from engine.scrape_spec import SpecError, parse_spec
+    from engine.jobs.scrape.spec import SpecError, parse_spec
 
     if not text.strip():
         return []
@@ -212,7 +212,7 @@ def check_scrape(
         range, and there are stored proxies to route through (``stored_proxies``: how many have the
     chosen status). Returns the params ``ScrapeJob.prepare`` takes (it then reads start-URL
     files)."""
-    from engine.scrape_spec import SpecError, parse_spec
+    from engine.jobs.scrape.spec import SpecError, parse_spec
     from fetchers.cascade import PolicyError, parse_methods
 
     res = FormResult()

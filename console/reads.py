@@ -139,7 +139,7 @@ def summary(url: str, run_id: int) -> dict[str, Any]:
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def backfill_report(url: str, run_id: int) -> dict[str, Any]:
     """The backfill job's evaluation report (what `engine.run report` prints)."""
-    from engine.jobs.backfill import run_report
+    from engine.jobs.backfill.kind import run_report
 
     return run_report(_db(url), run_id)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine.coordinator import Coordinator
+from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
 from storage.db import Database, open_database, resolve_db_url
 from storage.errors import StorageError

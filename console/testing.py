@@ -17,16 +17,24 @@ from storage.db import Database
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 # page -> its file relative to app.py (None: the Home page, app.py's default)
-PAGES: dict[str, str | None] = {
+FLEET_PAGES: dict[str, str | None] = {
     "Home": None,
-    "Validation": "pages/validation.py",
     "Workers": "pages/workers.py",
     "Runs & errors": "pages/runs.py",
     "Data & export": "pages/data.py",
     "Settings": "pages/settings.py",
-    "Scraping": "pages/scraping.py",
-    "Backfill": "pages/backfill.py",
 }
+
+
+def pages() -> dict[str, str | None]:
+    """Every page the console shows: the fleet's and each registered kind's."""
+    from engine.jobs import kinds
+
+    jobs = {i.page.title: i.page.path for i in kinds().values() if i.page is not None}
+    return {**FLEET_PAGES, **jobs}
+
+
+PAGES = pages()
 
 COUNTRIES = ["US", "DE", "FR", "NL", "GB", "RU", "IN", "BR", "CN", "JP", "SG", "MY", "AR", "CA"]
 OUTCOMES = ["alive", "timeout", "refused", "bad_response", "alive", "alive", "unreachable"]

@@ -10,7 +10,6 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from console import reads
-from engine.jobs import KINDS
 
 CHART_HEIGHT = 260
 
@@ -107,22 +106,6 @@ def download_pair(make: Callable[[str], bytes], key: str, stem: str) -> None:
         on_click="ignore",
         icon=":material/download:",
     )
-
-
-def kind_available(kind: str) -> bool:
-    """Whether a job kind is registered in the engine right now."""
-    return kind in KINDS
-
-
-def arrives_with(title: str, kind: str, issue: str, what: Sequence[str]) -> None:
-    """The page of a job kind the engine does not have yet."""
-    st.title(title)
-    st.info(
-        f"{title} arrives with the {kind} job ({issue}): the engine has no `{kind}` job kind "
-        f"yet (registered: {', '.join(sorted(KINDS))}). This page will let you:",
-        icon=":material/schedule:",
-    )
-    st.markdown("\n".join(f"- {w}" for w in what))
 
 
 def fmt_duration(secs: float) -> str:

@@ -25,7 +25,7 @@ from urllib.parse import urljoin
 
 from selectolax.lexbor import LexborHTMLParser
 
-from engine.pipeline import Pipeline, ScriptStep, StepContext, register
+from engine.pipelines.runner import Pipeline, ScriptStep, StepContext, register
 
 LEGACY = Path(__file__).with_name("legacy_scraper.py")
 MAX_PAGES = 1000  # every loop is bounded

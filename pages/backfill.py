@@ -25,12 +25,6 @@ from engine.model import TERMINAL
 from storage.runs import TRANSITIONS
 
 SOURCES = {"Upload an ID file": "upload", "Paste IDs": "paste"}
-WHAT = (
-    "upload an ID list, give the URL template (with `{id}`) and the rate limit",
-    "name request headers by environment variable (secrets never typed into the page)",
-    "watch the live rate against the limit line, progress, ETA and failures",
-    "resume a stopped run and read its evaluation report",
-)
 FLAG_FIELDS = {  # the job's messages name CLI flags: show each next to its field
     "--ids": "ids",
     "--id-column": "id_column",
@@ -54,8 +48,8 @@ def field_of(message: str) -> str | None:
 
 def check_form(values: dict[str, Any], duckdb: bool) -> dict[str, str]:
     """Each field with the job's own parsers (so the page and the CLI agree)."""
-    from engine.jobs.backfill import check_url_template, parse_header
-    from engine.ratelimit import Rate
+    from engine.jobs.backfill.kind import check_url_template, parse_header
+    from engine.ratelimit.base import Rate
 
     errors: dict[str, str] = {}
     try:
@@ -217,7 +211,7 @@ def _act(c: Console, run_id: int, action: str) -> None:
 
 
 def live_run(c: Console) -> None:
-    from engine.jobs.backfill import format_report
+    from engine.jobs.backfill.kind import format_report
 
     run_id = current_run(c.url)
     if run_id is None:
@@ -288,9 +282,6 @@ def live_run(c: Console) -> None:
 
 
 def main() -> None:
-    if not views.kind_available("backfill"):
-        views.arrives_with("Backfill", "backfill", "the backfill issue", WHAT)
-        return
     st.title("Backfill")
     c = console_or_stop()
     start_form(c)

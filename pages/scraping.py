@@ -34,13 +34,6 @@ METHODS = ("http", "playwright", "selenium", "tor", "api")
 PROXIES = {"direct (no proxy)": None, "stored proxies: active": "active"}
 ALL = "all countries"
 PAGE_SIZES = (25, 50, 100, 200)
-WHAT = (
-    "choose or upload a scrape spec (checked before start, with line and column of any error)",
-    "pick a country and override its fetch-method order",
-    "Start / Stop / Resume the run",
-    "watch pages/s, the success ratio, which method won per country and why pages were blocked",
-    "browse the extracted entities and download them as CSV or Parquet",
-)
 FLAG_FIELDS = {  # ScrapeJob.prepare's messages name CLI flags or the spec: show them there
     "--country": "country",
     "--proxies": "proxies",
@@ -101,7 +94,7 @@ def start_form(c: Console) -> None:
     name, _source, base_dir = spec_chooser(errors)
     text = st.text_area(
         "Spec text (TOML; edit before Start)", key="sc_text", height=300,
-        help="The spec format: engine/scrape_spec.py and README.md ('Scrape specs'). "
+        help="The spec format: engine/jobs/scrape/spec.py and README.md ('Scrape specs'). "
         "It travels with the run as text; start_urls_file paths are relative to specs/.",
     )  # fmt: skip
     slots: dict[str, Any] = {"spec": st.empty()}
@@ -311,9 +304,6 @@ def entities_section(c: Console, run_id: int) -> None:
 
 
 def main() -> None:
-    if not views.kind_available("scrape"):
-        views.arrives_with("Scraping", "scrape", "issue 3", WHAT)
-        return
     st.title("Scraping")
     c = console_or_stop()
     start_form(c)

@@ -11,8 +11,8 @@ from pydantic_settings import BaseSettings
 
 from console import reads
 from console.resources import console_or_stop
-from engine.control import control_path
-from engine.jobs import KINDS
+from engine.jobs import kinds
+from engine.runtime.control import control_path
 from storage.db import duckdb_path
 
 SECRET_FIELDS = {"secret_key"}
@@ -81,8 +81,8 @@ def main() -> None:
     st.subheader("Doctor")
     st.caption(
         "What each fetch method of the cascade needs on this machine and whether it is here "
-        "(`python -m engine.run doctor` prints the same). The scrape job that runs the cascade "
-        f"arrives with issue 3; job kinds available now: {', '.join(sorted(KINDS))}."
+        "(`python -m engine.run doctor` prints the same). Job kinds registered: "
+        f"{', '.join(kinds())}."
     )
     st.dataframe(checks, hide_index=True, width="stretch", key="settings_doctor")
     st.subheader("Fetch order per country")

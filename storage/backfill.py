@@ -3,7 +3,7 @@
 Writes follow ``storage.proxies``: stage a batch in bulk (``storage.bulk.staged``), delete
 from the stage what is already stored for (run, item), insert the rest (``ON CONFLICT DO
 NOTHING`` as the last guard), in the caller's transaction. Callers on PostgreSQL hold the
-locks of the tasks the rows belong to (``engine.queue_sql.SqlQueue.store``), so two
+locks of the tasks the rows belong to (``engine.queue.sql.SqlQueue.store``), so two
 executions of one task cannot both count an item as new.
 """
 

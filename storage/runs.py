@@ -180,7 +180,7 @@ def command_worker(conn: sa.Connection, worker_id: str, action: str, source: str
 def settle(conn: sa.Connection) -> list[tuple[int, str]]:
     """Move runs whose tasks are all finished to their final status; returns the changes."""
     changed: list[tuple[int, str]] = []
-    # A pipeline run has no tasks: the process running its steps settles it (engine.pipeline).
+    # A pipeline run has no tasks: the process running its steps settles it (engine.pipelines.runner).
     active = fetch_all(
         conn,
         sa.select(runs.c.id, runs.c.status).where(

@@ -240,7 +240,9 @@ urls = sa.Table(
     metadata,
     _id("urls")[1],
     sa.Column("run_id", sa.BigInteger, nullable=False),
-    sa.Column("url", sa.Text, nullable=False),  # normalized (see engine.scrape_spec.normalize_url)
+    sa.Column(
+        "url", sa.Text, nullable=False
+    ),  # normalized (see engine.jobs.scrape.spec.normalize_url)
     sa.Column("country", sa.String, nullable=False),  # of the spec source it came from
     sa.Column("depth", sa.Integer, nullable=False, server_default="0"),
     sa.Column("parent_id", sa.BigInteger),
@@ -327,7 +329,7 @@ fetch_logs = sa.Table(
 )
 sa.Index("ix_fetch_logs_created", fetch_logs.c.created_at).ddl_if(dialect="postgresql")
 
-# Pipelines (engine.pipeline): which step a run is at, each step's outcome, and the run log
+# Pipelines (engine.pipelines.runner): which step a run is at, each step's outcome, and the run log
 # (a script step's output, line by line).
 pipeline_steps = sa.Table(
     "pipeline_steps",

@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.api import submit_run, wait_run
-from engine.coordinator import Coordinator
+from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
 from sim.api import ApiConfig, expected_outcome
 from sim.world import SimWorld, WorldConfig
@@ -500,8 +500,8 @@ def test_429_honours_retry_after_and_slows_the_shared_limiter(
     by Retry-After, so refusals stop instead of repeating, and every ID still succeeds."""
     import asyncio
 
-    from engine.jobs.backfill import BackfillExecutor, BackfillJob
-    from engine.ratelimit import MemoryLimiter
+    from engine.jobs.backfill.kind import BackfillExecutor, BackfillJob
+    from engine.ratelimit.base import MemoryLimiter
 
     ids = [i for i in ids_of(world.ids_file)[:400] if expected_outcome(i, API) == "ok"][:300]
     prepared = BackfillJob(settings()).prepare(params(world, subset(world, tmp_path, 5), "5000/1s"))
@@ -554,7 +554,7 @@ def test_postgres_pool_shares_the_limit_through_the_database(
 
 
 def test_store_is_exactly_once_per_run_and_id(db_url: str) -> None:
-    from engine.jobs.backfill import BackfillJob
+    from engine.jobs.backfill.kind import BackfillJob
     from engine.model import ItemResult
 
     db = open_database(db_url)
@@ -654,7 +654,7 @@ def test_a_million_ids_plan_without_holding_the_list(tmp_path: Path) -> None:
         "from engine.settings import Settings\n"
         "from engine.summary import run_summary\n"
         "from storage.db import open_database\n"
-        "import pyarrow, engine.jobs.backfill\n"
+        "import pyarrow, engine.jobs.backfill.kind\n"
         "db = open_database(sys.argv[1])\n"
         "tracemalloc.start()\n"
         "t = time.monotonic()\n"
@@ -689,7 +689,7 @@ def test_a_million_ids_plan_without_holding_the_list(tmp_path: Path) -> None:
 
 
 def test_byte_order_mark_and_crlf_are_not_part_of_ids(tmp_path: Path) -> None:
-    from engine.jobs.backfill import _check_ids_file, iter_ids
+    from engine.jobs.backfill.kind import _check_ids_file, iter_ids
 
     text = tmp_path / "ids.txt"
     text.write_bytes(b"\xef\xbb\xbfdid:plc:a\r\ndid:plc:b\r\n\r\n")
@@ -705,8 +705,8 @@ def test_header_values_from_the_environment_are_masked_in_errors(
 ) -> None:
     import asyncio
 
-    from engine.jobs.backfill import BackfillExecutor, BackfillJob
-    from engine.ratelimit import MemoryLimiter
+    from engine.jobs.backfill.kind import BackfillExecutor, BackfillJob
+    from engine.ratelimit.base import MemoryLimiter
 
     monkeypatch.setenv("FF_TEST_TOKEN", "Bearer abcdefgh12345678")
     ids = tmp_path / "ids.txt"

@@ -19,13 +19,7 @@ from console import reads
 from console.resources import get_console, shutdown_all
 from console.testing import run_page, use_fresh_database
 from engine.api import wait_run
-from engine.jobs import KINDS
 from sim.world import SimWorld, WorldConfig
-
-pytestmark = pytest.mark.skipif(
-    "backfill" not in KINDS or "api" not in WorldConfig.__dataclass_fields__,
-    reason="the backfill job kind (and its sim API) has not landed",
-)
 
 TOKEN = "console-s3cret-4711"
 VAR = "FF_CONSOLE_API_TOKEN"

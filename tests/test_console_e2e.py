@@ -28,7 +28,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.api import wait_run
-from engine.coordinator import Coordinator
+from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all

@@ -112,17 +112,6 @@ def test_every_page_renders_with_data(console_env: str, page: str) -> None:
     assert EXPECTED_WITH_DATA[page](at)
 
 
-def test_placeholder_pages_say_what_arrives_when(console_env: str) -> None:
-    from engine.jobs import KINDS
-
-    at = run_page("pages/scraping.py")
-    if "scrape" not in KINDS:
-        assert "arrives with the scrape job" in at.info[0].value
-    at = run_page("pages/backfill.py")
-    if "backfill" not in KINDS:
-        assert "arrives with the backfill job" in at.info[0].value
-
-
 # --- validation: bad input -----------------------------------------------------------------
 
 

@@ -26,15 +26,12 @@ from console import forms, reads
 from console.resources import get_console, shutdown_all
 from console.testing import ROOT, run_page, seed_history, seed_scrape_history, use_fresh_database
 from engine.api import wait_run
-from engine.jobs import KINDS
 from storage import dashboard as dash
 from storage import queue as q
 from storage import runs as run_store
 from storage.bulk import fetch_all
 from storage.db import open_database
 from storage.export import export, export_entities
-
-pytestmark = pytest.mark.skipif("scrape" not in KINDS, reason="the scrape job kind has not landed")
 
 PAGE = "pages/scraping.py"
 EXAMPLE = ROOT / "specs" / "sim_shops.toml"

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from engine.jobs.scrape import ScrapeExecutor
-from engine.scrape_spec import parse_spec
+from engine.jobs.scrape.kind import ScrapeExecutor
+from engine.jobs.scrape.spec import parse_spec
 from fetchers import Fetcher, FetchSettings
 from fetchers.errors import ErrorType, TooLarge
 from fetchers.result import FetchResult

@@ -1,4 +1,4 @@
-"""Pipelines (engine.pipeline): steps in order, failure and resume, stop with saved state,
+"""Pipelines (engine.pipelines.runner): steps in order, failure and resume, stop with saved state,
 scripts as steps (environment, output, exit code, SIGTERM), and the CLI killed with -9 then
 resumed — on real DuckDB and PostgreSQL, real subprocesses, the sim shops on loopback."""
 
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from engine.cli_pipeline import split_ref
-from engine.pipeline import (
+from engine.pipelines.cli import split_ref
+from engine.pipelines.runner import (
     Pipeline,
     PipelineControl,
     PipelineError,
@@ -31,7 +31,7 @@ from engine.pipeline import (
     entity_from,
     run_pipeline,
 )
-from engine.pipeline_script import script_db
+from engine.pipelines.script import script_db
 from engine.summary import run_summary
 from examples import pipelines as examples
 from sim.shops import ShopsConfig, ShopSpec, ShopWorld

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.ratelimit import Gate, MemoryLimiter, Rate, gcra
-from engine.ratelimit_shared import SharedLimiter
+from engine.ratelimit.base import Gate, MemoryLimiter, Rate, gcra
+from engine.ratelimit.shared import SharedLimiter
 
 
 def max_in_window(times: list[float], window: float) -> int:
@@ -142,7 +142,7 @@ def test_shared_file_is_one_schedule_for_every_opener_and_survives_reopen(tmp_pa
 
 
 def test_shared_file_from_another_boot_is_cleared(tmp_path: Path) -> None:
-    import engine.ratelimit_shared as shared
+    import engine.ratelimit.shared as shared
 
     path = tmp_path / "x.ratelimit"
     a = SharedLimiter(path, clock=lambda: 1e6)
@@ -168,12 +168,12 @@ PROCESSES = 4
 
 def _hammer(backend: str, target: str, key: str, start_at: float, out: mp.Queue) -> None:
     """One process: 8 coroutines take slots through a Gate for DURATION_S; report use times."""
-    from engine.worker import install_uvloop
+    from engine.runtime.worker import install_uvloop
 
     if backend == "shared":
         limiter = SharedLimiter(target)
     else:
-        from engine.ratelimit_pg import PgLimiter
+        from engine.ratelimit.postgres import PgLimiter
         from storage.db import open_database
 
         limiter = PgLimiter(open_database(target, create=False))
@@ -245,7 +245,7 @@ def test_four_processes_through_postgres_never_exceed_the_limit(pg_url: str) -> 
 def test_postgres_limiter_uses_the_database_clock(pg_url: str) -> None:
     import sqlalchemy as sa
 
-    from engine.ratelimit_pg import PgLimiter
+    from engine.ratelimit.postgres import PgLimiter
     from storage.db import open_database
 
     db = open_database(pg_url)

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.api import submit_run, wait_run
-from engine.coordinator import Coordinator
+from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
 from sim.shops import ShopsConfig, ShopSpec, ShopWorld, leaflet_pdf, shop_products
 from storage.bulk import fetch_all

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.scrape_spec import SpecError, normalize_url, parse_spec
+from engine.jobs.scrape.spec import SpecError, normalize_url, parse_spec
 from fetchers.extract import FieldRule, LexborExtractor, LxmlExtractor, make_extractor
 from sim.shops import ShopSpec, catalog_html, shop_products
 

@@ -19,8 +19,8 @@ import pytest
 import sqlalchemy as sa
 
 from engine.api import submit_run, wait_run
-from engine.coordinator import Coordinator
-from engine.demo import compare_with_truth
+from engine.cli.demo import compare_with_truth
+from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all

@@ -1,4 +1,4 @@
-"""The job-kind plugin interface: what makes ``validate``, ``scrape`` and ``backfill`` differ.
+"""The run-kind interfaces: what makes ``validate``, ``scrape``, ``backfill`` and pipelines differ.
 
 A kind says how to plan items into tasks (coordinator), how to turn stored item references
 into executable items and how to store results (wherever results are written: the
@@ -32,15 +32,31 @@ class Executor(ABC):
         """Release clients."""
 
 
-class JobKind(ABC):
+class RunKind(ABC):
+    """What every kind of run has, whether its work goes through the task queue or not:
+    a name, and how its stored results count in summaries and dashboards."""
+
     name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
+        """Stored results of a run by outcome."""
+
+    @abstractmethod
+    def ok_outcomes(self) -> set[str]:
+        """Outcomes that count as ok in summaries."""
+
+
+class JobKind(RunKind):
+    """A kind whose runs are planned into tasks that workers claim from the queue."""
+
     # Optional columnar hand-over: the ``data`` keys a kind stores. When set, workers hand
     # results over as ``ResultBatch`` columns and they arrive in ``store_batch``; when None
     # (the default), one ``ItemResult`` per item arrives in ``store``.
     columns: ClassVar[tuple[str, ...] | None] = None
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
 
     @abstractmethod
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -64,14 +80,6 @@ class JobKind(ABC):
         """Store a columnar batch exactly once per (run, item); returns how many were new.
         Kinds that declare ``columns`` override it to write the columns as they are."""
         return self.store(conn, batch.to_results())
-
-    @abstractmethod
-    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
-        """Stored results of a run by outcome."""
-
-    @abstractmethod
-    def ok_outcomes(self) -> set[str]:
-        """Outcomes that count as ok in summaries."""
 
     @abstractmethod
     async def open_executor(self, params: dict[str, Any]) -> Executor:

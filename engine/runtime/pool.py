@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from engine.runtime.worker import new_worker_id, process_main
 from engine.settings import Settings
-from engine.worker import new_worker_id, process_main
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class LocalPool:
         need not import the storage layer."""
         if self.mode != "pipe":
             return None
-        from engine.ratelimit_shared import shared_path_for
+        from engine.ratelimit.shared import shared_path_for
 
         return str(shared_path_for(self.db_url, coordinator_pid=os.getpid()))
 

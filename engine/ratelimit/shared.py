@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from engine.ratelimit import Rate, gcra, penalized
+from engine.ratelimit.base import Rate, gcra, penalized
 
 MAGIC = b"FFRLv001"
 HEADER = 64

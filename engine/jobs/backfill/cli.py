@@ -104,7 +104,7 @@ def add_commands(sub: Any) -> None:
 
 
 def backfill_params(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.run import UserError
+    from engine.cli.common import UserError
 
     missing = [
         flag
@@ -137,8 +137,8 @@ def backfill_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
+    from engine.cli.common import UserError, run_job, settings_from
     from engine.jobs import get_kind
-    from engine.run import UserError, run_job, settings_from
 
     if args.resume is not None:
         given = [
@@ -170,18 +170,18 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 def resume_backfill(args: argparse.Namespace) -> int:
     """``resume`` that also takes over a run left ``running`` by a CLI killed with -9."""
-    from engine.coordinator import Coordinator
-    from engine.run import (
+    from engine.cli.common import (
         EXIT_NOT_COMPLETED,
         EXIT_OK,
         UserError,
-        cmd_resume,
         emit,
         follow_run,
         format_summary,
         open_db,
         settings_from,
     )
+    from engine.cli.runs import cmd_resume
+    from engine.runtime.coordinator import Coordinator
     from engine.summary import run_summary
     from storage import runs
 
@@ -327,8 +327,8 @@ def take_over(db: Any, run_id: int) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from engine.jobs.backfill import format_report, run_report
-    from engine.run import EXIT_OK, UserError, emit
+    from engine.cli.common import EXIT_OK, UserError, emit
+    from engine.jobs.backfill.kind import format_report, run_report
     from storage.db import open_database, resolve_db_url
 
     try:

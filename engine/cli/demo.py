@@ -59,7 +59,7 @@ def compare_with_truth(db_url: str, truth: list[Any]) -> dict[str, Any]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from engine.run import run_job
+    from engine.cli.common import run_job
     from sim.world import SimWorld, WorldConfig
 
     if not args.db:
@@ -88,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with redirect_stdout(buf):
             code = run_job(args, "validate", params)
         summary = json.loads(buf.getvalue().strip().splitlines()[-1])
-        from engine.run import resolve_db_url
+        from engine.cli.common import resolve_db_url
 
         summary["truth"] = compare_with_truth(resolve_db_url(args.db), world.truth)
         summary["sim_cpu_s"] = round(world.cpu_seconds(), 2)
@@ -100,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if json_mode:
         print(json.dumps(summary, default=str))
         return code
-    from engine.run import format_summary
+    from engine.cli.common import format_summary
 
     print(format_summary(summary))
     t = summary["truth"]
@@ -110,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"anonymity, {t['protocol_wrong']} wrong protocol"
     )
     if "scrape_run" in summary:
-        from engine.cli_scrape import format_scrape
+        from engine.jobs.scrape.cli import format_scrape
 
         sc = summary["scrape_run"]
         print(f"scrape run {sc['run_id']} of {len(sc['shops'])} sim shops: {sc['status']}")
@@ -155,8 +155,8 @@ def scrape_shops(args: argparse.Namespace) -> dict[str, Any]:
     from contextlib import redirect_stdout
     from io import StringIO
 
-    from engine.cli_scrape import add_scrape_stats
-    from engine.run import resolve_db_url, run_job
+    from engine.cli.common import resolve_db_url, run_job
+    from engine.jobs.scrape.cli import add_scrape_stats
     from sim.shops import ShopWorld, default_shops
     from storage.scrape import entity_rows
 
@@ -191,3 +191,27 @@ def scrape_shops(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     return out
+
+
+def add_commands(sub: Any) -> None:
+    from engine.cli.common import common_opts
+
+    d = sub.add_parser(
+        "demo",
+        help="start the simulated world, validate its proxies and scrape its shops",
+        description="Offline demo: starts sim/ on loopback (a judge and a "
+        "proxy fleet), validates the fleet, then scrapes one sim shop per country "
+        "through the fetcher cascade; prints the summaries, which method won where, "
+        "and how both match the sim's ground truth.",
+    )
+    common_opts(d)
+    d.add_argument("--proxies", type=int, default=120, help="sim proxies (120)")
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--concurrency", type=int, default=200)
+    d.add_argument("--timeout", type=float, default=2.0)
+    d.add_argument("--batch-size", type=int, default=20)
+    d.add_argument("--max-attempts", type=int)
+    d.add_argument(
+        "--skip-scrape", action="store_true", help="validate only; do not scrape the sim shops"
+    )
+    d.set_defaults(func=run_demo)

@@ -5,7 +5,7 @@ CSV column) into ``backfill_inputs`` in chunks, flags duplicates in SQL and page
 IDs into tasks, so no process holds the list. Malformed lines go to ``errors`` (``bad_input``,
 ``line N``). Each worker process opens one aiohttp session per run (pooled keep-alive
 connections) and, for every request, first takes a slot from the run's shared limiter
-(``engine.ratelimit``): the local pool shares an mmap'd file, PostgreSQL workers share a
+(``engine.ratelimit.base``): the local pool shares an mmap'd file, PostgreSQL workers share a
 row. An item is retried inside the worker with exponential backoff (5xx, network errors,
 timeouts, non-JSON answers); 404/410 and other 4xx are permanent; a 429 honours
 ``Retry-After`` and pushes the shared schedule back so every worker slows down. The final
@@ -40,7 +40,7 @@ import sqlalchemy as sa
 
 from engine.jobs.base import Executor, JobKind
 from engine.model import ItemResult
-from engine.ratelimit import Gate, Rate, RateLimiter, process_limiter
+from engine.ratelimit.base import Gate, Rate, RateLimiter, process_limiter
 from storage import backfill as store
 from storage.clock import utcnow
 from storage.db import Database

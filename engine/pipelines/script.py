@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 from storage.db import duckdb_path
 
 if TYPE_CHECKING:
-    from engine.pipeline import ScriptStep, _Runner
+    from engine.pipelines.runner import ScriptStep, _Runner
 
 MAX_LINE = 8192
 QUEUE_LINES = 1000

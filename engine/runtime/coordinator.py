@@ -21,11 +21,11 @@ import threading
 import time
 from typing import Any
 
-from engine.control import ControlServer, control_path
 from engine.model import ItemResult, ResultBatch
-from engine.pool import LocalPool
-from engine.queue_base import Reply
-from engine.queue_sql import SqlQueue
+from engine.queue.base import Reply
+from engine.queue.sql import SqlQueue
+from engine.runtime.control import ControlServer, control_path
+from engine.runtime.pool import LocalPool
 from engine.settings import Settings
 from storage import queue as q
 from storage import runs
@@ -74,7 +74,7 @@ class Coordinator:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Coordinator:
-        from engine.runtime import tune_gc
+        from engine.runtime.process import tune_gc
 
         tune_gc()
         if self.db.is_duckdb:

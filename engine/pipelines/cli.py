@@ -1,4 +1,4 @@
-"""``engine.run pipeline``: run a Python pipeline (engine.pipeline) from the command line.
+"""``engine.run pipeline``: run a Python pipeline (engine.pipelines.runner) from the command line.
 
     python -m engine.run pipeline MODULE:NAME | FILE.py[:NAME] [--country C] [--db URL] [--json]
     python -m engine.run pipeline --resume RUN_ID
@@ -28,7 +28,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser(
         "pipeline",
         help="run a Python pipeline (named steps, scripts as steps)",
-        description="Run the steps of a pipeline defined in Python (engine.pipeline) in "
+        description="Run the steps of a pipeline defined in Python (engine.pipelines.runner) in "
         "order, recording each; --resume continues a run at the step where it stopped. "
         "REF is MODULE:NAME, MODULE, FILE.py or FILE.py:NAME (the name may be left out "
         "when the module defines one pipeline for the country).",
@@ -59,7 +59,7 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 
 def load_module(where: str) -> tuple[ModuleType, str]:
     """Import a module by name or a file by path; returns it and how to find it again."""
-    from engine.run import UserError
+    from engine.cli.common import UserError
 
     if where.endswith(".py") or "/" in where:
         path = Path(where).expanduser().resolve()
@@ -89,7 +89,7 @@ def load_module(where: str) -> tuple[ModuleType, str]:
 
 def module_pipelines(module: ModuleType) -> list[Any]:
     """Pipelines the module registered, and module-level Pipeline objects."""
-    from engine.pipeline import Pipeline, registered
+    from engine.pipelines.runner import Pipeline, registered
 
     found = registered(module.__name__)
     for value in vars(module).values():
@@ -99,7 +99,7 @@ def module_pipelines(module: ModuleType) -> list[Any]:
 
 
 def choose(pipelines: list[Any], where: str, name: str | None, country: str | None) -> Any:
-    from engine.run import UserError
+    from engine.cli.common import UserError
 
     listing = ", ".join(f"{p.name} ({p.country or 'any country'})" for p in pipelines) or "none"
     matches = [p for p in pipelines if name is None or p.name == name]
@@ -123,7 +123,7 @@ def choose(pipelines: list[Any], where: str, name: str | None, country: str | No
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from engine.run import UserError, emit
+    from engine.cli.common import UserError, emit
 
     if args.resume is not None:
         if args.ref or args.country or args.list:
@@ -153,9 +153,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, pipeline: Any, ref: str | None, country: str | None) -> int:
-    from engine.control import ControlServer, control_path
-    from engine.pipeline import PipelineControl, PipelineError, run_pipeline
-    from engine.run import EXIT_NOT_COMPLETED, EXIT_OK, UserError, emit, open_db
+    from engine.cli.common import EXIT_NOT_COMPLETED, EXIT_OK, UserError, emit, open_db
+    from engine.pipelines.runner import PipelineControl, PipelineError, run_pipeline
+    from engine.runtime.control import ControlServer, control_path
 
     db = open_db(args)
     control = PipelineControl(db)
@@ -209,7 +209,7 @@ def _run(args: argparse.Namespace, pipeline: Any, ref: str | None, country: str 
 
 
 def _for_resume(db: Any, run_id: int) -> tuple[Any, str, str]:
-    from engine.run import UserError
+    from engine.cli.common import UserError
     from storage.runs import get_run
 
     with db.connect() as conn:
@@ -222,7 +222,7 @@ def _for_resume(db: Any, run_id: int) -> tuple[Any, str, str]:
     if not ref:
         raise UserError(
             f"run {run_id} was started from Python, not from a module or file: resume it "
-            f"with engine.pipeline.run_pipeline(db, pipeline, resume_run_id={run_id})"
+            f"with engine.pipelines.run_pipeline(db, pipeline, resume_run_id={run_id})"
         )
     where, name = split_ref(ref)
     module, _ = load_module(where)
@@ -239,7 +239,7 @@ def _summary(db: Any, result: Any, pipeline: Any) -> dict[str, Any]:
 
 
 def format_pipeline(summary: dict[str, Any]) -> str:
-    from engine.run import format_summary
+    from engine.cli.common import format_summary
 
     lines = [format_summary(summary)]
     for s in summary["pipeline"]["steps"]:

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from engine.jobs.base import Executor, JobKind
-from engine.model import ItemResult, ResultBatch
-from engine.scrape_spec import (
+from engine.jobs.scrape.spec import (
     ScrapeSpec,
     load_spec,
     normalize_url,
     parse_spec,
     read_start_urls,
 )
+from engine.model import ItemResult, ResultBatch
 from storage.scrape_rows import Entity, PageResult, UrlItem
 
 if TYPE_CHECKING:  # pool workers never touch SQL: no SQLAlchemy import at run time

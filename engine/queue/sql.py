@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from engine.jobs import get_kind
 from engine.jobs.base import JobKind
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
-from engine.queue_base import Reply, directive_for
+from engine.queue.base import Reply, directive_for
 from engine.settings import Settings
 from storage import queue as q
 from storage.bulk import fetch_all

@@ -1,6 +1,6 @@
 """Pipelines: a source that needs code, as a list of named steps registered for a country.
 
-    from engine.pipeline import Pipeline, ScriptStep, register
+    from engine.pipelines.runner import Pipeline, ScriptStep, register
 
     shop = register(Pipeline("shop", "Malaysia"))
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.pipeline_context import (
+from engine.pipelines.context import (
     KIND,
     FetchLoop,
     PipelineControl,
@@ -91,7 +91,7 @@ class Step:
 
 @dataclass(frozen=True, slots=True)
 class ScriptStep:
-    """An existing scraper script, run unchanged as a subprocess (see engine.pipeline_script).
+    """An existing scraper script, run unchanged as a subprocess (see engine.pipelines.script).
 
     ``argv`` is run without a shell in ``cwd``; ``env`` is added to this process's
     environment and the run's FETCHFLEET_* variables. A stop sends SIGTERM to the script's
@@ -309,7 +309,7 @@ class _Runner:
         exit_code: int | None = None
         try:
             if isinstance(step, ScriptStep):
-                from engine.pipeline_script import run_script
+                from engine.pipelines.script import run_script
 
                 status, exit_code, error = run_script(self, step, name)
             else:

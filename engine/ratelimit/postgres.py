@@ -15,7 +15,7 @@ lock is held (PostgreSQL re-evaluates the target list on the locked row).
 From the new TAT the grant follows: TAT_new - T = max(TAT_old, now), so the wait
 ``max(TAT_old - tau - now, 0)`` is ``max(TAT_new - T - tau - now, 0)`` (the RETURNING clock
 is read microseconds after the SET one, which only shortens the wait by those microseconds,
-far inside the jitter allowance of ``engine.ratelimit``).
+far inside the jitter allowance of ``engine.ratelimit.base``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from engine.ratelimit import Rate
+from engine.ratelimit.base import Rate
 
 CLOCK = "extract(epoch FROM clock_timestamp())::float8"
 

@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from engine.model import ItemResult, ResultBatch
-from engine.queue_base import Reply
+from engine.queue.base import Reply
 
 ONE_WAY = {"submit", "complete", "release", "fail", "unregister"}
 

@@ -1,8 +1,8 @@
 """What a pipeline step works with: its context (fetch, store, log, state, stop checks), the
 run log writer, the run's fetcher thread, and the control that stop requests reach.
 
-Split from engine.pipeline (definitions and the runner) to keep both small; import the
-public names from ``engine.pipeline``.
+Split from engine.pipelines.runner (definitions and the runner) to keep both small; import the
+public names from ``engine.pipelines.runner``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from storage.db import Database, redact_url
 from storage.scrape import Entity, store_entities
 
 if TYPE_CHECKING:
-    from engine.pipeline import _Runner
+    from engine.pipelines.runner import _Runner
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class StopRequested(Exception):
 
 class PipelineControl:
     """Where stop requests meet the running pipeline. It is also the target of the DuckDB
-    control socket (``engine.control.dispatch`` needs ``.db`` and ``.command``), so
+    control socket (``engine.runtime.control.dispatch`` needs ``.db`` and ``.command``), so
     ``engine.run stop RUN_ID`` in another terminal reaches this process; with PostgreSQL that
     command writes the run's status and ``stop_requested`` reads it (every ``poll_s``)."""
 

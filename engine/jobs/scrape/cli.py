@@ -62,8 +62,9 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_scrape(args: argparse.Namespace) -> int:
+    from engine.cli.common import UserError, run_job, settings_from
+    from engine.cli.runs import cmd_resume
     from engine.jobs import get_kind
-    from engine.run import UserError, cmd_resume, run_job, settings_from
 
     if args.resume is not None:
         if args.spec:

@@ -21,7 +21,7 @@ from typing import Any
 from engine.jobs import get_kind
 from engine.jobs.base import Executor
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
-from engine.queue_base import ABANDON, CONTINUE, RELEASE, QueueBackend, Reply
+from engine.queue.base import ABANDON, CONTINUE, RELEASE, QueueBackend, Reply
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Worker:
         self._flush_lock = asyncio.Lock()
         self._tail_flush: asyncio.Task[None] | None = None
         # Rate limits: a worker on PostgreSQL shares them with the fleet through the database.
-        from engine.ratelimit import bind_for_backend
+        from engine.ratelimit.base import bind_for_backend
 
         bind_for_backend(backend)
 
@@ -267,7 +267,7 @@ async def run_worker(worker: Worker) -> str:
     """Run a worker until it is asked to exit; SIGTERM/SIGINT ask it to exit gracefully."""
     import signal
 
-    from engine.runtime import tune_gc
+    from engine.runtime.process import tune_gc
 
     tune_gc()
     loop = asyncio.get_running_loop()
@@ -310,9 +310,9 @@ def process_main(boot: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C is its
     settings = Settings(**boot["settings"])
     if boot["mode"] == "pipe":
-        from engine.queue_pipe import PipeQueue
-        from engine.ratelimit import bind_process_limiter
-        from engine.ratelimit_shared import SharedLimiter, shared_path_for
+        from engine.queue.pipe import PipeQueue
+        from engine.ratelimit.base import bind_process_limiter
+        from engine.ratelimit.shared import SharedLimiter, shared_path_for
 
         backend: QueueBackend = PipeQueue(boot["requests"], boot["replies"])
         # The pool shares rate limits through a file beside the database (it outlives us),
@@ -321,7 +321,7 @@ def process_main(boot: dict[str, Any]) -> None:
         bind_process_limiter(lambda: SharedLimiter(path))
         _exit_with_parent()  # nothing we do can be stored once the coordinator is gone
     else:
-        from engine.queue_sql import SqlQueue
+        from engine.queue.sql import SqlQueue
         from storage.db import open_database
 
         backend = SqlQueue(open_database(boot["db_url"], create=False), settings)
@@ -332,6 +332,6 @@ def process_main(boot: dict[str, Any]) -> None:
         boot["requests"].close()
         boot["requests"].join_thread()  # everything we sent is in the pipe now
         # No database here: skip the teardown the coordinator would wait for.
-        from engine.runtime import exit_now
+        from engine.runtime.process import exit_now
 
         exit_now(0)

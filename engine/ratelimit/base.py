@@ -9,9 +9,9 @@ tolerance ``tau``, a request arriving at ``now`` is scheduled at
 
 so grants are spaced ``T`` apart after an initial burst of ``B = tau / T + 1``. Because the
 state is one number it fits every place workers can share: a dict (one process), an mmap'd
-file (the local pool: ``engine.ratelimit_shared``) and one row updated with a single
+file (the local pool: ``engine.ratelimit.shared``) and one row updated with a single
 ``UPDATE … RETURNING`` stamped by the database clock (every machine on PostgreSQL:
-``engine.ratelimit_pg``).
+``engine.ratelimit.postgres``).
 
 **The guarantee: never more than N requests in any window of length W** (``--rate-limit N/W``).
 A GCRA stream holds at most ``floor((L + tau) / T) + 1`` grants in any closed interval of
@@ -254,7 +254,7 @@ class Gate:
 # --- the limiter of this process --------------------------------------------------------------
 #
 # Which limiter a worker uses depends on its deployment, which a job kind cannot see: pool
-# workers of a DuckDB coordinator share an mmap'd file (bound in engine.worker.process_main);
+# workers of a DuckDB coordinator share an mmap'd file (bound in engine.runtime.worker.process_main);
 # every worker connected to PostgreSQL uses the database (bound when its Worker is built).
 # Unbound, a process is alone and a MemoryLimiter is exact.
 
@@ -275,7 +275,7 @@ def bind_for_backend(backend: Any) -> None:
     """A worker on a PostgreSQL queue shares the limit through the database."""
     db = getattr(backend, "db", None)
     if db is not None and getattr(db, "dialect", None) == "postgresql":
-        from engine.ratelimit_pg import PgLimiter
+        from engine.ratelimit.postgres import PgLimiter
 
         bind_process_limiter(PgLimiter(db))
 

@@ -1,0 +1,283 @@
+"""The commands about runs and workers, whatever their kind: status, stop, pause, resume,
+cancel, export, worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.cli.common import (
+    EXIT_NOT_COMPLETED,
+    EXIT_OK,
+    TEARDOWN,
+    UserError,
+    emit,
+    follow_run,
+    format_summary,
+    open_database,
+    open_db,
+    resolve_db_url,
+    settings_from,
+)
+from storage.errors import DatabaseLockedError
+
+if TYPE_CHECKING:
+    from storage.db import Database
+
+
+def _with_db_or_coordinator(args: argparse.Namespace, request: dict[str, Any]) -> Any:
+    """Run a request against the database, or through the coordinator that holds it."""
+    from engine.runtime.control import ask, control_path, dispatch
+
+    try:
+        db = open_database(resolve_db_url(getattr(args, "db", None)), create=False, wait_s=0)
+    except DatabaseLockedError as exc:
+        try:
+            return ask(control_path(exc.path), request)
+        except ConnectionError:
+            raise exc from None
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    class Direct:
+        def __init__(self, db: Database) -> None:
+            self.db = db
+
+        def command(self, run_id: int, action: str, source: str = "cli") -> str:
+            from storage import runs
+
+            with db.begin() as conn:
+                status = runs.apply_command(conn, run_id, action, source)
+                runs.settle(conn)
+            return status
+
+    try:
+        return dispatch(Direct(db), request)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    finally:
+        db.dispose()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    result = _with_db_or_coordinator(args, {"op": "status", "run_id": args.run_id})
+    if args.run_id is not None:
+        emit(args, result, format_summary(result))
+        return EXIT_OK
+    if args.json:
+        print(json.dumps(result, default=str))
+    elif not result:
+        print("no runs yet: start one with `python -m engine.run validate --proxies FILE`")
+    else:
+        print(f"{'run':>5}  {'kind':9} {'status':10} {'items':>9} {'secs':>8}  created")
+        for r in result:
+            print(
+                f"{r['run_id']:>5}  {r['kind']:9} {r['status']:10} {r['total']:>9,} "
+                f"{r['duration_s']:>8.1f}  {r['created_at']}"
+            )
+    return EXIT_OK
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    try:
+        result = _with_db_or_coordinator(
+            args, {"op": "command", "run_id": args.run_id, "action": args.command, "source": "cli"}
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    emit(args, result, f"run {result['run_id']}: {result['status']}")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Resume here (starting a coordinator), or ask the coordinator holding the database."""
+    from engine.runtime.control import ask, control_path
+    from engine.runtime.coordinator import Coordinator
+
+    try:
+        db = open_db(args)
+    except DatabaseLockedError as exc:
+        try:
+            result = ask(
+                control_path(exc.path), {"op": "command", "run_id": args.run_id, "action": "resume"}
+            )
+        except ConnectionError:
+            raise exc from None
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        emit(args, result, f"run {args.run_id}: {result['status']} (in PID {exc.pid})")
+        return EXIT_OK
+    from storage.runs import get_run
+
+    with db.connect() as conn:
+        found = get_run(conn, args.run_id)
+    if found is not None and found.kind == "pipeline":
+        db.dispose()
+        raise UserError(
+            f"run {args.run_id} is a pipeline: `python -m engine.run pipeline --resume {args.run_id}`"
+        )
+    settings = settings_from(args)
+    coordinator = Coordinator(db, settings, log_level=args.log_level).start()
+    try:
+        with db.connect() as conn:
+            run = get_run(conn, args.run_id)
+        if run is not None and run.status == "running" and db.is_duckdb:
+            # Its coordinator was killed (nobody else can hold the file): this one has
+            # re-queued the orphaned leases and takes the run over as it is.
+            print(
+                f"taking over run {args.run_id}, left running by a killed process", file=sys.stderr
+            )
+        else:
+            try:
+                coordinator.command(args.run_id, "resume", source="cli")
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        summary = follow_run(db, coordinator, args.run_id, args)
+    finally:
+        coordinator.shutdown()
+        db.dispose()
+    TEARDOWN.skippable = True  # the pool is gone and the database closed
+    emit(args, summary, format_summary(summary))
+    return EXIT_OK if summary["status"] == "completed" else EXIT_NOT_COMPLETED
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from storage.export import export, parse_where
+
+    fmt = args.format or Path(args.out).suffix.lstrip(".").lower()
+    try:
+        where = parse_where(args.where)
+        db = open_db(args)
+        try:
+            n = export(db, args.table, fmt, Path(args.out), run_id=args.run, where=where)
+        finally:
+            db.dispose()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    emit(
+        args,
+        {"table": args.table, "format": fmt, "rows": n, "out": args.out},
+        f"wrote {n:,} rows of {args.table} to {args.out}",
+    )
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A standalone worker (PostgreSQL): this machine joins the fleet."""
+    import asyncio
+    import multiprocessing as mp
+
+    from engine.queue.sql import SqlQueue
+    from engine.runtime.worker import Worker, install_uvloop, new_worker_id, run_worker
+
+    url = resolve_db_url(args.db)
+    if url.startswith("duckdb"):
+        raise UserError(
+            "a standalone worker needs a shared PostgreSQL database (--db postgresql://…); "
+            "with DuckDB, the coordinator's own pool does the work"
+        )
+    settings = settings_from(args)
+    if args.processes > 1:
+        ctx = mp.get_context("spawn")
+        procs = [
+            ctx.Process(target=_worker_process, args=(vars(args),)) for _ in range(args.processes)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.join(30)
+        return EXIT_OK
+    db = open_database(url, create=True)
+    install_uvloop()
+    worker = Worker(
+        SqlQueue(db, settings),
+        settings,
+        new_worker_id(args.kind),
+        kind=args.kind,
+        run_id=args.run,
+        idle_exit_s=args.idle_exit,
+    )
+    if not args.json:
+        print(f"worker {worker.worker_id} joined {db.display_url}", file=sys.stderr)
+    reason = asyncio.run(run_worker(worker))
+    db.dispose()
+    emit(
+        args,
+        {"worker_id": worker.worker_id, "exit": reason},
+        f"worker {worker.worker_id} exited: {reason}",
+    )
+    return EXIT_OK
+
+
+def _worker_process(ns: dict[str, Any]) -> None:
+    ns = dict(ns, processes=1, json=True)
+    cmd_worker(argparse.Namespace(**ns))
+
+
+def add_commands(sub: Any) -> None:
+    from engine.cli.common import common_opts, pool_opts
+
+    s = sub.add_parser("status", help="show runs, or one run's counts")
+    common_opts(s)
+    s.add_argument("run_id", nargs="?", type=int)
+    s.set_defaults(func=cmd_status)
+
+    for name, text in (
+        ("stop", "stop a run: in-flight items finish, the rest stay queued"),
+        ("pause", "pause a run (resume continues it)"),
+        ("cancel", "cancel a run for good"),
+    ):
+        c = sub.add_parser(name, help=text, description=text)
+        common_opts(c)
+        c.add_argument("run_id", type=int)
+        c.set_defaults(func=cmd_command, command=name)
+
+    r = sub.add_parser(
+        "resume",
+        help="resume a stopped, paused or failed run",
+        description="Resume a run: here with a local pool, or in the "
+        "coordinator that holds the DuckDB file.",
+    )
+    common_opts(r)
+    pool_opts(r)
+    r.add_argument("run_id", type=int)
+    r.set_defaults(func=cmd_resume)
+
+    e = sub.add_parser("export", help="export a table or a run to CSV or Parquet")
+    common_opts(e)
+    e.add_argument(
+        "--table",
+        required=True,
+        help="runs, tasks, workers, commands, errors, proxies, proxy_checks",
+    )
+    e.add_argument("--format", choices=("csv", "parquet"), help="default: from --out suffix")
+    e.add_argument("--out", required=True)
+    e.add_argument("--run", type=int, help="only rows of this run")
+    e.add_argument(
+        "--where",
+        action="append",
+        metavar="COL=VALUE",
+        help="filter, repeatable, e.g. --where status=active",
+    )
+    e.set_defaults(func=cmd_export)
+
+    w = sub.add_parser(
+        "worker",
+        help="run a standalone worker against PostgreSQL",
+        description="Join a PostgreSQL-backed fleet: claim tasks of running "
+        "runs until stopped (SIGTERM/Ctrl-C finish in-flight items).",
+    )
+    common_opts(w)
+    w.add_argument("--concurrency", type=int)
+    w.add_argument("--processes", type=int, default=1, help="worker processes (1)")
+    w.add_argument("--run", type=int, help="only work on this run")
+    w.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
+    w.add_argument("--kind", default="standalone", help=argparse.SUPPRESS)
+    w.set_defaults(func=cmd_worker)
