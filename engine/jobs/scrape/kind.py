@@ -4,8 +4,8 @@ Items are ids of the run's ``urls`` registry. Planning registers the spec's star
 executed page hands back its entities, the links it follows (normalized, filtered by the
 spec) and its downloaded files; storing a page registers its new links (``storage.scrape``)
 and this kind queues them as tasks in the same transaction, so the run grows as it discovers
-pages and cannot complete while one is still unqueued. A page is stored once per run (its URL row
-leaves ``queued``); an entity once per (type, country, external id) across runs.
+pages and cannot complete while one is still unqueued. A page is stored once per run (its
+URL row leaves ``queued``); an entity once per (type, country, external id) across runs.
 
 Each worker process holds one `fetchers.Fetcher` per run: one browser per method reused
 across pages, the per-domain memory of which method works, politeness limits, and the proxy
