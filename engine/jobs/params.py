@@ -190,20 +190,20 @@ def _num(x: Any) -> str:
 
 
 def _bound_message(model: type[Params], name: str, err: Mapping[str, Any]) -> str | None:
-    label, unit = model.label(name), meta(model.model_fields[name]).get("unit")
-    b = bounds(model, name)
+    """``the batch size must be between 1 and 100,000 items per task, not 0``."""
+    unit = meta(model.model_fields[name]).get("unit")
+    label, u, b = model.label(name), f" {unit}" if unit else "", bounds(model, name)
     got = err.get("input")
     not_ = f", not {_num(got)}" if isinstance(got, int | float) else ""
     kind = err["type"]
     if kind in ("greater_than_equal", "less_than_equal") and "ge" in b and "le" in b:
-        text = f"between {_num(b['ge'])} and {_num(b['le'])}"
-        return f"{label} must be {text}{' ' + unit if unit else ''}{not_}"
+        return f"{label} must be between {_num(b['ge'])} and {_num(b['le'])}{u}{not_}"
     if kind == "greater_than_equal":
-        return f"{label} must be {_num(b['ge'])}{' ' + unit if unit else ''} or more{not_}"
+        return f"{label} must be {_num(b['ge'])}{u} or more{not_}"
     if kind == "greater_than":
-        return f"{label} must be more than {_num(b['gt'])}{' ' + unit if unit else ''}{not_}"
+        return f"{label} must be more than {_num(b['gt'])}{u}{not_}"
     if kind == "less_than_equal":
-        return f"{label} must be at most {_num(b['le'])}{' ' + unit if unit else ''}{not_}"
+        return f"{label} must be at most {_num(b['le'])}{u}{not_}"
     return None
 
 

@@ -75,7 +75,7 @@ class ScrapeJob(JobKind):
                 base_dir = path.resolve().parent
                 text = path.read_text(encoding="utf-8")
             else:
-                raise ScrapeParams.error("spec", "give a spec: a TOML file (--spec FILE)")
+                raise ScrapeParams.error("spec", "a spec is required: a TOML file, or its text")
             sources = spec.all_sources()
             if p.country:
                 sources = [s for s in sources if s.country.lower() == p.country.lower()]
