@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,8 @@ def test_a_bad_value_names_its_field_and_flag() -> None:
     assert err.message == "requests per ID must be between 1 and 20, not 30"
     assert str(err) == "--item-attempts: requests per ID must be between 1 and 20, not 30"
     assert isinstance(err, ValueError)
+    again = pickle.loads(pickle.dumps(err))  # e.g. across a process boundary
+    assert (again.field, again.flag, str(again)) == (err.field, err.flag, str(err))
 
     err = problem(ValidateParams, judge_url=JUDGE, timeout_s=0, batch_size=0, status="dead")
     assert err.by_field() == {

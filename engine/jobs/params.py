@@ -80,6 +80,15 @@ class ParamError(ValueError):
     def __str__(self) -> str:
         return "; ".join(p.cli_text() for p in self.problems)
 
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword-only fields survive pickling
+        return (_rebuild, (self.message, self.field, self.flag, self.value, self.more))
+
+
+def _rebuild(
+    message: str, field: str | None, flag: str | None, value: Any, more: tuple[ParamError, ...]
+) -> ParamError:
+    return ParamError(message, field, flag=flag, value=value, more=more)
+
 
 def param(
     default: Any = PydanticUndefined,
