@@ -89,17 +89,11 @@ def cmd_scrape(args: argparse.Namespace) -> int:
         get_kind("scrape", settings_from(args)).prepare(dict(params))
     except ValueError as exc:  # SpecError and PolicyError are ValueErrors
         raise UserError(str(exc)) from None
-    return run_job(args, "scrape", params, finish=add_scrape_stats)
-
-
-def add_scrape_stats(db: Any, summary: dict[str, Any]) -> None:
-    from storage.scrape import run_stats
-
-    with db.connect() as conn:
-        summary["scrape"] = run_stats(conn, summary["run_id"])
+    return run_job(args, "scrape", params)  # the summary's "scrape": ScrapeJob.summary_extra
 
 
 def format_scrape(stats: dict[str, Any]) -> list[str]:
+    """The human lines of a summary's ``scrape`` section (``ScrapeJob.summary_lines``)."""
     lines = [
         f"  entities: {stats['entities']:,} seen, {stats['new_entities']:,} new; "
         f"files: {stats['files']:,}"
