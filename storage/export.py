@@ -37,7 +37,12 @@ def exportable_tables(components: Iterable[Component] = ()) -> dict[str, sa.Tabl
     (plugin kinds' tables), by name."""
     out = {n: t for n, t in TABLES.items() if n not in INTERNAL_TABLES}
     for component in components:
-        out.update({t.name: t for t in component.tables})
+        for table in component.tables:
+            if table.name in out or table.name in INTERNAL_TABLES:
+                raise ValueError(
+                    f"component {component.name!r}: table {table.name!r} exists already"
+                )
+            out[table.name] = table
     return out
 
 

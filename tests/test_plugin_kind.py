@@ -27,9 +27,11 @@ from engine.jobs import components, item_logs, kinds, registry
 from engine.jobs.base import RunKind
 from engine.settings import Settings
 from storage import dashboard as dash
+from storage import schema
 from storage.bulk import fetch_all
 from storage.clock import utcnow
 from storage.db import open_database
+from storage.export import exportable_tables
 from storage.migrations import Component, migrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,6 +330,10 @@ def test_component_steps_apply_once_in_order(plugin_dir: Path, duckdb_url: str) 
         db.dispose()
     with pytest.raises(ValueError, match="rise from 1"):
         Component("bad", [(2, "a", v2), (1, "b", v2)])
+    assert "upper_items" in exportable_tables([upper.COMPONENT])
+    assert "upper_items" not in exportable_tables()
+    with pytest.raises(ValueError, match="exists already"):  # a plugin cannot shadow a table
+        exportable_tables([Component("shadow", [], tables=[schema.runs])])
 
 
 def test_entry_point_plugin_is_discovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
