@@ -7,9 +7,9 @@ exported. Filters are column=value pairs checked against the table and bound as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -17,33 +17,16 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from storage.db import Database
-from storage.schema import TABLES, entities, entity_attributes, proxy_checks
-
-if TYPE_CHECKING:
-    from storage.migrations import Component
+from storage.migrations import exportable_tables
+from storage.schema import entities, entity_attributes, proxy_checks
 
 SECRET_COLUMNS = {"password_enc"}
-INTERNAL_TABLES = {"schema_version", "component_versions"}  # migration bookkeeping
 CHUNK = 50_000
 FORMATS = ("csv", "parquet")
 
 
 def exportable_columns(table: sa.Table) -> list[sa.Column]:
     return [c for c in table.columns if c.name not in SECRET_COLUMNS]
-
-
-def exportable_tables(components: Iterable[Component] = ()) -> dict[str, sa.Table]:
-    """Every table that can be exported: the core schema's and those of the components
-    (plugin kinds' tables), by name."""
-    out = {n: t for n, t in TABLES.items() if n not in INTERNAL_TABLES}
-    for component in components:
-        for table in component.tables:
-            if table.name in out or table.name in INTERNAL_TABLES:
-                raise ValueError(
-                    f"component {component.name!r}: table {table.name!r} exists already"
-                )
-            out[table.name] = table
-    return out
 
 
 def build_query(

@@ -14,7 +14,7 @@ kinds' components (``engine.jobs.components()``); storage never imports the engi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -110,6 +110,24 @@ class Component:
     @property
     def latest(self) -> int:
         return self.steps[-1][0] if self.steps else 0
+
+
+INTERNAL_TABLES = {"schema_version", "component_versions"}  # migration bookkeeping
+
+
+def exportable_tables(components: Iterable[Component] = ()) -> dict[str, sa.Table]:
+    """Every table that can be exported (``storage.export``, the Data page): the core
+    schema's and those of the components (plugin kinds' tables), by name. Here, not in
+    ``storage.export``, so that listing them (the CLI's help) does not import pyarrow."""
+    out = {n: t for n, t in schema.TABLES.items() if n not in INTERNAL_TABLES}
+    for component in components:
+        for table in component.tables:
+            if table.name in out or table.name in INTERNAL_TABLES:
+                raise ValueError(
+                    f"component {component.name!r}: table {table.name!r} exists already"
+                )
+            out[table.name] = table
+    return out
 
 
 def current_version(conn: sa.Connection) -> int:

@@ -183,7 +183,7 @@ def components() -> list[Component]:
 
 def table_names() -> list[str]:
     """Every exportable table: the core schema's and the kinds' components'."""
-    from storage.export import exportable_tables
+    from storage.migrations import exportable_tables
 
     return list(exportable_tables(components()))
 
