@@ -4,7 +4,8 @@
 live parts refresh every second or two, and ten open tabs must not mean ten times the SQL.
 Keys are the database URL and the filter values (plain hashable arguments). Every query is
 an aggregate or one page of rows (``storage.dashboard``), so a read costs the same with
-a thousand rows or a million.
+a thousand rows or a million. The item logs the dashboards count are every registered
+kind's (``engine.jobs.item_logs()``), the tables those of the core and of the kinds.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pandas as pd
 import streamlit as st
 
 from console.resources import get_console
+from engine.jobs import item_logs
 from engine.summary import run_summary
 from storage import dashboard as dash
 from storage.clock import utcnow
-from storage.export import export, export_entities
+from storage.export import export, export_entities, exportable_tables
 
 LIVE_TTL_S = 1.0
 SLOW_TTL_S = 5.0
@@ -53,12 +55,14 @@ def home_snapshot(url: str, heartbeat_within_s: float) -> HomeSnapshot:
     now = utcnow()
     hour_ago = now - timedelta(hours=1)
     with _db(url).connect() as conn:
-        by_minute = dict(dash.throughput(conn, hour_ago, "minute"))
+        by_minute = dict(dash.throughput(conn, item_logs(), hour_ago, "minute"))
         snap = HomeSnapshot(
             runs_by_status=dash.runs_by_status(conn),
             workers_alive=dash.workers_alive(conn, heartbeat_within_s),
             items_per_s_now=round(
-                dash.items_since(conn, now - timedelta(seconds=NOW_WINDOW_S)) / NOW_WINDOW_S, 1
+                dash.items_since(conn, item_logs(), now - timedelta(seconds=NOW_WINDOW_S))
+                / NOW_WINDOW_S,
+                1,
             ),
             per_minute=[],
             items_last_hour=sum(by_minute.values()),
@@ -95,7 +99,7 @@ RUN_COLUMNS = [
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def runs_frame(url: str, limit: int = 200, kind: str | None = None) -> pd.DataFrame:
     with _db(url).connect() as conn:
-        stats = dash.run_stats(conn, limit=limit, kind=kind)
+        stats = dash.run_stats(conn, item_logs(), limit=limit, kind=kind)
     return pd.DataFrame(
         [
             (
@@ -126,7 +130,7 @@ def runs_by_status(url: str) -> dict[str, int]:
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def latest_run_id(url: str, kind: str) -> int | None:
     with _db(url).connect() as conn:
-        stats = dash.run_stats(conn, limit=1, kind=kind)
+        stats = dash.run_stats(conn, item_logs(), limit=1, kind=kind)
     return stats[0].id if stats else None
 
 
@@ -152,7 +156,7 @@ def run_detail(
         return (
             dash.task_stats(conn, run_id),
             dash.error_groups(conn, run_id),
-            dash.outcome_groups(conn, kind, run_id),
+            dash.outcome_groups(conn, item_logs().get(kind), run_id),
         )
 
 
@@ -163,7 +167,7 @@ def run_throughput(url: str, run_id: int, seconds: int = 90) -> pd.DataFrame:
     end = utcnow().replace(microsecond=0) - timedelta(seconds=1)  # the current second is partial
     start = end - timedelta(seconds=seconds - 1)
     with _db(url).connect() as conn:
-        rows = dict(dash.throughput(conn, start, "second", run_id=run_id))
+        rows = dict(dash.throughput(conn, item_logs(), start, "second", run_id=run_id))
     times = [start + timedelta(seconds=i) for i in range(seconds)]
     return pd.DataFrame({"time": times, "items/s": [rows.get(t, 0) for t in times]})
 
@@ -174,7 +178,7 @@ def hourly(url: str, hours: int = 24) -> tuple[pd.DataFrame, pd.DataFrame]:
     since = utcnow() - timedelta(hours=hours)
     with _db(url).connect() as conn:
         errs = dash.errors_per_hour(conn, since)
-        outcomes = dash.outcomes_per_hour(conn, since)
+        outcomes = dash.outcomes_per_hour(conn, item_logs(), since)
     return (
         pd.DataFrame(errs, columns=["hour", "error_type", "errors"]),
         pd.DataFrame(outcomes, columns=["hour", "outcome", "items"]),
@@ -205,7 +209,7 @@ def scrape_live(url: str, run_id: int) -> ScrapeLive:
 def run_ids(url: str, kind: str, limit: int = 200) -> list[int]:
     """The newest runs of a kind, newest first."""
     with _db(url).connect() as conn:
-        return [s.id for s in dash.run_stats(conn, limit=limit, kind=kind)]
+        return [s.id for s in dash.run_stats(conn, item_logs(), limit=limit, kind=kind)]
 
 
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
@@ -266,7 +270,7 @@ WORKER_COLUMNS = [
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def workers_frame(url: str) -> pd.DataFrame:
     with _db(url).connect() as conn:
-        stats = dash.worker_stats(conn)
+        stats = dash.worker_stats(conn, item_logs())
     return pd.DataFrame(
         [
             (
@@ -368,13 +372,22 @@ def doctor() -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
 # --- tables and exports --------------------------------------------------------------------
 
 
+def table_names() -> list[str]:
+    """Every exportable table: the core schema's and the registered kinds' own."""
+    from engine.jobs import table_names as names
+
+    return names()
+
+
 @st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
 def table_preview(
     url: str, table: str, run_id: int | None, limit: int = 50
 ) -> tuple[int, pd.DataFrame]:
-    with _db(url).connect() as conn:
-        total = dash.table_count(conn, table, run_id)
-        cols, rows = dash.table_preview(conn, table, run_id, limit)
+    db = _db(url)
+    tables = exportable_tables(db.components)
+    with db.connect() as conn:
+        total = dash.table_count(conn, table, run_id, tables)
+        cols, rows = dash.table_preview(conn, table, run_id, limit, tables)
     return total, pd.DataFrame(rows, columns=cols)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from engine.jobs import components
 from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
 from storage.db import Database, open_database, resolve_db_url
@@ -88,7 +89,7 @@ def _release(console: Console) -> None:
 def start_console(url: str, settings: Settings | None = None) -> Console:
     """Open the database and start a coordinator with the local pool (no caching)."""
     settings = settings or Settings()
-    db = open_database(url, wait_s=2)
+    db = open_database(url, wait_s=2, components=components())  # plugin kinds' tables too
     try:
         coordinator = Coordinator(db, settings).start()
     except BaseException:

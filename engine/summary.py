@@ -1,4 +1,9 @@
-"""Run summaries as plain dicts: what `status`, `--json` and the console show."""
+"""Run summaries as plain dicts: what `status`, `--json` and the console show.
+
+The counts come from the run's kind (``RunKind.outcome_counts``, by default its item log);
+a kind may add a section of its own under its name (``RunKind.summary_extra``: the scrape
+job's entities and method mix), computed once a run has ended, not on every progress poll.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ from storage import runs
 from storage.db import Database
 
 
-def run_summary(db: Database, run_id: int, settings: Settings | None = None) -> dict[str, Any]:
+def run_summary(
+    db: Database, run_id: int, settings: Settings | None = None, *, extra: bool = False
+) -> dict[str, Any]:
+    """The run's counts, tasks and timing; with ``extra``, also its kind's own section."""
     with db.connect() as conn:
         run = runs.get_run(conn, run_id)
         if run is None:
@@ -19,10 +27,11 @@ def run_summary(db: Database, run_id: int, settings: Settings | None = None) -> 
         kind = get_kind(run.kind, settings or Settings())
         outcomes = kind.outcome_counts(conn, run_id)
         tasks = q.task_counts(conn, run_id)
+        more = kind.summary_extra(conn, run_id) if extra else None
     done = sum(outcomes.values())
     ok = sum(v for k, v in outcomes.items() if k in kind.ok_outcomes())
     duration = run.duration_s
-    return {
+    summary = {
         "run_id": run.id,
         "kind": run.kind,
         "status": run.status,
@@ -39,6 +48,32 @@ def run_summary(db: Database, run_id: int, settings: Settings | None = None) -> 
         "error": run.error,
         "created_at": run.created_at.isoformat(timespec="seconds"),
     }
+    if more is not None:
+        summary[run.kind] = more
+    return summary
+
+
+def add_summary_extra(
+    db: Database, summary: dict[str, Any], settings: Settings | None = None
+) -> dict[str, Any]:
+    """Add the kind's own section (``RunKind.summary_extra``) to a summary made without it
+    (``wait_run``'s), under the kind's name; returns the summary."""
+    kind = get_kind(summary["kind"], settings or Settings())
+    with db.connect() as conn:
+        more = kind.summary_extra(conn, int(summary["run_id"]))
+    if more is not None:
+        summary[kind.name] = more
+    return summary
+
+
+def summary_lines(summary: dict[str, Any], settings: Settings | None = None) -> list[str]:
+    """The kind's own lines of the human summary (``RunKind.summary_lines``); none for a kind
+    this process does not know (a plugin not loaded here)."""
+    try:
+        kind = get_kind(summary["kind"], settings or Settings())
+    except ValueError:
+        return []
+    return kind.summary_lines(summary)
 
 
 def runs_overview(db: Database, limit: int = 20) -> list[dict[str, Any]]:

@@ -9,11 +9,9 @@ import streamlit as st
 
 from console import reads, views
 from console.resources import console_or_stop
-from storage.schema import TABLES
 
 ALL_RUNS = "all rows"
 PREVIEW_ROWS = 50
-EXPORTABLE = [n for n in TABLES if n != "schema_version"]
 DEFAULT_TABLE = "proxies"
 
 
@@ -21,8 +19,9 @@ def main() -> None:
     st.title("Data & export")
     c = console_or_stop()
     a, b = st.columns(2)
+    exportable = reads.table_names()  # the core schema's and the kinds' own tables
     table = a.selectbox(
-        "Table", EXPORTABLE, index=EXPORTABLE.index(DEFAULT_TABLE), key="data_table"
+        "Table", exportable, index=exportable.index(DEFAULT_TABLE), key="data_table"
     )
     run_ids = list(reads.runs_frame(c.url, 200)["run"])
     run = b.selectbox(

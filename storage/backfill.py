@@ -175,16 +175,6 @@ def store_items(conn: sa.Connection, rows: Iterable[Sequence[Any]]) -> int:
     return int(new)
 
 
-def outcome_counts(conn: sa.Connection, run_id: int) -> dict[str, int]:
-    rows = fetch_all(
-        conn,
-        sa.select(backfill_items.c.outcome, sa.func.count())
-        .where(backfill_items.c.run_id == run_id)
-        .group_by(backfill_items.c.outcome),
-    )
-    return {r[0]: int(r[1]) for r in rows}
-
-
 # --- the report ----------------------------------------------------------------------------
 
 

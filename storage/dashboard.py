@@ -6,11 +6,12 @@ proxy table. Everything a user picks (a status, a country, a run) reaches SQL as
 parameter; the few names that are inlined (a ``date_trunc`` unit, a sort column, a bucket
 width) come from whitelists in this module, never from input.
 
-The *item logs* are the per-item result tables of the job kinds (one row per run and item);
-throughput, per-worker rates and outcome breakdowns read them: ``proxy_checks`` (validate),
-``backfill_items`` (backfill) and ``urls`` (scrape: one row per page, counted once fetched);
-a kind that lands with its own result table adds one entry to ``ITEM_LOGS`` and every chart
-counts it. The scrape job's ``fetch_logs`` (every attempt of every fetch) is read by its own
+The *item logs* (``storage.item_logs.ItemLog``) are the per-item result tables of the job
+kinds (one row per run and item); throughput, per-worker rates and outcome breakdowns read
+them: ``proxy_checks`` (validate), ``backfill_items`` (backfill), ``urls`` (scrape: one row
+per page, counted once fetched) and those of plugin kinds. The functions that read them
+take the logs as an argument (``engine.jobs.item_logs()``, built from the kinds' registry):
+a kind with its own result table is counted by every chart without an edit here. The scrape job's ``fetch_logs`` (every attempt of every fetch) is read by its own
 functions below: the fetch activity on Home, the per-run fetch statistics.
 
 Both databases: the SQL below runs unchanged on DuckDB and PostgreSQL (``date_trunc``,
@@ -20,7 +21,7 @@ Both databases: the SQL below runs unchanged on DuckDB and PostgreSQL (``date_tr
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,14 +31,13 @@ import sqlalchemy as sa
 from storage.bulk import fetch_all
 from storage.clock import NOW_SQL, utcnow
 from storage.export import attribute_names, build_query, entities_query, entity_filter
+from storage.item_logs import ItemLog, ItemLogs
 from storage.schema import (
-    TABLES,
     entities,
     errors,
     fetch_logs,
     files,
     proxies,
-    proxy_checks,
     runs,
     tasks,
     urls,
@@ -46,59 +46,6 @@ from storage.schema import (
 
 ALIVE_WORKER_STATUSES = ("starting", "idle", "busy", "stopping")
 TIME_UNITS = ("second", "minute", "hour")
-
-
-@dataclass(frozen=True, slots=True)
-class ItemLog:
-    """Where a job kind stores one row per executed item, and how to read it."""
-
-    kind: str
-    table: sa.Table
-    time: str  # when the item was executed
-    ok_column: str  # the item succeeded when this column equals ok_value
-    ok_value: Any = True
-    key: str | None = None  # the item's key column (None: proxies, joined by proxy_id)
-    outcome: str = "outcome"
-    error: str = "error"
-    worker: str | None = "worker_id"  # None: the log does not say which worker
-    pending: str | None = None  # an outcome value of rows not executed yet (not counted)
-
-    def col(self, name: str) -> sa.ColumnElement[Any]:
-        return self.table.c[name]
-
-    @property
-    def ok(self) -> sa.ColumnElement[bool]:
-        return self.table.c[self.ok_column] == self.ok_value
-
-    def stored(self) -> list[sa.ColumnElement[bool]]:
-        """Conditions for rows that are results (a registered, unfetched page is not)."""
-        return [] if self.pending is None else [self.col(self.outcome) != self.pending]
-
-
-ITEM_LOGS: dict[str, ItemLog] = {
-    "validate": ItemLog("validate", proxy_checks, time="checked_at", ok_column="alive"),
-}
-if "backfill_items" in TABLES:  # the backfill job's results (one row per run and ID)
-    ITEM_LOGS["backfill"] = ItemLog(
-        "backfill",
-        TABLES["backfill_items"],
-        time="fetched_at",
-        ok_column="status",
-        ok_value="ok",
-        key="item_id",
-    )
-# the scrape job's pages: one urls row per page, a result once it left `queued`
-ITEM_LOGS["scrape"] = ItemLog(
-    "scrape",
-    urls,
-    time="fetched_at",
-    ok_column="status",
-    ok_value="done",
-    key="url",
-    outcome="status",
-    worker=None,
-    pending="queued",
-)
 
 
 def _unit(unit: str) -> sa.ColumnElement[Any]:
@@ -135,12 +82,14 @@ def runs_by_status(conn: sa.Connection) -> dict[str, int]:
     return {r[0]: int(r[1]) for r in rows}
 
 
-def done_counts(conn: sa.Connection, run_ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+def done_counts(
+    conn: sa.Connection, logs: ItemLogs, run_ids: Sequence[int]
+) -> dict[int, tuple[int, int]]:
     """run id → (items stored, items ok), over every item log."""
     out: dict[int, tuple[int, int]] = {}
     if not run_ids:
         return out
-    for log in ITEM_LOGS.values():
+    for log in logs.values():
         run_col = log.table.c.run_id
         rows = fetch_all(
             conn,
@@ -156,6 +105,7 @@ def done_counts(conn: sa.Connection, run_ids: Sequence[int]) -> dict[int, tuple[
 
 def run_stats(
     conn: sa.Connection,
+    logs: ItemLogs,
     limit: int = 100,
     kind: str | None = None,
     status: str | None = None,
@@ -176,7 +126,7 @@ def run_stats(
     if status:
         stmt = stmt.where(runs.c.status == status)
     rows = fetch_all(conn, stmt.limit(limit))
-    counts = done_counts(conn, [r[0] for r in rows])
+    counts = done_counts(conn, logs, [r[0] for r in rows])
     now = utcnow()
     out = []
     for r in rows:
@@ -301,9 +251,11 @@ def error_groups(conn: sa.Connection, run_id: int, examples: int = 3) -> list[Gr
     return groups
 
 
-def outcome_groups(conn: sa.Connection, kind: str, run_id: int, examples: int = 3) -> list[Group]:
-    """The run's item outcomes (alive, timeout, refused…) with example error messages."""
-    log = ITEM_LOGS.get(kind)
+def outcome_groups(
+    conn: sa.Connection, log: ItemLog | None, run_id: int, examples: int = 3
+) -> list[Group]:
+    """The run's item outcomes (alive, timeout, refused…) in its kind's item log (None: the
+    kind has none), with example error messages."""
     if log is None:
         return []
     t, outcome = log.table, log.col(log.outcome)
@@ -339,10 +291,12 @@ def _item_join(log: ItemLog) -> Any:
     return log.table
 
 
-def outcomes_per_hour(conn: sa.Connection, since: datetime) -> list[tuple[datetime, str, int]]:
+def outcomes_per_hour(
+    conn: sa.Connection, logs: ItemLogs, since: datetime
+) -> list[tuple[datetime, str, int]]:
     """(hour, outcome, items) over every item log since ``since`` (the fetch-log view)."""
     acc: dict[tuple[datetime, str], int] = defaultdict(int)
-    for log in ITEM_LOGS.values():
+    for log in logs.values():
         hour = _bucket("hour", log.col(log.time)).label("hour")
         for h, outcome, n in fetch_all(
             conn,
@@ -358,11 +312,15 @@ def outcomes_per_hour(conn: sa.Connection, since: datetime) -> list[tuple[dateti
 
 
 def throughput(
-    conn: sa.Connection, since: datetime, unit: str = "minute", run_id: int | None = None
+    conn: sa.Connection,
+    logs: ItemLogs,
+    since: datetime,
+    unit: str = "minute",
+    run_id: int | None = None,
 ) -> list[tuple[datetime, int]]:
     """Items stored per ``unit`` since ``since`` (all runs, or one), oldest first."""
     acc: dict[datetime, int] = defaultdict(int)
-    for log in ITEM_LOGS.values():
+    for log in logs.values():
         b = _bucket(unit, log.col(log.time)).label("b")
         stmt = sa.select(b, sa.func.count()).where(log.col(log.time) >= since)
         if run_id is not None:
@@ -372,9 +330,11 @@ def throughput(
     return sorted(acc.items())
 
 
-def items_since(conn: sa.Connection, since: datetime, run_id: int | None = None) -> int:
+def items_since(
+    conn: sa.Connection, logs: ItemLogs, since: datetime, run_id: int | None = None
+) -> int:
     total = 0
-    for log in ITEM_LOGS.values():
+    for log in logs.values():
         stmt = sa.select(sa.func.count()).select_from(log.table).where(log.col(log.time) >= since)
         if run_id is not None:
             stmt = stmt.where(log.table.c.run_id == run_id)
@@ -407,7 +367,11 @@ class WorkerStat:
 
 
 def worker_stats(
-    conn: sa.Connection, within_s: float = 3600, recent_s: float = 30, limit: int = 200
+    conn: sa.Connection,
+    logs: ItemLogs,
+    within_s: float = 3600,
+    recent_s: float = 30,
+    limit: int = 200,
 ) -> list[WorkerStat]:
     """Workers alive now or seen within ``within_s`` (newest first), with their rates."""
     now_col = sa.literal_column(NOW_SQL).label("db_now")
@@ -437,7 +401,8 @@ def worker_stats(
         .order_by(workers.c.started_at.desc())
         .limit(limit),
     )
-    recent = _recent_per_worker(conn, [r[0] for r in rows], utcnow() - timedelta(seconds=recent_s))
+    since = utcnow() - timedelta(seconds=recent_s)
+    recent = _recent_per_worker(conn, logs, [r[0] for r in rows], since)
     out = []
     for r in rows:
         hb, now = r[6], r[11]
@@ -464,12 +429,12 @@ def worker_stats(
 
 
 def _recent_per_worker(
-    conn: sa.Connection, worker_ids: Sequence[str], since: datetime
+    conn: sa.Connection, logs: ItemLogs, worker_ids: Sequence[str], since: datetime
 ) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     if not worker_ids:
         return out
-    for log in ITEM_LOGS.values():
+    for log in logs.values():
         if log.worker is None:
             continue
         w = log.col(log.worker)
@@ -633,17 +598,27 @@ def latency_histogram(
 
 
 def table_preview(
-    conn: sa.Connection, table_name: str, run_id: int | None = None, limit: int = 50
+    conn: sa.Connection,
+    table_name: str,
+    run_id: int | None = None,
+    limit: int = 50,
+    tables: Mapping[str, sa.Table] | None = None,
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """The first rows of a table (or of one run's rows), as the export would write them."""
-    stmt = build_query(table_name, run_id).limit(limit)
+    """The first rows of a table (or of one run's rows), as the export would write them
+    (``tables``: ``storage.export.exportable_tables``, default the core schema's)."""
+    stmt = build_query(table_name, run_id, tables=tables).limit(limit)
     result = conn.execute(stmt)
     cols = list(result.keys())
     return cols, [tuple(r) for r in result.fetchall()]
 
 
-def table_count(conn: sa.Connection, table_name: str, run_id: int | None = None) -> int:
-    sub = build_query(table_name, run_id).order_by(None).subquery()
+def table_count(
+    conn: sa.Connection,
+    table_name: str,
+    run_id: int | None = None,
+    tables: Mapping[str, sa.Table] | None = None,
+) -> int:
+    sub = build_query(table_name, run_id, tables=tables).order_by(None).subquery()
     return int(fetch_all(conn, sa.select(sa.func.count()).select_from(sub))[0][0])
 
 

@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote_plus
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from storage.errors import DatabaseLockedError, StorageError
-from storage.migrations import migrate
+from storage.migrations import Component, migrate
 
 DEFAULT_DUCKDB_PATH = Path("data") / "fetchfleet.duckdb"
 
@@ -96,6 +96,8 @@ class Database:
     engine: Engine
     url: str
     write_lock: threading.RLock = field(default_factory=threading.RLock)
+    # the schema components (plugin kinds' tables) opened with it: exports list their tables
+    components: tuple[Component, ...] = ()
 
     @property
     def dialect(self) -> str:
@@ -128,16 +130,24 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(url: str, *, create: bool = True, wait_s: float = 5.0) -> Database:
+def open_database(
+    url: str,
+    *,
+    create: bool = True,
+    wait_s: float = 5.0,
+    components: Sequence[Component] = (),
+) -> Database:
     """Open (and by default create/migrate) the database at ``url``.
 
+    ``components`` are the schema components of the plugin kinds this process works with
+    (``engine.jobs.components()``): migrated with the core schema when ``create``.
     A DuckDB file locked by another process is retried for ``wait_s``: the holder is often a
     short-lived command (``status``) that lets go within a moment.
     """
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return _open(url, create)
+            return _open(url, create, tuple(components))
         except DatabaseLockedError:
             if time.monotonic() >= deadline:
                 raise
@@ -152,7 +162,7 @@ def duckdb_path(url: str) -> Path | None:
     return Path(parsed.database).expanduser()
 
 
-def _open(url: str, create: bool) -> Database:
+def _open(url: str, create: bool, components: tuple[Component, ...]) -> Database:
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "duckdb":
@@ -171,7 +181,7 @@ def _open(url: str, create: bool) -> Database:
             f"unsupported database URL {redact_url(url)!r}: use a DuckDB path "
             "(duckdb:///data/x.duckdb) or postgresql://user@host:5432/db"
         )
-    db = Database(engine=engine, url=url)
+    db = Database(engine=engine, url=url, components=components)
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1")).fetchall()
@@ -182,5 +192,5 @@ def _open(url: str, create: bool) -> Database:
             raise locked from None
         raise StorageError(f"cannot open {redact_url(url)}: {exc.orig}") from None
     if create:
-        migrate(db)
+        migrate(db, components)
     return db

@@ -14,6 +14,7 @@ not spreadsheets: it keeps every value as stored.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from storage.db import Database
-from storage.schema import TABLES, entities, entity_attributes, proxy_checks
+from storage.migrations import exportable_tables
+from storage.schema import entities, entity_attributes, proxy_checks
 
 SECRET_COLUMNS = {"password_enc"}
 CHUNK = 50_000
@@ -43,12 +45,16 @@ def exportable_columns(table: sa.Table) -> list[sa.Column]:
 
 
 def build_query(
-    table_name: str, run_id: int | None = None, where: dict[str, str] | None = None
+    table_name: str,
+    run_id: int | None = None,
+    where: dict[str, str] | None = None,
+    tables: Mapping[str, sa.Table] | None = None,
 ) -> sa.Select:
-    if table_name not in TABLES or table_name == "schema_version":
-        names = ", ".join(n for n in TABLES if n != "schema_version")
-        raise ValueError(f"unknown table {table_name!r}: choose one of {names}")
-    table = TABLES[table_name]
+    """The selection of one table (``tables``: the exportable ones, default the core's)."""
+    tables = exportable_tables() if tables is None else tables
+    if table_name not in tables:
+        raise ValueError(f"unknown table {table_name!r}: choose one of {', '.join(tables)}")
+    table = tables[table_name]
     stmt = sa.select(*exportable_columns(table)).order_by(*table.primary_key.columns)
     if run_id is not None:
         if "run_id" in table.c:
@@ -92,11 +98,13 @@ def export(
     run_id: int | None = None,
     where: dict[str, str] | None = None,
 ) -> int:
-    """Write the selection to ``out``; returns the number of rows written."""
+    """Write the selection to ``out``; returns the number of rows written. The tables are
+    the core's and those of the components ``db`` was opened with."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: csv or parquet")
-    stmt = build_query(table_name, run_id, where)
-    return _write(db, stmt, _arrow_schema(TABLES[table_name]), fmt, out)
+    tables = exportable_tables(db.components)
+    stmt = build_query(table_name, run_id, where, tables)
+    return _write(db, stmt, _arrow_schema(tables[table_name]), fmt, out)
 
 
 def _write(db: Database, stmt: sa.Select, schema: pa.Schema, fmt: str, out: Path) -> int:

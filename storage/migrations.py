@@ -4,11 +4,18 @@ Reflection (and so Alembic autogenerate) does not work on duckdb-engine with SQL
 so each change to the schema is a numbered step here; ``migrate`` applies the missing ones
 and records them in ``schema_version``. A step adds tables or columns; it never drops data.
 Version 1 is the whole of ``storage.schema`` as first released.
+
+Plugin kinds bring their own tables as a ``Component``: a name, its own numbered steps and
+the tables they create. ``migrate(db, components=…)`` applies each component's missing steps
+in order after the core ones, in the same transaction (under the same advisory lock on
+PostgreSQL), and records them in ``component_versions``. The engine passes the registered
+kinds' components (``engine.jobs.components()``); storage never imports the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -51,7 +58,13 @@ def _v3_scrape(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-# (version, description, step). Append new steps; never edit released ones.
+def _v4_components(conn: sa.Connection) -> None:
+    schema.component_versions.create(conn, checkfirst=True)
+
+
+# (version, description, step). Append new steps; never edit released ones: steps 2 and 3
+# hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
+# their own; a new kind's tables go into its own Component, not into a core step.
 STEPS: list[tuple[int, str, Step]] = [
     (
         1,
@@ -68,9 +81,53 @@ STEPS: list[tuple[int, str, Step]] = [
         "scrape: urls, entities, entity_attributes, files, fetch_logs, pipeline_steps, run_logs",
         _v3_scrape,
     ),
+    (4, "component_versions: the schema steps of plugin kinds' components", _v4_components),
 ]
 
 LATEST = STEPS[-1][0]
+
+
+@dataclass(frozen=True)
+class Component:
+    """The tables a plugin kind brings and the steps that create or change them.
+
+    ``steps`` are (version, description, step) like ``STEPS``: numbered from 1, applied in
+    order, appended to and never edited once released. ``tables`` are those the steps
+    create (define them on a ``MetaData`` of the plugin's own, not ``storage.schema``'s):
+    exports and the Data page list them. A kind declares its component with
+    ``KindInfo(schema="module:attr")``.
+    """
+
+    name: str
+    steps: Sequence[tuple[int, str, Step]]
+    tables: Sequence[sa.Table] = ()
+
+    def __post_init__(self) -> None:
+        versions = [v for v, _, _ in self.steps]
+        if versions != sorted(set(versions)) or (versions and versions[0] < 1):
+            raise ValueError(f"component {self.name!r}: step versions must rise from 1")
+
+    @property
+    def latest(self) -> int:
+        return self.steps[-1][0] if self.steps else 0
+
+
+INTERNAL_TABLES = {"schema_version", "component_versions"}  # migration bookkeeping
+
+
+def exportable_tables(components: Iterable[Component] = ()) -> dict[str, sa.Table]:
+    """Every table that can be exported (``storage.export``, the Data page): the core
+    schema's and those of the components (plugin kinds' tables), by name. Here, not in
+    ``storage.export``, so that listing them (the CLI's help) does not import pyarrow."""
+    out = {n: t for n, t in schema.TABLES.items() if n not in INTERNAL_TABLES}
+    for component in components:
+        for table in component.tables:
+            if table.name in out or table.name in INTERNAL_TABLES:
+                raise ValueError(
+                    f"component {component.name!r}: table {table.name!r} exists already"
+                )
+            out[table.name] = table
+    return out
 
 
 def current_version(conn: sa.Connection) -> int:
@@ -85,8 +142,21 @@ def current_version(conn: sa.Connection) -> int:
     return row[0][0] or 0
 
 
-def migrate(db: Database) -> int:
-    """Bring the schema to LATEST; returns the version found before."""
+def component_versions(conn: sa.Connection) -> dict[str, int]:
+    """Component name → the last step applied (after core step 4; else empty)."""
+    if current_version(conn) < 4:
+        return {}
+    cv = schema.component_versions
+    rows = conn.execute(
+        sa.select(cv.c.component, sa.func.max(cv.c.version)).group_by(cv.c.component)
+    ).fetchall()
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def migrate(db: Database, components: Sequence[Component] = ()) -> int:
+    """Bring the core schema to LATEST and each component to its latest step, in one
+    transaction; returns the core version found before."""
+    now = datetime.now(UTC).replace(tzinfo=None)
     with db.begin() as conn:
         if db.dialect == "postgresql":
             # Two processes starting at once must not both create the schema.
@@ -98,9 +168,22 @@ def migrate(db: Database) -> int:
             step(conn)
             conn.execute(
                 sa.insert(schema.schema_version).values(
-                    version=version,
-                    description=description,
-                    applied_at=datetime.now(UTC).replace(tzinfo=None),
+                    version=version, description=description, applied_at=now
                 )
             )
+        applied = component_versions(conn)
+        for component in components:
+            done = applied.get(component.name, 0)
+            for version, description, step in component.steps:
+                if version <= done:
+                    continue
+                step(conn)
+                conn.execute(
+                    sa.insert(schema.component_versions).values(
+                        component=component.name,
+                        version=version,
+                        description=description,
+                        applied_at=now,
+                    )
+                )
     return found

@@ -299,16 +299,6 @@ def _store_checks_duckdb(conn: sa.Connection, columns: Sequence[list[Any]]) -> i
     return len(new)
 
 
-def outcome_counts(conn: sa.Connection, run_id: int) -> dict[str, int]:
-    rows = fetch_all(
-        conn,
-        sa.select(proxy_checks.c.outcome, sa.func.count())
-        .where(proxy_checks.c.run_id == run_id)
-        .group_by(proxy_checks.c.outcome),
-    )
-    return {r[0]: int(r[1]) for r in rows}
-
-
 def pool_counts(conn: sa.Connection) -> dict[str, int]:
     rows = fetch_all(conn, sa.select(proxies.c.status, sa.func.count()).group_by(proxies.c.status))
     return {r[0]: int(r[1]) for r in rows}

@@ -37,6 +37,17 @@ schema_version = sa.Table(
     sa.Column("description", sa.String, nullable=False),
 )
 
+# Versions of the schema components that plugin kinds bring (``storage.migrations.Component``):
+# one row per component and applied step. Created by core step 4.
+component_versions = sa.Table(
+    "component_versions",
+    metadata,
+    sa.Column("component", sa.String, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String, nullable=False),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
+)
+
 runs = sa.Table(
     "runs",
     metadata,

@@ -397,16 +397,6 @@ def _page_errors(p: PageResult) -> Iterable[tuple[str, str]]:
             yield f"file_{f[5]}", f"{f[0]}: {f[6] or f[5]}"
 
 
-def outcome_counts(conn: sa.Connection, run_id: int) -> dict[str, int]:
-    rows = fetch_all(
-        conn,
-        sa.select(urls.c.status, sa.func.count())
-        .where(urls.c.run_id == run_id, urls.c.status != "queued")
-        .group_by(urls.c.status),
-    )
-    return {r[0]: int(r[1]) for r in rows}
-
-
 def entity_rows(
     conn: sa.Connection, entity_type: str | None = None, country: str | None = None
 ) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from engine.jobs import item_logs
 from storage import dashboard as dash
 from storage import proxies as proxy_store
 from storage import queue as q
@@ -27,6 +28,9 @@ class Spec:
     port: int
     username: str | None = None
     password: str | None = None
+
+
+LOGS = item_logs()  # every registered kind's item log, as console.reads passes them
 
 
 def seed(db: Database, tmp_path: Path, n: int = 12) -> dict[str, int]:
@@ -91,11 +95,11 @@ def seed(db: Database, tmp_path: Path, n: int = 12) -> dict[str, int]:
 def test_empty_database_gives_empty_answers(db: Database) -> None:
     with db.connect() as conn:
         assert dash.runs_by_status(conn) == {}
-        assert dash.run_stats(conn) == []
-        assert dash.throughput(conn, utcnow() - timedelta(hours=1)) == []
-        assert dash.items_since(conn, utcnow() - timedelta(hours=1)) == 0
+        assert dash.run_stats(conn, LOGS) == []
+        assert dash.throughput(conn, LOGS, utcnow() - timedelta(hours=1)) == []
+        assert dash.items_since(conn, LOGS, utcnow() - timedelta(hours=1)) == 0
         assert dash.errors_since(conn, utcnow() - timedelta(hours=1)) == 0
-        assert dash.worker_stats(conn) == []
+        assert dash.worker_stats(conn, LOGS) == []
         assert dash.workers_alive(conn, 10) == 0
         assert dash.pool_count(conn, dash.PoolFilter()) == 0
         assert dash.pool_page(conn, dash.PoolFilter())[1] == []
@@ -108,24 +112,24 @@ def test_runs_tasks_errors_and_outcomes(db: Database, tmp_path: Path) -> None:
     s = seed(db, tmp_path)
     with db.connect() as conn:
         assert dash.runs_by_status(conn) == {"running": 1}
-        (run,) = dash.run_stats(conn)
+        (run,) = dash.run_stats(conn, LOGS)
         assert (run.id, run.total, run.done, run.ok) == (s["run_id"], s["n"], s["n"], s["alive"])
         assert run.failed == s["n"] - s["alive"] and run.duration_s >= 0
-        assert dash.run_stats(conn, kind="backfill") == []
+        assert dash.run_stats(conn, LOGS, kind="backfill") == []
         tasks = dash.task_stats(conn, s["run_id"])
         assert tasks.states == {"done": 1, "queued": 1}
         assert (tasks.retried_tasks, tasks.retries) == (1, 2)
         (bad,) = dash.error_groups(conn, s["run_id"], examples=2)
         assert (bad.name, bad.count, len(bad.examples)) == ("bad_input", 4, 2)
         assert bad.examples[0] == ("line 0", "bad port 0")
-        groups = {g.name: g for g in dash.outcome_groups(conn, "validate", s["run_id"])}
+        groups = {g.name: g for g in dash.outcome_groups(conn, LOGS["validate"], s["run_id"])}
         assert groups["alive"].count == s["alive"] and groups["alive"].examples == []
         key, message = groups["timeout"].examples[0]
         assert key.startswith(("http://", "socks")) and "TimeoutError" in message
         assert "s3cret" not in key
         hours = dash.errors_per_hour(conn, utcnow() - timedelta(hours=2))
         assert sum(n for _, t, n in hours if t == "bad_input") == 4
-        outcomes = dash.outcomes_per_hour(conn, utcnow() - timedelta(hours=2))
+        outcomes = dash.outcomes_per_hour(conn, LOGS, utcnow() - timedelta(hours=2))
         assert sum(n for _, _, n in outcomes) == s["n"]
 
 
@@ -133,15 +137,15 @@ def test_throughput_and_workers(db: Database, tmp_path: Path) -> None:
     s = seed(db, tmp_path)
     now = utcnow()
     with db.connect() as conn:
-        per_minute = dash.throughput(conn, now - timedelta(hours=1), "minute")
+        per_minute = dash.throughput(conn, LOGS, now - timedelta(hours=1), "minute")
         assert sum(n for _, n in per_minute) == s["n"]
         assert all(m.second == 0 and m.microsecond == 0 for m, _ in per_minute)
-        per_second = dash.throughput(conn, now - timedelta(hours=1), "second", s["run_id"])
+        per_second = dash.throughput(conn, LOGS, now - timedelta(hours=1), "second", s["run_id"])
         assert sum(n for _, n in per_second) == s["n"] and len(per_second) == s["n"]
-        assert dash.items_since(conn, now - timedelta(seconds=12)) == 3  # 0, 5 and 10 s ago
+        assert dash.items_since(conn, LOGS, now - timedelta(seconds=12)) == 3  # 0, 5 and 10 s ago
         with pytest.raises(ValueError):
-            dash.throughput(conn, now, "fortnight")
-        stats = {w.id: w for w in dash.worker_stats(conn, recent_s=3600)}
+            dash.throughput(conn, LOGS, now, "fortnight")
+        stats = {w.id: w for w in dash.worker_stats(conn, LOGS, recent_s=3600)}
         assert set(stats) == {"w1", "w2"}
         w1 = stats["w1"]
         assert (w1.host, w1.pid, w1.status, w1.tasks_held) == ("hostA", 11, "busy", "2")
@@ -158,7 +162,7 @@ def test_throughput_and_workers(db: Database, tmp_path: Path) -> None:
         )
     with db.connect() as conn:
         assert dash.workers_alive(conn, 60) == 0
-        assert [w.id for w in dash.worker_stats(conn, within_s=600)] == ["w2"]
+        assert [w.id for w in dash.worker_stats(conn, LOGS, within_s=600)] == ["w2"]
 
 
 def test_pool_filters_sorting_pages_and_charts(db: Database, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from console import forms, reads
 from console.resources import get_console, shutdown_all
 from console.testing import ROOT, run_page, seed_history, seed_scrape_history, use_fresh_database
 from engine.api import wait_run
+from engine.jobs import item_logs
 from storage import dashboard as dash
 from storage import queue as q
 from storage import runs as run_store
@@ -156,7 +157,7 @@ def test_entities_export_with_attributes_as_columns(console_env: str, tmp_path: 
     db = open_database(console_env)
     try:
         with db.connect() as conn:
-            run_id = dash.run_stats(conn, limit=1, kind="scrape")[0].id
+            run_id = dash.run_stats(conn, item_logs(), limit=1, kind="scrape")[0].id
             n = dash.entity_count(conn, run_id, "FR")
         out = tmp_path / "e.csv"
         assert export_entities(db, "csv", out, run_id=run_id, country="FR") == n
@@ -312,8 +313,8 @@ def test_stop_and_resume_the_selected_run(console_env: str) -> None:
 def test_runs_page_shows_fetch_log_statistics_of_a_scrape_run(console_env: str) -> None:
     seeded(console_env)
     with get_console(console_env).db.connect() as conn:
-        scrape_id = dash.run_stats(conn, limit=1, kind="scrape")[0].id
-        validate_id = dash.run_stats(conn, limit=1, kind="validate")[0].id
+        scrape_id = dash.run_stats(conn, item_logs(), limit=1, kind="scrape")[0].id
+        validate_id = dash.run_stats(conn, item_logs(), limit=1, kind="validate")[0].id
         stats = dash.fetch_log_stats(conn, scrape_id)
     at = run_page("pages/runs.py")
     at.selectbox(key="runs_pick").set_value(scrape_id).run()
@@ -459,9 +460,12 @@ def test_scrape_aggregates_on_duckdb_and_postgresql(db: Any, tmp_path: Path) -> 
         assert cols[:4] == ["entity_id", "entity_type", "country", "external_id"]
         assert "attr_country" in cols and "name" in cols  # an attribute named like a column
         assert len(rows) == 1 and rows[0][cols.index("external_id")] == "P1"
-        stat = dash.run_stats(conn, kind="scrape")[0]
+        stat = dash.run_stats(conn, item_logs(), kind="scrape")[0]
         assert (stat.done, stat.ok, stat.failed) == (5, 4, 1)  # the queued page is not counted
-        assert {g.name for g in dash.outcome_groups(conn, "scrape", run_id)} == {"done", "blocked"}
+        assert {g.name for g in dash.outcome_groups(conn, item_logs()["scrape"], run_id)} == {
+            "done",
+            "blocked",
+        }
     out = tmp_path / "e.parquet"
     assert export_entities(db, "parquet", out, run_id=run_id) == 3
     table = pq.read_table(out)

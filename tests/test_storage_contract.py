@@ -9,11 +9,13 @@ import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
+from engine.jobs import item_logs
 from storage import proxies as proxy_store
 from storage import queue, runs
 from storage.bulk import fetch_all
 from storage.clock import utcnow
 from storage.db import Database, open_database, resolve_db_url
+from storage.item_logs import outcome_counts
 from storage.migrations import LATEST, current_version
 from storage.secrets import SecretBox
 
@@ -113,7 +115,7 @@ def test_claim_lease_complete_and_exactly_once_results(db: Database) -> None:
         assert proxy_store.store_checks(conn, rows + rows) == 0
         queue.complete(conn, [t0.id])
     with db.connect() as conn:
-        counts = proxy_store.outcome_counts(conn, run_id)
+        counts = outcome_counts(conn, item_logs()["validate"], run_id)
         pool = fetch_all(
             conn,
             sa.text(

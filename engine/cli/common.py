@@ -11,7 +11,6 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine.settings import Settings
@@ -47,8 +46,12 @@ def resolve_db_url(cli_url: str | None = None) -> str:
 
 
 def open_database(url: str, **kwargs: Any) -> Database:
+    """``storage.db.open_database`` with the registered kinds' schema components (a plugin
+    kind's tables are migrated by every command that opens the database)."""
+    from engine.jobs import components
     from storage.db import open_database as open_db_at
 
+    kwargs.setdefault("components", components())
     return open_db_at(url, **kwargs)
 
 
@@ -102,10 +105,9 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(s["tasks"].items())))
     if s.get("error"):
         lines.append(f"  error: {s['error']}")
-    if s.get("scrape"):
-        from engine.jobs.scrape.cli import format_scrape
+    from engine.summary import summary_lines
 
-        lines.extend(format_scrape(s["scrape"]))
+    lines.extend(summary_lines(s))  # the kind's own (the scrape job's entities, methods)
     return "\n".join(lines)
 
 
@@ -159,16 +161,12 @@ def print_bad_input(db: Database, run_id: int) -> None:
             )
 
 
-def run_job(
-    args: argparse.Namespace,
-    kind: str,
-    params: dict[str, Any],
-    finish: Callable[[Database, dict[str, Any]], None] | None = None,
-) -> int:
-    """Submit a run, follow it to its end; ``finish`` may add to the summary before it is
-    printed (the scrape job's entities and method mix)."""
+def run_job(args: argparse.Namespace, kind: str, params: dict[str, Any]) -> int:
+    """Submit a run, follow it to its end and print its summary, with the kind's own
+    section (``RunKind.summary_extra``: the scrape job's entities and method mix)."""
     from engine.api import submit_run
     from engine.runtime.coordinator import Coordinator
+    from engine.summary import add_summary_extra
 
     settings = settings_from(args)
     db = open_db(args)
@@ -191,9 +189,7 @@ def run_job(
                 file=sys.stderr,
             )
         print_bad_input(db, run_id)
-        summary = follow_run(db, coordinator, run_id, args)
-        if finish is not None:
-            finish(db, summary)
+        summary = add_summary_extra(db, follow_run(db, coordinator, run_id, args), settings)
     finally:
         coordinator.shutdown()
         db.dispose()

@@ -147,7 +147,6 @@ def scrape_shops(args: argparse.Namespace) -> dict[str, Any]:
     from io import StringIO
 
     from engine.cli.common import resolve_db_url, run_job
-    from engine.jobs.scrape.cli import add_scrape_stats
     from sim.shops import ShopWorld, default_shops
     from storage.scrape import entity_rows
 
@@ -162,7 +161,7 @@ def scrape_shops(args: argparse.Namespace) -> dict[str, Any]:
         params = {"spec": str(spec_path), "batch_size": 1}
         buf = StringIO()
         with redirect_stdout(buf):
-            run_job(args, "scrape", params, finish=add_scrape_stats)
+            run_job(args, "scrape", params)
         summary = json.loads(buf.getvalue().strip().splitlines()[-1])
         expected = {(i.spec.country, p["id"]) for i in shops.shops.values() for p in i.products()}
     db = open_database(resolve_db_url(args.db))

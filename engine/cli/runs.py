@@ -155,6 +155,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise UserError(str(exc)) from None
         summary = follow_run(db, coordinator, args.run_id, args)
+        from engine.summary import add_summary_extra
+
+        add_summary_extra(db, summary, settings)
     finally:
         coordinator.shutdown()
         db.dispose()
@@ -271,10 +274,12 @@ def add_commands(sub: Any) -> None:
 
     e = sub.add_parser("export", help="export a table or a run to CSV or Parquet")
     common_opts(e)
+    from engine.jobs import table_names
+
     e.add_argument(
         "--table",
         required=True,
-        help="runs, tasks, workers, commands, errors, proxies, proxy_checks",
+        help=", ".join(table_names()),  # the core schema's and the kinds' own tables
     )
     e.add_argument("--format", choices=("csv", "parquet"), help="default: from --out suffix")
     e.add_argument("--out", required=True)

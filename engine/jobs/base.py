@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # not at run time: pool workers import kinds and never touch 
     import sqlalchemy as sa
 
     from storage.db import Database
+    from storage.item_logs import ItemLog
 
 
 class Executor(ABC):
@@ -48,8 +49,20 @@ class RunKind(ABC):
         self.settings = settings
 
     @abstractmethod
+    def item_log(self) -> ItemLog | None:
+        """Where this kind stores one row per executed item (``storage.item_logs.ItemLog``):
+        what summaries, throughput, worker rates and outcome breakdowns count. None only for
+        a kind whose runs have no per-item rows (say why). Abstract on purpose: a kind that
+        forgets it fails when it is first built, instead of silently missing from the
+        dashboards. Import storage inside the method: pool workers import kinds for their
+        executors only."""
+
     def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
-        """Stored results of a run by outcome."""
+        """Stored results of a run by outcome; by default counted in ``item_log()``."""
+        from storage.item_logs import outcome_counts
+
+        log = self.item_log()
+        return {} if log is None else outcome_counts(conn, log, run_id)
 
     @abstractmethod
     def ok_outcomes(self) -> set[str]:
@@ -60,6 +73,17 @@ class RunKind(ABC):
         Runs the queue drives (``JobKind``) resume with the shared ``resume``; a kind whose
         runs execute in their own process says which command resumes them there."""
         return f"resume {run_id}"
+
+    def summary_extra(self, conn: sa.Connection, run_id: int) -> dict[str, Any] | None:
+        """What this kind adds to a run's final summary, under the key of its name (the
+        scrape job's entities and method mix): plain JSON values, shown by ``--json``.
+        None (the default): nothing."""
+        return None
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        """Lines the human summary adds for this kind (``summary[self.name]`` holds what
+        ``summary_extra`` returned, when it was computed). Default: none."""
+        return []
 
 
 class JobKind(RunKind):

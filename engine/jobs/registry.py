@@ -12,6 +12,11 @@ runs need — as Scrapy loads its download handlers by name). Where registration
 
 The variable is read from the environment of each process, so the CLI, the console's server
 and every worker (spawned, or started on another machine) see the same kinds.
+
+What the registry derives from the kinds, for code that lists them: ``item_logs()`` (where
+each kind stores its items: the dashboards count them), ``components()`` (the schema steps
+and tables a plugin kind brings: ``open_database`` migrates them, exports list them) and
+``table_names()``. A plugin kind is then one package: nothing else needs an edit.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.jobs.base import RunKind
     from engine.settings import Settings
+    from storage.item_logs import ItemLog
+    from storage.migrations import Component
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,10 @@ class PageInfo:
 @dataclass(frozen=True, slots=True)
 class KindInfo:
     """What a kind registers. ``job`` is ``"module:Class"`` of its ``RunKind``; ``cli`` is
-    ``"module:function"`` that adds its subcommands to the CLI's subparsers."""
+    ``"module:function"`` that adds its subcommands to the CLI's subparsers; ``schema`` is
+    ``"module:attr"`` of its ``storage.migrations.Component`` (its own tables and their
+    migration steps), for a kind whose tables are not in the core schema (the built-in
+    kinds' tables are core steps 2 and 3)."""
 
     name: str
     title: str
@@ -56,9 +66,13 @@ class KindInfo:
     cli: str | None = None
     page: PageInfo | None = None
     order: int = 100  # where it is listed (CLI help, navigation)
+    schema: str | None = None
 
     def load(self) -> type[RunKind]:
         return _load(self.job)
+
+    def load_schema(self) -> Component | None:
+        return None if self.schema is None else _load(self.schema)
 
     def add_cli(self, sub: Any) -> None:
         if self.cli:
@@ -76,6 +90,7 @@ def _load(path: str) -> Any:
 _lock = threading.Lock()
 _kinds: dict[str, KindInfo] | None = None
 _extra: dict[str, KindInfo] = {}
+_derived: dict[str, Any] = {}  # item_logs, components: built once per set of kinds
 
 
 def register(info: KindInfo) -> KindInfo:
@@ -85,6 +100,7 @@ def register(info: KindInfo) -> KindInfo:
         _extra[info.name] = info
         if _kinds is not None:
             _kinds[info.name] = info
+        _derived.clear()
     return info
 
 
@@ -131,9 +147,51 @@ def get_kind(name: str, settings: Settings) -> RunKind:
     return kind_info(name).load()(settings)
 
 
+def item_logs() -> dict[str, ItemLog]:
+    """Kind name → where it stores its items, for every kind that has an item log (in
+    listing order): what the dashboards (``storage.dashboard``) count. Built once (every
+    kind's code is imported)."""
+    with _lock:
+        cached = _derived.get("item_logs")
+    if cached is None:
+        from engine.settings import Settings
+
+        settings = Settings()
+        built = {name: info.load()(settings).item_log() for name, info in kinds().items()}
+        cached = {name: log for name, log in built.items() if log is not None}
+        with _lock:
+            _derived["item_logs"] = cached
+    return dict(cached)
+
+
+def components() -> list[Component]:
+    """The schema components of the registered kinds (their own tables and migration
+    steps), for ``open_database(url, components=…)``: every process that opens the database
+    for a kind migrates them. Only the kinds that declare ``schema`` are imported."""
+    with _lock:
+        cached = _derived.get("components")
+    if cached is None:
+        cached = []
+        for info in kinds().values():
+            component = info.load_schema()
+            if component is not None and all(c.name != component.name for c in cached):
+                cached.append(component)
+        with _lock:
+            _derived["components"] = cached
+    return list(cached)
+
+
+def table_names() -> list[str]:
+    """Every exportable table: the core schema's and the kinds' components'."""
+    from storage.migrations import exportable_tables
+
+    return list(exportable_tables(components()))
+
+
 def reset() -> None:
     """Forget what was discovered (tests that change FETCHFLEET_PLUGINS)."""
     global _kinds
     with _lock:
         _kinds = None
         _extra.clear()
+        _derived.clear()

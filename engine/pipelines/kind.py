@@ -2,7 +2,9 @@
 
 A pipeline run has no tasks (its steps run in the process that started it,
 ``engine.pipelines.run_pipeline``), so it is a ``RunKind``, not a ``JobKind``: its outcomes
-are the steps that finished (``done`` or ``failed``), its items the steps.
+are the steps that finished (``done`` or ``failed``), its items the steps. It has no item
+log: a step is not an item (one step may fetch a million pages, counted in the item logs of
+the runs it starts), so steps would only inflate the throughput and worker rates.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ if TYPE_CHECKING:
 
 class PipelineRuns(RunKind):
     name = "pipeline"
+
+    def item_log(self) -> None:
+        return None  # steps are not items (see the module docstring)
 
     def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
         counts = step_counts(conn, run_id)

@@ -49,6 +49,8 @@ from engine.ratelimit.base import Gate, Rate, RateLimiter, process_limiter
 from storage import backfill as store
 from storage.clock import utcnow
 from storage.db import Database
+from storage.item_logs import ItemLog
+from storage.schema import backfill_items
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -272,8 +274,16 @@ class BackfillJob(JobKind):
             )
         return store.store_items(conn, rows)
 
-    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
-        return store.outcome_counts(conn, run_id)
+    def item_log(self) -> ItemLog:
+        # one row per run and ID
+        return ItemLog(
+            "backfill",
+            backfill_items,
+            time="fetched_at",
+            ok_column="status",
+            ok_value="ok",
+            key="item_id",
+        )
 
     def ok_outcomes(self) -> set[str]:
         return {"ok"}

@@ -60,17 +60,11 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     ScrapeParams.build(params)  # a bad value: exit 2 naming its flag (ParamError)
     # Check the spec and its start URLs before a coordinator and its pool start.
     get_kind("scrape", settings_from(args)).prepare(dict(params))
-    return run_job(args, "scrape", params, finish=add_scrape_stats)
-
-
-def add_scrape_stats(db: Any, summary: dict[str, Any]) -> None:
-    from storage.scrape import run_stats
-
-    with db.connect() as conn:
-        summary["scrape"] = run_stats(conn, summary["run_id"])
+    return run_job(args, "scrape", params)  # the summary's "scrape": ScrapeJob.summary_extra
 
 
 def format_scrape(stats: dict[str, Any]) -> list[str]:
+    """The human lines of a summary's ``scrape`` section (``ScrapeJob.summary_lines``)."""
     lines = [
         f"  entities: {stats['entities']:,} seen, {stats['new_entities']:,} new; "
         f"files: {stats['files']:,}"

@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # pool workers never touch SQL: no SQLAlchemy import at run t
     import sqlalchemy as sa
 
     from storage.db import Database
+    from storage.item_logs import ItemLog
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +199,37 @@ class ScrapeJob(JobKind):
         n = q.add_tasks(conn, run_id, batches, seq, self.settings.max_attempts)
         run_store.add_planned(conn, run_id, n, len(batches))
 
-    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
-        from storage.scrape import outcome_counts
+    def item_log(self) -> ItemLog:
+        from storage.item_logs import ItemLog
+        from storage.schema import urls
 
-        return outcome_counts(conn, run_id)
+        # one urls row per page, a result once it left `queued`
+        return ItemLog(
+            "scrape",
+            urls,
+            time="fetched_at",
+            ok_column="status",
+            ok_value="done",
+            key="url",
+            outcome="status",
+            worker=None,
+            pending="queued",
+        )
+
+    def summary_extra(self, conn: sa.Connection, run_id: int) -> dict[str, Any]:
+        """Entities seen and new, the method that won per country, why attempts were
+        blocked, files stored (``storage.scrape.run_stats``)."""
+        from storage.scrape import run_stats
+
+        return run_stats(conn, run_id)
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        stats = summary.get(self.name)
+        if not stats:
+            return []
+        from engine.jobs.scrape.cli import format_scrape
+
+        return format_scrape(stats)
 
     def ok_outcomes(self) -> set[str]:
         return {"done"}

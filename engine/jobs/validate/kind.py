@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import sqlalchemy as sa
 
     from storage.db import Database
+    from storage.item_logs import ItemLog
     from storage.proxy_rows import ProxyRow
     from storage.secrets import SecretBox
 
@@ -172,10 +173,11 @@ class ValidateJob(JobKind):
             ],
         )
 
-    def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
-        from storage import proxies as store
+    def item_log(self) -> ItemLog:
+        from storage.item_logs import ItemLog
+        from storage.schema import proxy_checks
 
-        return store.outcome_counts(conn, run_id)
+        return ItemLog("validate", proxy_checks, time="checked_at", ok_column="alive")
 
     def ok_outcomes(self) -> set[str]:
         return {"alive"}
