@@ -19,6 +19,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from engine import files
+from engine.files import forget_upload
 from engine.jobs.params import ParamError, Params, bounds
 from engine.jobs.scrape.params import ScrapeParams
 from engine.jobs.validate.params import ValidateParams
@@ -26,6 +28,22 @@ from engine.settings import Settings
 
 PRESCAN_LINES = 5_000
 GENERAL = ""  # the key of a problem of the whole run (ParamError.field None)
+
+__all__ = [
+    "FormResult",
+    "check_backfill",
+    "check_params",
+    "check_pool",
+    "check_scrape",
+    "check_text",
+    "check_validation",
+    "forget_upload",
+    "number_field",
+    "param_errors",
+    "prescan",
+    "save_list",
+    "spec_countries",
+]
 
 
 @dataclass
@@ -96,12 +114,15 @@ def check_pool(workers: int, concurrency: int, duckdb: bool, noun: str = "items"
     return e
 
 
-def check_text(data: bytes, name: str) -> str | None:
-    """Why an uploaded list is not a text list (empty, binary), or None when it is one.
+def check_text(data: bytes, name: str, max_bytes: int = files.MAX_UPLOAD_BYTES) -> str | None:
+    """Why an uploaded list is not a text list (larger than ``max_bytes``, empty, binary),
+    or None when it is one.
 
     Looks at the first 64 KB only: the file is saved as uploaded and the planner streams it.
     """
     head = data[:65536]
+    if len(data) > max_bytes:
+        return f"{name} is larger than {files.size_text(max_bytes)}, the most the console takes"
     if not data or (len(data) <= 65536 and not data.strip()):
         return f"{name} is empty: upload a text file with one proxy a line"
     if b"\x00" in head[:8192]:
@@ -137,15 +158,20 @@ def prescan(path: Path) -> tuple[int, int, str | None]:
 
 
 def save_list(data: bytes | str, uploads_dir: Path, name: str = "pasted.txt") -> Path:
-    """Write a pasted or uploaded list under ``uploads_dir`` (named by time and content)."""
+    """Write a pasted or uploaded list under ``uploads_dir`` (named by time and content):
+    at most ``MAX_UPLOAD_BYTES``, mode 0600 in a 0700 directory, created exclusively
+    (``engine.files.write_private``). ``forget_upload`` removes it when its run is done."""
     if isinstance(data, str):
         data = data.encode()
+    if len(data) > files.MAX_UPLOAD_BYTES:
+        raise files.FileRefused(
+            f"{name}: larger than {files.size_text(files.MAX_UPLOAD_BYTES)}, the most kept"
+        )
     digest = hashlib.sha256(data).hexdigest()[:10]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[:60] or "list.txt"
-    uploads_dir.mkdir(parents=True, exist_ok=True)
-    path = uploads_dir / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{digest}-{safe}"
-    path.write_bytes(data)
-    return path
+    return files.write_private(
+        uploads_dir, f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{digest}-{safe}", data
+    )
 
 
 def check_validation(
@@ -210,7 +236,7 @@ def spec_countries(text: str) -> list[str]:
     on Start)."""
     from engine.jobs.scrape.spec import SpecError, parse_spec
 
-    if not text.strip():
+    if not text.strip() or len(text) > files.MAX_SPEC_BYTES:
         return []
     try:
         spec = parse_spec(text)
@@ -234,12 +260,14 @@ def check_scrape(
     proxies: str | None = None,
     strategy: str | None = None,
     stored_proxies: int | None = None,
+    file_roots: list[Path] | None = None,
 ) -> FormResult:
     """Check the Scraping form: the spec parses (``parse_spec``: TOML line and column, or the
     field path), the country is one of its sources, there are stored proxies to route through
     (``stored_proxies``: how many have the chosen status), and ``ScrapeParams`` takes the rest
     (the method order, the numbers). Returns the params ``ScrapeJob.prepare`` takes (it then
-    reads start-URL files)."""
+    reads start-URL files, only under ``file_roots`` when given: the console's specs/ and
+    uploads)."""
     from engine.jobs.scrape.spec import SpecError, parse_spec
 
     res = FormResult()
@@ -247,6 +275,8 @@ def check_scrape(
     spec = None
     if not spec_text.strip():
         e["spec"] = "the spec is empty: choose one under specs/, upload one or write TOML here"
+    elif len(spec_text.encode()) > files.MAX_SPEC_BYTES:
+        e["spec"] = f"the spec is larger than {files.size_text(files.MAX_SPEC_BYTES)}"
     else:
         try:
             spec = parse_spec(spec_text, spec_name)
@@ -275,6 +305,8 @@ def check_scrape(
         "max_pages": max_pages or None,  # 0: the spec's cap
         "batch_size": batch_size,
     }
+    if file_roots is not None:
+        params["file_roots"] = [str(Path(r).resolve()) for r in file_roots]
     if proxies:
         params["proxies"] = proxies
         params["strategy"] = strategy or "adaptive"

@@ -6,9 +6,11 @@ Start. The form is checked field by field (``console.forms.check_scrape``: the s
 sources, and ``ScrapeParams`` for the method order and the numbers), then the run goes
 through ``engine.api.submit_run`` like ``python -m engine.run scrape`` and
 ``ScrapeJob.prepare`` runs its own checks (start URLs, start-URL files); a ``ParamError``
-shows under the field it names. Live: pages/s, the success ratio, which method won per
-country, why attempts were blocked. The entities table is paged in SQL
-(``storage.dashboard.entity_page``) and downloads stream (``storage.export.export_entities``).
+shows under the field it names. Files are read bounded (``engine.files``) and only from
+specs/ and the uploads directory (``file_roots``): a start_urls_file elsewhere is refused.
+Live: pages/s, the success ratio, which method won per country, why attempts were blocked.
+The entities table is paged in SQL (``storage.dashboard.entity_page``) and downloads stream
+(``storage.export.export_entities``).
 
 Until the engine registers the ``scrape`` job kind the page says so instead.
 """
@@ -24,6 +26,7 @@ import streamlit as st
 
 from console import forms, reads, views
 from console.resources import Console, console_or_stop
+from engine import files
 from engine.api import submit_run
 from engine.jobs.params import ParamError
 from engine.jobs.scrape.params import ScrapeParams
@@ -52,20 +55,25 @@ def spec_chooser(slot_errors: dict[str, str]) -> tuple[str, str, Path]:
     source = SOURCES[label]
     name, base_dir, loaded, text = "spec", SPECS_DIR, "none", ""
     if source == "file":
-        files = spec_files()
-        if not files:
+        names = spec_files()
+        if not names:
             st.info(f"No spec under {SPECS_DIR}: upload one or write it below.")
         else:
-            name = st.selectbox("Spec file", files, key="sc_file")
+            name = st.selectbox("Spec file", names, key="sc_file")
             loaded = f"file:{name}"
-            text = (SPECS_DIR / name).read_text(encoding="utf-8", errors="replace")
+            try:  # bounded, and only what lies in specs/ (a symlink out of it is refused)
+                text = files.read_text_bounded(
+                    SPECS_DIR / name, files.MAX_SPEC_BYTES, [SPECS_DIR], "spec file"
+                )
+            except files.FileRefused as exc:
+                slot_errors["spec"] = str(exc)
             name = f"specs/{name}"
     else:
         upload = st.file_uploader("Spec file (TOML)", type=["toml", "txt"], key="sc_upload")
         if upload is not None:
             data = upload.getvalue()
             name, loaded = upload.name, f"upload:{upload.file_id}"
-            if err := forms.check_text(data, f"the upload {upload.name!r}"):
+            if err := forms.check_text(data, f"the upload {upload.name!r}", files.MAX_SPEC_BYTES):
                 slot_errors["spec"] = err.replace("one proxy a line", "a TOML scrape spec")
             else:
                 text = data.decode("utf-8", errors="replace")
@@ -136,6 +144,7 @@ def start_form(c: Console) -> None:
         duckdb=c.db.is_duckdb,
         proxies=PROXIES[proxies],
         stored_proxies=reads.pool_status_count(c.url, PROXIES[proxies]),
+        file_roots=[SPECS_DIR, c.uploads_dir],  # the only places the console reads files from
     )
     errors = {**result.errors, **errors}
     if errors:

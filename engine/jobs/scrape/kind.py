@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from engine.files import MAX_SPEC_BYTES, size_text
 from engine.jobs.base import Executor, JobKind
 from engine.jobs.scrape.params import ScrapeParams
 from engine.jobs.scrape.spec import (
     ScrapeSpec,
     SpecError,
-    load_spec,
     normalize_url,
     parse_spec,
+    read_spec_text,
     read_start_urls,
 )
 from engine.model import ItemResult, ResultBatch
@@ -68,14 +69,16 @@ class ScrapeJob(JobKind):
         p = ScrapeParams.build(params, self.settings)
         try:
             if p.spec_text:
+                if len(p.spec_text.encode()) > MAX_SPEC_BYTES:
+                    raise SpecError(f"the spec is larger than {size_text(MAX_SPEC_BYTES)}")
                 spec = parse_spec(p.spec_text, p.spec_name or "spec")
                 base_dir = Path(p.base_dir or ".").resolve()
                 text = p.spec_text
             elif p.spec:
                 path = Path(p.spec)
-                spec = load_spec(path)
+                text = read_spec_text(path, p.file_roots)
+                spec = parse_spec(text, str(path))
                 base_dir = path.resolve().parent
-                text = path.read_text(encoding="utf-8")
             else:
                 raise ScrapeParams.error("spec", "a spec is required: a TOML file, or its text")
             sources = spec.all_sources()
@@ -90,7 +93,7 @@ class ScrapeJob(JobKind):
                 raise ScrapeParams.error(
                     "spec", "the spec neither extracts ([[extract]]) nor follows links ([follow])"
                 )
-            n_start = sum(len(read_start_urls(s, base_dir)) for s in sources)
+            n_start = sum(len(read_start_urls(s, base_dir, p.file_roots)) for s in sources)
         except SpecError as exc:  # where in the spec, or which start-URL file
             raise ScrapeParams.error("spec", str(exc)) from None
         if n_start == 0:
@@ -128,7 +131,8 @@ class ScrapeJob(JobKind):
         for source in spec.all_sources():
             if source.country not in params["countries"]:
                 continue
-            urls = [normalize_url(u) for u in read_start_urls(source, base_dir)]
+            roots = params.get("file_roots")
+            urls = [normalize_url(u) for u in read_start_urls(source, base_dir, roots)]
             for i in range(0, len(urls), PLAN_CHUNK):
                 chunk = [(u, 0, None, source.country) for u in urls[i : i + PLAN_CHUNK]]
                 with db.begin() as conn:

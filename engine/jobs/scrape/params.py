@@ -23,6 +23,12 @@ class ScrapeParams(TaskParams):
     base_dir: str | None = param(
         None, description="where the spec's start_urls_file paths are relative to", cli=False
     )
+    file_roots: tuple[str, ...] | None = param(
+        None,
+        description="the only directories files may be read from (the console: specs/ and "
+        "the uploads); none: anywhere (the CLI)",
+        cli=False,
+    )
     country: str | None = param(None, description="only this country's sources of the spec")
     methods: tuple[str, ...] | None = param(
         None,

@@ -51,15 +51,25 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine import files
 from fetchers.extract import TYPES, FieldRule
 
-__all__ = ["ScrapeSpec", "SpecError", "load_spec", "normalize_url", "parse_spec"]
+__all__ = [
+    "ScrapeSpec",
+    "SpecError",
+    "load_spec",
+    "normalize_url",
+    "parse_spec",
+    "read_spec_text",
+    "read_start_urls",
+]
 
 
 class SpecError(ValueError):
@@ -347,31 +357,43 @@ def parse_spec(text: str, source: str = "spec") -> ScrapeSpec:
         raise SpecError(f"{source}: " + "; ".join(problems)) from None
 
 
-def load_spec(path: str | Path) -> ScrapeSpec:
-    p = Path(path)
+def read_spec_text(path: str | Path, allowed_roots: Iterable[str | Path] | None = None) -> str:
+    """A spec file's text, bounded (``engine.files``): a regular file of at most
+    ``MAX_SPEC_BYTES``, under ``allowed_roots`` when given."""
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{p}: no such spec file") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{p}: not a text file (a spec is TOML, UTF-8)") from None
-    return parse_spec(text, str(p))
+        return files.read_text_bounded(path, files.MAX_SPEC_BYTES, allowed_roots, "spec file")
+    except files.FileRefused as exc:
+        raise SpecError(str(exc)) from None
 
 
-def read_start_urls(source: SourceSpec, base_dir: Path) -> list[str]:
-    """The source's start URLs, inline and from its file (one a line, # comments), checked."""
-    urls = list(source.start_urls)
+def load_spec(path: str | Path, allowed_roots: Iterable[str | Path] | None = None) -> ScrapeSpec:
+    return parse_spec(read_spec_text(path, allowed_roots), str(path))
+
+
+def read_start_urls(
+    source: SourceSpec, base_dir: Path, allowed_roots: Iterable[str | Path] | None = None
+) -> list[str]:
+    """The source's start URLs, inline and from its file (one a line, # comments), checked.
+
+    The file is read bounded (``engine.files``; under ``allowed_roots`` when given); a bad
+    line of it is quoted only as a short, sanitized excerpt."""
+    urls = [(u, f"start URL {i} ({u!r})") for i, u in enumerate(source.start_urls, 1)]
     if source.start_urls_file:
         path = Path(source.start_urls_file)
         if not path.is_absolute():
             path = base_dir / path
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise SpecError(f"start_urls_file {path}: no such file") from None
-        urls.extend(s for s in (ln.strip() for ln in lines) if s and not s.startswith("#"))
-    for i, u in enumerate(urls, 1):
+            text = files.read_text_bounded(
+                path, files.MAX_START_URLS_BYTES, allowed_roots, "start_urls_file"
+            )
+        except files.FileRefused as exc:
+            raise SpecError(str(exc)) from None
+        for n, line in enumerate(text.splitlines(), 1):
+            s = line.strip()
+            if s and not s.startswith("#"):
+                urls.append((s, f"start_urls_file {path} line {n} ({files.excerpt(s)})"))
+    for u, where in urls:
         parts = urlsplit(u)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SpecError(f"start URL {i} ({u!r}) of {source.country}: not an http(s) URL")
-    return urls
+            raise SpecError(f"{where} of {source.country}: not an http(s) URL")
+    return [u for u, _ in urls]
