@@ -257,6 +257,15 @@ def test_a_body_over_the_bound_is_too_large_final_and_the_transfer_stops(tmp_pat
 def test_max_body_bytes_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--max-body-bytes"):
         prepare(tmp_path, "http://127.0.0.1:9/{id}", rate_limit="10/1s", max_body_bytes=0)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("a\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.run", "backfill", "--db", str(tmp_path / "m.duckdb"),
+         "--ids", str(ids), "--url-template", "http://127.0.0.1:9/{id}", "--rate-limit",
+         "10/1s", "--max-body-bytes", "-5"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--max-body-bytes must be" in out.stderr, out.stderr
     assert prepare(tmp_path, "http://127.0.0.1:9/{id}", rate_limit="10/1s")["max_body_bytes"] == (
         10 * 2**20
     )

@@ -73,6 +73,12 @@ def add_commands(sub: Any) -> None:
     )
     b.add_argument("--timeout", type=float, help="seconds per request (10)")
     b.add_argument("--item-attempts", type=int, help="requests per ID before it fails (3)")
+    b.add_argument(
+        "--max-body-bytes",
+        type=int,
+        metavar="N",
+        help="largest answer read (10485760); a larger one is stored as too_large, not retried",
+    )
     b.add_argument("--workers", type=int, help="local worker processes (default 2)")
     b.add_argument("--concurrency", type=int, help="IDs in flight per worker (200)")
     b.add_argument("--batch-size", type=int, help="IDs per task (50)")
@@ -132,6 +138,7 @@ def backfill_params(args: argparse.Namespace) -> dict[str, Any]:
         "headers": list(args.header or []),
         "timeout_s": args.timeout,
         "item_attempts": args.item_attempts,
+        "max_body_bytes": args.max_body_bytes,
         "batch_size": args.batch_size,
     }
 
