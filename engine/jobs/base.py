@@ -34,7 +34,12 @@ class Executor(ABC):
 
 class RunKind(ABC):
     """What every kind of run has, whether its work goes through the task queue or not:
-    a name, and how its stored results count in summaries and dashboards."""
+    a name, how its stored results count in summaries and dashboards, and how it resumes.
+
+    A kind that is only a ``RunKind`` (not a ``JobKind``) runs its work in the process that
+    started the run: it records its items with no tasks (``storage.runs.add_planned(conn,
+    run_id, items, 0)``), which tells every coordinator's ``settle`` to leave the run to
+    that process, and ``resume`` points at ``resume_command``."""
 
     name: ClassVar[str]
 
@@ -48,6 +53,12 @@ class RunKind(ABC):
     @abstractmethod
     def ok_outcomes(self) -> set[str]:
         """Outcomes that count as ok in summaries."""
+
+    def resume_command(self, run_id: int) -> str:
+        """The CLI command (after ``python -m engine.run``) that resumes a run of this kind.
+        Runs the queue drives (``JobKind``) resume with the shared ``resume``; a kind whose
+        runs execute in their own process says which command resumes them there."""
+        return f"resume {run_id}"
 
 
 class JobKind(RunKind):

@@ -268,27 +268,16 @@ def resume_backfill(args: argparse.Namespace) -> int:
 def retry_failed(db: Any, run_id: int, params: dict[str, Any], page: int = 10_000) -> int:
     """Queue the IDs a run stored as failed as new tasks and forget those results (one
     transaction); a completed run is reopened. Returns how many IDs were queued."""
-    import sqlalchemy as sa
-
     from engine.settings import Settings
     from storage import backfill as store
     from storage import queue as q
     from storage import runs
-    from storage.bulk import fetch_all
-    from storage.clock import utcnow
-    from storage.schema import runs as runs_table
-    from storage.schema import tasks
 
     batch = int(params.get("batch_size") or 50)
     max_attempts = Settings().max_attempts
     queued = 0
     with db.begin() as conn:
-        seq = int(
-            fetch_all(conn, sa.select(sa.func.max(tasks.c.seq)).where(tasks.c.run_id == run_id))[0][
-                0
-            ]
-            or 0
-        )
+        seq = q.last_seq(conn, run_id) or 0
         after = None
         n_tasks = 0
         while ids := store.failed_ids_after(conn, run_id, after, page):
@@ -302,30 +291,17 @@ def retry_failed(db: Any, run_id: int, params: dict[str, Any], page: int = 10_00
             return 0
         store.forget_failed(conn, run_id)
         runs.add_planned(conn, run_id, 0, n_tasks)  # the IDs were counted when planned
-        conn.execute(
-            sa.update(runs_table)
-            .where(runs_table.c.id == run_id, runs_table.c.status == "completed")
-            .values(status="running", finished_at=None, error=None, updated_at=utcnow())
-        )
+        runs.reopen(conn, run_id)
     return queued
 
 
 def take_over(db: Any, run_id: int) -> int:
     """Return the tasks a dead coordinator's workers held to the queue (the claim does not
     count as an attempt) and mark those workers dead. Only with the DuckDB file held."""
-    import sqlalchemy as sa
-
     from storage import queue as q
-    from storage.bulk import fetch_all
-    from storage.schema import tasks
 
     with db.begin() as conn:
-        held = fetch_all(
-            conn,
-            sa.select(tasks.c.id, tasks.c.worker_id).where(
-                tasks.c.run_id == run_id, tasks.c.status == "leased"
-            ),
-        )
+        held = q.leased_tasks(conn, run_id)
         for task_id, worker_id in held:
             q.release(conn, worker_id, [task_id])
         for worker_id in {w for _, w in held if w}:

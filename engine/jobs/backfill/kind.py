@@ -38,10 +38,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
-
-import sqlalchemy as sa
 
 from engine.jobs.base import Executor, JobKind
 from engine.model import ItemResult
@@ -49,6 +47,9 @@ from engine.ratelimit.base import Gate, Rate, RateLimiter, process_limiter
 from storage import backfill as store
 from storage.clock import utcnow
 from storage.db import Database
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 

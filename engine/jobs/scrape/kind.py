@@ -2,10 +2,10 @@
 
 Items are ids of the run's ``urls`` registry. Planning registers the spec's start URLs; each
 executed page hands back its entities, the links it follows (normalized, filtered by the
-spec) and its downloaded files; storing a page registers its new links and queues them as
-tasks in the same transaction (``storage.scrape``), so the run grows as it discovers pages
-and cannot complete while one is still unqueued. A page is stored once per run (its URL row
-leaves ``queued``); an entity once per (type, country, external id) across runs.
+spec) and its downloaded files; storing a page registers its new links (``storage.scrape``)
+and this kind queues them as tasks in the same transaction, so the run grows as it discovers
+pages and cannot complete while one is still unqueued. A page is stored once per run (its
+URL row leaves ``queued``); an entity once per (type, country, external id) across runs.
 
 Each worker process holds one `fetchers.Fetcher` per run: one browser per method reused
 across pages, the per-domain memory of which method works, politeness limits, and the proxy
@@ -54,7 +54,8 @@ class ScrapeJob(JobKind):
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
-        self._contexts: dict[int, Any] = {}  # run id → storage.scrape.StoreContext
+        # run id → (storage.scrape.StoreContext, the run's batch size)
+        self._contexts: dict[int, tuple[Any, int]] = {}
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
         """``spec`` (a path) or ``spec_text``; optional ``country``, ``methods``,
@@ -138,26 +139,25 @@ class ScrapeJob(JobKind):
 
         return store.load_urls(conn, run_id, refs)
 
-    def _context(self, conn: sa.Connection, run_id: int) -> Any:
+    def _context(self, conn: sa.Connection, run_id: int) -> tuple[Any, int]:
         ctx = self._contexts.get(run_id)
         if ctx is None:
-            import sqlalchemy as sa
-
+            from storage import runs as run_store
             from storage import scrape as store
-            from storage.bulk import fetch_all
-            from storage.schema import runs
 
-            params = json.loads(
-                fetch_all(conn, sa.select(runs.c.params).where(runs.c.id == run_id))[0][0]
-            )
+            run = run_store.get_run(conn, run_id)
+            if run is None:
+                raise ValueError(f"no run with id {run_id}")
+            params = run.params
             spec = self.spec(params)
-            ctx = self._contexts[run_id] = store.StoreContext(
-                run_id=run_id,
-                entity_type=params["entity_type"],
-                max_pages=params.get("max_pages"),
-                max_depth=spec.follow.max_depth,
-                batch_size=params["batch_size"],
-                max_attempts=self.settings.max_attempts,
+            ctx = self._contexts[run_id] = (
+                store.StoreContext(
+                    run_id=run_id,
+                    entity_type=params["entity_type"],
+                    max_pages=params.get("max_pages"),
+                    max_depth=spec.follow.max_depth,
+                ),
+                int(params["batch_size"]),
             )
         return ctx
 
@@ -172,11 +172,30 @@ class ScrapeJob(JobKind):
         return self._store(conn, batch.run_id, triples)
 
     def _store(self, conn: sa.Connection, run_id: int, triples: Iterable[tuple[Any, ...]]) -> int:
-        """(task id, worker id, page as sent) of one run → stored pages."""
+        """(task id, worker id, page as sent) of one run → stored pages. The links the new
+        pages bring are queued in the caller's transaction, with the pages."""
         from storage.scrape import store_pages
 
         pages = [(task_id, worker_id, PageResult.from_wire(p)) for task_id, worker_id, p in triples]
-        return store_pages(conn, self._context(conn, run_id), pages) if pages else 0
+        if not pages:
+            return 0
+        ctx, batch_size = self._context(conn, run_id)
+        stored = store_pages(conn, ctx, pages)
+        if stored.new_urls:
+            self._queue_urls(conn, run_id, stored.new_urls, batch_size)
+        return stored.pages
+
+    def _queue_urls(
+        self, conn: sa.Connection, run_id: int, url_ids: Sequence[int], batch_size: int
+    ) -> None:
+        """One task per ``batch_size`` URL ids, numbered after the run's existing tasks."""
+        from storage import queue as q
+        from storage import runs as run_store
+
+        batches = [list(url_ids[i : i + batch_size]) for i in range(0, len(url_ids), batch_size)]
+        seq = run_store.planned_tasks(conn, run_id)
+        n = q.add_tasks(conn, run_id, batches, seq, self.settings.max_attempts)
+        run_store.add_planned(conn, run_id, n, len(batches))
 
     def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
         from storage.scrape import outcome_counts
@@ -203,26 +222,10 @@ class ScrapeJob(JobKind):
 def _write_pool_file(db: Database, settings: Any, params: dict[str, Any]) -> None:
     """Snapshot the stored proxies the run routes through for the local workers (they cannot
     open the DuckDB file the coordinator holds). Passwords stay Fernet tokens, as stored."""
-    import sqlalchemy as sa
-
-    from storage.bulk import fetch_all
-    from storage.schema import proxies
+    from storage.proxies import pool_snapshot
 
     with db.connect() as conn:
-        rows = fetch_all(
-            conn,
-            sa.select(
-                proxies.c.protocol,
-                proxies.c.scheme,
-                proxies.c.host,
-                proxies.c.port,
-                proxies.c.username,
-                proxies.c.password_enc,
-            )
-            .where(proxies.c.status == params["proxies"])
-            .order_by(proxies.c.latency_ms.nulls_last())
-            .limit(MAX_PROXIES),
-        )
+        rows = pool_snapshot(conn, params["proxies"], MAX_PROXIES)
     if not rows:
         raise ValueError(
             f"--proxies {params['proxies']}: no stored proxy has that status; validate a list "

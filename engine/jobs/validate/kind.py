@@ -92,12 +92,10 @@ class ValidateJob(JobKind):
             yield chunk
 
     def _import(self, db: Database, run_id: int, path: Path) -> Iterator[int]:
-        import sqlalchemy as sa
-
         from fetchers.proxy_parse import iter_proxy_lines, redact_line
         from storage import proxies as store
         from storage.clock import utcnow
-        from storage.schema import errors
+        from storage.error_log import BAD_INPUT, add_errors
 
         box = self._box()
         seen: set[str] = set()
@@ -113,7 +111,7 @@ class ValidateJob(JobKind):
                             {
                                 "run_id": run_id,
                                 "item_key": f"line {parsed.line_no}",
-                                "error_type": "bad_input",
+                                "error_type": BAD_INPUT,
                                 "message": f"{parsed.error} — {redact_line(parsed.text)!r}",
                                 "created_at": utcnow(),
                             }
@@ -125,20 +123,22 @@ class ValidateJob(JobKind):
                 continue  # a chunk of duplicates: later lines may still hold new proxies
             with db.begin() as conn:
                 ids = store.upsert_proxies(conn, specs, box, source=path.name)
-                if bad_rows:
-                    conn.execute(sa.insert(errors), bad_rows)
+                add_errors(conn, bad_rows)
             yield from ids
         if bad > MAX_PARSE_ERRORS_STORED:
             with db.begin() as conn:
-                conn.execute(
-                    sa.insert(errors).values(
-                        run_id=run_id,
-                        item_key="more",
-                        error_type="bad_input",
-                        created_at=utcnow(),
-                        message=f"{bad - MAX_PARSE_ERRORS_STORED:,} more malformed lines not listed "
-                        f"({bad:,} in all)",
-                    )
+                more = f"{bad - MAX_PARSE_ERRORS_STORED:,} more malformed lines not listed "
+                add_errors(
+                    conn,
+                    [
+                        {
+                            "run_id": run_id,
+                            "item_key": "more",
+                            "error_type": BAD_INPUT,
+                            "created_at": utcnow(),
+                            "message": f"{more}({bad:,} in all)",
+                        }
+                    ],
                 )
 
     def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
