@@ -229,7 +229,7 @@ def _json(status: int, doc: Any, keep: bool, extra: tuple[tuple[str, str], ...] 
 class ApiConnection(asyncio.Protocol):
     """One client connection; requests are answered in order, one at a time."""
 
-    __slots__ = ("buf", "busy", "paused", "state", "timer", "transport")
+    __slots__ = ("buf", "busy", "paused", "state", "stream", "timer", "transport")
 
     def __init__(self, state: ApiState) -> None:
         self.state = state
@@ -237,6 +237,7 @@ class ApiConnection(asyncio.Protocol):
         self.busy = False
         self.timer: asyncio.TimerHandle | None = None
         self.paused: asyncio.Future[None] | None = None
+        self.stream: asyncio.Task[None] | None = None  # a huge body being written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -341,7 +342,7 @@ class ApiConnection(asyncio.Protocol):
             reply = response(200, b"<html>maintenance</html>", "text/html", keep_alive=keep)
         elif outcome == "too_large":
             state.bump("too_large")
-            asyncio.get_running_loop().create_task(self._stream_huge())
+            self.stream = asyncio.get_running_loop().create_task(self._stream_huge())
             return
         else:
             state.bump("ok")
