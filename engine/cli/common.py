@@ -208,10 +208,12 @@ def common_opts(sp: argparse.ArgumentParser, json_help: str = "print one JSON ob
     sp.add_argument("--json", action="store_true", help=json_help)
 
 
-def pool_opts(sp: argparse.ArgumentParser) -> None:
-    """The local pool's size and the run's task shape, on every command that runs a job."""
+def pool_opts(sp: argparse.ArgumentParser, task_shape: bool = True) -> None:
+    """The local pool's size and the run's task shape, on every command that runs a job
+    (``task_shape=False``: a kind whose Params model adds --batch-size and --timeout)."""
     sp.add_argument("--workers", type=int, help="local worker processes (default 2)")
     sp.add_argument("--concurrency", type=int, help="items in flight per worker (200)")
-    sp.add_argument("--batch-size", type=int, help="items per task (50)")
     sp.add_argument("--max-attempts", type=int, help="tries per task (3)")
-    sp.add_argument("--timeout", type=float, help="seconds per check attempt (5)")
+    if task_shape:
+        sp.add_argument("--batch-size", type=int, help="items per task (50)")
+        sp.add_argument("--timeout", type=float, help="seconds per check attempt (5)")

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from engine.jobs.params import Params
 from engine.model import ItemResult, ResultBatch
 from engine.settings import Settings
 
@@ -68,12 +69,14 @@ class JobKind(RunKind):
     # results over as ``ResultBatch`` columns and they arrive in ``store_batch``; when None
     # (the default), one ``ItemResult`` per item arrives in ``store``.
     columns: ClassVar[tuple[str, ...] | None] = None
+    # The kind's run parameters: bounds, defaults, CLI flags (engine.jobs.params).
+    params_model: ClassVar[type[Params]]
 
     @abstractmethod
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Validate and complete the run parameters (raise ValueError with a message for the
-        user); called before the run is created. The result is stored with the run, so it
-        must hold no secrets."""
+        """Validate and complete the run parameters: build ``params_model``, then the checks
+        that need I/O; raise ``ParamError`` naming the field. Called before the run is
+        created; the result is stored with the run, so it must hold no secrets."""
 
     @abstractmethod
     def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:

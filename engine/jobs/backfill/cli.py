@@ -20,6 +20,8 @@ import argparse
 import sys
 from typing import Any
 
+from engine.jobs.backfill.params import BackfillParams
+from engine.jobs.params import add_param_flags, params_from_args
 from storage.errors import DatabaseLockedError
 
 
@@ -37,51 +39,9 @@ def add_commands(sub: Any) -> None:
     b.add_argument(
         "--json", action="store_true", help="print one JSON summary at the end and nothing else"
     )
-    b.add_argument("--ids", metavar="FILE", help="IDs, one a line (or a CSV with --id-column)")
-    b.add_argument("--id-column", metavar="NAME", help="the ID column of a CSV file")
-    b.add_argument(
-        "--id-pattern", metavar="REGEX", help="IDs must match this (others are malformed lines)"
-    )
-    b.add_argument(
-        "--url-template",
-        metavar="URL",
-        help="where an ID's record is, with {id}: 'https://api.example.com/users/{id}'",
-    )
-    b.add_argument(
-        "--rate-limit",
-        metavar="N/PERIOD",
-        help="at most N requests in any window of PERIOD, across all workers: 3000/5m, 10/1s",
-    )
-    b.add_argument("--burst", type=int, help="requests allowed at once within the limit (1)")
-    b.add_argument(
-        "--rate-margin",
-        type=float,
-        metavar="SECONDS",
-        help="how late a request may reach the API after its slot and still count in the "
-        "right window (default 2%% of the period, 0.1 to 2 s); raise it on a jittery network",
-    )
-    b.add_argument(
-        "--rate-key",
-        help="runs with the same key share one limit (default: the API's scheme://host:port)",
-    )
-    b.add_argument(
-        "--header",
-        action="append",
-        metavar="NAME=VALUE",
-        help="request header, repeatable; NAME=env:VAR reads VAR in each worker and stores "
-        "only its name: --header 'Authorization=env:API_TOKEN'",
-    )
-    b.add_argument("--timeout", type=float, help="seconds per request (10)")
-    b.add_argument("--item-attempts", type=int, help="requests per ID before it fails (3)")
-    b.add_argument(
-        "--max-body-bytes",
-        type=int,
-        metavar="N",
-        help="largest answer read (10485760); a larger one is stored as too_large, not retried",
-    )
+    add_param_flags(b, BackfillParams)
     b.add_argument("--workers", type=int, help="local worker processes (default 2)")
     b.add_argument("--concurrency", type=int, help="IDs in flight per worker (200)")
-    b.add_argument("--batch-size", type=int, help="IDs per task (50)")
     b.add_argument("--max-attempts", type=int, help="tries per task after worker crashes (3)")
     b.add_argument(
         "--resume",
@@ -126,21 +86,9 @@ def backfill_params(args: argparse.Namespace) -> dict[str, Any]:
             f"backfill needs {', '.join(missing)} (or --resume RUN_ID); "
             "see `python -m engine.run backfill --help`"
         )
-    return {
-        "ids_file": args.ids,
-        "id_column": args.id_column,
-        "id_pattern": args.id_pattern,
-        "url_template": args.url_template,
-        "rate_limit": args.rate_limit,
-        "burst": args.burst,
-        "rate_margin_s": args.rate_margin,
-        "rate_key": args.rate_key,
-        "headers": list(args.header or []),
-        "timeout_s": args.timeout,
-        "item_attempts": args.item_attempts,
-        "max_body_bytes": args.max_body_bytes,
-        "batch_size": args.batch_size,
-    }
+    params = params_from_args(BackfillParams, args)
+    BackfillParams.build(params)  # a bad value: exit 2 naming its flag (ParamError)
+    return params
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -167,11 +115,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.retry_failed:
         raise UserError("--retry-failed goes with --resume RUN_ID")
     params = backfill_params(args)
-    # Check the parameters before a coordinator and its pool start (fast exit 2).
-    try:
-        get_kind("backfill", settings_from(args)).prepare(dict(params))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    # Check the ID file before a coordinator and its pool start (fast exit 2).
+    get_kind("backfill", settings_from(args)).prepare(dict(params))
     return run_job(args, "backfill", params)
 
 

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from engine.jobs.base import Executor, JobKind
+from engine.jobs.scrape.params import ScrapeParams
 from engine.jobs.scrape.spec import (
     ScrapeSpec,
+    SpecError,
     load_spec,
     normalize_url,
     parse_spec,
@@ -50,6 +52,7 @@ MAX_PROXIES = 10_000
 
 class ScrapeJob(JobKind):
     name = "scrape"
+    params_model = ScrapeParams
     columns = ("page",)  # pages travel as wire tuples in ResultBatch columns
 
     def __init__(self, settings: Any) -> None:
@@ -60,53 +63,51 @@ class ScrapeJob(JobKind):
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
         """``spec`` (a path) or ``spec_text``; optional ``country``, ``methods``,
         ``max_pages``, ``proxies`` (a status like "active" to route through the stored pool),
-        ``strategy``."""
-        if params.get("spec_text"):
-            spec = parse_spec(params["spec_text"], params.get("spec_name") or "spec")
-            base_dir = Path(params.get("base_dir") or ".").resolve()
-            text = params["spec_text"]
-        elif params.get("spec"):
-            path = Path(params["spec"])
-            spec = load_spec(path)
-            base_dir = path.resolve().parent
-            text = path.read_text(encoding="utf-8")
-        else:
-            raise ValueError("give a spec: --spec FILE")
-        sources = spec.all_sources()
-        country = params.get("country")
-        if country:
-            sources = [s for s in sources if s.country.lower() == country.lower()]
-            if not sources:
-                known = ", ".join(sorted({s.country for s in spec.all_sources()}))
-                raise ValueError(f"--country {country}: the spec has sources for {known}")
-        if not spec.extract and not spec.follow.css and not spec.follow.regex:
-            raise ValueError("the spec neither extracts ([[extract]]) nor follows links ([follow])")
-        n_start = sum(len(read_start_urls(s, base_dir)) for s in sources)
+        ``strategy`` (``ScrapeParams``). Reads the spec and its start-URL files."""
+        p = ScrapeParams.build(params, self.settings)
+        try:
+            if p.spec_text:
+                spec = parse_spec(p.spec_text, p.spec_name or "spec")
+                base_dir = Path(p.base_dir or ".").resolve()
+                text = p.spec_text
+            elif p.spec:
+                path = Path(p.spec)
+                spec = load_spec(path)
+                base_dir = path.resolve().parent
+                text = path.read_text(encoding="utf-8")
+            else:
+                raise ScrapeParams.error("spec", "a spec is required: a TOML file, or its text")
+            sources = spec.all_sources()
+            if p.country:
+                sources = [s for s in sources if s.country.lower() == p.country.lower()]
+                if not sources:
+                    known = ", ".join(sorted({s.country for s in spec.all_sources()}))
+                    raise ScrapeParams.error(
+                        "country", f"the spec has sources for {known}", p.country
+                    )
+            if not spec.extract and not spec.follow.css and not spec.follow.regex:
+                raise ScrapeParams.error(
+                    "spec", "the spec neither extracts ([[extract]]) nor follows links ([follow])"
+                )
+            n_start = sum(len(read_start_urls(s, base_dir)) for s in sources)
+        except SpecError as exc:  # where in the spec, or which start-URL file
+            raise ScrapeParams.error("spec", str(exc)) from None
         if n_start == 0:
-            raise ValueError("the spec has no start URLs")
-        methods = params.get("methods")
-        if methods:
-            from fetchers.cascade import parse_methods
-
-            methods = parse_methods(methods)
-        max_pages = params.get("max_pages") or spec.max_pages
+            raise ScrapeParams.error("spec", "the spec has no start URLs")
+        max_pages = p.max_pages or spec.max_pages
         out = {
+            **p.stored(),
             "spec_text": text,
             "spec_name": spec.name,
             "base_dir": str(base_dir),
             "countries": sorted({s.country for s in sources}),
             "entity_type": spec.entity_type,
-            "methods": methods,
             "max_pages": int(max_pages) if max_pages else None,
-            "batch_size": int(params.get("batch_size") or self.settings.batch_size),
-            "files_dir": str(
-                Path(params.get("files_dir") or self.settings.data_dir / "files").resolve()
-            ),
+            "files_dir": str(Path(p.files_dir or self.settings.data_dir / "files").resolve()),
             "start_urls": n_start,
         }
-        if params.get("proxies"):
-            out["proxies"] = str(params["proxies"])
-            out["strategy"] = params.get("strategy") or "adaptive"
+        del out["spec"]  # the text travels with the run; workers need no file
+        if p.proxies:
             out["pool_file"] = str(
                 (self.settings.data_dir / "pools" / f"{uuid.uuid4().hex}.json").resolve()
             )

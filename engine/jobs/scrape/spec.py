@@ -223,7 +223,8 @@ class ApiConfig(_Model):
     max_pages: int = Field(1, ge=1, le=100_000)
     items_path: str = "items"
     next_path: str = "next"
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict)  # credentials as "env:VARIABLE"
+    next_hosts: list[str] = Field(default_factory=list)  # where `next` may lead besides home
 
     @model_validator(mode="after")
     def _check(self) -> ApiConfig:
