@@ -257,7 +257,7 @@ def test_a_body_over_the_bound_is_too_large_final_and_the_transfer_stops(tmp_pat
     assert stats["requests"] == 2 and stats["streams_cut"] == 2, stats
 
 
-def test_max_body_bytes_is_checked(tmp_path: Path) -> None:
+def test_max_body_bytes_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="--max-body-bytes"):
         prepare(tmp_path, "http://127.0.0.1:9/{id}", rate_limit="10/1s", max_body_bytes=0)
     ids = tmp_path / "ids.txt"
@@ -269,9 +269,16 @@ def test_max_body_bytes_is_checked(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2 and "--max-body-bytes: " in out.stderr, out.stderr
+    monkeypatch.delenv("FETCHFLEET_MAX_PAGE_BYTES", raising=False)
     assert prepare(tmp_path, "http://127.0.0.1:9/{id}", rate_limit="10/1s")["max_body_bytes"] == (
         10 * 2**20
     )
+    monkeypatch.setenv("FETCHFLEET_MAX_PAGE_BYTES", "5000000")  # the fleet-wide bound
+    assert prepare(tmp_path, "http://127.0.0.1:9/{id}", rate_limit="10/1s")["max_body_bytes"] == (
+        5_000_000
+    )
+    given = prepare(tmp_path, "http://127.0.0.1:9/{id}", rate_limit="10/1s", max_body_bytes=999)
+    assert given["max_body_bytes"] == 999
 
 
 # --- case 18: ID lines are read with a bound ---------------------------------------------------

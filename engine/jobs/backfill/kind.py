@@ -229,6 +229,8 @@ class BackfillJob(JobKind):
     params_model = BackfillParams
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        from fetchers.config import FetchSettings
+
         p = BackfillParams.build(params, self.settings)
         path = _check_ids_file(p.ids_file, p.id_column)
         rate = p.rate()
@@ -238,6 +240,8 @@ class BackfillJob(JobKind):
             "rate_limit": rate.describe(),
             "rate": rate.to_json(),
             "rate_key": p.rate_key or p.origin(),
+            # One bound for every page the fleet fetches unless the run sets its own.
+            "max_body_bytes": p.max_body_bytes or FetchSettings().max_page_bytes,
         }
 
     def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
