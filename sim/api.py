@@ -8,10 +8,20 @@ few fail once (503, then succeed), optionally some answer non-JSON — all decid
 of the ID, so `expected_outcome(id, config)` tells a test what each ID should end as.
 
 `GET /stats` returns the counters and the busiest window seen, `GET /stats/timeline` the
-admitted requests of each second since the first; `POST /reset` zeroes them.
+admitted requests of each second since the first, `GET /stats/headers` the request headers of
+the last data requests (with `record_headers`); `POST /reset` zeroes them.
 Neither counts toward the limit. With `token` set, data requests need
 `Authorization: Bearer <token>` (401 otherwise; the check runs after the rate limit, as on
 real APIs, so a refused request still counts).
+
+The hostile cases a client must survive, each off by default:
+- `redirect_slash`: `/users/ID` answers 301 to `/users/ID/` (as many REST frameworks do),
+  where the record is; both requests count toward the limit.
+- `redirect_to`: every data request answers 302 to the same path on another origin.
+- `echo_auth`: records carry the request's `Authorization` value, and 404 pages
+  (`not_found_page`) quote it, as debugging endpoints do.
+- `huge_per_mille`: IDs answered 200 with a chunked JSON body of `huge_bytes` (no
+  Content-Length); `streams_cut` counts the clients that hung up before its end.
 
 A raw asyncio Protocol with keep-alive, like the judge: the benchmark shares two cores between
 the workers under test and this server.
@@ -55,7 +65,13 @@ class ApiConfig:
     server_error_per_mille: int = 5  # 500 forever
     flaky_per_mille: int = 10  # 503 on the first request, then 200
     bad_json_per_mille: int = 0  # 200 with an HTML page, forever
+    huge_per_mille: int = 0  # 200 with a chunked body of huge_bytes, forever
+    huge_bytes: int = 64 * 2**20
     token: str | None = None  # require `Authorization: Bearer <token>`
+    redirect_slash: bool = False  # 301 /users/ID -> /users/ID/ (served there)
+    redirect_to: str | None = None  # 302 every data request to this origin, same path
+    echo_auth: bool = False  # records and 404 pages quote the Authorization header
+    record_headers: bool = False  # keep the headers of the last data requests (/stats/headers)
     seed: int = 1
     port: int = 0  # 0: any free port on API_HOST
 
@@ -68,13 +84,15 @@ class ApiConfig:
 
 
 def expected_outcome(item_id: str, config: ApiConfig) -> str:
-    """``ok``, ``not_found``, ``server_error``, ``flaky`` (fails once) or ``bad_json``."""
+    """``ok``, ``not_found``, ``server_error``, ``flaky`` (fails once), ``bad_json`` or
+    ``too_large`` (a ``huge_bytes`` body)."""
     h = zlib.crc32(f"{config.seed}:{item_id}".encode()) % 1000
     for outcome, share in (
         ("not_found", config.not_found_per_mille),
         ("server_error", config.server_error_per_mille),
         ("flaky", config.flaky_per_mille),
         ("bad_json", config.bad_json_per_mille),
+        ("too_large", config.huge_per_mille),
     ):
         if h < share:
             return outcome
@@ -104,7 +122,15 @@ def write_ids(path: Path, n: int, seed: int = 1) -> Path:
     return path
 
 
-def record_for(item_id: str) -> bytes:
+def not_found_page(item_id: str, auth: str | None) -> bytes:
+    """The 404 body; with ``echo_auth`` it quotes the request's Authorization value."""
+    text = f"no record {item_id}"
+    if auth is not None:
+        text += f"; you sent Authorization: {auth}"
+    return (json.dumps({"error": text}) + "\n").encode()
+
+
+def record_for(item_id: str, echo: str | None = None) -> bytes:
     h = int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
     record = {
         "id": item_id,
@@ -113,6 +139,8 @@ def record_for(item_id: str) -> bytes:
         "posts": (h >> 20) % 10_000,
         "created_at": f"20{10 + (h >> 8) % 15}-0{1 + (h >> 4) % 9}-1{(h >> 12) % 9}T00:00:00Z",
     }
+    if echo is not None:
+        record["echo"] = {"authorization": echo}
     return json.dumps(record).encode()
 
 
@@ -130,6 +158,9 @@ class ApiState:
     failed_once: set[str] = field(default_factory=set)
     per_second: list[int] = field(default_factory=list)  # admitted, by second since first_at
     started: float = field(default_factory=time.monotonic)
+    headers_seen: deque[list[tuple[str, str]]] = field(
+        default_factory=lambda: deque(maxlen=1000)
+    )  # with record_headers: the headers of the last data requests, in order
 
     def reset(self) -> None:
         self.window.clear()
@@ -138,6 +169,7 @@ class ApiState:
         self.first_at = self.last_at = None
         self.failed_once.clear()
         self.per_second.clear()
+        self.headers_seen.clear()
 
     def bump(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -178,6 +210,9 @@ class ApiState:
             "flaky_503": self.counts.get("flaky", 0),
             "bad_json": self.counts.get("bad_json", 0),
             "unauthorized": self.counts.get("unauthorized", 0),
+            "redirected": self.counts.get("redirected", 0),
+            "too_large": self.counts.get("too_large", 0),
+            "streams_cut": self.counts.get("streams_cut", 0),
             "limit": cfg.limit,
             "window_s": cfg.window_s,
             "peak_window": self.peak_window,
@@ -194,13 +229,15 @@ def _json(status: int, doc: Any, keep: bool, extra: tuple[tuple[str, str], ...] 
 class ApiConnection(asyncio.Protocol):
     """One client connection; requests are answered in order, one at a time."""
 
-    __slots__ = ("buf", "busy", "state", "timer", "transport")
+    __slots__ = ("buf", "busy", "paused", "state", "stream", "timer", "transport")
 
     def __init__(self, state: ApiState) -> None:
         self.state = state
         self.buf = bytearray()
         self.busy = False
         self.timer: asyncio.TimerHandle | None = None
+        self.paused: asyncio.Future[None] | None = None
+        self.stream: asyncio.Task[None] | None = None  # a huge body being written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -246,6 +283,9 @@ class ApiConnection(asyncio.Protocol):
         if path == "/stats/timeline":  # admitted requests per second since the first one
             self._send(_json(200, state.per_second, keep), close=not keep)
             return
+        if path == "/stats/headers":
+            self._send(_json(200, list(state.headers_seen), keep), close=not keep)
+            return
         if path == "/reset" and head.method in ("POST", "GET"):
             state.reset()
             self._send(_json(200, {"reset": True}, keep), close=not keep)
@@ -254,7 +294,11 @@ class ApiConnection(asyncio.Protocol):
         if prefix is None or head.method != "GET" or len(path) == len(prefix):
             self._send(_json(404, {"error": "no such route"}, keep), close=not keep)
             return
-        item_id = unquote(path[len(prefix) :])
+        cfg = state.config
+        slash = path.endswith("/")
+        item_id = unquote(path[len(prefix) :].rstrip("/"))
+        if cfg.record_headers:
+            state.headers_seen.append(list(head.headers))
         retry_after = state.admit(time.monotonic())
         if retry_after is not None:
             reply = _json(
@@ -265,12 +309,21 @@ class ApiConnection(asyncio.Protocol):
             )
             self._send(reply, close=not keep)
             return
-        cfg = state.config
+        if cfg.redirect_to is not None or (cfg.redirect_slash and not slash):
+            state.bump("redirected")
+            status, where = (
+                (302, cfg.redirect_to.rstrip("/") + head.target)
+                if cfg.redirect_to is not None
+                else (301, path + "/")
+            )
+            self._later(response(status, b"", extra=(("Location", where),), keep_alive=keep), keep)
+            return
         if cfg.token is not None and head.get("Authorization") != f"Bearer {cfg.token}":
             state.bump("unauthorized")
             reply = _json(401, {"error": "missing or wrong token"}, keep)
             self._later(reply, keep)
             return
+        echo = head.get("Authorization") if cfg.echo_auth else None
         outcome = expected_outcome(item_id, cfg)
         if outcome == "flaky" and item_id not in state.failed_once:
             state.failed_once.add(item_id)
@@ -278,17 +331,46 @@ class ApiConnection(asyncio.Protocol):
             reply = _json(503, {"error": "try again"}, keep)
         elif outcome == "not_found":
             state.bump("not_found")
-            reply = _json(404, {"error": f"no record {item_id}"}, keep)
+            reply = response(
+                404, not_found_page(item_id, echo), "application/json", keep_alive=keep
+            )
         elif outcome == "server_error":
             state.bump("server_error")
             reply = response(500, b"internal error\n", keep_alive=keep)
         elif outcome == "bad_json":
             state.bump("bad_json")
             reply = response(200, b"<html>maintenance</html>", "text/html", keep_alive=keep)
+        elif outcome == "too_large":
+            state.bump("too_large")
+            self.stream = asyncio.get_running_loop().create_task(self._stream_huge())
+            return
         else:
             state.bump("ok")
-            reply = response(200, record_for(item_id), "application/json", keep_alive=keep)
+            reply = response(200, record_for(item_id, echo), "application/json", keep_alive=keep)
         self._later(reply, keep)
+
+    async def _stream_huge(self) -> None:
+        """A JSON body of ``huge_bytes``, chunked (no Content-Length to refuse it by), written
+        as fast as the client reads; then the connection closes."""
+        total = self.state.config.huge_bytes
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\nServer: fetchfleet-sim\r\n\r\n"
+        )
+        filler = b"x" * 65536
+        parts = [b'{"pad": "', *([filler] * max(0, (total - 11) // len(filler))), b'"}']
+        sent = 0
+        for part in parts:
+            if self.transport.is_closing():
+                break
+            self.transport.write(b"%x\r\n%s\r\n" % (len(part), part))
+            sent += 1
+            if self.paused is not None:
+                await self.paused
+        self.state.bump("streams_cut" if sent < len(parts) else "streams_done")
+        if not self.transport.is_closing():
+            self.transport.write(b"0\r\n\r\n")
+            self.transport.close()
 
     def _later(self, reply: bytes, keep: bool) -> None:
         lo, hi = self.state.config.latency_ms
@@ -310,6 +392,15 @@ class ApiConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.resume_writing()  # a stream waiting for room sees the hang-up
+
+    def pause_writing(self) -> None:
+        self.paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.paused is not None and not self.paused.done():
+            self.paused.set_result(None)
+        self.paused = None
 
 
 async def start_api(config: ApiConfig, sock: Any | None = None) -> tuple[asyncio.Server, ApiState]:

@@ -162,6 +162,10 @@ def duckdb_path(url: str) -> Path | None:
     return Path(parsed.database).expanduser()
 
 
+def _quiet_duckdb(dbapi_conn: object, _record: object) -> None:
+    dbapi_conn.execute("SET enable_progress_bar = false")  # type: ignore[attr-defined]
+
+
 def _open(url: str, create: bool, components: tuple[Component, ...]) -> Database:
     url = normalize_url(url)
     parsed = make_url(url)
@@ -174,6 +178,9 @@ def _open(url: str, create: bool, components: tuple[Component, ...]) -> Database
         # Connections of one process share the same DuckDB instance (its instance cache),
         # so a small pool lets the coordinator write while pages read.
         engine = sa.create_engine(url, pool_size=4, max_overflow=4)
+        # DuckDB draws a progress bar on stdout for queries over 2 s (planning a big ID list
+        # on a busy machine): stdout belongs to the CLI (`--json` prints one object there).
+        sa.event.listen(engine, "connect", _quiet_duckdb)
     elif parsed.get_backend_name() == "postgresql":
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
     else:

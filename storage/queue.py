@@ -216,6 +216,28 @@ def fail(
     )
 
 
+def requeue(conn: sa.Connection, task_ids: Iterable[int], reason: str) -> None:
+    """Leased tasks back to the queue at once, their claim not counted as an attempt: for
+    leases whose holder died through no fault of the task (its coordinator was killed), so
+    that crashes of ours never use up a task's ``max_attempts``."""
+    ids = list(task_ids)
+    if ids:
+        conn.execute(
+            sa.update(tasks)
+            .where(tasks.c.id.in_(ids), tasks.c.status == "leased")
+            .values(
+                status="queued",
+                attempts=sa.func.greatest(tasks.c.attempts - 1, 0),
+                available_at=None,
+                worker_id=None,
+                lease_token=None,
+                lease_until=None,
+                last_error=reason[:2000],
+                updated_at=db_now(),
+            )
+        )
+
+
 def expired_leases(conn: sa.Connection, include_live: bool = False) -> list[tuple[int, str]]:
     """(task id, worker id) of leases whose holder stopped heartbeating (or all leases)."""
     conds = [tasks.c.status == "leased"]

@@ -93,7 +93,7 @@ class Coordinator:
         their leases to expire, and mark the old workers dead."""
         with self.db.begin() as conn:
             leased = q.expired_leases(conn, include_live=True)
-            q.fail(conn, [t for t, _ in leased], "coordinator restarted", backoff_seconds=0)
+            q.requeue(conn, [t for t, _ in leased], "coordinator restarted")  # no attempt
             for worker_id in q.stale_workers(conn, older_than_s=0):
                 q.end_worker(conn, worker_id, "dead", "its coordinator was killed")
         if leased:

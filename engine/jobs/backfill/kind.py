@@ -3,18 +3,23 @@
 Items are the IDs themselves (strings). Planning streams the ID file (text, one a line, or a
 CSV column) into ``backfill_inputs`` in chunks, flags duplicates in SQL and pages the unique
 IDs into tasks, so no process holds the list. Malformed lines go to ``errors`` (``bad_input``,
-``line N``). Each worker process opens one aiohttp session per run (pooled keep-alive
-connections) and, for every request, first takes a slot from the run's shared limiter
-(``engine.ratelimit.base``): the local pool shares an mmap'd file, PostgreSQL workers share a
-row. An item is retried inside the worker with exponential backoff (5xx, network errors,
-timeouts, non-JSON answers); 404/410 and other 4xx are permanent; a 429 honours
-``Retry-After`` and pushes the shared schedule back so every worker slows down. The final
-outcome of each ID is stored once per (run, ID) with its HTTP status, its JSON body, the
-error, the number of requests it took, the worker and the time.
+``line N``); lines are read with a bound (``MAX_LINE_CHARS``), so an over-long line is one
+malformed line, never a whole-file read. Each worker process opens one aiohttp session per run
+(pooled keep-alive connections) and, for every request, first takes a slot from the run's
+shared limiter (``engine.ratelimit.base``): the local pool shares an mmap'd file, PostgreSQL
+workers share a row. Redirects are followed here, not by aiohttp, so that every hop takes a
+slot too (at most ``MAX_REDIRECTS``) and the headers the user configured never leave their
+origin. A body is read up to ``max_body_bytes`` (``too_large`` beyond, final). An item is
+retried inside the worker with exponential backoff (5xx, network errors, timeouts, non-JSON
+answers); 404/410 and other 4xx are permanent; a 429 honours ``Retry-After`` and pushes the
+shared schedule back so every worker slows down. The final outcome of each ID is stored once
+per (run, ID) with its HTTP status, its JSON body, the error, the number of requests it took,
+the worker and the time.
 
 Secrets: ``--header 'Authorization=env:API_TOKEN'`` stores the variable's *name* in the run;
 each worker reads the value from its own environment when it opens the run, and it is never
-logged or stored. A literal value for a header that looks like a credential is refused.
+logged or stored: an API that echoes it back finds it masked (``***``) in the stored body and
+error. A literal value for a header that looks like a credential is refused.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from email.utils import parsedate_to_datetime
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 from engine.jobs.backfill.params import (  # noqa: F401 — parse_header, HeaderSpec: re-exported
+    DEFAULT_MAX_BODY_BYTES,
     BackfillParams,
     HeaderSpec,
     check_url_template,
@@ -61,9 +67,13 @@ IMPORT_CHUNK = 20_000  # lines read and staged per transaction while planning
 PAGE = 20_000  # input lines read back per query while planning
 MAX_PARSE_ERRORS_STORED = 1_000
 MAX_ID_LENGTH = 512
+MAX_LINE_CHARS = 64 * 1024  # a longer line of the ID file is malformed, and skipped unread
 MAX_RATE_LIMITED = 5  # 429s an item may meet before it is stored as failed
 MAX_RETRY_AFTER_S = 600.0
 PERMANENT_NOT_FOUND = {404, 410}
+REDIRECTS = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 5  # hops followed per request, each taking a slot of the limit
+ERROR_CHARS = 200  # of an error page kept in the stored error (after masking)
 USER_AGENT = "fetchfleet-backfill/0.1"
 SAFE_IN_PATH = ":@!$&'()*+,;="  # RFC 3986 pchar sub-delims stay readable (did:plc:…)
 
@@ -131,36 +141,86 @@ def check_id(raw: str, pattern: re.Pattern[str] | None) -> tuple[str | None, str
     return value, None
 
 
+def _bounded_lines(fh: Any, limit: int = MAX_LINE_CHARS) -> Iterator[tuple[str, bool]]:
+    """(line, too long) of a text file, each read with a bound: of a line over ``limit``
+    characters only its start is returned (the rest is skipped in bounded reads, never held),
+    so one 100 MB line costs what a short one does."""
+    while True:
+        line = fh.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(("\n", "\r")):
+            yield line, False
+            continue
+        while (rest := fh.readline(65536)) and not rest.endswith(("\n", "\r")):
+            pass
+        yield line[:200], True
+
+
+def _too_long(n: int, text: str = "") -> IdLine:
+    return IdLine(n, None, f"line longer than {MAX_LINE_CHARS:,} characters: not an ID", text)
+
+
 def iter_ids(
     path: Path, id_column: str | None = None, id_pattern: str | None = None
 ) -> Iterator[IdLine]:
-    """Stream a text file (one ID a line, ``#`` comments) or a CSV column, numbered from 1."""
+    """Stream a text file (one ID a line, ``#`` comments) or a CSV column, numbered from 1.
+
+    Lines are read with a bound (``MAX_LINE_CHARS``): an over-long line is one malformed line.
+    A CSV row is numbered by its first line; a row the csv module refuses (a quoted field
+    over its 128 KiB field limit) is one malformed row, and reading goes on after it."""
     pattern = re.compile(id_pattern) if id_pattern else None
     # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first ID
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         if id_column is None:
-            for n, line in enumerate(fh, 1):
+            for n, (line, too_long) in enumerate(_bounded_lines(fh), 1):
+                if too_long:
+                    yield _too_long(n, line)
+                    continue
                 if line.lstrip().startswith("#"):
                     yield IdLine(n, None)
                     continue
                 item, err = check_id(line, pattern)
                 yield IdLine(n, item, err, line.strip())
             return
-        reader = csv.reader(fh)
+        long_lines: list[int] = []  # over-long physical lines not reported yet
+
+        def physical() -> Iterator[str]:
+            for n, (line, too_long) in enumerate(_bounded_lines(fh), 1):
+                if too_long:
+                    long_lines.append(n)
+                    yield "\n"  # keeps the csv module's line count; reported below
+                else:
+                    yield line
+
+        reader = csv.reader(physical())
         header = [h.strip() for h in next(reader, [])]
         col = header.index(id_column)
-        for row in reader:
-            n = reader.line_num
+        while True:
+            first = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                long_lines.clear()
+                yield IdLine(first, None, f"not a CSV row: {exc}")
+                continue
+            if long_lines:
+                yield _too_long(long_lines[0])
+                long_lines.clear()
+                continue
             if not row or all(not c.strip() for c in row):
-                yield IdLine(n, None)
+                yield IdLine(first, None)
                 continue
             if col >= len(row):
-                yield IdLine(n, None, f"no {id_column!r} column on this row", ",".join(row))
+                text = ",".join(row)[:200]
+                yield IdLine(first, None, f"no {id_column!r} column on this row", text)
                 continue
             item, err = check_id(row[col], pattern)
             if item is None and err is None:
                 err = f"empty {id_column!r}"
-            yield IdLine(n, item, err, row[col])
+            yield IdLine(first, item, err, row[col][:200])
 
 
 # --- the job kind -----------------------------------------------------------------------------
@@ -171,6 +231,8 @@ class BackfillJob(JobKind):
     params_model = BackfillParams
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        from fetchers.config import FetchSettings
+
         p = BackfillParams.build(params, self.settings)
         path = _check_ids_file(p.ids_file, p.id_column)
         rate = p.rate()
@@ -180,6 +242,8 @@ class BackfillJob(JobKind):
             "rate_limit": rate.describe(),
             "rate": rate.to_json(),
             "rate_key": p.rate_key or p.origin(),
+            # One bound for every page the fleet fetches unless the run sets its own.
+            "max_body_bytes": p.max_body_bytes or FetchSettings().max_page_bytes,
         }
 
     def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
@@ -333,6 +397,64 @@ def retry_after_seconds(value: str | None, default: float = 1.0) -> float:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+class Masker:
+    """Replaces every secret value with ``***``: the whole value, each word of it of 8+
+    characters (the token of ``Bearer <token>``), and their JSON-escaped forms (an API that
+    echoes a value does so inside JSON). Mask first, cut after: a cut through a secret would
+    keep the part before it."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            if not secret:
+                continue
+            for value in (secret, *(p for p in secret.split() if len(p) >= 8)):
+                forms.update((value, json.dumps(value)[1:-1]))
+        self.forms = sorted(forms, key=len, reverse=True)  # the whole value before its words
+        # Bytes of a page to decode so that a secret starting inside its first n characters
+        # is wholly in the text that is masked (a UTF-8 character is at most 4 bytes).
+        self.extra_bytes = max((len(f.encode()) for f in self.forms), default=0)
+
+    def __call__(self, text: str) -> str:
+        for form in self.forms:
+            text = text.replace(form, "***")
+        return text
+
+    def cut(self, text: str, n: int) -> str:
+        return self(text)[:n]
+
+    def snippet(self, raw: bytes, n: int) -> str:
+        """The first ``n`` characters of a page, masked, for an error message."""
+        text = raw[: 4 * n + self.extra_bytes].decode("utf-8", "replace")
+        return self(text).strip()[:n]
+
+
+def origin_of(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL; None when it is not one."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
+
+
+@dataclass(slots=True)
+class Answer:
+    """One HTTP exchange: a final answer (outcome…) or a redirect (``location``)."""
+
+    outcome: str = ""
+    error: str | None = None
+    retry: bool = False
+    body: str | None = None
+    status: int | None = None
+    retry_after: str | None = None
+    location: str | None = None
+
+
 class BackfillExecutor(Executor):
     """One per worker process and run: one aiohttp session (keep-alive pool) and the gate."""
 
@@ -344,63 +466,64 @@ class BackfillExecutor(Executor):
         self.key = params["rate_key"]
         self.attempts = int(params["item_attempts"])
         self.backoff = float(params["retry_backoff_s"])
+        self.max_body = int(params.get("max_body_bytes") or DEFAULT_MAX_BODY_BYTES)
         self.limiter = limiter
         self.gate = Gate(limiter)
         self._aiohttp = aiohttp
-        headers = resolve_headers(params.get("headers") or [])
+        specs = params.get("headers") or []
+        # Sent per request, not as session defaults: on another origin (a redirect) none of
+        # the headers the user configured goes along, credential-looking or not.
+        self.headers = resolve_headers(specs)
+        self.foreign_headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         # Values from the environment never reach storage, even when an API echoes them back
-        # in an error page: they are masked in every stored error text.
+        # in a record or an error page: they are masked in every stored body and error.
         self._secrets = [
-            headers[h["name"]]
-            for h in params.get("headers") or []
-            if h.get("env") and headers[h["name"]]
+            self.headers[h["name"]] for h in specs if h.get("env") and self.headers[h["name"]]
         ]
+        self.mask = Masker(self._secrets)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=float(params["timeout_s"])),
-            headers=headers,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-            for part in secret.split():  # "Bearer <token>": the token alone, too
-                if len(part) >= 8:
-                    text = text.replace(part, "***")
-        return text
+        return self.mask(text)
 
     def url_for(self, item_id: str) -> str:
         return self.template.replace("{id}", quote(item_id, safe=SAFE_IN_PATH))
 
     async def execute(self, item: str) -> tuple[bool, str, dict[str, Any]]:
-        url = self.url_for(item)
+        start = self.url_for(item)
+        home = origin_of(start)
+        url, hops = start, 0
         requests = failures = limited = 0
         while True:
-            await self.gate.wait(self.key, self.rate)
+            await self.gate.wait(self.key, self.rate)  # every hop of a redirect, too
             requests += 1
             sent = datetime.now(UTC).replace(tzinfo=None)
             began = time.perf_counter()
-            status: int | None = None
-            body: str | None = None
-            retry_after: str | None = None
-            try:
-                async with self.session.get(url, allow_redirects=True) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    retry_after = resp.headers.get("Retry-After")
-                outcome, error, retry, body = classify(status, raw)
-            except TimeoutError:
-                outcome, error, retry = "timeout", "no answer within the timeout", True
-            except (self._aiohttp.ClientError, OSError) as exc:
-                outcome, error, retry = "network", f"{type(exc).__name__}: {exc}"[:500], True
+            answer = await self._request(url, same_origin=origin_of(url) == home)
             elapsed = (time.perf_counter() - began) * 1000
-            if error and self._secrets:
-                error = self.redact(error)
+            if answer.location is not None:
+                if hops < MAX_REDIRECTS:
+                    url, hops = answer.location, hops + 1
+                    continue
+                answer = Answer(
+                    "too_many_redirects",
+                    self.mask.cut(
+                        f"HTTP {answer.status}: more than {MAX_REDIRECTS} redirects "
+                        f"(the last to {answer.location})",
+                        500,
+                    ),
+                    status=answer.status,
+                )
+            url, hops = start, 0  # a retry starts again from the ID's own URL
+            outcome = answer.outcome
             data = {
-                "http_status": status,
-                "body": body,
-                "error": error,
+                "http_status": answer.status,
+                "body": answer.body,
+                "error": answer.error,
                 "attempts": requests,
                 "fetched_at": sent,
                 "elapsed_ms": round(elapsed, 2),
@@ -409,23 +532,73 @@ class BackfillExecutor(Executor):
                 return True, outcome, data
             if outcome == "rate_limited":
                 limited += 1
-                wait = retry_after_seconds(retry_after)
+                wait = retry_after_seconds(answer.retry_after)
                 await self.limiter.penalize(self.key, self.rate, wait)
                 if limited < MAX_RATE_LIMITED:
                     continue  # the gate's next slot is after Retry-After
                 return False, outcome, data
             failures += 1
-            if not retry or failures >= self.attempts:
+            if not answer.retry or failures >= self.attempts:
                 return False, outcome, data
             delay = self.backoff * 2 ** (failures - 1)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+
+    async def _request(self, url: str, same_origin: bool) -> Answer:
+        """One GET, redirects not followed; the body read up to ``max_body``."""
+        headers = self.headers if same_origin else self.foreign_headers
+        try:
+            async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+                location = resp.headers.get("Location")
+                if status in REDIRECTS and location:
+                    target = urljoin(str(resp.url), location)
+                    await self._read(resp, 64 * 1024)  # small: the connection is reused
+                    if origin_of(target) is None:
+                        error = f"HTTP {status}: a redirect to {location!r}, not an http(s) URL"
+                        return Answer("bad_redirect", self.mask.cut(error, 500), status=status)
+                    return Answer(status=status, location=target)
+                raw = await self._read(resp, self.max_body)
+                if raw is None:
+                    resp.close()  # stop the transfer
+                    length = resp.content_length
+                    what = (
+                        f"Content-Length {length:,} is over"
+                        if length is not None and length > self.max_body
+                        else "the body grew over"
+                    )
+                    error = f"HTTP {status}: {what} --max-body-bytes {self.max_body:,}; not kept"
+                    return Answer("too_large", error, status=status)
+                retry_after = resp.headers.get("Retry-After")
+            outcome, error, retry, body = classify(status, raw, self.mask)
+            return Answer(outcome, error, retry, body, status, retry_after)
+        except TimeoutError:
+            return Answer("timeout", "no answer within the timeout", True)
+        except (self._aiohttp.ClientError, OSError) as exc:
+            return Answer("network", self.mask.cut(f"{type(exc).__name__}: {exc}", 500), True)
+
+    @staticmethod
+    async def _read(resp: Any, limit: int) -> bytes | None:
+        """The body, or None as soon as it is known to be over ``limit`` bytes."""
+        length = resp.content_length
+        if length is not None and length > limit:
+            return None
+        buf = bytearray()
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            buf += chunk
+            if len(buf) > limit:
+                return None
+        return bytes(buf)
 
     async def aclose(self) -> None:
         await self.session.close()
 
 
-def classify(status: int, raw: bytes) -> tuple[str, str | None, bool, str | None]:
-    """(outcome, error, retryable, JSON body) of one HTTP answer."""
+def classify(
+    status: int, raw: bytes, mask: Masker | None = None
+) -> tuple[str, str | None, bool, str | None]:
+    """(outcome, error, retryable, JSON body) of one HTTP answer; secrets masked in the body
+    and in the error before any cut."""
+    mask = mask or Masker(())
     if status == 429:
         return "rate_limited", "HTTP 429 Too Many Requests", True, None
     if 200 <= status < 300:
@@ -433,10 +606,10 @@ def classify(status: int, raw: bytes) -> tuple[str, str | None, bool, str | None
             text = raw.decode("utf-8")
             json.loads(text)
         except (UnicodeDecodeError, ValueError) as exc:
-            snippet = raw[:80].decode("utf-8", "replace")
+            snippet = mask.snippet(raw, 80)
             return "bad_json", f"not JSON ({exc.__class__.__name__}): {snippet!r}", True, None
-        return "ok", None, False, text
-    snippet = raw[:200].decode("utf-8", "replace").strip()
+        return "ok", None, False, mask(text)
+    snippet = mask.snippet(raw, ERROR_CHARS)
     error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
     if status in PERMANENT_NOT_FOUND:
         return "not_found", error, False, None

@@ -23,6 +23,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SENSITIVE = re.compile(r"auth|token|secret|key|cookie|passw|session|signature", re.I)
 _PLACEHOLDER = re.compile(r"\{[^}]*\}")
+DEFAULT_MAX_BODY_BYTES = 10 * 2**20  # an old run's, stored before the parameter existed
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,15 @@ class BackfillParams(TaskParams):
     timeout_s: float = timeout_param(10.0, "seconds per request")
     item_attempts: int = param(
         3, description="requests per ID before it fails", label="requests per ID", ge=1, le=20
+    )
+    max_body_bytes: int | None = param(
+        None,
+        description="largest answer read (default FETCHFLEET_MAX_PAGE_BYTES, 10 MiB); a "
+        "larger one is stored as too_large, not retried",
+        metavar="N",
+        label="the largest body",
+        unit="bytes",
+        ge=1,
     )
     retry_backoff_s: float = param(
         0.5, description="first retry delay of an ID; it doubles after", cli=False, ge=0
