@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from engine.jobs.base import Executor, JobKind
+from engine.jobs.base import Executor, JobKind, WorkerEnv
 from engine.jobs.scrape.spec import (
     ScrapeSpec,
     load_spec,
@@ -186,7 +186,7 @@ class ScrapeJob(JobKind):
     def ok_outcomes(self) -> set[str]:
         return {"done"}
 
-    async def open_executor(self, params: dict[str, Any]) -> Executor:
+    async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
         from fetchers.cascade import Fetcher
         from fetchers.config import FetchSettings
 
