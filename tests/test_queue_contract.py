@@ -122,7 +122,7 @@ class MemoryHarness(Harness):
         self.now += self.mq.lease_s + 1
         return self.mq.requeue_expired()
 
-    def tick(self) -> None:  # noqa: B027 — optional
+    def tick(self) -> None:
         self.now += 1.0
 
 
@@ -182,7 +182,7 @@ class SqlHarness(Harness):
             time.sleep(0.05)
         raise AssertionError(f"no lease expired within {WAIT_S}s")
 
-    def tick(self) -> None:  # noqa: B027 — optional
+    def tick(self) -> None:
         time.sleep(0.01)  # the database clock has microseconds: any step will do
 
     def close(self) -> None:
@@ -222,7 +222,7 @@ class PipeHarness(SqlHarness):
     def request_exit(self, worker_id: str) -> None:
         self.server.request_exit(worker_id)
 
-    def sync(self) -> None:  # noqa: B027 — optional
+    def sync(self) -> None:
         # Requests are applied in arrival order: once a round trip is answered, everything
         # sent before it is buffered; then the service thread flushes.
         self.queue("sync").heartbeat("sync", [], "idle", 0, 0)
