@@ -51,18 +51,8 @@ class Op(IntEnum):
     UNREGISTER = 7
 
 
-# The server's hot path compares plain ints.
-_SUBMIT, _COMPLETE, _CLAIM, _HEARTBEAT = (
-    int(Op.SUBMIT),
-    int(Op.COMPLETE),
-    int(Op.CLAIM),
-    int(Op.HEARTBEAT),
-)
-_RELEASE, _FAIL, _UNREGISTER = int(Op.RELEASE), int(Op.FAIL), int(Op.UNREGISTER)
-
-
 def _one_way(op: int) -> bool:
-    return op >= _SUBMIT
+    return op >= Op.SUBMIT
 
 
 class PipeQueue(QueueBackend):
@@ -176,9 +166,9 @@ class PipeServer:
         )
 
     def forget(self, worker_id: str) -> None:
-        """The worker's process ended: drop its reply channel."""
+        """The worker's process ended: drop its reply channel. (Its exit request stays: a
+        request it sent before it ended must not lease it tasks.)"""
         self._replies.pop(worker_id, None)
-        self._exit.discard(worker_id)
 
     def request_exit(self, worker_id: str) -> None:
         """The worker's next claim or heartbeat answers EXIT."""
@@ -220,22 +210,22 @@ class PipeServer:
             if request is None:  # wake()
                 return
             worker_id, req_id, op, args = request
-            if op < _SUBMIT:
+            if op < Op.SUBMIT:
                 reply = self._reply(worker_id, op, args)
                 replies = self._replies.get(worker_id)
                 if replies is not None:
                     replies.put((req_id, reply))
-            elif op == _SUBMIT:
+            elif op == Op.SUBMIT:
                 self._results.extend(args[0])
                 self._n_results += sum(len(r) if isinstance(r, ResultBatch) else 1 for r in args[0])
             else:  # complete, release, fail, unregister: applied with the next flush
                 self._ops.append((op, worker_id, args))
-                if op == _COMPLETE and self._dry:
+                if op == Op.COMPLETE and self._dry:
                     self._flush_now = True  # the queue ran dry: these may be a run's last tasks
                     return
 
     def _reply(self, worker_id: str, op: int, args: tuple[Any, ...]) -> Any:
-        if op == _CLAIM:
+        if op == Op.CLAIM:
             if worker_id in self._exit or self.closing():
                 return EXIT
             reply = self.sql.claim(worker_id, *args)
@@ -243,7 +233,7 @@ class PipeServer:
             # now on completions are stored at once instead of at the next periodic flush.
             self._dry = len(reply.tasks) < args[0]
             return reply
-        if op == _HEARTBEAT:
+        if op == Op.HEARTBEAT:
             reply = self.sql.heartbeat(worker_id, *args)
             if worker_id in self._exit:
                 return Reply(directives=reply.directives, worker_action=WorkerAction.EXIT)
@@ -255,17 +245,17 @@ class PipeServer:
         results, self._results = self._results, []
         self._n_results = 0
         ops, self._ops = self._ops, []
-        completes = [t for op, _, args in ops if op == _COMPLETE for t in args[0]]
+        completes = [t for op, _, args in ops if op == Op.COMPLETE for t in args[0]]
         if results or completes:
             self.sql.store(results, completes)
         if completes:  # settle now: a run whose last task just finished ends at once
             self.on_completed()
         for op, worker_id, args in ops:
-            if op == _RELEASE:
+            if op == Op.RELEASE:
                 self.sql.release(worker_id, *args)
-            elif op == _FAIL:
+            elif op == Op.FAIL:
                 self.sql.fail(worker_id, *args)
-            elif op == _UNREGISTER:
+            elif op == Op.UNREGISTER:
                 self.sql.unregister(worker_id, *args)
 
 

@@ -19,7 +19,7 @@ from engine.jobs import get_kind
 from engine.jobs.base import JobKind
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
 from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, directive_for
-from engine.queue.boot import WorkerBoot
+from engine.queue.boot import BootFactory, WorkerBoot
 from engine.ratelimit.base import MemoryLimiter, RateLimiter
 from engine.settings import Settings
 from storage import queue as q
@@ -197,7 +197,7 @@ class SqlBoot(WorkerBoot):
     _db: Database | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def factory(cls, db_url: str) -> Any:
+    def factory(cls, db_url: str) -> BootFactory:
         """A pool's ``BootFactory`` for workers of ``db_url``."""
 
         def boot(worker_id: str, settings: Settings, log_level: str) -> SqlBoot:
