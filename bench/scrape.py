@@ -499,8 +499,6 @@ category = ".category"
 
 def ff_available() -> str | None:
     """None when `engine.run scrape` exists here, else why not."""
-    if not (REPO / "engine" / "jobs" / "scrape.py").exists():
-        return "not available (scrape job missing)"
     run = subprocess.run(
         [sys.executable, "-m", "engine.run", "scrape", "--help"],
         cwd=REPO,

@@ -1,9 +1,12 @@
 """Form checks, before anything starts: each problem is reported against its field.
 
-Pure functions (no streamlit) so they are tested directly and reused by every page. A form
-that passes becomes the same ``params`` dict the CLI builds; ``ValidateJob.prepare`` then
-runs its own checks (the judge answers, the file exists) and its ``ValueError`` message is
-shown too.
+Pure functions (no streamlit) so they are tested directly and reused by every page. The run
+parameters are checked by the kind's ``Params`` model (``engine.jobs.<kind>.params``), the
+same that ``prepare`` and the CLI use, and its widgets take their defaults and bounds from it
+(``number_field``); what only a form has (a pasted list, the shared pool) is checked here. A
+form that passes becomes the ``params`` dict ``prepare`` takes; a ``ParamError`` it raises
+(the judge does not answer, the file has no such column) names its field too, and
+``param_errors`` turns it into the same ``{field: message}`` a page shows under each field.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+
+from engine.jobs.params import ParamError, Params, bounds
+from engine.jobs.scrape.params import ScrapeParams
+from engine.jobs.validate.params import ValidateParams
+from engine.settings import Settings
 
 PRESCAN_LINES = 5_000
-PROTOCOLS = ("http", "https", "socks4", "socks5")
-STATUSES = ("untested", "active", "inactive")
+GENERAL = ""  # the key of a problem of the whole run (ParamError.field None)
 
 
 @dataclass
@@ -30,6 +36,64 @@ class FormResult:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def param_errors(exc: ParamError) -> dict[str, str]:
+    """Each field's message, by parameter name (``GENERAL`` for the run as a whole)."""
+    return {field or GENERAL: message for field, message in exc.by_field().items()}
+
+
+def check_params(model: type[Params], params: dict[str, Any]) -> dict[str, str]:
+    """The model's verdict on a form's parameters, field by field (empty when all is right)."""
+    try:
+        model.build(params)
+    except ParamError as exc:
+        return param_errors(exc)
+    return {}
+
+
+def _num(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def number_field(
+    model: type[Params], name: str, settings: Settings | None = None, value: Any = None
+) -> dict[str, Any]:
+    """``st.number_input`` keyword arguments for a parameter: its default (the setting's
+    first) and a help text with its description and bounds, from the model. The bounds are
+    not the widget's min/max: Streamlit would silently reset a value out of range to the
+    default; the model's check says what is wrong under the field instead."""
+    info = model.model_fields[name]
+    b = bounds(model, name)
+    limits = []
+    if "ge" in b:
+        limits.append(f"at least {_num(b['ge'])}")
+    if "gt" in b:
+        limits.append(f"more than {_num(b['gt'])}")
+    if "le" in b:
+        limits.append(f"at most {_num(b['le'])}")
+    text = info.description or ""
+    text = text[:1].upper() + text[1:]
+    help_text = f"{text}: {', '.join(limits)}" if limits else text
+    default = value if value is not None else model.default(name, settings)
+    kwargs: dict[str, Any] = {"help": help_text}
+    if default is not None:
+        kwargs["value"] = default
+    return kwargs
+
+
+def check_pool(workers: int, concurrency: int, duckdb: bool, noun: str = "items") -> dict[str, str]:
+    """The shared pool's size (not a run parameter: Settings bounds it)."""
+    e: dict[str, str] = {}
+    if workers < 0 or workers > 256:
+        e["workers"] = "workers must be between 0 and 256"
+    elif workers == 0 and duckdb:
+        e["workers"] = (
+            "with DuckDB at least one local worker is needed (standalone workers need PostgreSQL)"
+        )
+    if concurrency < 1 or concurrency > 10_000:
+        e["concurrency"] = f"concurrency must be between 1 and 10,000 {noun} per worker"
+    return e
 
 
 def check_text(data: bytes, name: str) -> str | None:
@@ -84,18 +148,6 @@ def save_list(data: bytes | str, uploads_dir: Path, name: str = "pasted.txt") ->
     return path
 
 
-def check_judge(url: str) -> str | None:
-    if not url.strip():
-        return (
-            "a judge URL is required (an httpbin-style /get or an azenv page); "
-            "`python -m sim` starts one on loopback"
-        )
-    parsed = urlparse(url.strip())
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        return f"{url!r} is not an http(s) URL: write it like http://127.0.0.2:8080/get"
-    return None
-
-
 def check_validation(
     *,
     source: str,
@@ -117,64 +169,40 @@ def check_validation(
     params without the file (saved only once the whole form is right)."""
     res = FormResult()
     e = res.errors
+    params: dict[str, Any] = {
+        "judge_url": judge_url,
+        "timeout_s": timeout_s,
+        "batch_size": batch_size,
+    }
     if source in ("paste", "upload"):
         if not has_list:
-            e["list"] = (
+            e["proxies_file"] = (
                 "the proxy list is empty: paste one proxy a line "
                 "(ip:port, socks5://user:pass@host:port, …)"
             )
     elif source == "revalidate":
-        if minutes_old is not None and minutes_old < 0:
-            e["minutes_old"] = "minutes must be 0 or more"
-        if older_than_hours is not None and older_than_hours < 0:
-            e["older_than_hours"] = "hours must be 0 or more"
-        if limit is not None and limit < 0:
-            e["limit"] = "the limit must be 0 (no limit) or more"
-        if status and status not in STATUSES:
-            e["status"] = f"status must be one of {', '.join(STATUSES)}"
-        if protocol and protocol not in PROTOCOLS:
-            e["protocol"] = f"type must be one of {', '.join(PROTOCOLS)}"
-    else:
-        e["source"] = f"unknown source {source!r}"
-    if msg := check_judge(judge_url):
-        e["judge_url"] = msg
-    if not timeout_s > 0:
-        e["timeout_s"] = f"the timeout must be more than 0 seconds, not {timeout_s:g}"
-    if batch_size < 1 or batch_size > 100_000:
-        e["batch_size"] = "the batch size must be between 1 and 100,000 items per task"
-    if workers < 0 or workers > 256:
-        e["workers"] = "workers must be between 0 and 256"
-    elif workers == 0 and duckdb:
-        e["workers"] = (
-            "with DuckDB at least one local worker is needed (standalone workers need PostgreSQL)"
-        )
-    if concurrency < 1 or concurrency > 10_000:
-        e["concurrency"] = "concurrency must be between 1 and 10,000 items per worker"
-    if e:
-        return res
-    res.params = {
-        "judge_url": judge_url.strip(),
-        "timeout_s": float(timeout_s),
-        "batch_size": int(batch_size),
-    }
-    if source == "revalidate":
-        flt = {
-            "minutes_old": minutes_old if minutes_old else None,
+        flt = {  # 0 or "any": this filter is off
+            "minutes_old": minutes_old or None,
             "status": status or None,
             "protocol": protocol or None,
-            "older_than_hours": older_than_hours if older_than_hours else None,
-            "limit": int(limit) if limit else None,
+            "older_than_hours": older_than_hours or None,
+            "limit": limit or None,
         }
-        res.params.update({k: v for k, v in flt.items() if v is not None})
-        if not any(k in res.params for k in flt):
-            res.params["minutes_old"] = 0.0  # every proxy checked before now
+        params.update({k: v for k, v in flt.items() if v is not None})
+        if not any(k in params for k in flt):
+            params["minutes_old"] = 0.0  # every proxy checked before now
+    else:
+        e["source"] = f"unknown source {source!r}"
+    e.update(check_params(ValidateParams, params))
+    e.update(check_pool(workers, concurrency, duckdb))
+    if not e:
+        res.params = {k: v.strip() if isinstance(v, str) else v for k, v in params.items()}
     return res
 
 
 # --- the scrape form ---------------------------------------------------------------------------
 
 EVERY_SOURCE = "every source"
-STRATEGIES = ("adaptive", "round_robin", "least_connections", "weighted")
 
 
 def spec_countries(text: str) -> list[str]:
@@ -208,12 +236,11 @@ def check_scrape(
     stored_proxies: int | None = None,
 ) -> FormResult:
     """Check the Scraping form: the spec parses (``parse_spec``: TOML line and column, or the
-        field path), the country is one of its sources, the method order is known, numbers are in
-        range, and there are stored proxies to route through (``stored_proxies``: how many have the
-    chosen status). Returns the params ``ScrapeJob.prepare`` takes (it then reads start-URL
-    files)."""
+    field path), the country is one of its sources, there are stored proxies to route through
+    (``stored_proxies``: how many have the chosen status), and ``ScrapeParams`` takes the rest
+    (the method order, the numbers). Returns the params ``ScrapeJob.prepare`` takes (it then
+    reads start-URL files)."""
     from engine.jobs.scrape.spec import SpecError, parse_spec
-    from fetchers.cascade import PolicyError, parse_methods
 
     res = FormResult()
     e = res.errors
@@ -234,42 +261,69 @@ def check_scrape(
             e["country"] = (
                 f"{country!r} is not a country of this spec: its sources are for {', '.join(known)}"
             )
-    if methods:
-        try:
-            methods = parse_methods(methods)
-        except PolicyError as exc:
-            e["methods"] = str(exc)
-    if max_pages < 0:
-        e["max_pages"] = "max pages must be 0 (the spec's cap, or none) or more"
-    if not 1 <= batch_size <= 100_000:
-        e["batch_size"] = "the batch size must be between 1 and 100,000 pages per task"
-    if workers < 0 or workers > 256:
-        e["workers"] = "workers must be between 0 and 256"
-    elif workers == 0 and duckdb:
-        e["workers"] = (
-            "with DuckDB at least one local worker is needed (standalone workers need PostgreSQL)"
-        )
-    if not 1 <= concurrency <= 10_000:
-        e["concurrency"] = "concurrency must be between 1 and 10,000 pages per worker"
     if proxies and stored_proxies == 0:
         e["proxies"] = (
             f"no stored proxy is {proxies}: validate a list first (the Validation page) "
             "or fetch directly"
         )
-    if strategy and strategy not in STRATEGIES:
-        e["strategy"] = f"strategy must be one of {', '.join(STRATEGIES)}"
-    if e:
-        return res
-    res.params = {
+    params: dict[str, Any] = {
         "spec_text": spec_text,
         "spec_name": spec_name,
         "base_dir": str(base_dir),
         "country": country,
         "methods": methods or None,
-        "max_pages": int(max_pages) or None,
-        "batch_size": int(batch_size),
+        "max_pages": max_pages or None,  # 0: the spec's cap
+        "batch_size": batch_size,
     }
     if proxies:
-        res.params["proxies"] = proxies
-        res.params["strategy"] = strategy or "adaptive"
+        params["proxies"] = proxies
+        params["strategy"] = strategy or "adaptive"
+    for name, message in check_params(ScrapeParams, params).items():
+        e.setdefault(name, message)  # the spec's own message (line, column) first
+    e.update(check_pool(workers, concurrency, duckdb, "pages"))
+    if e:
+        return res
+    res.params = params
+    return res
+
+
+# --- the backfill form -------------------------------------------------------------------------
+
+
+def check_backfill(
+    *,
+    url_template: str,
+    rate_limit: str,
+    burst: int,
+    headers: str,
+    timeout_s: float,
+    item_attempts: int,
+    batch_size: int,
+    workers: int,
+    concurrency: int,
+    duckdb: bool,
+    id_column: str | None = None,
+) -> FormResult:
+    """Check the Backfill form with ``BackfillParams`` (the template, the limit, each header
+    line — a variable named must be set here —, the numbers) and the pool. Returns the params
+    without ``ids_file``: the page checks the list itself and saves it once the rest is right."""
+    from engine.jobs.backfill.params import BackfillParams
+
+    res = FormResult()
+    params: dict[str, Any] = {
+        "id_column": (id_column or "").strip() or None,
+        "url_template": url_template.strip(),
+        "rate_limit": rate_limit.strip(),
+        "burst": burst,
+        "headers": [h.strip() for h in headers.splitlines() if h.strip()],
+        "timeout_s": timeout_s,
+        "item_attempts": item_attempts,
+        "batch_size": batch_size,
+    }
+    errors = check_params(BackfillParams, params)
+    errors.pop("ids_file", None)  # not given yet: the page checks the list on its own
+    res.errors.update(errors)
+    res.errors.update(check_pool(workers, concurrency, duckdb, "IDs"))
+    if not res.errors:
+        res.params = params
     return res

@@ -64,6 +64,23 @@ def field_error(slot: Any, errors: dict[str, str], name: str) -> None:
         slot.error(errors[name], icon=":material/error:")
 
 
+def show_errors(
+    slots: dict[str, Any], errors: dict[str, str], general: Any, note: str | None = None
+) -> None:
+    """Each message under its field's placeholder (keyed by the parameter's name, as
+    ``ParamError.field``); what has no field of its own, and ``note``, in ``general``."""
+    rest = []
+    for name, message in errors.items():
+        if name in slots:
+            slots[name].error(message, icon=":material/error:")
+        else:
+            rest.append(message)
+    if note:
+        rest.append(note)
+    if rest:
+        general.error(" ".join(rest), icon=":material/error:")
+
+
 def download_buttons(
     url: str,
     table: str,

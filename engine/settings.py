@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.jobs.params import BATCH_SIZE, BatchSize
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FETCHFLEET_", env_file=".env", extra="ignore")
@@ -27,7 +29,8 @@ class Settings(BaseSettings):
         description="Local worker processes (0: only standalone workers, PostgreSQL).",
     )
     concurrency: int = Field(200, ge=1, le=10_000, description="Items in flight per worker.")
-    batch_size: int = Field(50, ge=1, le=100_000, description="Items per task.")
+    # The runs' default; its bounds are the run parameter's (engine.jobs.params).
+    batch_size: BatchSize = Field(BATCH_SIZE, description="Items per task.")
     max_attempts: int = Field(3, ge=1, le=100, description="Tries per task before it fails.")
     retry_backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles after.")
     lease_s: float = Field(

@@ -152,13 +152,32 @@ def fetch(url: str, **kwargs: Any) -> FetchResult:
     with _lock:
         if _runner is None:
             _runner = _LoopThread()
-            atexit.register(close_default)
+            _close_at_exit()
         runner = _runner
 
     async def call() -> FetchResult:
         return await default_fetcher().fetch(url, **kwargs)
 
     return runner.run(call())
+
+
+def _close_at_exit() -> None:
+    """Close the default fetcher at interpreter exit, *before* `concurrent.futures` shuts its
+    executors down: closing Selenium runs on its executor thread, and `atexit` handlers run
+    too late for that ("cannot schedule new futures after shutdown"). `threading`'s own exit
+    hooks run first, newest first, ahead of the join of non-daemon threads; it is the hook
+    `concurrent.futures` itself uses. Plain `atexit` where it is missing."""
+    # `concurrent.futures.thread` registers its shutdown hook when first imported (lazily,
+    # often only when Selenium starts its executor): import it now, so ours is the newer
+    # hook and runs first.
+    import concurrent.futures.thread  # noqa: F401
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        with contextlib.suppress(RuntimeError):  # already shutting down: nothing to close
+            register(close_default)
+            return
+    atexit.register(close_default)
 
 
 def close_default() -> None:

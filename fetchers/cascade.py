@@ -420,8 +420,9 @@ class Fetcher:
         arguments (`PolicyError`, `ValueError`).
 
         `max_bytes`: a larger body is refused by its Content-Length or cut off while it
-        arrives (curl-based methods: http, tor, api); the result fails with `too_large`, the
-        answer's status and headers, and no other method is tried."""
+        arrives (curl-based methods: http, tor, api; a browser's HTML is measured in the page);
+        the result fails with `too_large`, the answer's status and headers, and no other
+        method is tried. Without it, `settings.max_page_bytes` bounds the page the same way."""
         began = time.monotonic()
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s) URL")

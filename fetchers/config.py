@@ -45,6 +45,13 @@ class FetchSettings(BaseSettings):
         "http method for the same domain.",
     )
     min_length: int = Field(1, ge=0, description="Shortest acceptable body in bytes.")
+    max_page_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Largest page body any method keeps (http, tor, api pages and their sum, "
+        "a browser's HTML); a bigger one is stopped and the fetch fails as too_large. A "
+        "download's own max_bytes replaces it.",
+    )
     domain_concurrency: int = Field(8, ge=1, description="Requests in flight per domain.")
     domain_delay_s: float = Field(0.0, ge=0, description="Gap between request starts per domain.")
 

@@ -18,7 +18,8 @@ all — that is a normal `CheckResult` with an outcome.
         ├── BlockedError       a block page: challenge, captcha, access denied
         ├── RateLimitedError   429 (or a rate-limit page); `retry_after` when the site said
         ├── InvalidContent     an answer, but not the page wanted (too short, selector missing)
-        └── TooLarge           the body is over the caller's `max_bytes` (transfer stopped)
+        └── TooLarge           the body is over the caller's `max_bytes` or the fetchers'
+                               `max_page_bytes` (transfer stopped)
 
 Fetch methods raise the transport classes (unavailable, timeout, proxy, network) and
 `TooLarge`; the validator turns answers into verdicts (blocked, rate limited, invalid).
@@ -82,7 +83,7 @@ class ErrorType(StrEnum):
     - the method cannot get this page, try the next one: `blocked`, `invalid`, `http_error`
       (other 4xx), `unavailable`;
     - final, no other method will do better: `not_found` (404, 410), `too_large` (the body
-      is over the `max_bytes` the caller set).
+      is over the `max_bytes` the caller set, or over `max_page_bytes`).
     """
 
     BLOCKED = "blocked"

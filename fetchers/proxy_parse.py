@@ -83,6 +83,7 @@ _HOSTNAME = re.compile(
     r"(?=.{1,253}$)(?!-)[a-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9_-]{1,63}(?<!-))*",
 )
 _PATH_SPLIT = re.compile(r"[/?#]")
+_FIELD_SEP = re.compile(r"[\s,;]+")
 
 
 # --------------------------------------------------------------------------- the spec
@@ -188,31 +189,39 @@ def _clip(s: str, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _parse_port(text: str) -> int:
+def _shown(value: str, show: bool, n: int = 60) -> str:
+    """` 'value'` for a message, or nothing when the value may be a credential."""
+    return f" '{_clip(value, n)}'" if show else ""
+
+
+def _parse_port(text: str, show: bool = True) -> int:
     p = text.strip()
     if not p:
         raise _bad(f"port is missing ({_EXAMPLE})", "port")
     if not (p.isascii() and p.isdigit()):
-        raise _bad(f"port '{_clip(p, 20)}' is not a number ({_EXAMPLE})", "port")
+        raise _bad(f"port{_shown(p, show, 20)} is not a number ({_EXAMPLE})", "port")
     n = int(p)
     if not 1 <= n <= 65535:
-        raise _bad(f"port {n} out of range 1-65535", "port")
+        raise _bad(
+            f"port {n} out of range 1-65535" if show else "port out of range 1-65535", "port"
+        )
     return n
 
 
-def _parse_host(h: str, *, bracketed: bool = False) -> str:
+def _parse_host(h: str, *, bracketed: bool = False, show: bool = True) -> str:
     if not h:
         raise _bad(f"host is empty ({_EXAMPLE})", "host")
     if bracketed or ":" in h:
         try:
             return ipaddress.IPv6Address(h).compressed
         except ValueError:
-            raise _bad(f"host '[{_clip(h)}]' is not a valid IPv6 address", "host") from None
+            shown = f" '[{_clip(h)}]'" if show else ""
+            raise _bad(f"host{shown} is not a valid IPv6 address", "host") from None
     if _IPV4ISH.fullmatch(h):
         parts = h.split(".")
         if len(parts) != 4 or any(not p or len(p) > 3 or int(p) > 255 for p in parts):
             raise _bad(
-                f"host '{_clip(h)}' is not a valid IPv4 address "
+                f"host{_shown(h, show)} is not a valid IPv4 address "
                 "(four numbers 0-255, e.g. 10.0.0.1)",
                 "host",
             )
@@ -222,9 +231,9 @@ def _parse_host(h: str, *, bracketed: bool = False) -> str:
         try:
             name = name.encode("idna").decode("ascii")
         except UnicodeError:
-            raise _bad(f"host '{_clip(h)}' is not a valid hostname", "host") from None
+            raise _bad(f"host{_shown(h, show)} is not a valid hostname", "host") from None
     if not _HOSTNAME.fullmatch(name):
-        raise _bad(f"host '{_clip(h)}' is not a valid hostname or IP address", "host")
+        raise _bad(f"host{_shown(h, show)} is not a valid hostname or IP address", "host")
     return name
 
 
@@ -238,12 +247,33 @@ def _looks_like_bare_ipv6(hostport: str) -> bool:
     return False
 
 
+def _may_hold_credentials(line: str) -> bool:
+    """Whether a line has room for a user or password: an `@`, a field separator (blank,
+    `,`, `;`), or more than `host:port` outside an IPv6 literal's brackets. Such a line's
+    values are never quoted in an error: a misplaced or misordered password would be."""
+    m = _SCHEME_RE.match(line)
+    s = line[m.end() :] if m else line
+    if "@" in s or _FIELD_SEP.search(s):
+        return True
+    if s.startswith("["):
+        s = s[s.find("]") + 1 :] if "]" in s else ""
+    elif _looks_like_bare_ipv6(s):
+        return False
+    return s.count(":") > 1
+
+
 def parse_proxy_line(text: str) -> ProxySpec:
     """Parse one proxy line (any accepted form, see the module doc) into a `ProxySpec`.
 
     Raises `ProxyParseError` naming the wrong field (`scheme`, `host`, `port`,
-    `credentials`, `line`).
+    `credentials`, `line`). Its message quotes the faulty value only when the line cannot
+    hold credentials (no `@`, nothing past `host:port`): it is printed, stored and exported.
     """
+    return _parse_line(text, show=True)
+
+
+def _parse_line(text: str, *, show: bool) -> ProxySpec:
+    """`parse_proxy_line`; `show=False` never quotes a value (a CSV cell of unknown role)."""
     s = text.strip()
     m = _FAST_LINE.fullmatch(s)
     if m is not None:
@@ -262,18 +292,21 @@ def parse_proxy_line(text: str) -> ProxySpec:
 
     scheme: str | None = None
     m = _SCHEME_RE.match(s)
+    show = show and not _may_hold_credentials(s)
     if m is not None:
         raw = m.group(1).lower()
         scheme = _SCHEME_ALIASES.get(raw)
         if scheme is None:
             raise _bad(
-                f"scheme '{_clip(raw, 20)}' is not supported (use http, https, socks4 or socks5)",
+                f"scheme{_shown(raw, show, 20)} is not supported "
+                "(use http, https, socks4 or socks5)",
                 "scheme",
             )
         s = s[m.end() :]
-    elif "://" in s:
+    elif "://" in s and not re.search(r"[:@\s]", s.partition("://")[0]):
+        # (a "://" after a ':' or '@' is inside a password: `host:port:user:pa://ss`)
         raise _bad(
-            f"scheme '{_clip(s.partition('://')[0], 20)}' is not valid "
+            f"scheme{_shown(s.partition('://')[0], show, 20)} is not valid "
             "(use http, https, socks4 or socks5)",
             "scheme",
         )
@@ -292,7 +325,7 @@ def parse_proxy_line(text: str) -> ProxySpec:
         end = hostpart.find("]")
         if end == -1:
             raise _bad("IPv6 address has no closing ']' (e.g. [2001:db8::1]:8080)", "host")
-        host = _parse_host(hostpart[1:end], bracketed=True)
+        host = _parse_host(hostpart[1:end], bracketed=True, show=show)
         rest = hostpart[end + 1 :]
         if not rest.startswith(":"):
             raise _bad(f"port is missing after ']' ({_EXAMPLE})", "port")
@@ -303,7 +336,7 @@ def parse_proxy_line(text: str) -> ProxySpec:
             username, _, password = creds.partition(":")
             if not username:
                 raise _bad("username is empty (expected host:port:user:pass)", "credentials")
-        port = _parse_port(_PATH_SPLIT.split(port_text, maxsplit=1)[0])
+        port = _parse_port(_PATH_SPLIT.split(port_text, maxsplit=1)[0], show)
         return ProxySpec(scheme, host, port, username, password)
 
     parts = hostpart.split(":")
@@ -327,8 +360,8 @@ def parse_proxy_line(text: str) -> ProxySpec:
             f"expected host:port or host:port:user:pass, got {len(parts)} ':'-separated parts",
             "line",
         )
-    host = _parse_host(host_text)
-    port = _parse_port(port_text)
+    host = _parse_host(host_text, show=show)
+    port = _parse_port(port_text, show)
     return ProxySpec(scheme, host, port, username, password)
 
 
@@ -439,19 +472,20 @@ class _LineParser:
         return True
 
     def _plain(self, text: str) -> ProxySpec:
+        show = not _may_hold_credentials(text)  # judged on the line before it is cut
         hash_at = text.find(" #")
         if hash_at == -1:
             hash_at = text.find("\t#")
         if hash_at != -1:
             text = text[:hash_at].rstrip()
         try:
-            return parse_proxy_line(text)
+            return _parse_line(text, show=show)
         except ProxyParseError:
             # "1.2.3.4:8080 US elite" — a proxy followed by words; or a stray CSV row.
             first = text.split(None, 1)[0]
             if first != text:
                 try:
-                    return parse_proxy_line(first)
+                    return _parse_line(first, show=False)
                 except ProxyParseError:
                     pass
             if any(d in text for d in (",", ";", "\t")):
@@ -506,7 +540,7 @@ class _LineParser:
         for c in cells:
             if ":" in c:
                 try:
-                    spec = parse_proxy_line(c)
+                    spec = _parse_line(c, show=False)
                 except ProxyParseError as e:
                     first_error = first_error or e
                     continue
@@ -516,10 +550,10 @@ class _LineParser:
         for a, b in itertools.pairwise(cells):
             if b.isascii() and b.isdigit():
                 try:
-                    host = _parse_host(a.strip("[]"), bracketed=":" in a)
+                    host = _parse_host(a.strip("[]"), bracketed=":" in a, show=False)
                 except ProxyParseError:
                     continue
-                return ProxySpec(scheme, host, _parse_port(b))
+                return ProxySpec(scheme, host, _parse_port(b, show=False))
         if first_error is not None:
             raise first_error
         raise _bad(
@@ -734,18 +768,98 @@ def load_proxy_list(source: Path | str | Iterable[str], max_errors_kept: int = 1
     return report
 
 
-_USERINFO_PASSWORD = re.compile(r"^((?:[A-Za-z0-9+.-]+://)?[^:@/\s]*:)([^@\s]*)(@)")
+_PORTISH = re.compile(r"\s*\d{1,5}(?:[/?#].*)?\s*")
+
+
+def _secret_spans(rest: str) -> list[tuple[int, int]]:
+    """Where a password may sit in one field (its scheme removed), under every reading.
+
+    A malformed line has no single meaning, so each plausible form masks its password
+    part and the union is hidden: `user:pass@host` (up to the *last* `@`: passwords hold
+    `@`), `host:port:user:pass` (after the third `:`) and the misordered
+    `user:pass:host:port` (up to the `:` before the host). A field none of them explains
+    keeps only what precedes its first `:`.
+    """
+    if "@" not in rest and "[" not in rest and _looks_like_bare_ipv6(rest):
+        return []
+    # an IPv6 literal is one host token (same length, so positions stay valid)
+    view = re.sub(r"\[[0-9A-Fa-f:.]*\]", lambda m: "h" * len(m.group()), rest)
+    colons = [i for i, c in enumerate(view) if c == ":"]
+    if not colons:
+        return []
+    parts = view.split(":")
+    portish = [bool(_PORTISH.fullmatch(p)) for p in parts]
+    spans: list[tuple[int, int]] = []
+    at = rest.rfind("@")
+    userinfo_form = False
+    if at != -1:
+        after = view[at + 1 :]
+        userinfo_form = after.count(":") == 0 or (
+            after.count(":") == 1 and bool(_PORTISH.fullmatch(after.rpartition(":")[2]))
+        )
+        if colons[0] < at:
+            spans.append((colons[0] + 1, at))
+    if len(parts) >= 4:
+        misordered = portish[-1] and not portish[1]
+        if not misordered:  # host:port:user:pass, even with a bad port
+            spans.append((colons[2] + 1, len(rest)))
+        if portish[-1] or not portish[1]:  # user:pass:host:port
+            spans.append((colons[0] + 1, colons[-2]))
+    elif not userinfo_form and not portish[1]:
+        spans.append((colons[0] + 1, len(rest)))  # nothing explains it: keep the first part
+    return spans
+
+
+def _redact_field(text: str) -> str:
+    m = _SCHEME_RE.match(text)
+    start = m.end() if m else 0
+    spans = sorted((start + a, start + b) for a, b in _secret_spans(text[start:]) if b > a)
+    merged: list[list[int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1] + 1:  # overlapping or one separator apart
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out, pos = [], 0
+    for a, b in merged:
+        out.append(text[pos:a] + "***")
+        pos = b
+    return "".join(out) + text[pos:]
 
 
 def redact_line(text: str, limit: int = 120) -> str:
     """A line as it may be shown or stored: passwords masked, even when the line is malformed.
 
-    Covers ``[scheme://]user:pass@host…`` and ``host:port:user:pass`` (everything after the
-    third colon), then clips to ``limit`` characters.
+    The first field (up to a blank, `,` or `;`) is masked under every reading that could put
+    a password in it (see `_secret_spans`); the user name stays (it is part of a proxy's
+    key). Of the other fields only a port right after an IP address is kept (`ip;port;…`):
+    any of them may be a password column or a password with a blank in it. A line of
+    word or two (no `:`, `@`, `,`, `;`, tab, number or IP address) is kept. Clipped to
+    ``limit`` characters.
     """
     text = text.strip()
-    masked = _USERINFO_PASSWORD.sub(r"\1***\3", text)
-    parts = text.split(":")
-    if masked == text and "@" not in text and len(parts) >= 4 and parts[0] and parts[1].isdigit():
-        masked = ":".join([*parts[:3], "***"])
-    return masked if len(masked) <= limit else masked[: limit - 1] + "…"
+    words = text.split()
+    if (
+        len(words) <= 2
+        and not re.search(r"[:@,;\t]", text)
+        and not any(w.isdigit() or _is_ip(w) for w in words)
+    ):
+        return _clip(text, limit)  # a word or two ("garbage line"): no room for a password
+    fields = _FIELD_SEP.split(text)
+    seps = _FIELD_SEP.findall(text)
+    shown = _redact_field(fields[0])
+    rest = 1
+    if len(fields) > 1 and _PORTISH.fullmatch(fields[1]) and _is_ip(fields[0]):
+        shown += seps[0] + fields[1]
+        rest = 2
+    if len(fields) > rest:
+        shown += seps[rest - 1] + "***"
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True

@@ -5,15 +5,16 @@ Start: upload or paste the IDs (saved under data/uploads/ and passed as ``ids_fi
 template with ``{id}``, the rate limit (``N/period``) and headers — secrets only by
 environment-variable *name* (``Authorization=env:API_TOKEN``): the value is read by each
 worker from its own environment and never typed into, stored by or shown on this page.
-Every field is checked with the job's own parsers before anything starts; then the run goes
-through ``engine.api.submit_run`` like ``python -m engine.run backfill``.
+Every field is checked by the job's ``BackfillParams`` (``console.forms.check_backfill``)
+before anything starts; then the run goes through ``engine.api.submit_run`` like
+``python -m engine.run backfill``, and a ``ParamError`` of ``prepare`` (the ID column is not in
+the file) shows under the field it names.
 
 Until the engine registers the ``backfill`` job kind the page says so instead.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import streamlit as st
@@ -21,66 +22,12 @@ import streamlit as st
 from console import forms, reads, views
 from console.resources import Console, console_or_stop
 from engine.api import submit_run
+from engine.jobs.backfill.params import BackfillParams
+from engine.jobs.params import ParamError
 from engine.model import TERMINAL
 from storage.runs import TRANSITIONS
 
 SOURCES = {"Upload an ID file": "upload", "Paste IDs": "paste"}
-FLAG_FIELDS = {  # the job's messages name CLI flags: show each next to its field
-    "--ids": "ids",
-    "--id-column": "id_column",
-    "--id-pattern": "ids",
-    "--url-template": "url_template",
-    "--rate-limit": "rate_limit",
-    "--burst": "rate_limit",
-    "rate limit": "rate_limit",
-    "--header": "headers",
-    "--timeout": "timeout_s",
-    "--item-attempts": "item_attempts",
-}
-
-
-def field_of(message: str) -> str | None:
-    for flag, name in FLAG_FIELDS.items():
-        if message.startswith(flag):
-            return name
-    return None
-
-
-def check_form(values: dict[str, Any], duckdb: bool) -> dict[str, str]:
-    """Each field with the job's own parsers (so the page and the CLI agree)."""
-    from engine.jobs.backfill.kind import check_url_template, parse_header
-    from engine.ratelimit.base import Rate
-
-    errors: dict[str, str] = {}
-    try:
-        check_url_template(values["url_template"].strip())
-    except ValueError as exc:
-        errors["url_template"] = str(exc)
-    try:
-        Rate.parse(values["rate_limit"].strip(), burst=int(values["burst"] or 1))
-    except ValueError as exc:
-        errors["rate_limit"] = str(exc)
-    for line in values["headers"].splitlines():
-        if line.strip():
-            try:
-                parse_header(line.strip())
-            except ValueError as exc:
-                errors.setdefault("headers", str(exc))
-    if not values["timeout_s"] > 0:
-        errors["timeout_s"] = (
-            f"the timeout must be more than 0 seconds, not {values['timeout_s']:g}"
-        )
-    if not 1 <= values["item_attempts"] <= 20:
-        errors["item_attempts"] = "requests per ID must be between 1 and 20"
-    if not 1 <= values["batch_size"] <= 100_000:
-        errors["batch_size"] = "the batch size must be between 1 and 100,000 IDs per task"
-    if values["workers"] == 0 and duckdb:
-        errors["workers"] = "with DuckDB at least one local worker is needed"
-    elif not 0 <= values["workers"] <= 256:
-        errors["workers"] = "workers must be between 0 and 256"
-    if not 1 <= values["concurrency"] <= 10_000:
-        errors["concurrency"] = "concurrency must be between 1 and 10,000"
-    return errors
 
 
 def start_form(c: Console) -> None:
@@ -95,7 +42,7 @@ def start_form(c: Console) -> None:
             upload = st.file_uploader("ID list (one ID a line, or a CSV)", key="bf_upload")
         else:
             pasted = st.text_area("IDs, one a line", key="bf_paste", height=140)
-        slots["ids"] = st.empty()
+        slots["ids_file"] = st.empty()
         id_column = st.text_input(
             "ID column (CSV files only)", key="bf_id_column", placeholder="id"
         )
@@ -111,8 +58,11 @@ def start_form(c: Console) -> None:
             "Rate limit (N/period, across all workers)", key="bf_rate", placeholder="3000/5m",
             help="At most N requests in any window of the period: 3000/5m, 10/1s, 500/2h",
         )  # fmt: skip
-        burst = b.number_input("Burst", value=1, step=1, key="bf_burst")
-        slots["rate_limit"] = st.empty()
+        burst = b.number_input(
+            "Burst", step=1, key="bf_burst", **forms.number_field(BackfillParams, "burst")
+        )
+        a, b = st.columns([3, 1])
+        slots["rate_limit"], slots["burst"] = a.empty(), b.empty()
         headers = st.text_area(
             "Headers, one a line: Name=value or Name=env:VARIABLE", key="bf_headers", height=80,
             placeholder="Authorization=env:API_TOKEN\nAccept-Language=en",
@@ -122,10 +72,17 @@ def start_form(c: Console) -> None:
         slots["headers"] = st.empty()
         cols = st.columns(5)
         batch = cols[0].number_input(
-            "Batch (IDs per task)", value=int(s.batch_size), key="bf_batch"
-        )
-        timeout = cols[1].number_input("Timeout (s)", value=10.0, step=1.0, key="bf_timeout")
-        attempts = cols[2].number_input("Requests per ID", value=3, step=1, key="bf_attempts")
+            "Batch (IDs per task)", key="bf_batch",
+            **forms.number_field(BackfillParams, "batch_size", s),
+        )  # fmt: skip
+        timeout = cols[1].number_input(
+            "Timeout (s)", step=1.0, key="bf_timeout",
+            **forms.number_field(BackfillParams, "timeout_s"),
+        )  # fmt: skip
+        attempts = cols[2].number_input(
+            "Requests per ID", step=1, key="bf_attempts",
+            **forms.number_field(BackfillParams, "item_attempts"),
+        )  # fmt: skip
         workers = cols[3].number_input("Workers (pool)", value=int(pool.target), key="bf_workers")
         conc = cols[4].number_input("Concurrency (pool)", value=int(s.concurrency), key="bf_conc")
         names = ("batch_size", "timeout_s", "item_attempts", "workers", "concurrency")
@@ -136,64 +93,60 @@ def start_form(c: Console) -> None:
     if not submitted:
         return
 
-    values = {
-        "url_template": template or "",
-        "rate_limit": rate or "",
-        "burst": int(burst or 1),
-        "headers": headers or "",
-        "timeout_s": float(timeout or 0),
-        "item_attempts": int(attempts or 0),
-        "batch_size": int(batch or 0),
-        "workers": int(workers or 0),
-        "concurrency": int(conc or 0),
-    }
-    errors = check_form(values, c.db.is_duckdb)
+    result = forms.check_backfill(
+        url_template=template or "",
+        rate_limit=rate or "",
+        burst=int(burst or 0),
+        headers=headers or "",
+        timeout_s=float(timeout or 0),
+        item_attempts=int(attempts or 0),
+        batch_size=int(batch or 0),
+        workers=int(workers or 0),
+        concurrency=int(conc or 0),
+        duckdb=c.db.is_duckdb,
+        id_column=id_column,
+    )
+    errors = dict(result.errors)
     data: bytes | None = None
     name = "ids.txt"
     if source == "upload":
         if upload is None:
-            errors["ids"] = "choose a file to upload (one ID a line, or a CSV with an ID column)"
+            errors["ids_file"] = (
+                "choose a file to upload (one ID a line, or a CSV with an ID column)"
+            )
         else:
             data, name = upload.getvalue(), upload.name
             if err := forms.check_text(data, f"the upload {upload.name!r}"):
-                errors["ids"] = err
+                errors["ids_file"] = err
     elif not (pasted or "").strip():
-        errors["ids"] = "the ID list is empty: paste one ID a line"
+        errors["ids_file"] = "the ID list is empty: paste one ID a line"
     else:
         data = (pasted or "").encode()
     if not errors and name.lower().endswith(".csv") and not (id_column or "").strip():
         errors["id_column"] = "this is a CSV file: name the column that holds the IDs"
     if errors:
-        for key, slot in slots.items():
-            views.field_error(slot, errors, key)
-        general.error("Nothing was started: fix the fields marked above.")
+        views.show_errors(
+            slots, errors, general, "Nothing was started: fix the fields marked above."
+        )
         return
     assert data is not None
     path = forms.save_list(data, c.uploads_dir, name)
-    params = {
-        "ids_file": str(path),
-        "id_column": (id_column or "").strip() or None,
-        "url_template": values["url_template"].strip(),
-        "rate_limit": values["rate_limit"].strip(),
-        "burst": values["burst"],
-        "headers": [h.strip() for h in values["headers"].splitlines() if h.strip()],
-        "timeout_s": values["timeout_s"],
-        "item_attempts": values["item_attempts"],
-        "batch_size": values["batch_size"],
-    }
+    params = {**result.params, "ids_file": str(path)}
     coord = c.coordinator
     try:
         with st.spinner("Reading the IDs and planning the run…"):
             run_id = submit_run(c.db, coord.settings, "backfill", params, coord.name)
-    except ValueError as exc:
-        msg = str(exc)
-        target = slots.get(field_of(msg) or "", general)
-        target.error(re.sub(r"^--[a-z-]+ ", "", msg), icon=":material/error:")
+    except ParamError as exc:  # prepare's own checks (the ID column): under the field
+        views.show_errors(slots, forms.param_errors(exc), general)
         return
-    if values["concurrency"] != coord.settings.concurrency:
-        coord.set_concurrency(values["concurrency"])
-    if values["workers"] != coord.pool.target:
-        coord.resize(values["workers"])
+    except ValueError as exc:
+        general.error(str(exc), icon=":material/error:")
+        return
+    workers, conc = int(workers), int(conc)
+    if conc != coord.settings.concurrency:
+        coord.set_concurrency(conc)
+    if workers != coord.pool.target:
+        coord.resize(workers)
     st.session_state["bf_run"] = run_id
     general.success(f"Run {run_id} started.", icon=":material/play_arrow:")
 

@@ -3,9 +3,10 @@
 Start: pick a spec under ``specs/`` or upload one; its text is shown and can be edited before
 Start. The form is checked field by field (``console.forms.check_scrape``: the spec with
 ``parse_spec`` — TOML line and column, or the field path —, the country against the spec's
-sources, the method order, the numbers), then the run goes through ``engine.api.submit_run``
-like ``python -m engine.run scrape`` and ``ScrapeJob.prepare`` runs its own checks (start
-URLs, start-URL files, stored proxies). Live: pages/s, the success ratio, which method won per
+sources, and ``ScrapeParams`` for the method order and the numbers), then the run goes
+through ``engine.api.submit_run`` like ``python -m engine.run scrape`` and
+``ScrapeJob.prepare`` runs its own checks (start URLs, start-URL files); a ``ParamError``
+shows under the field it names. Live: pages/s, the success ratio, which method won per
 country, why attempts were blocked. The entities table is paged in SQL
 (``storage.dashboard.entity_page``) and downloads stream (``storage.export.export_entities``).
 
@@ -24,6 +25,8 @@ import streamlit as st
 from console import forms, reads, views
 from console.resources import Console, console_or_stop
 from engine.api import submit_run
+from engine.jobs.params import ParamError
+from engine.jobs.scrape.params import ScrapeParams
 from engine.model import TERMINAL
 from storage.runs import TRANSITIONS
 
@@ -34,23 +37,6 @@ METHODS = ("http", "playwright", "selenium", "tor", "api")
 PROXIES = {"direct (no proxy)": None, "stored proxies: active": "active"}
 ALL = "all countries"
 PAGE_SIZES = (25, 50, 100, 200)
-FLAG_FIELDS = {  # ScrapeJob.prepare's messages name CLI flags or the spec: show them there
-    "--country": "country",
-    "--proxies": "proxies",
-    "--methods": "methods",
-    "unknown fetch method": "methods",
-    "start url": "spec",
-    "start_urls_file": "spec",
-    "the spec": "spec",
-}
-
-
-def field_of(message: str) -> str | None:
-    low = message.lower()
-    for flag, name in FLAG_FIELDS.items():
-        if low.startswith(flag):
-            return name
-    return None
 
 
 def spec_files() -> list[str]:
@@ -119,11 +105,13 @@ def start_form(c: Console) -> None:
             slots[field] = col.empty()
         cols = st.columns(4)
         max_pages = cols[0].number_input(
-            "Max pages (0 = the spec's)", value=0, step=100, key="sc_max_pages"
-        )
+            "Max pages (0 = the spec's)", step=100, key="sc_max_pages",
+            **forms.number_field(ScrapeParams, "max_pages", value=0),
+        )  # fmt: skip
         batch = cols[1].number_input(
-            "Batch (pages per task)", value=int(s.batch_size), key="sc_batch"
-        )
+            "Batch (pages per task)", key="sc_batch",
+            **forms.number_field(ScrapeParams, "batch_size", s),
+        )  # fmt: skip
         workers = cols[2].number_input("Workers (pool)", value=int(pool.target), key="sc_workers")
         conc = cols[3].number_input("Concurrency (pool)", value=int(s.concurrency), key="sc_conc")
         names = ("max_pages", "batch_size", "workers", "concurrency")
@@ -151,18 +139,19 @@ def start_form(c: Console) -> None:
     )
     errors = {**result.errors, **errors}
     if errors:
-        for key, slot in slots.items():
-            views.field_error(slot, errors, key)
-        general.error("Nothing was started: fix the fields marked above.")
+        views.show_errors(
+            slots, errors, general, "Nothing was started: fix the fields marked above."
+        )
         return
     coord = c.coordinator
     try:
         with st.spinner("Checking the spec and registering its start URLs…"):
             run_id = submit_run(c.db, coord.settings, "scrape", result.params, coord.name)
+    except ParamError as exc:  # prepare's own checks (start URLs): under the field
+        views.show_errors(slots, forms.param_errors(exc), general)
+        return
     except ValueError as exc:
-        msg = str(exc)
-        target = slots.get(field_of(msg) or "", general)
-        target.error(re.sub(r"^--[a-z-]+ ", "", msg), icon=":material/error:")
+        general.error(str(exc), icon=":material/error:")
         return
     if int(conc) != coord.settings.concurrency:
         coord.set_concurrency(int(conc))

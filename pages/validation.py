@@ -14,6 +14,8 @@ import streamlit as st
 from console import forms, reads, views
 from console.resources import Console, console_or_stop
 from engine.api import submit_run
+from engine.jobs.params import ParamError
+from engine.jobs.validate.params import PROTOCOLS, REVALIDATE_MINUTES, STATUSES, ValidateParams
 from engine.model import TERMINAL
 from storage import dashboard as dash
 
@@ -52,21 +54,26 @@ def start_form(c: Console) -> None:
                 "Proxy list", key="val_paste", height=160, help=LIST_HELP,
                 placeholder="socks5://user:pass@203.0.113.7:1080\n198.51.100.4:8080",
             )  # fmt: skip
-            slots["list"] = st.empty()
+            slots["proxies_file"] = st.empty()
         elif source == "upload":
             upload = st.file_uploader("Proxy list file (text or CSV)", key="val_upload")
-            slots["list"] = st.empty()
+            slots["proxies_file"] = st.empty()
         else:
             cols = st.columns(5)
             minutes = cols[0].number_input(
-                "Checked more than N minutes ago", value=60.0, step=5.0, key="val_minutes"
-            )
-            status = cols[1].selectbox("Status", [ANY, *forms.STATUSES], key="val_status")
-            proto = cols[2].selectbox("Type", [ANY, *forms.PROTOCOLS], key="val_type")
+                "Checked more than N minutes ago", step=5.0, key="val_minutes",
+                **forms.number_field(ValidateParams, "minutes_old", value=REVALIDATE_MINUTES),
+            )  # fmt: skip
+            status = cols[1].selectbox("Status", [ANY, *STATUSES], key="val_status")
+            proto = cols[2].selectbox("Type", [ANY, *PROTOCOLS], key="val_type")
             hours = cols[3].number_input(
-                "Never checked or older than (hours, 0 = off)", value=0.0, key="val_hours"
-            )
-            limit = cols[4].number_input("Limit (0 = all)", value=0, step=100, key="val_limit")
+                "Never checked or older than (hours, 0 = off)", key="val_hours",
+                **forms.number_field(ValidateParams, "older_than_hours", value=0.0),
+            )  # fmt: skip
+            limit = cols[4].number_input(
+                "Limit (0 = all)", step=100, key="val_limit",
+                **forms.number_field(ValidateParams, "limit", value=0),
+            )  # fmt: skip
             for col, name in zip(
                 st.columns(5), ("minutes_old", "status", "protocol", "older_than_hours", "limit"),
                 strict=True,
@@ -80,11 +87,13 @@ def start_form(c: Console) -> None:
         slots["judge_url"] = st.empty()
         cols = st.columns(4)
         timeout = cols[0].number_input(
-            "Timeout per check (s)", value=float(s.check_timeout_s), step=0.5, key="val_timeout"
-        )
+            "Timeout per check (s)", step=0.5, key="val_timeout",
+            **forms.number_field(ValidateParams, "timeout_s", s),
+        )  # fmt: skip
         batch = cols[1].number_input(
-            "Batch size (proxies per task)", value=int(s.batch_size), step=10, key="val_batch"
-        )
+            "Batch size (proxies per task)", step=10, key="val_batch",
+            **forms.number_field(ValidateParams, "batch_size", s),
+        )  # fmt: skip
         workers = cols[2].number_input(
             "Workers (pool, shared by all runs)", value=int(pool.target), step=1, key="val_workers"
         )
@@ -104,11 +113,11 @@ def start_form(c: Console) -> None:
     data: bytes | str | None = text
     if source == "upload":
         if upload is None:
-            errors["list"] = "choose a file to upload (text or CSV, one proxy a line)"
+            errors["proxies_file"] = "choose a file to upload (text or CSV, one proxy a line)"
         else:
             data = upload.getvalue()
             if err := forms.check_text(data, f"the upload {upload.name!r}"):
-                errors["list"] = err
+                errors["proxies_file"] = err
     result = forms.check_validation(
         source=source,
         # an upload's emptiness is judged by check_text (above), a paste's here
@@ -133,12 +142,14 @@ def start_form(c: Console) -> None:
         good, _bad, first = forms.prescan(path)
         if good == 0:
             path.unlink(missing_ok=True)
-            errors["list"] = f"no proxy found in the list: {first or 'it has no content lines'}"
+            errors["proxies_file"] = (
+                f"no proxy found in the list: {first or 'it has no content lines'}"
+            )
         params["proxies_file"] = str(path)
-    for name, slot in slots.items():
-        views.field_error(slot, errors, name)
     if errors:
-        general.error("Nothing was started: fix the fields marked above.")
+        views.show_errors(
+            slots, errors, general, "Nothing was started: fix the fields marked above."
+        )
         return
     run_id = _start(c, params, int(workers), int(concurrency), slots, general)
     if run_id is not None:
@@ -157,10 +168,11 @@ def _start(
     try:
         with st.spinner("Asking the judge and planning the run…"):
             run_id = submit_run(c.db, coord.settings, "validate", params, coord.name)
+    except ParamError as exc:  # prepare's own checks (the judge answers): under the field
+        views.show_errors(slots, forms.param_errors(exc), general)
+        return None
     except ValueError as exc:
-        msg = str(exc)
-        target = slots["judge_url"] if "judge" in msg.lower() else general
-        target.error(msg, icon=":material/error:")  # type: ignore[attr-defined]
+        general.error(str(exc), icon=":material/error:")  # type: ignore[attr-defined]
         return None
     # The pool is shared: it changes only once the run is accepted (nothing on bad input).
     if concurrency != coord.settings.concurrency:

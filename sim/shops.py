@@ -14,7 +14,9 @@ Every shop serves, deterministically by seed (`shop_products(spec)` is the groun
 - `/__sim/stream?bytes=N&seconds=S&length=1` — a large download made as it is sent: N bytes
   (at most 256 MB), chunked (with `length=1`: announced by Content-Length instead), spread
   over S seconds (at most 60), written only as fast as the client reads; it stops when the
-  client hangs up and counts the bytes it wrote in `stream_bytes`.
+  client hangs up and counts the bytes it wrote in `stream_bytes`, and the streams that ended
+  early (`streams_cut`: the client hung up) or whole (`streams_done`). With `type=html` it
+  is served as `text/html` (a huge page a browser renders, not a download).
 
 and is guarded by one of (`ShopSpec.guard`):
 
@@ -605,9 +607,10 @@ class ShopConnection(asyncio.Protocol):
             return
         announce = query.get("length") == "1"
         framing = f"Content-Length: {total}" if announce else "Transfer-Encoding: chunked"
+        ctype = "text/html" if query.get("type") == "html" else "application/octet-stream"
         self.transport.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-            + f"{framing}\r\nConnection: close\r\nServer: fetchfleet-sim\r\n\r\n".encode()
+            f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n{framing}\r\n".encode()
+            + b"Connection: close\r\nServer: fetchfleet-sim\r\n\r\n"
         )
         self.state.bump("streams")
         loop = asyncio.get_running_loop()
@@ -621,6 +624,8 @@ class ShopConnection(asyncio.Protocol):
                 await self.paused
             if seconds > 0:
                 await asyncio.sleep(max(0.0, began + seconds * sent / total - loop.time()))
+        # Whether the client hung up before the end: what a test of a download limit checks.
+        self.state.bump("streams_cut" if sent < total else "streams_done")
         if not self.transport.is_closing():
             if not announce:
                 self.transport.write(b"0\r\n\r\n")

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 
 from storage.bulk import fetch_all, staged
 from storage.clock import utcnow
-from storage.schema import backfill_inputs, backfill_items, backfill_runs, errors
+from storage.error_log import add_errors
+from storage.schema import backfill_inputs, backfill_items, backfill_runs
 
 # --- the input set -------------------------------------------------------------------------
 
@@ -110,8 +111,7 @@ def input_stats(conn: sa.Connection, run_id: int) -> dict[str, int] | None:
 
 
 def record_bad_lines(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(sa.insert(errors), list(rows))
+    add_errors(conn, rows)
 
 
 # --- results -------------------------------------------------------------------------------

@@ -3,10 +3,17 @@
 Rows are read in chunks through SQLAlchemy (the same code for DuckDB and PostgreSQL) and
 written with pyarrow's writers. Secret columns (encrypted proxy passwords) are never
 exported. Filters are column=value pairs checked against the table and bound as parameters.
+
+CSV files are opened by spreadsheets, which run a cell starting with `=`, `+`, `-`, `@`, tab
+or carriage return as a formula; scraped text and error messages come from the sites we
+fetch, so such string cells get a leading `'` in CSV (OWASP's CSV injection advice). A plain
+number written as text (`-5`) cannot be a formula and is kept. Parquet is read by data tools,
+not spreadsheets: it keeps every value as stored.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,14 @@ from storage.schema import TABLES, entities, entity_attributes, proxy_checks
 SECRET_COLUMNS = {"password_enc"}
 CHUNK = 50_000
 FORMATS = ("csv", "parquet")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def neutralise_cell(value: Any) -> Any:
+    """A string a spreadsheet would run as a formula, prefixed with `'`; anything else as is."""
+    formula = isinstance(value, str) and value.startswith(FORMULA_STARTS)
+    return "'" + value if formula and not _PLAIN_NUMBER.fullmatch(value) else value
 
 
 def exportable_columns(table: sa.Table) -> list[sa.Column]:
@@ -96,7 +111,12 @@ def _write(db: Database, stmt: sa.Select, schema: pa.Schema, fmt: str, out: Path
             writer = (
                 pq.ParquetWriter(tmp, schema) if fmt == "parquet" else pacsv.CSVWriter(tmp, schema)
             )
+            text_cols = [
+                i for i, f in enumerate(schema) if fmt == "csv" and pa.types.is_string(f.type)
+            ]
             for chunk in result.partitions():
+                if text_cols:
+                    chunk = [_neutralise_row(r, text_cols) for r in chunk]
                 batch = pa.RecordBatch.from_pylist(
                     [dict(zip(schema.names, r, strict=True)) for r in chunk], schema
                 )
@@ -110,6 +130,13 @@ def _write(db: Database, stmt: sa.Select, schema: pa.Schema, fmt: str, out: Path
             writer.close()
         tmp.unlink(missing_ok=True)
     return rows
+
+
+def _neutralise_row(row: Any, cols: list[int]) -> list[Any]:
+    values = list(row)
+    for i in cols:
+        values[i] = neutralise_cell(values[i])
+    return values
 
 
 # --- entities with their attributes, one row each ---------------------------------------------

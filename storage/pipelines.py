@@ -181,6 +181,29 @@ def set_coordinator(conn: sa.Connection, run_id: int, name: str) -> None:
     )
 
 
+# PostgreSQL advisory lock key space of pipeline runs (the second key is the run id).
+RUN_LOCK_SPACE = 727002
+
+
+def try_lock_run(conn: sa.Connection, run_id: int) -> bool:
+    """Take the session advisory lock of a pipeline run on ``conn`` (PostgreSQL only), without
+    waiting; the server releases it when the session ends, a killed process's included."""
+    return bool(
+        conn.execute(
+            sa.text("SELECT pg_try_advisory_lock(CAST(:space AS integer), CAST(:r AS integer))"),
+            {"space": RUN_LOCK_SPACE, "r": run_id},
+        ).scalar()
+    )
+
+
+def unlock_run(conn: sa.Connection, run_id: int) -> None:
+    """Release the lock ``try_lock_run`` took on this session."""
+    conn.execute(
+        sa.text("SELECT pg_advisory_unlock(CAST(:space AS integer), CAST(:r AS integer))"),
+        {"space": RUN_LOCK_SPACE, "r": run_id},
+    )
+
+
 # --- logs ------------------------------------------------------------------------------------
 
 LOG_COLUMNS = {

@@ -320,3 +320,31 @@ def last_check_time(conn: sa.Connection, run_id: int) -> datetime | None:
         sa.select(sa.func.max(proxy_checks.c.checked_at)).where(proxy_checks.c.run_id == run_id),
     )
     return rows[0][0] if rows else None
+
+
+def pool_snapshot(conn: sa.Connection, status: str, limit: int) -> list[tuple[Any, ...]]:
+    """The proxies with ``status``, fastest first, as (protocol, scheme, host, port,
+    username, password token): what a scrape run routes through. Passwords stay encrypted."""
+    rows = fetch_all(
+        conn,
+        sa.select(
+            proxies.c.protocol,
+            proxies.c.scheme,
+            proxies.c.host,
+            proxies.c.port,
+            proxies.c.username,
+            proxies.c.password_enc,
+        )
+        .where(proxies.c.status == status)
+        .order_by(proxies.c.latency_ms.nulls_last())
+        .limit(limit),
+    )
+    return [tuple(r) for r in rows]
+
+
+def pool_states(conn: sa.Connection) -> dict[str, tuple[str, str | None, str | None]]:
+    """Every stored proxy's key → (status, anonymity, detected protocol)."""
+    rows = fetch_all(
+        conn, sa.select(proxies.c.key, proxies.c.status, proxies.c.anonymity, proxies.c.protocol)
+    )
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}

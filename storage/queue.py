@@ -301,6 +301,25 @@ def tasks_of_worker(conn: sa.Connection, worker_id: str) -> list[int]:
     ]
 
 
+def leased_tasks(conn: sa.Connection, run_id: int) -> list[tuple[int, str | None]]:
+    """(task id, worker id) of a run's tasks under a lease."""
+    return [
+        (int(r[0]), r[1])
+        for r in fetch_all(
+            conn,
+            sa.select(tasks.c.id, tasks.c.worker_id).where(
+                tasks.c.run_id == run_id, tasks.c.status == "leased"
+            ),
+        )
+    ]
+
+
+def last_seq(conn: sa.Connection, run_id: int) -> int | None:
+    """The highest task number of a run (None: it has no tasks)."""
+    seq = fetch_all(conn, sa.select(sa.func.max(tasks.c.seq)).where(tasks.c.run_id == run_id))
+    return None if seq[0][0] is None else int(seq[0][0])
+
+
 def task_counts(conn: sa.Connection, run_id: int) -> dict[str, int]:
     rows = fetch_all(
         conn,

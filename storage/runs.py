@@ -87,12 +87,29 @@ def add_planned(conn: sa.Connection, run_id: int, items: int, n_tasks: int) -> N
     )
 
 
+def planned_tasks(conn: sa.Connection, run_id: int) -> int:
+    """How many tasks were planned for a run so far: the number the next task takes."""
+    rows = fetch_all(conn, sa.select(runs.c.total_tasks).where(runs.c.id == run_id))
+    return int(rows[0][0]) if rows else 0
+
+
 def start_run(conn: sa.Connection, run_id: int) -> None:
     conn.execute(
         sa.update(runs)
         .where(runs.c.id == run_id, runs.c.status == "queued")
         .values(status="running", started_at=utcnow(), updated_at=utcnow())
     )
+
+
+def reopen(conn: sa.Connection, run_id: int) -> bool:
+    """Set a completed run running again (new tasks were queued for it); returns whether
+    it was completed."""
+    res = conn.execute(
+        sa.update(runs)
+        .where(runs.c.id == run_id, runs.c.status == "completed")
+        .values(status="running", finished_at=None, error=None, updated_at=utcnow())
+    )
+    return bool(res.rowcount)
 
 
 def get_run(conn: sa.Connection, run_id: int) -> RunRow | None:
@@ -178,13 +195,19 @@ def command_worker(conn: sa.Connection, worker_id: str, action: str, source: str
 
 
 def settle(conn: sa.Connection) -> list[tuple[int, str]]:
-    """Move runs whose tasks are all finished to their final status; returns the changes."""
+    """Move runs whose tasks are all finished to their final status; returns the changes.
+
+    Only runs the task queue drives: a run that planned items but no tasks does its work
+    outside the queue (a pipeline's steps run in the process that started it), and that
+    process settles it. The rule reads the run's own counters, so every coordinator agrees
+    on it whichever kinds it has loaded. A queue run that planned nothing (an empty input)
+    settles at once."""
     changed: list[tuple[int, str]] = []
-    # A pipeline run has no tasks: the process running its steps settles it (engine.pipelines.runner).
     active = fetch_all(
         conn,
         sa.select(runs.c.id, runs.c.status).where(
-            runs.c.status.in_(("running", "stopping")), runs.c.kind != "pipeline"
+            runs.c.status.in_(("running", "stopping")),
+            sa.or_(runs.c.total_tasks > 0, runs.c.total_items == 0),
         ),
     )
     for run_id, status in active:

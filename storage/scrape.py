@@ -5,23 +5,22 @@ on PostgreSQL): a page brings ~20 entities and ~100 attributes, and row-by-row i
 cost 20x. Exactly once: a page result is stored only while its ``urls`` row is still
 ``queued``; entities are keyed by (type, country, external id) across runs, so a page fetched
 twice (a task re-run after a crash) updates ``last_seen`` and stores nothing twice. Newly found
-links become ``urls`` rows and tasks in the same transaction, so a run cannot settle as
-completed while a page it discovered is still unqueued.
+links become ``urls`` rows in the same transaction, and ``store_pages`` returns their ids so
+that the caller (the scrape kind) queues them as tasks before it commits: a run cannot settle
+as completed while a page it discovered is still unqueued. Storage registers; it does not plan.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from storage import queue as q
-from storage import runs as run_store
 from storage.bulk import fetch_all, staged, staged_columns
 from storage.clock import utcnow
-from storage.schema import entities, entity_attributes, errors, fetch_logs, files, runs, urls
+from storage.schema import entities, entity_attributes, errors, fetch_logs, files, urls
 from storage.scrape_rows import Entity, PageResult, UrlItem
 
 __all__ = ["Entity", "PageResult", "UrlItem"]  # re-exported: the rows live in scrape_rows
@@ -83,19 +82,6 @@ def register_urls(
     return [r[0] for r in sorted(added, key=lambda r: order[r[1]])]
 
 
-def queue_urls(
-    conn: sa.Connection, run_id: int, url_ids: Sequence[int], batch_size: int, max_attempts: int
-) -> int:
-    """One task per ``batch_size`` URL ids, numbered after the run's existing tasks."""
-    if not url_ids:
-        return 0
-    batches = [list(url_ids[i : i + batch_size]) for i in range(0, len(url_ids), batch_size)]
-    seq = fetch_all(conn, sa.select(runs.c.total_tasks).where(runs.c.id == run_id))[0][0]
-    n = q.add_tasks(conn, run_id, batches, int(seq), max_attempts)
-    run_store.add_planned(conn, run_id, n, len(batches))
-    return n
-
-
 def load_urls(conn: sa.Connection, run_id: int, ids: list[Any]) -> list[UrlItem]:
     """The still-queued URLs among ``ids`` (a re-run task skips pages already stored)."""
     if not ids:
@@ -127,28 +113,36 @@ class StoreContext:
     entity_type: str
     max_pages: int | None
     max_depth: int
-    batch_size: int
-    max_attempts: int
+
+
+@dataclass(slots=True)
+class StoredPages:
+    """What ``store_pages`` did: pages stored for the first time, and the ids of the ``urls``
+    rows registered for the links they brought (still to be queued, in link order)."""
+
+    pages: int = 0
+    new_urls: list[int] = field(default_factory=list)
 
 
 def store_pages(
     conn: sa.Connection,
     ctx: StoreContext,
     results: Sequence[tuple[int | None, str | None, PageResult]],
-) -> int:
-    """Store page results ((task id, worker id, page)) of one run; returns pages new here."""
+) -> StoredPages:
+    """Store page results ((task id, worker id, page)) of one run and register the links of
+    the pages new here (up to the run's ``max_pages``, above ``max_depth`` only)."""
     first: dict[int, tuple[int | None, str | None, PageResult]] = {}
     for task_id, worker_id, page in results:
         first.setdefault(page.url_id, (task_id, worker_id, page))
     if not first:
-        return 0
+        return StoredPages()
     now = utcnow()
     # A page is new here while its url is still queued: marking it fetched in the same
     # statement (RETURNING) is what makes a page stored once per run.
     fresh_ids = _update_urls(conn, ctx.run_id, [p for _, _, p in first.values()], now)
     pages = [t for i, t in first.items() if i in fresh_ids]  # arrival order: the last wins
     if not pages:
-        return 0
+        return StoredPages()
     entity_ids: dict[tuple[str, str], int] = {}
     for country in sorted({p.country for _, _, p in pages}):
         of_country = [p for _, _, p in pages if p.country == country]
@@ -163,10 +157,8 @@ def store_pages(
         if p.depth < ctx.max_depth
         for link in p.links
     ]
-    if links:
-        new_ids = register_urls(conn, ctx.run_id, links, ctx.max_pages)
-        queue_urls(conn, ctx.run_id, new_ids, ctx.batch_size, ctx.max_attempts)
-    return len(pages)
+    new_ids = register_urls(conn, ctx.run_id, links, ctx.max_pages) if links else []
+    return StoredPages(len(pages), new_ids)
 
 
 def _update_urls(conn: sa.Connection, run_id: int, pages: list[PageResult], now: Any) -> set[int]:
@@ -494,6 +486,6 @@ def store_entities(
     """Upsert entities outside a page (the pipeline API's ``store``); returns external id →
     entity id. Same rules as pages: keyed by (type, country, external id), attributes
     replaced only when the content hash changed."""
-    ctx = StoreContext(run_id, entity_type, None, 0, 1, 1)
+    ctx = StoreContext(run_id, entity_type, None, 0)
     page = PageResult(0, "", 0, country, "done", entities=entities)
     return _store_entities(conn, ctx, country, [page], utcnow())

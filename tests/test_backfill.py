@@ -476,7 +476,9 @@ def test_stop_then_resume_loses_nothing(world: SimWorld, tmp_path: Path) -> None
     coord = Coordinator(db, s).start()
     try:
         run_id = submit_run(db, s, "backfill", params(world, ids_file, rate="100/1s"), coord.name)
+        deadline = time.monotonic() + 60
         while wait_run(db, run_id, timeout_s=0)["counts"]["done"] < 50:
+            assert time.monotonic() < deadline, "50 IDs were not stored within 60 s"
             time.sleep(0.1)
         assert coord.command(run_id, "stop") == "stopping"
         stopped = wait_run(db, run_id, timeout_s=30)

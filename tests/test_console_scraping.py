@@ -148,8 +148,7 @@ def test_renders_a_run_with_progress_charts_and_entities(console_env: str) -> No
     assert len(countries) == 6
     at.selectbox(key="sc_ent_country").set_value(countries[1]).run()
     assert set(at.dataframe[0].value["country"]) == {countries[1]}
-    labels = [b.label for b in at.get("download_button")]
-    assert labels == [] or "Download CSV" in labels
+    assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download Parquet"]
 
 
 def test_entities_export_with_attributes_as_columns(console_env: str, tmp_path: Path) -> None:

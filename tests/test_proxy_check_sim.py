@@ -15,9 +15,7 @@ import uvloop
 
 from fetchers.proxy_check import CheckResult, ProxyChecker
 from fetchers.proxy_parse import ProxySpec, iter_proxy_lines
-
-world_mod = pytest.importorskip("sim.world", reason="sim/world.py is not available")
-SimWorld, WorldConfig = world_mod.SimWorld, world_mod.WorldConfig
+from sim.world import SimWorld, WorldConfig
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 

@@ -387,7 +387,7 @@ def test_kill_9_of_the_cli_then_resume(shops: ShopWorld, tmp_path: Path) -> None
     proc = start_slow(shops, tmp_path, db)
     try:
         wait_done(db, 20)
-        os.killpg(os.getpgid(proc.pid), 0)  # still alive
+        assert proc.poll() is None, "the CLI is still running when it is killed"
         proc.kill()
         proc.communicate(timeout=30)
     finally:

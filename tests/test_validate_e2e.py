@@ -25,6 +25,7 @@ from engine.settings import Settings
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all
 from storage.db import open_database
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -415,6 +416,8 @@ def test_worker_command_refuses_duckdb(tmp_path: Path) -> None:
 
 
 def test_demo_runs_offline(tmp_path: Path) -> None:
+    # The demo scrapes the sim's JS-challenge shop, which only a real browser passes.
+    require_tool("chromium", "chromium")
     out = cli(
         "demo", "--db", str(tmp_path / "demo.duckdb"), "--proxies", "60", "--json", timeout=180
     )

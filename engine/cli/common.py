@@ -143,25 +143,10 @@ def follow_run(db: Database, coordinator: Any, run_id: int, args: argparse.Names
 
 def print_bad_input(db: Database, run_id: int) -> None:
     """Malformed input lines recorded while planning, so the user can fix them."""
-    import sqlalchemy as sa
-
-    from storage.bulk import fetch_all
-    from storage.schema import errors
+    from storage.error_log import bad_input
 
     with db.connect() as conn:
-        rows = fetch_all(
-            conn,
-            sa.select(errors.c.item_key, errors.c.message)
-            .where(errors.c.run_id == run_id, errors.c.error_type == "bad_input")
-            .order_by(errors.c.id)
-            .limit(6),
-        )
-        total = fetch_all(
-            conn,
-            sa.select(sa.func.count())
-            .select_from(errors)
-            .where(errors.c.run_id == run_id, errors.c.error_type == "bad_input"),
-        )[0][0]
+        rows, total = bad_input(conn, run_id, limit=5)
     if total:
         print(f"{total:,} malformed line(s) skipped, the rest loaded:", file=sys.stderr)
         for key, msg in rows[:5]:
@@ -223,10 +208,12 @@ def common_opts(sp: argparse.ArgumentParser, json_help: str = "print one JSON ob
     sp.add_argument("--json", action="store_true", help=json_help)
 
 
-def pool_opts(sp: argparse.ArgumentParser) -> None:
-    """The local pool's size and the run's task shape, on every command that runs a job."""
+def pool_opts(sp: argparse.ArgumentParser, task_shape: bool = True) -> None:
+    """The local pool's size and the run's task shape, on every command that runs a job
+    (``task_shape=False``: a kind whose Params model adds --batch-size and --timeout)."""
     sp.add_argument("--workers", type=int, help="local worker processes (default 2)")
     sp.add_argument("--concurrency", type=int, help="items in flight per worker (200)")
-    sp.add_argument("--batch-size", type=int, help="items per task (50)")
     sp.add_argument("--max-attempts", type=int, help="tries per task (3)")
-    sp.add_argument("--timeout", type=float, help="seconds per check attempt (5)")
+    if task_shape:
+        sp.add_argument("--batch-size", type=int, help="items per task (50)")
+        sp.add_argument("--timeout", type=float, help="seconds per check attempt (5)")

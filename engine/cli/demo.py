@@ -15,11 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
-from storage.bulk import fetch_all
 from storage.db import open_database
-from storage.schema import proxies
+from storage.proxies import pool_states
 
 
 def compare_with_truth(db_url: str, truth: list[Any]) -> dict[str, Any]:
@@ -28,13 +25,7 @@ def compare_with_truth(db_url: str, truth: list[Any]) -> dict[str, Any]:
 
     db = open_database(db_url)
     with db.connect() as conn:
-        rows = {
-            r[0]: r[1:]
-            for r in fetch_all(
-                conn,
-                sa.select(proxies.c.key, proxies.c.status, proxies.c.anonymity, proxies.c.protocol),
-            )
-        }
+        rows = pool_states(conn)
     db.dispose()
     fp = fn = anon_wrong = proto_wrong = judged = 0
     for t in truth:

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from engine.cli.common import EXIT_ABORTED, EXIT_USAGE, UserError
+from engine.jobs.params import ParamError
 from storage.errors import StorageError
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         return int(args.func(args))
-    except (UserError, StorageError) as exc:
+    except (UserError, ParamError, StorageError) as exc:  # ParamError names its flag
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

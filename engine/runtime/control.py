@@ -24,8 +24,10 @@ def control_path(database: str) -> Path:
     path = Path(database).resolve()
     sock = path.with_name(path.name + ".ctl")
     if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~108 bytes
+        from engine.private_dir import private_dir  # not /tmp: a planted socket would answer
+
         digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
-        sock = Path("/tmp") / f"fetchfleet-{digest}.ctl"
+        sock = private_dir() / f"{digest}.ctl"
     return sock
 
 

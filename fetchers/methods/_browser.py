@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from fetchers.methods.base import Requirement
+from fetchers.errors import TooLarge
+from fetchers.methods.base import FetchRequest, Requirement
 
 #: Chromium flags for a headless worker: no GPU, no background traffic of its own
 #: (component updates, sync, metrics would try to reach the internet), /tmp instead of a
@@ -32,6 +33,28 @@ CHROMIUM_ARGS: tuple[str, ...] = (
 )
 
 _VERSION = re.compile(r"(\d+)\.\d+\.\d+\.\d+")
+
+
+#: the page's HTML length in characters, measured in the browser: a page bigger than the
+#: limit is refused before its HTML is copied out (UTF-8 has at least a byte a character)
+HTML_CHARS_JS = "document.documentElement ? document.documentElement.outerHTML.length : 0"
+
+
+def page_limit(request: FetchRequest, max_page_bytes: int) -> int:
+    """The most HTML a browser method keeps for this request."""
+    return request.max_bytes or max_page_bytes
+
+
+def check_page_size(method: str, size: int, limit: int, status: int | None) -> None:
+    """Raise `TooLarge` when a page's HTML (`size` characters or bytes) is over `limit`."""
+    if size > limit:
+        raise TooLarge(
+            f"{method}: page over max_page_bytes {limit:,} ({size:,} characters of HTML; "
+            "raise FETCHFLEET_MAX_PAGE_BYTES to keep such pages)",
+            limit=limit,
+            received=size,
+            status=status,
+        )
 
 
 def chromium_requirement(path: Path) -> Requirement:

@@ -18,7 +18,9 @@ across requests (cookies set by a site come back to it).
 
 A request with `max_bytes` (file downloads) is streamed: refused when its Content-Length is
 over the limit, cut off as soon as more than the limit has arrived (`TooLarge`); a 2 GB link
-never lands in memory. Without it, the body is read whole, as before.
+never lands in memory. Without it, a page is bounded by `settings.max_page_bytes`: its body
+is collected by curl's write callback (no stream task per request) and the transfer is
+aborted once more than the limit has arrived, also `TooLarge`.
 """
 
 from __future__ import annotations
@@ -190,6 +192,44 @@ def _too_large(r: Any, limit: int, received: int, announced: int | None, what: s
     )
 
 
+_CURL_WRITEFUNC_ERROR = 0xFFFFFFFF  # what a write callback returns to abort the transfer
+
+
+class _PageBody:
+    """curl's write callback for a page: keeps the body until it passes `limit`, then makes
+    curl abort the transfer (a write error the client turns into `TooLarge`)."""
+
+    __slots__ = ("chunks", "limit", "received")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = 0
+        self.chunks: list[bytes] = []
+
+    def __call__(self, chunk: bytes) -> int:
+        self.received += len(chunk)
+        if self.received > self.limit:
+            return _CURL_WRITEFUNC_ERROR
+        self.chunks.append(chunk)
+        return len(chunk)
+
+    @property
+    def over(self) -> bool:
+        return self.received > self.limit
+
+    def too_large(self, response: Any) -> TooLarge:
+        status = getattr(response, "status_code", None) or None
+        headers = _headers_dict(response.headers) if status else {}
+        return TooLarge(
+            f"page over max_page_bytes {self.limit:,}: transfer stopped at {self.received:,} "
+            "bytes (raise FETCHFLEET_MAX_PAGE_BYTES to keep such pages)",
+            limit=self.limit,
+            received=self.received,
+            status=status,
+            headers=headers,
+        )
+
+
 async def _stop(r: Any) -> None:
     """End a streamed transfer now, whatever the server does next.
 
@@ -252,8 +292,13 @@ class CurlClient:
         if headers:
             send.update(headers)
         session = self.session()
+        body: _PageBody | None = None
+        extra: dict[str, Any] = {}
         if request.max_bytes is not None:
             session = _Capped(session, request.max_bytes)
+        else:
+            body = _PageBody(self.settings.max_page_bytes)
+            extra["content_callback"] = body
         try:
             r = await session.request(
                 method,
@@ -267,8 +312,11 @@ class CurlClient:
                 http_version="v2tls",
                 impersonate=self.settings.impersonate if impersonate else None,
                 default_headers=impersonate,
+                **extra,
             )
         except Exception as exc:
+            if body is not None and body.over:
+                raise body.too_large(getattr(exc, "response", None)) from None
             if isinstance(exc, OSError | asyncio.TimeoutError) or type(exc).__module__.startswith(
                 "curl_cffi"
             ):
@@ -280,7 +328,7 @@ class CurlClient:
             ua = r.request.headers.get("User-Agent")
         return RawResponse(
             status=r.status_code,
-            content=r.content,
+            content=r.content if body is None else b"".join(body.chunks),
             headers=_headers_dict(r.headers),
             final_url=str(r.url),
             cookies={k: v for k, v in r.cookies.items()},

@@ -30,9 +30,12 @@ from typing import TYPE_CHECKING, Any
 from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure
 from fetchers.methods._browser import (
     CHROMIUM_ARGS,
+    HTML_CHARS_JS,
     Settle,
+    check_page_size,
     chromium_requirement,
     desktop_user_agent,
+    page_limit,
     split_proxy,
 )
 from fetchers.methods.base import FetchMethod, FetchRequest, RawResponse, Requirement
@@ -234,15 +237,21 @@ class PlaywrightMethod(FetchMethod):
                 )
         limit = max(0.0, min(deadline - time.monotonic(), self.settings.challenge_wait_s))
         settle = Settle(bool(request.wait_selector), limit)
+        max_bytes = page_limit(request, self.settings.max_page_bytes)
         content = ""
         while True:
+            chars = 0
             try:  # selector first: once it is there the document stays, and is what we read
                 has = bool(request.wait_selector) and (
                     await page.query_selector(request.wait_selector) is not None
                 )
-                content = await page.content()
+                chars = int(await page.evaluate(f"() => {HTML_CHARS_JS}") or 0)
+                content = await page.content() if chars <= max_bytes else ""
             except Exception:  # navigating right now: the document is being replaced
                 content, has = "", False
+            status = (navigations[-1] if navigations else first).status
+            check_page_size(self.name, chars, max_bytes, status)
+            check_page_size(self.name, len(content.encode("utf-8")), max_bytes, status)
             if content:
                 last = navigations[-1] if navigations else first
                 headers = await last.all_headers()

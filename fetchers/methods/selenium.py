@@ -29,10 +29,13 @@ from typing import TYPE_CHECKING, Any
 from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure
 from fetchers.methods._browser import (
     CHROMIUM_ARGS,
+    HTML_CHARS_JS,
     Settle,
+    check_page_size,
     chromium_major,
     chromium_requirement,
     desktop_user_agent,
+    page_limit,
     split_proxy,
 )
 from fetchers.methods.base import FetchMethod, FetchRequest, RawResponse, Requirement
@@ -176,16 +179,21 @@ class SeleniumMethod(FetchMethod):
 
         limit = max(0.0, min(deadline - time.monotonic(), self.settings.challenge_wait_s))
         settle = Settle(bool(request.wait_selector), limit)
+        max_bytes = page_limit(request, self.settings.max_page_bytes)
         content, status = "", 0
         while True:
+            chars = 0
             try:  # selector first: once it is there the document stays, and is what we read
                 has = bool(request.wait_selector) and bool(
                     driver.find_elements(By.CSS_SELECTOR, request.wait_selector)
                 )
                 status = int(driver.execute_script(_STATUS_JS) or 0)
-                content = driver.page_source
+                chars = int(driver.execute_script(f"return {HTML_CHARS_JS}") or 0)
+                content = driver.page_source if chars <= max_bytes else ""
             except Exception:  # the document is being replaced (a challenge reloading)
                 content, has = "", False
+            check_page_size(self.name, chars, max_bytes, status or None)
+            check_page_size(self.name, len(content.encode("utf-8")), max_bytes, status or None)
             if content:
                 reason, _ = detect_block(status or 200, {}, content.encode("utf-8"))
                 if settle.done(has, reason):

@@ -20,6 +20,8 @@ import argparse
 import sys
 from typing import Any
 
+from engine.jobs.backfill.params import BackfillParams
+from engine.jobs.params import add_param_flags, params_from_args
 from storage.errors import DatabaseLockedError
 
 
@@ -37,45 +39,9 @@ def add_commands(sub: Any) -> None:
     b.add_argument(
         "--json", action="store_true", help="print one JSON summary at the end and nothing else"
     )
-    b.add_argument("--ids", metavar="FILE", help="IDs, one a line (or a CSV with --id-column)")
-    b.add_argument("--id-column", metavar="NAME", help="the ID column of a CSV file")
-    b.add_argument(
-        "--id-pattern", metavar="REGEX", help="IDs must match this (others are malformed lines)"
-    )
-    b.add_argument(
-        "--url-template",
-        metavar="URL",
-        help="where an ID's record is, with {id}: 'https://api.example.com/users/{id}'",
-    )
-    b.add_argument(
-        "--rate-limit",
-        metavar="N/PERIOD",
-        help="at most N requests in any window of PERIOD, across all workers: 3000/5m, 10/1s",
-    )
-    b.add_argument("--burst", type=int, help="requests allowed at once within the limit (1)")
-    b.add_argument(
-        "--rate-margin",
-        type=float,
-        metavar="SECONDS",
-        help="how late a request may reach the API after its slot and still count in the "
-        "right window (default 2%% of the period, 0.1 to 2 s); raise it on a jittery network",
-    )
-    b.add_argument(
-        "--rate-key",
-        help="runs with the same key share one limit (default: the API's scheme://host:port)",
-    )
-    b.add_argument(
-        "--header",
-        action="append",
-        metavar="NAME=VALUE",
-        help="request header, repeatable; NAME=env:VAR reads VAR in each worker and stores "
-        "only its name: --header 'Authorization=env:API_TOKEN'",
-    )
-    b.add_argument("--timeout", type=float, help="seconds per request (10)")
-    b.add_argument("--item-attempts", type=int, help="requests per ID before it fails (3)")
+    add_param_flags(b, BackfillParams)
     b.add_argument("--workers", type=int, help="local worker processes (default 2)")
     b.add_argument("--concurrency", type=int, help="IDs in flight per worker (200)")
-    b.add_argument("--batch-size", type=int, help="IDs per task (50)")
     b.add_argument("--max-attempts", type=int, help="tries per task after worker crashes (3)")
     b.add_argument(
         "--resume",
@@ -120,20 +86,9 @@ def backfill_params(args: argparse.Namespace) -> dict[str, Any]:
             f"backfill needs {', '.join(missing)} (or --resume RUN_ID); "
             "see `python -m engine.run backfill --help`"
         )
-    return {
-        "ids_file": args.ids,
-        "id_column": args.id_column,
-        "id_pattern": args.id_pattern,
-        "url_template": args.url_template,
-        "rate_limit": args.rate_limit,
-        "burst": args.burst,
-        "rate_margin_s": args.rate_margin,
-        "rate_key": args.rate_key,
-        "headers": list(args.header or []),
-        "timeout_s": args.timeout,
-        "item_attempts": args.item_attempts,
-        "batch_size": args.batch_size,
-    }
+    params = params_from_args(BackfillParams, args)
+    BackfillParams.build(params)  # a bad value: exit 2 naming its flag (ParamError)
+    return params
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -160,11 +115,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.retry_failed:
         raise UserError("--retry-failed goes with --resume RUN_ID")
     params = backfill_params(args)
-    # Check the parameters before a coordinator and its pool start (fast exit 2).
-    try:
-        get_kind("backfill", settings_from(args)).prepare(dict(params))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    # Check the ID file before a coordinator and its pool start (fast exit 2).
+    get_kind("backfill", settings_from(args)).prepare(dict(params))
     return run_job(args, "backfill", params)
 
 
@@ -261,27 +213,16 @@ def resume_backfill(args: argparse.Namespace) -> int:
 def retry_failed(db: Any, run_id: int, params: dict[str, Any], page: int = 10_000) -> int:
     """Queue the IDs a run stored as failed as new tasks and forget those results (one
     transaction); a completed run is reopened. Returns how many IDs were queued."""
-    import sqlalchemy as sa
-
     from engine.settings import Settings
     from storage import backfill as store
     from storage import queue as q
     from storage import runs
-    from storage.bulk import fetch_all
-    from storage.clock import utcnow
-    from storage.schema import runs as runs_table
-    from storage.schema import tasks
 
     batch = int(params.get("batch_size") or 50)
     max_attempts = Settings().max_attempts
     queued = 0
     with db.begin() as conn:
-        seq = int(
-            fetch_all(conn, sa.select(sa.func.max(tasks.c.seq)).where(tasks.c.run_id == run_id))[0][
-                0
-            ]
-            or 0
-        )
+        seq = q.last_seq(conn, run_id) or 0
         after = None
         n_tasks = 0
         while ids := store.failed_ids_after(conn, run_id, after, page):
@@ -295,30 +236,17 @@ def retry_failed(db: Any, run_id: int, params: dict[str, Any], page: int = 10_00
             return 0
         store.forget_failed(conn, run_id)
         runs.add_planned(conn, run_id, 0, n_tasks)  # the IDs were counted when planned
-        conn.execute(
-            sa.update(runs_table)
-            .where(runs_table.c.id == run_id, runs_table.c.status == "completed")
-            .values(status="running", finished_at=None, error=None, updated_at=utcnow())
-        )
+        runs.reopen(conn, run_id)
     return queued
 
 
 def take_over(db: Any, run_id: int) -> int:
     """Return the tasks a dead coordinator's workers held to the queue (the claim does not
     count as an attempt) and mark those workers dead. Only with the DuckDB file held."""
-    import sqlalchemy as sa
-
     from storage import queue as q
-    from storage.bulk import fetch_all
-    from storage.schema import tasks
 
     with db.begin() as conn:
-        held = fetch_all(
-            conn,
-            sa.select(tasks.c.id, tasks.c.worker_id).where(
-                tasks.c.run_id == run_id, tasks.c.status == "leased"
-            ),
-        )
+        held = q.leased_tasks(conn, run_id)
         for task_id, worker_id in held:
             q.release(conn, worker_id, [task_id])
         for worker_id in {w for _, w in held if w}:

@@ -27,23 +27,31 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from itertools import islice
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
-import sqlalchemy as sa
-
+from engine.jobs.backfill.params import (  # noqa: F401 — parse_header, HeaderSpec: re-exported
+    BackfillParams,
+    HeaderSpec,
+    check_url_template,
+    parse_header,
+)
 from engine.jobs.base import Executor, JobKind, WorkerEnv
+from engine.jobs.params import ParamError
 from engine.model import ItemResult
 from engine.ratelimit.base import Gate, Rate, RateLimiter
 from storage import backfill as store
 from storage.clock import utcnow
 from storage.db import Database
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
@@ -51,116 +59,42 @@ IMPORT_CHUNK = 20_000  # lines read and staged per transaction while planning
 PAGE = 20_000  # input lines read back per query while planning
 MAX_PARSE_ERRORS_STORED = 1_000
 MAX_ID_LENGTH = 512
-DEFAULT_TIMEOUT_S = 10.0
-DEFAULT_ITEM_ATTEMPTS = 3
-DEFAULT_BACKOFF_S = 0.5
 MAX_RATE_LIMITED = 5  # 429s an item may meet before it is stored as failed
 MAX_RETRY_AFTER_S = 600.0
 PERMANENT_NOT_FOUND = {404, 410}
 USER_AGENT = "fetchfleet-backfill/0.1"
 SAFE_IN_PATH = ":@!$&'()*+,;="  # RFC 3986 pchar sub-delims stay readable (did:plc:…)
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SENSITIVE = re.compile(r"auth|token|secret|key|cookie|passw|session|signature", re.I)
 _BAD_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
-_PLACEHOLDER = re.compile(r"\{[^}]*\}")
 
 
 # --- parameters ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderSpec:
-    name: str
-    value: str | None = None  # a literal (stored with the run; never a credential)
-    env: str | None = None  # the name of an environment variable read by each worker
+def _check_ids_file(source: str, id_column: str | None) -> Path:
+    def error(message: str, name: str = "ids_file", value: str | None = source) -> ParamError:
+        return BackfillParams.error(name, message, value)
 
-    def to_json(self) -> dict[str, str]:
-        return (
-            {"name": self.name, "env": self.env}
-            if self.env
-            else {"name": self.name, "value": self.value or ""}
-        )
-
-
-def parse_header(text: str, environ: Mapping[str, str] = os.environ) -> HeaderSpec:
-    """``Name=value`` or ``Name=env:VAR`` (VAR must be set here)."""
-    name, sep, value = (text or "").partition("=")
-    name = name.strip()
-    if not sep or not _HEADER_NAME.fullmatch(name):
-        raise ValueError(
-            f"--header {text!r}: write Name=value or Name=env:VAR, "
-            "e.g. --header 'Authorization=env:API_TOKEN'"
-        )
-    if value.startswith("env:"):
-        var = value[4:].strip()
-        if not _ENV_NAME.fullmatch(var):
-            raise ValueError(
-                f"--header {name}=env:{var}: {var!r} is not an environment variable name"
-            )
-        if var not in environ:
-            raise ValueError(
-                f"--header {name}=env:{var}: the environment variable {var} is not set; "
-                f"export {var}=… first (each worker reads it from its own environment)"
-            )
-        return HeaderSpec(name=name, env=var)
-    if "\r" in value or "\n" in value:
-        raise ValueError(f"--header {name}=…: a header value cannot contain line breaks")
-    if _SENSITIVE.search(name):
-        raise ValueError(
-            f"--header {name}=…: a literal value would be stored with the run; pass it from "
-            f"the environment instead: --header '{name}=env:VARIABLE'"
-        )
-    return HeaderSpec(name=name, value=value)
-
-
-def check_url_template(template: str) -> str:
-    """The origin (``scheme://host:port``) of a valid template, the default limiter key."""
-    if not template or "{id}" not in template:
-        raise ValueError(
-            f"--url-template {template!r}: put {{id}} where the ID goes, "
-            "e.g. 'https://api.example.com/users/{id}'"
-        )
-    others = {p for p in _PLACEHOLDER.findall(template) if p != "{id}"}
-    if others:
-        raise ValueError(
-            f"--url-template: only {{id}} is substituted; remove {', '.join(sorted(others))}"
-        )
-    parts = urlsplit(template.replace("{id}", "x"))
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            f"--url-template {template!r}: must be an http:// or https:// URL with a host"
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"--url-template {template!r}: the port is not a number") from None
-    default = 443 if parts.scheme == "https" else 80
-    return f"{parts.scheme}://{parts.hostname.lower()}:{port or default}"
-
-
-def _check_ids_file(source: Any, id_column: str | None) -> Path:
-    if not source:
-        raise ValueError("no IDs: give --ids FILE (one ID a line, or a CSV with --id-column)")
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"--ids {source}: no such file")
+        raise error("no such file")
     if path.stat().st_size == 0:
-        raise ValueError(f"--ids {source}: the file is empty; one ID a line")
+        raise error("the file is empty; one ID a line")
     with path.open("rb") as fh:
         head = fh.read(8192)
     if b"\0" in head:
-        raise ValueError(f"--ids {source}: this is a binary file, not a list of IDs")
+        raise error("this is a binary file, not a list of IDs")
     if path.suffix.lower() == ".csv" and not id_column:
-        raise ValueError(f"--ids {source}: a CSV file; name the ID column with --id-column")
+        raise error("a CSV file; name the ID column with --id-column")
     if id_column:
         first = head.decode("utf-8-sig", "replace").splitlines()[0] if head else ""
         header = next(csv.reader([first]), [])
         if id_column not in [h.strip() for h in header]:
-            raise ValueError(
-                f"--id-column {id_column}: not in the header of {source} "
-                f"({', '.join(h.strip() for h in header) or 'empty'})"
+            raise error(
+                f"not in the header of {source} "
+                f"({', '.join(h.strip() for h in header) or 'empty'})",
+                "id_column",
+                id_column,
             )
     return path.resolve()
 
@@ -232,55 +166,18 @@ def iter_ids(
 
 class BackfillJob(JobKind):
     name = "backfill"
+    params_model = BackfillParams
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
-        id_column = params.get("id_column") or None
-        path = _check_ids_file(params.get("ids_file"), id_column)
-        pattern = params.get("id_pattern") or None
-        if pattern:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(
-                    f"--id-pattern {pattern!r}: not a regular expression ({exc})"
-                ) from None
-        template = str(params.get("url_template") or "")
-        origin = check_url_template(template)
-        if not params.get("rate_limit"):
-            raise ValueError(
-                "no rate limit: give --rate-limit N/period (e.g. 3000/5m); the API's own "
-                "limit, or below it"
-            )
-        burst = int(params.get("burst") or 1)
-        margin = params.get("rate_margin_s")
-        rate = Rate.parse(
-            str(params["rate_limit"]),
-            burst=burst,
-            jitter_s=None if margin is None else float(margin),
-        )
-        headers = [
-            parse_header(h) if isinstance(h, str) else HeaderSpec(**h)
-            for h in params.get("headers") or []
-        ]
-        timeout = float(params.get("timeout_s") or DEFAULT_TIMEOUT_S)
-        if timeout <= 0:
-            raise ValueError(f"--timeout must be positive, got {timeout}")
-        attempts = int(params.get("item_attempts") or DEFAULT_ITEM_ATTEMPTS)
-        if not 1 <= attempts <= 20:
-            raise ValueError(f"--item-attempts must be 1 to 20, got {attempts}")
+        p = BackfillParams.build(params, self.settings)
+        path = _check_ids_file(p.ids_file, p.id_column)
+        rate = p.rate()
         return {
+            **p.stored(),
             "ids_file": str(path),
-            "id_column": id_column,
-            "id_pattern": pattern,
-            "url_template": template,
             "rate_limit": rate.describe(),
             "rate": rate.to_json(),
-            "rate_key": str(params.get("rate_key") or origin),
-            "headers": [h.to_json() for h in headers],
-            "timeout_s": timeout,
-            "item_attempts": attempts,
-            "retry_backoff_s": float(params.get("retry_backoff_s") or DEFAULT_BACKOFF_S),
-            "batch_size": int(params.get("batch_size") or self.settings.batch_size),
+            "rate_key": p.rate_key or p.origin(),
         }
 
     def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from engine.jobs.params import add_param_flags, params_from_args
+from engine.jobs.scrape.params import ScrapeParams
+
 
 def add_commands(sub: Any) -> None:
     s = sub.add_parser(
@@ -31,29 +34,9 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--json", action="store_true", help="print one JSON summary at the end and nothing else"
     )
-    s.add_argument("--spec", metavar="FILE", help="the scrape spec (TOML)")
-    s.add_argument("--country", help="only this country's sources of the spec")
-    s.add_argument(
-        "--methods",
-        metavar="LIST",
-        help="fetch order for this run, e.g. http,playwright (default: the spec's, else the "
-        "country's row of the policy)",
-    )
-    s.add_argument("--max-pages", type=int, help="stop registering new pages after N")
-    s.add_argument(
-        "--proxies",
-        metavar="STATUS",
-        help="route through the stored proxies with this status (e.g. active)",
-    )
-    s.add_argument(
-        "--strategy",
-        choices=("round_robin", "least_connections", "weighted", "adaptive"),
-        help="proxy selection with --proxies (adaptive)",
-    )
-    s.add_argument("--files-dir", help="where downloaded files go (data/files)")
+    add_param_flags(s, ScrapeParams)
     s.add_argument("--workers", type=int, help="local worker processes (default 2)")
     s.add_argument("--concurrency", type=int, help="pages in flight per worker (200)")
-    s.add_argument("--batch-size", type=int, help="pages per task (50)")
     s.add_argument("--max-attempts", type=int, help="tries per task after worker crashes (3)")
     s.add_argument(
         "--resume", type=int, metavar="RUN_ID", help="finish an earlier scrape run (same as resume)"
@@ -73,22 +56,10 @@ def cmd_scrape(args: argparse.Namespace) -> int:
         return cmd_resume(args)
     if not args.spec:
         raise UserError("scrape needs --spec FILE (or --resume RUN_ID); see --help")
-    params: dict[str, Any] = {
-        "spec": args.spec,
-        "country": args.country,
-        "methods": args.methods,
-        "max_pages": args.max_pages,
-        "proxies": args.proxies,
-        "strategy": args.strategy,
-        "files_dir": args.files_dir,
-        "batch_size": args.batch_size,
-    }
-    if args.max_pages is not None and args.max_pages < 1:
-        raise UserError("--max-pages must be at least 1")
-    try:
-        get_kind("scrape", settings_from(args)).prepare(dict(params))
-    except ValueError as exc:  # SpecError and PolicyError are ValueErrors
-        raise UserError(str(exc)) from None
+    params = params_from_args(ScrapeParams, args)
+    ScrapeParams.build(params)  # a bad value: exit 2 naming its flag (ParamError)
+    # Check the spec and its start URLs before a coordinator and its pool start.
+    get_kind("scrape", settings_from(args)).prepare(dict(params))
     return run_job(args, "scrape", params, finish=add_scrape_stats)
 
 

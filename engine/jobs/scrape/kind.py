@@ -2,10 +2,10 @@
 
 Items are ids of the run's ``urls`` registry. Planning registers the spec's start URLs; each
 executed page hands back its entities, the links it follows (normalized, filtered by the
-spec) and its downloaded files; storing a page registers its new links and queues them as
-tasks in the same transaction (``storage.scrape``), so the run grows as it discovers pages
-and cannot complete while one is still unqueued. A page is stored once per run (its URL row
-leaves ``queued``); an entity once per (type, country, external id) across runs.
+spec) and its downloaded files; storing a page registers its new links (``storage.scrape``)
+and this kind queues them as tasks in the same transaction, so the run grows as it discovers
+pages and cannot complete while one is still unqueued. A page is stored once per run (its
+URL row leaves ``queued``); an entity once per (type, country, external id) across runs.
 
 Each worker process holds one `fetchers.Fetcher` per run: one browser per method reused
 across pages, the per-domain memory of which method works, politeness limits, and the proxy
@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from engine.jobs.base import Executor, JobKind, WorkerEnv
+from engine.jobs.scrape.params import ScrapeParams
 from engine.jobs.scrape.spec import (
     ScrapeSpec,
+    SpecError,
     load_spec,
     normalize_url,
     parse_spec,
@@ -50,62 +52,62 @@ MAX_PROXIES = 10_000
 
 class ScrapeJob(JobKind):
     name = "scrape"
+    params_model = ScrapeParams
     columns = ("page",)  # pages travel as wire tuples in ResultBatch columns
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
-        self._contexts: dict[int, Any] = {}  # run id → storage.scrape.StoreContext
+        # run id → (storage.scrape.StoreContext, the run's batch size)
+        self._contexts: dict[int, tuple[Any, int]] = {}
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
         """``spec`` (a path) or ``spec_text``; optional ``country``, ``methods``,
         ``max_pages``, ``proxies`` (a status like "active" to route through the stored pool),
-        ``strategy``."""
-        if params.get("spec_text"):
-            spec = parse_spec(params["spec_text"], params.get("spec_name") or "spec")
-            base_dir = Path(params.get("base_dir") or ".").resolve()
-            text = params["spec_text"]
-        elif params.get("spec"):
-            path = Path(params["spec"])
-            spec = load_spec(path)
-            base_dir = path.resolve().parent
-            text = path.read_text(encoding="utf-8")
-        else:
-            raise ValueError("give a spec: --spec FILE")
-        sources = spec.all_sources()
-        country = params.get("country")
-        if country:
-            sources = [s for s in sources if s.country.lower() == country.lower()]
-            if not sources:
-                known = ", ".join(sorted({s.country for s in spec.all_sources()}))
-                raise ValueError(f"--country {country}: the spec has sources for {known}")
-        if not spec.extract and not spec.follow.css and not spec.follow.regex:
-            raise ValueError("the spec neither extracts ([[extract]]) nor follows links ([follow])")
-        n_start = sum(len(read_start_urls(s, base_dir)) for s in sources)
+        ``strategy`` (``ScrapeParams``). Reads the spec and its start-URL files."""
+        p = ScrapeParams.build(params, self.settings)
+        try:
+            if p.spec_text:
+                spec = parse_spec(p.spec_text, p.spec_name or "spec")
+                base_dir = Path(p.base_dir or ".").resolve()
+                text = p.spec_text
+            elif p.spec:
+                path = Path(p.spec)
+                spec = load_spec(path)
+                base_dir = path.resolve().parent
+                text = path.read_text(encoding="utf-8")
+            else:
+                raise ScrapeParams.error("spec", "a spec is required: a TOML file, or its text")
+            sources = spec.all_sources()
+            if p.country:
+                sources = [s for s in sources if s.country.lower() == p.country.lower()]
+                if not sources:
+                    known = ", ".join(sorted({s.country for s in spec.all_sources()}))
+                    raise ScrapeParams.error(
+                        "country", f"the spec has sources for {known}", p.country
+                    )
+            if not spec.extract and not spec.follow.css and not spec.follow.regex:
+                raise ScrapeParams.error(
+                    "spec", "the spec neither extracts ([[extract]]) nor follows links ([follow])"
+                )
+            n_start = sum(len(read_start_urls(s, base_dir)) for s in sources)
+        except SpecError as exc:  # where in the spec, or which start-URL file
+            raise ScrapeParams.error("spec", str(exc)) from None
         if n_start == 0:
-            raise ValueError("the spec has no start URLs")
-        methods = params.get("methods")
-        if methods:
-            from fetchers.cascade import parse_methods
-
-            methods = parse_methods(methods)
-        max_pages = params.get("max_pages") or spec.max_pages
+            raise ScrapeParams.error("spec", "the spec has no start URLs")
+        max_pages = p.max_pages or spec.max_pages
         out = {
+            **p.stored(),
             "spec_text": text,
             "spec_name": spec.name,
             "base_dir": str(base_dir),
             "countries": sorted({s.country for s in sources}),
             "entity_type": spec.entity_type,
-            "methods": methods,
             "max_pages": int(max_pages) if max_pages else None,
-            "batch_size": int(params.get("batch_size") or self.settings.batch_size),
-            "files_dir": str(
-                Path(params.get("files_dir") or self.settings.data_dir / "files").resolve()
-            ),
+            "files_dir": str(Path(p.files_dir or self.settings.data_dir / "files").resolve()),
             "start_urls": n_start,
         }
-        if params.get("proxies"):
-            out["proxies"] = str(params["proxies"])
-            out["strategy"] = params.get("strategy") or "adaptive"
+        del out["spec"]  # the text travels with the run; workers need no file
+        if p.proxies:
             out["pool_file"] = str(
                 (self.settings.data_dir / "pools" / f"{uuid.uuid4().hex}.json").resolve()
             )
@@ -138,26 +140,25 @@ class ScrapeJob(JobKind):
 
         return store.load_urls(conn, run_id, refs)
 
-    def _context(self, conn: sa.Connection, run_id: int) -> Any:
+    def _context(self, conn: sa.Connection, run_id: int) -> tuple[Any, int]:
         ctx = self._contexts.get(run_id)
         if ctx is None:
-            import sqlalchemy as sa
-
+            from storage import runs as run_store
             from storage import scrape as store
-            from storage.bulk import fetch_all
-            from storage.schema import runs
 
-            params = json.loads(
-                fetch_all(conn, sa.select(runs.c.params).where(runs.c.id == run_id))[0][0]
-            )
+            run = run_store.get_run(conn, run_id)
+            if run is None:
+                raise ValueError(f"no run with id {run_id}")
+            params = run.params
             spec = self.spec(params)
-            ctx = self._contexts[run_id] = store.StoreContext(
-                run_id=run_id,
-                entity_type=params["entity_type"],
-                max_pages=params.get("max_pages"),
-                max_depth=spec.follow.max_depth,
-                batch_size=params["batch_size"],
-                max_attempts=self.settings.max_attempts,
+            ctx = self._contexts[run_id] = (
+                store.StoreContext(
+                    run_id=run_id,
+                    entity_type=params["entity_type"],
+                    max_pages=params.get("max_pages"),
+                    max_depth=spec.follow.max_depth,
+                ),
+                int(params["batch_size"]),
             )
         return ctx
 
@@ -172,11 +173,30 @@ class ScrapeJob(JobKind):
         return self._store(conn, batch.run_id, triples)
 
     def _store(self, conn: sa.Connection, run_id: int, triples: Iterable[tuple[Any, ...]]) -> int:
-        """(task id, worker id, page as sent) of one run → stored pages."""
+        """(task id, worker id, page as sent) of one run → stored pages. The links the new
+        pages bring are queued in the caller's transaction, with the pages."""
         from storage.scrape import store_pages
 
         pages = [(task_id, worker_id, PageResult.from_wire(p)) for task_id, worker_id, p in triples]
-        return store_pages(conn, self._context(conn, run_id), pages) if pages else 0
+        if not pages:
+            return 0
+        ctx, batch_size = self._context(conn, run_id)
+        stored = store_pages(conn, ctx, pages)
+        if stored.new_urls:
+            self._queue_urls(conn, run_id, stored.new_urls, batch_size)
+        return stored.pages
+
+    def _queue_urls(
+        self, conn: sa.Connection, run_id: int, url_ids: Sequence[int], batch_size: int
+    ) -> None:
+        """One task per ``batch_size`` URL ids, numbered after the run's existing tasks."""
+        from storage import queue as q
+        from storage import runs as run_store
+
+        batches = [list(url_ids[i : i + batch_size]) for i in range(0, len(url_ids), batch_size)]
+        seq = run_store.planned_tasks(conn, run_id)
+        n = q.add_tasks(conn, run_id, batches, seq, self.settings.max_attempts)
+        run_store.add_planned(conn, run_id, n, len(batches))
 
     def outcome_counts(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
         from storage.scrape import outcome_counts
@@ -203,26 +223,10 @@ class ScrapeJob(JobKind):
 def _write_pool_file(db: Database, settings: Any, params: dict[str, Any]) -> None:
     """Snapshot the stored proxies the run routes through for the local workers (they cannot
     open the DuckDB file the coordinator holds). Passwords stay Fernet tokens, as stored."""
-    import sqlalchemy as sa
-
-    from storage.bulk import fetch_all
-    from storage.schema import proxies
+    from storage.proxies import pool_snapshot
 
     with db.connect() as conn:
-        rows = fetch_all(
-            conn,
-            sa.select(
-                proxies.c.protocol,
-                proxies.c.scheme,
-                proxies.c.host,
-                proxies.c.port,
-                proxies.c.username,
-                proxies.c.password_enc,
-            )
-            .where(proxies.c.status == params["proxies"])
-            .order_by(proxies.c.latency_ms.nulls_last())
-            .limit(MAX_PROXIES),
-        )
+        rows = pool_snapshot(conn, params["proxies"], MAX_PROXIES)
     if not rows:
         raise ValueError(
             f"--proxies {params['proxies']}: no stored proxy has that status; validate a list "

@@ -153,7 +153,7 @@ class ExtractSpec(_Model):
             d["json"] = d.pop("json_path")
             if kind == "json":
                 if f.json_path:
-                    d.update(css=None, xpath=None, attr=None)
+                    d |= {"css": None, "xpath": None, "attr": None}
                     out.append(FieldRule(name=name, **d))
             elif f.css or f.xpath or f.attr:
                 out.append(FieldRule(name=name, **{**d, "json": None}))
@@ -223,7 +223,8 @@ class ApiConfig(_Model):
     max_pages: int = Field(1, ge=1, le=100_000)
     items_path: str = "items"
     next_path: str = "next"
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict)  # credentials as "env:VARIABLE"
+    next_hosts: list[str] = Field(default_factory=list)  # where `next` may lead besides home
 
     @model_validator(mode="after")
     def _check(self) -> ApiConfig:
@@ -279,19 +280,16 @@ class ScrapeSpec(_Model):
 
     def all_sources(self) -> list[SourceSpec]:
         """The sources, the top-level shorthand included."""
-        out = list(self.sources)
-        if self.country and (self.start_urls or self.start_urls_file):
-            out.insert(
-                0,
-                SourceSpec(
-                    country=self.country,
-                    start_urls=self.start_urls,
-                    start_urls_file=self.start_urls_file,
-                    methods=self.methods,
-                    api=self.api,
-                ),
-            )
-        return out
+        if not (self.country and (self.start_urls or self.start_urls_file)):
+            return list(self.sources)
+        shorthand = SourceSpec(
+            country=self.country,
+            start_urls=self.start_urls,
+            start_urls_file=self.start_urls_file,
+            methods=self.methods,
+            api=self.api,
+        )
+        return [shorthand, *self.sources]
 
     def extract_for(self, url: str) -> ExtractSpec | None:
         for e in self.extract:

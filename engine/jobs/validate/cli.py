@@ -8,6 +8,9 @@ import time
 from typing import Any
 
 from engine.cli.common import EXIT_OK, UserError, parse_duration, run_job
+from engine.jobs.params import add_param_flags, params_from_args
+from engine.jobs.validate.params import REVALIDATE_MINUTES, ValidateParams
+from engine.settings import Settings
 
 
 def add_commands(sub: Any) -> None:
@@ -20,25 +23,14 @@ def add_commands(sub: Any) -> None:
         "alive, latency, anonymity, exit IP, country.",
     )
     common_opts(v, "print one JSON summary at the end and nothing else on stdout")
-    pool_opts(v)
-    v.add_argument(
-        "--proxies",
-        help="proxy list (text or CSV): ip:port, scheme://[user:pass@]"
-        "host:port or ip:port:user:pass; schemes http, https, socks4, socks5",
-    )
-    v.add_argument("--judge", help="judge URL: httpbin-style /get JSON or an azenv page")
+    pool_opts(v, task_shape=False)  # --batch-size and --timeout are run parameters
+    add_param_flags(v, ValidateParams)
     v.add_argument(
         "--revalidate",
         action="store_true",
-        help="re-check stored proxies last checked more than --minutes-old ago",
+        help="re-check stored proxies last checked more than --minutes-old ago "
+        f"(default {REVALIDATE_MINUTES:g})",
     )
-    v.add_argument("--minutes-old", type=float, help="with --revalidate (default 60)")
-    v.add_argument("--status", choices=("untested", "active", "inactive"))
-    v.add_argument("--type", choices=("http", "https", "socks4", "socks5"))
-    v.add_argument(
-        "--older-than-hours", type=float, help="stored proxies not checked for this long (or never)"
-    )
-    v.add_argument("--limit", type=int, help="at most this many stored proxies")
     v.add_argument(
         "--every",
         help="repeat on a schedule, e.g. 30m: each round revalidates "
@@ -49,22 +41,14 @@ def add_commands(sub: Any) -> None:
 
 
 def validate_params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "judge_url": args.judge,
-        "timeout_s": args.timeout,
-        "batch_size": args.batch_size,
-        "proxies_file": args.proxies,
-        "status": args.status,
-        "protocol": args.type,
-        "older_than_hours": args.older_than_hours,
-        "limit": args.limit,
-    }
+    """The run parameters given by the flags, checked through the model (exit 2 naming the
+    flag); what is not given is left to ``prepare`` (the settings, the model's defaults)."""
+    params = params_from_args(ValidateParams, args)
     if args.revalidate:
-        params["minutes_old"] = args.minutes_old if args.minutes_old is not None else 60
-    elif args.minutes_old is not None:
-        params["minutes_old"] = args.minutes_old
+        params.setdefault("minutes_old", REVALIDATE_MINUTES)
     if args.proxies and (args.revalidate or args.status or args.older_than_hours):
         raise UserError("--proxies imports a list; the filters select stored proxies: pick one")
+    ValidateParams.build(params, Settings())  # a bad value: exit 2 naming its flag
     return params
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.jobs.base import Executor, JobKind, WorkerEnv
+from engine.jobs.validate.params import ValidateParams
 from engine.model import ItemResult, ResultBatch
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ FILTER_KEYS = ("status", "protocol", "older_than_hours", "minutes_old", "limit")
 
 class ValidateJob(JobKind):
     name = "validate"
+    params_model = ValidateParams
     # Workers hand results over column by column (see store_batch).
     columns = (
         "checked_at", "protocol", "latency_ms", "anonymity", "exit_ip", "country", "error",
@@ -45,38 +47,25 @@ class ValidateJob(JobKind):
         return SecretBox.load(self.settings.secret_key, self.settings.secret_key_file)
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
-        judge = params.get("judge_url") or self.settings.judge_url
-        if not judge:
-            raise ValueError(
-                "no judge URL: pass --judge URL (an httpbin-style /get or an azenv page) or "
-                "set FETCHFLEET_JUDGE_URL; `python -m engine.run demo` starts a local judge"
-            )
-        timeout = float(params.get("timeout_s") or self.settings.check_timeout_s)
-        if timeout <= 0:
-            raise ValueError(f"--timeout must be positive, got {timeout}")
-        source = params.get("proxies_file")
-        flt = {k: params.get(k) for k in FILTER_KEYS if params.get(k) is not None}
+        p = ValidateParams.build(params, self.settings)
+        source = p.proxies_file
         if source:
             path = Path(source)
             if not path.is_file():
-                raise ValueError(f"--proxies {source}: no such file")
+                raise ValidateParams.error("proxies_file", "no such file", source)
             if path.stat().st_size == 0:
-                raise ValueError(f"--proxies {source}: the file is empty; one proxy a line")
-            source = str(path.resolve())
-        elif not flt:
-            raise ValueError(
+                raise ValidateParams.error(
+                    "proxies_file", "the file is empty; one proxy a line", source
+                )
+            p = p.model_copy(update={"proxies_file": str(path.resolve())})
+        elif not p.filters():
+            raise ValidateParams.error(
+                None,
                 "nothing to validate: give --proxies FILE, or select stored proxies with "
-                "--revalidate / --status / --type / --older-than-hours / --limit"
+                "--revalidate / --status / --type / --older-than-hours / --limit",
             )
-        _check_judge(judge, timeout)
-        batch = int(params.get("batch_size") or self.settings.batch_size)
-        return {
-            "judge_url": judge,
-            "timeout_s": timeout,
-            "proxies_file": source,
-            "batch_size": batch,
-            **flt,
-        }
+        _check_judge(p.judge_url, p.timeout_s)
+        return p.stored()
 
     def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
         batch = int(params["batch_size"])
@@ -92,12 +81,10 @@ class ValidateJob(JobKind):
             yield chunk
 
     def _import(self, db: Database, run_id: int, path: Path) -> Iterator[int]:
-        import sqlalchemy as sa
-
         from fetchers.proxy_parse import iter_proxy_lines, redact_line
         from storage import proxies as store
         from storage.clock import utcnow
-        from storage.schema import errors
+        from storage.error_log import BAD_INPUT, add_errors
 
         box = self._box()
         seen: set[str] = set()
@@ -113,7 +100,7 @@ class ValidateJob(JobKind):
                             {
                                 "run_id": run_id,
                                 "item_key": f"line {parsed.line_no}",
-                                "error_type": "bad_input",
+                                "error_type": BAD_INPUT,
                                 "message": f"{parsed.error} — {redact_line(parsed.text)!r}",
                                 "created_at": utcnow(),
                             }
@@ -125,20 +112,22 @@ class ValidateJob(JobKind):
                 continue  # a chunk of duplicates: later lines may still hold new proxies
             with db.begin() as conn:
                 ids = store.upsert_proxies(conn, specs, box, source=path.name)
-                if bad_rows:
-                    conn.execute(sa.insert(errors), bad_rows)
+                add_errors(conn, bad_rows)
             yield from ids
         if bad > MAX_PARSE_ERRORS_STORED:
             with db.begin() as conn:
-                conn.execute(
-                    sa.insert(errors).values(
-                        run_id=run_id,
-                        item_key="more",
-                        error_type="bad_input",
-                        created_at=utcnow(),
-                        message=f"{bad - MAX_PARSE_ERRORS_STORED:,} more malformed lines not listed "
-                        f"({bad:,} in all)",
-                    )
+                more = f"{bad - MAX_PARSE_ERRORS_STORED:,} more malformed lines not listed "
+                add_errors(
+                    conn,
+                    [
+                        {
+                            "run_id": run_id,
+                            "item_key": "more",
+                            "error_type": BAD_INPUT,
+                            "created_at": utcnow(),
+                            "message": f"{more}({bad:,} in all)",
+                        }
+                    ],
                 )
 
     def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
@@ -246,7 +235,8 @@ def _check_judge(judge: str, timeout: float) -> None:
     try:
         asyncio.run(probe())
     except Exception as exc:
-        raise ValueError(
+        raise ValidateParams.error(
+            "judge_url",
             f"the judge {judge} did not answer a direct request ({type(exc).__name__}: {exc}); "
-            "check the URL, or start the local world with `python -m sim`"
+            "check the URL, or start the local world with `python -m sim`",
         ) from None
