@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from storage.bulk import fetch_all, staged_columns
 from storage.clock import NOW_SQL, db_now, seconds_from_now, utcnow
-from storage.schema import commands, runs, tasks, workers
+from storage.schema import commands, errors, runs, tasks, workers
 
 ACTIVE_RUN = "running"
 
@@ -236,6 +236,70 @@ def requeue(conn: sa.Connection, task_ids: Iterable[int], reason: str) -> None:
                 updated_at=db_now(),
             )
         )
+
+
+def requeue_expired(conn: sa.Connection, backoff_seconds: float) -> list[tuple[int, str]]:
+    """The watchdog's lease check: every lease past its time counts as a failed attempt (the
+    task goes back to the queue after its backoff, or fails when out of tries); returns the
+    (task id, worker id) pairs it re-queued."""
+    expired = expired_leases(conn)
+    for task_id, worker_id in expired:
+        fail(conn, [task_id], f"lease expired (worker {worker_id} went silent)", backoff_seconds)
+    return expired
+
+
+def lock_tasks(conn: sa.Connection, task_ids: Sequence[int]) -> None:
+    """Lock task rows until the transaction ends (PostgreSQL; DuckDB has one writer).
+
+    Two executions of one task (a lease that expired under a slow worker) that store their
+    results serialise here, so each item counts as new exactly once."""
+    if conn.dialect.name != "postgresql" or not task_ids:
+        return
+    fetch_all(
+        conn,
+        sa.text("SELECT id FROM tasks WHERE id IN :ids ORDER BY id FOR UPDATE").bindparams(
+            sa.bindparam("ids", expanding=True)
+        ),
+        {"ids": sorted(task_ids)},
+    )
+
+
+def run_kind_params(conn: sa.Connection, run_id: int) -> tuple[str, dict[str, Any]]:
+    """A run's kind and parameters (they never change, callers cache them)."""
+    rows = fetch_all(conn, sa.select(runs.c.kind, runs.c.params).where(runs.c.id == run_id))
+    return rows[0][0], json.loads(rows[0][1])
+
+
+def record_task_errors(
+    conn: sa.Connection,
+    task_ids: Sequence[int],
+    worker_id: str | None,
+    error_type: str,
+    message: str,
+) -> None:
+    """One ``errors`` row per task (with its run), e.g. why an attempt failed."""
+    if not task_ids:
+        return
+    rows = fetch_all(
+        conn,
+        sa.text("SELECT id, run_id FROM tasks WHERE id IN :ids").bindparams(
+            sa.bindparam("ids", expanding=True)
+        ),
+        {"ids": list(task_ids)},
+    )
+    values: list[dict[str, Any]] = [
+        {
+            "run_id": r[1],
+            "task_id": r[0],
+            "worker_id": worker_id,
+            "error_type": error_type,
+            "message": message[:2000],
+            "created_at": utcnow(),
+        }
+        for r in rows
+    ]
+    if values:
+        conn.execute(sa.insert(errors), values)
 
 
 def expired_leases(conn: sa.Connection, include_live: bool = False) -> list[tuple[int, str]]:

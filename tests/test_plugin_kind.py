@@ -134,7 +134,7 @@ class UpperJob(JobKind):
                 new += 1
         return new
 
-    async def open_executor(self, params: dict[str, Any]) -> Executor:
+    async def open_executor(self, params: dict[str, Any], env: Any) -> Executor:
         return UpperExecutor()
 
     def item_log(self) -> Any:

@@ -192,7 +192,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import asyncio
     import multiprocessing as mp
 
-    from engine.queue.sql import SqlQueue
+    from engine.jobs.base import WorkerEnv
+    from engine.queue.sql import SqlBoot
     from engine.runtime.worker import Worker, install_uvloop, new_worker_id, run_worker
 
     url = resolve_db_url(args.db)
@@ -216,20 +217,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
             for p in procs:
                 p.join(30)
         return EXIT_OK
-    db = open_database(url, create=True)
+    boot = SqlBoot(
+        worker_id=new_worker_id(args.kind),
+        settings=settings.model_dump(mode="json"),
+        db_url=url,
+        create=True,
+    )
+    backend = boot.open_backend()
     install_uvloop()
     worker = Worker(
-        SqlQueue(db, settings),
+        backend,
         settings,
-        new_worker_id(args.kind),
+        boot.worker_id,
         kind=args.kind,
         run_id=args.run,
         idle_exit_s=args.idle_exit,
+        env=WorkerEnv(limiter=boot.open_limiter()),
     )
     if not args.json:
-        print(f"worker {worker.worker_id} joined {db.display_url}", file=sys.stderr)
+        print(f"worker {worker.worker_id} joined {boot.db.display_url}", file=sys.stderr)
     reason = asyncio.run(run_worker(worker))
-    db.dispose()
+    boot.close()
     emit(
         args,
         {"worker_id": worker.worker_id, "exit": reason},

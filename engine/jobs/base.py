@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from engine.jobs.params import Params
@@ -19,8 +20,28 @@ from engine.settings import Settings
 if TYPE_CHECKING:  # not at run time: pool workers import kinds and never touch SQL
     import sqlalchemy as sa
 
+    from engine.ratelimit.base import RateLimiter
     from storage.db import Database
     from storage.item_logs import ItemLog
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEnv:
+    """What a worker process provides to the executors it opens: resources shared by every
+    run in the process and chosen by its deployment, which a kind cannot see.
+
+    ``limiter``: the rate limiter shared with every process of the deployment (the pool's
+    mmap'd file with DuckDB, the database with PostgreSQL, in memory for a process alone).
+    """
+
+    limiter: RateLimiter
+
+    @classmethod
+    def local(cls) -> WorkerEnv:
+        """A process alone (tests, one-off executors): limits held in memory."""
+        from engine.ratelimit.base import MemoryLimiter
+
+        return cls(limiter=MemoryLimiter())
 
 
 class Executor(ABC):
@@ -120,5 +141,6 @@ class JobKind(RunKind):
         return self.store(conn, batch.to_results())
 
     @abstractmethod
-    async def open_executor(self, params: dict[str, Any]) -> Executor:
-        """Build the executor of one run inside a worker process."""
+    async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
+        """Build the executor of one run inside a worker process; ``env`` holds what the
+        process shares with it (its rate limiter). Called once per run and process."""

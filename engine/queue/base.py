@@ -1,57 +1,126 @@
 """The queue contract every worker talks to, whatever the deployment.
 
-Two backends implement it: ``SqlQueue`` (the database itself: PostgreSQL for every process,
-or DuckDB inside the coordinator) and ``PipeQueue`` (a pool worker's proxy to its
-coordinator over multiprocessing queues, because only the coordinator may open DuckDB).
-The worker loop is the same code for both. Calls are blocking; the worker runs them in a
-thread so its event loop keeps executing items.
+Three backends implement it (``engine.queue`` picks one from the database):
+
+* ``SqlQueue``: the database itself — PostgreSQL for every process, or DuckDB inside the
+  coordinator;
+* ``PipeQueue``: a pool worker's proxy to its coordinator over multiprocessing queues, served
+  by ``PipeServer`` there, because only the coordinator may open DuckDB;
+* ``MemoryQueue``: an in-memory fake with an injectable clock, for tests.
+
+The worker loop is the same code for all of them. Calls are blocking; the worker runs them in
+a thread so its event loop keeps executing items. ``tests/test_queue_contract.py`` runs one
+suite against every backend: a new backend passes it or is not a backend.
+
+Delivery is at-least-once: a task whose lease expired runs again, possibly while its first
+worker is still busy with it. Storage is exactly-once: results are keyed by (run, item ref)
+and a result already stored is never stored again, so the second execution adds nothing.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
+from enum import Enum
 
 from engine.model import ItemResult, ResultBatch, TaskWork
 
-# What a worker does with a held task, by its run's status (see storage.queue.heartbeat).
-CONTINUE = "continue"
-RELEASE = "release"  # run paused / stopping: finish in-flight items, hand the rest back
-ABANDON = "abandon"  # lease lost or run over: stop working on it, hand nothing back
+
+class Directive(Enum):
+    """What a worker does with a task it holds, by its run's status (see ``heartbeat``)."""
+
+    CONTINUE = "continue"  # the run is running: keep going
+    RELEASE = "release"  # run paused / stopping: finish in-flight items, hand the rest back
+    ABANDON = "abandon"  # lease lost or run over: stop working on it, hand nothing back
 
 
-def directive_for(run_status: str) -> str:
+def directive_for(run_status: str) -> Directive:
+    """The directive for a held task whose run has ``run_status`` (``lost``: not held)."""
     if run_status == "running":
-        return CONTINUE
+        return Directive.CONTINUE
     if run_status in ("paused", "stopping", "stopped", "cancelled"):
-        return RELEASE
-    return ABANDON
+        return Directive.RELEASE
+    return Directive.ABANDON
 
 
-@dataclass(slots=True)
+class WorkerAction(Enum):
+    """What a worker as a whole is told to do besides its tasks."""
+
+    EXIT = "exit"  # finish in-flight items, hand held tasks back, unregister, end
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
-    """A coordinator's answer; ``worker_action`` is ``exit`` when the worker must stop."""
+    """A backend's answer to ``claim`` and ``heartbeat``."""
 
     tasks: list[TaskWork] = field(default_factory=list)
-    directives: dict[int, str] = field(default_factory=dict)
-    worker_action: str | None = None
+    directives: dict[int, Directive] = field(default_factory=dict)
+    worker_action: WorkerAction | None = None
 
 
-class QueueBackend(Protocol):
-    def register(self, worker_id: str, host: str, pid: int, kind: str) -> None: ...
+EXIT = Reply(worker_action=WorkerAction.EXIT)
 
-    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply: ...
 
+class QueueBackend(ABC):
+    """The worker side of the task queue. Every method is one atomic step (one transaction
+    or one message) and may be called from any thread of the worker."""
+
+    @abstractmethod
+    def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:
+        """Announce a worker before its first claim: it is listed (status ``starting``) with
+        its host, pid and kind (``local``, ``standalone``…). Registering an id again starts
+        its record afresh."""
+
+    @abstractmethod
+    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
+        """Lease up to ``max_tasks`` queued tasks to ``worker_id``; none when asked to exit.
+
+        Only tasks of runs whose status is ``running`` (and of ``run_id``, when given) whose
+        backoff has passed (``available_at``) are taken, in (run, sequence) order. Each claim
+        counts as an attempt (``attempts + 1``) and holds a lease for the deployment's
+        ``lease_s``, which heartbeats extend. A returned ``TaskWork`` carries the items still
+        to do: items whose result is already stored (an earlier attempt) are left out, and a
+        task with nothing left is completed at once and not returned. The reply's
+        ``worker_action`` is ``EXIT`` when the worker was asked to exit: it gets no task."""
+
+    @abstractmethod
     def heartbeat(
         self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
-    ) -> Reply: ...
+    ) -> Reply:
+        """Extend the leases of the tasks in ``task_ids`` that ``worker_id`` still holds and
+        record the worker's liveness (``status`` idle/busy, items done/failed since the
+        last heartbeat, added to its counters).
 
-    def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None: ...
+        The reply has one ``Directive`` per task id: ``directive_for`` its run's status for
+        a task still held; ``ABANDON`` for one whose lease was lost (expired and re-queued,
+        or taken by another worker) — its lease is not extended. ``worker_action`` is
+        ``EXIT`` when the worker was asked to exit (by its coordinator or a stop command)."""
 
-    def complete(self, worker_id: str, task_ids: list[int]) -> None: ...
+    @abstractmethod
+    def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None:
+        """Hand over results; they are stored exactly once per (run, item ref): a result for
+        an item already stored is dropped. May be buffered (``PipeQueue``), but results
+        are always stored before a ``complete`` that the same worker sent after them."""
 
-    def release(self, worker_id: str, task_ids: list[int]) -> None: ...
+    @abstractmethod
+    def complete(self, worker_id: str, task_ids: list[int]) -> None:
+        """Every item of these tasks has its result handed over: they are ``done``, whoever
+        holds their lease now (a second execution finishing first is as good)."""
 
-    def fail(self, worker_id: str, task_ids: list[int], error: str) -> None: ...
+    @abstractmethod
+    def release(self, worker_id: str, task_ids: list[int]) -> None:
+        """Hand held tasks back untouched (a graceful stop, a paused run): they are queued
+        again at once and the claim does not count as an attempt. Tasks that this worker
+        no longer holds are left alone."""
 
-    def unregister(self, worker_id: str, reason: str) -> None: ...
+    @abstractmethod
+    def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
+        """A failed attempt at tasks this worker holds (``error`` is kept as the task's
+        last error and recorded): each goes back to the queue, claimable after
+        ``retry_backoff_s * 2 ** (attempts - 1)``, or becomes ``failed`` once it has had
+        ``max_attempts`` attempts."""
+
+    @abstractmethod
+    def unregister(self, worker_id: str, reason: str) -> None:
+        """The worker ends (``reason`` is shown): tasks it still holds are released as by
+        ``release`` and its record is marked exited."""

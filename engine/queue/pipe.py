@@ -1,26 +1,63 @@
-"""A pool worker's queue backend when the coordinator alone holds the database (DuckDB).
+"""The queue over multiprocessing pipes, for when the coordinator alone holds the database
+(DuckDB): ``PipeQueue`` in each pool worker, ``PipeServer`` in the coordinator.
 
-Requests go to the coordinator on one shared multiprocessing queue; answers come back on the
-worker's own queue. Results, completions, releases and failures are one-way messages: the
-coordinator buffers them and writes them in bulk, in arrival order, so a completion is never
-stored before the results that precede it. A worker killed mid-way loses at most what was
-still in its pipe; its tasks were not completed, so they run again and nothing is lost.
+Requests go to the coordinator on one shared multiprocessing queue as ``(worker id, request
+id, op, args)``; answers come back on the worker's own queue as ``(request id, reply)``.
+Results, completions, releases, failures and the goodbye are one-way messages: the server
+buffers them and writes them in bulk, in arrival order, so a completion is never stored
+before the results that precede it. A worker killed mid-way loses at most what was still in
+its pipe; its tasks were not completed, so they run again and nothing is lost.
+
+This module must stay cheap to import: pool workers import it and never import SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
 
 from engine.model import ItemResult, ResultBatch
-from engine.queue.base import Reply
+from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction
+from engine.queue.boot import WorkerBoot
 
-ONE_WAY = {"submit", "complete", "release", "fail", "unregister"}
+if TYPE_CHECKING:
+    from engine.queue.sql import SqlQueue
+    from engine.ratelimit.base import RateLimiter
+    from engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FLUSH_AT = 5000  # results: flush early when this many are buffered
 
 
-class PipeQueue:
+class Op(IntEnum):
+    """A request's operation. Sent as its int value (two bytes pickled, no class lookup on
+    the way in); the ones from SUBMIT on are one-way."""
+
+    REGISTER = 0
+    CLAIM = 1
+    HEARTBEAT = 2
+    SUBMIT = 3
+    COMPLETE = 4
+    RELEASE = 5
+    FAIL = 6
+    UNREGISTER = 7
+
+
+def _one_way(op: int) -> bool:
+    return op >= Op.SUBMIT
+
+
+class PipeQueue(QueueBackend):
+    """A pool worker's backend: every call is a message to its coordinator's ``PipeServer``."""
+
     def __init__(self, requests: Any, replies: Any, timeout_s: float = 60.0) -> None:
         self.requests = requests
         self.replies = replies
@@ -28,45 +65,227 @@ class PipeQueue:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # one round trip at a time per worker
 
-    def _call(self, worker_id: str, op: str, *args: Any) -> Any:
+    def _call(self, worker_id: str, op: Op, *args: Any) -> Any:
         req_id = next(self._ids)
-        if op in ONE_WAY:
-            self.requests.put((worker_id, req_id, op, args))
+        if _one_way(op):
+            self.requests.put((worker_id, req_id, op.value, args))
             return None
         with self._lock:
-            self.requests.put((worker_id, req_id, op, args))
+            self.requests.put((worker_id, req_id, op.value, args))
             while True:
                 try:
                     got_id, result = self.replies.get(timeout=self.timeout_s)
                 except queue.Empty:
                     raise TimeoutError(
-                        f"no answer from the coordinator to {op} in {self.timeout_s:.0f}s"
+                        f"no answer from the coordinator to {op.name.lower()} "
+                        f"in {self.timeout_s:.0f}s"
                     ) from None
                 if got_id == req_id:
                     return result
 
     def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:
-        self._call(worker_id, "register", host, pid, kind)
+        self._call(worker_id, Op.REGISTER, host, pid, kind)
 
     def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
-        return self._call(worker_id, "claim", max_tasks, run_id)
+        return self._call(worker_id, Op.CLAIM, max_tasks, run_id)
 
     def heartbeat(
         self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
     ) -> Reply:
-        return self._call(worker_id, "heartbeat", task_ids, status, done, failed)
+        return self._call(worker_id, Op.HEARTBEAT, task_ids, status, done, failed)
 
     def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None:
-        self._call(worker_id, "submit", results)
+        self._call(worker_id, Op.SUBMIT, results)
 
     def complete(self, worker_id: str, task_ids: list[int]) -> None:
-        self._call(worker_id, "complete", task_ids)
+        self._call(worker_id, Op.COMPLETE, task_ids)
 
     def release(self, worker_id: str, task_ids: list[int]) -> None:
-        self._call(worker_id, "release", task_ids)
+        self._call(worker_id, Op.RELEASE, task_ids)
 
     def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
-        self._call(worker_id, "fail", task_ids, error)
+        self._call(worker_id, Op.FAIL, task_ids, error)
 
     def unregister(self, worker_id: str, reason: str) -> None:
-        self._call(worker_id, "unregister", reason)
+        self._call(worker_id, Op.UNREGISTER, reason)
+
+
+class PipeServer:
+    """The coordinator's half: answers its pool's requests from a ``SqlQueue`` on DuckDB.
+
+    Claims and heartbeats are answered at once; results are buffered and stored in bulk every
+    ``flush_s`` (sooner when ``FLUSH_AT`` results wait, or at once when the queue ran dry and a
+    completion arrives: it may be a run's last task); completions, releases, failures and
+    goodbyes are applied with the flush, after the results. ``on_completed`` is called after
+    a flush stored completions (the coordinator settles runs there). Single-threaded: one
+    service thread calls ``serve_until`` and ``flush``; ``boot``, ``forget`` and
+    ``request_exit`` may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        sql: SqlQueue,
+        ctx: Any,
+        *,
+        limits_path: str,
+        flush_s: float,
+        closing: Callable[[], bool] = lambda: False,
+        on_completed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.sql = sql
+        self.ctx = ctx
+        self.requests = ctx.Queue()
+        self.limits_path = limits_path
+        self.flush_s = flush_s
+        self.closing = closing  # the pool is shutting down: claims say EXIT
+        self.on_completed = on_completed
+        self._replies: dict[str, Any] = {}
+        self._exit: set[str] = set()
+        self._results: list[ItemResult | ResultBatch] = []
+        self._n_results = 0  # items in _results (a ResultBatch holds many)
+        self._ops: list[tuple[int, str, tuple[Any, ...]]] = []
+        self._dry = False  # the last claim found fewer tasks than it asked for
+        self._flush_now = False
+        self._next_flush = time.monotonic() + flush_s
+
+    # --- the pool's side ---------------------------------------------------------------
+
+    def boot(self, worker_id: str, settings: Settings, log_level: str) -> PipeBoot:
+        """Open the reply channel of a new pool worker; a ``BootFactory``."""
+        replies = self.ctx.Queue()
+        # A reply to a worker that died must not hold up this process's exit.
+        replies.cancel_join_thread()
+        self._replies[worker_id] = replies
+        return PipeBoot(
+            worker_id=worker_id,
+            settings=settings.model_dump(mode="json"),
+            log_level=log_level,
+            requests=self.requests,
+            replies=replies,
+            limits_path=self.limits_path,
+        )
+
+    def forget(self, worker_id: str) -> None:
+        """The worker's process ended: drop its reply channel. (Its exit request stays: a
+        request it sent before it ended must not lease it tasks.)"""
+        self._replies.pop(worker_id, None)
+
+    def request_exit(self, worker_id: str) -> None:
+        """The worker's next claim or heartbeat answers EXIT."""
+        self._exit.add(worker_id)
+
+    def wake(self) -> None:
+        """Make ``serve_until`` return now (after its ``stop`` event was set)."""
+        self.requests.put(None)
+
+    # --- the service thread ------------------------------------------------------------
+
+    def serve_until(self, until: float, stop: threading.Event) -> None:
+        """Answer requests and flush on time until ``until`` (monotonic) or ``stop``."""
+        while not stop.is_set():
+            self._answer(min(until, self._next_flush), stop)
+            if (
+                self._flush_now
+                or time.monotonic() >= self._next_flush
+                or self._n_results >= FLUSH_AT
+            ):
+                self._flush_now = False
+                self.flush()
+                self._next_flush = time.monotonic() + self.flush_s
+            if time.monotonic() >= until:
+                return
+
+    def _answer(self, until: float, stop: threading.Event) -> None:
+        requests = self.requests
+        while True:
+            timeout = until - time.monotonic()
+            if timeout <= 0 or self._n_results >= FLUSH_AT:
+                return
+            try:
+                request = requests.get(timeout=min(timeout, 0.1))
+            except queue.Empty:
+                if stop.is_set():
+                    return
+                continue
+            if request is None:  # wake()
+                return
+            worker_id, req_id, op, args = request
+            if op < Op.SUBMIT:
+                reply = self._reply(worker_id, op, args)
+                replies = self._replies.get(worker_id)
+                if replies is not None:
+                    replies.put((req_id, reply))
+            elif op == Op.SUBMIT:
+                self._results.extend(args[0])
+                self._n_results += sum(len(r) if isinstance(r, ResultBatch) else 1 for r in args[0])
+            else:  # complete, release, fail, unregister: applied with the next flush
+                self._ops.append((op, worker_id, args))
+                if op == Op.COMPLETE and self._dry:
+                    self._flush_now = True  # the queue ran dry: these may be a run's last tasks
+                    return
+
+    def _reply(self, worker_id: str, op: int, args: tuple[Any, ...]) -> Any:
+        if op == Op.CLAIM:
+            if worker_id in self._exit or self.closing():
+                return EXIT
+            reply = self.sql.claim(worker_id, *args)
+            # A claim that found fewer tasks than asked for means the queue is dry: from
+            # now on completions are stored at once instead of at the next periodic flush.
+            self._dry = len(reply.tasks) < args[0]
+            return reply
+        if op == Op.HEARTBEAT:
+            reply = self.sql.heartbeat(worker_id, *args)
+            if worker_id in self._exit:
+                return Reply(directives=reply.directives, worker_action=WorkerAction.EXIT)
+            return reply
+        return self.sql.register(worker_id, *args)
+
+    def flush(self) -> None:
+        """Store buffered results with the completions, then apply the other one-way ops."""
+        results, self._results = self._results, []
+        self._n_results = 0
+        ops, self._ops = self._ops, []
+        completes = [t for op, _, args in ops if op == Op.COMPLETE for t in args[0]]
+        if results or completes:
+            self.sql.store(results, completes)
+        if completes:  # settle now: a run whose last task just finished ends at once
+            self.on_completed()
+        for op, worker_id, args in ops:
+            if op == Op.RELEASE:
+                self.sql.release(worker_id, *args)
+            elif op == Op.FAIL:
+                self.sql.fail(worker_id, *args)
+            elif op == Op.UNREGISTER:
+                self.sql.unregister(worker_id, *args)
+
+
+@dataclass(kw_only=True)
+class PipeBoot(WorkerBoot):
+    """A pool worker of a DuckDB coordinator: the queue through its pipes, rate limits
+    through a file beside the database (it outlives the coordinator: see
+    ``engine.ratelimit.shared``), opened when a job first needs a limit."""
+
+    requests: Any
+    replies: Any
+    limits_path: str
+
+    def open_backend(self) -> PipeQueue:
+        from engine.runtime.process import exit_with_parent
+
+        exit_with_parent()  # nothing we do can be stored once the coordinator is gone
+        return PipeQueue(self.requests, self.replies)
+
+    def open_limiter(self) -> RateLimiter:
+        from engine.ratelimit.base import LazyLimiter
+        from engine.ratelimit.shared import SharedLimiter
+
+        path = self.limits_path
+        return LazyLimiter(lambda: SharedLimiter(path))
+
+    def close(self) -> None:
+        self.requests.close()
+        self.requests.join_thread()  # everything we sent is in the pipe now
+        # No database here: skip the teardown the coordinator would wait for.
+        from engine.runtime.process import exit_now
+
+        exit_now(0)

@@ -1,11 +1,16 @@
-"""The queue backend that talks to the database directly."""
+"""The queue backend that talks to the database directly, and the boot of workers that use it.
+
+Every call is one transaction through ``storage.queue`` (no SQL here). On PostgreSQL every
+process of the fleet uses it; on DuckDB only the coordinator does (its pool goes through
+``engine.queue.pipe``).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,17 +18,17 @@ import sqlalchemy as sa
 from engine.jobs import get_kind
 from engine.jobs.base import JobKind
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
-from engine.queue.base import Reply, directive_for
+from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, directive_for
+from engine.queue.boot import BootFactory, WorkerBoot
+from engine.ratelimit.base import MemoryLimiter, RateLimiter
 from engine.settings import Settings
 from storage import queue as q
-from storage.bulk import fetch_all
-from storage.db import Database
-from storage.schema import errors, runs
+from storage.db import Database, open_database
 
 log = logging.getLogger(__name__)
 
 
-class SqlQueue:
+class SqlQueue(QueueBackend):
     """Queue operations on one database; thread-safe (each call is one transaction)."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
@@ -42,18 +47,18 @@ class SqlQueue:
 
     def kind_of_run(self, conn: sa.Connection, run_id: int) -> JobKind:
         if run_id not in self._run_meta:
-            rows = fetch_all(conn, sa.select(runs.c.kind, runs.c.params).where(runs.c.id == run_id))
-            self._run_meta[run_id] = (rows[0][0], json.loads(rows[0][1]))
+            self._run_meta[run_id] = q.run_kind_params(conn, run_id)
         return self.kind(self._run_meta[run_id][0])
 
     def request_exit(self, worker_id: str) -> None:
+        """The next claim or heartbeat of ``worker_id`` through this object says EXIT."""
         self._exit_requested.add(worker_id)
 
-    def _worker_action(self, conn: sa.Connection, worker_id: str) -> str | None:
+    def _worker_action(self, conn: sa.Connection, worker_id: str) -> WorkerAction | None:
         if worker_id in self._exit_requested:
-            return "exit"
+            return WorkerAction.EXIT
         actions = [a for _, a in q.pending_worker_commands(conn, worker_id)]
-        return "exit" if {"stop", "cancel"} & set(actions) else None
+        return WorkerAction.EXIT if {"stop", "cancel"} & set(actions) else None
 
     # --- QueueBackend ------------------------------------------------------------------
 
@@ -65,7 +70,7 @@ class SqlQueue:
         # Operator commands for a worker arrive with its heartbeats, not here: a claim is on
         # the hot path and must stay a single statement plus the item lookups.
         if worker_id in self._exit_requested:
-            return Reply(worker_action="exit")
+            return EXIT
         out: list[TaskWork] = []
         with self.db.begin() as conn:
             claimed = q.claim(
@@ -143,17 +148,9 @@ class SqlQueue:
                 task_set.add(r.task_id)
                 by_run[r.run_id].append(r)
         with self.db.begin() as conn:
-            task_ids = sorted(task_set)
-            if self.db.dialect == "postgresql" and task_ids:
-                # Two executions of one task (a lease that expired under a slow worker)
-                # serialise here, so each item counts as new exactly once.
-                fetch_all(
-                    conn,
-                    sa.text(
-                        "SELECT id FROM tasks WHERE id IN :ids ORDER BY id FOR UPDATE"
-                    ).bindparams(sa.bindparam("ids", expanding=True)),
-                    {"ids": task_ids},
-                )
+            # Two executions of one task (a lease that expired under a slow worker)
+            # serialise here, so each item counts as new exactly once.
+            q.lock_tasks(conn, sorted(task_set))
             for run_id, items in by_run.items():
                 new += self.kind_of_run(conn, run_id).store(conn, items)
             for run_id, batch in batches.items():
@@ -171,7 +168,7 @@ class SqlQueue:
     def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
         with self.db.begin() as conn:
             q.fail(conn, task_ids, error, self.settings.retry_backoff_s, worker_id=worker_id)
-            record_task_errors(conn, task_ids, worker_id, "task_failed", error)
+            q.record_task_errors(conn, task_ids, worker_id, "task_failed", error)
 
     def unregister(self, worker_id: str, reason: str) -> None:
         with self.db.begin() as conn:
@@ -179,30 +176,53 @@ class SqlQueue:
             q.end_worker(conn, worker_id, "exited", reason)
 
 
-def record_task_errors(
-    conn: sa.Connection, task_ids: list[int], worker_id: str | None, error_type: str, message: str
-) -> None:
-    if not task_ids:
-        return
-    rows = fetch_all(
-        conn,
-        sa.text("SELECT id, run_id FROM tasks WHERE id IN :ids").bindparams(
-            sa.bindparam("ids", expanding=True)
-        ),
-        {"ids": task_ids},
-    )
-    from storage.clock import utcnow
+def database_limiter(db: Database) -> RateLimiter:
+    """A worker connected to ``db``: on PostgreSQL it shares rate limits with the whole fleet
+    through the database; otherwise it is alone (DuckDB allows one process) and a
+    ``MemoryLimiter`` is exact."""
+    if db.dialect == "postgresql":
+        from engine.ratelimit.postgres import PgLimiter
 
-    values: list[dict[str, Any]] = [
-        {
-            "run_id": r[1],
-            "task_id": r[0],
-            "worker_id": worker_id,
-            "error_type": error_type,
-            "message": message[:2000],
-            "created_at": utcnow(),
-        }
-        for r in rows
-    ]
-    if values:
-        conn.execute(sa.insert(errors), values)
+        return PgLimiter(db)
+    return MemoryLimiter()
+
+
+@dataclass(kw_only=True)
+class SqlBoot(WorkerBoot):
+    """A worker that connects to the database itself (PostgreSQL): a pool worker of a
+    PostgreSQL coordinator, or a standalone ``engine.run worker``."""
+
+    db_url: str
+    create: bool = False  # create/migrate the schema (a standalone worker may be first)
+    _db: Database | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def factory(cls, db_url: str) -> BootFactory:
+        """A pool's ``BootFactory`` for workers of ``db_url``."""
+
+        def boot(worker_id: str, settings: Settings, log_level: str) -> SqlBoot:
+            return cls(
+                worker_id=worker_id,
+                settings=settings.model_dump(mode="json"),
+                log_level=log_level,
+                db_url=db_url,
+            )
+
+        return boot
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = open_database(self.db_url, create=self.create)
+        return self._db
+
+    def open_backend(self) -> SqlQueue:
+        return SqlQueue(self.db, self.load_settings())
+
+    def open_limiter(self) -> RateLimiter:
+        return database_limiter(self.db)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.dispose()
+            self._db = None

@@ -35,6 +35,11 @@ few reservations in flight per key and process (about 50 ms of the schedule, so 
 far ahead of what is being sent and a stop does not wait on a long queue) and sleeps.
 A 429 calls ``penalize``: the key's TAT moves past ``Retry-After``, so every worker of every
 process slows down, not only the one that was refused.
+
+Which limiter a process uses depends on its deployment, which a job kind cannot see: the
+worker's boot (``engine.queue``) builds one per process — the mmap'd file for pool workers of
+a DuckDB coordinator, the database on PostgreSQL, a ``MemoryLimiter`` for a process alone —
+and the worker hands it to every executor in ``engine.jobs.base.WorkerEnv``. No globals.
 """
 
 from __future__ import annotations
@@ -251,46 +256,29 @@ class Gate:
                     )
 
 
-# --- the limiter of this process --------------------------------------------------------------
-#
-# Which limiter a worker uses depends on its deployment, which a job kind cannot see: pool
-# workers of a DuckDB coordinator share an mmap'd file (bound in engine.runtime.worker.process_main);
-# every worker connected to PostgreSQL uses the database (bound when its Worker is built).
-# Unbound, a process is alone and a MemoryLimiter is exact.
+class LazyLimiter:
+    """A limiter opened when a job first takes a slot, not when its worker starts: a pool
+    worker that only validates proxies never creates the shared rate-limit file."""
 
-_bound: RateLimiter | None = None
-_factory: Callable[[], RateLimiter] | None = None
+    def __init__(self, open_limiter: Callable[[], RateLimiter]) -> None:
+        self._open = open_limiter
+        self._limiter: RateLimiter | None = None
+        self._lock = threading.Lock()
 
+    @property
+    def limiter(self) -> RateLimiter:
+        if self._limiter is None:
+            with self._lock:
+                if self._limiter is None:
+                    self._limiter = self._open()
+        return self._limiter
 
-def bind_process_limiter(limiter: RateLimiter | Callable[[], RateLimiter]) -> None:
-    """Bind this process's limiter, or a factory called when a job first needs one."""
-    global _bound, _factory
-    if isinstance(limiter, MemoryLimiter) or hasattr(limiter, "acquire"):
-        _bound, _factory = limiter, None  # type: ignore[assignment]
-    else:
-        _bound, _factory = None, limiter
+    async def acquire(self, key: str, rate: Rate) -> float:
+        return await self.limiter.acquire(key, rate)
 
+    async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
+        await self.limiter.penalize(key, rate, seconds)
 
-def bind_for_backend(backend: Any) -> None:
-    """A worker on a PostgreSQL queue shares the limit through the database."""
-    db = getattr(backend, "db", None)
-    if db is not None and getattr(db, "dialect", None) == "postgresql":
-        from engine.ratelimit.postgres import PgLimiter
-
-        bind_process_limiter(PgLimiter(db))
-
-
-def process_limiter() -> RateLimiter:
-    global _bound, _factory
-    if _bound is None and _factory is not None:
-        _bound, _factory = _factory(), None
-    if _bound is None:
-        log.info("rate limiter: none bound, using an in-process one (single process)")
-        _bound = MemoryLimiter()
-    return _bound
-
-
-def reset_process_limiter() -> None:
-    """For tests."""
-    global _bound, _factory
-    _bound = _factory = None
+    async def aclose(self) -> None:
+        if self._limiter is not None:
+            await self._limiter.aclose()

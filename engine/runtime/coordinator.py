@@ -1,9 +1,10 @@
-"""The coordinator: supervises the local pool, serves it (embedded mode), keeps runs honest.
+"""The coordinator: supervises the local pool and keeps runs honest.
 
 One per process that owns work: the CLI during a run, or the console's server. Its service
 thread
-1. answers pool workers (embedded/DuckDB mode): claims and heartbeats at once; results,
-   completions and releases buffered and written in bulk every ``flush_s``;
+1. with DuckDB, runs the pool's queue server (``engine.queue.pipe.PipeServer``: claims and
+   heartbeats answered at once, results buffered and written in bulk every ``flush_s``);
+   with PostgreSQL the workers reach the database themselves;
 2. every second runs the watchdog: re-queues the tasks of dead worker processes (and starts
    replacements), re-queues expired leases (any worker, any machine), marks silent workers
    dead, and settles runs whose tasks are all finished;
@@ -15,14 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
-from typing import Any
 
-from engine.model import ItemResult, ResultBatch
-from engine.queue.base import Reply
+from engine.queue import pool_link
 from engine.queue.sql import SqlQueue
 from engine.runtime.control import ControlServer, control_path
 from engine.runtime.pool import LocalPool
@@ -33,7 +31,6 @@ from storage.db import Database
 
 log = logging.getLogger(__name__)
 
-FLUSH_AT = 5000  # results: flush early when this many are buffered
 WATCH_EVERY_S = 1.0
 
 
@@ -47,24 +44,24 @@ class Coordinator:
     ) -> None:
         self.db = db
         self.settings = settings
-        self.sql = SqlQueue(db, settings)
-        self.mode = "pipe" if db.is_duckdb else "sql"
+        self.sql = SqlQueue(db, settings)  # the coordinator's own backend
         self.pool_size = settings.workers if workers is None else workers
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        self.requests = ctx.Queue() if self.mode == "pipe" else None
-        self.pool = LocalPool(settings, self.mode, db.url, self.requests, ctx, log_level)
+        link = pool_link(
+            db,
+            self.sql,
+            ctx,
+            closing=lambda: self.pool.closing,
+            on_completed=self._settle_now,
+        )
+        self.pipe = link.server  # None: the pool's workers connect to the database
+        self.pool = LocalPool(settings, link.boot, ctx, log_level)
         self._stop = threading.Event()
         self._settled = threading.Event()  # set when a run reached its final status
         self._thread: threading.Thread | None = None
-        self._results: list[ItemResult | ResultBatch] = []
-        self._n_results = 0  # items in _results (a ResultBatch holds many)
-        self._ops: list[tuple[str, str, tuple[Any, ...]]] = []
-        self._exit: set[str] = set()
-        self._dry = False  # the last claim found fewer tasks than it asked for
-        self._flush_now = False
         self.control: ControlServer | None = None
         # The console calls resize/stop_worker from its session threads while the service
         # thread reaps and replaces processes: pool membership changes under this lock.
@@ -105,8 +102,8 @@ class Coordinator:
         self.pool.wait(timeout)
         self.pool.kill()
         self._stop.set()
-        if self.requests is not None:
-            self.requests.put(None)  # wake the service thread now, not at its next poll
+        if self.pipe is not None:
+            self.pipe.wake()  # wake the service thread now, not at its next poll
         if self._thread:
             self._thread.join(timeout)
         self._flush()
@@ -138,7 +135,7 @@ class Coordinator:
             self.settings = settings
             self.pool.settings = settings
             for worker_id in self.pool.active():
-                self._exit.add(worker_id)
+                self._request_exit(worker_id)
                 self.pool.terminate(worker_id)
             for _ in range(self.pool.target):
                 self.pool.spawn()
@@ -146,20 +143,13 @@ class Coordinator:
     # --- the service thread ------------------------------------------------------------
 
     def _serve(self) -> None:
-        next_flush = time.monotonic() + self.settings.flush_s
         next_watch = time.monotonic()
         while not self._stop.is_set():
-            now = time.monotonic()
-            until = min(next_flush, next_watch)
             try:
-                if self.mode == "pipe":
-                    self._serve_requests(until)
+                if self.pipe is not None:
+                    self.pipe.serve_until(next_watch, self._stop)
                 else:
-                    self._stop.wait(max(0.0, until - now))
-                if self._flush_now or time.monotonic() >= next_flush or self._n_results >= FLUSH_AT:
-                    self._flush_now = False
-                    self._flush()
-                    next_flush = time.monotonic() + self.settings.flush_s
+                    self._stop.wait(max(0.0, next_watch - time.monotonic()))
                 if time.monotonic() >= next_watch:
                     self._watchdog()
                     next_watch = time.monotonic() + WATCH_EVERY_S
@@ -167,77 +157,28 @@ class Coordinator:
                 log.exception("coordinator loop error")
                 time.sleep(0.5)
 
-    def _serve_requests(self, until: float) -> None:
-        assert self.requests is not None
-        while True:
-            timeout = until - time.monotonic()
-            if timeout <= 0 or self._n_results >= FLUSH_AT:
-                return
-            try:
-                request = self.requests.get(timeout=min(timeout, 0.1))
-            except queue.Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            if request is None:  # shutdown's wake-up call
-                return
-            worker_id, req_id, op, args = request
-            reply = self._handle(worker_id, op, args)
-            if op in ("register", "claim", "heartbeat"):
-                replies = self.pool.replies(worker_id)
-                if replies is not None:
-                    replies.put((req_id, reply))
-            if op == "complete" and self._dry:
-                self._flush_now = True  # the queue ran dry: these may be a run's last tasks
-                return
-
-    def _handle(self, worker_id: str, op: str, args: tuple[Any, ...]) -> Any:
-        if op == "register":
-            return self.sql.register(worker_id, *args)
-        if op == "claim":
-            if worker_id in self._exit or self.pool.closing:
-                return Reply(worker_action="exit")
-            reply = self.sql.claim(worker_id, *args)
-            # A claim that found fewer tasks than asked for means the queue is dry: from
-            # now on completions are stored at once instead of at the next periodic flush.
-            self._dry = len(reply.tasks) < args[0]
-            return reply
-        if op == "heartbeat":
-            reply = self.sql.heartbeat(worker_id, *args)
-            if worker_id in self._exit:
-                reply.worker_action = "exit"
-            return reply
-        if op == "submit":
-            self._results.extend(args[0])
-            self._n_results += sum(len(r) if isinstance(r, ResultBatch) else 1 for r in args[0])
-            return None
-        self._ops.append((op, worker_id, args))  # complete, release, fail, unregister
-        return None
-
     def _flush(self) -> None:
-        results, self._results = self._results, []
-        self._n_results = 0
-        ops, self._ops = self._ops, []
-        completes = [t for op, _, args in ops if op == "complete" for t in args[0]]
-        if results or completes:
-            self.sql.store(results, completes)
-        if completes:  # settle now: a run whose last task just finished ends at once
-            with self.db.begin() as conn:
-                settled = runs.settle(conn)
-            if settled:  # after the commit: a waiter woken earlier would read the old status
-                self._settled.set()
-        for op, worker_id, args in ops:
-            if op == "release":
-                self.sql.release(worker_id, *args)
-            elif op == "fail":
-                self.sql.fail(worker_id, *args)
-            elif op == "unregister":
-                self.sql.unregister(worker_id, *args)
+        """Store what the pool handed over and is still buffered (DuckDB)."""
+        if self.pipe is not None:
+            self.pipe.flush()
+
+    def _settle_now(self) -> None:
+        """Tasks were just completed: a run whose last task it was ends at once."""
+        with self.db.begin() as conn:
+            settled = runs.settle(conn)
+        if settled:  # after the commit: a waiter woken earlier would read the old status
+            self._settled.set()
+
+    def _request_exit(self, worker_id: str) -> None:
+        if self.pipe is not None:
+            self.pipe.request_exit(worker_id)
 
     def _watchdog(self, replace: bool = True) -> None:
         with self._pool_lock:
             ended = self.pool.reap()
         for worker_id, code in ended:
+            if self.pipe is not None:
+                self.pipe.forget(worker_id)
             if code == 0:
                 continue
             self._flush()  # store what the worker handed over before it died
@@ -253,14 +194,7 @@ class Coordinator:
                 for new in new_ids:
                     self.replaced.append((worker_id, code, new))
         with self.db.begin() as conn:
-            expired = q.expired_leases(conn)
-            for task_id, worker_id in expired:
-                q.fail(
-                    conn,
-                    [task_id],
-                    f"lease expired (worker {worker_id} went silent)",
-                    self.settings.retry_backoff_s,
-                )
+            q.requeue_expired(conn, self.settings.retry_backoff_s)
             for worker_id in q.stale_workers(conn, 3 * self.settings.lease_s):
                 q.end_worker(conn, worker_id, "dead", "stopped heartbeating")
             settled = runs.settle(conn)
@@ -284,7 +218,7 @@ class Coordinator:
     def stop_worker(self, worker_id: str) -> None:
         """Stop one worker gracefully. A worker of this pool also leaves the pool: its size
         goes down by one (what the Workers page shows), so it is not replaced."""
-        self._exit.add(worker_id)
+        self._request_exit(worker_id)
         self.sql.request_exit(worker_id)
         with self._pool_lock:
             if worker_id in self.pool.active():

@@ -12,81 +12,50 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.runtime.worker import new_worker_id, process_main
 from engine.settings import Settings
 
+if TYPE_CHECKING:
+    from engine.queue.boot import BootFactory
+
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Member:
-    process: Any
-    replies: Any | None
-
-
 class LocalPool:
+    """Worker processes of one coordinator; ``boot`` builds what each one is spawned with
+    (how it reaches the queue: ``engine.queue.pool_link``)."""
+
     def __init__(
         self,
         settings: Settings,
-        mode: str,
-        db_url: str | None = None,
-        requests: Any | None = None,
+        boot: BootFactory,
         ctx: Any | None = None,
         log_level: str = "WARNING",
     ) -> None:
         self.settings = settings
-        self.mode = mode
-        self.db_url = db_url
+        self.boot = boot
         self.ctx = ctx or mp.get_context("spawn")
-        self.requests = requests
         self.log_level = log_level
-        self.members: dict[str, _Member] = {}
+        self.members: dict[str, Any] = {}  # worker id → its process
         self.target = 0
         self.closing = False
         self.retiring: set[str] = set()  # asked to exit, still finishing in-flight items
 
-    def replies(self, worker_id: str) -> Any | None:
-        member = self.members.get(worker_id)
-        return member.replies if member else None
-
     def spawn(self) -> str:
         worker_id = new_worker_id("local")
-        replies = self.ctx.Queue() if self.mode == "pipe" else None
-        if replies is not None:
-            # A reply to a worker that died must not hold up this process's exit.
-            replies.cancel_join_thread()
-        boot = {
-            "worker_id": worker_id,
-            "mode": self.mode,
-            "settings": self.settings.model_dump(mode="json"),
-            "db_url": self.db_url,
-            "requests": self.requests,
-            "replies": replies,
-            "log_level": self.log_level,
-            "limits_path": self._limits_path(),
-        }
+        boot = self.boot(worker_id, self.settings, self.log_level)
         proc = self.ctx.Process(target=process_main, args=(boot,), name=worker_id, daemon=True)
         proc.start()
-        self.members[worker_id] = _Member(proc, replies)
+        self.members[worker_id] = proc
         log.info("started worker %s (pid %s)", worker_id, proc.pid)
         return worker_id
-
-    def _limits_path(self) -> str | None:
-        """Where pool workers share rate limits (embedded mode), computed here so that they
-        need not import the storage layer."""
-        if self.mode != "pipe":
-            return None
-        from engine.ratelimit.shared import shared_path_for
-
-        return str(shared_path_for(self.db_url, coordinator_pid=os.getpid()))
 
     def active(self) -> list[str]:
         """Workers alive and not asked to exit, oldest first."""
         members = list(self.members.items())  # other threads (the console) read it too
-        return [w for w, m in members if m.process.is_alive() and w not in self.retiring]
+        return [w for w, m in members if m.is_alive() and w not in self.retiring]
 
     def resize(self, n: int) -> None:
         """Grow now; shrink by asking the newest workers to exit gracefully."""
@@ -99,17 +68,17 @@ class LocalPool:
 
     def terminate(self, worker_id: str) -> None:
         member = self.members.get(worker_id)
-        if member and member.process.pid and member.process.is_alive():
+        if member and member.pid and member.is_alive():
             self.retiring.add(worker_id)
-            os.kill(member.process.pid, signal.SIGTERM)
+            os.kill(member.pid, signal.SIGTERM)
 
     def reap(self) -> list[tuple[str, int | None]]:
         """Workers whose process ended since the last call: (worker id, exit code)."""
         ended = []
         for worker_id, member in list(self.members.items()):
-            if not member.process.is_alive():
-                member.process.join(0)
-                ended.append((worker_id, member.process.exitcode))
+            if not member.is_alive():
+                member.join(0)
+                ended.append((worker_id, member.exitcode))
                 del self.members[worker_id]
                 self.retiring.discard(worker_id)
         return ended
@@ -120,7 +89,7 @@ class LocalPool:
         return [self.spawn() for _ in range(self.target - len(self.active()))]
 
     def pids(self) -> dict[str, int | None]:
-        return {w: m.process.pid for w, m in list(self.members.items())}
+        return {w: m.pid for w, m in list(self.members.items())}
 
     def stop(self) -> None:
         """Ask every worker to exit (SIGTERM: finish in-flight items, hand tasks back)."""
@@ -131,11 +100,11 @@ class LocalPool:
     def kill(self) -> None:
         self.closing = True
         for member in list(self.members.values()):
-            if member.process.is_alive():
-                member.process.kill()
+            if member.is_alive():
+                member.kill()
 
     def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         for member in list(self.members.values()):  # the watchdog reaps meanwhile
-            member.process.join(max(0.0, deadline - time.monotonic()))
-        return not any(m.process.is_alive() for m in list(self.members.values()))
+            member.join(max(0.0, deadline - time.monotonic()))
+        return not any(m.is_alive() for m in list(self.members.values()))

@@ -41,3 +41,20 @@ def exit_now(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def exit_with_parent(poll_s: float = 0.2) -> None:
+    """End this process at once when the process that spawned it dies (kill -9): a pool
+    worker of a DuckDB coordinator can store nothing once its coordinator is gone."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -16,13 +16,16 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.jobs import get_kind
-from engine.jobs.base import Executor
+from engine.jobs.base import Executor, WorkerEnv
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
-from engine.queue.base import ABANDON, CONTINUE, RELEASE, QueueBackend, Reply
+from engine.queue.base import Directive, QueueBackend, Reply, WorkerAction
 from engine.settings import Settings
+
+if TYPE_CHECKING:
+    from engine.queue.boot import WorkerBoot
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def new_worker_id(prefix: str = "w") -> str:
 class _Held:
     work: TaskWork
     pending: int
-    directive: str = CONTINUE
+    directive: Directive = Directive.CONTINUE
     runner: asyncio.Task[None] | None = None
     in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -49,8 +52,12 @@ class Worker:
         kind: str = "local",
         run_id: int | None = None,
         idle_exit_s: float | None = None,
+        env: WorkerEnv | None = None,
     ) -> None:
         self.backend = backend
+        # What executors share in this process (its rate limiter): given by the deployment
+        # (the worker's boot); a worker built without one is alone and limits in memory.
+        self.env = env if env is not None else WorkerEnv.local()
         self.settings = settings
         self.worker_id = worker_id
         self.kind = kind
@@ -71,10 +78,6 @@ class Worker:
         self._failed = 0
         self._flush_lock = asyncio.Lock()
         self._tail_flush: asyncio.Task[None] | None = None
-        # Rate limits: a worker on PostgreSQL shares them with the fleet through the database.
-        from engine.ratelimit.base import bind_for_backend
-
-        bind_for_backend(backend)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, self.worker_id, *args)
@@ -105,7 +108,7 @@ class Worker:
                 want = max(1, min(32, -(-room // self.settings.batch_size)))
                 reply = await self._claim(want)
                 self._apply(reply)
-                if reply.worker_action == "exit":
+                if reply.worker_action is WorkerAction.EXIT:
                     reason = "asked to exit"
                     break
                 for work in reply.tasks:
@@ -141,8 +144,8 @@ class Worker:
     async def _drain(self) -> None:
         """Let in-flight items finish; hand back what was not started."""
         for held in self._held.values():
-            if held.directive == CONTINUE:
-                held.directive = RELEASE
+            if held.directive is Directive.CONTINUE:
+                held.directive = Directive.RELEASE
         runners = [h.runner for h in self._held.values() if h.runner]
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)
@@ -158,7 +161,7 @@ class Worker:
         ex = self._executors.get(work.run_id)
         if ex is None:
             kind = get_kind(work.kind, self.settings)
-            ex = await kind.open_executor(work.params)
+            ex = await kind.open_executor(work.params, self.env)
             self._executors[work.run_id] = ex
             self._columns[work.run_id] = kind.columns
         return ex
@@ -175,9 +178,9 @@ class Worker:
         jobs = [asyncio.create_task(self._run_item(held, executor, item)) for item in work.items]
         await asyncio.gather(*jobs, return_exceptions=True)
         self._held.pop(work.id, None)
-        if held.directive == CONTINUE:
+        if held.directive is Directive.CONTINUE:
             self._finished.append(work.id)
-        elif held.directive == RELEASE:
+        elif held.directive is Directive.RELEASE:
             self._released.append(work.id)
         if not self._held and not self.exiting.is_set():
             # Nothing else held: this may be the run's last task. Hand it over now rather
@@ -186,7 +189,7 @@ class Worker:
 
     async def _run_item(self, held: _Held, executor: Executor, item: Any) -> None:
         async with self._sem:
-            if held.directive != CONTINUE:
+            if held.directive is not Directive.CONTINUE:
                 held.pending -= 1
                 return
             work = held.work
@@ -256,10 +259,14 @@ class Worker:
     def _apply(self, reply: Reply) -> None:
         for task_id, directive in reply.directives.items():
             held = self._held.get(task_id)
-            if held and directive in (RELEASE, ABANDON) and held.directive == CONTINUE:
-                log.info("task %s: %s", task_id, directive)
+            if (
+                held
+                and directive is not Directive.CONTINUE
+                and held.directive is Directive.CONTINUE
+            ):
+                log.info("task %s: %s", task_id, directive.value)
                 held.directive = directive
-        if reply.worker_action == "exit":
+        if reply.worker_action is WorkerAction.EXIT:
             self.exiting.set()
 
 
@@ -286,52 +293,19 @@ def install_uvloop() -> None:
         pass
 
 
-def _exit_with_parent(poll_s: float = 0.2) -> None:
-    """End this process at once when the coordinator that spawned it dies (kill -9)."""
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def process_main(boot: dict[str, Any]) -> None:
-    """Entry point of a pool process (spawned): build the backend, run the loop."""
+def process_main(boot: WorkerBoot) -> None:
+    """Entry point of a pool process (spawned): the boot builds the backend and the limiter,
+    the loop runs, the boot closes what it opened."""
     import signal
 
     from engine.logs import setup_logging
 
-    setup_logging(boot.get("log_level", "WARNING"))
+    setup_logging(boot.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C is its
-    settings = Settings(**boot["settings"])
-    if boot["mode"] == "pipe":
-        from engine.queue.pipe import PipeQueue
-        from engine.ratelimit.base import bind_process_limiter
-        from engine.ratelimit.shared import SharedLimiter, shared_path_for
-
-        backend: QueueBackend = PipeQueue(boot["requests"], boot["replies"])
-        # The pool shares rate limits through a file beside the database (it outlives us),
-        # opened when a job first needs a limit.
-        path = boot.get("limits_path") or shared_path_for(boot.get("db_url"))
-        bind_process_limiter(lambda: SharedLimiter(path))
-        _exit_with_parent()  # nothing we do can be stored once the coordinator is gone
-    else:
-        from engine.queue.sql import SqlQueue
-        from storage.db import open_database
-
-        backend = SqlQueue(open_database(boot["db_url"], create=False), settings)
+    settings = boot.load_settings()
+    backend = boot.open_backend()
+    env = WorkerEnv(limiter=boot.open_limiter())
     install_uvloop()
-    worker = Worker(backend, settings, boot["worker_id"], kind="local")
+    worker = Worker(backend, settings, boot.worker_id, kind="local", env=env)
     asyncio.run(run_worker(worker))
-    if boot["mode"] == "pipe":
-        boot["requests"].close()
-        boot["requests"].join_thread()  # everything we sent is in the pipe now
-        # No database here: skip the teardown the coordinator would wait for.
-        from engine.runtime.process import exit_now
-
-        exit_now(0)
+    boot.close()

@@ -48,10 +48,10 @@ from engine.jobs.backfill.params import (  # noqa: F401 — parse_header, Header
     check_url_template,
     parse_header,
 )
-from engine.jobs.base import Executor, JobKind
+from engine.jobs.base import Executor, JobKind, WorkerEnv
 from engine.jobs.params import ParamError
 from engine.model import ItemResult
-from engine.ratelimit.base import Gate, Rate, RateLimiter, process_limiter
+from engine.ratelimit.base import Gate, Rate, RateLimiter
 from storage import backfill as store
 from storage.clock import utcnow
 from storage.db import Database
@@ -352,8 +352,8 @@ class BackfillJob(JobKind):
     def ok_outcomes(self) -> set[str]:
         return {"ok"}
 
-    async def open_executor(self, params: dict[str, Any]) -> Executor:
-        return BackfillExecutor(params, self.settings.concurrency, process_limiter())
+    async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
+        return BackfillExecutor(params, self.settings.concurrency, env.limiter)
 
 
 # --- execution ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from engine.files import MAX_SPEC_BYTES, size_text
-from engine.jobs.base import Executor, JobKind
+from engine.jobs.base import Executor, JobKind, WorkerEnv
 from engine.jobs.scrape.params import ScrapeParams
 from engine.jobs.scrape.spec import (
     ScrapeSpec,
@@ -238,7 +238,7 @@ class ScrapeJob(JobKind):
     def ok_outcomes(self) -> set[str]:
         return {"done"}
 
-    async def open_executor(self, params: dict[str, Any]) -> Executor:
+    async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
         from fetchers.cascade import Fetcher
         from fetchers.config import FetchSettings
 

@@ -14,7 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.jobs.base import Executor, JobKind
+from engine.jobs.base import Executor, JobKind, WorkerEnv
 from engine.jobs.validate.params import ValidateParams
 from engine.model import ItemResult, ResultBatch
 
@@ -182,7 +182,7 @@ class ValidateJob(JobKind):
     def ok_outcomes(self) -> set[str]:
         return {"alive"}
 
-    async def open_executor(self, params: dict[str, Any]) -> Executor:
+    async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
         from fetchers.proxy_check import ProxyChecker
 
         checker = ProxyChecker(params["judge_url"], timeout=float(params["timeout_s"]))

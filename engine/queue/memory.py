@@ -1,0 +1,173 @@
+"""``MemoryQueue``: the whole queue contract in a few dicts, for tests of code that talks to a
+``QueueBackend`` (a worker loop, a new kind) without a database or processes.
+
+Time is ``clock()`` (injectable: a test moves it instead of sleeping). Items are their own
+references, and results are kept in ``results`` by (run, item ref), stored once. The
+supervisor's side — runs, tasks, commands, the watchdog — is plain methods here, where the
+real deployments use ``storage`` (``add_run``/``add_tasks`` ≈ planning, ``set_run_status`` ≈
+an operator command, ``requeue_expired`` ≈ the coordinator's watchdog).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.model import ItemResult, ResultBatch, TaskWork
+from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, directive_for
+
+
+@dataclass(slots=True)
+class MemoryTask:
+    id: int
+    run_id: int
+    seq: int
+    refs: list[Any]
+    max_attempts: int
+    status: str = "queued"  # queued, leased, done, failed
+    attempts: int = 0
+    worker_id: str | None = None
+    lease_until: float = 0.0
+    available_at: float = 0.0
+    last_error: str | None = None
+
+
+class MemoryQueue(QueueBackend):
+    def __init__(
+        self,
+        lease_s: float = 30.0,
+        retry_backoff_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lease_s = lease_s
+        self.retry_backoff_s = retry_backoff_s
+        self.clock = clock
+        self.runs: dict[int, tuple[str, dict[str, Any], str]] = {}  # id → kind, params, status
+        self.tasks: dict[int, MemoryTask] = {}
+        self.results: dict[tuple[int, Any], ItemResult] = {}
+        self.workers: dict[str, str] = {}  # id → status
+        self._exit: set[str] = set()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # --- the supervisor's side -----------------------------------------------------------
+
+    def add_run(self, kind: str = "memory", params: dict[str, Any] | None = None) -> int:
+        run_id = next(self._ids)
+        self.runs[run_id] = (kind, params or {}, "running")
+        return run_id
+
+    def add_tasks(self, run_id: int, batches: Sequence[Sequence[Any]], max_attempts: int = 3):
+        """One queued task per batch of item references; returns their ids."""
+        with self._lock:
+            start = sum(1 for t in self.tasks.values() if t.run_id == run_id)
+            ids = [next(self._ids) for _ in batches]
+            for i, (task_id, refs) in enumerate(zip(ids, batches, strict=True)):
+                self.tasks[task_id] = MemoryTask(
+                    task_id, run_id, start + i, list(refs), max_attempts
+                )
+            return ids
+
+    def set_run_status(self, run_id: int, status: str) -> None:
+        kind, params, _ = self.runs[run_id]
+        self.runs[run_id] = (kind, params, status)
+
+    def request_exit(self, worker_id: str) -> None:
+        self._exit.add(worker_id)
+
+    def requeue_expired(self) -> list[tuple[int, str]]:
+        """The watchdog: a lease past its time is a failed attempt of its task."""
+        with self._lock:
+            now = self.clock()
+            expired = [
+                t for t in self.tasks.values() if t.status == "leased" and t.lease_until < now
+            ]
+            out = [(t.id, t.worker_id or "") for t in expired]
+            for t in expired:
+                self._fail(t, f"lease expired (worker {t.worker_id} went silent)")
+            return out
+
+    def _fail(self, t: MemoryTask, error: str) -> None:
+        t.status = "failed" if t.attempts >= t.max_attempts else "queued"
+        t.available_at = self.clock() + self.retry_backoff_s * 2 ** max(t.attempts - 1, 0)
+        t.worker_id, t.last_error = None, error[:2000]
+
+    def _held(self, worker_id: str, task_ids: list[int]) -> list[MemoryTask]:
+        found = (self.tasks.get(i) for i in task_ids)
+        return [t for t in found if t and t.status == "leased" and t.worker_id == worker_id]
+
+    # --- QueueBackend ----------------------------------------------------------------------
+
+    def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:
+        self.workers[worker_id] = "starting"
+
+    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
+        if worker_id in self._exit:
+            return EXIT
+        with self._lock:
+            now = self.clock()
+            ready = sorted(
+                (
+                    t
+                    for t in self.tasks.values()
+                    if t.status == "queued"
+                    and self.runs[t.run_id][2] == "running"
+                    and t.available_at <= now
+                    and run_id in (None, t.run_id)
+                ),
+                key=lambda t: (t.run_id, t.seq),
+            )[:max_tasks]
+            out = []
+            for t in ready:
+                t.status, t.worker_id, t.lease_until = "leased", worker_id, now + self.lease_s
+                t.attempts += 1
+                items = [r for r in t.refs if (t.run_id, r) not in self.results]
+                if not items:  # everything already stored by an earlier attempt
+                    t.status, t.worker_id = "done", None
+                    continue
+                kind, params, _ = self.runs[t.run_id]
+                out.append(TaskWork(t.id, t.run_id, kind, params, items, t.attempts))
+            return Reply(tasks=out)
+
+    def heartbeat(
+        self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
+    ) -> Reply:
+        with self._lock:
+            self.workers[worker_id] = status
+            directives = {i: directive_for("lost") for i in task_ids}
+            for t in self._held(worker_id, task_ids):
+                t.lease_until = self.clock() + self.lease_s
+                directives[t.id] = directive_for(self.runs[t.run_id][2])
+        action = WorkerAction.EXIT if worker_id in self._exit else None
+        return Reply(directives=directives, worker_action=action)
+
+    def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None:
+        with self._lock:
+            for r in results:
+                for one in r.to_results() if isinstance(r, ResultBatch) else (r,):
+                    self.results.setdefault((one.run_id, one.ref), one)
+
+    def complete(self, worker_id: str, task_ids: list[int]) -> None:
+        with self._lock:
+            for i in task_ids:
+                if (t := self.tasks.get(i)) and t.status in ("leased", "queued"):
+                    t.status, t.worker_id = "done", None
+
+    def release(self, worker_id: str, task_ids: list[int]) -> None:
+        with self._lock:
+            for t in self._held(worker_id, task_ids):
+                t.status, t.worker_id, t.attempts = "queued", None, t.attempts - 1
+
+    def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
+        with self._lock:
+            for t in self._held(worker_id, task_ids):
+                self._fail(t, error)
+
+    def unregister(self, worker_id: str, reason: str) -> None:
+        held = [t.id for t in self.tasks.values() if t.worker_id == worker_id]
+        self.release(worker_id, held)
+        self.workers[worker_id] = "exited"

@@ -1,0 +1,94 @@
+"""The worker loop against the in-memory queue: no database, no processes, a toy kind.
+
+What it shows: a worker executes every item once and completes its tasks, hands the
+executors of every run the ``WorkerEnv`` it was given (the deployment's rate limiter), and
+exits when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import pytest
+
+from engine.jobs import registry
+from engine.jobs.base import Executor, JobKind, WorkerEnv
+from engine.model import ItemResult
+from engine.queue.memory import MemoryQueue
+from engine.ratelimit.base import MemoryLimiter
+from engine.runtime.worker import Worker
+from engine.settings import Settings
+
+
+class EchoExecutor(Executor):
+    async def execute(self, item: Any) -> tuple[bool, str, dict[str, Any]]:
+        await asyncio.sleep(0)
+        return item != "bad", "ok" if item != "bad" else "error", {"len": len(item)}
+
+
+class EchoKind(JobKind):
+    name = "echo-test"
+    envs: ClassVar[list[WorkerEnv]] = []
+
+    def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        return params
+
+    def plan(self, db: Any, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
+        yield from ()
+
+    def load_items(self, conn: Any, run_id: int, refs: list[Any]) -> list[Any]:
+        return refs
+
+    def store(self, conn: Any, results: list[ItemResult]) -> int:
+        return 0
+
+    def outcome_counts(self, conn: Any, run_id: int) -> dict[str, int]:
+        return {}
+
+    def ok_outcomes(self) -> set[str]:
+        return {"ok"}
+
+    async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
+        EchoKind.envs.append(env)
+        return EchoExecutor()
+
+
+@pytest.fixture(autouse=True)
+def echo_kind() -> Iterator[None]:
+    registry.register(
+        registry.KindInfo(name=EchoKind.name, title="Echo", job=f"{__name__}:EchoKind")
+    )
+    EchoKind.envs.clear()
+    yield
+    registry.reset()
+
+
+def test_worker_runs_every_item_once_and_hands_its_env_to_executors() -> None:
+    mq = MemoryQueue(lease_s=30)
+    run_id = mq.add_run(EchoKind.name)
+    refs = [[f"item-{i}-{j}" for j in range(5)] for i in range(6)] + [["bad"]]
+    task_ids = mq.add_tasks(run_id, refs)
+    settings = Settings(concurrency=8, batch_size=5, flush_s=0.05, heartbeat_s=0.05)
+    env = WorkerEnv(limiter=MemoryLimiter())
+    worker = Worker(mq, settings, "w1", idle_exit_s=0.3, env=env)
+
+    assert asyncio.run(asyncio.wait_for(worker.run(), 30)).startswith("idle")
+    assert all(mq.tasks[t].status == "done" for t in task_ids)
+    assert sorted(ref for _, ref in mq.results) == sorted(r for batch in refs for r in batch)
+    assert mq.results[(run_id, "bad")].outcome == "error"
+    assert EchoKind.envs == [env]  # one executor per run and process, given the worker's env
+    assert mq.workers["w1"] == "exited"
+
+
+def test_worker_asked_to_exit_hands_its_tasks_back() -> None:
+    mq = MemoryQueue(lease_s=30)
+    run_id = mq.add_run(EchoKind.name)
+    task_ids = mq.add_tasks(run_id, [["a"], ["b"]])
+    mq.request_exit("w1")
+    worker = Worker(mq, Settings(), "w1")
+    assert asyncio.run(asyncio.wait_for(worker.run(), 30)) == "asked to exit"
+    assert [mq.tasks[t].status for t in task_ids] == ["queued", "queued"]
+    assert mq.results == {}
+    assert worker.env.limiter is not None  # alone: an in-memory limiter
