@@ -47,6 +47,9 @@ class EchoKind(JobKind):
     def outcome_counts(self, conn: Any, run_id: int) -> dict[str, int]:
         return {}
 
+    def item_log(self) -> None:
+        return None  # results live in MemoryQueue, not in a table the dashboards read
+
     def ok_outcomes(self) -> set[str]:
         return {"ok"}
 
