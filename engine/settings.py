@@ -43,3 +43,8 @@ class Settings(BaseSettings):
     flush_s: float = Field(0.5, gt=0, description="How often buffered results are stored.")
     check_timeout_s: float = Field(5.0, gt=0, description="Proxy check timeout per attempt.")
     judge_url: str | None = Field(None, description="Judge for proxy checks (httpbin or azenv).")
+    keep_uploads: bool = Field(
+        False,
+        description="Keep pasted and uploaded lists (data/uploads) after their run is done; "
+        "by default a run's uploads are deleted once it completes, fails or is cancelled.",
+    )

@@ -529,3 +529,36 @@ def test_kill_9_whole_cli_then_resume_takes_over(slow_world: SimWorld, tmp_path:
     assert time.monotonic() - started < 25, "orphaned leases must not wait for expiry (30 s)"
     total, distinct = checks_of_run(db, 1)
     assert total == distinct == len(slow_world.truth)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_uploaded_list_is_deleted_when_its_run_is_done(
+    world: SimWorld, tmp_path: Path, keep: bool
+) -> None:
+    """Pasted and uploaded lists (data/uploads) hold proxies and their passwords: once the
+    run is over they are deleted, unless FETCHFLEET_KEEP_UPLOADS asks to keep them; a list
+    elsewhere (named on the command line) is never touched."""
+    from engine.files import write_private
+
+    data = tmp_path / "data"
+    lines = "\n".join(t.line for t in world.truth[:10]) + "\n"
+    upload = write_private(data / "uploads", "pasted.txt", lines.encode())
+    elsewhere = tmp_path / "mine.txt"
+    elsewhere.write_text(lines)
+    db = open_database(f"duckdb:///{tmp_path / 'u.duckdb'}")
+    s = Settings(workers=1, data_dir=data, keep_uploads=keep, concurrency=20)
+    coord = Coordinator(db, s).start()
+    try:
+        for source in (upload, elsewhere):
+            params = {"proxies_file": str(source), "judge_url": world.judge_url, "timeout_s": 2.0}
+            run_id = submit_run(db, s, "validate", params, coord.name)
+            summary = wait_run(db, run_id, timeout_s=120, sleep=coord.wait_settled)
+            assert summary["status"] == "completed" and summary["counts"]["done"] == 10
+        deadline = time.monotonic() + 10  # the watchdog's next round, at the latest
+        while upload.exists() != keep and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert upload.exists() is keep
+        assert elsewhere.exists()
+    finally:
+        coord.shutdown()
+        db.dispose()

@@ -168,6 +168,7 @@ class Coordinator:
             settled = runs.settle(conn)
         if settled:  # after the commit: a waiter woken earlier would read the old status
             self._settled.set()
+            self._forget_uploads(settled)
 
     def _request_exit(self, worker_id: str) -> None:
         if self.pipe is not None:
@@ -202,6 +203,24 @@ class Coordinator:
             log.info("run %s %s", run_id, status)
         if settled:
             self._settled.set()
+            self._forget_uploads(settled)
+
+    def _forget_uploads(self, settled: list[tuple[int, str]]) -> None:
+        """Delete the pasted or uploaded lists of runs that are over: planning copied their
+        items into the database, and a list kept for ever is a list of proxies (and their
+        passwords) lying on disk. Any parameter naming a file under data/uploads counts,
+        whatever the kind; ``FETCHFLEET_KEEP_UPLOADS`` keeps them."""
+        if self.settings.keep_uploads:
+            return
+        from engine.files import forget_upload
+
+        uploads = self.settings.data_dir / "uploads"
+        with self.db.connect() as conn:
+            found = [runs.get_run(conn, run_id) for run_id, _ in settled]
+        for run in filter(None, found):
+            for value in run.params.values():
+                if isinstance(value, str) and forget_upload(value, uploads):
+                    log.info("run %s: deleted its upload %s", run.id, value)
 
     def wait_settled(self, timeout: float) -> None:
         """Wait up to ``timeout`` for this coordinator to settle a run (``wait_run``'s
