@@ -219,8 +219,11 @@ class Coordinator:
             found = [runs.get_run(conn, run_id) for run_id, _ in settled]
         for run in filter(None, found):
             for value in run.params.values():
-                if isinstance(value, str) and forget_upload(value, uploads):
-                    log.info("run %s: deleted its upload %s", run.id, value)
+                try:
+                    if isinstance(value, str) and forget_upload(value, uploads):
+                        log.info("run %s: deleted its upload %s", run.id, value)
+                except OSError as exc:  # never let a file's fate hold up settling runs
+                    log.warning("run %s: could not delete its upload %s: %s", run.id, value, exc)
 
     def wait_settled(self, timeout: float) -> None:
         """Wait up to ``timeout`` for this coordinator to settle a run (``wait_run``'s
