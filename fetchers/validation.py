@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -131,14 +132,19 @@ _GOOD = Verdict(True)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP date; None if absent/bad."""
+    """Retry-After as seconds from now: delta-seconds or an HTTP date; None if absent/bad.
+
+    Bad includes what ``float()`` accepts but no server means: ``nan``, ``inf``, negatives.
+    """
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

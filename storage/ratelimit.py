@@ -21,17 +21,20 @@ from typing import Any
 import sqlalchemy as sa
 
 CLOCK = "extract(epoch FROM clock_timestamp())::float8"
+# A TAT that is not a finite number (NaN wins greatest(); written by a junk Retry-After before
+# penalties were bounded) restarts the schedule rather than turning the limit off.
+TAT = "(CASE WHEN tat IN ('NaN'::float8, 'Infinity'::float8, '-Infinity'::float8) THEN 0 ELSE tat END)"
 
 _ACQUIRE = sa.text(
     f"""UPDATE rate_limits
-        SET tat = greatest(tat, {CLOCK}) + :interval,
+        SET tat = greatest({TAT}, {CLOCK}) + :interval,
             updated_at = (clock_timestamp() AT TIME ZONE 'UTC')
         WHERE key = :key
         RETURNING tat, {CLOCK}"""
 )
 _PENALIZE = sa.text(
     f"""UPDATE rate_limits
-        SET tat = greatest(tat, {CLOCK} + :seconds + :tau),
+        SET tat = greatest({TAT}, {CLOCK} + :seconds + :tau),
             updated_at = (clock_timestamp() AT TIME ZONE 'UTC')
         WHERE key = :key
         RETURNING tat"""

@@ -95,29 +95,36 @@ def test_penalize_moves_every_later_grant_past_retry_after() -> None:
 
 
 def test_gate_keeps_the_schedule_a_short_horizon_ahead() -> None:
-    """Many coroutines through one gate: grants stay T apart and the shared schedule runs at
-    most the gate's horizon ahead (a stop or a crash wastes almost nothing)."""
-    limiter = MemoryLimiter()
+    """Many coroutines through one gate: slots stay T apart and the shared schedule runs at
+    most the gate's horizon ahead (a stop or a crash wastes almost nothing).
+
+    Asserted on the schedule the limiter hands out (on its clock), not on when the coroutines
+    happened to run: a busy machine wakes them late, which the margin is for."""
+    now = [0.0]
+    limiter = MemoryLimiter(clock=lambda: now[0])
     rate = Rate(limit=41, window_s=1.0, jitter_s=0.0)  # T = 25 ms: depth 2
+    slots: list[float] = []
+    ahead: list[float] = []
 
-    async def main() -> list[float]:
-        gate = Gate(limiter, horizon_s=0.05)
+    class Recording:
+        async def acquire(self, key: str, r: Rate) -> float:
+            now[0] = time.monotonic()
+            wait = limiter.acquire_now(key, r)
+            slots.append(now[0] + wait)
+            ahead.append(limiter._tat[key] - now[0])
+            return wait
+
+    async def main() -> None:
+        gate = Gate(Recording(), horizon_s=0.05)  # type: ignore[arg-type]
         assert gate.depth(rate) == 2
-        used: list[float] = []
-        ahead: list[float] = []
+        await asyncio.gather(*(gate.wait("k", rate) for _ in range(20)))
 
-        async def one() -> None:
-            await gate.wait("k", rate)
-            used.append(time.monotonic())
-            ahead.append(limiter._tat["k"] - time.monotonic())
-
-        await asyncio.gather(*(one() for _ in range(20)))
-        assert max(ahead) <= 2 * rate.interval_s + 0.01
-        return used
-
-    used = asyncio.run(main())
-    gaps = [b - a for a, b in itertools.pairwise(used)]
-    assert min(gaps) >= rate.interval_s - 0.003
+    asyncio.run(main())
+    assert len(slots) >= 20
+    # a reservation, asked for as the slot before it is used, ends at most depth + 1 slots on
+    assert max(ahead) <= 3 * rate.interval_s + 1e-9
+    gaps = [b - a for a, b in itertools.pairwise(sorted(slots))]
+    assert min(gaps) >= rate.interval_s - 1e-9
 
 
 # --- the shared file (local pool) ---------------------------------------------------------------
@@ -287,3 +294,41 @@ def test_gate_drops_a_slot_it_woke_too_late_for() -> None:
     took, late = asyncio.run(main())
     assert late == 1
     assert took >= 2 * rate.interval_s - 0.005  # it waited for the third slot
+
+
+class SlowLink:
+    """A limiter a long way off: every answer takes ``out`` to arrive and ``back`` to return,
+    as a distant or busy PostgreSQL does (the slot is stamped in between)."""
+
+    def __init__(self, out: float, back: float) -> None:
+        self.inner = MemoryLimiter()
+        self.out, self.back = out, back
+
+    async def acquire(self, key: str, rate: Rate) -> float:
+        await asyncio.sleep(self.out)
+        wait = self.inner.acquire_now(key, rate)
+        stamped = time.monotonic()
+        await asyncio.sleep(self.back)
+        return max(0.0, wait - (time.monotonic() - stamped))  # as a remote clock's answer ages
+
+
+def test_a_slow_limiter_costs_throughput_never_all_of_it() -> None:
+    """A 200 ms round trip, four times (J + T) / 2: every grant used to count as late and be
+    dropped, for ever. A delay every grant shares keeps their spacing; they are used."""
+    link = SlowLink(out=0.1, back=0.1)
+    rate = Rate(limit=101, window_s=1.0)  # T = 11 ms, (J + T) / 2 = 55 ms
+
+    async def main() -> tuple[list[float], int]:
+        gate = Gate(link, horizon_s=0.05)
+        used: list[float] = []
+
+        async def one() -> None:
+            await gate.wait("k", rate)
+            used.append(time.monotonic())
+
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(10))), timeout=30)
+        return used, gate.late_slots
+
+    used, late = asyncio.run(main())
+    assert len(used) == 10
+    assert late < 10  # some may be dropped on a busy machine; not all of them

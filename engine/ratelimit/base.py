@@ -50,6 +50,7 @@ import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -152,14 +153,37 @@ def format_seconds(s: float) -> str:
     return f"{s:g}s"
 
 
+MAX_PENALTY_S = 3600.0
+
+
+def bounded_penalty(seconds: float, rate: Rate) -> float:
+    """A server's "not before" as a finite penalty: between 0 and an hour (or the window).
+
+    A junk ``Retry-After`` (``nan``, ``inf``, ``1e300``, a negative) must not reach a TAT: NaN
+    wins PostgreSQL's ``greatest()`` and every later wait is 0 (the limit is off for good, in
+    every run that shares the key); an infinite or huge one stops the key for ever. An hour
+    costs a server that really wants a day one request an hour, which it refuses again.
+    """
+    if math.isnan(seconds) or seconds <= 0:
+        return 0.0
+    return min(seconds, max(MAX_PENALTY_S, rate.window_s))
+
+
+def sane_tat(tat: float) -> float:
+    """A stored TAT that is not a finite number (written before ``bounded_penalty``) restarts
+    the schedule instead of disabling or stopping it."""
+    return tat if math.isfinite(tat) else 0.0
+
+
 def gcra(tat: float, now: float, interval: float, tau: float) -> tuple[float, float]:
     """Reserve the next slot: ``(new TAT, seconds to wait)``."""
+    tat = sane_tat(tat)
     return max(tat, now) + interval, max(0.0, tat - tau - now)
 
 
-def penalized(tat: float, now: float, seconds: float, tau: float) -> float:
+def penalized(tat: float, now: float, seconds: float, rate: Rate) -> float:
     """TAT after the server said 'not before now + seconds'."""
-    return max(tat, now + seconds + tau)
+    return max(sane_tat(tat), now + bounded_penalty(seconds, rate) + rate.tau_s)
 
 
 class RateLimiter(Protocol):
@@ -196,7 +220,7 @@ class MemoryLimiter:
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
         with self._lock:
             now = self.clock()
-            self._tat[key] = penalized(self._tat.get(key, 0.0), now, seconds, rate.tau_s)
+            self._tat[key] = penalized(self._tat.get(key, 0.0), now, seconds, rate)
 
     async def aclose(self) -> None:
         return None
@@ -214,7 +238,8 @@ class Gate:
 
     A slot used late eats into the margin the guarantee rests on (requests must reach the
     server less than J + T after their slot, see the module docstring). When this process
-    wakes more than half of that after its slot (a starved CPU, a slow database round trip),
+    wakes more than half of that after its slot (a starved CPU, a database answer slower than
+    the fastest recent one),
     it does not send on it: the slot is dropped and a new one taken, leaving the other half
     for the network and the server.
     That costs throughput, never the limit; ``late_slots`` counts them.
@@ -225,6 +250,18 @@ class Gate:
         self.horizon_s = horizon_s
         self.late_slots = 0
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._rtts: deque[float] = deque(maxlen=32)  # the limiter's recent round trips
+
+    def _round_trip_excess(self, rtt: float) -> float:
+        """How much longer this answer took than the fastest recent one.
+
+        The limiter's clock starts a slot somewhere inside the round trip; a delay every grant
+        shares (a distant database) shifts every send alike and keeps their spacing, so only
+        what varies eats into the margin. Counting the whole round trip as lateness dropped
+        every slot once it exceeded half the margin (a slow database stopped all sending).
+        """
+        self._rtts.append(rtt)
+        return rtt - min(self._rtts)
 
     def depth(self, rate: Rate) -> int:
         return max(1, min(64, math.ceil(self.horizon_s / rate.interval_s)))
@@ -240,9 +277,10 @@ class Gate:
             while True:
                 asked = loop.time()
                 wait = await self.limiter.acquire(key, rate)
+                answered = loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                late = loop.time() - (asked + wait)
+                late = loop.time() - (answered + wait) + self._round_trip_excess(answered - asked)
                 if late <= (rate.jitter + rate.interval_s) / 2:  # half of what the limit allows
                     return loop.time() - began
                 self.late_slots += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from engine.ratelimit.base import Rate
+from engine.ratelimit.base import Rate, bounded_penalty
 from storage.ratelimit import push_back, reserve
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class PgLimiter:
 
     def penalize_now(self, key: str, rate: Rate, seconds: float) -> None:
         with self.db.engine.begin() as conn:
-            push_back(conn, key, seconds, rate.tau_s)
+            push_back(conn, key, bounded_penalty(seconds, rate), rate.tau_s)
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
         await asyncio.to_thread(self.penalize_now, key, rate, seconds)

@@ -126,7 +126,7 @@ class SharedLimiter:
     def penalize_now(self, key: str, rate: Rate, seconds: float) -> None:
         with self._locked():
             off = self._slot(key) + 16
-            tat = penalized(_TAT.unpack_from(self._map, off)[0], self.clock(), seconds, rate.tau_s)
+            tat = penalized(_TAT.unpack_from(self._map, off)[0], self.clock(), seconds, rate)
             _TAT.pack_into(self._map, off, tat)
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:

@@ -35,7 +35,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +51,7 @@ from engine.jobs.base import Executor, JobKind, WorkerEnv
 from engine.jobs.params import ParamError
 from engine.model import ItemResult
 from engine.ratelimit.base import Gate, Rate, RateLimiter
+from fetchers.validation import parse_retry_after
 from storage import backfill as store
 from storage.clock import utcnow
 from storage.db import Database
@@ -380,21 +380,9 @@ def resolve_headers(specs: list[dict[str, str]]) -> dict[str, str]:
 
 
 def retry_after_seconds(value: str | None, default: float = 1.0) -> float:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date)."""
-    if not value:
-        return default
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return default
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    """``Retry-After`` as seconds, ``default`` when absent or junk, at most MAX_RETRY_AFTER_S."""
+    seconds = parse_retry_after(value)
+    return default if seconds is None else min(seconds, MAX_RETRY_AFTER_S)
 
 
 class Masker:
