@@ -169,6 +169,10 @@ def test_shared_file_from_another_boot_is_cleared(tmp_path: Path) -> None:
 # --- many processes: the guarantee --------------------------------------------------------------
 
 RATE = "200/2s"
+# The sends are timed here, in the test's processes, on a machine the suite keeps busy: a
+# process preempted for 100 ms between its slot and its send is what --rate-margin is for,
+# so the test states a margin such a machine keeps (the default, 0.1 s, is for a quiet one).
+MARGIN_S = 0.5
 DURATION_S = 10.0
 PROCESSES = 4
 
@@ -184,7 +188,7 @@ def _hammer(backend: str, target: str, key: str, start_at: float, out: mp.Queue)
         from storage.db import open_database
 
         limiter = PgLimiter(open_database(target, create=False))
-    rate = Rate.parse(RATE)
+    rate = Rate.parse(RATE, jitter_s=MARGIN_S)
     install_uvloop()
 
     async def main() -> list[float]:
@@ -223,7 +227,7 @@ def _run_processes(backend: str, target: str) -> list[float]:
 
 
 def _assert_guarantee(times: list[float]) -> None:
-    rate = Rate.parse(RATE)
+    rate = Rate.parse(RATE, jitter_s=MARGIN_S)
     peak = max_in_window(times, rate.window_s)
     achieved = (len(times) - 1) / (max(times) - min(times))
     print(
@@ -231,7 +235,7 @@ def _assert_guarantee(times: list[float]) -> None:
         f"{achieved:.1f}/s = {achieved / rate.per_second:.3f} of the limit"
     )
     assert peak <= rate.limit
-    assert achieved >= 0.9 * rate.per_second  # and it is not safe by being slow
+    assert achieved >= 0.9 * rate.utilisation * rate.per_second  # not safe by being slow
 
 
 @pytest.mark.slow
