@@ -79,6 +79,18 @@ class ResultBatch:
         for key, values in self.columns.items():
             values += other.columns[key]
 
+    def part(self, start: int, stop: int) -> ResultBatch:
+        """Items ``start:stop`` as a batch of their own (a flush isolating a poison result)."""
+        return ResultBatch(
+            run_id=self.run_id,
+            columns={k: v[start:stop] for k, v in self.columns.items()},
+            task_ids=self.task_ids[start:stop],
+            refs=self.refs[start:stop],
+            oks=self.oks[start:stop],
+            outcomes=self.outcomes[start:stop],
+            worker_ids=self.worker_ids[start:stop],
+        )
+
     def to_results(self) -> list[ItemResult]:
         """One ``ItemResult`` per item: what ``JobKind.store`` takes."""
         keys = list(self.columns)

@@ -67,7 +67,12 @@ def convert(rule: FieldRule, raw: str | None, base_url: str) -> str | None:
     if rule.type == "str":
         return value
     if rule.type == "url":
-        return urljoin(base_url, value) if value else None
+        if not value:
+            return None
+        try:
+            return urljoin(base_url, value)
+        except ValueError as exc:  # an unclosed IPv6 host: the value, not the page, is bad
+            raise Invalid(f"{rule.name}: {value!r} is not a URL ({exc})") from None
     if rule.type == "bool":
         low = value.lower()
         if low in _TRUE:
@@ -98,7 +103,7 @@ class Extractor(Protocol):
 
     def links(self, content: bytes, url: str) -> list[str]:
         """Absolute URLs of the elements the spec follows, plus every link matching its
-        regexes."""
+        regexes; a link that does not parse is returned as written (never raised)."""
         ...
 
     def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
@@ -156,11 +161,20 @@ def make_extractor(
     return LexborExtractor(fields, list_selector, follow_css, follow_regex)
 
 
+def _join(base: str, href: str) -> str:
+    """``href`` resolved against ``base``; as written when it does not parse (an unclosed
+    IPv6 host): a page's links are its author's input, and callers check each one."""
+    try:
+        return urljoin(base, href)
+    except ValueError:
+        return href
+
+
 def _first_group_links(urls: Iterable[str | None], base: str) -> list[str]:
     out = []
     for href in urls:
         if href and not href.startswith(("javascript:", "mailto:", "tel:", "#")):
-            out.append(urljoin(base, href.strip()))
+            out.append(_join(base, href.strip()))
     return out
 
 
@@ -197,7 +211,7 @@ class _HtmlExtractor:
         out = self.hrefs(content, url, self.follow_css) if self.follow_css else []
         if self.follow_regex:
             for href in self._anchor_hrefs(self._tree(content)):
-                if href and any(r.search(urljoin(url, href)) for r in self.follow_regex):
+                if href and any(r.search(_join(url, href)) for r in self.follow_regex):
                     out.extend(_first_group_links([href], url))
         return out
 

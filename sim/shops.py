@@ -3,7 +3,8 @@
 Every shop serves, deterministically by seed (`shop_products(spec)` is the ground truth):
 
 - `/` and `/catalog?page=N` — 20 products a page (`li.product` with `a.product-link`,
-  `.name`, `.price`, `.sku`), `a.next` to the following page;
+  `.name`, `.price`, `.sku`), `a.next` to the following page; with `hostile_links` also
+  links that do not parse (`a.bad-link`) and files no fetch method speaks (`a.bad-file`);
 - `/product/<id>` — one product (`.product-detail` with name, price, currency, sku,
   category, description, and `a.leaflet` linking its PDF);
 - `/files/<id>.pdf` — the product's leaflet (`leaflet_pdf(spec, id)`, ~2 KB, deterministic);
@@ -67,6 +68,8 @@ from sim.http11 import HEAD_END, MAX_HEAD, BadRequest, RequestHead, parse_head, 
 
 __all__ = [
     "GUARDS",
+    "HOSTILE_FILES",
+    "HOSTILE_LINKS",
     "SHOP_HOST",
     "SOCKS_HOST",
     "ShopInfo",
@@ -134,6 +137,7 @@ class ShopSpec:
     latency_ms: int = 0  # slow: every answer waits this long
     error_rate: float = 0.0  # flaky: share of 5xx answers
     api_token: str | None = None  # /api/ needs `Authorization: Bearer <token>`
+    hostile_links: bool = False  # catalog pages also carry HOSTILE_LINKS and HOSTILE_FILES
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -242,6 +246,25 @@ _FOOT = (
 )
 
 
+# Links a scraper must survive: each is an error of that one link, never of its page. In
+# `a.bad-link`: an unclosed IPv6 host (urljoin and urlsplit raise "Invalid IPv6 URL") and a
+# port out of range (`.port` raises); in `a.bad-file`: schemes no fetch method speaks.
+HOSTILE_LINKS = ("http://[oops", "http://127.0.0.4:99999/catalog?page=1")
+HOSTILE_FILES = (
+    "ftp://127.0.0.4/leaflet.pdf",
+    "data:application/pdf;base64,JVBERi0xLjQK",
+    "file:///etc/passwd",
+    "http://[oops/leaflet.pdf",
+)
+
+
+def _hostile_html() -> str:
+    esc = html.escape
+    links = "".join(f'<a class="bad-link" href="{esc(u)}">more</a> ' for u in HOSTILE_LINKS)
+    files = "".join(f'<a class="bad-file" href="{esc(u)}">leaflet</a> ' for u in HOSTILE_FILES)
+    return f'<p class="hostile">{links}{files}</p>'
+
+
 def catalog_html(spec: ShopSpec, page: int) -> bytes:
     items = _products(spec)[(page - 1) * spec.page_size : page * spec.page_size]
     esc = html.escape
@@ -266,6 +289,8 @@ def catalog_html(spec: ShopSpec, page: int) -> bytes:
     if page < spec.pages:
         parts.append(f' <a class="next" rel="next" href="/catalog?page={page + 1}">Next</a>')
     parts.append("</nav>")
+    if spec.hostile_links:
+        parts.append(_hostile_html())
     parts.append(_FOOT.format(shop=esc(spec.name), country=spec.country, currency=spec.currency))
     return "".join(parts).encode()
 

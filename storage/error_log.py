@@ -1,5 +1,6 @@
 """The ``errors`` table as a log of what went wrong per run and item: malformed input lines
-recorded while planning (``bad_input``), item failures, invalid entities."""
+recorded while planning (``bad_input``), item failures, invalid entities, results that
+could not be stored (``unstorable_result``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from storage.bulk import fetch_all
 from storage.schema import errors
 
 BAD_INPUT = "bad_input"
+UNSTORABLE = "unstorable_result"  # a result its kind could not store (a poison result)
 
 
 def add_errors(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:

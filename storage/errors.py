@@ -1,4 +1,4 @@
-"""Storage errors, translated from driver exceptions at this boundary."""
+"""Storage errors, translated from driver exceptions at this boundary, and which of them pass."""
 
 from __future__ import annotations
 
@@ -20,3 +20,23 @@ class DatabaseLockedError(StorageError):
             f"stop it (kill -INT {pid}), or use PostgreSQL (--db postgresql://…) so several "
             "processes can share the work."
         )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database call failed for a reason that passes (the server restarting, a
+    dropped connection, a deadlock or serialization failure, a lock timeout): retry it
+    later, unchanged. Anything else (bad data, a constraint, a bug) fails again the same
+    way, so retrying the same statement cannot help."""
+    import sqlalchemy as sa
+
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc,
+        sa.exc.OperationalError
+        | sa.exc.InterfaceError
+        | sa.exc.DisconnectionError
+        | sa.exc.TimeoutError
+        | ConnectionError
+        | TimeoutError,
+    )

@@ -161,6 +161,45 @@ def store_pages(
     return StoredPages(len(pages), new_ids)
 
 
+def fail_pages(
+    conn: sa.Connection,
+    run_id: int,
+    pages: Sequence[tuple[int | None, str | None, int]],
+    error_type: str,
+    error: str,
+) -> int:
+    """Record pages ((task id, worker id, url id)) whose result could not be stored as
+    failed with ``error``, once per run like ``store_pages`` (only urls still queued), with
+    one ``errors`` row each; returns how many were new."""
+    ids = [int(url_id) for _, _, url_id in pages]
+    if not ids:
+        return 0
+    now = utcnow()
+    done = fetch_all(
+        conn,
+        sa.update(urls)
+        .where(urls.c.run_id == run_id, urls.c.id.in_(ids), urls.c.status == "queued")
+        .values(status="failed", error_type=error_type, error=error[:2000], fetched_at=now)
+        .returning(urls.c.id, urls.c.url),
+    )
+    by_id = {int(url_id): (task_id, worker_id) for task_id, worker_id, url_id in pages}
+    rows = [
+        {
+            "run_id": run_id,
+            "task_id": by_id[int(url_id)][0],
+            "worker_id": by_id[int(url_id)][1],
+            "item_key": url[:500],
+            "error_type": error_type,
+            "message": f"{url}: {error}"[:2000],
+            "created_at": now,
+        }
+        for url_id, url in done
+    ]
+    if rows:
+        conn.execute(sa.insert(errors), rows)
+    return len(rows)
+
+
 def _update_urls(conn: sa.Connection, run_id: int, pages: list[PageResult], now: Any) -> set[int]:
     """Record the pages' fetch on their urls still queued; returns the ids it updated."""
     cols = {
@@ -395,6 +434,7 @@ def _page_errors(p: PageResult) -> Iterable[tuple[str, str]]:
     for f in p.files:
         if f[5] != "stored":
             yield f"file_{f[5]}", f"{f[0]}: {f[6] or f[5]}"
+    yield from p.errors
 
 
 def entity_rows(

@@ -50,6 +50,8 @@ class PageResult:
     attempts: list[tuple[Any, ...]] = field(default_factory=list)
     # (method, proxy, status, bytes, ms, error_type, blocked_reason)
     fetched_at: Any = None
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    # (error type, message): what went wrong on the page without failing it (a bad link)
 
     def to_wire(self) -> tuple[Any, ...]:
         """Plain tuples for the trip to the coordinator: a slotted dataclass unpickles through
@@ -73,6 +75,7 @@ class PageResult:
             self.files,
             self.attempts,
             self.fetched_at,
+            self.errors,
         )
 
     @classmethod

@@ -20,7 +20,15 @@ import sqlalchemy as sa
 from engine.api import submit_run, wait_run
 from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
-from sim.shops import ShopsConfig, ShopSpec, ShopWorld, leaflet_pdf, shop_products
+from sim.shops import (
+    HOSTILE_FILES,
+    HOSTILE_LINKS,
+    ShopsConfig,
+    ShopSpec,
+    ShopWorld,
+    leaflet_pdf,
+    shop_products,
+)
 from storage.bulk import fetch_all
 from storage.db import open_database
 from storage.scrape import entity_rows
@@ -35,6 +43,7 @@ SHOPS = ShopsConfig(
         ShopSpec("br-flaky", "Brazil", "flaky", 160, seed=3, error_rate=0.3),
         ShopSpec("id-slow", "Indonesia", "slow", 160, seed=3, latency_ms=300),
         ShopSpec("ar-socks", "Argentina", "socks_only", 40, seed=3),
+        ShopSpec("my-hostile", "Malaysia", "none", 60, seed=3, hostile_links=True),
     )
 )
 
@@ -99,13 +108,17 @@ def stored(db_url: str, country: str | None = None) -> dict[str, dict[str, Any]]
     return {r["external_id"]: r for r in rows}
 
 
-def scalar(db_url: str, sql: str, **params: Any) -> Any:
+def fetch_all_rows(db_url: str, sql: str, **params: Any) -> list[Any]:
     db = open_database(db_url)
     try:
         with db.connect() as conn:
-            return fetch_all(conn, sa.text(sql), params)[0][0]
+            return fetch_all(conn, sa.text(sql), params)
     finally:
         db.dispose()
+
+
+def scalar(db_url: str, sql: str, **params: Any) -> Any:
+    return fetch_all_rows(db_url, sql, **params)[0][0]
 
 
 # --- the ground truth ------------------------------------------------------------------------
@@ -284,6 +297,59 @@ def test_proxies_from_storage_reach_a_socks_only_site(shops: ShopWorld, tmp_path
     assert set(stored(db)) == set(truth(shops, "ar-socks"))
     proxy = scalar(db, "SELECT max(proxy) FROM fetch_logs WHERE run_id = 2")
     assert proxy and proxy.startswith("socks5://127.0.0.5:")
+
+
+def test_hostile_links_are_errors_of_their_link_not_of_the_run(
+    shops: ShopWorld, tmp_path: Path, db_url: str
+) -> None:
+    """Every catalog page carries links that do not parse (followed) and files in schemes no
+    method speaks: each is recorded as an error of its page, every page and product is
+    stored, and the run completes (it used to wedge: the page's result was unstorable and
+    took the whole flush down with it, on every retry)."""
+    shop = shops["my-hostile"]
+    spec = (
+        catalog_spec([("Malaysia", shop.catalog_url(1))]).replace(
+            'css = ["a.next"]', 'css = ["a.next", "a.bad-link"]'
+        )
+        + '\n[[files]]\ncss = "a.bad-file"\n'
+    )
+    db = open_database(db_url)
+    s = Settings(
+        workers=2, concurrency=4, batch_size=1, heartbeat_s=0.5, lease_s=10.0,
+        retry_backoff_s=0.2, secret_key_file=Path("/tmp/fetchfleet-test-secret.key"),
+    )  # fmt: skip
+    coord = Coordinator(db, s).start()
+    try:
+        params = {"spec": write(tmp_path, spec), "files_dir": str(tmp_path / "files")}
+        run_id = submit_run(db, s, "scrape", params, coord.name)
+        summary = wait_run(db, run_id, timeout_s=120)
+    finally:
+        coord.shutdown()
+        db.dispose()
+    pages = shop.spec.pages
+    assert summary["status"] == "completed", summary
+    assert summary["counts"]["outcomes"] == {"done": pages}
+    want = truth(shops, "my-hostile")
+    got = stored(db_url)
+    assert set(got) == set(want)
+    assert all({f: got[i][f] for f in FIELDS} == {f: p[f] for f in FIELDS} for i, p in want.items())
+    assert scalar(db_url, "SELECT count(*) FROM urls") == pages  # no bad link registered
+    # each hostile link is an error of its page: exactly these, nothing else
+    bad = {"bad_link": HOSTILE_LINKS, "file_failed": HOSTILE_FILES}
+    page_urls = [shop.catalog_url(i) for i in range(1, pages + 1)]
+    want_errors = sorted(
+        (t, u, link) for u in page_urls for t, links in bad.items() for link in links
+    )
+    got_errors = sorted(
+        (t, key, next((link for link in bad.get(t, ()) if link in message), message))
+        for t, key, message in fetch_all_rows(
+            db_url, "SELECT error_type, item_key, message FROM errors"
+        )
+    )
+    assert got_errors == want_errors
+    want_files = sorted((u, link, "failed") for u in page_urls for link in HOSTILE_FILES)
+    assert sorted(fetch_all_rows(db_url, "SELECT page_url, url, status FROM files")) == want_files
+    assert not (tmp_path / "files").exists()
 
 
 # --- stop, resume, kill -9 -------------------------------------------------------------------

@@ -77,6 +77,21 @@ def test_value_types_and_bad_values(backend: str) -> None:
     assert values == {"flag": None} and problem == "flag: 'maybe' is not a yes/no value"
 
 
+@pytest.mark.parametrize("backend", ["css", "xpath"])
+def test_links_that_do_not_parse_never_raise(backend: str) -> None:
+    """An unclosed IPv6 host makes urljoin raise: a link is returned as written (the scrape
+    records it as a bad link of its page), a url field makes its entity invalid."""
+    html = b'<html><body><a class=n href="http://[oops">x</a><a class=n href="/ok">y</a></body>'
+    fields = [FieldRule("u", css="a.n", attr="href", type="url")]
+    if backend == "xpath":
+        fields = [FieldRule("u", xpath=".//a[1]", attr="href", type="url")]
+    ex = make_extractor(fields, follow_css=["a.n"], follow_regex=[r"oops|ok"])
+    assert ex.links(html, "http://x/") == ["http://[oops", "http://x/ok"] * 2
+    assert ex.hrefs(html, "http://x/", ["a.n"]) == ["http://[oops", "http://x/ok"]
+    ((values, problem),) = ex.extract(html, "http://x/")
+    assert values == {"u": None} and problem == "u: 'http://[oops' is not a URL (Invalid IPv6 URL)"
+
+
 def test_normalize_url() -> None:
     assert normalize_url("HTTP://Shop.Test:80/a?b=1#frag") == "http://shop.test/a?b=1"
     assert normalize_url("https://shop.test:443") == "https://shop.test/"

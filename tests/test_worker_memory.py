@@ -95,3 +95,60 @@ def test_worker_asked_to_exit_hands_its_tasks_back() -> None:
     assert [mq.tasks[t].status for t in task_ids] == ["queued", "queued"]
     assert mq.results == {}
     assert worker.env.limiter is not None  # alone: an in-memory limiter
+
+
+class FlakyQueue(MemoryQueue):
+    """A MemoryQueue whose ``submit`` fails (a database restarting) until ``healthy``;
+    it keeps what each failed submit carried and counts heartbeats."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.healthy = False
+        self.refused: list[int] = []  # items per failed submit
+        self.heartbeats = 0
+
+    def submit(self, worker_id: str, results: list[Any]) -> None:
+        if not self.healthy:
+            self.refused.append(len(results))
+            raise ConnectionError("server closed the connection unexpectedly")
+        super().submit(worker_id, results)
+
+    def heartbeat(self, *args: Any) -> Any:
+        self.heartbeats += 1
+        return super().heartbeat(*args)
+
+
+async def until(condition: Any, what: str, timeout_s: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_a_failed_flush_is_retried_and_loses_nothing() -> None:
+    """The database fails every flush for a while: the worker keeps what it held, keeps
+    the finished tasks' leases through its heartbeats (none expires, none runs again),
+    and hands everything over once the database is back; each item is stored once."""
+    now = [0.0]
+    mq = FlakyQueue(lease_s=10, clock=lambda: now[0])
+    run_id = mq.add_run(EchoKind.name)
+    refs = [[f"item-{i}-{j}" for j in range(5)] for i in range(4)]
+    task_ids = mq.add_tasks(run_id, refs)
+    settings = Settings(concurrency=8, batch_size=5, flush_s=0.01, heartbeat_s=0.01)
+    worker = Worker(mq, settings, "w1")
+
+    async def scenario() -> None:
+        runner = asyncio.create_task(worker.run())
+        await until(lambda: len(mq.refused) >= 2 and max(mq.refused) == 20, "all 20 refused")
+        now[0] += 100  # far past every lease: only heartbeats keep them
+        seen = mq.heartbeats
+        await until(lambda: mq.heartbeats >= seen + 2, "two more heartbeats")
+        assert mq.requeue_expired() == []
+        mq.healthy = True
+        await until(lambda: all(mq.tasks[t].status == "done" for t in task_ids), "all done")
+        worker.request_exit()
+        await asyncio.wait_for(runner, 30)
+
+    asyncio.run(scenario())
+    assert sorted(ref for _, ref in mq.results) == sorted(r for batch in refs for r in batch)
+    assert [mq.tasks[t].attempts for t in task_ids] == [1] * len(task_ids)

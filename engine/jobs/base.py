@@ -51,6 +51,12 @@ class Executor(ABC):
     async def execute(self, item: Any) -> tuple[bool, str, dict[str, Any]]:
         """Run one item; returns (ok, outcome, data). Must not raise for item-level failures."""
 
+    def error_data(self, item: Any, error: str) -> dict[str, Any]:
+        """The ``data`` of a failed result for ``item`` when ``execute`` raised (``error``
+        says what): something ``store`` can store. Default: ``{"error": error}``; a kind
+        whose results have another shape (a scrape page) builds its own."""
+        return {"error": error}
+
     async def aclose(self) -> None:  # noqa: B027 — optional hook
         """Release clients."""
 
@@ -107,6 +113,21 @@ class RunKind(ABC):
         return []
 
 
+def unstorable_row(result: ItemResult, error: str, now: Any) -> dict[str, Any]:
+    """The ``errors`` row of a result that could not be stored (``storage.error_log``)."""
+    from storage.error_log import UNSTORABLE
+
+    return {
+        "run_id": result.run_id,
+        "task_id": result.task_id,
+        "worker_id": result.worker_id or None,
+        "item_key": str(result.ref)[:500],
+        "error_type": UNSTORABLE,
+        "message": error[:2000],
+        "created_at": now,
+    }
+
+
 class JobKind(RunKind):
     """A kind whose runs are planned into tasks that workers claim from the queue."""
 
@@ -134,6 +155,24 @@ class JobKind(RunKind):
     @abstractmethod
     def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
         """Store results exactly once per (run, item); returns how many were new."""
+
+    def store_failed(self, conn: sa.Connection, results: list[ItemResult], error: str) -> int:
+        """Store, as failed items, results that ``store`` refused (a poison result: data it
+        cannot store; ``error`` says why), exactly once per (run, item) like ``store``, and
+        log each in ``errors`` (type ``unstorable_result``); returns how many were new.
+        Default: the result an executor that raised hands over (ok False, outcome
+        ``error``, data ``{"error": error}``) through ``store``."""
+        from dataclasses import replace
+
+        from storage.clock import utcnow
+        from storage.error_log import add_errors
+
+        failed = [replace(r, ok=False, outcome="error", data={"error": error}) for r in results]
+        new = self.store(conn, failed)
+        if new:  # the flush isolates one result at a time: then "new" says which
+            now = utcnow()
+            add_errors(conn, [unstorable_row(r, error, now) for r in results])
+        return new
 
     def store_batch(self, conn: sa.Connection, batch: ResultBatch) -> int:
         """Store a columnar batch exactly once per (run, item); returns how many were new.

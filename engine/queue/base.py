@@ -60,6 +60,15 @@ class Reply:
 
 EXIT = Reply(worker_action=WorkerAction.EXIT)
 
+FLUSH_BACKOFF_MAX_S = 5.0
+
+
+def flush_delay(flush_s: float, failures: int) -> float:
+    """The wait before the next hand-over of buffered results (a worker's, a coordinator's):
+    ``flush_s``, doubled per failure in a row (a database restarting, a deadlock), up to
+    ``FLUSH_BACKOFF_MAX_S``."""
+    return min(flush_s * 2 ** min(failures, 16), max(flush_s, FLUSH_BACKOFF_MAX_S))
+
 
 class QueueBackend(ABC):
     """The worker side of the task queue. Every method is one atomic step (one transaction

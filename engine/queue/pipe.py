@@ -24,7 +24,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from engine.model import ItemResult, ResultBatch
-from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction
+from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, flush_delay
 from engine.queue.boot import WorkerBoot
 
 if TYPE_CHECKING:
@@ -116,7 +116,9 @@ class PipeServer:
     Claims and heartbeats are answered at once; results are buffered and stored in bulk every
     ``flush_s`` (sooner when ``FLUSH_AT`` results wait, or at once when the queue ran dry and a
     completion arrives: it may be a run's last task); completions, releases, failures and
-    goodbyes are applied with the flush, after the results. ``on_completed`` is called after
+    goodbyes are applied with the flush, after the results. A flush the database fails keeps
+    all of it, in order, for the next one, after a backoff (``flush_delay``) during which
+    requests are still answered. ``on_completed`` is called after
     a flush stored completions (the coordinator settles runs there). Single-threaded: one
     service thread calls ``serve_until`` and ``flush``; ``boot``, ``forget`` and
     ``request_exit`` may be called from any thread.
@@ -147,6 +149,7 @@ class PipeServer:
         self._dry = False  # the last claim found fewer tasks than it asked for
         self._flush_now = False
         self._next_flush = time.monotonic() + flush_s
+        self._failures = 0  # flushes failed in a row (the database): retried with backoff
 
     # --- the pool's side ---------------------------------------------------------------
 
@@ -184,13 +187,19 @@ class PipeServer:
         """Answer requests and flush on time until ``until`` (monotonic) or ``stop``."""
         while not stop.is_set():
             self._answer(min(until, self._next_flush), stop)
-            if (
-                self._flush_now
-                or time.monotonic() >= self._next_flush
-                or self._n_results >= FLUSH_AT
-            ):
+            early = self._flush_now or self._n_results >= FLUSH_AT
+            # After a failed flush only the backoff's time brings the next one, and requests
+            # are answered meanwhile however much is buffered.
+            if time.monotonic() >= self._next_flush or (early and not self._failures):
                 self._flush_now = False
-                self.flush()
+                try:
+                    self.flush()
+                except BaseException:
+                    self._failures += 1
+                    delay = flush_delay(self.flush_s, self._failures)
+                    self._next_flush = time.monotonic() + delay
+                    raise
+                self._failures = 0
                 self._next_flush = time.monotonic() + self.flush_s
             if time.monotonic() >= until:
                 return
@@ -199,7 +208,7 @@ class PipeServer:
         requests = self.requests
         while True:
             timeout = until - time.monotonic()
-            if timeout <= 0 or self._n_results >= FLUSH_AT:
+            if timeout <= 0 or (self._n_results >= FLUSH_AT and not self._failures):
                 return
             try:
                 request = requests.get(timeout=min(timeout, 0.1))
@@ -241,22 +250,41 @@ class PipeServer:
         return self.sql.register(worker_id, *args)
 
     def flush(self) -> None:
-        """Store buffered results with the completions, then apply the other one-way ops."""
+        """Store buffered results with the completions, then apply the other one-way ops.
+
+        Nothing is dropped when the database fails: what was not applied goes back to the
+        buffers, ahead of what arrives meanwhile, and the exception propagates (the
+        coordinator logs it and flushes again). A poison result cannot fail it: the store
+        isolates it (``SqlQueue.store``)."""
         results, self._results = self._results, []
-        self._n_results = 0
+        n_results, self._n_results = self._n_results, 0
         ops, self._ops = self._ops, []
         completes = [t for op, _, args in ops if op == Op.COMPLETE for t in args[0]]
-        if results or completes:
-            self.sql.store(results, completes)
+        try:
+            if results or completes:
+                self.sql.store(results, completes)
+        except BaseException:
+            self._results[:0] = results
+            self._n_results += n_results
+            self._ops[:0] = ops
+            raise
         if completes:  # settle now: a run whose last task just finished ends at once
-            self.on_completed()
-        for op, worker_id, args in ops:
-            if op == Op.RELEASE:
-                self.sql.release(worker_id, *args)
-            elif op == Op.FAIL:
-                self.sql.fail(worker_id, *args)
-            elif op == Op.UNREGISTER:
-                self.sql.unregister(worker_id, *args)
+            try:
+                self.on_completed()
+            except Exception:  # the watchdog settles it on its next round
+                log.exception("settling after a flush failed")
+        for i, (op, worker_id, args) in enumerate(ops):
+            try:
+                if op == Op.RELEASE:
+                    self.sql.release(worker_id, *args)
+                elif op == Op.FAIL:
+                    self.sql.fail(worker_id, *args)
+                elif op == Op.UNREGISTER:
+                    self.sql.unregister(worker_id, *args)
+            except BaseException:
+                rest = [o for o in ops[i:] if o[0] != Op.COMPLETE]  # completions are stored
+                self._ops[:0] = rest
+                raise
 
 
 @dataclass(kw_only=True)

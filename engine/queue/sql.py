@@ -16,14 +16,17 @@ from typing import Any
 import sqlalchemy as sa
 
 from engine.jobs import get_kind
-from engine.jobs.base import JobKind
+from engine.jobs.base import JobKind, unstorable_row
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
 from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, directive_for
 from engine.queue.boot import BootFactory, WorkerBoot
 from engine.ratelimit.base import MemoryLimiter, RateLimiter
 from engine.settings import Settings
 from storage import queue as q
+from storage.clock import utcnow
 from storage.db import Database, open_database
+from storage.error_log import add_errors
+from storage.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -130,33 +133,87 @@ class SqlQueue(QueueBackend):
     ) -> int:
         """Store results (and mark tasks done) in one transaction; returns new results.
 
-        Columnar batches of one run are merged and stored with one ``store_batch`` call."""
+        Columnar batches of one run are merged and stored with one ``store_batch`` call.
+        One poison result (data its kind cannot store) never blocks the others: when the
+        transaction fails for a reason that does not pass (``storage.errors.is_transient``),
+        the results are stored again part by part, halving the parts that fail, until each
+        poison result stands alone; those are stored as failed items (``store_failed``) and
+        the rest as usual, then the tasks are completed. A transient failure is raised: the
+        caller keeps the results and tries again later (stored ones are not stored twice)."""
         if not results and not complete:
             return 0
-        new = 0
-        by_run: dict[int, list[ItemResult]] = defaultdict(list)
-        batches: dict[int, ResultBatch] = {}
-        task_set = set(complete or ())
-        for r in results:
-            if isinstance(r, ResultBatch):
-                task_set.update(r.task_ids)
-                merged = batches.get(r.run_id)
-                if merged is None:
-                    merged = batches[r.run_id] = ResultBatch.empty(r.run_id, tuple(r.columns))
-                merged.extend(r)
-            else:
-                task_set.add(r.task_id)
-                by_run[r.run_id].append(r)
-        with self.db.begin() as conn:
-            # Two executions of one task (a lease that expired under a slow worker)
-            # serialise here, so each item counts as new exactly once.
-            q.lock_tasks(conn, sorted(task_set))
-            for run_id, items in by_run.items():
-                new += self.kind_of_run(conn, run_id).store(conn, items)
-            for run_id, batch in batches.items():
-                new += self.kind_of_run(conn, run_id).store_batch(conn, batch)
-            q.complete(conn, complete or [])
+        parts = _by_run(results)
+        try:
+            with self.db.begin() as conn:
+                new = self._store_parts(conn, parts, complete or [])
+                q.complete(conn, complete or [])
+            return new
+        except Exception as exc:
+            if not results or is_transient(exc):
+                raise
+            n = sum(len(part) for _, part in parts)
+            log.warning("storing %d result(s) failed (%s); isolating the bad ones", n, exc)
+        new = sum(self._isolate(run_id, part) for run_id, part in parts)
+        if complete:
+            with self.db.begin() as conn:
+                q.complete(conn, complete)
         return new
+
+    def _store_parts(
+        self, conn: sa.Connection, parts: list[tuple[int, _Part]], also_lock: list[int]
+    ) -> int:
+        # Two executions of one task (a lease that expired under a slow worker)
+        # serialise here, so each item counts as new exactly once.
+        tasks = {t for _, part in parts for t in _task_ids(part)} | set(also_lock)
+        q.lock_tasks(conn, sorted(tasks))
+        new = 0
+        for run_id, part in parts:
+            kind = self.kind_of_run(conn, run_id)
+            new += (
+                kind.store_batch(conn, part)
+                if isinstance(part, ResultBatch)
+                else kind.store(conn, part)
+            )
+        return new
+
+    def _isolate(self, run_id: int, part: _Part) -> int:
+        """Store ``part`` of one run in transactions of its own, halving what fails until
+        the poison results stand alone (at most ~2 log2(n) transactions per poison one)."""
+        new = 0
+        todo = [part]
+        while todo:
+            one = todo.pop()
+            try:
+                with self.db.begin() as conn:
+                    new += self._store_parts(conn, [(run_id, one)], [])
+                continue
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                if len(one) > 1:
+                    half = len(one) // 2
+                    todo += [_slice(one, half, len(one)), _slice(one, 0, half)]
+                    continue
+                error = f"{type(exc).__name__}: {exc}"
+            new += self._store_poison(run_id, one, error)
+        return new
+
+    def _store_poison(self, run_id: int, part: _Part, error: str) -> int:
+        """A result its kind cannot store: stored as a failed item with the error, or,
+        should even that fail, only logged in ``errors`` (its task still completes)."""
+        results = part.to_results() if isinstance(part, ResultBatch) else part
+        error = f"its result could not be stored: {error}"
+        log.error("run %s, item %s: %s", run_id, results[0].ref, error)
+        try:
+            with self.db.begin() as conn:
+                return self.kind_of_run(conn, run_id).store_failed(conn, results, error)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.exception("run %s: the failed result could not be stored either", run_id)
+        with self.db.begin() as conn:
+            add_errors(conn, [unstorable_row(r, error, utcnow()) for r in results])
+        return 0
 
     def complete(self, worker_id: str, task_ids: list[int]) -> None:
         self.store([], task_ids)
@@ -174,6 +231,32 @@ class SqlQueue(QueueBackend):
         with self.db.begin() as conn:
             q.release(conn, worker_id, q.tasks_of_worker(conn, worker_id))
             q.end_worker(conn, worker_id, "exited", reason)
+
+
+_Part = list[ItemResult] | ResultBatch  # results of one run, stored together
+
+
+def _by_run(results: list[ItemResult | ResultBatch]) -> list[tuple[int, _Part]]:
+    """Results grouped by run: columnar batches of one run merged into one, items listed."""
+    items: dict[int, list[ItemResult]] = defaultdict(list)
+    batches: dict[int, ResultBatch] = {}
+    for r in results:
+        if isinstance(r, ResultBatch):
+            merged = batches.get(r.run_id)
+            if merged is None:
+                merged = batches[r.run_id] = ResultBatch.empty(r.run_id, tuple(r.columns))
+            merged.extend(r)
+        else:
+            items[r.run_id].append(r)
+    return [*items.items(), *batches.items()]
+
+
+def _task_ids(part: _Part) -> set[int]:
+    return set(part.task_ids) if isinstance(part, ResultBatch) else {r.task_id for r in part}
+
+
+def _slice(part: _Part, start: int, stop: int) -> _Part:
+    return part.part(start, stop) if isinstance(part, ResultBatch) else part[start:stop]
 
 
 def database_limiter(db: Database) -> RateLimiter:

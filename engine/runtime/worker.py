@@ -21,13 +21,23 @@ from typing import TYPE_CHECKING, Any
 from engine.jobs import get_kind
 from engine.jobs.base import Executor, WorkerEnv
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
-from engine.queue.base import Directive, QueueBackend, Reply, WorkerAction
+from engine.queue.base import Directive, QueueBackend, Reply, WorkerAction, flush_delay
 from engine.settings import Settings
 
 if TYPE_CHECKING:
     from engine.queue.boot import WorkerBoot
 
 log = logging.getLogger(__name__)
+
+
+def error_result_data(executor: Executor, item: Any, exc: Exception) -> dict[str, Any]:
+    """The data of an item whose ``execute`` raised, in the kind's shape when it can."""
+    error = f"{type(exc).__name__}: {exc}"
+    try:
+        return executor.error_data(item, error)
+    except Exception:
+        log.exception("error_data failed for an item; storing the bare error")
+        return {"error": error}
 
 
 def new_worker_id(prefix: str = "w") -> str:
@@ -72,12 +82,13 @@ class Worker:
         self._batches: dict[int, ResultBatch] = {}
         self._finished: list[int] = []  # tasks whose results are all buffered
         self._released: list[int] = []
+        self._unsettled: set[int] = set()  # in _finished/_released until handed over
         self._executors: dict[int, Executor] = {}
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._done = 0
         self._failed = 0
         self._flush_lock = asyncio.Lock()
-        self._tail_flush: asyncio.Task[None] | None = None
+        self._tail_flush: asyncio.Task[bool] | None = None
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, self.worker_id, *args)
@@ -125,7 +136,7 @@ class Worker:
             flusher.cancel()
             beater.cancel()
             await asyncio.gather(flusher, beater, return_exceptions=True)
-            await self._flush()
+            await self._flush_rest()
             for ex in self._executors.values():
                 await ex.aclose()
             await self._call(self.backend.unregister, reason)
@@ -180,8 +191,10 @@ class Worker:
         self._held.pop(work.id, None)
         if held.directive is Directive.CONTINUE:
             self._finished.append(work.id)
+            self._unsettled.add(work.id)
         elif held.directive is Directive.RELEASE:
             self._released.append(work.id)
+            self._unsettled.add(work.id)
         if not self._held and not self.exiting.is_set():
             # Nothing else held: this may be the run's last task. Hand it over now rather
             # than at the next periodic flush, so the run settles without that delay.
@@ -196,7 +209,7 @@ class Worker:
             try:
                 ok, outcome, data = await executor.execute(item)
             except Exception as exc:
-                ok, outcome, data = False, "error", {"error": f"{type(exc).__name__}: {exc}"}
+                ok, outcome, data = False, "error", error_result_data(executor, item, exc)
             held.pending -= 1
             if ok:
                 self._done += 1
@@ -224,28 +237,68 @@ class Worker:
     # --- background --------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
+        failures = 0
         while True:
-            await asyncio.sleep(self.settings.flush_s)
-            await self._flush()
+            await asyncio.sleep(flush_delay(self.settings.flush_s, failures))
+            failures = 0 if await self._flush() else failures + 1
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Hand over what is buffered: results, then completions, then releases. True when
+        all of it went; otherwise what did not go stays buffered, ahead of what arrived
+        since, for the next flush (the backend stores a result once however often it is
+        handed over), and the held tasks' leases are kept by the heartbeats meanwhile."""
         async with self._flush_lock:
             results, self._results = self._results, []
             results += self._batches.values()
             self._batches = {}
             finished, self._finished = self._finished, []
             released, self._released = self._released, []
-            if results:
-                await self._call(self.backend.submit, results)
-            if finished:
-                await self._call(self.backend.complete, finished)
-            if released:
-                await self._call(self.backend.release, released)
+            try:
+                if results:
+                    await self._call(self.backend.submit, results)
+                    results = []
+                if finished:
+                    await self._call(self.backend.complete, finished)
+                    self._unsettled.difference_update(finished)
+                    finished = []
+                if released:
+                    await self._call(self.backend.release, released)
+                    self._unsettled.difference_update(released)
+                    released = []
+            except BaseException as exc:  # a cancelled flush keeps its buffers too
+                self._results[:0] = results
+                self._finished[:0] = finished
+                self._released[:0] = released
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning(
+                    "flush failed, kept for the next one (%d results, %d tasks): %s: %s",
+                    len(results), len(finished) + len(released), type(exc).__name__, exc,
+                )  # fmt: skip
+                return False
+            return True
+
+    async def _flush_rest(self) -> None:
+        """The last flush before the worker ends: retried with backoff for up to a lease;
+        what still cannot go is left to the leases (its tasks run again elsewhere)."""
+        deadline = time.monotonic() + self.settings.lease_s
+        failures = 0
+        while not await self._flush():
+            failures += 1
+            delay = flush_delay(self.settings.flush_s, failures)
+            if time.monotonic() + delay > deadline:
+                log.error(
+                    "giving up handing over tasks %s after %d tries: they will run again",
+                    sorted(self._unsettled), failures,
+                )  # fmt: skip
+                return
+            await asyncio.sleep(delay)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            ids = list(self._held)
+            # Finished tasks not yet handed over (a flush that failed) keep their leases too.
+            ids = [*self._held, *(self._unsettled - self._held.keys())]
             done, failed = self._done, self._failed
             self._done = self._failed = 0
             status = "busy" if ids else "idle"

@@ -177,6 +177,17 @@ class ScrapeJob(JobKind):
         triples = zip(batch.task_ids, batch.worker_ids, batch.columns["page"], strict=True)
         return self._store(conn, batch.run_id, triples)
 
+    def store_failed(self, conn: sa.Connection, results: list[ItemResult], error: str) -> int:
+        """Pages whose result could not be stored: their urls become ``failed`` with the
+        error (the run counts them), logged in ``errors`` under the page's URL."""
+        from storage.error_log import UNSTORABLE
+        from storage.scrape import fail_pages
+
+        if not results:
+            return 0
+        pages = [(r.task_id, r.worker_id or None, r.ref) for r in results]
+        return fail_pages(conn, results[0].run_id, pages, UNSTORABLE, error)
+
     def _store(self, conn: sa.Connection, run_id: int, triples: Iterable[tuple[Any, ...]]) -> int:
         """(task id, worker id, page as sent) of one run → stored pages. The links the new
         pages bring are queued in the caller's transaction, with the pages."""
@@ -250,6 +261,15 @@ class ScrapeJob(JobKind):
         pool = _read_pool_file(params, self.settings) if params.get("pool_file") else None
         fetcher = Fetcher(fsettings, pool=pool)
         return ScrapeExecutor(spec, params, fetcher)
+
+
+MAX_LINK_ERRORS = 20  # per page: a page full of bad links is reported, not copied out
+
+
+def _link_error(page: PageResult, error_type: str, link: str, exc: Exception) -> None:
+    """Record a link of ``page`` that could not be used (the first ``MAX_LINK_ERRORS``)."""
+    if sum(1 for t, _ in page.errors if t == error_type) < MAX_LINK_ERRORS:
+        page.errors.append((error_type, f"{page.url}: link {link[:300]!r}: {exc}"))
 
 
 def _write_pool_file(db: Database, settings: Any, params: dict[str, Any]) -> None:
@@ -329,6 +349,21 @@ class ScrapeExecutor(Executor):
         self._patterns = {k: re.compile(v) for k, v in spec.validate_.patterns.items()}
         self._required = list(dict.fromkeys([spec.id_field, *spec.validate_.required]))
 
+    def error_data(self, item: UrlItem, error: str) -> dict[str, Any]:
+        """The page failed with ``error`` (``execute`` raised): a failed page all the same,
+        so that it is stored, counted and logged like any other."""
+        page = PageResult(
+            url_id=item.id,
+            url=item.url,
+            depth=item.depth,
+            country=item.country,
+            status="failed",
+            error_type="error",
+            error=error,
+            fetched_at=datetime.now(UTC).replace(tzinfo=None),
+        )
+        return {"page": page.to_wire()}
+
     async def execute(self, item: UrlItem) -> tuple[bool, str, dict[str, Any]]:
         fetched_at = datetime.now(UTC).replace(tzinfo=None)
         res = await self.fetcher.fetch(
@@ -373,7 +408,7 @@ class ScrapeExecutor(Executor):
             return True, "done", {"page": page.to_wire()}
         self._extract(page, res.content, base)
         if self.spec.follow.css or self.spec.follow.regex:
-            page.links = self._links(res.content, base)
+            page.links = self._links(page, res.content, base)
         if self.spec.files:
             await self._download(page, res.content, base)
         return True, "done", {"page": page.to_wire()}
@@ -424,73 +459,76 @@ class ScrapeExecutor(Executor):
             attrs = [(k, v, types.get(k, "str")) for k, v in values.items()]
             page.entities.append(Entity(str(values[id_field]), digest, attrs, url))
 
-    def _links(self, content: bytes, url: str) -> list[str]:
+    def _links(self, page: PageResult, content: bytes, url: str) -> list[str]:
+        """The page's links to follow, normalized. A link that does not parse (an unclosed
+        IPv6 host, a port out of range) is an error of that link, recorded on the page."""
         here = urlsplit(url).hostname
         out: dict[str, None] = {}
         for link in self._follow.links(content, url):
-            parts = urlsplit(link)
-            if parts.scheme not in ("http", "https"):
-                continue
-            if self.spec.follow.same_domain and parts.hostname != here:
-                continue
-            out[normalize_url(link)] = None
+            try:
+                parts = urlsplit(link)
+                if parts.scheme not in ("http", "https"):
+                    continue
+                if self.spec.follow.same_domain and parts.hostname != here:
+                    continue
+                out[normalize_url(link)] = None
+            except ValueError as exc:
+                _link_error(page, "bad_link", link, exc)
         return list(out)
 
     async def _download(self, page: PageResult, content: bytes, url: str) -> None:
-        from fetchers.errors import ErrorType
-        from fetchers.validation import ValidationRules
-
         owner = page.entities[0].external_id if len(page.entities) == 1 else None
         for files in self.spec.files:
             for link in dict.fromkeys(self._follow.hrefs(content, url, files.css)):
-                res = await self.fetcher.fetch(
-                    link,
-                    country=page.country,
-                    method="http",
-                    rules=ValidationRules(min_length=1, detect_blocks=False),
-                    use_cache=False,
-                    max_bytes=files.max_bytes,  # enforced while the body arrives
-                )
-                ctype = res.headers.get("content-type")
-                if res.error_type == ErrorType.TOO_LARGE:
-                    # refused by its Content-Length (the size), or cut off as it arrived (no size)
-                    length = res.headers.get("content-length", "")
-                    announced = int(length) if length.isdigit() else 0
-                    size = announced if announced > files.max_bytes else None
-                    page.files.append(
-                        (link, None, None, size, ctype, "too_large", res.error or "", owner)
-                    )
-                    continue
-                if not res.success:
-                    page.files.append(
-                        (link, None, None, None, ctype, "failed", res.error or "", owner)
-                    )
-                    continue
-                data = res.content
-                if len(data) > files.max_bytes:  # a second guard (a method that does not stream)
-                    page.files.append(
-                        (
-                            link,
-                            None,
-                            None,
-                            len(data),
-                            ctype,
-                            "too_large",
-                            f"{len(data):,} bytes > max_bytes {files.max_bytes:,}",
-                            owner,
-                        )
-                    )
-                    continue
-                digest = hashlib.sha256(data).hexdigest()
-                suffix = Path(urlsplit(link).path).suffix[:10]
-                rel = f"{digest[:2]}/{digest}{suffix}"
-                target = self.files_dir / rel
-                if not target.exists():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_name(target.name + ".part")
-                    tmp.write_bytes(data)
-                    tmp.replace(target)
-                page.files.append((link, rel, digest, len(data), ctype, "stored", None, owner))
+                # A link no fetch method takes (ftp:, data:, file:, a host that does not
+                # parse) is a failed file of this page, not a failed page.
+                try:
+                    scheme = urlsplit(link).scheme
+                    if scheme not in ("http", "https"):
+                        raise ValueError(f"not an http(s) URL (scheme {scheme or 'none'!r})")
+                    page.files.append(await self._download_one(page, link, files, owner))
+                except ValueError as exc:
+                    error = str(exc)[:500]
+                    page.files.append((link[:2000], None, None, None, None, "failed", error, owner))
+
+    async def _download_one(
+        self, page: PageResult, link: str, files: Any, owner: str | None
+    ) -> tuple[Any, ...]:
+        """One file of the page: its ``PageResult.files`` row (stored, failed, too_large)."""
+        from fetchers.errors import ErrorType
+        from fetchers.validation import ValidationRules
+
+        res = await self.fetcher.fetch(
+            link,
+            country=page.country,
+            method="http",
+            rules=ValidationRules(min_length=1, detect_blocks=False),
+            use_cache=False,
+            max_bytes=files.max_bytes,  # enforced while the body arrives
+        )
+        ctype = res.headers.get("content-type")
+        if res.error_type == ErrorType.TOO_LARGE:
+            # refused by its Content-Length (the size), or cut off as it arrived (no size)
+            length = res.headers.get("content-length", "")
+            announced = int(length) if length.isdigit() else 0
+            size = announced if announced > files.max_bytes else None
+            return (link, None, None, size, ctype, "too_large", res.error or "", owner)
+        if not res.success:
+            return (link, None, None, None, ctype, "failed", res.error or "", owner)
+        data = res.content
+        if len(data) > files.max_bytes:  # a second guard (a method that does not stream)
+            error = f"{len(data):,} bytes > max_bytes {files.max_bytes:,}"
+            return (link, None, None, len(data), ctype, "too_large", error, owner)
+        digest = hashlib.sha256(data).hexdigest()
+        suffix = Path(urlsplit(link).path).suffix[:10]
+        rel = f"{digest[:2]}/{digest}{suffix}"
+        target = self.files_dir / rel
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        return (link, rel, digest, len(data), ctype, "stored", None, owner)
 
     async def aclose(self) -> None:
         await self.fetcher.aclose()
