@@ -195,6 +195,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from engine.jobs.base import WorkerEnv
     from engine.queue.sql import SqlBoot
     from engine.runtime.worker import Worker, install_uvloop, new_worker_id, run_worker
+    from fetchers.lifeline import end_own_lineage, mark_lineage
 
     url = resolve_db_url(args.db)
     if url.startswith("duckdb"):
@@ -204,6 +205,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     settings = settings_from(args)
     if args.processes > 1:
+        # what a worker killed with -9 left is ended once they are all gone
+        mark_lineage(new_worker_id(f"{args.kind}-processes"))
         ctx = mp.get_context("spawn")
         procs = [
             ctx.Process(target=_worker_process, args=(vars(args),)) for _ in range(args.processes)
@@ -216,9 +219,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             for p in procs:
                 p.join(30)
+        end_own_lineage()
         return EXIT_OK
+    worker_id = new_worker_id(args.kind)
+    mark_lineage(worker_id)  # what this worker starts ends with it (fetchers.lifeline)
     boot = SqlBoot(
-        worker_id=new_worker_id(args.kind),
+        worker_id=worker_id,
         settings=settings.model_dump(mode="json"),
         db_url=url,
         create=True,
@@ -237,6 +243,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"worker {worker.worker_id} joined {boot.db.display_url}", file=sys.stderr)
     reason = asyncio.run(run_worker(worker))
+    end_own_lineage()
     boot.close()
     emit(
         args,

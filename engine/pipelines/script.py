@@ -15,22 +15,30 @@ Its stdout and stderr are read line by line by two threads into one bounded queu
 that prints faster than the database takes lines is slowed by its pipe, memory stays
 bounded; lines over 8 KiB are split) and written to ``run_logs`` in batches with their
 stream. A stop request sends SIGTERM to the process group, SIGKILL after the step's grace
-period. On Linux the script also gets SIGTERM if the pipeline process dies (``kill -9``), so
-a resumed run never has two copies of it running.
+period.
+
+Nothing the script starts outlives it. Every process below it carries the run's lineage tag
+(``fetchers.lifeline``), whatever its process group or session: when the script exits, on
+its own or after a stop, whatever it left running is killed (its group, and every tagged
+process). On Linux the script gets SIGTERM if the pipeline process dies (``kill -9``); its
+children cannot be reached then, so before a script of the run starts, the processes an
+earlier start left behind are ended first (SIGTERM, SIGKILL after the grace period): a
+resumed run never has a script running beside a leftover of itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
+from fetchers.lifeline import die_with_parent, end_lineage, lineage_env
 from storage.db import duckdb_path
 
 if TYPE_CHECKING:
@@ -50,8 +58,15 @@ def script_db(url: str) -> str:
     return f"postgresql://{rest}" if scheme.startswith("postgresql") else url
 
 
+def script_lineage(runner: _Runner) -> str:
+    """The lineage tag of a run's scripts: the same in every process that runs the run on
+    this database (a resume finds what a killed pipeline process left), and no other."""
+    digest = hashlib.sha256(script_db(runner.db.url).encode()).hexdigest()[:16]
+    return f"pipeline-{digest}-{runner.run_id}"
+
+
 def script_env(runner: _Runner, step: ScriptStep, name: str) -> dict[str, str]:
-    env = dict(os.environ)
+    env = lineage_env(os.environ, script_lineage(runner))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env |= {
         "FETCHFLEET_RUN_ID": str(runner.run_id),
@@ -62,23 +77,6 @@ def script_env(runner: _Runner, step: ScriptStep, name: str) -> dict[str, str]:
     }
     env |= step.env or {}
     return env
-
-
-def _die_with_parent() -> Any:
-    """A preexec function asking Linux to SIGTERM the child when this process dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(143)
-
-    return preexec
 
 
 def _reader(pipe: IO[bytes], stream: str, lines: queue.Queue[tuple[str, str] | None]) -> None:
@@ -97,6 +95,9 @@ def run_script(runner: _Runner, step: ScriptStep, name: str) -> tuple[str, int |
     Exit 0 → done; nonzero → failed; ended after our stop signal → stopped (whatever its
     code: the step did not finish on its own, so a resume runs it again from the start)."""
     argv = [str(a) for a in step.argv]
+    lineage = script_lineage(runner)
+    if n := end_lineage([lineage], grace_s=step.grace_s):
+        runner.engine_line(name, f"ended {n} process(es) left by an earlier start of a script")
     try:
         proc = subprocess.Popen(
             argv,
@@ -106,7 +107,7 @@ def run_script(runner: _Runner, step: ScriptStep, name: str) -> tuple[str, int |
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: signals reach its children too
-            preexec_fn=_die_with_parent(),
+            preexec_fn=die_with_parent(signal.SIGTERM),  # a chance to save, as on a stop
         )
     except OSError as exc:
         return "failed", None, f"cannot start {argv[0]!r}: {exc}"
@@ -125,7 +126,7 @@ def run_script(runner: _Runner, step: ScriptStep, name: str) -> tuple[str, int |
     exited_at: float | None = None
     last_stderr = ""
     try:
-        while open_streams:
+        while open_streams or exited_at is None:  # a script may close its output and go on
             try:
                 item = lines.get(timeout=0.1)
             except queue.Empty:
@@ -147,16 +148,17 @@ def run_script(runner: _Runner, step: ScriptStep, name: str) -> tuple[str, int |
                 killed = True
                 runner.engine_line(name, f"no exit {step.grace_s:g}s after SIGTERM: SIGKILL")
                 _signal(proc, signal.SIGKILL)
-            if proc.poll() is not None:
-                exited_at = exited_at or now
-                if now - exited_at > DRAIN_AFTER_EXIT_S and open_streams:
-                    # something it started still holds the pipes: end the whole group
-                    runner.engine_line(name, "killing processes the script left behind")
-                    _signal(proc, signal.SIGKILL)
-                    break
+            if exited_at is None and _exited(proc):
+                exited_at = now
+                if n := _end_leftovers(proc, lineage):
+                    runner.engine_line(name, f"killed {n} process(es) the script left running")
+            elif exited_at is not None and now - exited_at > DRAIN_AFTER_EXIT_S and open_streams:
+                # a process outside its group and lineage holds the pipes: stop reading
+                runner.engine_line(name, "a process the script left holds its output: ignored")
+                break
         code = proc.wait()
     except BaseException:
-        _signal(proc, signal.SIGKILL)
+        _end_leftovers(proc, lineage)  # the script too: it carries the lineage
         proc.wait()
         raise
     finally:
@@ -174,3 +176,23 @@ def run_script(runner: _Runner, step: ScriptStep, name: str) -> tuple[str, int |
 def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signum)
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Has the script exited? Without reaping it: while it is a zombie its process group id
+    cannot be reused, so killing the group afterwards hits only what it left."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped elsewhere
+        return proc.poll() is not None
+
+
+def _end_leftovers(proc: subprocess.Popen[bytes], lineage: str) -> int:
+    """SIGKILL what the exited script left: every process of its lineage (however far it
+    went: another session, a reparented daemon), then its group (one that cleared its
+    environment); returns how many were found by lineage."""
+    n = end_lineage([lineage])
+    _signal(proc, signal.SIGKILL)
+    return n

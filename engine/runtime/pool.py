@@ -3,6 +3,11 @@
 Spawn, not fork: a forked child would inherit the coordinator's database connections,
 threads and file locks. A process that dies is noticed by ``reap`` (the coordinator then
 re-queues its tasks) and replaced while the pool is meant to run.
+
+Nothing a worker started outlives it: each worker tags its descendants with its id
+(``fetchers.lifeline``), and whenever the pool sees a worker gone — reaped, killed, or at the
+end of the pool — it ends every process carrying that tag, however deep, whatever its
+process group (Playwright's Chromium and Chromium's crash handler leave the worker's group).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.runtime.worker import new_worker_id, process_main
 from engine.settings import Settings
+from fetchers.lifeline import end_lineage
 
 if TYPE_CHECKING:
     from engine.queue.boot import BootFactory
@@ -81,7 +87,14 @@ class LocalPool:
                 ended.append((worker_id, member.exitcode))
                 del self.members[worker_id]
                 self.retiring.discard(worker_id)
+        if ended:  # a worker killed with -9 could not end its browsers: end them here
+            self._end_descendants([w for w, _ in ended])
         return ended
+
+    @staticmethod
+    def _end_descendants(worker_ids: list[str]) -> None:
+        if n := end_lineage(worker_ids):
+            log.warning("ended %d process(es) left by worker(s) %s", n, ", ".join(worker_ids))
 
     def replace_missing(self) -> list[str]:
         if self.closing:
@@ -98,10 +111,15 @@ class LocalPool:
             self.terminate(worker_id)
 
     def kill(self) -> None:
+        """SIGKILL every worker, then end what they started."""
         self.closing = True
-        for member in list(self.members.values()):
+        members = list(self.members.items())
+        for _, member in members:
             if member.is_alive():
                 member.kill()
+        for _, member in members:  # dead before the sweep: none can start one after it
+            member.join(5)
+        self._end_descendants([w for w, _ in members])
 
     def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

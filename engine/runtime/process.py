@@ -45,16 +45,20 @@ def exit_now(code: int) -> NoReturn:
 
 def exit_with_parent(poll_s: float = 0.2) -> None:
     """End this process at once when the process that spawned it dies (kill -9): a pool
-    worker of a DuckDB coordinator can store nothing once its coordinator is gone."""
+    worker of a DuckDB coordinator can store nothing once its coordinator is gone. What it
+    started (browsers, drivers) goes first: nobody is left to end them afterwards."""
     import os
     import threading
     import time
+
+    from fetchers.lifeline import end_own_lineage
 
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
+        end_own_lineage()
         os._exit(3)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

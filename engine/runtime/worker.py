@@ -352,7 +352,11 @@ def process_main(boot: WorkerBoot) -> None:
     import signal
 
     from engine.logs import setup_logging
+    from fetchers.lifeline import end_own_lineage, mark_lineage
 
+    # Before anything starts a process: all this worker starts (browsers, drivers, tor) is
+    # tagged, so whoever sees it die (the coordinator, or this process at its end) ends them.
+    mark_lineage(boot.worker_id)
     setup_logging(boot.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C is its
     settings = boot.load_settings()
@@ -361,4 +365,5 @@ def process_main(boot: WorkerBoot) -> None:
     install_uvloop()
     worker = Worker(backend, settings, boot.worker_id, kind="local", env=env)
     asyncio.run(run_worker(worker))
+    end_own_lineage()  # what an executor failed to close
     boot.close()

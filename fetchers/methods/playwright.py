@@ -2,6 +2,7 @@
 
 - **Never a downloaded browser**: `executable_path` is the system Chromium
   (`settings.chromium_path`, Debian package `chromium`); `playwright install` is not needed.
+  It is started so that it dies with Playwright's driver (`fetchers.lifeline`).
 - **One browser per process, a fresh context per page**: launching costs ~0.4–1.5 s, a
   context a few ms; contexts share nothing (cookies, storage, cache), so pages do not leak
   into each other, and closing one frees its renderer.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure
+from fetchers.lifeline import browser_command
 from fetchers.methods._browser import (
     CHROMIUM_ARGS,
     HTML_CHARS_JS,
@@ -101,8 +103,12 @@ class PlaywrightMethod(FetchMethod):
             from playwright.async_api import async_playwright
 
             self._pw = await async_playwright().start()
+        # Chromium dies with Playwright's driver (which ends with this process) however that
+        # dies: see fetchers.lifeline.
+        executable, env = browser_command(self.settings.chromium_path)
         browser = await self._pw.chromium.launch(
-            executable_path=str(self.settings.chromium_path),
+            executable_path=executable,
+            env=env,
             headless=True,
             args=list(CHROMIUM_ARGS),
             timeout=60_000,

@@ -3,6 +3,8 @@
 - `Service(executable_path=settings.chromedriver_path)` (Debian `chromium-driver`) and
   `binary_location=settings.chromium_path`: Selenium Manager is never asked to download a
   driver or a browser (and `SE_OFFLINE=true` is set for the process, in case it runs).
+- chromedriver and Chromium die with their parent (`fetchers.lifeline`): a worker killed
+  with -9 leaves no driver or browser behind.
 - `--headless=new` with the same flags and the same desktop User-Agent as the Playwright
   method.
 - Selenium's API is blocking: one driver runs in its own thread (`asyncio.to_thread` on a
@@ -27,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from fetchers.errors import AttemptError, FetchTimeout, NetworkFailure, ProxyFailure
+from fetchers.lifeline import browser_command, die_with_parent
 from fetchers.methods._browser import (
     CHROMIUM_ARGS,
     HTML_CHARS_JS,
@@ -95,7 +98,6 @@ class SeleniumMethod(FetchMethod):
         if self.user_agent is None:
             self.user_agent = desktop_user_agent(chromium_major(self.settings.chromium_path))
         options = Options()
-        options.binary_location = str(self.settings.chromium_path)
         options.add_argument("--headless=new")
         for arg in CHROMIUM_ARGS:
             options.add_argument(arg)
@@ -111,7 +113,16 @@ class SeleniumMethod(FetchMethod):
                 )
             options.add_argument(f"--proxy-server={server}")
             options.add_argument("--proxy-bypass-list=<-loopback>")
-        service = Service(executable_path=str(self.settings.chromedriver_path))
+        # Both die with their parent (Linux), so a worker killed with -9 leaves neither:
+        # chromedriver with this process (started from this thread, which lives as long as
+        # the driver), Chromium with chromedriver.
+        browser, env = browser_command(self.settings.chromium_path)
+        options.binary_location = browser
+        service = Service(
+            executable_path=str(self.settings.chromedriver_path),
+            env=env,
+            popen_kw={"preexec_fn": die_with_parent()},
+        )
         self._driver = webdriver.Chrome(service=service, options=options)
         self._driver_proxy = proxy
         self._driver_pages = 0
