@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from engine.api import submit_run
 from engine.jobs.base import WorkerEnv
 from engine.model import ItemResult, ResultBatch, TaskWork
-from engine.queue.pipe import Op, PipeServer
+from engine.queue.pipe import Op, PipeQueue, PipeServer
 from engine.queue.sql import SqlQueue
 from engine.settings import Settings
 from storage import runs
@@ -260,8 +260,9 @@ def test_the_coordinators_flush_loses_nothing_to_a_failure_or_a_poison(
             ("w2", Op.COMPLETE, ([second.id],)),
             ("w2", Op.RELEASE, ([held.id],)),
         ]
+        clients = {w: PipeQueue(server.boot(w, s, "WARNING").channel) for w in ("w1", "w2")}
         for i, (worker, op, args) in enumerate(sends):
-            server.requests.put((worker, i, op.value, args))
+            clients[worker].channel.send((i, op.value, args))
 
         def settled() -> bool:
             queued = rows(db, f"SELECT status, attempts FROM tasks WHERE id = {held.id}")

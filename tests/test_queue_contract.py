@@ -216,15 +216,15 @@ class PipeHarness(SqlHarness):
     def queue(self, worker_id: str) -> QueueBackend:
         if worker_id not in self.clients:
             boot = self.server.boot(worker_id, self.settings, "WARNING")
-            self.clients[worker_id] = PipeQueue(boot.requests, boot.replies, timeout_s=WAIT_S)
+            self.clients[worker_id] = PipeQueue(boot.channel, timeout_s=WAIT_S)
         return self.clients[worker_id]
 
     def request_exit(self, worker_id: str) -> None:
         self.server.request_exit(worker_id)
 
     def sync(self) -> None:
-        # Requests are applied in arrival order: once a round trip is answered, everything
-        # sent before it is buffered; then the service thread flushes.
+        # The server reads every ready channel before it answers a round trip: once this one
+        # is answered, everything sent before it (by any client) is buffered; then a flush.
         self.queue("sync").heartbeat("sync", [], "idle", 0, 0)
         self.flushed.clear()
         self.flush_wanted.set()

@@ -41,6 +41,9 @@ class WorkerBoot(ABC):
     def open_limiter(self) -> RateLimiter:
         """The rate limiter this process shares with the others of its deployment."""
 
+    def started(self) -> None:  # noqa: B027 — optional hook
+        """In the parent, once the process runs: close the parent's copies of its channels."""
+
     def close(self) -> None:  # noqa: B027 — optional hook
         """After the worker loop ended: release what ``open_*`` opened."""
 

@@ -1,12 +1,18 @@
 """The queue over multiprocessing pipes, for when the coordinator alone holds the database
 (DuckDB): ``PipeQueue`` in each pool worker, ``PipeServer`` in the coordinator.
 
-Requests go to the coordinator on one shared multiprocessing queue as ``(worker id, request
-id, op, args)``; answers come back on the worker's own queue as ``(request id, reply)``.
-Results, completions, releases, failures and the goodbye are one-way messages: the server
-buffers them and writes them in bulk, in arrival order, so a completion is never stored
-before the results that precede it. A worker killed mid-way loses at most what was still in
-its pipe; its tasks were not completed, so they run again and nothing is lost.
+Each worker has a channel of its own to the coordinator (one duplex pipe): requests go up as
+``(request id, op, args)``, answers come back as ``(request id, reply)``. Results,
+completions, releases, failures and the goodbye are one-way messages: the server buffers
+them and writes them in bulk, in each worker's order, so a completion is never stored before
+the results that precede it. A worker killed mid-way loses at most what was still in its
+pipe; its tasks were not completed, so they run again and nothing is lost.
+
+Why a channel per worker and not one queue for all: a shared pipe needs a write lock across
+processes, and a worker killed (``kill -9``) while writing a large message kept it for ever,
+with half a message in the pipe that the coordinator's reader then waited on for ever. A
+channel has one writer; when it dies the coordinator holds no copy of its end, so a half
+message reads as end-of-file and the channel is dropped.
 
 This module must stay cheap to import: pool workers import it and never import SQLAlchemy.
 """
@@ -15,12 +21,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from multiprocessing.connection import wait as wait_ready
 from typing import TYPE_CHECKING, Any
 
 from engine.model import ItemResult, ResultBatch
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLUSH_AT = 5000  # results: flush early when this many are buffered
+DRAIN_AT_ONCE = 64  # messages read from one channel before the next one gets its turn
 
 
 class Op(IntEnum):
@@ -56,30 +63,33 @@ def _one_way(op: int) -> bool:
 
 
 class PipeQueue(QueueBackend):
-    """A pool worker's backend: every call is a message to its coordinator's ``PipeServer``."""
+    """A pool worker's backend: every call is a message to its coordinator's ``PipeServer``
+    on the worker's own channel."""
 
-    def __init__(self, requests: Any, replies: Any, timeout_s: float = 60.0) -> None:
-        self.requests = requests
-        self.replies = replies
+    def __init__(self, channel: Any, timeout_s: float = 60.0) -> None:
+        self.channel = channel
         self.timeout_s = timeout_s
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # one round trip at a time per worker
+        self._round_trip = threading.Lock()  # one request awaiting its answer at a time
+        self._send = threading.Lock()  # one message on the wire at a time (any thread)
 
     def _call(self, worker_id: str, op: Op, *args: Any) -> Any:
         req_id = next(self._ids)
         if _one_way(op):
-            self.requests.put((worker_id, req_id, op.value, args))
+            with self._send:
+                self.channel.send((req_id, op.value, args))
             return None
-        with self._lock:
-            self.requests.put((worker_id, req_id, op.value, args))
+        with self._round_trip:
+            with self._send:
+                self.channel.send((req_id, op.value, args))
+            deadline = time.monotonic() + self.timeout_s
             while True:
-                try:
-                    got_id, result = self.replies.get(timeout=self.timeout_s)
-                except queue.Empty:
+                if not self.channel.poll(max(0.0, deadline - time.monotonic())):
                     raise TimeoutError(
                         f"no answer from the coordinator to {op.name.lower()} "
                         f"in {self.timeout_s:.0f}s"
-                    ) from None
+                    )
+                got_id, result = self.channel.recv()
                 if got_id == req_id:
                     return result
 
@@ -136,12 +146,14 @@ class PipeServer:
     ) -> None:
         self.sql = sql
         self.ctx = ctx
-        self.requests = ctx.Queue()
+        self._lock = threading.Lock()  # _channels: the pool adds and forgets from any thread
+        self._channels: dict[str, Any] = {}  # worker id → the coordinator's end of its channel
+        self._forgotten: set[str] = set()  # closed by the service thread, which may be reading
+        self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
         self.limits_path = limits_path
         self.flush_s = flush_s
         self.closing = closing  # the pool is shutting down: claims say EXIT
         self.on_completed = on_completed
-        self._replies: dict[str, Any] = {}
         self._exit: set[str] = set()
         self._results: list[ItemResult | ResultBatch] = []
         self._n_results = 0  # items in _results (a ResultBatch holds many)
@@ -154,24 +166,26 @@ class PipeServer:
     # --- the pool's side ---------------------------------------------------------------
 
     def boot(self, worker_id: str, settings: Settings, log_level: str) -> PipeBoot:
-        """Open the reply channel of a new pool worker; a ``BootFactory``."""
-        replies = self.ctx.Queue()
-        # A reply to a worker that died must not hold up this process's exit.
-        replies.cancel_join_thread()
-        self._replies[worker_id] = replies
+        """Open the channel of a new pool worker; a ``BootFactory``."""
+        ours, theirs = self.ctx.Pipe(duplex=True)
+        with self._lock:
+            self._channels[worker_id] = ours
+            self._forgotten.discard(worker_id)
         return PipeBoot(
             worker_id=worker_id,
             settings=settings.model_dump(mode="json"),
             log_level=log_level,
-            requests=self.requests,
-            replies=replies,
+            channel=theirs,
             limits_path=self.limits_path,
         )
 
     def forget(self, worker_id: str) -> None:
-        """The worker's process ended: drop its reply channel. (Its exit request stays: a
-        request it sent before it ended must not lease it tasks.)"""
-        self._replies.pop(worker_id, None)
+        """The worker's process ended: drop its channel. (Its exit request stays: a request
+        it sent before it ended must not lease it tasks.)"""
+        with self._lock:
+            if worker_id in self._channels:
+                self._forgotten.add(worker_id)
+        self.wake()
 
     def request_exit(self, worker_id: str) -> None:
         """The worker's next claim or heartbeat answers EXIT."""
@@ -179,7 +193,7 @@ class PipeServer:
 
     def wake(self) -> None:
         """Make ``serve_until`` return now (after its ``stop`` event was set)."""
-        self.requests.put(None)
+        self._wake_w.send_bytes(b"w")
 
     # --- the service thread ------------------------------------------------------------
 
@@ -204,34 +218,69 @@ class PipeServer:
             if time.monotonic() >= until:
                 return
 
+    def _live_channels(self) -> dict[Any, str]:
+        """The channels to read (their end → worker id), closing the forgotten ones."""
+        with self._lock:
+            for worker_id in self._forgotten:
+                self._channels.pop(worker_id).close()
+            self._forgotten.clear()
+            return {conn: worker_id for worker_id, conn in self._channels.items()}
+
+    def _drop(self, worker_id: str, why: str) -> None:
+        """A channel whose worker is gone (end-of-file, half a message, a broken pipe)."""
+        log.info("worker %s: channel closed (%s)", worker_id, why)
+        with self._lock:
+            if worker_id in self._channels:
+                self._forgotten.add(worker_id)
+
     def _answer(self, until: float, stop: threading.Event) -> None:
-        requests = self.requests
         while True:
             timeout = until - time.monotonic()
             if timeout <= 0 or (self._n_results >= FLUSH_AT and not self._failures):
                 return
-            try:
-                request = requests.get(timeout=min(timeout, 0.1))
-            except queue.Empty:
-                if stop.is_set():
-                    return
-                continue
-            if request is None:  # wake()
+            channels = self._live_channels()
+            ready = wait_ready([self._wake_r, *channels], timeout=min(timeout, 0.1))
+            if self._wake_r in ready:
+                while self._wake_r.poll():
+                    self._wake_r.recv_bytes()
                 return
-            worker_id, req_id, op, args = request
-            if op < Op.SUBMIT:
+            if not ready and stop.is_set():
+                return
+            # Read what every ready channel holds before answering any round trip: whatever
+            # a process sent before its request was in its pipe by then, so the answer comes
+            # after it is buffered, whichever worker sent it.
+            round_trips = []
+            for conn in ready:
+                worker_id = channels[conn]
+                for _ in range(DRAIN_AT_ONCE):
+                    try:
+                        req_id, op, args = conn.recv()
+                    except (EOFError, OSError) as e:  # the worker died, maybe mid-message
+                        self._drop(worker_id, type(e).__name__)
+                        break
+                    if op < Op.SUBMIT:
+                        round_trips.append((conn, worker_id, req_id, op, args))
+                    else:
+                        self._buffer(worker_id, op, args)
+                    if not conn.poll(0):
+                        break
+            for conn, worker_id, req_id, op, args in round_trips:
                 reply = self._reply(worker_id, op, args)
-                replies = self._replies.get(worker_id)
-                if replies is not None:
-                    replies.put((req_id, reply))
-            elif op == Op.SUBMIT:
-                self._results.extend(args[0])
-                self._n_results += sum(len(r) if isinstance(r, ResultBatch) else 1 for r in args[0])
-            else:  # complete, release, fail, unregister: applied with the next flush
-                self._ops.append((op, worker_id, args))
-                if op == Op.COMPLETE and self._dry:
-                    self._flush_now = True  # the queue ran dry: these may be a run's last tasks
-                    return
+                try:
+                    conn.send((req_id, reply))
+                except OSError as e:
+                    self._drop(worker_id, type(e).__name__)
+            if self._flush_now:
+                return
+
+    def _buffer(self, worker_id: str, op: int, args: tuple[Any, ...]) -> None:
+        if op == Op.SUBMIT:
+            self._results.extend(args[0])
+            self._n_results += sum(len(r) if isinstance(r, ResultBatch) else 1 for r in args[0])
+        else:  # complete, release, fail, unregister: applied with the next flush
+            self._ops.append((op, worker_id, args))
+            if op == Op.COMPLETE and self._dry:
+                self._flush_now = True  # the queue ran dry: maybe a run's last tasks
 
     def _reply(self, worker_id: str, op: int, args: tuple[Any, ...]) -> Any:
         if op == Op.CLAIM:
@@ -293,15 +342,19 @@ class PipeBoot(WorkerBoot):
     through a file beside the database (it outlives the coordinator: see
     ``engine.ratelimit.shared``), opened when a job first needs a limit."""
 
-    requests: Any
-    replies: Any
+    channel: Any  # this worker's end of its channel to the coordinator
     limits_path: str
+
+    def started(self) -> None:
+        # The parent must not keep the worker's end: if it did, a worker killed mid-message
+        # would leave the coordinator waiting for the rest instead of reading end-of-file.
+        self.channel.close()
 
     def open_backend(self) -> PipeQueue:
         from engine.runtime.process import exit_with_parent
 
         exit_with_parent()  # nothing we do can be stored once the coordinator is gone
-        return PipeQueue(self.requests, self.replies)
+        return PipeQueue(self.channel)
 
     def open_limiter(self) -> RateLimiter:
         from engine.ratelimit.base import LazyLimiter
@@ -311,8 +364,7 @@ class PipeBoot(WorkerBoot):
         return LazyLimiter(lambda: SharedLimiter(path))
 
     def close(self) -> None:
-        self.requests.close()
-        self.requests.join_thread()  # everything we sent is in the pipe now
+        self.channel.close()  # every message was written whole when its send returned
         # No database here: skip the teardown the coordinator would wait for.
         from engine.runtime.process import exit_now
 

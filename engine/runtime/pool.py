@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine.runtime.worker import new_worker_id, process_main
@@ -24,9 +25,18 @@ from engine.settings import Settings
 from fetchers.lifeline import end_lineage
 
 if TYPE_CHECKING:
-    from engine.queue.boot import BootFactory
+    from engine.queue.boot import BootFactory, WorkerBoot
 
 log = logging.getLogger(__name__)
+
+
+def start_process(ctx: Any, target: Callable[..., None], boot: WorkerBoot, *args: Any) -> Any:
+    """Start one worker process on ``boot`` (its first argument), then let the boot drop
+    what the parent must not keep (its copy of the child's end of a pipe)."""
+    proc = ctx.Process(target=target, args=(boot, *args), name=boot.worker_id, daemon=True)
+    proc.start()
+    boot.started()
+    return proc
 
 
 class LocalPool:
@@ -51,9 +61,9 @@ class LocalPool:
 
     def spawn(self) -> str:
         worker_id = new_worker_id("local")
-        boot = self.boot(worker_id, self.settings, self.log_level)
-        proc = self.ctx.Process(target=process_main, args=(boot,), name=worker_id, daemon=True)
-        proc.start()
+        proc = start_process(
+            self.ctx, process_main, self.boot(worker_id, self.settings, self.log_level)
+        )
         self.members[worker_id] = proc
         log.info("started worker %s (pid %s)", worker_id, proc.pid)
         return worker_id
