@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
@@ -14,6 +15,9 @@ from engine.summary import run_summary
 from storage import queue as q
 from storage import runs
 from storage.db import Database
+from storage.errors import is_transient
+
+log = logging.getLogger(__name__)
 
 TASKS_PER_TRANSACTION = 200
 
@@ -60,16 +64,27 @@ def wait_run(
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     wants_progress = on_progress is not None and getattr(on_progress, "enabled", True)
+    outage = 0  # polls failed in a row because the database is unreachable
     while True:
-        if wants_progress:
-            summary = run_summary(db, run_id)
-            on_progress(summary)  # type: ignore[misc]
-            status = summary["status"]
-        else:
-            with db.connect() as conn:
-                status = runs.get_status(conn, run_id)
-            if status is None:
-                return run_summary(db, run_id)  # raises: no such run
+        try:
+            if wants_progress:
+                summary = run_summary(db, run_id)
+                on_progress(summary)  # type: ignore[misc]
+                status = summary["status"]
+            else:
+                with db.connect() as conn:
+                    status = runs.get_status(conn, run_id)
+                if status is None:
+                    return run_summary(db, run_id)  # raises: no such run
+        except Exception as exc:
+            if not is_transient(exc) or (deadline is not None and time.monotonic() > deadline):
+                raise
+            outage += 1
+            if outage == 1 or outage % 10 == 0:
+                log.warning("run %s: cannot reach the database (%s); waiting for it", run_id, exc)
+            sleep(min(10.0, 0.5 * 2 ** min(outage - 1, 5)))
+            continue
+        outage = 0
         if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
             if not wants_progress:
                 summary = run_summary(db, run_id)

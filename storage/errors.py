@@ -40,3 +40,11 @@ def is_transient(exc: BaseException) -> bool:
         | ConnectionError
         | TimeoutError,
     )
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """A transient failure that came from the database driver itself (not a timeout or a
+    refused connection of some other service): the work that hit it did nothing wrong."""
+    import sqlalchemy as sa
+
+    return is_transient(exc) and isinstance(exc, sa.exc.SQLAlchemyError)

@@ -220,6 +220,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
             for p in procs:
                 p.join(30)
         end_own_lineage()
+        failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+        if failed:
+            print(
+                f"{len(failed)} of {len(procs)} worker processes failed (exit codes "
+                f"{', '.join(map(str, failed))}); see the log above",
+                file=sys.stderr,
+            )
+            return EXIT_NOT_COMPLETED
         return EXIT_OK
     worker_id = new_worker_id(args.kind)
     mark_lineage(worker_id)  # what this worker starts ends with it (fetchers.lifeline)

@@ -4,8 +4,8 @@ Three backends implement it (``engine.queue`` picks one from the database):
 
 * ``SqlQueue``: the database itself — PostgreSQL for every process, or DuckDB inside the
   coordinator;
-* ``PipeQueue``: a pool worker's proxy to its coordinator over multiprocessing queues, served
-  by ``PipeServer`` there, because only the coordinator may open DuckDB;
+* ``PipeQueue``: a pool worker's proxy to its coordinator over a pipe of its own, served by
+  ``PipeServer`` there, because only the coordinator may open DuckDB;
 * ``MemoryQueue``: an in-memory fake with an injectable clock, for tests.
 
 The worker loop is the same code for all of them. Calls are blocking; the worker runs them in
@@ -73,6 +73,12 @@ def flush_delay(flush_s: float, failures: int) -> float:
 class QueueBackend(ABC):
     """The worker side of the task queue. Every method is one atomic step (one transaction
     or one message) and may be called from any thread of the worker."""
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether a call that raised ``exc`` may succeed unchanged later (the database
+        restarting, the coordinator busy): the worker retries those with backoff and a log
+        line, and never counts them as a task's failure. Backends refine it."""
+        return isinstance(exc, ConnectionError | TimeoutError)
 
     @abstractmethod
     def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:

@@ -53,6 +53,9 @@ class SqlQueue(QueueBackend):
             self._run_meta[run_id] = q.run_kind_params(conn, run_id)
         return self.kind(self._run_meta[run_id][0])
 
+    def is_transient(self, exc: BaseException) -> bool:
+        return is_transient(exc)
+
     def request_exit(self, worker_id: str) -> None:
         """The next claim or heartbeat of ``worker_id`` through this object says EXIT."""
         self._exit_requested.add(worker_id)

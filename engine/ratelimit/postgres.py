@@ -10,10 +10,17 @@ far inside the jitter allowance of ``engine.ratelimit.base``).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from engine.ratelimit.base import Rate, bounded_penalty
+from storage.errors import is_transient
 from storage.ratelimit import push_back, reserve
+
+log = logging.getLogger(__name__)
+
+RETRY_MAX_S = 10.0
 
 if TYPE_CHECKING:
     from storage.db import Database
@@ -31,14 +38,34 @@ class PgLimiter:
         return max(0.0, tat - rate.interval_s - rate.tau_s - now)
 
     async def acquire(self, key: str, rate: Rate) -> float:
-        return await asyncio.to_thread(self.acquire_now, key, rate)
+        return await self._retrying(self.acquire_now, key, rate)
 
     def penalize_now(self, key: str, rate: Rate, seconds: float) -> None:
         with self.db.engine.begin() as conn:
             push_back(conn, key, bounded_penalty(seconds, rate), rate.tau_s)
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
-        await asyncio.to_thread(self.penalize_now, key, rate, seconds)
+        await self._retrying(self.penalize_now, key, rate, seconds)
+
+    async def _retrying(self, fn: Callable[..., Any], key: str, *args: Any) -> Any:
+        """No slot without the database: while it is unreachable (restarting) the request
+        waits, with backoff and a log line, instead of failing its item — the item did
+        nothing wrong, and sending without a slot could break the limit."""
+        failures = 0
+        while True:
+            try:
+                return await asyncio.to_thread(fn, key, *args)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                failures += 1
+                delay = min(RETRY_MAX_S, 0.5 * 2 ** min(failures - 1, 5))
+                if failures == 1 or failures % 10 == 0:
+                    log.warning(
+                        "rate limit %s: cannot reach the database (%s); try %d in %.1f s",
+                        key, type(exc).__name__, failures + 1, delay,
+                    )  # fmt: skip
+                await asyncio.sleep(delay)
 
     async def aclose(self) -> None:
         return None

@@ -28,6 +28,7 @@ from engine.settings import Settings
 from storage import queue as q
 from storage import runs
 from storage.db import Database
+from storage.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Coordinator:
         # thread reaps and replaces processes: pool membership changes under this lock.
         self._pool_lock = threading.RLock()
         self.replaced: list[tuple[str, int | None, str]] = []  # (dead id, exit code, new id)
+        self._dead: list[tuple[str, int | None]] = []  # died; their tasks not yet re-queued
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class Coordinator:
 
     def _serve(self) -> None:
         next_watch = time.monotonic()
+        failures = 0  # rounds failed in a row (the database restarting): backoff
         while not self._stop.is_set():
             try:
                 if self.pipe is not None:
@@ -151,11 +154,22 @@ class Coordinator:
                 else:
                     self._stop.wait(max(0.0, next_watch - time.monotonic()))
                 if time.monotonic() >= next_watch:
+                    backoff = min(10.0, 0.5 * 2 ** min(failures, 5)) if failures else 0.0
+                    next_watch = time.monotonic() + max(WATCH_EVERY_S, backoff)
                     self._watchdog()
-                    next_watch = time.monotonic() + WATCH_EVERY_S
-            except Exception:  # keep serving: a failed flush is retried, leases protect work
-                log.exception("coordinator loop error")
-                time.sleep(0.5)
+                    failures = 0
+            except Exception as exc:  # keep serving: a failed flush is retried, leases protect
+                failures += 1
+                if not is_transient(exc):
+                    log.exception("coordinator loop error")
+                elif failures == 1 or failures % 10 == 0:
+                    log.warning(
+                        "cannot reach the database (%s: %s); still trying (%d)",
+                        type(exc).__name__, exc, failures,
+                    )  # fmt: skip
+                # Short: the pool's requests are still answered; the flushes and the
+                # watchdog back off on their own schedules.
+                self._stop.wait(0.2)
 
     def _flush(self) -> None:
         """Store what the pool handed over and is still buffered (DuckDB)."""
@@ -177,23 +191,26 @@ class Coordinator:
     def _watchdog(self, replace: bool = True) -> None:
         with self._pool_lock:
             ended = self.pool.reap()
-        for worker_id, code in ended:
+            died = [(w, code) for w, code in ended if code != 0]
+            # Replace first: it needs no database, and a database that is down now must not
+            # leave the pool without workers once it is back.
+            new_ids = self.pool.replace_missing() if replace and died else []
+        for worker_id, _ in ended:
             if self.pipe is not None:
                 self.pipe.forget(worker_id)
-            if code == 0:
-                continue
+        for (worker_id, code), new in zip(died, new_ids, strict=False):
+            self.replaced.append((worker_id, code, new))
+        self._dead.extend(died)
+        while self._dead:  # kept until stored: a failure here is retried next round
+            worker_id, code = self._dead[0]
             self._flush()  # store what the worker handed over before it died
             reason = f"worker process died (exit code {code})"
             with self.db.begin() as conn:
                 held = q.tasks_of_worker(conn, worker_id)
                 q.fail(conn, held, reason, backoff_seconds=0)
                 q.end_worker(conn, worker_id, "dead", reason)
+            self._dead.pop(0)
             log.warning("%s: %s; re-queued tasks %s", worker_id, reason, held)
-            if replace:
-                with self._pool_lock:
-                    new_ids = self.pool.replace_missing()
-                for new in new_ids:
-                    self.replaced.append((worker_id, code, new))
         with self.db.begin() as conn:
             q.requeue_expired(conn, self.settings.retry_backoff_s)
             for worker_id in q.stale_workers(conn, 3 * self.settings.lease_s):

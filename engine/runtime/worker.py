@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RETRY_MAX_S = 10.0  # the longest wait between tries of an unreachable queue
+
 
 def error_result_data(executor: Executor, item: Any, exc: Exception) -> dict[str, Any]:
     """The data of an item whose ``execute`` raised, in the kind's shape when it can."""
@@ -93,10 +95,42 @@ class Worker:
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, self.worker_id, *args)
 
+    async def _call_retrying(
+        self, fn: Any, *args: Any, until_exit: bool = False, within_s: float | None = None
+    ) -> Any:
+        """``_call``, retried with backoff while the queue is unreachable (the database
+        restarting): until the worker is asked to exit (``until_exit``; then None), or for
+        ``within_s`` (then the last error is raised). Other errors are raised at once."""
+        deadline = None if within_s is None else time.monotonic() + within_s
+        failures = 0
+        while True:
+            try:
+                return await self._call(fn, *args)
+            except Exception as exc:
+                if not self.backend.is_transient(exc):
+                    raise
+                failures += 1
+                delay = min(RETRY_MAX_S, 0.5 * 2 ** min(failures - 1, 5))
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise
+                if until_exit and self.exiting.is_set():
+                    return None
+                if failures == 1 or failures % 10 == 0:
+                    log.warning(
+                        "%s: cannot reach the queue (%s: %s); try %d, again in %.1f s",
+                        fn.__name__, type(exc).__name__, exc, failures + 1, delay,
+                    )  # fmt: skip
+                if until_exit:
+                    await self._wait(delay)
+                else:
+                    await asyncio.sleep(delay)
+
     # --- main loop ---------------------------------------------------------------------
 
     async def run(self) -> str:
-        await self._call(self.backend.register, socket.gethostname(), os.getpid(), self.kind)
+        await self._call_retrying(
+            self.backend.register, socket.gethostname(), os.getpid(), self.kind, until_exit=True
+        )
         flusher = asyncio.create_task(self._flush_loop())
         beater = asyncio.create_task(self._heartbeat_loop())
         reason = "stopped"
@@ -139,11 +173,17 @@ class Worker:
             await self._flush_rest()
             for ex in self._executors.values():
                 await ex.aclose()
-            await self._call(self.backend.unregister, reason)
+            try:
+                await self._call_retrying(
+                    self.backend.unregister, reason, within_s=self.settings.lease_s
+                )
+            except Exception as exc:  # the watchdog marks it dead once its heartbeats stop
+                log.warning("could not unregister: %s: %s", type(exc).__name__, exc)
         return reason
 
     async def _claim(self, want: int) -> Reply:
-        return await self._call(self.backend.claim, want, self.run_id)
+        reply = await self._call_retrying(self.backend.claim, want, self.run_id, until_exit=True)
+        return Reply() if reply is None else reply  # asked to exit while unreachable
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -182,9 +222,24 @@ class Worker:
         try:
             executor = await self._executor(work)
         except Exception as exc:
+            from storage.errors import is_database_outage
+
             log.warning("task %s: cannot start run %s: %s", work.id, work.run_id, exc)
             self._held.pop(work.id, None)
-            await self._call(self.backend.fail, [work.id], f"{type(exc).__name__}: {exc}")
+            try:
+                if is_database_outage(exc):  # our database, not the task: no attempt
+                    await self._call_retrying(
+                        self.backend.release, [work.id], within_s=self.settings.lease_s
+                    )
+                else:
+                    await self._call_retrying(
+                        self.backend.fail,
+                        [work.id],
+                        f"{type(exc).__name__}: {exc}",
+                        within_s=self.settings.lease_s,
+                    )
+            except Exception as again:  # its lease expires and it is re-queued
+                log.warning("task %s: could not hand it back: %s", work.id, again)
             return
         jobs = [asyncio.create_task(self._run_item(held, executor, item)) for item in work.items]
         await asyncio.gather(*jobs, return_exceptions=True)
@@ -295,6 +350,7 @@ class Worker:
             await asyncio.sleep(delay)
 
     async def _heartbeat_loop(self) -> None:
+        failures = 0
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             # Finished tasks not yet handed over (a flush that failed) keep their leases too.
@@ -305,8 +361,11 @@ class Worker:
             try:
                 reply = await self._call(self.backend.heartbeat, ids, status, done, failed)
             except Exception as exc:
-                log.warning("heartbeat failed: %s", exc)
+                failures += 1
+                if failures == 1 or failures % 20 == 0:  # once per outage, then now and then
+                    log.warning("heartbeat failed (%d in a row): %s", failures, exc)
                 continue
+            failures = 0
             self._apply(reply)
 
     def _apply(self, reply: Reply) -> None:
