@@ -419,6 +419,14 @@ def test_postgres_local_pool_and_standalone_worker(world: SimWorld, pg_url: str)
     assert total == distinct == summary["counts"]["total"]
 
 
+def test_worker_processes_exit_1_when_one_of_them_failed() -> None:
+    """``--processes 2`` used to exit 0 whatever became of its processes."""
+    nowhere = "postgresql+psycopg://postgres@127.0.0.1:9/none"  # nothing listens on port 9
+    out = cli("worker", "--db", nowhere, "--processes", "2")
+    assert out.returncode == 1, out.stderr[-1000:]
+    assert "2 of 2 worker processes failed" in out.stderr
+
+
 def test_worker_command_refuses_duckdb(tmp_path: Path) -> None:
     out = cli("worker", "--db", str(tmp_path / "x.duckdb"))
     assert out.returncode == 2 and "PostgreSQL" in out.stderr
