@@ -91,6 +91,19 @@ class ResultBatch:
             worker_ids=self.worker_ids[start:stop],
         )
 
+    def keep(self, indices: list[int]) -> ResultBatch:
+        """The items at ``indices`` as a batch of their own (results of fenced-off leases
+        dropped)."""
+        return ResultBatch(
+            run_id=self.run_id,
+            columns={k: [v[i] for i in indices] for k, v in self.columns.items()},
+            task_ids=[self.task_ids[i] for i in indices],
+            refs=[self.refs[i] for i in indices],
+            oks=[self.oks[i] for i in indices],
+            outcomes=[self.outcomes[i] for i in indices],
+            worker_ids=[self.worker_ids[i] for i in indices],
+        )
+
     def to_results(self) -> list[ItemResult]:
         """One ``ItemResult`` per item: what ``JobKind.store`` takes."""
         keys = list(self.columns)

@@ -4,13 +4,21 @@ The same statements run on both databases. On PostgreSQL many processes claim at
 claim locks candidate rows with ``FOR UPDATE SKIP LOCKED`` (each worker takes different
 tasks, nobody waits); on DuckDB only the coordinator process writes, so no lock clause is
 needed. Every time comes from the database clock (``storage.clock``).
+
+**Fencing.** Every claim stamps its tasks with a new random ``lease_token``. A caller that
+passes ``tokens`` (task id → the token of its claim) to ``heartbeat``, ``complete``,
+``release`` or ``fail`` acts only on the tasks still leased under that token; ``held`` says
+which those are, so results of a lease that expired (a worker partitioned, stopped, or
+slower than its lease) are not stored and a re-claimed task is never completed by its old
+holder. A token is per claim, not per worker: a worker that re-claims a task it lost holds
+it under the new token only.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,50 +141,107 @@ def claim(
     ]
 
 
-def heartbeat(
-    conn: sa.Connection, worker_id: str, task_ids: Iterable[int], lease_seconds: float
-) -> dict[int, str]:
-    """Extend the leases ``worker_id`` holds; returns task id → its run's status
-    (``lost`` for a task this worker no longer holds)."""
+def current_leases(conn: sa.Connection, task_ids: Iterable[int]) -> dict[int, str]:
+    """Task id → the lease token it is leased under now, for those of ``task_ids`` leased."""
     ids = list(task_ids)
     if not ids:
         return {}
-    held = fetch_all(
+    rows = fetch_all(
+        conn,
+        sa.select(tasks.c.id, tasks.c.lease_token).where(
+            tasks.c.id.in_(ids), tasks.c.status == "leased", tasks.c.lease_token.is_not(None)
+        ),
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+def held(conn: sa.Connection, tokens: Mapping[int, str]) -> set[int]:
+    """Of the tasks in ``tokens`` (task id → lease token), those still leased under it."""
+    now = current_leases(conn, tokens)
+    return {t for t, tok in tokens.items() if now.get(t) == tok}
+
+
+def _leased(worker_id: str | None, ids: list[int], tokens: Mapping[int, str] | None) -> list[Any]:
+    """WHERE clauses: the tasks ``ids`` leased by ``worker_id`` (under their tokens, when
+    given: a task whose token is not given is not matched)."""
+    where = [tasks.c.id.in_(ids), tasks.c.status == "leased"]
+    if worker_id is not None:
+        where.append(tasks.c.worker_id == worker_id)
+    if tokens is not None:
+        where.append(tasks.c.lease_token.in_(sorted({tokens[i] for i in ids if i in tokens})))
+    return where
+
+
+def heartbeat(
+    conn: sa.Connection,
+    worker_id: str,
+    task_ids: Iterable[int],
+    lease_seconds: float,
+    tokens: Mapping[int, str] | None = None,
+) -> dict[int, str]:
+    """Extend the leases ``worker_id`` holds (under ``tokens``, when given); returns task id
+    → its run's status (``lost`` for a task this worker no longer holds)."""
+    asked = list(task_ids)
+    if not asked:
+        return {}
+    ids = (
+        asked
+        if tokens is None
+        else sorted(held(conn, {i: tokens[i] for i in asked if i in tokens}))
+    )
+    extended = fetch_all(
         conn,
         sa.update(tasks)
-        .where(tasks.c.id.in_(ids), tasks.c.worker_id == worker_id, tasks.c.status == "leased")
+        .where(*_leased(worker_id, ids, tokens))
         .values(lease_until=seconds_from_now(lease_seconds))
         .returning(tasks.c.id, tasks.c.run_id),
-    )
+    ) if ids else []  # fmt: skip
     statuses = dict(
         fetch_all(
             conn,
-            sa.select(runs.c.id, runs.c.status).where(runs.c.id.in_({r[1] for r in held} or {-1})),
+            sa.select(runs.c.id, runs.c.status).where(
+                runs.c.id.in_({r[1] for r in extended} or {-1})
+            ),
         )
     )
-    out = {tid: "lost" for tid in ids}
-    out.update({r[0]: statuses.get(r[1], "lost") for r in held})
+    out = {tid: "lost" for tid in asked}
+    out.update({r[0]: statuses.get(r[1], "lost") for r in extended})
     return out
 
 
-def complete(conn: sa.Connection, task_ids: Iterable[int]) -> None:
-    """All items of these tasks are stored: done, whoever holds the lease now."""
+def complete(
+    conn: sa.Connection, task_ids: Iterable[int], tokens: Mapping[int, str] | None = None
+) -> None:
+    """All items of these tasks are stored: done. With ``tokens``, only the tasks still
+    leased under them (a holder that lost its lease completes nothing); without, whoever
+    holds the lease now (the claim, completing what an earlier attempt stored)."""
     ids = list(task_ids)
-    if ids:
-        conn.execute(
-            sa.update(tasks)
-            .where(tasks.c.id.in_(ids), tasks.c.status.in_(("leased", "queued")))
-            .values(status="done", lease_token=None, lease_until=None, updated_at=db_now())
-        )
+    if not ids:
+        return
+    where = (
+        _leased(None, ids, tokens)
+        if tokens is not None
+        else [tasks.c.id.in_(ids), tasks.c.status.in_(("leased", "queued"))]
+    )
+    conn.execute(
+        sa.update(tasks)
+        .where(*where)
+        .values(status="done", lease_token=None, lease_until=None, updated_at=db_now())
+    )
 
 
-def release(conn: sa.Connection, worker_id: str, task_ids: Iterable[int]) -> None:
+def release(
+    conn: sa.Connection,
+    worker_id: str,
+    task_ids: Iterable[int],
+    tokens: Mapping[int, str] | None = None,
+) -> None:
     """Hand tasks back untouched (graceful stop): the claim does not count as an attempt."""
     ids = list(task_ids)
     if ids:
         conn.execute(
             sa.update(tasks)
-            .where(tasks.c.id.in_(ids), tasks.c.worker_id == worker_id, tasks.c.status == "leased")
+            .where(*_leased(worker_id, ids, tokens))
             .values(
                 status="queued",
                 attempts=tasks.c.attempts - 1,
@@ -194,26 +259,35 @@ def fail(
     error: str,
     backoff_seconds: float,
     worker_id: str | None = None,
+    tokens: Mapping[int, str] | None = None,
 ) -> None:
     """A failed attempt: back to the queue after a backoff, or ``failed`` when out of tries."""
     ids = list(task_ids)
     if not ids:
         return
     owner = " AND worker_id = :w" if worker_id else ""
+    fence = " AND lease_token IN :toks" if tokens is not None else ""
+    toks = sorted({tokens[i] for i in ids if i in tokens}) if tokens is not None else []
+    stmt = sa.text(
+        f"""
+        UPDATE tasks SET
+            status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+            available_at = {NOW_SQL}
+                + (:backoff * power(2, greatest(attempts - 1, 0)) * INTERVAL '1 second'),
+            worker_id = NULL, lease_token = NULL, lease_until = NULL,
+            last_error = :err, updated_at = {NOW_SQL}
+        WHERE status = 'leased' AND id IN :ids{owner}{fence}
+        """
+    ).bindparams(sa.bindparam("ids", expanding=True))
+    if tokens is not None:
+        if not toks:
+            return
+        stmt = stmt.bindparams(sa.bindparam("toks", expanding=True))
     conn.execute(
-        sa.text(
-            f"""
-            UPDATE tasks SET
-                status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
-                available_at = {NOW_SQL}
-                    + (:backoff * power(2, greatest(attempts - 1, 0)) * INTERVAL '1 second'),
-                worker_id = NULL, lease_token = NULL, lease_until = NULL,
-                last_error = :err, updated_at = {NOW_SQL}
-            WHERE status = 'leased' AND id IN :ids{owner}
-            """
-        ).bindparams(sa.bindparam("ids", expanding=True)),
-        {"ids": ids, "err": error[:2000], "backoff": float(backoff_seconds), "w": worker_id},
-    )
+        stmt,
+        {"ids": ids, "err": error[:2000], "backoff": float(backoff_seconds), "w": worker_id,
+         "toks": toks},
+    )  # fmt: skip
 
 
 def requeue(conn: sa.Connection, task_ids: Iterable[int], reason: str) -> None:
@@ -238,14 +312,46 @@ def requeue(conn: sa.Connection, task_ids: Iterable[int], reason: str) -> None:
         )
 
 
+WATCHDOG_LOCK = 0x46_46_57_44  # "FFWD": the advisory lock of the fleet's one watchdog
+
+
+def watchdog_turn(conn: sa.Connection) -> bool:
+    """Whether this transaction is the watchdog's (PostgreSQL: several consoles and CLIs on
+    one database take turns, one at a time, through a transaction-scoped advisory lock, and
+    the others skip the round; DuckDB has one process)."""
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool(
+        conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": WATCHDOG_LOCK}).scalar()
+    )
+
+
 def requeue_expired(conn: sa.Connection, backoff_seconds: float) -> list[tuple[int, str]]:
-    """The watchdog's lease check: every lease past its time counts as a failed attempt (the
-    task goes back to the queue after its backoff, or fails when out of tries); returns the
-    (task id, worker id) pairs it re-queued."""
-    expired = expired_leases(conn)
-    for task_id, worker_id in expired:
-        fail(conn, [task_id], f"lease expired (worker {worker_id} went silent)", backoff_seconds)
-    return expired
+    """The watchdog's lease check: every lease past its time goes back to the queue. The
+    re-queueing statement checks the lease again, so one renewed since it was read is left
+    alone. A lost lease is not a failed attempt: its worker went silent (partitioned,
+    stopped, killed), which says nothing of the task, and the token fences the old holder
+    off. Returns the (task id, worker id) pairs it re-queued."""
+    found = dict(expired_leases(conn))
+    if not found:
+        return []
+    rows = fetch_all(
+        conn,
+        sa.text(
+            f"""
+            UPDATE tasks SET status = 'queued',
+                attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
+                available_at = {NOW_SQL} + (:backoff * INTERVAL '1 second'),
+                last_error = 'lease expired (worker ' || coalesce(worker_id, '?') || ' went silent)',
+                worker_id = NULL, lease_token = NULL, lease_until = NULL,
+                updated_at = {NOW_SQL}
+            WHERE id IN :ids AND status = 'leased' AND lease_until < {NOW_SQL}
+            RETURNING id
+            """
+        ).bindparams(sa.bindparam("ids", expanding=True)),
+        {"ids": sorted(found), "backoff": float(backoff_seconds)},
+    )
+    return sorted((r[0], found[r[0]]) for r in rows)
 
 
 def lock_tasks(conn: sa.Connection, task_ids: Sequence[int]) -> None:

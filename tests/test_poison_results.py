@@ -55,17 +55,22 @@ class Case:
 
     run_id: int
     tasks: list[TaskWork]
+    sql: SqlQueue  # what claimed them: it holds their leases (fencing)
 
     @property
     def task_ids(self) -> list[int]:
         return [t.id for t in self.tasks]
 
     @property
+    def completions(self) -> list[tuple[str, int]]:
+        return [("w1", t.id) for t in self.tasks]
+
+    @property
     def items(self) -> list[Any]:
         return [i for t in self.tasks for i in t.items]
 
 
-def start_scrape(db: Database, s: Settings, tmp_path: Path) -> Case:
+def start_scrape(db: Database, s: Settings, tmp_path: Path, sql: SqlQueue | None = None) -> Case:
     urls = ", ".join(f'"http://127.0.0.1:9/p{i}"' for i in range(N))
     spec = f"""
 name = "poison"
@@ -77,7 +82,7 @@ start_urls = [{urls}]
 id = ".id"
 """
     params = {"spec_text": spec, "files_dir": str(tmp_path / "files")}
-    return claimed(db, s, submit_run(db, s, "scrape", params, "test"))
+    return claimed(sql or SqlQueue(db, s), submit_run(db, s, "scrape", params, "test"))
 
 
 def scrape_results(case: Case) -> list[ItemResult | ResultBatch]:
@@ -117,7 +122,7 @@ def start_backfill(db: Database, s: Settings, tmp_path: Path) -> Case:
         "url_template": "http://127.0.0.1:9/users/{id}",
         "rate_limit": "10/1s",
     }
-    return claimed(db, s, submit_run(db, s, "backfill", params, "test"))
+    return claimed(SqlQueue(db, s), submit_run(db, s, "backfill", params, "test"))
 
 
 def backfill_results(case: Case) -> list[ItemResult | ResultBatch]:
@@ -157,10 +162,10 @@ KINDS = {
 }
 
 
-def claimed(db: Database, s: Settings, run_id: int) -> Case:
-    reply = SqlQueue(db, s).claim("w1", 10)
+def claimed(sql: SqlQueue, run_id: int) -> Case:
+    reply = sql.claim("w1", 10)
     assert len(reply.tasks) == 2 and sum(len(t.items) for t in reply.tasks) == N
-    return Case(run_id, reply.tasks)
+    return Case(run_id, reply.tasks, sql)
 
 
 def run_status(db: Database, run_id: int) -> str | None:
@@ -176,15 +181,15 @@ def test_a_poison_result_is_stored_as_failed_and_the_rest_as_usual(
     start, results, check, error = KINDS[kind]
     s = settings(tmp_path)
     case = start(db, s, tmp_path)
-    sql = SqlQueue(db, s)
+    sql = case.sql
 
-    assert sql.store(results(case), case.task_ids) == N  # N - 1 stored, 1 stored as failed
+    assert sql.store(results(case), case.completions) == N  # N - 1 stored, 1 as failed
     check(db, case, error)
     assert rows(db, "SELECT DISTINCT status FROM tasks") == [("done",)]
     assert run_status(db, case.run_id) == "completed"
 
     # handed over again (a re-run task): nothing is stored twice, the poison is not retried
-    assert sql.store(results(case), case.task_ids) == 0
+    assert sql.store(results(case), case.completions) == 0
     check(db, case, error)
 
 
@@ -208,7 +213,7 @@ def test_an_executor_that_raised_hands_over_a_failed_page(db: Database, tmp_path
             batch.add(task.id, item.id, False, "error", data, "w1")
     asyncio.run(executor.aclose())
 
-    assert SqlQueue(db, s).store([batch], case.task_ids) == N
+    assert case.sql.store([batch], case.completions) == N
     assert rows(db, "SELECT DISTINCT status, error_type, error FROM urls") == [
         ("failed", "error", "RuntimeError: boom")
     ]
@@ -236,18 +241,18 @@ class FailingStore(SqlQueue):
 def test_the_coordinators_flush_loses_nothing_to_a_failure_or_a_poison(
     duckdb_url: str, tmp_path: Path
 ) -> None:
-    """Two workers hand over through the coordinator: one its results (a poison one among
-    them) and a completion, the other its results, a completion and a release. The first
+    """Two workers hand over through the coordinator: one the results of its two tasks (a
+    poison one among them) and their completions, the other a release. The first
     flush with something in it fails (the database); the next ones store all of it: nothing
     was dropped with the failed flush, and the poison result cost nobody's results but its
     own."""
     db = open_database(duckdb_url)
     try:
         s = settings(tmp_path)
-        case = start_scrape(db, s, tmp_path)
-        other = submit_run(db, s, "scrape", {"spec_text": HELD_SPEC, "files_dir": "x"}, "t")
-        [held] = SqlQueue(db, s).claim("w2", 1, other).tasks
         sql = FailingStore(db, s)
+        case = start_scrape(db, s, tmp_path, sql)
+        other = submit_run(db, s, "scrape", {"spec_text": HELD_SPEC, "files_dir": "x"}, "t")
+        [held] = sql.claim("w2", 1, other).tasks
         sql.fails = 1
         server = PipeServer(sql, mp.get_context("spawn"), limits_path="", flush_s=0.05)
         [batch] = scrape_results(case)
@@ -256,8 +261,8 @@ def test_the_coordinators_flush_loses_nothing_to_a_failure_or_a_poison(
         sends = [
             ("w1", Op.SUBMIT, ([batch.part(0, cut)],)),
             ("w1", Op.COMPLETE, ([first.id],)),
-            ("w2", Op.SUBMIT, ([batch.part(cut, N)],)),
-            ("w2", Op.COMPLETE, ([second.id],)),
+            ("w1", Op.SUBMIT, ([batch.part(cut, N)],)),
+            ("w1", Op.COMPLETE, ([second.id],)),
             ("w2", Op.RELEASE, ([held.id],)),
         ]
         clients = {w: PipeQueue(server.boot(w, s, "WARNING").channel) for w in ("w1", "w2")}

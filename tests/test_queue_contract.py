@@ -429,16 +429,44 @@ def test_a_failed_task_waits_for_its_backoff(make: Make) -> None:
 # --- at-least-once delivery, exactly-once storage ----------------------------------------------------
 
 
-def test_expired_leases_are_requeued_by_the_watchdog(make: Make) -> None:
-    h = make(lease_s=0.3)
-    _, [t] = h.new_run([["a"]])
+def test_expired_leases_are_requeued_by_the_watchdog_without_an_attempt(make: Make) -> None:
+    """A lost lease says its worker went silent (partitioned, stopped), not that the task
+    failed: it costs no attempt, however often it happens."""
+    h = make(lease_s=0.3, backoff_s=0.0)
+    _, [t] = h.new_run([["a"]], max_attempts=1)
     register(h, A, B)
     h.queue(A).claim(A, 1)
     assert h.expire() == [(t, A)]
     state = h.task(t)
-    assert (state.status, state.attempts, state.worker_id) == ("queued", 1, None)
+    assert (state.status, state.attempts, state.worker_id) == ("queued", 0, None)
     assert "lease expired" in (state.last_error or "")
-    assert [(x.id, x.attempts) for x in h.queue(B).claim(B, 1).tasks] == [(t, 2)]
+    assert [(x.id, x.attempts) for x in h.queue(B).claim(B, 1).tasks] == [(t, 1)]
+    assert h.expire() == [(t, B)]  # again: still not failed, with one attempt allowed
+    assert h.task(t).status == "queued"
+
+
+def test_a_worker_whose_lease_expired_is_fenced_off(make: Make) -> None:
+    """A (partitioned, SIGSTOPped, slower than its lease) comes back after its task went to
+    B: what A hands over is not stored, its completion completes nothing, and its next
+    heartbeat tells it the task is lost. Only B's execution counts."""
+    h = make(lease_s=0.3, backoff_s=0.0)
+    run_id, [t] = h.new_run([["a", "b"]])
+    register(h, A, B)
+    h.queue(A).claim(A, 1)
+    h.expire()
+    assert [x.items for x in h.queue(B).claim(B, 1).tasks] == [["a", "b"]]
+    h.queue(A).submit(A, [result(run_id, t, r, A) for r in ("a", "b")])
+    h.queue(A).complete(A, [t])
+    h.sync()
+    assert h.stored(run_id) == []  # nothing of A's stale lease
+    assert (h.task(t).status, h.task(t).worker_id) == ("leased", B)
+    assert h.queue(A).heartbeat(A, [t], "busy", 0, 0).directives == {t: Directive.ABANDON}
+    assert h.queue(B).heartbeat(B, [t], "busy", 0, 0).directives == {t: Directive.CONTINUE}
+    h.queue(B).submit(B, [result(run_id, t, r, B) for r in ("a", "b")])
+    h.queue(B).complete(B, [t])
+    h.sync()
+    assert h.stored(run_id) == ["a", "b"]
+    assert h.task(t).status == "done"
 
 
 def test_results_are_stored_once_when_a_task_runs_twice(make: Make) -> None:

@@ -253,3 +253,18 @@ def test_proxy_filters_select_by_status_type_age_and_limit(db: Database) -> None
         assert set(proxy_store.select_ids(conn, F(older_than_hours=24))) == {ids[0], ids[1], ids[2]}
         assert proxy_store.select_ids(conn, F(minutes_old=60)) == [ids[1]]
         assert proxy_store.select_ids(conn, F(protocol="socks5", limit=2)) == [ids[0], ids[1]]
+
+
+def test_one_watchdog_at_a_time(db_url: str) -> None:
+    """Consoles and CLIs on one PostgreSQL take the watchdog's turn one at a time."""
+    db = open_database(db_url)
+    try:
+        with db.begin() as first:
+            assert queue.watchdog_turn(first)
+            if db.dialect == "postgresql":
+                with db.begin() as second:
+                    assert not queue.watchdog_turn(second)
+        with db.begin() as later:  # the turn ends with its transaction
+            assert queue.watchdog_turn(later)
+    finally:
+        db.dispose()

@@ -16,6 +16,7 @@ import pytest
 from engine.jobs import registry
 from engine.jobs.base import Executor, JobKind, WorkerEnv
 from engine.model import ItemResult
+from engine.queue.base import Directive
 from engine.queue.memory import MemoryQueue
 from engine.ratelimit.base import MemoryLimiter
 from engine.runtime.worker import Worker
@@ -152,3 +153,66 @@ def test_a_failed_flush_is_retried_and_loses_nothing() -> None:
     asyncio.run(scenario())
     assert sorted(ref for _, ref in mq.results) == sorted(r for batch in refs for r in batch)
     assert [mq.tasks[t].attempts for t in task_ids] == [1] * len(task_ids)
+
+
+class GateExecutor(Executor):
+    """Each item waits for ``go``; counts what it started."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.started: list[Any] = []
+
+    async def execute(self, item: Any) -> tuple[bool, str, dict[str, Any]]:
+        self.started.append(item)
+        await self.go.wait()
+        return True, "ok", {"len": len(item)}
+
+
+class Unreachable(MemoryQueue):
+    """A queue whose heartbeats fail once ``cut`` (the worker's host partitioned)."""
+
+    cut = False
+    completed: ClassVar[list[int]] = []
+
+    def heartbeat(self, *args: Any) -> Any:
+        if self.cut:
+            raise ConnectionError("no route to host")
+        return super().heartbeat(*args)
+
+    def complete(self, worker_id: str, task_ids: list[int]) -> None:
+        self.completed.extend(task_ids)
+        super().complete(worker_id, task_ids)
+
+
+def test_a_worker_cut_off_for_a_lease_stops_its_tasks_on_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Self-fencing: after a lease without a heartbeat the watchdog may have handed the task
+    to another worker; this one starts none of its remaining items and completes nothing."""
+    mq = Unreachable(lease_s=30)
+    run_id = mq.add_run(EchoKind.name)
+    [task] = mq.add_tasks(run_id, [["a", "b", "c", "d", "e"]])
+    gate = GateExecutor()
+
+    async def open_gate(params: dict[str, Any], env: WorkerEnv) -> Executor:
+        return gate
+
+    settings = Settings(concurrency=1, batch_size=5, flush_s=0.01, heartbeat_s=0.01, lease_s=0.2)
+    worker = Worker(mq, settings, "w1")
+
+    async def scenario() -> None:
+        runner = asyncio.create_task(worker.run())
+        await until(lambda: gate.started == ["a"], "the first item started")
+        mq.cut = True
+        await until(
+            lambda: [h.directive for h in worker._held.values()] == [Directive.ABANDON],
+            "the task abandoned",
+        )
+        gate.go.set()
+        worker.request_exit()
+        await asyncio.wait_for(runner, 30)
+
+    monkeypatch.setattr(EchoKind, "open_executor", staticmethod(open_gate))
+    asyncio.run(scenario())
+    assert gate.started == ["a"]  # b..e never started once the lease was gone
+    assert task not in mq.completed

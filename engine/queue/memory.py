@@ -31,6 +31,7 @@ class MemoryTask:
     status: str = "queued"  # queued, leased, done, failed
     attempts: int = 0
     worker_id: str | None = None
+    lease_token: int | None = None  # one per claim: fences a holder whose lease expired
     lease_until: float = 0.0
     available_at: float = 0.0
     last_error: str | None = None
@@ -51,6 +52,8 @@ class MemoryQueue(QueueBackend):
         self.results: dict[tuple[int, Any], ItemResult] = {}
         self.workers: dict[str, str] = {}  # id → status
         self._exit: set[str] = set()
+        self._leases: dict[tuple[str, int], int] = {}  # (worker, task) → token of its claim
+        self._tokens = itertools.count(1)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -80,7 +83,8 @@ class MemoryQueue(QueueBackend):
         self._exit.add(worker_id)
 
     def requeue_expired(self) -> list[tuple[int, str]]:
-        """The watchdog: a lease past its time is a failed attempt of its task."""
+        """The watchdog: a lease past its time goes back to the queue, without counting an
+        attempt (its worker went silent; the token fences it off)."""
         with self._lock:
             now = self.clock()
             expired = [
@@ -88,17 +92,28 @@ class MemoryQueue(QueueBackend):
             ]
             out = [(t.id, t.worker_id or "") for t in expired]
             for t in expired:
-                self._fail(t, f"lease expired (worker {t.worker_id} went silent)")
+                t.last_error = f"lease expired (worker {t.worker_id} went silent)"
+                t.status, t.worker_id, t.lease_token = "queued", None, None
+                t.attempts = max(0, t.attempts - 1)
+                t.available_at = now + self.retry_backoff_s
             return out
 
     def _fail(self, t: MemoryTask, error: str) -> None:
         t.status = "failed" if t.attempts >= t.max_attempts else "queued"
         t.available_at = self.clock() + self.retry_backoff_s * 2 ** max(t.attempts - 1, 0)
-        t.worker_id, t.last_error = None, error[:2000]
+        t.worker_id, t.lease_token, t.last_error = None, None, error[:2000]
+
+    def _holds(self, worker_id: str, task_id: int) -> bool:
+        t = self.tasks.get(task_id)
+        return (
+            t is not None
+            and t.status == "leased"
+            and t.lease_token is not None
+            and self._leases.get((worker_id, task_id)) == t.lease_token
+        )
 
     def _held(self, worker_id: str, task_ids: list[int]) -> list[MemoryTask]:
-        found = (self.tasks.get(i) for i in task_ids)
-        return [t for t in found if t and t.status == "leased" and t.worker_id == worker_id]
+        return [self.tasks[i] for i in task_ids if self._holds(worker_id, i)]
 
     # --- QueueBackend ----------------------------------------------------------------------
 
@@ -122,12 +137,14 @@ class MemoryQueue(QueueBackend):
                 key=lambda t: (t.run_id, t.seq),
             )[:max_tasks]
             out = []
+            token = next(self._tokens)
             for t in ready:
                 t.status, t.worker_id, t.lease_until = "leased", worker_id, now + self.lease_s
+                t.lease_token = self._leases[(worker_id, t.id)] = token
                 t.attempts += 1
                 items = [r for r in t.refs if (t.run_id, r) not in self.results]
                 if not items:  # everything already stored by an earlier attempt
-                    t.status, t.worker_id = "done", None
+                    t.status, t.worker_id, t.lease_token = "done", None, None
                     continue
                 kind, params, _ = self.runs[t.run_id]
                 out.append(TaskWork(t.id, t.run_id, kind, params, items, t.attempts))
@@ -149,18 +166,19 @@ class MemoryQueue(QueueBackend):
         with self._lock:
             for r in results:
                 for one in r.to_results() if isinstance(r, ResultBatch) else (r,):
-                    self.results.setdefault((one.run_id, one.ref), one)
+                    if self._holds(one.worker_id, one.task_id):  # else: a lost lease's
+                        self.results.setdefault((one.run_id, one.ref), one)
 
     def complete(self, worker_id: str, task_ids: list[int]) -> None:
         with self._lock:
-            for i in task_ids:
-                if (t := self.tasks.get(i)) and t.status in ("leased", "queued"):
-                    t.status, t.worker_id = "done", None
+            for t in self._held(worker_id, task_ids):
+                t.status, t.worker_id, t.lease_token = "done", None, None
 
     def release(self, worker_id: str, task_ids: list[int]) -> None:
         with self._lock:
             for t in self._held(worker_id, task_ids):
                 t.status, t.worker_id, t.attempts = "queued", None, t.attempts - 1
+                t.lease_token = None
 
     def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
         with self._lock:

@@ -308,7 +308,7 @@ class PipeServer:
         results, self._results = self._results, []
         n_results, self._n_results = self._n_results, 0
         ops, self._ops = self._ops, []
-        completes = [t for op, _, args in ops if op == Op.COMPLETE for t in args[0]]
+        completes = [(w, t) for op, w, args in ops if op == Op.COMPLETE for t in args[0]]
         try:
             if results or completes:
                 self.sql.store(results, completes)

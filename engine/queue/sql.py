@@ -41,6 +41,17 @@ class SqlQueue(QueueBackend):
         self._run_meta: dict[int, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._exit_requested: set[str] = set()
+        # (worker, task) → the lease token of the claim that gave it the task: what fences a
+        # worker whose lease expired off the task (``storage.queue``, "Fencing").
+        self._leases: dict[tuple[str, int], str] = {}
+
+    def _tokens(self, worker_id: str, task_ids: list[int]) -> dict[int, str]:
+        leases = self._leases
+        return {t: tok for t in task_ids if (tok := leases.get((worker_id, t))) is not None}
+
+    def _forget(self, worker_id: str, task_ids: list[int]) -> None:
+        for t in task_ids:
+            self._leases.pop((worker_id, t), None)
 
     def kind(self, name: str) -> JobKind:
         with self._lock:
@@ -82,6 +93,8 @@ class SqlQueue(QueueBackend):
             claimed = q.claim(
                 conn, worker_id, max_tasks, self.settings.lease_s, run_id, self._run_meta
             )
+            for task in claimed:
+                self._leases[(worker_id, task.id)] = task.lease_token
             finished: list[int] = []
             loaded = self._load_items(conn, claimed)
             for task in claimed:
@@ -101,7 +114,8 @@ class SqlQueue(QueueBackend):
                         attempts=task.attempts,
                     )
                 )
-            q.complete(conn, finished)
+            q.complete(conn, finished, self._tokens(worker_id, finished))
+        self._forget(worker_id, finished)
         return Reply(tasks=out)
 
     def _load_items(
@@ -120,10 +134,12 @@ class SqlQueue(QueueBackend):
     def heartbeat(
         self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
     ) -> Reply:
+        tokens = self._tokens(worker_id, task_ids)
         with self.db.begin() as conn:
-            statuses = q.heartbeat(conn, worker_id, task_ids, self.settings.lease_s)
+            statuses = q.heartbeat(conn, worker_id, task_ids, self.settings.lease_s, tokens)
             q.touch_worker(conn, worker_id, status, task_ids, done, failed)
             action = self._worker_action(conn, worker_id)
+        self._forget(worker_id, [t for t, s in statuses.items() if s == "lost"])
         return Reply(
             directives={t: directive_for(s) for t, s in statuses.items()}, worker_action=action
         )
@@ -132,7 +148,9 @@ class SqlQueue(QueueBackend):
         self.store(results)
 
     def store(
-        self, results: list[ItemResult | ResultBatch], complete: list[int] | None = None
+        self,
+        results: list[ItemResult | ResultBatch],
+        complete: list[tuple[str, int]] | None = None,
     ) -> int:
         """Store results (and mark tasks done) in one transaction; returns new results.
 
@@ -142,14 +160,20 @@ class SqlQueue(QueueBackend):
         the results are stored again part by part, halving the parts that fail, until each
         poison result stands alone; those are stored as failed items (``store_failed``) and
         the rest as usual, then the tasks are completed. A transient failure is raised: the
-        caller keeps the results and tries again later (stored ones are not stored twice)."""
+        caller keeps the results and tries again later (stored ones are not stored twice).
+
+        ``complete`` is (worker, task) pairs. Results and completions of a lease that is no
+        longer the worker's (it expired; the task may be someone else's now) are dropped:
+        the task runs again where it is held now, and only that execution counts."""
         if not results and not complete:
             return 0
         parts = _by_run(results)
+        done = complete or []
         try:
             with self.db.begin() as conn:
-                new = self._store_parts(conn, parts, complete or [])
-                q.complete(conn, complete or [])
+                new = self._store_parts(conn, parts, [t for _, t in done])
+                self._complete(conn, done)
+            self._forget_done(done)
             return new
         except Exception as exc:
             if not results or is_transient(exc):
@@ -157,10 +181,55 @@ class SqlQueue(QueueBackend):
             n = sum(len(part) for _, part in parts)
             log.warning("storing %d result(s) failed (%s); isolating the bad ones", n, exc)
         new = sum(self._isolate(run_id, part) for run_id, part in parts)
-        if complete:
+        if done:
             with self.db.begin() as conn:
-                q.complete(conn, complete)
+                self._complete(conn, done)
+            self._forget_done(done)
         return new
+
+    def _complete(self, conn: sa.Connection, done: list[tuple[str, int]]) -> None:
+        by_worker: dict[str, list[int]] = defaultdict(list)
+        for worker_id, task_id in done:
+            by_worker[worker_id].append(task_id)
+        for worker_id, ids in by_worker.items():
+            q.complete(conn, ids, self._tokens(worker_id, ids))
+
+    def _forget_done(self, done: list[tuple[str, int]]) -> None:
+        for worker_id, task_id in done:
+            self._leases.pop((worker_id, task_id), None)
+
+    def _fenced(
+        self, conn: sa.Connection, parts: list[tuple[int, _Part]]
+    ) -> list[tuple[int, _Part]]:
+        """The results whose worker still holds their task's lease (rows locked by now)."""
+        tasks = {t for _, part in parts for t in _task_ids(part)}
+        now = q.current_leases(conn, sorted(tasks))
+        leases = self._leases
+        out: list[tuple[int, _Part]] = []
+        dropped: set[int] = set()
+
+        def holds(worker_id: str, task_id: int) -> bool:
+            token = now.get(task_id)
+            return token is not None and leases.get((worker_id, task_id)) == token
+
+        for run_id, part in parts:
+            if isinstance(part, ResultBatch):
+                pairs = zip(part.task_ids, part.worker_ids, strict=True)
+                keep = [i for i, (t, w) in enumerate(pairs) if holds(w, t)]
+            else:
+                keep = [i for i, r in enumerate(part) if holds(r.worker_id, r.task_id)]
+            if len(keep) == len(part):
+                out.append((run_id, part))
+                continue
+            kept_set = set(keep)
+            dropped.update(t for i, t in enumerate(_task_list(part)) if i not in kept_set)
+            if keep:
+                out.append((run_id, part.keep(keep) if isinstance(part, ResultBatch)
+                            else [part[i] for i in keep]))  # fmt: skip
+        if dropped:
+            log.info("dropped results of lost leases (tasks %s): they run where held now",
+                     sorted(dropped)[:20])  # fmt: skip
+        return out
 
     def _store_parts(
         self, conn: sa.Connection, parts: list[tuple[int, _Part]], also_lock: list[int]
@@ -170,7 +239,7 @@ class SqlQueue(QueueBackend):
         tasks = {t for _, part in parts for t in _task_ids(part)} | set(also_lock)
         q.lock_tasks(conn, sorted(tasks))
         new = 0
-        for run_id, part in parts:
+        for run_id, part in self._fenced(conn, parts):
             kind = self.kind_of_run(conn, run_id)
             new += (
                 kind.store_batch(conn, part)
@@ -219,21 +288,25 @@ class SqlQueue(QueueBackend):
         return 0
 
     def complete(self, worker_id: str, task_ids: list[int]) -> None:
-        self.store([], task_ids)
+        self.store([], [(worker_id, t) for t in task_ids])
 
     def release(self, worker_id: str, task_ids: list[int]) -> None:
         with self.db.begin() as conn:
-            q.release(conn, worker_id, task_ids)
+            q.release(conn, worker_id, task_ids, self._tokens(worker_id, task_ids))
+        self._forget(worker_id, task_ids)
 
     def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
+        tokens = self._tokens(worker_id, task_ids)
         with self.db.begin() as conn:
-            q.fail(conn, task_ids, error, self.settings.retry_backoff_s, worker_id=worker_id)
+            q.fail(conn, task_ids, error, self.settings.retry_backoff_s, worker_id, tokens)
             q.record_task_errors(conn, task_ids, worker_id, "task_failed", error)
+        self._forget(worker_id, task_ids)
 
     def unregister(self, worker_id: str, reason: str) -> None:
         with self.db.begin() as conn:
             q.release(conn, worker_id, q.tasks_of_worker(conn, worker_id))
             q.end_worker(conn, worker_id, "exited", reason)
+        self._forget(worker_id, [t for w, t in list(self._leases) if w == worker_id])
 
 
 _Part = list[ItemResult] | ResultBatch  # results of one run, stored together
@@ -256,6 +329,10 @@ def _by_run(results: list[ItemResult | ResultBatch]) -> list[tuple[int, _Part]]:
 
 def _task_ids(part: _Part) -> set[int]:
     return set(part.task_ids) if isinstance(part, ResultBatch) else {r.task_id for r in part}
+
+
+def _task_list(part: _Part) -> list[int]:
+    return part.task_ids if isinstance(part, ResultBatch) else [r.task_id for r in part]
 
 
 def _slice(part: _Part, start: int, stop: int) -> _Part:

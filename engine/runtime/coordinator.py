@@ -212,6 +212,8 @@ class Coordinator:
             self._dead.pop(0)
             log.warning("%s: %s; re-queued tasks %s", worker_id, reason, held)
         with self.db.begin() as conn:
+            if not q.watchdog_turn(conn):  # another coordinator's watchdog is at it
+                return
             q.requeue_expired(conn, self.settings.retry_backoff_s)
             for worker_id in q.stale_workers(conn, 3 * self.settings.lease_s):
                 q.end_worker(conn, worker_id, "dead", "stopped heartbeating")

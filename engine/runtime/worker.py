@@ -351,6 +351,7 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         failures = 0
+        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             # Finished tasks not yet handed over (a flush that failed) keep their leases too.
@@ -364,9 +365,27 @@ class Worker:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:  # once per outage, then now and then
                     log.warning("heartbeat failed (%d in a row): %s", failures, exc)
+                if time.monotonic() - last_ok > self.settings.lease_s:
+                    self._fence_self()
                 continue
             failures = 0
+            last_ok = time.monotonic()
             self._apply(reply)
+
+    def _fence_self(self) -> None:
+        """No heartbeat went through for a whole lease: the watchdog may have given these
+        tasks to another worker by now. Stop starting their items (what is in flight ends;
+        the store drops results of a lost lease), so no two workers go on with one task."""
+        abandoned = [
+            task_id for task_id, held in self._held.items() if held.directive is Directive.CONTINUE
+        ]
+        for task_id in abandoned:
+            self._held[task_id].directive = Directive.ABANDON
+        if abandoned:
+            log.warning(
+                "no heartbeat for %.0f s (a lease): abandoning tasks %s, which may run "
+                "elsewhere by now", self.settings.lease_s, abandoned,
+            )  # fmt: skip
 
     def _apply(self, reply: Reply) -> None:
         for task_id, directive in reply.directives.items():
