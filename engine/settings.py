@@ -48,3 +48,13 @@ class Settings(BaseSettings):
         description="Keep pasted and uploaded lists (data/uploads) after their run is done; "
         "by default a run's uploads are deleted once it completes, fails or is cancelled.",
     )
+    ssh_config: Path | None = Field(
+        None,
+        description="An ssh_config file the fleet's ssh uses instead of ~/.ssh/config "
+        "(FETCHFLEET_SSH_CONFIG; `ssh -F`).",
+    )
+    worker_db: str | None = Field(
+        None,
+        description="The database URL remote workers get, when the hosts reach PostgreSQL at "
+        "another address than this machine does (FETCHFLEET_WORKER_DB).",
+    )

@@ -251,7 +251,7 @@ def test_plugin_kind_runs_end_to_end(
     assert csv.read_text().splitlines()[0].startswith('"run_id","word","result"')
 
     # in this process: the same registry, the database opened with the kind's component
-    assert [c.name for c in components()] == ["upper"]
+    assert [c.name for c in components()] == ["fleet", "upper"]
     logs = item_logs()
     assert set(logs) == {"validate", "scrape", "backfill", "upper"}
     db = open_database(url, components=components())
@@ -273,7 +273,10 @@ def test_plugin_kind_runs_end_to_end(
             versions = fetch_all(
                 conn, sa.text("SELECT component, version, description FROM component_versions")
             )
-            assert [tuple(r) for r in versions] == [("upper", 1, "upper_items")]
+            assert sorted(tuple(r) for r in versions) == [
+                ("fleet", 1, "hosts, host_launches: the fleet's machines"),
+                ("upper", 1, "upper_items"),
+            ]
             # every item was executed by a worker of the local pool (spawned: the plugin
             # loaded there too) and is counted by the Home throughput and outcome charts
             workers = {r[0] for r in fetch_all(conn, sa.text("SELECT id FROM workers"))}

@@ -12,7 +12,7 @@ from storage.errors import StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import demo, fetch, runs
+    from engine.cli import demo, fetch, fleet, runs
     from engine.jobs import kinds
 
     p = argparse.ArgumentParser(
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_commands(sub)  # status, stop, pause, cancel, resume, export, worker
     demo.add_commands(sub)
     fetch.add_commands(sub)  # fetch, doctor
+    fleet.add_commands(sub)  # hosts, fleet (workers over ssh)
     return p
 
 

@@ -4,7 +4,9 @@ cancel, export, worker."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,6 +215,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ]
         for p in procs:
             p.start()
+        forward_sigterm(procs)
         try:
             for p in procs:
                 p.join()
@@ -247,6 +250,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         run_id=args.run,
         idle_exit_s=args.idle_exit,
         env=WorkerEnv(limiter=boot.open_limiter()),
+        host=args.host_label,
     )
     if not args.json:
         print(f"worker {worker.worker_id} joined {boot.db.display_url}", file=sys.stderr)
@@ -259,6 +263,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
         f"worker {worker.worker_id} exited: {reason}",
     )
     return EXIT_OK
+
+
+def forward_sigterm(procs: list[Any]) -> None:
+    """SIGTERM to the parent of ``--processes N`` stops its workers gracefully (each finishes
+    its in-flight items and signs off) instead of orphaning them: passed on, then the parent
+    waits for them as on Ctrl-C."""
+    import signal
+
+    def on_term(signum: int, frame: Any) -> None:
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def _worker_process(ns: dict[str, Any]) -> None:
@@ -327,4 +347,9 @@ def add_commands(sub: Any) -> None:
     w.add_argument("--run", type=int, help="only work on this run")
     w.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
     w.add_argument("--kind", default="standalone", help=argparse.SUPPRESS)
+    w.add_argument(
+        "--host-label",
+        help="the host name it registers under (default: this machine's); "
+        "`fleet start` sets the fleet's name for the host",
+    )
     w.set_defaults(func=cmd_worker)

@@ -167,11 +167,14 @@ def item_logs() -> dict[str, ItemLog]:
 def components() -> list[Component]:
     """The schema components of the registered kinds (their own tables and migration
     steps), for ``open_database(url, components=…)``: every process that opens the database
-    for a kind migrates them. Only the kinds that declare ``schema`` are imported."""
+    for a kind migrates them. Only the kinds that declare ``schema`` are imported. The
+    engine's own come first: the fleet's hosts (``storage.hosts``)."""
     with _lock:
         cached = _derived.get("components")
     if cached is None:
-        cached = []
+        from storage.hosts import COMPONENT as fleet
+
+        cached = [fleet]
         for info in kinds().values():
             component = info.load_schema()
             if component is not None and all(c.name != component.name for c in cached):

@@ -65,8 +65,12 @@ class Worker:
         run_id: int | None = None,
         idle_exit_s: float | None = None,
         env: WorkerEnv | None = None,
+        host: str | None = None,
     ) -> None:
         self.backend = backend
+        # the host it registers under: the machine's name, or the fleet's name for the host
+        # (``worker --host-label``; namespaces and containers share or reuse host names)
+        self.host = host or socket.gethostname()
         # What executors share in this process (its rate limiter): given by the deployment
         # (the worker's boot); a worker built without one is alone and limits in memory.
         self.env = env if env is not None else WorkerEnv.local()
@@ -129,7 +133,7 @@ class Worker:
 
     async def run(self) -> str:
         await self._call_retrying(
-            self.backend.register, socket.gethostname(), os.getpid(), self.kind, until_exit=True
+            self.backend.register, self.host, os.getpid(), self.kind, until_exit=True
         )
         flusher = asyncio.create_task(self._flush_loop())
         beater = asyncio.create_task(self._heartbeat_loop())

@@ -1,0 +1,260 @@
+"""``hosts`` and ``fleet``: the machines of the fleet and the workers started there over SSH."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from engine.cli.common import EXIT_NOT_COMPLETED, EXIT_OK, UserError, open_db, resolve_db_url
+
+FLEET_HELP = """\
+Hosts are reached with the system ssh client in BatchMode: keys or an agent, never a password,
+and a host key already in known_hosts (connect once by hand). ~/.ssh/config aliases, ProxyJump
+and agents work; --ssh-config FILE (or FETCHFLEET_SSH_CONFIG) uses another config file.
+The database URL (with its password) and the variables named by --env reach the remote
+workers through the ssh channel's stdin, never on a command line."""
+
+
+def _ssh(args: argparse.Namespace) -> Any:
+    from engine.fleet.ssh import SshRunner
+    from engine.settings import Settings
+
+    config = args.ssh_config or Settings().ssh_config
+    return SshRunner(config=Path(config) if config else None)
+
+
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """What the remote workers get in their environment: the database URL they reach
+    PostgreSQL with, the secret key if set here, and the variables named by --env."""
+    from engine.settings import Settings
+
+    url = getattr(args, "worker_db", None) or Settings().worker_db or resolve_db_url(args.db)
+    env = {"FETCHFLEET_DB": url}
+    if os.environ.get("FETCHFLEET_SECRET_KEY"):
+        env["FETCHFLEET_SECRET_KEY"] = os.environ["FETCHFLEET_SECRET_KEY"]
+    for name in getattr(args, "env", None) or []:
+        if name not in os.environ:
+            raise UserError(f"--env {name}: not set in this environment")
+        env[name] = os.environ[name]
+    return env
+
+
+def _run(args: argparse.Namespace, fn: Any) -> Any:
+    from engine.fleet.hosts import FleetError
+    from engine.fleet.ssh import SshError
+
+    db = open_db(args)
+    try:
+        return fn(db)
+    except (FleetError, SshError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        db.dispose()
+
+
+def _out(args: argparse.Namespace, obj: Any, human: str) -> None:
+    print(json.dumps(obj, default=str) if args.json else human)
+
+
+def cmd_hosts_add(args: argparse.Namespace) -> int:
+    from engine.fleet.hosts import add_host
+    from storage.hosts import HostRow
+
+    row = HostRow(args.name, args.ssh, args.python, args.workdir, args.countries)
+    _run(args, lambda db: add_host(db, row))
+    _out(args, row.__dict__, f"added host {args.name} ({args.ssh}); try `hosts test {args.name}`")
+    return EXIT_OK
+
+
+def cmd_hosts_list(args: argparse.Namespace) -> int:
+    from engine.fleet.hosts import list_hosts
+
+    rows = _run(args, list_hosts)
+    human = "\n".join(
+        f"{h.name:<16} {h.ssh_target:<24} {h.workdir}  ({h.python})"
+        + (f"  countries {h.countries}" if h.countries else "")
+        for h in rows
+    )
+    _out(args, [h.__dict__ for h in rows], human or "no hosts: add one with `hosts add`")
+    return EXIT_OK
+
+
+def cmd_hosts_test(args: argparse.Namespace) -> int:
+    from engine.fleet.hosts import get_host, list_hosts, test_host
+
+    ssh, env = _ssh(args), worker_env(args)
+
+    def check(db: Any) -> list[Any]:
+        hosts = list_hosts(db) if args.all else [get_host(db, args.name)]
+        return [test_host(ssh, h, env) for h in hosts]
+
+    if not args.all and not args.name:
+        raise UserError("name a host, or --all")
+    results = _run(args, check)
+    human = "\n".join(
+        f"{r.name}: "
+        + (
+            f"ok (Python {r.python}, project importable, database reachable)"
+            if r.ok
+            else f"FAILED: {r.problem}"
+        )
+        for r in results
+    )
+    _out(args, [r.as_dict() for r in results], human)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_NOT_COMPLETED
+
+
+def cmd_hosts_remove(args: argparse.Namespace) -> int:
+    from engine.fleet.hosts import remove_host
+
+    _run(args, lambda db: remove_host(db, args.name))
+    _out(args, {"removed": args.name}, f"removed host {args.name}")
+    return EXIT_OK
+
+
+def cmd_fleet_start(args: argparse.Namespace) -> int:
+    from engine.fleet.workers import start_workers
+
+    ssh, env = _ssh(args), worker_env(args)
+    pid = _run(args, lambda db: start_workers(db, ssh, args.name, args.workers, env))
+    _out(
+        args,
+        {"host": args.name, "pid": pid, "workers": args.workers},
+        f"started {args.workers} worker(s) on {args.name} (pid {pid}); `fleet status` to watch",
+    )
+    return EXIT_OK
+
+
+def cmd_fleet_stop(args: argparse.Namespace) -> int:
+    from engine.fleet.workers import stop_all, stop_workers
+
+    if not args.all and not args.name:
+        raise UserError("name a host, or --all")
+    ssh = _ssh(args)
+    if args.all:
+        stopped = _run(args, lambda db: stop_all(db, ssh, args.wait))
+    else:
+        stopped = {args.name: _run(args, lambda db: stop_workers(db, ssh, args.name, args.wait))}
+    human = "\n".join(f"{h}: stopped {n} worker(s)" for h, n in stopped.items())
+    _out(args, stopped, human or "no hosts")
+    return EXIT_OK
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    from engine.fleet.workers import fleet_status
+
+    rows = _run(args, fleet_status)
+    obj = [
+        {
+            "host": h.name,
+            "ssh": h.ssh_target,
+            "launches": h.launches,
+            "workers": [w.__dict__ for w in h.workers],
+        }
+        for h in rows
+    ]
+    lines = []
+    for h in rows:
+        lines.append(f"{h.name} ({h.ssh_target}): {len(h.workers)} live worker(s)")
+        for w in h.workers:
+            age = "-" if w.heartbeat_age_s is None else f"{w.heartbeat_age_s:.0f}s"
+            lines.append(
+                f"  pid {w.pid:<8} {w.status:<9} heartbeat {age:>5} ago  "
+                f"{w.items_done:,} items  {w.worker_id}"
+            )
+    _out(args, obj, "\n".join(lines) or "no hosts: add one with `hosts add`")
+    return EXIT_OK
+
+
+def _opts(sp: argparse.ArgumentParser, ssh: bool = True) -> None:
+    sp.add_argument("--db", help="database URL (where the fleet's hosts are kept)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    if ssh:
+        sp.add_argument("--ssh-config", help="ssh_config file instead of ~/.ssh/config")
+
+
+def _worker_db_opt(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--worker-db",
+        help="the database URL as the host reaches it (default: FETCHFLEET_WORKER_DB, else "
+        "--db); sent over the ssh channel, never on a command line",
+    )
+
+
+def add_commands(sub: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    h = sub.add_parser(
+        "hosts",
+        help="the fleet's machines: add, list, test, remove",
+        description="Machines that run workers started over ssh, kept in the "
+        "database so every console and CLI sees them.\n\n" + FLEET_HELP,
+        formatter_class=fmt,
+    )
+    hs = h.add_subparsers(dest="hosts_cmd", required=True, metavar="ACTION")
+    a = hs.add_parser("add", help="add a host")
+    _opts(a, ssh=False)
+    a.add_argument("name", help="the fleet's name for it (workers register under it)")
+    a.add_argument("--ssh", required=True, help="an ssh_config alias or [user@]host[:port]")
+    a.add_argument(
+        "--python",
+        default=".venv/bin/python",
+        help="Python there, relative to --workdir or absolute (.venv/bin/python)",
+    )
+    a.add_argument(
+        "--workdir",
+        default="fetchfleet",
+        help="the project directory there, relative to the login directory or "
+        "absolute (fetchfleet)",
+    )
+    a.add_argument("--countries", help="comma-separated (stored; not yet used to filter)")
+    a.set_defaults(func=cmd_hosts_add)
+    ls = hs.add_parser("list", help="list the hosts")
+    _opts(ls, ssh=False)
+    ls.set_defaults(func=cmd_hosts_list)
+    t = hs.add_parser(
+        "test",
+        help="check a host: ssh, Python, the project, the database",
+        description="Runs a probe there over ssh; exit 1 when a check fails.",
+    )
+    _opts(t)
+    _worker_db_opt(t)
+    t.add_argument("name", nargs="?")
+    t.add_argument("--all", action="store_true", help="every host")
+    t.set_defaults(func=cmd_hosts_test)
+    r = hs.add_parser("remove", help="remove a host (stop its workers first)")
+    _opts(r, ssh=False)
+    r.add_argument("name")
+    r.set_defaults(func=cmd_hosts_remove)
+
+    f = sub.add_parser(
+        "fleet",
+        help="start, stop and watch workers on the hosts over ssh",
+        description="Workers started over ssh on the hosts (`hosts add`); they "
+        "join the PostgreSQL queue like `engine.run worker`.\n\n" + FLEET_HELP,
+        formatter_class=fmt,
+    )
+    fs = f.add_subparsers(dest="fleet_cmd", required=True, metavar="ACTION")
+    s = fs.add_parser("start", help="start N workers on a host (detached; they outlive ssh)")
+    _opts(s)
+    _worker_db_opt(s)
+    s.add_argument("name")
+    s.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    s.add_argument(
+        "--env",
+        action="append",
+        metavar="NAME",
+        help="pass this variable of this environment to the workers (an API token), repeatable",
+    )
+    s.set_defaults(func=cmd_fleet_start)
+    st = fs.add_parser("stop", help="SIGTERM a host's workers and wait until they signed off")
+    _opts(st)
+    st.add_argument("name", nargs="?")
+    st.add_argument("--all", action="store_true", help="every host")
+    st.add_argument("--wait", type=float, default=60.0, help="seconds to wait (60)")
+    st.set_defaults(func=cmd_fleet_stop)
+    ss = fs.add_parser("status", help="the hosts and their live workers")
+    _opts(ss, ssh=False)
+    ss.set_defaults(func=cmd_fleet_status)

@@ -1,0 +1,96 @@
+"""Hosts: add, list, test, remove. What ``hosts test`` checks is what a worker needs there."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from engine.fleet.remote import env_payload, probe_command
+from engine.fleet.ssh import SshError, SshRunner, target_args
+from storage import hosts as store
+from storage.db import Database
+from storage.hosts import HostRow
+
+
+class FleetError(Exception):
+    """A fleet operation that cannot go on; the message says what to do."""
+
+
+def add_host(db: Database, host: HostRow) -> None:
+    try:
+        target_args(host.ssh_target)
+    except ValueError as exc:
+        raise FleetError(str(exc)) from None
+    with db.begin() as conn:
+        if not store.add_host(conn, host):
+            raise FleetError(f"host {host.name!r} exists already (hosts remove {host.name})")
+
+
+def get_host(db: Database, name: str) -> HostRow:
+    with db.connect() as conn:
+        host = store.get_host(conn, name)
+    if host is None:
+        raise FleetError(f"no host {name!r}: add it with `hosts add {name} --ssh TARGET`")
+    return host
+
+
+def list_hosts(db: Database) -> list[HostRow]:
+    with db.connect() as conn:
+        return store.list_hosts(conn)
+
+
+def remove_host(db: Database, name: str) -> None:
+    with db.begin() as conn:
+        if store.live_workers(conn, [name]):
+            raise FleetError(f"host {name!r} has live workers: `fleet stop {name}` first")
+        if not store.remove_host(conn, name):
+            raise FleetError(f"no host {name!r}")
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """``ok`` when every check passed; ``problem`` names the first that failed."""
+
+    name: str
+    reachable: bool
+    python: str | None = None
+    project: bool = False
+    db: str | None = None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def test_host(ssh: SshRunner, host: HostRow, worker_env: dict[str, str]) -> HostCheck:
+    """Reachable over ssh, its Python, the project importable in its workdir, and the
+    database reachable from there (with the URL the workers will get)."""
+    try:
+        done = ssh.run(
+            host.ssh_target, probe_command(host.python, host.workdir), stdin=env_payload(worker_env)
+        )
+    except SshError as exc:
+        return HostCheck(host.name, False, problem=str(exc))
+    lines = done.stdout.strip().splitlines()
+    version = lines[0] if lines else None
+    if done.returncode == 10 or not version:
+        return HostCheck(host.name, True, problem=f"{host.python} does not run there")
+    if done.returncode == 11:
+        return HostCheck(host.name, True, version, problem=f"no directory {host.workdir} there")
+    try:
+        probe = json.loads(lines[-1])
+    except (ValueError, IndexError):
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        return HostCheck(
+            host.name,
+            True,
+            version,
+            problem=f"the project is not importable in {host.workdir}: {tail[0]}",
+        )
+    db = str(probe.get("db"))
+    problem = None if db == "ok" else f"database not reachable from there: {db}"
+    return HostCheck(host.name, True, version, True, db, problem)

@@ -1,0 +1,92 @@
+"""Start, stop and watch the workers of a host.
+
+A launch is one ``engine.run worker --processes N`` started detached (``setsid nohup``) with
+``--host-label NAME``, so its workers register under the fleet's name for the host whatever
+the machine calls itself; its pid (its own process group) is recorded to stop it later.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from engine.fleet.hosts import FleetError, get_host, list_hosts
+from engine.fleet.remote import alive_command, env_payload, start_command, stop_command
+from engine.fleet.ssh import SshRunner
+from storage import hosts as store
+from storage.db import Database
+from storage.hosts import LiveWorker
+
+
+def start_workers(
+    db: Database, ssh: SshRunner, name: str, processes: int, worker_env: dict[str, str]
+) -> int:
+    """Start ``processes`` workers on the host; returns the launch's remote pid."""
+    if processes < 1:
+        raise FleetError("--workers must be at least 1")
+    if not worker_env.get("FETCHFLEET_DB", "").startswith("postgresql"):
+        raise FleetError("remote workers need a PostgreSQL URL reachable from the host")
+    host = get_host(db, name)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    log_path = f"{host.workdir.rstrip('/')}/data/fleet/{name}-{stamp}.log"
+    command = start_command(host.python, host.workdir, name, processes, log_path)
+    done = ssh.run(host.ssh_target, command, stdin=env_payload(worker_env))
+    out = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not out or not out[-1].isdigit():
+        raise FleetError(f"{name}: the worker did not start: {done.stderr.strip() or out}")
+    pid = int(out[-1])
+    with db.begin() as conn:
+        store.record_launch(conn, name, pid, processes, log_path)
+    return pid
+
+
+def stop_workers(db: Database, ssh: SshRunner, name: str, wait_s: float = 60.0) -> int:
+    """SIGTERM the host's launches and wait (up to ``wait_s``) until they are gone and their
+    workers signed off; returns how many workers were live before."""
+    host = get_host(db, name)
+    with db.connect() as conn:
+        pids = [pid for pid, _ in store.launches(conn, name)]
+        before = len(store.live_workers(conn, [name]))
+    if pids:
+        ssh.run(host.ssh_target, stop_command(pids))
+    deadline = time.monotonic() + wait_s
+    while pids:
+        left = ssh.run(host.ssh_target, alive_command(pids)).stdout.split()
+        with db.connect() as conn:
+            live = store.live_workers(conn, [name])
+        if not left and not live:
+            break
+        if time.monotonic() > deadline:
+            raise FleetError(
+                f"{name}: {len(left)} launch(es) and {len(live)} worker(s) still running "
+                f"after {wait_s:.0f} s; see the log under {host.workdir}/data/fleet/"
+            )
+        time.sleep(0.5)
+    with db.begin() as conn:
+        store.forget_launches(conn, name)
+    return before
+
+
+def stop_all(db: Database, ssh: SshRunner, wait_s: float = 60.0) -> dict[str, int]:
+    return {h.name: stop_workers(db, ssh, h.name, wait_s) for h in list_hosts(db)}
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    name: str
+    ssh_target: str
+    launches: list[int]
+    workers: list[LiveWorker]
+
+
+def fleet_status(db: Database) -> list[HostStatus]:
+    """Every host with its recorded launches and its live workers (the workers table)."""
+    hosts = list_hosts(db)
+    with db.connect() as conn:
+        live = store.live_workers(conn, [h.name for h in hosts])
+        launches = {h.name: [pid for pid, _ in store.launches(conn, h.name)] for h in hosts}
+    return [
+        HostStatus(h.name, h.ssh_target, launches[h.name], [w for w in live if w.host == h.name])
+        for h in hosts
+    ]
