@@ -374,11 +374,21 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+@pytest.mark.parametrize(
+    "backend", ["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def test_kill_9_whole_cli_then_resume_finishes_exactly_once(
-    world: SimWorld, tmp_path: Path
+    world: SimWorld, tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    """The CLI (coordinator and pool) is killed mid-run; `resume` finishes the run. On
+    PostgreSQL the orphaned pool workers could still store: they stop on their own, and the
+    resume joins the run left `running` (it used to exit 2, "run is running")."""
     ids_file = subset(world, tmp_path, 800)
-    db = f"duckdb:///{tmp_path / 'r.duckdb'}"
+    db = (
+        f"duckdb:///{tmp_path / 'r.duckdb'}"
+        if backend == "duckdb"
+        else request.getfixturevalue("pg_url")
+    )
     world.api_reset()
     proc = subprocess.Popen(
         [
@@ -417,13 +427,16 @@ def test_kill_9_whole_cli_then_resume_finishes_exactly_once(
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
             time.sleep(0.1)
         workers = _children(proc.pid)
-        proc.kill()  # SIGKILL: no cleanup, the run stays `running` in the file
-        proc.communicate(timeout=10)
+        proc.kill()  # SIGKILL: no cleanup, the run stays `running` in the database
+        proc.wait(10)  # not communicate(): orphaned workers may still hold its pipes
+        for pipe in (proc.stdout, proc.stderr):
+            pipe.close()
     finally:
         if proc.poll() is None:
             proc.kill()
-    # Orphaned pool workers notice their coordinator is gone and stop sending.
-    deadline = time.monotonic() + 5
+    # Orphaned pool workers notice their coordinator is gone and stop sending (on
+    # PostgreSQL after finishing what is in flight and handing their tasks back).
+    deadline = time.monotonic() + 30
     while any(Path(f"/proc/{w}").exists() and _is_running(w) for w in workers):
         assert time.monotonic() < deadline, "pool workers outlived their coordinator"
         time.sleep(0.1)

@@ -151,6 +151,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
             print(
                 f"taking over run {args.run_id}, left running by a killed process", file=sys.stderr
             )
+        elif run is not None and run.status == "running":
+            # PostgreSQL: the run's tasks are in the shared queue; this process joins it with
+            # its pool and follows it. Leases of a coordinator that died expire (lease_s) and
+            # its workers' tasks are re-queued without costing an attempt.
+            print(
+                f"joining run {args.run_id}, which is running (a coordinator that died leaves "
+                "leases that are re-queued once they expire)",
+                file=sys.stderr,
+            )
         else:
             try:
                 coordinator.command(args.run_id, "resume", source="cli")

@@ -11,6 +11,7 @@ cycles at once; only cyclic garbage waits longer.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import NoReturn
 
 #: (young, middle, old) collection thresholds for engine processes.
@@ -60,5 +61,25 @@ def exit_with_parent(poll_s: float = 0.2) -> None:
             time.sleep(poll_s)
         end_own_lineage()
         os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def on_parent_death(callback: Callable[[], None], poll_s: float = 0.2) -> None:
+    """Call ``callback`` (in a watcher thread) once the process that spawned this one died.
+
+    A pool worker that connects to the database itself (PostgreSQL) could go on storing,
+    but nobody supervises it any more (no replacement, no stop, no resize): it finishes
+    what is in flight, hands its tasks back and ends (``Worker.request_exit``)."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        callback()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

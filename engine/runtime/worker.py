@@ -446,6 +446,14 @@ def process_main(boot: WorkerBoot) -> None:
     env = WorkerEnv(limiter=boot.open_limiter())
     install_uvloop()
     worker = Worker(backend, settings, boot.worker_id, kind="local", env=env)
-    asyncio.run(run_worker(worker))
+
+    async def supervised() -> str:
+        from engine.runtime.process import on_parent_death
+
+        loop = asyncio.get_running_loop()
+        on_parent_death(lambda: loop.call_soon_threadsafe(worker.request_exit))
+        return await run_worker(worker)
+
+    asyncio.run(supervised())
     end_own_lineage()  # what an executor failed to close
     boot.close()
