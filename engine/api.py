@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
+from engine import lifecycle
 from engine.jobs import get_kind
 from engine.model import TERMINAL
 from engine.settings import Settings
@@ -41,6 +42,7 @@ def submit_run(
     except BaseException as exc:
         with db.begin() as conn:
             runs.set_status(conn, run_id, "failed", f"planning failed: {exc}")
+        lifecycle.ended(db, settings, [run_id])
         raise
     with db.begin() as conn:
         runs.start_run(conn, run_id)

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     keep_uploads: bool = Field(
         False,
         description="Keep pasted and uploaded lists (data/uploads) after their run is done; "
-        "by default a run's uploads are deleted once it completes, fails or is cancelled.",
+        "by default a run's uploads are deleted once it completes, fails, stops or is cancelled.",
     )
     ssh_config: Path | None = Field(
         None,

@@ -12,6 +12,10 @@ Every shop serves, deterministically by seed (`shop_products(spec)` is the groun
   `api_token` set they need `Authorization: Bearer <token>` (401 otherwise);
 - `/__sim/stats` — the shop's counters; `/__sim/echo` — the request's headers, cookies and
   client address as JSON (neither is guarded or counted);
+- `/__sim/hold?after=N` — a test's grip on the shop's pace: the next N answers go out, every
+  later one is held (counted in `held`, the answers waiting now) until `/__sim/release` sends
+  them all and lets the shop answer freely again. A run against a held shop is in progress
+  until the test releases it, however fast or loaded the machine (`ShopWorld.holding`);
 - `/__sim/stream?bytes=N&seconds=S&length=1` — a large download made as it is sent: N bytes
   (at most 256 MB), chunked (with `length=1`: announced by Content-Length instead), spread
   over S seconds (at most 60), written only as fast as the client reads; it stops when the
@@ -58,6 +62,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -394,12 +399,42 @@ class ShopState:
     windows: dict[str, deque[float]] = field(default_factory=dict)
     penalty_until: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    hold_after: int | None = None  # answers still sent before holding (None: not holding)
+    held: list[Callable[[], None]] = field(default_factory=list)  # sends waiting for release
 
     def bump(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
 
     def stats(self) -> dict[str, Any]:
-        return {"shop": self.spec.name, "guard": self.spec.guard, **self.counts}
+        return {
+            "shop": self.spec.name,
+            "guard": self.spec.guard,
+            **self.counts,
+            "held": len(self.held),
+        }
+
+    def hold(self, after: int) -> None:
+        """Send ``after`` more answers, then hold every later one until ``release``."""
+        self.hold_after = max(0, after)
+
+    def release(self) -> int:
+        """Stop holding and send every held answer; returns how many there were."""
+        self.hold_after = None
+        held, self.held = self.held, []
+        for send in held:
+            send()
+        return len(held)
+
+    def send_or_hold(self, send: Callable[[], None]) -> None:
+        """Send an answer now, or keep it until ``release`` once the hold's quota is used."""
+        if self.hold_after is None:
+            send()
+        elif self.hold_after > 0:
+            self.hold_after -= 1
+            send()
+        else:
+            self.bump("held_total")
+            self.held.append(send)
 
     def rate_check(self, ip: str, now: float) -> int | None:
         """None if admitted, else the Retry-After seconds of the 429."""
@@ -447,6 +482,15 @@ def answer(state: ShopState, head: RequestHead, peer_ip: str) -> tuple[bytes, fl
         return http_response(
             200, json.dumps(state.stats()).encode(), "application/json", (), keep
         ), 0
+    if path == "/__sim/hold":
+        try:
+            state.hold(int(query.get("after", "0")))
+        except ValueError:
+            return http_response(400, b"after is a number\n", "text/plain", (), keep), 0
+        return http_response(200, b'{"holding": true}', "application/json", (), keep), 0
+    if path == "/__sim/release":
+        doc = {"released": state.release()}
+        return http_response(200, json.dumps(doc).encode(), "application/json", (), keep), 0
     if path == "/__sim/echo":  # what reached the shop: headers in order, the client address
         doc = {"headers": head.headers, "peer": peer_ip, "cookies": _cookies(head)}
         return http_response(200, json.dumps(doc).encode(), "application/json", (), keep), 0
@@ -591,10 +635,16 @@ class ShopConnection(asyncio.Protocol):
             log.exception("shop %s: answering %s", self.state.spec.name, head.target)
             reply, delay = http_response(500, b"internal error\n", keep_alive=False), 0.0
         close = not head.keep_alive
-        if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self._send, reply, close)
+        if head.target.startswith("/__sim/"):  # the test's own requests are never held
+            send = functools.partial(self._send, reply, close)
         else:
-            self._send(reply, close)
+            send = functools.partial(
+                self.state.send_or_hold, functools.partial(self._send, reply, close)
+            )
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, send)
+        else:
+            send()
 
     def _send(self, reply: bytes, close: bool) -> None:
         if self.transport.is_closing():
@@ -856,8 +906,34 @@ class ShopWorld:
         atexit.unregister(self.stop)
 
     def stats(self, name: str) -> dict[str, Any]:
-        with urllib.request.urlopen(self.shops[name].url("/__sim/stats"), timeout=10) as resp:
+        return self._control(name, "/__sim/stats")
+
+    def _control(self, name: str, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(self.shops[name].url(path), timeout=10) as resp:
             return json.loads(resp.read())
+
+    @contextlib.contextmanager
+    def holding(self, name: str, after: int = 0) -> Iterator[None]:
+        """Inside the block the shop sends ``after`` answers, then holds the rest; leaving it
+        sends them. What a test uses to act on a run that cannot finish before it acts."""
+        self._control(name, f"/__sim/hold?after={after}")
+        try:
+            yield
+        finally:
+            self._control(name, "/__sim/release")
+
+    def wait_held(
+        self, name: str, timeout_s: float = 60.0, alive: Callable[[], bool] = lambda: True
+    ) -> None:
+        """Wait until the shop holds an answer (the client is mid-run and waiting on it);
+        ``alive`` False (the client exited) or ``timeout_s`` raises."""
+        deadline = time.monotonic() + timeout_s
+        while not self.stats(name).get("held"):
+            if not alive():
+                raise RuntimeError(f"{name}: the client ended before an answer was held")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: no answer held within {timeout_s:.0f} s")
+            time.sleep(0.05)
 
     def endpoints(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.api import submit_run, wait_run
+from engine.ratelimit.base import Rate
 from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
 from sim.api import ApiConfig, expected_outcome
@@ -34,6 +35,14 @@ TOKEN = "Bearer sim-s3cret-token-4711"
 API = ApiConfig(limit=200, window_s=1.0, token=TOKEN.split(" ", 1)[1], seed=4)
 ENV = {"SIM_API_TOKEN": TOKEN}
 AUTH = "Authorization=env:SIM_API_TOKEN"
+# The margin of a test that sends at the API's own limit (200/1s). The limit holds only if
+# every request reaches the server less than margin + T after its slot
+# (engine/ratelimit/base.py). The sim API stamps a request when its process gets to it, and
+# on a loaded machine that process was measured descheduled for 150 ms: with the default
+# margin (0.1 s for a 1 s window) the requests of that pause were stamped together and
+# the server answered 429. Half the window is several times any pause seen on two busy
+# cores; it costs throughput (0.66 of the limit), not coverage.
+BUSY_MARGIN_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +150,8 @@ def test_cli_backfill_2000_ids_zero_429_each_once_failures_reported(
         world.api_template,
         "--rate-limit",
         "200/1s",
+        "--rate-margin",
+        str(BUSY_MARGIN_S),
         "--header",
         AUTH,
         "--workers",
@@ -184,10 +195,13 @@ def test_cli_backfill_2000_ids_zero_429_each_once_failures_reported(
         ("server_error", 500): want["server_error"],
     }
     assert sum(w["items"] for w in report["workers"]) == 2000 and len(report["workers"]) == 2
-    # Steady state runs at the schedule (0.90 of 200/1s with the default margin); the whole
-    # span also holds the first partial second and the retry tail of the 500s.
-    assert 0.85 <= report["limit"]["peak_window_fraction"] <= 1.0
-    assert 0.7 <= report["limit"]["utilisation"] <= 1.0
+    # The limit as the client sent: never over it (its stamps follow its slots). Throughput is
+    # the schedule's (0.66 of 200/1s with this margin) only when the machine keeps up, so
+    # the lower bounds are loose: a busy machine drops late slots, which costs throughput.
+    limit = report["limit"]
+    assert limit["schedule_max"] == round(Rate(200, 1.0, jitter_s=BUSY_MARGIN_S).utilisation, 4)
+    assert 0.5 * limit["schedule_max"] <= limit["peak_window_fraction"] <= 1.0
+    assert 0.3 * limit["schedule_max"] <= limit["utilisation"] <= 1.0
     human = cli("report", "--db", db, str(summary["run_id"]))
     assert "not_found (HTTP 404)" in human.stdout and "workers:" in human.stdout
 
@@ -553,7 +567,9 @@ def test_postgres_pool_shares_the_limit_through_the_database(
     world.api_reset()
     coord = Coordinator(db, s).start()
     try:
-        run_id = submit_run(db, s, "backfill", params(world, ids_file, rate="200/1s"), coord.name)
+        run_id = submit_run(
+            db, s, "backfill", params(world, ids_file, rate_margin_s=BUSY_MARGIN_S), coord.name
+        )
         assert wait_run(db, run_id, timeout_s=60)["status"] == "completed"
     finally:
         coord.shutdown()

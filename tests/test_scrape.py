@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -400,11 +399,6 @@ def check_slow_run(shops: ShopWorld, db: str, run_id: int) -> None:
     assert scalar(db, "SELECT count(*) FROM entity_attributes") == n * 3
 
 
-def status_done(db: str) -> int:
-    out = cli("status", "--db", db, "1", "--json", timeout=30)
-    return json.loads(out.stdout)["counts"]["done"] if out.returncode == 0 else 0
-
-
 def start_slow(shops: ShopWorld, tmp_path: Path, db: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
@@ -418,27 +412,29 @@ def start_slow(shops: ShopWorld, tmp_path: Path, db: str) -> subprocess.Popen[st
     )  # fmt: skip
 
 
-def wait_done(db: str, n: int, timeout_s: float = 40) -> None:
-    deadline = time.monotonic() + timeout_s
-    while status_done(db) < n:
-        assert time.monotonic() < deadline, f"fewer than {n} pages in {timeout_s}s"
-        time.sleep(0.5)
+# Mid-run, whatever the machine's speed: the slow shop answers HELD_AFTER pages, then holds
+# every later answer until the test has acted (stop, kill) and leaves `shops.holding`. The
+# run cannot finish before the test acts, and the test acts only once it is under way.
+HELD_AFTER = 20
 
 
 def test_stop_from_another_terminal_then_resume(shops: ShopWorld, tmp_path: Path) -> None:
     db = f"duckdb:///{tmp_path / 's.duckdb'}"
-    proc = start_slow(shops, tmp_path, db)
+    proc = None
     try:
-        wait_done(db, 20)
-        stop = cli("stop", "--db", db, "1", timeout=30)
-        assert stop.returncode == 0, stop.stderr
-        out, err = proc.communicate(timeout=60)
+        with shops.holding("id-slow", after=HELD_AFTER):
+            proc = start_slow(shops, tmp_path, db)
+            shops.wait_held("id-slow", alive=lambda: proc.poll() is None)
+            stop = cli("stop", "--db", db, "1", timeout=60)
+            assert stop.returncode == 0, stop.stderr
+        out, err = proc.communicate(timeout=120)  # the held pages are answered: they finish
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1, err
     stopped = json.loads(out)
     assert stopped["status"] == "stopped"
+    # at most the pages let through and those held in flight when the stop landed
     assert (
         stopped["counts"]["done"] < stopped["counts"]["total"] or stopped["counts"]["total"] < 168
     )
@@ -450,15 +446,13 @@ def test_stop_from_another_terminal_then_resume(shops: ShopWorld, tmp_path: Path
 
 def test_kill_9_of_the_cli_then_resume(shops: ShopWorld, tmp_path: Path) -> None:
     db = f"duckdb:///{tmp_path / 'k.duckdb'}"
-    proc = start_slow(shops, tmp_path, db)
-    try:
-        wait_done(db, 20)
-        assert proc.poll() is None, "the CLI is still running when it is killed"
-        proc.kill()
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with shops.holding("id-slow", after=HELD_AFTER):
+        proc = start_slow(shops, tmp_path, db)
+        try:
+            shops.wait_held("id-slow", alive=lambda: proc.poll() is None)
+        finally:
+            proc.kill()  # mid-run: it is waiting on a held page
+            proc.communicate(timeout=30)
     resumed = cli("scrape", "--resume", "1", "--db", db, "--json", "--concurrency", "16")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "completed"
@@ -479,13 +473,11 @@ def test_kill_9_of_a_pool_worker_mid_scrape(shops: ShopWorld, tmp_path: Path) ->
     )
     coord = Coordinator(db, s).start()
     try:
-        run_id = submit_run(db, s, "scrape", {"spec": slow_spec(shops, tmp_path)}, coord.name)
-        deadline = time.monotonic() + 40
-        while wait_run(db, run_id, timeout_s=0)["counts"]["done"] < 20:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        victim, pid = next(iter(coord.pool.pids().items()))
-        os.kill(pid, signal.SIGKILL)
+        with shops.holding("id-slow", after=HELD_AFTER):
+            run_id = submit_run(db, s, "scrape", {"spec": slow_spec(shops, tmp_path)}, coord.name)
+            shops.wait_held("id-slow")
+            victim, pid = next(iter(coord.pool.pids().items()))
+            os.kill(pid, signal.SIGKILL)  # mid-run: the workers wait on held pages
         summary = wait_run(db, run_id, timeout_s=120)
         assert summary["status"] == "completed", summary
         assert [r[0] for r in coord.replaced] == [victim]

@@ -45,16 +45,15 @@ def _with_db_or_coordinator(args: argparse.Namespace, request: dict[str, Any]) -
             raise UserError(str(err)) from None
 
     class Direct:
+        """No coordinator holds the database: this process applies the command itself."""
+
         def __init__(self, db: Database) -> None:
             self.db = db
 
         def command(self, run_id: int, action: str, source: str = "cli") -> str:
-            from storage import runs
+            from engine import lifecycle
 
-            with db.begin() as conn:
-                status = runs.apply_command(conn, run_id, action, source)
-                runs.settle(conn)
-            return status
+            return lifecycle.command(db, settings_from(args), run_id, action, source)
 
     try:
         return dispatch(Direct(db), request)

@@ -153,12 +153,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, pipeline: Any, ref: str | None, country: str | None) -> int:
-    from engine.cli.common import EXIT_NOT_COMPLETED, EXIT_OK, UserError, emit, open_db
+    from engine.cli.common import (
+        EXIT_NOT_COMPLETED,
+        EXIT_OK,
+        UserError,
+        emit,
+        open_db,
+        settings_from,
+    )
     from engine.pipelines.runner import PipelineControl, PipelineError, run_pipeline
     from engine.runtime.control import ControlServer, control_path
 
     db = open_db(args)
-    control = PipelineControl(db)
+    control = PipelineControl(db, settings=settings_from(args))
     server = None
     presses = 0
 

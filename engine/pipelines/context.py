@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from engine import lifecycle
+from engine.settings import Settings
 from storage import pipelines as store
 from storage import runs as run_store
 from storage.clock import utcnow
@@ -44,24 +46,24 @@ class PipelineControl:
     ``engine.run stop RUN_ID`` in another terminal reaches this process; with PostgreSQL that
     command writes the run's status and ``stop_requested`` reads it (every ``poll_s``)."""
 
-    def __init__(self, db: Database, poll_s: float = 0.5) -> None:
+    def __init__(self, db: Database, poll_s: float = 0.5, settings: Settings | None = None) -> None:
         self.db = db
         self.poll_s = poll_s
+        self.settings = settings or Settings()
         self.run_id: int | None = None
         self._event = threading.Event()
         self._signalled: str | None = None
         self._polled = 0.0
 
     def command(self, run_id: int, action: str, source: str = "cli") -> str:
-        with self.db.begin() as conn:
+        with self.db.connect() as conn:
             run = run_store.get_run(conn, run_id)
-            if run is not None and run.kind == KIND and action == "resume":
-                raise ValueError(
-                    f"run {run_id} is a pipeline: resume it with "
-                    f"`python -m engine.run pipeline --resume {run_id}`"
-                )
-            status = run_store.apply_command(conn, run_id, action, source)
-            run_store.settle(conn)
+        if run is not None and run.kind == KIND and action == "resume":
+            raise ValueError(
+                f"run {run_id} is a pipeline: resume it with "
+                f"`python -m engine.run pipeline --resume {run_id}`"
+            )
+        status = lifecycle.command(self.db, self.settings, run_id, action, source)
         if run_id == self.run_id and action in ("stop", "pause", "cancel"):
             self._event.set()
         return status

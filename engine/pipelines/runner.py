@@ -40,6 +40,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import lifecycle
+from engine.model import TERMINAL
 from engine.pipelines.context import (
     KIND,
     FetchLoop,
@@ -285,6 +287,8 @@ class _Runner:
             run = run_store.get_run(conn, self.run_id)
             steps = [s.to_dict() for s in store.get_steps(conn, self.run_id)]
         assert run is not None
+        if run.status in TERMINAL:
+            lifecycle.ended(self.db, self.control.settings, [self.run_id])
         return PipelineResult(self.run_id, run.status, run.error, steps)
 
     def _run_step(
@@ -315,6 +319,7 @@ class _Runner:
             self._end(position, name, "stopped", None, None)
             with self.db.begin() as conn:
                 store.finish_run(conn, self.run_id, "stopped", ("running", "stopping"), "aborted")
+            lifecycle.ended(self.db, self.control.settings, [self.run_id])
             raise
         self._end(position, name, status, error, exit_code)
         if error:

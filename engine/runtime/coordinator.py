@@ -20,6 +20,8 @@ import socket
 import threading
 import time
 
+from engine import lifecycle
+from engine.model import TERMINAL
 from engine.queue import pool_link
 from engine.queue.sql import SqlQueue
 from engine.runtime.control import ControlServer, control_path
@@ -181,8 +183,7 @@ class Coordinator:
         with self.db.begin() as conn:
             settled = runs.settle(conn)
         if settled:  # after the commit: a waiter woken earlier would read the old status
-            self._settled.set()
-            self._forget_uploads(settled)
+            self._ended(settled)
 
     def _request_exit(self, worker_id: str) -> None:
         if self.pipe is not None:
@@ -221,28 +222,12 @@ class Coordinator:
         for run_id, status in settled:
             log.info("run %s %s", run_id, status)
         if settled:
-            self._settled.set()
-            self._forget_uploads(settled)
+            self._ended(settled)
 
-    def _forget_uploads(self, settled: list[tuple[int, str]]) -> None:
-        """Delete the pasted or uploaded lists of runs that are over: planning copied their
-        items into the database, and a list kept for ever is a list of proxies (and their
-        passwords) lying on disk. Any parameter naming a file under data/uploads counts,
-        whatever the kind; ``FETCHFLEET_KEEP_UPLOADS`` keeps them."""
-        if self.settings.keep_uploads:
-            return
-        from engine.files import forget_upload
-
-        uploads = self.settings.data_dir / "uploads"
-        with self.db.connect() as conn:
-            found = [runs.get_run(conn, run_id) for run_id, _ in settled]
-        for run in filter(None, found):
-            for value in run.params.values():
-                try:
-                    if isinstance(value, str) and forget_upload(value, uploads):
-                        log.info("run %s: deleted its upload %s", run.id, value)
-                except OSError as exc:  # never let a file's fate hold up settling runs
-                    log.warning("run %s: could not delete its upload %s: %s", run.id, value, exc)
+    def _ended(self, settled: list[tuple[int, str]]) -> None:
+        """Runs this coordinator settled: wake waiters, then what every run end does."""
+        self._settled.set()
+        lifecycle.ended(self.db, self.settings, [run_id for run_id, _ in settled])
 
     def wait_settled(self, timeout: float) -> None:
         """Wait up to ``timeout`` for this coordinator to settle a run (``wait_run``'s
@@ -253,8 +238,10 @@ class Coordinator:
     # --- operator API ------------------------------------------------------------------
 
     def command(self, run_id: int, action: str, source: str = "cli") -> str:
-        with self.db.begin() as conn:
-            return runs.apply_command(conn, run_id, action, source)
+        status = lifecycle.command(self.db, self.settings, run_id, action, source, settle=False)
+        if status in TERMINAL:
+            self._settled.set()
+        return status
 
     def stop_worker(self, worker_id: str) -> None:
         """Stop one worker gracefully. A worker of this pool also leaves the pool: its size

@@ -1,0 +1,66 @@
+"""Where runs end: the one place every path that gives a run its final status goes through.
+
+A run ends in a coordinator (its tasks settle, or an operator's command from the console or
+through the control socket), in a terminal without one (``engine.run cancel`` / ``stop``
+open the database themselves), in a pipeline's own process, or when its planning fails.
+Each path calls ``ended`` with the runs it finished, after its transaction committed;
+``command`` does so for an operator's command. What ending a run means beyond its status
+lives here, so no path can skip it: today, its uploads are deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from engine.model import TERMINAL
+from engine.settings import Settings
+from storage import runs
+from storage.db import Database
+
+log = logging.getLogger(__name__)
+
+
+def command(
+    db: Database, settings: Settings, run_id: int, action: str, source: str, settle: bool = True
+) -> str:
+    """Apply an operator's command (``storage.runs.apply_command``); a cancel ends the run at
+    once. With ``settle`` also settle the runs it finished (a stop with nothing leased is
+    stopped at once): a process without a coordinator; a coordinator settles in its own
+    service thread, so its commands write only the run they name.
+    Returns the run's status after the command; raises ValueError when it does not apply."""
+    with db.begin() as conn:
+        status = runs.apply_command(conn, run_id, action, source)
+        settled = runs.settle(conn) if settle else []
+    finished = [r for r, _ in settled]
+    ended(db, settings, [run_id, *finished] if status in TERMINAL else finished)
+    return status
+
+
+def ended(db: Database, settings: Settings, run_ids: Iterable[int]) -> None:
+    """Runs that reached their final status (committed): delete their uploads."""
+    done = sorted(set(run_ids))
+    if done:
+        forget_uploads(db, settings, done)
+
+
+def forget_uploads(db: Database, settings: Settings, run_ids: list[int]) -> None:
+    """Delete the pasted or uploaded lists of runs that are over: planning copied their
+    items into the database, and a list kept for ever is a list of proxies (and their
+    passwords) lying on disk. Any parameter naming a file under data/uploads counts,
+    whatever the kind; ``FETCHFLEET_KEEP_UPLOADS`` keeps them. A file that cannot be
+    deleted is logged, never raised: it must not hold up the path that ended the run."""
+    if settings.keep_uploads:
+        return
+    from engine.files import forget_upload
+
+    uploads = settings.data_dir / "uploads"
+    with db.connect() as conn:
+        found = [runs.get_run(conn, run_id) for run_id in run_ids]
+    for run in filter(None, found):
+        for value in run.params.values():
+            try:
+                if isinstance(value, str) and forget_upload(value, uploads):
+                    log.info("run %s: deleted its upload %s", run.id, value)
+            except OSError as exc:
+                log.warning("run %s: could not delete its upload %s: %s", run.id, value, exc)
