@@ -41,7 +41,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,20 +62,14 @@ from bench.validate import (  # noqa: E402  (one way of measuring for every benc
     run_sampled,
     wait_for_quiet,
 )
+from sim.nginx import NGINX, free_port, stop_nginx  # noqa: E402
 
 PER_PAGE = 20
 FIELDS = ("id", "name", "price", "currency", "sku", "category")
 FF, SCRAPY, BARE1, BARE2 = "fetchfleet", "scrapy", "bare (1 proc)", "bare (2 procs)"
-NGINX = "/usr/sbin/nginx"
 
 
 # --------------------------------------------------------------------------- the site
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def truth_sum(products: list[dict[str, Any]]) -> int:
@@ -193,18 +186,7 @@ http {{
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, master exits
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        stop_nginx(proc)
 
 
 # --------------------------------------------------------------------------- measuring

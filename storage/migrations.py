@@ -62,6 +62,14 @@ def _v4_components(conn: sa.Connection) -> None:
     schema.component_versions.create(conn, checkfirst=True)
 
 
+def _v5_rate_margin(conn: sa.Connection) -> None:
+    # IF NOT EXISTS: a database created at version 5 has them from steps 1-2 already.
+    for column in ("margin", "margin_at"):
+        conn.execute(
+            sa.text(f"ALTER TABLE rate_limits ADD COLUMN IF NOT EXISTS {column} FLOAT8 DEFAULT 0")
+        )
+
+
 # (version, description, step). Append new steps; never edit released ones: steps 2 and 3
 # hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
 # their own; a new kind's tables go into its own Component, not into a core step.
@@ -82,6 +90,7 @@ STEPS: list[tuple[int, str, Step]] = [
         _v3_scrape,
     ),
     (4, "component_versions: the schema steps of plugin kinds' components", _v4_components),
+    (5, "rate_limits.margin, margin_at: the measured margin of each key", _v5_rate_margin),
 ]
 
 LATEST = STEPS[-1][0]

@@ -193,6 +193,9 @@ rate_limits = sa.Table(
     # GCRA's whole state: the theoretical arrival time, epoch seconds of the database clock
     sa.Column("tat", sa.Double, nullable=False, server_default="0"),
     sa.Column("updated_at", sa.DateTime),
+    # the key's margin J (engine.ratelimit.margin) and when it was set, database clock
+    sa.Column("margin", sa.Double, server_default="0"),
+    sa.Column("margin_at", sa.Double, server_default="0"),
 )
 
 backfill_runs = sa.Table(

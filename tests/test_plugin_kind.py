@@ -32,7 +32,7 @@ from storage.bulk import fetch_all
 from storage.clock import utcnow
 from storage.db import open_database
 from storage.export import exportable_tables
-from storage.migrations import Component, migrate
+from storage.migrations import LATEST, Component, migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "fetchfleet_upper"
@@ -320,8 +320,8 @@ def test_component_steps_apply_once_in_order(plugin_dir: Path, duckdb_url: str) 
     db = open_database(duckdb_url, components=[upper.COMPONENT])
     try:
         released = Component("upper", [*upper.COMPONENT.steps, (2, "note column", v2)])
-        assert migrate(db, [released]) == 4  # the core version found
-        assert migrate(db, [released]) == 4 and seen == [2]  # not applied twice
+        assert migrate(db, [released]) == LATEST  # the core version found
+        assert migrate(db, [released]) == LATEST and seen == [2]  # not applied twice
         with db.connect() as conn:
             rows = fetch_all(
                 conn,

@@ -11,30 +11,40 @@ so grants are spaced ``T`` apart after an initial burst of ``B = tau / T + 1``. 
 state is one number it fits every place workers can share: a dict (one process), an mmap'd
 file (the local pool: ``engine.ratelimit.shared``) and one row updated with a single
 ``UPDATE … RETURNING`` stamped by the database clock (every machine on PostgreSQL:
-``engine.ratelimit.postgres``).
+``engine.ratelimit.postgres``). Next to the TAT each key keeps its margin J (below).
 
-**The guarantee: never more than N requests in any window of length W** (``--rate-limit N/W``).
-A GCRA stream holds at most ``floor((L + tau) / T) + 1`` grants in any closed interval of
-length L. We choose
+**The guarantee: never more than N requests in any window of length W** (``--rate-limit N/W``),
+windows counted as servers count them: a sliding log (the sim's API) or fixed windows admit
+at most N in every half-open window (t - W, t]. A GCRA stream holds at most
+``ceil((L + tau) / T)`` grants in any half-open window of length L. We choose
 
-    B + (W + J) / T <= N,   i.e.  T = (W + J) / (N - B),   tau = (B - 1) * T
+    B - 1 + (W + J) / T = N,   i.e.  T = (W + J) / (N - B + 1),   tau = (B - 1) * T
 
-where ``J`` is a jitter allowance (``--rate-margin``, ``Rate.jitter_s``; by default 2 % of W,
-at least 0.1 s, at most 2 s). A request reaches the server some time after its grant (the
-sleep overshoots, the event loop is busy, packets queue, the server's process is not
-scheduled); if every request arrives less than ``J + T`` after its grant, the requests *as
-the server sees them* still hold at most N in any window of length W. The cost is
-throughput: the long-run rate is ``1/T = (N - B) / (W + J)``, e.g. 0.993 of the limit for
-3000/5m, 0.98 for 12000/1m, 0.95 for 200/2s, 0.90 for 100/1s. Measured on two busy cores,
-sends left their grants within 8 ms, but the sim's server process was sometimes descheduled
-for more than 50 ms: 50 ms was not enough for a 1 s window, 100 ms was. The default burst
-is 1 (no burst): the safe choice when the server's own window is unknown.
+If every request reaches the server at most J after its slot (and never before it), the
+grants of the requests a server counts in (t - W, t] lie in (t - W - J, t], a half-open
+window of length W + J, which holds at most ``ceil((W + J + tau) / T) = N``. The cost is
+throughput: the long-run rate is ``(N - B + 1) / (W + J)``, ``W / (W + J)`` of the limit
+with the default burst of 1 (no burst: the safe choice when the server's own window is
+unknown). The formula before counted closed windows, ``T = (W + J) / (N - B)``: the same
+schedule as this one with J larger by one T (50 ms at 20/1s), which is why 20/1s ran at 0.86.
+A leaky bucket (nginx's ``limit_req``, rate N/W, burst b) refuses a request only when it comes
+more than ``b * W / N`` early on the bucket's own schedule; our slots are at least W/N apart
+after our burst, so requests at most J late pass whenever ``J + (B - 1) * W / N <= b * W / N``
+(a bucket without a burst refuses any jitter at all: give it one).
+
+**J is measured** (``engine.ratelimit.margin``): each process asks for twice how late it
+has recently woken for its slots plus how much its answers' times fell within a window (a
+stalled server, a queue on the way), and the key keeps the largest ask, decaying back to a
+floor of 0.5 % of W (10 ms to 1 s). On a quiet machine against nginx that is 10–20 ms: 0.98–0.99
+of 20/1s, 0.995 of 1500/10s; on a busy one it grows as the machine gets late, which costs
+throughput, never the limit. ``--rate-margin`` fixes J instead (the user's word).
 
 Acquire is async and returns the time to wait; ``Gate`` is what a worker uses: it keeps a
 few reservations in flight per key and process (about 50 ms of the schedule, so it never runs
 far ahead of what is being sent and a stop does not wait on a long queue) and sleeps.
 A 429 calls ``penalize``: the key's TAT moves past ``Retry-After``, so every worker of every
-process slows down, not only the one that was refused.
+process slows down, not only the one that was refused; the refused process also asks for
+twice the margin it was sent under.
 
 Which limiter a process uses depends on its deployment, which a job kind cannot see: the
 worker's boot (``engine.queue``) builds one per process — the mmap'd file for pool workers of
@@ -55,6 +65,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from engine.ratelimit.margin import Lateness, next_margin
+
 log = logging.getLogger(__name__)
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -63,7 +75,9 @@ _RATE_RE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h|d)\s*")
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    """At most ``limit`` requests in any window of ``window_s`` seconds."""
+    """At most ``limit`` requests in any window of ``window_s`` seconds.
+
+    ``jitter_s`` is the margin J given by the user (``--rate-margin``); None: measured."""
 
     limit: int
     window_s: float
@@ -99,30 +113,63 @@ class Rate:
         return cls(limit=limit, window_s=window, burst=burst, jitter_s=jitter_s)
 
     @property
-    def jitter(self) -> float:
+    def margin_floor(self) -> float:
+        """The least measured margin: 0.5 % of W, 10 ms to 1 s (``engine.ratelimit.margin``)."""
+        return min(1.0, max(0.01, 0.005 * self.window_s))
+
+    @property
+    def margin_cap(self) -> float:
+        """The most a measured margin grows: half the window (a third of the throughput
+        gone), and at most 10 s."""
+        return max(self.margin_floor, min(0.5 * self.window_s, 10.0))
+
+    def margin(self, measured: float) -> float:
+        """The margin a grant uses: the user's, else the key's measured one within bounds."""
         if self.jitter_s is not None:
             return self.jitter_s
-        return min(2.0, max(0.1, 0.02 * self.window_s))
+        return min(self.margin_cap, max(self.margin_floor, measured))
+
+    @property
+    def jitter(self) -> float:
+        """The margin a schedule starts from (the user's, else the floor)."""
+        return self.margin(0.0)
+
+    def interval_for(self, margin: float) -> float:
+        """Emission interval T for margin J: (W + J) / (N - B + 1)."""
+        return (self.window_s + margin) / (self.limit - self.burst + 1)
+
+    def tau_for(self, margin: float) -> float:
+        return (self.burst - 1) * self.interval_for(margin)
 
     @property
     def interval_s(self) -> float:
-        """Emission interval T."""
-        return (self.window_s + self.jitter) / (self.limit - self.burst)
+        """Emission interval T at the starting margin."""
+        return self.interval_for(self.jitter)
 
     @property
     def tau_s(self) -> float:
-        """Burst tolerance."""
-        return (self.burst - 1) * self.interval_s
+        """Burst tolerance at the starting margin."""
+        return self.tau_for(self.jitter)
+
+    @property
+    def penalty_tau_s(self) -> float:
+        """The largest burst tolerance any grant may use: a penalty adds it, so that no
+        grant comes before the server's Retry-After whatever the key's margin."""
+        return self.tau_for(self.margin(math.inf))
 
     @property
     def per_second(self) -> float:
         """The stated limit as a rate (N / W)."""
         return self.limit / self.window_s
 
+    def utilisation_for(self, margin: float) -> float:
+        """The long-run fraction of the stated limit a schedule with margin J achieves."""
+        return (1.0 / self.interval_for(margin)) / self.per_second
+
     @property
     def utilisation(self) -> float:
-        """The best long-run fraction of the stated limit this schedule achieves."""
-        return (1.0 / self.interval_s) / self.per_second
+        """The best long-run fraction of the stated limit (at the starting margin)."""
+        return self.utilisation_for(self.jitter)
 
     def describe(self) -> str:
         return f"{self.limit}/{format_seconds(self.window_s)}"
@@ -183,14 +230,46 @@ def gcra(tat: float, now: float, interval: float, tau: float) -> tuple[float, fl
 
 def penalized(tat: float, now: float, seconds: float, rate: Rate) -> float:
     """TAT after the server said 'not before now + seconds'."""
-    return max(sane_tat(tat), now + bounded_penalty(seconds, rate) + rate.tau_s)
+    return max(sane_tat(tat), now + bounded_penalty(seconds, rate) + rate.penalty_tau_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A reservation: send ``wait`` seconds from now; the schedule was spaced for ``margin``."""
+
+    wait: float
+    margin: float
+
+
+@dataclass(slots=True)
+class KeyState:
+    """Everything a limiter keeps per key: the TAT and the key's margin, with when it was
+    last set (seconds on the limiter's clock)."""
+
+    tat: float = 0.0
+    margin: float = 0.0
+    margin_at: float = 0.0
+
+
+def reserve_slot(state: KeyState, now: float, rate: Rate, ask: float) -> Slot:
+    """One grant on ``state`` (changed in place): the key's margin takes in ``ask`` (and a
+    margin the user fixed), then GCRA with the interval for the margin in use."""
+    if rate.jitter_s is not None:
+        ask = max(ask, rate.jitter_s)
+    state.margin = next_margin(
+        state.margin, state.margin_at, now, ask, rate.margin_floor, rate.margin_cap
+    )
+    state.margin_at = now
+    used = rate.margin(state.margin)
+    state.tat, wait = gcra(state.tat, now, rate.interval_for(used), rate.tau_for(used))
+    return Slot(wait, used)
 
 
 class RateLimiter(Protocol):
-    """One implementation per place the state can live; all share ``gcra``."""
+    """One implementation per place the state can live; all share ``reserve_slot``."""
 
-    async def acquire(self, key: str, rate: Rate) -> float:
-        """Reserve the next slot of ``key``; returns seconds to wait before sending."""
+    async def reserve(self, key: str, rate: Rate, ask: float = 0.0) -> Slot:
+        """Reserve the next slot of ``key``; ``ask`` is the margin this process measured."""
         ...
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
@@ -205,25 +284,45 @@ class MemoryLimiter:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._tat: dict[str, float] = {}
+        self._keys: dict[str, KeyState] = {}
         self._lock = threading.Lock()
 
-    def acquire_now(self, key: str, rate: Rate) -> float:
+    def reserve_now(self, key: str, rate: Rate, ask: float = 0.0) -> Slot:
         with self._lock:
-            tat, wait = gcra(self._tat.get(key, 0.0), self.clock(), rate.interval_s, rate.tau_s)
-            self._tat[key] = tat
-            return wait
+            state = self._keys.setdefault(key, KeyState())
+            return reserve_slot(state, self.clock(), rate, ask)
 
-    async def acquire(self, key: str, rate: Rate) -> float:
-        return self.acquire_now(key, rate)
+    def acquire_now(self, key: str, rate: Rate, ask: float = 0.0) -> float:
+        """Seconds to wait for the next slot (``reserve_now``'s wait)."""
+        return self.reserve_now(key, rate, ask).wait
+
+    def margin_of(self, key: str) -> float:
+        return self._keys[key].margin if key in self._keys else 0.0
+
+    async def reserve(self, key: str, rate: Rate, ask: float = 0.0) -> Slot:
+        return self.reserve_now(key, rate, ask)
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
         with self._lock:
-            now = self.clock()
-            self._tat[key] = penalized(self._tat.get(key, 0.0), now, seconds, rate)
+            state = self._keys.setdefault(key, KeyState())
+            state.tat = penalized(state.tat, self.clock(), seconds, rate)
 
     async def aclose(self) -> None:
         return None
+
+
+MIN_DROP_S = 0.002  # a slot is kept if used this late, whatever the margin (sleep resolution)
+
+
+async def sleep_until(target: float, clock: Callable[[], float] = time.monotonic) -> None:
+    """Sleep until ``clock() >= target``: an event loop may wake a timer up to a millisecond
+    early (uvloop counts whole milliseconds), and a request sent before its slot is as far
+    outside the schedule as one sent late."""
+    for _ in range(1000):
+        left = target - clock()
+        if left <= 0:
+            return
+        await asyncio.sleep(left)
 
 
 class Gate:
@@ -237,19 +336,28 @@ class Gate:
     ask for the next slot would be lost throughput.
 
     A slot used late eats into the margin the guarantee rests on (requests must reach the
-    server less than J + T after their slot, see the module docstring). When this process
-    wakes more than half of that after its slot (a starved CPU, a database answer slower than
-    the fastest recent one),
-    it does not send on it: the slot is dropped and a new one taken, leaving the other half
-    for the network and the server.
-    That costs throughput, never the limit; ``late_slots`` counts them.
+    server at most J after their slot, see the module docstring). Of J, the way to the
+    server takes up to ``path`` (how much its answers' times fell within a window,
+    ``answered``); when this process wakes more than half of the rest after its slot (a starved CPU, a database answer
+    slower than the fastest recent one), it does not send on it: the slot is dropped and a new
+    one taken. That costs throughput, never the limit; ``late_slots`` counts them. Every
+    slot's lateness and every answer's time is measured (``Lateness``) and asked for as the
+    key's margin with the next reservation, so the margin follows the machine and the server.
     """
 
-    def __init__(self, limiter: RateLimiter, horizon_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        horizon_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limiter = limiter
         self.horizon_s = horizon_s
+        self.clock = clock
         self.late_slots = 0
+        self.margins: dict[str, float] = {}  # per key: the margin of the last slot used
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._lateness: dict[str, Lateness] = {}
         self._rtts: deque[float] = deque(maxlen=32)  # the limiter's recent round trips
 
     def _round_trip_excess(self, rtt: float) -> float:
@@ -266,28 +374,50 @@ class Gate:
     def depth(self, rate: Rate) -> int:
         return max(1, min(64, math.ceil(self.horizon_s / rate.interval_s)))
 
+    def lateness(self, key: str, rate: Rate | None = None) -> Lateness:
+        found = self._lateness.get(key)
+        if found is None:
+            found = Lateness(self.clock, rate.window_s) if rate else Lateness(self.clock)
+            self._lateness[key] = found
+        return found
+
+    def answered(self, key: str, seconds: float) -> None:
+        """A request of ``key`` was answered ``seconds`` after it was sent (the answer's
+        head): how much such times fall within a window is part of the margin."""
+        self.lateness(key).answered(seconds)
+
+    def refused(self, key: str) -> None:
+        """The server refused a request of ``key`` (429): ask for twice the margin it was
+        sent under."""
+        self.lateness(key).refused(self.margins.get(key, 0.0))
+
     async def wait(self, key: str, rate: Rate) -> float:
         """Wait for a slot of ``key``; returns the seconds waited."""
         slots = self._slots.get(key)
         if slots is None:
             slots = self._slots[key] = asyncio.Semaphore(self.depth(rate))
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        lateness = self.lateness(key, rate)
+        clock = self.clock
+        began = clock()
         async with slots:
             while True:
-                asked = loop.time()
-                wait = await self.limiter.acquire(key, rate)
-                answered = loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                late = loop.time() - (answered + wait) + self._round_trip_excess(answered - asked)
-                if late <= (rate.jitter + rate.interval_s) / 2:  # half of what the limit allows
-                    return loop.time() - began
+                asked = clock()
+                slot = await self.limiter.reserve(key, rate, lateness.ask())
+                answered = clock()
+                target = answered + slot.wait
+                await sleep_until(target, clock)
+                late = clock() - target + self._round_trip_excess(answered - asked)
+                lateness.woke(late)
+                # half of what the way to the server leaves (see engine.ratelimit.margin)
+                if late <= max((slot.margin - lateness.path) / 2, MIN_DROP_S):
+                    self.margins[key] = slot.margin
+                    return clock() - began
                 self.late_slots += 1
                 if self.late_slots in (1, 10, 100) or self.late_slots % 1000 == 0:
                     log.warning(
                         "rate limit %s: %d slot(s) dropped, this process woke up to %.0f ms "
-                        "after its slot (CPU starved?); the limit holds, throughput drops",
+                        "after its slot (CPU starved?); the limit holds, throughput drops, "
+                        "the margin grows",
                         key,
                         self.late_slots,
                         late * 1000,
@@ -311,8 +441,8 @@ class LazyLimiter:
                     self._limiter = self._open()
         return self._limiter
 
-    async def acquire(self, key: str, rate: Rate) -> float:
-        return await self.limiter.acquire(key, rate)
+    async def reserve(self, key: str, rate: Rate, ask: float = 0.0) -> Slot:
+        return await self.limiter.reserve(key, rate, ask)
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
         await self.limiter.penalize(key, rate, seconds)

@@ -1,20 +1,23 @@
 """The fleet-wide limiter on PostgreSQL: GCRA in one ``rate_limits`` row per key, one statement
 per grant (the statements, and why they read the database clock, are in ``storage.ratelimit``).
 
-From the new TAT the grant follows: TAT_new - T = max(TAT_old, now), so the wait
+The statement also moves the key's margin (``engine.ratelimit.margin``) and returns it, so the
+interval T of this grant is known here: TAT_new - T = max(TAT_old, now), so the wait
 ``max(TAT_old - tau - now, 0)`` is ``max(TAT_new - T - tau - now, 0)`` (the RETURNING clock
 is read microseconds after the SET one, which only shortens the wait by those microseconds,
-far inside the jitter allowance of ``engine.ratelimit.base``).
+far inside the margin).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine.ratelimit.base import Rate, bounded_penalty
+from engine.ratelimit.base import Rate, Slot, bounded_penalty
+from engine.ratelimit.margin import HALF_LIFE_S
 from storage.errors import is_transient
 from storage.ratelimit import push_back, reserve
 
@@ -32,17 +35,37 @@ class PgLimiter:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def acquire_now(self, key: str, rate: Rate) -> float:
+    def reserve_now(self, key: str, rate: Rate, ask: float = 0.0) -> Slot:
+        if not math.isfinite(ask) or ask < 0:
+            ask = 0.0
+        if rate.jitter_s is not None:
+            ask = max(ask, rate.jitter_s)
         with self.db.engine.begin() as conn:
-            tat, now = reserve(conn, key, rate.interval_s)
-        return max(0.0, tat - rate.interval_s - rate.tau_s - now)
+            tat, now, stored = reserve(
+                conn,
+                key,
+                window_s=rate.window_s,
+                slots=rate.limit - rate.burst + 1,
+                ask=ask,
+                floor=rate.margin_floor,
+                cap=rate.margin_cap,
+                half_life_s=HALF_LIFE_S,
+                fixed=rate.jitter_s,
+            )
+        used = rate.margin(stored)
+        wait = tat - rate.interval_for(used) - rate.tau_for(used) - now
+        return Slot(max(0.0, wait), used)
 
-    async def acquire(self, key: str, rate: Rate) -> float:
-        return await self._retrying(self.acquire_now, key, rate)
+    def acquire_now(self, key: str, rate: Rate, ask: float = 0.0) -> float:
+        """Seconds to wait for the next slot (``reserve_now``'s wait)."""
+        return self.reserve_now(key, rate, ask).wait
+
+    async def reserve(self, key: str, rate: Rate, ask: float = 0.0) -> Slot:
+        return await self._retrying(self.reserve_now, key, rate, ask)
 
     def penalize_now(self, key: str, rate: Rate, seconds: float) -> None:
         with self.db.engine.begin() as conn:
-            push_back(conn, key, bounded_penalty(seconds, rate), rate.tau_s)
+            push_back(conn, key, bounded_penalty(seconds, rate), rate.penalty_tau_s)
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
         await self._retrying(self.penalize_now, key, rate, seconds)

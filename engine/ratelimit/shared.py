@@ -9,10 +9,11 @@ keeps every key's TAT across processes and restarts; orphaned workers still fini
 last requests share the same schedule. The memory is shared (the page cache), the lock is
 ``flock`` on the file (held for microseconds: read one slot, compute, write it back).
 
-Layout: a 64-byte header (magic, boot id) and ``SLOTS`` slots of 32 bytes: a 16-byte digest
-of the key, the TAT (double, CLOCK_MONOTONIC seconds — one clock for every process of the
-machine) and 8 spare bytes. The monotonic clock restarts at boot, so a file written under
-another boot id is cleared.
+Layout: a 64-byte header (magic, boot id) and ``SLOTS`` slots of 48 bytes: a 16-byte digest
+of the key, then three doubles — the TAT, the key's margin J and when J was last set (both
+times CLOCK_MONOTONIC seconds: one clock for every process of the machine) — and 8 spare
+bytes. The monotonic clock restarts at boot, so a file written under another boot id is
+cleared, and so is a file of another layout (another magic: the 32-byte slots of v001).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import threading
 import time
 from pathlib import Path
 
-from engine.ratelimit.base import Rate, gcra, penalized
+from engine.ratelimit.base import KeyState, Rate, Slot, penalized, reserve_slot
 
-MAGIC = b"FFRLv001"
+MAGIC = b"FFRLv002"
 HEADER = 64
-SLOT = 32
+SLOT = 48
 SLOTS = 4096
 SIZE = HEADER + SLOT * SLOTS
-_TAT = struct.Struct("<d")
+_STATE = struct.Struct("<ddd")  # TAT, margin, margin set at; after the 16-byte digest
 
 
 def boot_id() -> bytes:
@@ -104,30 +105,37 @@ class SharedLimiter:
                 break
             if found == b"\0" * 16:
                 self._map[off : off + 16] = digest
-                _TAT.pack_into(self._map, off + 16, 0.0)
+                _STATE.pack_into(self._map, off + 16, 0.0, 0.0, 0.0)
                 break
         else:
             raise RuntimeError(f"rate-limit file {self.path} is full ({SLOTS} keys); delete it")
         self._slots[digest] = off
         return off
 
-    def acquire_now(self, key: str, rate: Rate) -> float:
+    def reserve_now(self, key: str, rate: Rate, ask: float = 0.0) -> Slot:
         with self._locked():
             off = self._slot(key) + 16
-            tat, wait = gcra(
-                _TAT.unpack_from(self._map, off)[0], self.clock(), rate.interval_s, rate.tau_s
-            )
-            _TAT.pack_into(self._map, off, tat)
-        return wait
+            state = KeyState(*_STATE.unpack_from(self._map, off))
+            slot = reserve_slot(state, self.clock(), rate, ask)
+            _STATE.pack_into(self._map, off, state.tat, state.margin, state.margin_at)
+        return slot
 
-    async def acquire(self, key: str, rate: Rate) -> float:
-        return self.acquire_now(key, rate)
+    def acquire_now(self, key: str, rate: Rate, ask: float = 0.0) -> float:
+        """Seconds to wait for the next slot (``reserve_now``'s wait)."""
+        return self.reserve_now(key, rate, ask).wait
+
+    def margin_of(self, key: str) -> float:
+        with self._locked():
+            return _STATE.unpack_from(self._map, self._slot(key) + 16)[1]
+
+    async def reserve(self, key: str, rate: Rate, ask: float = 0.0) -> Slot:
+        return self.reserve_now(key, rate, ask)
 
     def penalize_now(self, key: str, rate: Rate, seconds: float) -> None:
         with self._locked():
             off = self._slot(key) + 16
-            tat = penalized(_TAT.unpack_from(self._map, off)[0], self.clock(), seconds, rate)
-            _TAT.pack_into(self._map, off, tat)
+            tat = penalized(_STATE.unpack_from(self._map, off)[0], self.clock(), seconds, rate)
+            struct.pack_into("<d", self._map, off, tat)
 
     async def penalize(self, key: str, rate: Rate, seconds: float) -> None:
         self.penalize_now(key, rate, seconds)

@@ -441,6 +441,7 @@ class Answer:
     status: int | None = None
     retry_after: str | None = None
     location: str | None = None
+    head_s: float | None = None  # seconds from the send to the answer's head
 
 
 class BackfillExecutor(Executor):
@@ -493,6 +494,8 @@ class BackfillExecutor(Executor):
             began = time.perf_counter()
             answer = await self._request(url, same_origin=origin_of(url) == home)
             elapsed = (time.perf_counter() - began) * 1000
+            if answer.head_s is not None:  # it reached the server: how late, at most
+                self.gate.answered(self.key, answer.head_s)
             if answer.location is not None:
                 if hops < MAX_REDIRECTS:
                     url, hops = answer.location, hops + 1
@@ -521,6 +524,7 @@ class BackfillExecutor(Executor):
             if outcome == "rate_limited":
                 limited += 1
                 wait = retry_after_seconds(answer.retry_after)
+                self.gate.refused(self.key)  # the margin was too small: ask for more
                 await self.limiter.penalize(self.key, self.rate, wait)
                 if limited < MAX_RATE_LIMITED:
                     continue  # the gate's next slot is after Retry-After
@@ -534,8 +538,10 @@ class BackfillExecutor(Executor):
     async def _request(self, url: str, same_origin: bool) -> Answer:
         """One GET, redirects not followed; the body read up to ``max_body``."""
         headers = self.headers if same_origin else self.foreign_headers
+        began = time.monotonic()
         try:
             async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
+                head_s = time.monotonic() - began
                 status = resp.status
                 location = resp.headers.get("Location")
                 if status in REDIRECTS and location:
@@ -543,8 +549,9 @@ class BackfillExecutor(Executor):
                     await self._read(resp, 64 * 1024)  # small: the connection is reused
                     if origin_of(target) is None:
                         error = f"HTTP {status}: a redirect to {location!r}, not an http(s) URL"
-                        return Answer("bad_redirect", self.mask.cut(error, 500), status=status)
-                    return Answer(status=status, location=target)
+                        error = self.mask.cut(error, 500)
+                        return Answer("bad_redirect", error, status=status, head_s=head_s)
+                    return Answer(status=status, location=target, head_s=head_s)
                 raw = await self._read(resp, self.max_body)
                 if raw is None:
                     resp.close()  # stop the transfer
@@ -555,10 +562,10 @@ class BackfillExecutor(Executor):
                         else "the body grew over"
                     )
                     error = f"HTTP {status}: {what} --max-body-bytes {self.max_body:,}; not kept"
-                    return Answer("too_large", error, status=status)
+                    return Answer("too_large", error, status=status, head_s=head_s)
                 retry_after = resp.headers.get("Retry-After")
             outcome, error, retry, body = classify(status, raw, self.mask)
-            return Answer(outcome, error, retry, body, status, retry_after)
+            return Answer(outcome, error, retry, body, status, retry_after, head_s=head_s)
         except TimeoutError:
             return Answer("timeout", "no answer within the timeout", True)
         except (self._aiohttp.ClientError, OSError) as exc:
@@ -704,7 +711,7 @@ def format_report(r: dict[str, Any]) -> str:
     )
     lines.append(
         f"  limit:      {r['rate_limit']} (key {r['rate_key']}): {tp['requests_per_s']:.2f} "
-        f"requests/s = {lim['utilisation']:.3f} of the limit (schedule allows "
+        f"requests/s = {lim['utilisation']:.3f} of the limit (schedule allows at most "
         f"{lim['schedule_max']:.3f}); busiest {r['rate_limit'].split('/')[1]} window "
         f"{lim['peak_window_items']:,} items ({lim['peak_window_fraction']:.3f} of {lim['limit']:,})"
     )

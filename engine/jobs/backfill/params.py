@@ -129,7 +129,8 @@ class BackfillParams(TaskParams):
     rate_margin_s: float | None = param(
         None,
         description="how late a request may reach the API after its slot and still count in "
-        "the right window (default 2% of the period, 0.1 to 2 s); raise it on a jittery network",
+        "the right window (default: measured as the run goes, at least 0.5% of the period); "
+        "a fixed value is used as given",
         flag="--rate-margin",
         metavar="SECONDS",
         label="the rate margin",
