@@ -185,9 +185,10 @@ def test_cli_backfill_2000_ids_zero_429_each_once_failures_reported(
     }
     assert sum(w["items"] for w in report["workers"]) == 2000 and len(report["workers"]) == 2
     # Steady state runs at the schedule (0.97 of 200/1s with the margin this sim's 5-25 ms
-    # answers need on a quiet machine, less as a loaded one makes the margin grow); the
-    # whole span also holds the first partial second and the retry tail of the 500s.
-    assert 0.85 <= report["limit"]["peak_window_fraction"] <= 1.0
+    # answers need on a quiet machine; beside stress-ng the margin grows to 0.1-0.2 s and the
+    # busiest second holds ~0.85 of N); the whole span also holds the first partial second and
+    # the retry tail of the 500s.
+    assert 0.75 <= report["limit"]["peak_window_fraction"] <= 1.0
     assert 0.6 <= report["limit"]["utilisation"] <= 1.0
     human = cli("report", "--db", db, str(summary["run_id"]))
     assert "not_found (HTTP 404)" in human.stdout and "workers:" in human.stdout
