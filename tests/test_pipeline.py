@@ -356,7 +356,12 @@ class Cli:
         return int(line.removeprefix("[run] run ").split(":")[0])
 
     def finish(self, timeout: float = 30.0) -> tuple[int, str]:
-        out, _ = self.proc.communicate(timeout=timeout)
+        # Not communicate(): it would read (and close) stderr under the reader thread's feet.
+        # It prints one summary on stdout: far less than a pipe holds, so waiting first
+        # cannot block it, and the wait is bounded.
+        assert self.proc.stdout is not None
+        self.proc.wait(timeout)
+        out = self.proc.stdout.read()
         self._reader.join(5)
         return self.proc.returncode, out
 
