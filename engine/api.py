@@ -16,7 +16,7 @@ from engine.summary import run_summary
 from storage import queue as q
 from storage import runs
 from storage.db import Database
-from storage.errors import is_transient
+from storage.errors import is_transient, outage_delay
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def wait_run(
             outage += 1
             if outage == 1 or outage % 10 == 0:
                 log.warning("run %s: cannot reach the database (%s); waiting for it", run_id, exc)
-            sleep(min(10.0, 0.5 * 2 ** min(outage - 1, 5)))
+            sleep(outage_delay(outage))
             continue
         outage = 0
         if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):

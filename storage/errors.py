@@ -48,3 +48,9 @@ def is_database_outage(exc: BaseException) -> bool:
     import sqlalchemy as sa
 
     return is_transient(exc) and isinstance(exc, sa.exc.SQLAlchemyError)
+
+
+def outage_delay(failures: int) -> float:
+    """The wait before the next try after ``failures`` transient failures in a row: 0.5 s,
+    doubling, at most 10 s (every process waiting out our database uses the same)."""
+    return min(10.0, 0.5 * 2 ** min(max(failures, 1) - 1, 5))

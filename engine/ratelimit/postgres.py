@@ -18,12 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from engine.ratelimit.base import Rate, Slot, bounded_penalty
 from engine.ratelimit.margin import HALF_LIFE_S
-from storage.errors import is_transient
+from storage.errors import is_transient, outage_delay
 from storage.ratelimit import push_back, reserve
 
 log = logging.getLogger(__name__)
-
-RETRY_MAX_S = 10.0
 
 if TYPE_CHECKING:
     from storage.db import Database
@@ -82,7 +80,7 @@ class PgLimiter:
                 if not is_transient(exc):
                     raise
                 failures += 1
-                delay = min(RETRY_MAX_S, 0.5 * 2 ** min(failures - 1, 5))
+                delay = outage_delay(failures)
                 if failures == 1 or failures % 10 == 0:
                     log.warning(
                         "rate limit %s: cannot reach the database (%s); try %d in %.1f s",

@@ -30,7 +30,7 @@ from engine.settings import Settings
 from storage import queue as q
 from storage import runs
 from storage.db import Database
-from storage.errors import is_transient
+from storage.errors import is_transient, outage_delay
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Coordinator:
                 else:
                     self._stop.wait(max(0.0, next_watch - time.monotonic()))
                 if time.monotonic() >= next_watch:
-                    backoff = min(10.0, 0.5 * 2 ** min(failures, 5)) if failures else 0.0
+                    backoff = outage_delay(failures + 1) if failures else 0.0
                     next_watch = time.monotonic() + max(WATCH_EVERY_S, backoff)
                     self._watchdog()
                     failures = 0

@@ -23,13 +23,12 @@ from engine.jobs.base import Executor, WorkerEnv
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
 from engine.queue.base import Directive, QueueBackend, Reply, WorkerAction, flush_delay
 from engine.settings import Settings
+from storage.errors import outage_delay
 
 if TYPE_CHECKING:
     from engine.queue.boot import WorkerBoot
 
 log = logging.getLogger(__name__)
-
-RETRY_MAX_S = 10.0  # the longest wait between tries of an unreachable queue
 
 
 def error_result_data(executor: Executor, item: Any, exc: Exception) -> dict[str, Any]:
@@ -114,7 +113,7 @@ class Worker:
                 if not self.backend.is_transient(exc):
                     raise
                 failures += 1
-                delay = min(RETRY_MAX_S, 0.5 * 2 ** min(failures - 1, 5))
+                delay = outage_delay(failures)
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise
                 if until_exit and self.exiting.is_set():
