@@ -104,6 +104,7 @@ def navigation() -> st.navigation:  # type: ignore[valid-type]
                 st.Page(home, title="Home", icon=":material/dashboard:", default=True),
                 st.Page("pages/workers.py", title="Workers", icon=":material/memory:"),
                 st.Page("pages/runs.py", title="Runs & errors", icon=":material/list_alt:"),
+                st.Page("pages/schedules.py", title="Schedules", icon=":material/schedule:"),
             ],
             "Jobs": [
                 st.Page(info.page.path, title=info.page.title, icon=info.page.icon)

@@ -49,6 +49,21 @@ class Console:
     coordinator: Coordinator
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     closed: bool = False
+    _scheduler_stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _scheduler: threading.Thread | None = field(default=None, repr=False)
+
+    def start_scheduler(self) -> None:
+        """Fire due schedules into this server's runs (``Settings.scheduler``)."""
+        from engine.schedules.scheduler import Scheduler
+
+        scheduler = Scheduler(self.db, self.settings, self.coordinator.name)
+        self._scheduler = threading.Thread(
+            target=scheduler.run_forever,
+            args=(self._scheduler_stop, self.settings.scheduler_poll_s),
+            name="scheduler",
+            daemon=True,
+        )
+        self._scheduler.start()
 
     @property
     def settings(self) -> Settings:
@@ -74,6 +89,9 @@ class Console:
                 return
             self.closed = True
         atexit.unregister(self.close)
+        self._scheduler_stop.set()
+        if self._scheduler is not None:
+            self._scheduler.join(timeout)
         try:
             self.coordinator.shutdown(timeout)
         except Exception:  # never let a failed shutdown keep the database open
@@ -96,6 +114,8 @@ def start_console(url: str, settings: Settings | None = None) -> Console:
         db.dispose()
         raise
     console = Console(url=url, db=db, coordinator=coordinator)
+    if settings.scheduler:
+        console.start_scheduler()
     atexit.register(console.close)
     _live.add(console)
     return console

@@ -21,6 +21,7 @@ FLEET_PAGES: dict[str, str | None] = {
     "Home": None,
     "Workers": "pages/workers.py",
     "Runs & errors": "pages/runs.py",
+    "Schedules": "pages/schedules.py",
     "Data & export": "pages/data.py",
     "Settings": "pages/settings.py",
 }

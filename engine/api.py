@@ -24,13 +24,32 @@ TASKS_PER_TRANSACTION = 200
 
 
 def submit_run(
-    db: Database, settings: Settings, kind_name: str, params: dict[str, Any], coordinator: str
+    db: Database,
+    settings: Settings,
+    kind_name: str,
+    params: dict[str, Any],
+    coordinator: str,
+    on_create: Callable[[Any, int], None] | None = None,
 ) -> int:
-    """Validate parameters, create the run, plan its tasks (streamed), and start it."""
+    """Validate parameters, create the run, plan its tasks (streamed), and start it.
+
+    ``on_create(conn, run_id)`` runs in the transaction that creates the run: a scheduler
+    records its fire there, so the run exists exactly when the fire does."""
     kind = get_kind(kind_name, settings)
     params = kind.prepare(params)
     with db.begin() as conn:
         run_id = runs.create_run(conn, kind_name, params, coordinator)
+        if on_create is not None:
+            on_create(conn, run_id)
+    plan_run(db, settings, run_id)
+    return run_id
+
+
+def plan_run(db: Database, settings: Settings, run_id: int) -> None:
+    """Plan a created run's tasks (streamed, a chunk of batches per transaction), start it."""
+    with db.connect() as conn:
+        kind_name, params = q.run_kind_params(conn, run_id)
+    kind = get_kind(kind_name, settings)
     try:
         seq = 0
         batches: Iterator[Sequence[Any]] = iter(kind.plan(db, run_id, params))
@@ -46,7 +65,6 @@ def submit_run(
         raise
     with db.begin() as conn:
         runs.start_run(conn, run_id)
-    return run_id
 
 
 def wait_run(

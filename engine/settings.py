@@ -58,3 +58,11 @@ class Settings(BaseSettings):
         description="The database URL remote workers get, when the hosts reach PostgreSQL at "
         "another address than this machine does (FETCHFLEET_WORKER_DB).",
     )
+    scheduler: bool = Field(
+        True,
+        description="The console's server fires due schedules (FETCHFLEET_SCHEDULER=0: leave "
+        "it to `engine.run scheduler`; several schedulers on one PostgreSQL are safe).",
+    )
+    scheduler_poll_s: float = Field(
+        5.0, gt=0, description="Seconds between a scheduler's looks for due schedules."
+    )

@@ -50,6 +50,7 @@ CHROMIUM_ARGS = [
 PAGES = {  # sidebar label -> (screenshot name, heading)
     "Workers": ("workers", "Workers"),
     "Runs & errors": ("runs", "Runs & errors"),
+    "Schedules": ("schedules", "Schedules"),
     "Data & export": ("data", "Data & export"),
     "Settings": ("settings", "Settings"),
     "Scraping": ("scraping", "Scraping"),

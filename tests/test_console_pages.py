@@ -99,6 +99,11 @@ EXPECTED_WITH_DATA = {
         len(at.dataframe[0].value) == 50 and "password_enc" not in at.dataframe[0].value.columns
     ),
     "Settings": lambda at: "console.duckdb" in at.code[0].value,
+    # The seed has no schedules: the page lists none and offers its form.
+    "Schedules": lambda at: (
+        any("No schedule yet" in i.value for i in at.info)
+        and "Add schedule" in [b.label for b in at.get("form_submit_button")]
+    ),
     # Seeded with validate runs only: the job pages offer their Start form and say so.
     "Scraping": lambda at: (
         at.title[0].value == "Scraping"

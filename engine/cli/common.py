@@ -23,6 +23,15 @@ log = logging.getLogger("fetchfleet")
 EXIT_OK, EXIT_NOT_COMPLETED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 
 
+class JobCaptured(Exception):
+    """Raised by ``run_job`` in capture mode (``args.capture_job``): the job a command line
+    describes, checked by its kind like a run, for ``schedule add`` to keep."""
+
+    def __init__(self, kind: str, params: dict[str, Any], settings: dict[str, Any]) -> None:
+        super().__init__(kind)
+        self.kind, self.params, self.settings = kind, params, settings
+
+
 class UserError(Exception):
     """Bad input: the message says what to change. Exit code 2, no traceback."""
 
@@ -66,7 +75,8 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a command line gave (the pool's and the run's task shape)."""
     overrides = {
         key: getattr(args, key)
         for key in ("workers", "concurrency", "batch_size", "max_attempts")
@@ -74,8 +84,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     }
     if getattr(args, "timeout", None) is not None:
         overrides["check_timeout_s"] = args.timeout
+    return overrides
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
     try:
-        return Settings(**overrides)
+        return Settings(**given_settings(args))
     except Exception as exc:  # pydantic's message names the field and the bound
         raise UserError(f"invalid option: {exc}") from None
 
@@ -169,6 +183,8 @@ def run_job(args: argparse.Namespace, kind: str, params: dict[str, Any]) -> int:
     from engine.summary import add_summary_extra
 
     settings = settings_from(args)
+    if getattr(args, "capture_job", False):  # `schedule add … -- JOB`: keep it, run nothing
+        raise JobCaptured(kind, params, given_settings(args))
     db = open_db(args)
     if db.is_duckdb and settings.workers == 0:
         db.dispose()

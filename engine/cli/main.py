@@ -12,7 +12,7 @@ from storage.errors import StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import demo, fetch, fleet, runs
+    from engine.cli import demo, fetch, fleet, runs, schedule
     from engine.jobs import kinds
 
     p = argparse.ArgumentParser(
@@ -30,12 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)
     fetch.add_commands(sub)  # fetch, doctor
     fleet.add_commands(sub)  # hosts, fleet (workers over ssh)
+    schedule.add_commands(sub)  # schedule, scheduler
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    job: list[str] | None = None
+    if "--" in argv and "schedule" in argv[: argv.index("--")]:
+        # `schedule add NAME … -- JOB`: the job's own flags are not ours to parse
+        cut = argv.index("--")
+        argv, job = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    if job is not None:
+        args.job = job
     from engine.logs import setup_logging
 
     setup_logging(args.log_level)

@@ -173,8 +173,9 @@ def components() -> list[Component]:
         cached = _derived.get("components")
     if cached is None:
         from storage.hosts import COMPONENT as fleet
+        from storage.schedules import COMPONENT as schedules
 
-        cached = [fleet]
+        cached = [fleet, schedules]
         for info in kinds().values():
             component = info.load_schema()
             if component is not None and all(c.name != component.name for c in cached):
