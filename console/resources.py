@@ -24,6 +24,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
@@ -51,6 +52,18 @@ class Console:
     closed: bool = False
     _scheduler_stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _scheduler: threading.Thread | None = field(default=None, repr=False)
+    _metrics: Any = field(default=None, repr=False)
+    metrics_port: int | None = None  # where /metrics is served, when it is
+
+    def start_metrics(self, port: int) -> None:
+        """Serve /metrics on 127.0.0.1 (``Settings.metrics_port``); a port in use is logged,
+        not fatal: the console itself must still start."""
+        from engine.metrics import serve
+
+        try:
+            self._metrics, _thread, self.metrics_port = serve(self.db, port)
+        except OSError as exc:
+            log.warning("console: cannot serve metrics on port %s: %s", port, exc)
 
     def start_scheduler(self) -> None:
         """Fire due schedules into this server's runs (``Settings.scheduler``)."""
@@ -92,6 +105,8 @@ class Console:
         self._scheduler_stop.set()
         if self._scheduler is not None:
             self._scheduler.join(timeout)
+        if self._metrics is not None:
+            self._metrics.shutdown()
         try:
             self.coordinator.shutdown(timeout)
         except Exception:  # never let a failed shutdown keep the database open
@@ -116,6 +131,8 @@ def start_console(url: str, settings: Settings | None = None) -> Console:
     console = Console(url=url, db=db, coordinator=coordinator)
     if settings.scheduler:
         console.start_scheduler()
+    if settings.metrics_port is not None:
+        console.start_metrics(settings.metrics_port)
     atexit.register(console.close)
     _live.add(console)
     return console

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         description="The console's server fires due schedules (FETCHFLEET_SCHEDULER=0: leave "
         "it to `engine.run scheduler`; several schedulers on one PostgreSQL are safe).",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="The console's server also serves /metrics (Prometheus) on this port of "
+        "127.0.0.1 (FETCHFLEET_METRICS_PORT); `engine.run metrics` does it standalone.",
+    )
     scheduler_poll_s: float = Field(
         5.0, gt=0, description="Seconds between a scheduler's looks for due schedules."
     )

@@ -70,6 +70,22 @@ def _v5_rate_margin(conn: sa.Connection) -> None:
         )
 
 
+def _v10_metrics_indexes(conn: sa.Connection) -> None:
+    # PostgreSQL only (DuckDB scans a column in milliseconds and pays for every index on
+    # insert): the time windows the metrics endpoint reads every scrape.
+    if conn.dialect.name != "postgresql":
+        return
+    for name, table, column in METRICS_INDEXES:
+        conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({column})"))
+
+
+METRICS_INDEXES = (
+    ("ix_backfill_items_fetched", "backfill_items", "fetched_at"),
+    ("ix_urls_fetched", "urls", "fetched_at"),
+    ("ix_errors_created", "errors", "created_at"),
+)
+
+
 # (version, description, step). Append new steps; never edit released ones: steps 2 and 3
 # hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
 # their own; a new kind's tables go into its own Component, not into a core step.
@@ -91,6 +107,7 @@ STEPS: list[tuple[int, str, Step]] = [
     ),
     (4, "component_versions: the schema steps of plugin kinds' components", _v4_components),
     (5, "rate_limits.margin, margin_at: the measured margin of each key", _v5_rate_margin),
+    (10, "indexes on the logs' time columns the metrics endpoint reads", _v10_metrics_indexes),
 ]
 
 LATEST = STEPS[-1][0]
