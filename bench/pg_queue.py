@@ -2,7 +2,7 @@
 
     python bench/pg_queue.py [--db postgresql://postgres@127.0.0.1:5432/postgres]
                              [--workers 1,4,16,64] [--kinds validate,backfill,scrape]
-                             [--items 20000] [--pages 2000] [--processes 4] [--idle-s 3]
+                             [--items 100000] [--pages 6000] [--processes 4] [--idle-s 3]
                              [--out bench/out/pg_queue.json] [--keep-db]
 
 Each configuration is one run of a kind with a fixed item count, planned into tasks of 50
@@ -517,8 +517,8 @@ def main() -> None:
     ap.add_argument("--db", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     ap.add_argument("--workers", default="1,4,16,64")
     ap.add_argument("--kinds", default="validate,backfill,scrape")
-    ap.add_argument("--items", type=int, default=20_000, help="per validate/backfill run")
-    ap.add_argument("--pages", type=int, default=2_000, help="per scrape run")
+    ap.add_argument("--items", type=int, default=100_000, help="per validate/backfill run")
+    ap.add_argument("--pages", type=int, default=6_000, help="per scrape run")
     ap.add_argument("--processes", type=int, default=4, help="worker processes at most")
     ap.add_argument("--idle-s", type=float, default=3.0)
     ap.add_argument("--timeout", type=float, default=180.0, help="per configuration")
