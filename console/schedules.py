@@ -60,10 +60,18 @@ def fires_frame(db: Database, limit: int = 50) -> pd.DataFrame:
 
 
 def add_from_form(
-    c: Any, name: str, when: str, tz: str, command: str, overlap: str, missed: str
+    c: Any,
+    name: str,
+    when: str,
+    tz: str,
+    command: str,
+    overlap: str,
+    missed: str,
+    pending: Any = None,
 ) -> dict[str, str]:
-    """Add the schedule; returns the problems by field (empty: added). The command line is
-    checked by the same path as ``schedule add`` (its kind's flags and parameters)."""
+    """Add the schedule; returns the problems by field (empty: added). The job is
+    ``pending`` (a job page's "Schedule this…", checked by that page's form) or the command
+    line, checked by the same path as ``schedule add`` (its kind's flags and parameters)."""
     from engine.cli.common import UserError, parse_duration
     from engine.cli.schedule import capture_job
     from engine.jobs.params import ParamError
@@ -88,13 +96,15 @@ def add_from_form(
         except ValueError as exc:
             field = "Time zone" if "time zone" in str(exc) else "When"
             problems[field] = str(exc)
-    job = None
+    job = pending
     try:
-        argv = shlex.split(command or "")
+        argv = [] if pending is not None else shlex.split(command or "")
     except ValueError as exc:
         problems["Job"] = f"cannot split the command line: {exc}"
         argv = []
-    if not argv and "Job" not in problems:
+    if pending is not None:
+        pass
+    elif not argv and "Job" not in problems:
         problems["Job"] = "give the job's command line, e.g. validate --revalidate --judge URL"
     elif (argv and argv[0] in ("python", "python3")) or argv[:2] == ["-m", "engine.run"]:
         problems["Job"] = "start with the command (validate, scrape, backfill), not python -m …"
@@ -115,3 +125,46 @@ def add_from_form(
     except ScheduleError as exc:  # the name: taken, or not usable
         return {"Name": str(exc)}
     return {}
+
+
+PENDING = "sched_job"  # session key: a job page's "Schedule this…" waiting for its timing
+SUMMARY_SKIP = ("spec_text", "file_roots", "spec_dir", "headers")
+
+
+def job_from_page(c: Any, kind: str, params: dict[str, Any], file_keys: tuple[str, ...]) -> Any:
+    """The job a page's form describes, for a schedule. A pasted or uploaded list is moved
+    out of ``data/uploads`` (deleted when a run using it ends) to ``data/scheduled``, where
+    it stays for every fire; removing the schedule leaves it for the operator to delete."""
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    from engine.schedules.service import Job
+
+    params = dict(params)
+    keep = c.settings.data_dir / "scheduled"
+    for key in file_keys:
+        value = params.get(key)
+        if not value:
+            continue
+        path = Path(value)
+        if path.resolve().is_relative_to(c.uploads_dir.resolve()):
+            keep.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target = keep / f"{uuid.uuid4().hex[:8]}-{path.name}"
+            shutil.move(path, target)
+            params[key] = str(target)
+    shown = ", ".join(
+        f"{k}={v}"
+        for k, v in sorted(params.items())
+        if v not in (None, "", []) and k not in SUMMARY_SKIP
+    )
+    return Job(kind, params, {}, f"{kind} (from the console): {shown}")
+
+
+def schedule_this(c: Any, kind: str, params: dict[str, Any], file_keys: tuple[str, ...]) -> None:
+    """A job page's "Schedule this…": keep the job its form checked and go to the Schedules
+    page, where the timing is chosen."""
+    import streamlit as st
+
+    st.session_state[PENDING] = job_from_page(c, kind, params, file_keys)
+    st.switch_page("pages/schedules.py")

@@ -19,7 +19,7 @@ from typing import Any
 
 import streamlit as st
 
-from console import forms, reads, views
+from console import forms, reads, schedules, views
 from console.resources import Console, console_or_stop
 from engine.api import submit_run
 from engine.jobs.backfill.params import BackfillParams
@@ -88,9 +88,15 @@ def start_form(c: Console) -> None:
         names = ("batch_size", "timeout_s", "item_attempts", "workers", "concurrency")
         for col, name in zip(st.columns(5), names, strict=True):
             slots[name] = col.empty()
-        submitted = st.form_submit_button("Start", type="primary", key="bf_start")
+        b1, b2 = st.columns([1, 5])
+        submitted = b1.form_submit_button("Start", type="primary", key="bf_start")
+        schedule = b2.form_submit_button(
+            "Schedule this…",
+            key="bf_schedule",
+            help="keep this job and start it by a cron expression or an interval (Schedules page)",
+        )
     general = st.empty()
-    if not submitted:
+    if not (submitted or schedule):
         return
 
     result = forms.check_backfill(
@@ -132,6 +138,9 @@ def start_form(c: Console) -> None:
     assert data is not None
     path = forms.save_list(data, c.uploads_dir, name)
     params = {**result.params, "ids_file": str(path)}
+    if schedule:
+        schedules.schedule_this(c, "backfill", params, ("ids_file",))
+        return
     coord = c.coordinator
     try:
         with st.spinner("Reading the IDs and planning the run…"):

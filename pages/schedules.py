@@ -12,10 +12,17 @@ import pandas as pd
 import streamlit as st
 
 from console.resources import Console, console_or_stop
-from console.schedules import add_from_form, fires_frame, schedules_frame
+from console.schedules import PENDING, add_from_form, fires_frame, schedules_frame
 
 
 def add_form(c: Console) -> None:
+    pending = st.session_state.get(PENDING)
+    if pending is not None:
+        a, b = st.columns([5, 1], vertical_alignment="center")
+        a.info(f"Scheduling the job from its page: {pending.command}")
+        if b.button("Cancel", key="sched_cancel", width="stretch"):
+            st.session_state.pop(PENDING, None)
+            st.rerun()
     with st.form("schedule_add", border=True):
         a, b, d = st.columns([2, 2, 1])
         name = a.text_input("Name", key="sched_name", placeholder="nightly-revalidate")
@@ -25,11 +32,13 @@ def add_form(c: Console) -> None:
             placeholder="0 3 * * *   or   30m",
         )
         tz = d.text_input("Time zone", value="UTC", key="sched_tz")
-        command = st.text_input(
-            "Job: the command line you would run by hand",
-            key="sched_cmd",
-            placeholder="validate --revalidate --minutes-old 60 --judge http://…/get",
-        )
+        command = ""
+        if pending is None:
+            command = st.text_input(
+                "Job: the command line you would run by hand",
+                key="sched_cmd",
+                placeholder="validate --revalidate --minutes-old 60 --judge http://…/get",
+            )
         e, f = st.columns(2)
         overlap = e.radio(
             "While the previous run still goes",
@@ -46,11 +55,12 @@ def add_form(c: Console) -> None:
         added = st.form_submit_button("Add schedule", key="sched_add")
     if not added:
         return
-    problems = add_from_form(c, name, when, tz, command, overlap, missed)
+    problems = add_from_form(c, name, when, tz, command, overlap, missed, pending)
     if problems:
         for field, message in problems.items():
             st.error(f"{field}: {message}")
     else:
+        st.session_state.pop(PENDING, None)
         st.session_state["sched_msg"] = f"added schedule {name}"
         st.rerun()  # the list above shows it
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import streamlit as st
 
-from console import forms, reads, views
+from console import forms, reads, schedules, views
 from console.resources import Console, console_or_stop
 from engine import files
 from engine.api import submit_run
@@ -125,9 +125,15 @@ def start_form(c: Console) -> None:
         names = ("max_pages", "batch_size", "workers", "concurrency")
         for col, field in zip(st.columns(4), names, strict=True):
             slots[field] = col.empty()
-        submitted = st.form_submit_button("Start", type="primary", key="sc_start")
+        b1, b2 = st.columns([1, 5])
+        submitted = b1.form_submit_button("Start", type="primary", key="sc_start")
+        schedule = b2.form_submit_button(
+            "Schedule this…",
+            key="sc_schedule",
+            help="keep this job and start it by a cron expression or an interval (Schedules page)",
+        )
     general = st.empty()
-    if not submitted:
+    if not (submitted or schedule):
         if "spec" in errors:
             views.field_error(slots["spec"], errors, "spec")
         return
@@ -151,6 +157,9 @@ def start_form(c: Console) -> None:
         views.show_errors(
             slots, errors, general, "Nothing was started: fix the fields marked above."
         )
+        return
+    if schedule:
+        schedules.schedule_this(c, "scrape", result.params, ())
         return
     coord = c.coordinator
     try:

@@ -11,7 +11,7 @@ import math
 
 import streamlit as st
 
-from console import forms, reads, views
+from console import forms, reads, schedules, views
 from console.resources import Console, console_or_stop
 from engine.api import submit_run
 from engine.jobs.params import ParamError
@@ -104,9 +104,15 @@ def start_form(c: Console) -> None:
             st.columns(4), ("timeout_s", "batch_size", "workers", "concurrency"), strict=True
         ):
             slots[name] = col.empty()
-        submitted = st.form_submit_button("Start", type="primary", key="val_start")
+        b1, b2 = st.columns([1, 5])
+        submitted = b1.form_submit_button("Start", type="primary", key="val_start")
+        schedule = b2.form_submit_button(
+            "Schedule this…",
+            key="val_schedule",
+            help="keep this job and start it by a cron expression or an interval (Schedules page)",
+        )
     general = st.empty()
-    if not submitted:
+    if not (submitted or schedule):
         return
 
     errors: dict[str, str] = {}
@@ -150,6 +156,9 @@ def start_form(c: Console) -> None:
         views.show_errors(
             slots, errors, general, "Nothing was started: fix the fields marked above."
         )
+        return
+    if schedule:
+        schedules.schedule_this(c, "validate", params, ("proxies_file",))
         return
     run_id = _start(c, params, int(workers), int(concurrency), slots, general)
     if run_id is not None:

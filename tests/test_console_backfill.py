@@ -132,3 +132,48 @@ def test_backfill_start_runs_under_the_limit_and_reports(console_env: str, world
         run = get_run(conn, 1)
     assert run is not None and TOKEN not in json.dumps(run.params)
     assert run.params["headers"] == [{"name": "Authorization", "env": VAR}]
+
+
+def test_schedule_this_keeps_the_checked_job_and_its_fire_completes(
+    console_env: str, world: SimWorld
+) -> None:
+    """Backfill page → "Schedule this…" → Schedules page with the job pending → a schedule;
+    the uploaded list outlives a run that used it (it moved out of data/uploads), so a
+    second fire still has it."""
+    from engine.schedules.scheduler import Scheduler
+
+    world.api_reset()
+    ids = world.ids_file.read_bytes()
+    at = run_page(PAGE)
+    at.file_uploader(key="bf_upload").set_value(("ids.txt", ids, "text/plain"))
+    at.text_input(key="bf_template").set_value(world.api_template)
+    at.text_input(key="bf_rate").set_value("80/1s")
+    at.text_area(key="bf_headers").set_value(f"Authorization=env:{VAR}")
+    at.form_submit_button(key="bf_schedule").click().run()
+    assert not errors_of(at), errors_of(at)
+    assert at.title[0].value == "Schedules"
+    at.switch_page("pages/schedules.py").run()  # AppTest's next run would be the old page's
+    assert "Scheduling the job from its page: backfill (from the console)" in at.info[-1].value
+    at.text_input(key="sched_name").set_value("nightly-ids")
+    at.text_input(key="sched_when").set_value("0 3 * * *")
+    at.form_submit_button(key="sched_add").click().run()
+    assert at.success and at.success[0].value == "added schedule nightly-ids", (
+        at.title[0].value, errors_of(at), [i.value for i in at.info])
+    assert not [i for i in at.info if "Scheduling the job" in i.value]  # no longer pending
+
+    c = get_console(console_env)
+    with c.db.connect() as conn:
+        from storage import dashboard as dash
+        from storage.schedules import get
+
+        assert dash.runs_by_status(conn) == {}  # scheduled, not started
+        row = get(conn, "nightly-ids")
+    assert row is not None and "/scheduled/" in row.params["ids_file"]
+    assert TOKEN not in json.dumps(row.params)
+    for expected_run in (1, 2):  # the list is still there for the second fire
+        fired = Scheduler(c.db, c.settings, c.coordinator.name).fire("nightly-ids", True)
+        assert fired is not None and fired.run_id == expected_run, fired
+        summary = wait_run(c.db, expected_run, poll_s=0.2, timeout_s=90)
+        assert summary["status"] == "completed", summary
+        assert summary["counts"]["done"] == len(ids.split())
+    assert Path(row.params["ids_file"]).exists()
