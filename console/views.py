@@ -132,3 +132,16 @@ def fmt_duration(secs: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m {seconds % 60:02d}s"
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def start_buttons(prefix: str) -> tuple[bool, bool]:
+    """A job form's two submit buttons: Start (``{prefix}_start``) and Schedule this…
+    (``{prefix}_schedule``: the same checks, then the Schedules page asks for the timing)."""
+    left, right = st.columns([1, 5])
+    submitted = left.form_submit_button("Start", type="primary", key=f"{prefix}_start")
+    schedule = right.form_submit_button(
+        "Schedule this…",
+        key=f"{prefix}_schedule",
+        help="keep this job and start it by a cron expression or an interval (Schedules page)",
+    )
+    return submitted, schedule

@@ -88,13 +88,7 @@ def start_form(c: Console) -> None:
         names = ("batch_size", "timeout_s", "item_attempts", "workers", "concurrency")
         for col, name in zip(st.columns(5), names, strict=True):
             slots[name] = col.empty()
-        b1, b2 = st.columns([1, 5])
-        submitted = b1.form_submit_button("Start", type="primary", key="bf_start")
-        schedule = b2.form_submit_button(
-            "Schedule this…",
-            key="bf_schedule",
-            help="keep this job and start it by a cron expression or an interval (Schedules page)",
-        )
+        submitted, schedule = views.start_buttons("bf")
     general = st.empty()
     if not (submitted or schedule):
         return

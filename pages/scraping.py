@@ -125,13 +125,7 @@ def start_form(c: Console) -> None:
         names = ("max_pages", "batch_size", "workers", "concurrency")
         for col, field in zip(st.columns(4), names, strict=True):
             slots[field] = col.empty()
-        b1, b2 = st.columns([1, 5])
-        submitted = b1.form_submit_button("Start", type="primary", key="sc_start")
-        schedule = b2.form_submit_button(
-            "Schedule this…",
-            key="sc_schedule",
-            help="keep this job and start it by a cron expression or an interval (Schedules page)",
-        )
+        submitted, schedule = views.start_buttons("sc")
     general = st.empty()
     if not (submitted or schedule):
         if "spec" in errors:

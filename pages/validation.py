@@ -104,13 +104,7 @@ def start_form(c: Console) -> None:
             st.columns(4), ("timeout_s", "batch_size", "workers", "concurrency"), strict=True
         ):
             slots[name] = col.empty()
-        b1, b2 = st.columns([1, 5])
-        submitted = b1.form_submit_button("Start", type="primary", key="val_start")
-        schedule = b2.form_submit_button(
-            "Schedule this…",
-            key="val_schedule",
-            help="keep this job and start it by a cron expression or an interval (Schedules page)",
-        )
+        submitted, schedule = views.start_buttons("val")
     general = st.empty()
     if not (submitted or schedule):
         return
