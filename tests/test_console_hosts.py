@@ -64,8 +64,15 @@ def add_host(at: Any, name: str, ssh: str, workdir: str = str(ROOT), countries: 
     return at.form_submit_button(key="hosts_add").click().run()
 
 
+def frame_with(at: Any, column: str) -> Any:
+    """The table on the page that has ``column`` (a dataframe's key is not in AppTest's tree),
+    or None."""
+    found = [d.value for d in at.dataframe if column in d.value.columns]
+    return found[0] if found else None
+
+
 def checks(at: Any) -> dict[str, tuple[str, str]]:
-    frame = at.dataframe(key="hosts_checks_table").value
+    frame = frame_with(at, "check")
     return {r["check"]: (r["result"], r["detail"]) for _, r in frame.iterrows()}
 
 
@@ -95,8 +102,7 @@ def test_add_host_form_says_which_field_is_wrong(pg_console: str) -> None:
         "countries '<b>': write names separated by commas, e.g. India,Malaysia",
     ]
     assert [e.value for e in right.error] == [
-        "ssh target '-oProxyCommand=touch /tmp/x': write an ssh_config alias or "
-        "[user@]host[:port]",
+        "ssh target '-oProxyCommand=touch /tmp/x': write an ssh_config alias or [user@]host[:port]",
         "the project directory there is needed, e.g. fetchfleet or /srv/fetchfleet",
     ]
 
@@ -133,8 +139,7 @@ def wait_table(at: Any, cond: Any, within_s: float = 60.0) -> Any:
         nonlocal frame
         reads.st.cache_data.clear()
         at.run()
-        found = [d for d in at.dataframe if d.key == "workers_table"]
-        frame = found[0].value if found else None
+        frame = frame_with(at, "heartbeat_age_s")
         return frame is not None and bool(cond(frame))
 
     wait_for(ready, within_s, "the workers table")
@@ -147,7 +152,7 @@ def test_hosts_from_the_console_on_two_lab_hosts(lab: Lab, lab_console: str, pg_
     for name, host in zip(["h0", "h1"], lab.hosts, strict=True):
         add_host(at, name, host.alias)
         assert f"added host {name} ({host.alias})" in at.success[0].value
-    table = at.dataframe(key="hosts_table").value
+    table = frame_with(at, "live workers")
     assert list(table["host"]) == ["h0", "h1"] and list(table["live workers"]) == [0, 0]
 
     # the connection test, check by check
@@ -184,7 +189,7 @@ def test_hosts_from_the_console_on_two_lab_hosts(lab: Lab, lab_console: str, pg_
     )
     row = frame[frame["host"] == "h0"].iloc[0]
     assert row["kind"] == "standalone" and row["heartbeat_age_s"] is not None
-    assert at.dataframe(key="hosts_table").value.set_index("host")["live workers"]["h0"] == 1
+    assert frame_with(at, "live workers").set_index("host")["live workers"]["h0"] == 1
 
     # its log: the last lines, read over ssh
     [log] = launch_logs(pg_url)

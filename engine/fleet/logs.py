@@ -75,8 +75,9 @@ def find_launch(
 
 def tail_command(log_path: str, lines: int, follow: bool = False) -> str:
     """The remote shell line: the last ``lines`` lines; with ``follow``, then every new line
-    until this side closes the channel (``tail`` runs in the background, ``cat`` waits for
-    the end of stdin and ends it: no ``tail -F`` left behind on the host)."""
+    until this side closes the channel: ``tail`` runs in the background and ``cat`` waits for
+    the end of stdin, then ends it, so no ``tail -F`` is left behind on the host (GNU tail
+    notices a closed pipe by itself; BusyBox and BSD tails only when they next write)."""
     if not 1 <= lines <= MAX_LINES:
         raise FleetError(f"--lines must be between 1 and {MAX_LINES:,}")
     path = shlex.quote(log_path)
