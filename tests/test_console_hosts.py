@@ -20,6 +20,7 @@ from console.hosts import NEEDS_POSTGRES
 from console.resources import get_console, shutdown_all
 from console.testing import run_page, use_fresh_database
 from engine.fleet.hosts import list_hosts
+from tests.conftest import require_tool
 from tests.fleet_lab import PASSWORD, ROOT, fleet_env, launch_logs, wait_for, with_password
 from tests.netns import Lab
 
@@ -119,6 +120,21 @@ def test_add_host_form_says_which_field_is_wrong(pg_console: str) -> None:
     assert "exists already" in form_block(at, "hosts_add_form").columns[0].error[0].value
     [host] = list_hosts(get_console(pg_console).db)
     assert (host.ssh_target, host.countries) == ("deploy@10.0.0.5:2222", "India,Malaysia")
+
+    # a host ssh cannot reach: the first check fails with ssh's reason, the others wait
+    require_tool("ssh", "openssh-client")
+    add_host(at, "nowhere", "nobody@ff-no-such-host.invalid")
+    at.selectbox(key="hosts_pick").set_value("nowhere").run()
+    at.button(key="hosts_test").click().run()
+    assert "Could not resolve hostname ff-no-such-host.invalid" in at.error[0].value
+    got = checks(at)
+    assert (
+        got["reachable over ssh"][0] == "failed"
+        and "Could not resolve" in got["reachable over ssh"][1]
+    )
+    assert {got[k][0] for k in got if k != "reachable over ssh"} == {"not checked"}
+    at.button(key="hosts_remove").click().run()
+    assert "removed host nowhere" in at.success[0].value
 
     at.number_input(key="hosts_n").set_value(0)
     at.form_submit_button(key="hosts_start").click().run()
