@@ -1,6 +1,7 @@
 """Workers: every worker (this server's pool and, with PostgreSQL, standalone and remote
 ones) with host, pid, status, heartbeat age, the tasks it holds, items done and items/s;
-the pool size and concurrency controls; stopping one worker.
+the pool size and concurrency controls; stopping one worker; with PostgreSQL the Hosts
+section (``console.hosts``): machines that run workers started over ssh.
 
 Pool size → ``Coordinator.resize`` (grow now; shrink by asking the newest workers to finish
 and exit). Concurrency → ``Coordinator.set_concurrency`` (each worker is replaced gracefully).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from console import reads, views
+from console import hosts, reads, views
 from console.resources import Console, console_or_stop
 from storage import runs as run_store
 from storage.dashboard import ALIVE_WORKER_STATUSES
@@ -130,6 +131,7 @@ def main() -> None:
     c = console_or_stop()
     pool_controls(c)
     live_workers(c)
+    hosts.section(c)
 
 
 if __name__ == "__main__":

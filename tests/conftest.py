@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from storage.db import Database, open_database
+from tests.netns import Lab
 
 PG_ADMIN_URL = os.environ.get(
     "FETCHFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -91,6 +92,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "duckdb":
         return f"duckdb:///{tmp_path / 'ff.duckdb'}"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The fleet tests' hosts (tests/fleet_lab.py): one lab for the whole session."""
+    from tests.fleet_lab import build_lab
+
+    with build_lab(tmp_path_factory.mktemp("lab") / "hosts") as built:
+        yield built
 
 
 @pytest.fixture

@@ -114,6 +114,53 @@ class Relay:
                 writer.close()
 
 
+class LabLock:
+    """One lab on the machine at a time: every lab uses 10.77.0.0/24 and the relay's port on
+    10.77.0.1, so two test sessions (two checkouts) would collide. An ``flock`` on a file in
+    /run/lock serialises them; a session waits for the other's lab to go (bounded by
+    FETCHFLEET_LAB_WAIT_S, 900 s), also for a lab of a checkout that takes no lock (the
+    bridge address still assigned)."""
+
+    path = (Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")) / "fetchfleet-lab"
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+
+    def take(self) -> LabLock:
+        import fcntl
+
+        within_s = float(os.environ.get("FETCHFLEET_LAB_WAIT_S", "900"))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _address_in_use(SUBNET_HOST):
+                    break
+                fcntl.flock(fd, fcntl.LOCK_UN)  # an unlocked lab still stands: wait for it
+            except BlockingIOError:
+                pass
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError(
+                    f"another test session's namespace lab ({SUBNET_HOST}) stood for "
+                    f"{within_s:.0f} s: wait for it to end (FETCHFLEET_LAB_WAIT_S)"
+                )
+            time.sleep(1.0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops the flock
+            self.fd = None
+
+
+def _address_in_use(address: str) -> bool:
+    out = subprocess.run(["ip", "-br", "addr"], capture_output=True, text=True, timeout=30).stdout
+    return any(part.split("/")[0] == address for line in out.splitlines() for part in line.split())
+
+
 @dataclass
 class Host:
     """One namespace: its name, address, the host end of its veth (cut it with `link down`)."""
@@ -134,12 +181,14 @@ class Lab:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:5])
     hosts: list[Host] = field(default_factory=list)
     bridge: str = ""
+    _lock: LabLock | None = field(default=None, repr=False)
 
     @property
     def ssh_config(self) -> Path:
         return self.dir / "ssh_config"
 
     def __enter__(self) -> Lab:
+        self._lock = LabLock().take()  # the addresses are the machine's: one lab at a time
         try:
             self._build()
         except BaseException:
@@ -256,6 +305,9 @@ class Lab:
         if self.bridge:
             with contextlib.suppress(subprocess.CalledProcessError):
                 _ip("link", "del", self.bridge)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @staticmethod
     def _kill_leftovers(host: Host) -> None:

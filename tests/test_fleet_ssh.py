@@ -10,54 +10,28 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
-import time
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
-import sqlalchemy as sa
 
 from sim.api import ApiConfig, expected_outcome
 from sim.world import SimWorld, WorldConfig
-from storage.bulk import fetch_all
-from storage.db import open_database
-from tests.conftest import require_tool
-from tests.netns import SUBNET_HOST, Lab, Relay, netns_unavailable
+from tests.fleet_lab import PASSWORD, ROOT, fleet_env, launch_logs, rows_of, runner, wait_for
+from tests.netns import SUBNET_HOST, Lab, Relay
 from tests.test_validate_e2e import cli as run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-PASSWORD = "fleet-pw-Zq81x"  # trust auth ignores it; it must never show in `ps`
 TOKEN = "sim-fleet-token-5521"
 API = ApiConfig(limit=400, window_s=1.0, token=TOKEN, seed=4)
 N_IDS = 600
-
-
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """Two hosts with sshd, PostgreSQL reachable from them at 10.77.0.1:5432."""
-    require_tool("/usr/sbin/sshd", "openssh-server")
-    require_tool("ssh", "openssh-client")
-    why = netns_unavailable()
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    directory = tmp_path_factory.mktemp("lab") / "hosts"
-    with Lab(2, directory) as built, Relay(SUBNET_HOST, 5432, "127.0.0.1", 5432):
-        yield built
-        for host in built.hosts:  # end this session's ssh master connections
-            runner(built).close(host.alias)
-
-
-def runner(lab: Lab) -> Any:
-    from engine.fleet.ssh import SshRunner
-
-    return SshRunner(config=lab.ssh_config)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +42,6 @@ def api(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Si
         parts = urlsplit(w.api_url)
         with Relay(SUBNET_HOST, 0, parts.hostname or "", parts.port or 80) as relay:
             yield w, f"http://{SUBNET_HOST}:{relay.port}/users/{{id}}"
-
-
-def with_password(url: str, host: str) -> str:
-    parts = urlsplit(url)
-    netloc = f"{parts.username}:{PASSWORD}@{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -90,23 +58,11 @@ def live_by_host(env: dict[str, str]) -> dict[str, int]:
     return {h["host"]: len(h["workers"]) for h in status}
 
 
-def wait_for(cond: Any, within_s: float = 60.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.3)
-
-
 def test_two_hosts_over_ssh_backfill_exactly_once_then_stop(
     lab: Lab, api: tuple[SimWorld, str], pg_url: str, tmp_path: Path
 ) -> None:
     world, template = api
-    env = {
-        "FETCHFLEET_DB": with_password(pg_url, "127.0.0.1"),
-        "FETCHFLEET_WORKER_DB": with_password(pg_url, SUBNET_HOST),  # the hosts' view
-        "FETCHFLEET_SSH_CONFIG": str(lab.ssh_config),
-        "SIM_API_TOKEN": f"Bearer {TOKEN}",
-    }
+    env = {**fleet_env(lab, pg_url), "SIM_API_TOKEN": f"Bearer {TOKEN}"}
     names = ["h0", "h1"]
     for name, host in zip(names, lab.hosts, strict=True):
         ok(cli(env, "hosts", "add", name, "--ssh", host.alias, "--python", sys.executable,
@@ -127,6 +83,13 @@ def test_two_hosts_over_ssh_backfill_exactly_once_then_stop(
     for text in (ps_here, ps_there):
         assert "engine.run worker" in text
         assert PASSWORD not in text and TOKEN not in text
+    # nor in the workers' logs: each says where it joined, with the password hidden
+    logs = launch_logs(pg_url)
+    assert len(logs) == 2
+    wait_for(lambda: all(p.read_text().count(" joined ") == 2 for p in logs), what="joined lines")
+    for path in logs:
+        text = path.read_text()
+        assert "***@" in text and PASSWORD not in text and TOKEN not in text, text
 
     ids = world.ids_file.read_text().split()
     world.api_reset()
@@ -136,16 +99,9 @@ def test_two_hosts_over_ssh_backfill_exactly_once_then_stop(
     summary = ok(run)
     assert summary["status"] == "completed", summary
 
-    db = open_database(pg_url)
-    try:
-        with db.connect() as conn:
-            rows = fetch_all(conn, sa.text(
-                "SELECT item_id, outcome FROM backfill_items WHERE run_id = :r"),
-                {"r": summary["run_id"]})  # fmt: skip
-            done_by_host = dict(fetch_all(conn, sa.text(
-                "SELECT host, sum(items_done) FROM workers GROUP BY host")))  # fmt: skip
-    finally:
-        db.dispose()
+    rows = rows_of(pg_url, "SELECT item_id, outcome FROM backfill_items WHERE run_id = :r",
+                   {"r": summary["run_id"]})  # fmt: skip
+    done_by_host = dict(rows_of(pg_url, "SELECT host, sum(items_done) FROM workers GROUP BY host"))
     keys = [r[0] for r in rows]
     assert len(keys) == len(set(keys)) == len(ids), "an ID stored twice or missing"
     assert set(keys) == set(ids)
@@ -157,15 +113,67 @@ def test_two_hosts_over_ssh_backfill_exactly_once_then_stop(
     stopped = ok(cli(env, "fleet", "stop", "--all", "--json"))
     assert stopped == {"h0": 2, "h1": 2}
     assert live_by_host(env) == {"h0": 0, "h1": 0}
-    db = open_database(pg_url)
-    try:
-        with db.connect() as conn:
-            rows = fetch_all(conn, sa.text("SELECT host, status, pid FROM workers"))
-    finally:
-        db.dispose()
+    rows = rows_of(pg_url, "SELECT host, status, pid FROM workers")
     assert Counter(r[:2] for r in rows) == Counter({("h0", "exited"): 2, ("h1", "exited"): 2})
     probe = "; ".join(f"kill -0 {r[2]} 2>/dev/null && echo {r[2]}" for r in rows) + "; true"
     assert runner(lab).run(lab.hosts[0].alias, probe).stdout.strip() == ""  # processes gone
     for name in names:
         ok(cli(env, "hosts", "remove", name))
     assert ok(cli(env, "hosts", "list", "--json")) == []
+
+
+def test_fleet_logs_shows_and_follows_a_launch_log(lab: Lab, pg_url: str) -> None:
+    """`fleet logs`: the last lines of a launch (found by its pid, a worker's pid or as the
+    newest), then --follow until Ctrl-C, which ends the remote tail too."""
+    env = fleet_env(lab, pg_url)
+    ok(cli(env, "hosts", "add", "h0", "--ssh", lab.hosts[0].alias, "--python", sys.executable,
+           "--workdir", str(ROOT)))  # fmt: skip
+    none = cli(env, "fleet", "logs", "h0")
+    assert none.returncode == 2 and "`fleet start h0` first" in none.stderr, none.stderr
+    launch = ok(cli(env, "fleet", "start", "h0", "--workers", "2", "--json"))["pid"]
+    wait_for(lambda: live_by_host(env) == {"h0": 2})
+    wait_for(lambda: launch_logs(pg_url)[0].read_text().count(" joined ") == 2, what="joined")
+
+    shown = ok(cli(env, "fleet", "logs", "h0", "--lines", "5", "--json"))
+    assert shown["pid"] == launch and shown["log"] == str(launch_logs(pg_url)[0])
+    joined = [line for line in shown["lines"] if " joined " in line]
+    assert len(joined) == 2 and all("***@" in line for line in joined), shown
+    assert PASSWORD not in json.dumps(shown)
+    one = ok(cli(env, "fleet", "logs", "h0", "--lines", "1", "--json"))
+    assert len(one["lines"]) == 1
+
+    # a worker of the launch is a child in its process group: found by its pid
+    worker_pids = [w["pid"] for w in ok(cli(env, "fleet", "status", "--json"))[0]["workers"]]
+    assert launch not in worker_pids
+    for pid in worker_pids:
+        by_worker = ok(cli(env, "fleet", "logs", "h0", "--worker", str(pid), "--json"))
+        assert by_worker["pid"] == launch
+    wrong = cli(env, "fleet", "logs", "h0", "--launch", "1")
+    assert wrong.returncode == 2 and "no launch with pid 1" in wrong.stderr
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.run", "fleet", "logs", "h0", "--follow", "--lines", "2"],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or []], daemon=True).start()
+    try:
+        seen = [lines.get(timeout=60) for _ in range(2)]  # the last two lines first
+        assert all(" joined " in line for line in seen), seen
+        marker = f"marker-{os.getpid()}"
+        with launch_logs(pg_url)[0].open("a") as log:
+            log.write(f"{marker}\n")  # written after the follow began: it shows
+        assert lines.get(timeout=60).strip() == marker
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    tail = "tail -n 2 -F"  # the remote tail ended with the follow
+    wait_for(lambda: tail not in runner(lab).run(lab.hosts[0].alias, "ps -eo args").stdout,
+             within_s=30, what="remote tail gone")  # fmt: skip
+
+    ok(cli(env, "fleet", "stop", "h0"))
+    ok(cli(env, "hosts", "remove", "h0"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,18 @@ def _ssh(args: argparse.Namespace) -> Any:
 
 
 def worker_env(args: argparse.Namespace) -> dict[str, str]:
-    """What the remote workers get in their environment: the database URL they reach
-    PostgreSQL with, the secret key if set here, and the variables named by --env."""
+    """What the remote workers get in their environment (``engine.fleet.env.worker_env``):
+    the database URL as the hosts reach it (--worker-db, FETCHFLEET_WORKER_DB, else --db),
+    the secret key if set here, and the variables named by --env."""
+    from engine.fleet.env import worker_env as build
+    from engine.fleet.hosts import FleetError
     from engine.settings import Settings
 
-    url = getattr(args, "worker_db", None) or Settings().worker_db or resolve_db_url(args.db)
-    env = {"FETCHFLEET_DB": url}
-    if os.environ.get("FETCHFLEET_SECRET_KEY"):
-        env["FETCHFLEET_SECRET_KEY"] = os.environ["FETCHFLEET_SECRET_KEY"]
-    for name in getattr(args, "env", None) or []:
-        if name not in os.environ:
-            raise UserError(f"--env {name}: not set in this environment")
-        env[name] = os.environ[name]
-    return env
+    worker_db = getattr(args, "worker_db", None) or Settings().worker_db
+    try:
+        return build(resolve_db_url(args.db), worker_db, getattr(args, "env", None) or [])
+    except FleetError as exc:
+        raise UserError(f"--env {exc}") from None
 
 
 def _run(args: argparse.Namespace, fn: Any) -> Any:
@@ -169,6 +167,42 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fleet_logs(args: argparse.Namespace) -> int:
+    import sys
+
+    from engine.fleet import logs
+    from engine.fleet.env import secret_values
+    from engine.fleet.hosts import get_host
+    from engine.fleet.ssh import SshError
+
+    if args.follow and args.json:
+        raise UserError("--json prints one object at the end: it cannot --follow")
+    ssh, hide = _ssh(args), secret_values(worker_env(args))
+
+    def find(db: Any) -> tuple[Any, Any]:
+        host = get_host(db, args.name)
+        return host, logs.find_launch(db, ssh, args.name, args.launch, args.worker)
+
+    host, launch = _run(args, find)
+    if not args.follow:
+        lines = _run(args, lambda db: logs.last_lines(ssh, host, launch, args.lines, hide))
+        obj = {"host": host.name, "pid": launch.pid, "log": launch.log_path, "lines": lines}
+        _out(args, obj, "\n".join(lines))
+        return EXIT_OK
+    print(f"{host.name}: launch {launch.pid}, {launch.log_path} (Ctrl-C ends)", file=sys.stderr)
+    stream = logs.follow(ssh, host, launch, args.lines, hide)
+    try:
+        for line in stream:
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        pass
+    except SshError as exc:  # the link dropped
+        raise UserError(str(exc)) from None
+    finally:
+        stream.close()  # ends the remote tail and ssh
+    return EXIT_OK
+
+
 def _opts(sp: argparse.ArgumentParser, ssh: bool = True) -> None:
     sp.add_argument("--db", help="database URL (where the fleet's hosts are kept)")
     sp.add_argument("--json", action="store_true", help="print JSON")
@@ -255,6 +289,20 @@ def add_commands(sub: Any) -> None:
     st.add_argument("--all", action="store_true", help="every host")
     st.add_argument("--wait", type=float, default=60.0, help="seconds to wait (60)")
     st.set_defaults(func=cmd_fleet_stop)
+    lg = fs.add_parser(
+        "logs",
+        help="show (or --follow) the log of a worker launch on a host",
+        description="The last lines of a launch's log on the host (default: its newest "
+        "launch), read over ssh; --follow keeps printing new lines until Ctrl-C.",
+    )
+    _opts(lg)
+    lg.add_argument("name")
+    which = lg.add_mutually_exclusive_group()
+    which.add_argument("--launch", type=int, metavar="PID", help="the launch's pid (fleet start)")
+    which.add_argument("--worker", type=int, metavar="PID", help="a worker's pid (fleet status)")
+    lg.add_argument("--lines", type=int, default=50, help="how many of the last lines (50)")
+    lg.add_argument("--follow", "-f", action="store_true", help="then print new lines")
+    lg.set_defaults(func=cmd_fleet_logs)
     ss = fs.add_parser("status", help="the hosts and their live workers")
     _opts(ss, ssh=False)
     ss.set_defaults(func=cmd_fleet_status)

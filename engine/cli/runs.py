@@ -260,8 +260,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         env=WorkerEnv(limiter=boot.open_limiter()),
         host=args.host_label,
     )
-    if not args.json:
-        print(f"worker {worker.worker_id} joined {boot.db.display_url}", file=sys.stderr)
+    # on stderr, so also with --json and in each of --processes N: a launch's log says who
+    # joined where (the URL with its password hidden)
+    print(f"worker {worker.worker_id} joined {boot.db.display_url}", file=sys.stderr, flush=True)
     reason = asyncio.run(run_worker(worker))
     end_own_lineage()
     boot.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 
 from engine.fleet.remote import env_payload, probe_command
@@ -16,11 +17,44 @@ class FleetError(Exception):
     """A fleet operation that cannot go on; the message says what to do."""
 
 
-def add_host(db: Database, host: HostRow) -> None:
+# The name labels the host's workers and names its log files: no spaces, slashes or quotes.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_COUNTRY = re.compile(r"^[\w][\w .'-]*$")
+
+
+def host_problems(host: HostRow) -> dict[str, str]:
+    """What is wrong with a host before it is stored, by field (``HostRow``'s names), each
+    message saying what to write instead; empty when nothing is."""
+    e: dict[str, str] = {}
+    if not _NAME.match(host.name or ""):
+        e["name"] = (
+            f"host name {host.name!r}: use only letters, digits, '.', '_' or '-' (at most 63 "
+            "characters, no spaces): it labels the host's workers and names their logs"
+            if host.name
+            else "a host needs a name (letters, digits, '.', '_' or '-'), e.g. gpu1"
+        )
     try:
         target_args(host.ssh_target)
     except ValueError as exc:
-        raise FleetError(str(exc)) from None
+        e["ssh_target"] = str(exc)
+    if not (host.python or "").strip():
+        e["python"] = "the Python there is needed, e.g. .venv/bin/python (relative to the workdir)"
+    if not (host.workdir or "").strip():
+        e["workdir"] = "the project directory there is needed, e.g. fetchfleet or /srv/fetchfleet"
+    bad = [
+        c for c in (host.countries or "").split(",") if c.strip() and not _COUNTRY.match(c.strip())
+    ]
+    if bad:
+        e["countries"] = (
+            f"countries {bad[0].strip()!r}: write names separated by commas, e.g. India,Malaysia"
+        )
+    return e
+
+
+def add_host(db: Database, host: HostRow) -> None:
+    problems = host_problems(host)
+    if problems:
+        raise FleetError("; ".join(problems.values()))
     with db.begin() as conn:
         if not store.add_host(conn, host):
             raise FleetError(f"host {host.name!r} exists already (hosts remove {host.name})")

@@ -38,6 +38,7 @@ class SshRunner:
     config: Path | None = None
     control_dir: Path | None = None
     connect_timeout_s: int = 10
+    command_timeout_s: float = 60.0  # a command that does not answer in time raises SshError
 
     def base_args(self) -> list[str]:
         control = self.control_dir or private_dir() / "ssh"
@@ -55,10 +56,11 @@ class SshRunner:
         ]  # fmt: skip
 
     def run(
-        self, target: str, command: str, stdin: str = "", timeout_s: float = 60.0
+        self, target: str, command: str, stdin: str = "", timeout_s: float | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run ``command`` (a POSIX shell line) there, feeding ``stdin``; ssh's own failures
         (exit 255) raise SshError, the command's exit status is the caller's."""
+        timeout_s = self.command_timeout_s if timeout_s is None else timeout_s
         try:
             done = subprocess.run(
                 [*self.base_args(), *target_args(target), command],
@@ -72,6 +74,22 @@ class SshRunner:
         if done.returncode == 255:
             raise SshError(f"{target}: {explain(done.stderr)}")
         return done
+
+    def stream(self, target: str, command: str) -> subprocess.Popen[str]:
+        """Start ``command`` there and hand back the ssh process, its stdout a pipe of lines.
+
+        Its stdin stays open: a remote command that must end with the caller (``tail -F``)
+        waits on it and ends at EOF, which closing stdin (or ssh ending) sends. Its own
+        session, so a Ctrl-C at the terminal reaches the caller, who ends it in order."""
+        return subprocess.Popen(
+            [*self.base_args(), *target_args(target), command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
 
     def close(self, target: str) -> None:
         """End the host's master connection (``ssh -O exit``), if there is one."""

@@ -28,7 +28,7 @@ def start_workers(
     if not worker_env.get("FETCHFLEET_DB", "").startswith("postgresql"):
         raise FleetError("remote workers need a PostgreSQL URL reachable from the host")
     host = get_host(db, name)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")  # one log per launch
     log_path = f"{host.workdir.rstrip('/')}/data/fleet/{name}-{stamp}.log"
     command = start_command(host.python, host.workdir, name, processes, log_path)
     done = ssh.run(host.ssh_target, command, stdin=env_payload(worker_env))
