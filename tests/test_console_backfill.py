@@ -158,7 +158,10 @@ def test_schedule_this_keeps_the_checked_job_and_its_fire_completes(
     at.text_input(key="sched_when").set_value("0 3 * * *")
     at.form_submit_button(key="sched_add").click().run()
     assert at.success and at.success[0].value == "added schedule nightly-ids", (
-        at.title[0].value, errors_of(at), [i.value for i in at.info])
+        at.title[0].value,
+        errors_of(at),
+        [i.value for i in at.info],
+    )
     assert not [i for i in at.info if "Scheduling the job" in i.value]  # no longer pending
 
     c = get_console(console_env)
