@@ -51,6 +51,7 @@ class Console:
     closed: bool = False
     _scheduler_stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _scheduler: threading.Thread | None = field(default=None, repr=False)
+    _alerts: threading.Thread | None = field(default=None, repr=False)
 
     def start_scheduler(self) -> None:
         """Fire due schedules into this server's runs (``Settings.scheduler``)."""
@@ -64,6 +65,12 @@ class Console:
             daemon=True,
         )
         self._scheduler.start()
+
+    def start_alerts(self) -> None:
+        """Deliver alerts from this server (``Settings.alerts``); stops with the scheduler."""
+        from engine.alerts.deliver import Deliverer
+
+        self._alerts = Deliverer(self.db, self.settings).start(self._scheduler_stop)
 
     @property
     def settings(self) -> Settings:
@@ -90,8 +97,9 @@ class Console:
             self.closed = True
         atexit.unregister(self.close)
         self._scheduler_stop.set()
-        if self._scheduler is not None:
-            self._scheduler.join(timeout)
+        for thread in (self._scheduler, self._alerts):
+            if thread is not None:
+                thread.join(timeout)
         try:
             self.coordinator.shutdown(timeout)
         except Exception:  # never let a failed shutdown keep the database open
@@ -116,6 +124,8 @@ def start_console(url: str, settings: Settings | None = None) -> Console:
     console = Console(url=url, db=db, coordinator=coordinator)
     if settings.scheduler:
         console.start_scheduler()
+    if settings.alerts:
+        console.start_alerts()
     atexit.register(console.close)
     _live.add(console)
     return console

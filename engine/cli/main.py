@@ -12,7 +12,7 @@ from storage.errors import StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import demo, fetch, fleet, runs, schedule
+    from engine.cli import alerts, demo, fetch, fleet, runs, schedule
     from engine.jobs import kinds
 
     p = argparse.ArgumentParser(
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_commands(sub)  # fetch, doctor
     fleet.add_commands(sub)  # hosts, fleet (workers over ssh)
     schedule.add_commands(sub)  # schedule, scheduler
+    alerts.add_commands(sub)  # alerts add/list/test/remove/recent/deliver
     return p
 
 
