@@ -56,7 +56,7 @@ alert_events = sa.Table(
     sa.Column("uid", sa.String, nullable=False, unique=True),  # the body's stable id
     sa.Column("event", sa.String, nullable=False),
     sa.Column("subject", sa.String, nullable=False),  # run id, worker id, schedule@due…
-    sa.Column("at", sa.DateTime, nullable=False),  # naive UTC
+    sa.Column("event_at", sa.DateTime, nullable=False),  # naive UTC
     sa.Column("text", sa.Text, nullable=False),  # the one-line summary
     sa.Column("payload", sa.Text, nullable=False),  # JSON: the body's generic fields
     sa.UniqueConstraint("event", "subject", name="alert_events_key"),
@@ -125,7 +125,7 @@ class RecentRow:
     uid: str
     event: str
     subject: str
-    at: datetime
+    event_at: datetime
     text: str
     alert: str | None
     status: str | None
@@ -237,7 +237,7 @@ def record_event(
         "uid": uuid.uuid4().hex,
         "event": event,
         "subject": subject,
-        "at": now,
+        "event_at": now,
         "text": text,
         "payload": json.dumps(payload, default=str, sort_keys=True),
     }
@@ -300,7 +300,9 @@ def claim(
         )
         ev = fetch_all(
             conn,
-            sa.select(e.c.uid, e.c.event, e.c.at, e.c.text, e.c.payload).where(e.c.id == event_id_),
+            sa.select(e.c.uid, e.c.event, e.c.event_at, e.c.text, e.c.payload).where(
+                e.c.id == event_id_
+            ),
         )[0]
         out.append(
             Claimed(
@@ -357,7 +359,7 @@ def _recent_select() -> sa.Select:
         e.c.uid,
         e.c.event,
         e.c.subject,
-        e.c.at,
+        e.c.event_at,
         e.c.text,
         d.c.alert,
         d.c.status,

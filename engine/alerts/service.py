@@ -116,7 +116,7 @@ def remove_alert(db: Database, name: str) -> None:
             raise AlertError(f"no alert {name!r}: `alerts list` shows them")
 
 
-def test_alert(db: Database, settings: Settings, name: str) -> Outcome:
+def send_test(db: Database, settings: Settings, name: str) -> Outcome:
     """Send a test event to this alert now, through the outbox like any event (so it shows
     among the recent alerts); a failed send stays pending and is retried like others."""
     import uuid

@@ -73,7 +73,7 @@ def _known(conn, since: datetime) -> list[tuple[str, str]]:  # type: ignore[no-u
 
     e = store.alert_events
     rows = fetch_all(
-        conn, sa.select(e.c.event, e.c.subject).where(e.c.at >= since - timedelta(hours=1))
+        conn, sa.select(e.c.event, e.c.subject).where(e.c.event_at >= since - timedelta(hours=1))
     )
     return [(str(r[0]), str(r[1])) for r in rows]
 

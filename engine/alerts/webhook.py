@@ -130,8 +130,9 @@ def post(url: str, body: dict[str, Any], timeout_s: float) -> Sent:
     except urllib.error.HTTPError as exc:
         return Sent(exc.code, f"{origin(url)} answered HTTP {exc.code} {_scrub(exc.reason, url)}")
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return Sent(None, f"{origin(url)}: {type(exc).__name__}: {_scrub(reason, url)}")
+        reason = getattr(exc, "reason", exc)  # URLError wraps the socket's error
+        kind = type(reason if isinstance(reason, BaseException) else exc).__name__
+        return Sent(None, f"{origin(url)}: {kind}: {_scrub(reason, url)}")
 
 
 def _scrub(text: Any, url: str) -> str:

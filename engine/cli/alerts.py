@@ -78,10 +78,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     """Send a test event now; exit 0 only when the receiver answered 2xx."""
-    from engine.alerts.service import test_alert
+    from engine.alerts.service import send_test
 
     settings = settings_from(args)
-    out = _with_db(args, lambda db: test_alert(db, settings, args.name))
+    out = _with_db(args, lambda db: send_test(db, settings, args.name))
     d = {
         "alert": out.alert,
         "id": out.uid,
@@ -105,7 +105,7 @@ def recent_dicts(rows: list[Any]) -> list[dict[str, Any]]:
             "id": r.uid,
             "event": r.event,
             "subject": r.subject,
-            "at": _stamp(r.at),
+            "at": _stamp(r.event_at),
             "text": r.text,
             "alert": r.alert,
             "status": r.status,
