@@ -479,3 +479,24 @@ def test_console_alerts_page_adds_tests_and_shows_recent(
         assert "No alert yet" in at.info[0].value
     finally:
         shutdown_all()
+
+
+def test_a_run_by_hand_from_the_cli_sends_its_own_alert(
+    world: SimWorld, receiver: Receiver, duckdb_url: str, tmp_path: Path
+) -> None:
+    """No console, no scheduler: the CLI that ran the job delivers its run_completed."""
+    env = {ENV: receiver.url}
+    assert (
+        cli("alerts", "add", "ops", "--url-env", ENV, "--db", duckdb_url, env=env).returncode == 0
+    )
+    world.api_reset()
+    ids = subset(world, tmp_path, 20)
+    run = cli(
+        "backfill", "--db", duckdb_url, "--ids", str(ids), "--url-template", world.api_template,
+        "--rate-limit", "200/1s", "--header", "Authorization=env:SIM_API_TOKEN", "--workers", "1",
+        "--json", env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    run_id = json.loads(run.stdout)["run_id"]
+    assert receiver.events() == [("run_completed", run_id)]
+    assert SECRET not in run.stdout + run.stderr

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -178,3 +178,17 @@ class Deliverer:
         t = threading.Thread(target=self.run_forever, args=(stop,), name="alerts", daemon=True)
         t.start()
         return t
+
+
+def deliver_now(
+    db: Database, settings: Settings, run_ids: Iterable[int] = (), limit: int = 5
+) -> list[Outcome]:
+    """One short pass (a run by hand from the CLI just ended): record the runs' events (the
+    coordinator's hook may still be at it: recording twice is one event), then send what is
+    due, at most ``limit``; what fails stays pending for the next deliverer. Never raises."""
+    try:
+        record.runs_ended(db, settings, run_ids)
+        return Deliverer(db, settings).deliver_due(limit=limit)
+    except Exception as exc:
+        log.warning("alerts: not delivered now (%s); a deliverer sends them later", exc)
+        return []
