@@ -19,10 +19,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from engine.alerts.events import Event, summary_text
+import sqlalchemy as sa
+
+from engine.alerts.events import RUN_EVENT, Event, summary_text
 from engine.alerts.record import emit, run_end_event
 from engine.settings import Settings
 from storage import alerts as store
+from storage.bulk import fetch_all
 from storage.db import Database
 
 log = logging.getLogger(__name__)
@@ -42,10 +45,13 @@ def sweep(db: Database, settings: Settings, now: datetime) -> None:
         ended = store.ended_runs(conn, since) if wanted & set(Event) else []
         lost = store.lost_workers(conn, since) if Event.WORKER_LOST in wanted else []
         missed = store.missed_fires(conn, since) if Event.SCHEDULE_MISSED in wanted else []
-        known = {(e, s) for e, s in _known(conn, since)}
+        known = set(_known(conn, since))
     for run_id, status in ended:
+        event = RUN_EVENT.get(status)
+        if event not in wanted or (event, str(run_id)) in known:
+            continue  # no alert wants it, or recorded already: no query per round
         event = run_end_event(db, run_id, status)
-        if event is not None and (event, str(run_id)) not in known:
+        if event is not None:
             emit(db, event, {"run_id": run_id}, now=now, settings=settings)
     for worker_id, host, pid, reason in lost:
         if (Event.WORKER_LOST, worker_id) not in known:
@@ -66,16 +72,11 @@ def sweep(db: Database, settings: Settings, now: datetime) -> None:
             pool_low(db, a.name, now)
 
 
-def _known(conn, since: datetime) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
-    import sqlalchemy as sa
-
-    from storage.bulk import fetch_all
-
+def _known(conn: sa.Connection, since: datetime) -> list[tuple[str, str]]:
+    """(event, subject) of the events recorded since a little before ``since``."""
     e = store.alert_events
-    rows = fetch_all(
-        conn, sa.select(e.c.event, e.c.subject).where(e.c.event_at >= since - timedelta(hours=1))
-    )
-    return [(str(r[0]), str(r[1])) for r in rows]
+    q = sa.select(e.c.event, e.c.subject).where(e.c.event_at >= since - timedelta(hours=1))
+    return [(str(r[0]), str(r[1])) for r in fetch_all(conn, q)]
 
 
 def pool_low(db: Database, name: str, now: datetime) -> int | None:
