@@ -52,6 +52,7 @@ class Console:
     closed: bool = False
     _scheduler_stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _scheduler: threading.Thread | None = field(default=None, repr=False)
+    _alerts: threading.Thread | None = field(default=None, repr=False)
     _metrics: Any = field(default=None, repr=False)
     metrics_port: int | None = None  # where /metrics is served, when it is
 
@@ -78,6 +79,12 @@ class Console:
         )
         self._scheduler.start()
 
+    def start_alerts(self) -> None:
+        """Deliver alerts from this server (``Settings.alerts``); stops with the scheduler."""
+        from engine.alerts.deliver import Deliverer
+
+        self._alerts = Deliverer(self.db, self.settings).start(self._scheduler_stop)
+
     @property
     def settings(self) -> Settings:
         """The engine's settings (the pool's concurrency can change while it runs)."""
@@ -103,8 +110,9 @@ class Console:
             self.closed = True
         atexit.unregister(self.close)
         self._scheduler_stop.set()
-        if self._scheduler is not None:
-            self._scheduler.join(timeout)
+        for thread in (self._scheduler, self._alerts):
+            if thread is not None:
+                thread.join(timeout)
         if self._metrics is not None:
             self._metrics.shutdown()
         try:
@@ -133,6 +141,8 @@ def start_console(url: str, settings: Settings | None = None) -> Console:
         console.start_scheduler()
     if settings.metrics_port is not None:
         console.start_metrics(settings.metrics_port)
+    if settings.alerts:
+        console.start_alerts()
     atexit.register(console.close)
     _live.add(console)
     return console

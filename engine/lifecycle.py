@@ -5,7 +5,8 @@ through the control socket), in a terminal without one (``engine.run cancel`` / 
 open the database themselves), in a pipeline's own process, or when its planning fails.
 Each path calls ``ended`` with the runs it finished, after its transaction committed;
 ``command`` does so for an operator's command. What ending a run means beyond its status
-lives here, so no path can skip it: today, its uploads are deleted.
+lives here, so no path can skip it: its uploads are deleted, and its alert event is recorded
+(``engine.alerts.runs_ended``: run_completed / run_failed / run_stopped).
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ def command(
 
 
 def ended(db: Database, settings: Settings, run_ids: Iterable[int]) -> None:
-    """Runs that reached their final status (committed): delete their uploads."""
+    """Runs that reached their final status (committed): delete their uploads, record
+    their alert events (neither raises: a run's end must not fail on them)."""
     done = sorted(set(run_ids))
     if done:
         forget_uploads(db, settings, done)
+        from engine.alerts import runs_ended
+
+        runs_ended(db, settings, done)
 
 
 def forget_uploads(db: Database, settings: Settings, run_ids: list[int]) -> None:

@@ -73,3 +73,18 @@ class Settings(BaseSettings):
     scheduler_poll_s: float = Field(
         5.0, gt=0, description="Seconds between a scheduler's looks for due schedules."
     )
+    alerts: bool = Field(
+        True,
+        description="The console's server and `engine.run scheduler` deliver alerts "
+        "(FETCHFLEET_ALERTS=0: leave it to another; several deliverers on one PostgreSQL "
+        "send each delivery once).",
+    )
+    alerts_poll_s: float = Field(5.0, gt=0, description="Seconds between a deliverer's rounds.")
+    alerts_timeout_s: float = Field(10.0, gt=0, description="Seconds a webhook may take to answer.")
+    alerts_backoff_s: float = Field(
+        5.0, gt=0, description="First retry delay of a failed delivery; doubles after."
+    )
+    alerts_backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay.")
+    alerts_retry_window_s: float = Field(
+        3600.0, gt=0, description="How long after its event a delivery is retried."
+    )

@@ -104,6 +104,10 @@ EXPECTED_WITH_DATA = {
         any("No schedule yet" in i.value for i in at.info)
         and "Add schedule" in [b.label for b in at.get("form_submit_button")]
     ),
+    "Alerts": lambda at: (
+        any("No alert yet" in i.value for i in at.info)
+        and "Add alert" in [b.label for b in at.get("form_submit_button")]
+    ),
     # Seeded with validate runs only: the job pages offer their Start form and say so.
     "Scraping": lambda at: (
         at.title[0].value == "Scraping"

@@ -251,7 +251,7 @@ def test_plugin_kind_runs_end_to_end(
     assert csv.read_text().splitlines()[0].startswith('"run_id","word","result"')
 
     # in this process: the same registry, the database opened with the kind's component
-    assert [c.name for c in components()] == ["fleet", "upper"]
+    assert [c.name for c in components()] == ["fleet", "schedules", "alerts", "upper"]
     logs = item_logs()
     assert set(logs) == {"validate", "scrape", "backfill", "upper"}
     db = open_database(url, components=components())
@@ -274,7 +274,9 @@ def test_plugin_kind_runs_end_to_end(
                 conn, sa.text("SELECT component, version, description FROM component_versions")
             )
             assert sorted(tuple(r) for r in versions) == [
+                ("alerts", 1, "alerts, alert_events, alert_deliveries: webhooks, each event once"),
                 ("fleet", 1, "hosts, host_launches: the fleet's machines"),
+                ("schedules", 1, "schedules, schedule_fires: jobs that start themselves"),
                 ("upper", 1, "upper_items"),
             ]
             # every item was executed by a worker of the local pool (spawned: the plugin

@@ -206,6 +206,10 @@ def run_job(args: argparse.Namespace, kind: str, params: dict[str, Any]) -> int:
             )
         print_bad_input(db, run_id)
         summary = add_summary_extra(db, follow_run(db, coordinator, run_id, args), settings)
+        if settings.alerts:  # the run's alert, when no console or scheduler is running
+            from engine.alerts.deliver import deliver_now
+
+            deliver_now(db, settings, [run_id])
     finally:
         coordinator.shutdown()
         db.dispose()

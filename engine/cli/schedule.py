@@ -230,7 +230,9 @@ def _with_existing(db: Any, fn: Any) -> Any:
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     """Fire schedules with this process's pool (``--workers 0`` on PostgreSQL: the fleet's
-    workers do the runs) until Ctrl-C/SIGTERM; ``--once``: fire what is due, wait, exit."""
+    workers do the runs) until Ctrl-C/SIGTERM, and deliver alerts (``Settings.alerts``);
+    ``--once``: fire what is due, wait, deliver, exit."""
+    from engine.alerts.deliver import Deliverer
     from engine.api import wait_run
     from engine.runtime.coordinator import Coordinator
     from engine.schedules.scheduler import Scheduler
@@ -245,6 +247,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     coordinator = Coordinator(db, settings, log_level=args.log_level).start()
     try:
         scheduler = Scheduler(db, settings, coordinator.name)
+        deliverer = Deliverer(db, settings)
         if args.once:
             fired = scheduler.tick()
             for f in fired:
@@ -255,6 +258,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
                 for f in fired
                 if f.run_id is not None
             ]
+            if settings.alerts:
+                deliverer.run_once()  # the alerts of the runs (and fires) just ended
             emit(args, [f.__dict__ for f in fired], f"{len(fired)} fire(s)")
             return (
                 EXIT_OK if all(r["status"] == "completed" for r in results) else EXIT_NOT_COMPLETED
@@ -264,7 +269,10 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             "Ctrl-C ends",
             file=sys.stderr,
         )
+        alerts = deliverer.start(stop) if settings.alerts else None
         scheduler.run_forever(stop, poll_s=args.poll)
+        if alerts is not None:
+            alerts.join(settings.alerts_timeout_s + 5)
         return EXIT_OK
     finally:
         for s, h in previous.items():

@@ -168,14 +168,16 @@ def components() -> list[Component]:
     """The schema components of the registered kinds (their own tables and migration
     steps), for ``open_database(url, components=…)``: every process that opens the database
     for a kind migrates them. Only the kinds that declare ``schema`` are imported. The
-    engine's own come first: the fleet's hosts (``storage.hosts``)."""
+    engine's own come first: the fleet's hosts (``storage.hosts``), the schedules and
+    the alerts."""
     with _lock:
         cached = _derived.get("components")
     if cached is None:
+        from storage.alerts import COMPONENT as alerts
         from storage.hosts import COMPONENT as fleet
         from storage.schedules import COMPONENT as schedules
 
-        cached = [fleet, schedules]
+        cached = [fleet, schedules, alerts]
         for info in kinds().values():
             component = info.load_schema()
             if component is not None and all(c.name != component.name for c in cached):
