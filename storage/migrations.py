@@ -70,6 +70,12 @@ def _v5_rate_margin(conn: sa.Connection) -> None:
         )
 
 
+def _v6_countries(conn: sa.Connection) -> None:
+    # IF NOT EXISTS: a database created at version 6 has them from step 1 already.
+    conn.execute(sa.text("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS country VARCHAR"))
+    conn.execute(sa.text("ALTER TABLE workers ADD COLUMN IF NOT EXISTS countries VARCHAR"))
+
+
 # (version, description, step). Append new steps; never edit released ones: steps 2 and 3
 # hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
 # their own; a new kind's tables go into its own Component, not into a core step.
@@ -91,6 +97,7 @@ STEPS: list[tuple[int, str, Step]] = [
     ),
     (4, "component_versions: the schema steps of plugin kinds' components", _v4_components),
     (5, "rate_limits.margin, margin_at: the measured margin of each key", _v5_rate_margin),
+    (6, "tasks.country, workers.countries: countries per worker", _v6_countries),
 ]
 
 LATEST = STEPS[-1][0]

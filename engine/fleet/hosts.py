@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+from engine.countries import countries_text, parse_countries
 from engine.fleet.remote import env_payload, probe_command
 from engine.fleet.ssh import SshError, SshRunner, target_args
 from storage import hosts as store
@@ -17,10 +18,12 @@ class FleetError(Exception):
 
 
 def add_host(db: Database, host: HostRow) -> None:
+    """Store a host; its countries in their normal form (``IN,MY``; None: any)."""
     try:
         target_args(host.ssh_target)
     except ValueError as exc:
         raise FleetError(str(exc)) from None
+    host = replace(host, countries=countries_text(parse_countries(host.countries)))
     with db.begin() as conn:
         if not store.add_host(conn, host):
             raise FleetError(f"host {host.name!r} exists already (hosts remove {host.name})")
