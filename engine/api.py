@@ -74,8 +74,9 @@ class _CountryWatch:
         self.last: str | None = None
         self.next_at = 0.0
 
-    def check(self) -> None:
-        if time.monotonic() < self.next_at:
+    def check(self, force: bool = False) -> None:
+        """Check when it is time (``force``: now, e.g. once the run ended)."""
+        if not force and time.monotonic() < self.next_at:
             return
         self.next_at = time.monotonic() + WARN_EVERY_S
         try:
@@ -135,6 +136,8 @@ def wait_run(
             continue
         outage = 0
         if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            if watch is not None and watch.last is not None:
+                watch.check(force=True)  # a warning given is taken back once it is not true
             if not wants_progress:
                 summary = run_summary(db, run_id)
                 if on_progress:
