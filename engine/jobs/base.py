@@ -183,7 +183,8 @@ class JobKind(RunKind):
     def task_country(self, params: dict[str, Any]) -> str | None:
         """The country of the run's plain batches (normal form): its ``country``
         parameter when the kind's parameters have one, else None (any worker)."""
-        if "country" not in self.params_model.model_fields:
+        model = getattr(self, "params_model", None)  # a plugin kind may have none
+        if model is None or "country" not in model.model_fields:
             return None
         from engine.countries import normal_country
 
