@@ -145,6 +145,37 @@ def test_the_gap_names_queued_countries_no_live_worker_serves(db: Database) -> N
     assert gap(run_id).unserved == {"AR": 2}
 
 
+def test_console_shows_countries_and_the_gap(tmp_path: Path, monkeypatch: Any) -> None:
+    """Workers page: each worker's countries and the warning; the run's detail on Runs &
+    errors: the same warning (a console without a pool of its own, like one on PostgreSQL
+    with standalone workers only)."""
+    from console import reads
+    from console.resources import get_console, shutdown_all
+    from console.testing import run_page, use_fresh_database
+
+    try:
+        url = use_fresh_database(tmp_path, monkeypatch, workers=0)
+        at = run_page("pages/workers.py")
+        assert not at.warning  # nothing queued
+        # the console's coordinator holds the DuckDB file: write through it, after it started
+        # (on start it marks workers left by an earlier coordinator dead)
+        db = get_console(url).db
+        _run_with(db, ["IN", "AR"])
+        with db.begin() as conn:
+            q.register_worker(conn, "w0", "h0", 1, "standalone", ("IN", "MY"))
+        reads.st.cache_data.clear()
+        want = "tasks of country AR are queued but no live worker serves AR (workers: h0 [IN,MY])"
+        at.run()
+        frame = at.dataframe[0].value
+        assert list(frame["countries"]) == ["IN,MY"]
+        assert [w.value for w in at.warning if want in w.value], [w.value for w in at.warning]
+        reads.st.cache_data.clear()
+        at = run_page("pages/runs.py")
+        assert [w.value for w in at.warning if want in w.value], [w.value for w in at.warning]
+    finally:
+        shutdown_all()
+
+
 # --- the fleet's flag -----------------------------------------------------------------------------
 
 
