@@ -256,6 +256,7 @@ WORKER_COLUMNS = [
     "pid",
     "kind",
     "status",
+    "countries",
     "heartbeat_age_s",
     "tasks_held",
     "items_done",
@@ -279,6 +280,7 @@ def workers_frame(url: str) -> pd.DataFrame:
                 w.pid,
                 w.kind,
                 w.status,
+                w.countries or "any",
                 None if w.heartbeat_age_s is None else round(w.heartbeat_age_s, 1),
                 w.tasks_held,
                 w.items_done,
@@ -292,6 +294,14 @@ def workers_frame(url: str) -> pd.DataFrame:
         ],
         columns=WORKER_COLUMNS,
     )
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def country_warning(url: str, fresh_s: float, run_id: int | None = None) -> str | None:
+    """Queued countries no live worker serves (``engine.api.country_warning``), or None."""
+    from engine.api import country_warning as warning
+
+    return warning(_db(url), fresh_s, run_id)
 
 
 # --- proxy pool ----------------------------------------------------------------------------

@@ -10,17 +10,20 @@ from typing import Any
 
 from engine import lifecycle
 from engine.jobs import get_kind
+from engine.jobs.base import CountryBatch, batch_countries
 from engine.model import TERMINAL
 from engine.settings import Settings
 from engine.summary import run_summary
 from storage import queue as q
 from storage import runs
+from storage.coverage import country_gap
 from storage.db import Database
 from storage.errors import is_transient, outage_delay
 
 log = logging.getLogger(__name__)
 
 TASKS_PER_TRANSACTION = 200
+WARN_EVERY_S = 2.0  # how often wait_run checks for queued countries no live worker serves
 
 
 def submit_run(
@@ -52,10 +55,12 @@ def plan_run(db: Database, settings: Settings, run_id: int) -> None:
     kind = get_kind(kind_name, settings)
     try:
         seq = 0
-        batches: Iterator[Sequence[Any]] = iter(kind.plan(db, run_id, params))
+        country = kind.task_country(params)
+        batches: Iterator[Sequence[Any] | CountryBatch] = iter(kind.plan(db, run_id, params))
         while chunk := list(islice(batches, TASKS_PER_TRANSACTION)):
+            refs, countries = batch_countries(chunk, country)
             with db.begin() as conn:
-                n_items = q.add_tasks(conn, run_id, chunk, seq, settings.max_attempts)
+                n_items = q.add_tasks(conn, run_id, refs, seq, settings.max_attempts, countries)
                 runs.add_planned(conn, run_id, n_items, len(chunk))
             seq += len(chunk)
     except BaseException as exc:
@@ -67,6 +72,42 @@ def plan_run(db: Database, settings: Settings, run_id: int) -> None:
         runs.start_run(conn, run_id)
 
 
+def country_warning(db: Database, fresh_s: float, run_id: int | None = None) -> str | None:
+    """Why tasks wait: the countries of queued tasks (of ``run_id``, or of every running
+    run) that no live worker (heartbeat within ``fresh_s``) serves, as one line; None when
+    every queued country is served (``storage.coverage``)."""
+    with db.connect() as conn:
+        gap = country_gap(conn, fresh_s, run_id)
+    return gap.message() if gap else None
+
+
+class _CountryWatch:
+    """``wait_run``'s check of ``country_warning``, every ``WARN_EVERY_S``: it tells
+    ``on_warning`` a new line when it changes (None: served again), never the same twice."""
+
+    def __init__(
+        self, db: Database, run_id: int, fresh_s: float, on_warning: Callable[[str | None], Any]
+    ) -> None:
+        self.db, self.run_id, self.fresh_s, self.on_warning = db, run_id, fresh_s, on_warning
+        self.last: str | None = None
+        self.next_at = 0.0
+
+    def check(self, force: bool = False) -> None:
+        """Check when it is time (``force``: now, e.g. once the run ended)."""
+        if not force and time.monotonic() < self.next_at:
+            return
+        self.next_at = time.monotonic() + WARN_EVERY_S
+        try:
+            now = country_warning(self.db, self.fresh_s, self.run_id)
+        except Exception as exc:
+            if is_transient(exc):
+                return  # the poll itself says the database is away
+            raise
+        if now != self.last:
+            self.last = now
+            self.on_warning(now)
+
+
 def wait_run(
     db: Database,
     run_id: int,
@@ -74,19 +115,26 @@ def wait_run(
     poll_s: float = 0.2,
     timeout_s: float | None = None,
     sleep: Callable[[float], Any] = time.sleep,
+    on_warning: Callable[[str | None], Any] | None = None,
+    fresh_s: float = 30.0,
 ) -> dict[str, Any]:
     """Poll until the run reaches a final status (or ``timeout_s``); returns its summary.
 
     Without a progress callback (or with a disabled one: ``enabled`` False) only the run's
     status is polled; the summary, which counts the stored results, is built once at the end.
     ``sleep`` waits between polls: a coordinator in this process passes its
-    ``wait_settled``, which returns as soon as it settles a run.
+    ``wait_settled``, which returns as soon as it settles a run. ``on_warning`` hears
+    ``country_warning`` (workers live within ``fresh_s``) whenever it changes: a line when
+    tasks of a country no live worker serves are queued, None once they are served again.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     wants_progress = on_progress is not None and getattr(on_progress, "enabled", True)
+    watch = None if on_warning is None else _CountryWatch(db, run_id, fresh_s, on_warning)
     outage = 0  # polls failed in a row because the database is unreachable
     while True:
         try:
+            if watch is not None:
+                watch.check()
             if wants_progress:
                 summary = run_summary(db, run_id)
                 on_progress(summary)  # type: ignore[misc]
@@ -106,6 +154,8 @@ def wait_run(
             continue
         outage = 0
         if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            if watch is not None and watch.last is not None:
+                watch.check(force=True)  # a warning given is taken back once it is not true
             if not wants_progress:
                 summary = run_summary(db, run_id)
                 if on_progress:

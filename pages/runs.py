@@ -79,6 +79,10 @@ def run_detail(c: Console, run_id: int) -> None:
             (st.error if msg[0] == "error" else st.success)(msg[1])
         if s.get("error"):
             st.error(s["error"])
+        if status == "running" and (
+            gap := reads.country_warning(c.url, c.settings.lease_s, run_id)
+        ):
+            st.warning(gap, icon="⚠️")
         tasks, error_groups, outcome_groups = reads.run_detail(c.url, run_id, s["kind"])
         left, right = st.columns(2)
         with left:

@@ -98,6 +98,8 @@ def live_workers(c: Console) -> None:
                 ("items handled", f"{handled:,}"),
             ]
         )
+        if gap := reads.country_warning(c.url, c.settings.lease_s):
+            st.warning(gap, icon="⚠️")
         if frame.empty:
             st.info("No worker has registered yet.")
             return

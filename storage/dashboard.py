@@ -360,6 +360,7 @@ class WorkerStat:
     items_per_s: float  # over the last ``recent_s`` seconds, from the item logs
     lifetime_per_s: float  # items done / time between start and last heartbeat
     exit_reason: str | None
+    countries: str | None = None  # what it claims ("IN,MY"); None: any country
 
     @property
     def alive(self) -> bool:
@@ -391,6 +392,7 @@ def worker_stats(
             workers.c.items_failed,
             workers.c.exit_reason,
             now_col,
+            workers.c.countries,
         )
         .where(
             sa.or_(
@@ -423,6 +425,7 @@ def worker_stats(
                 items_per_s=round(recent.get(r[0], 0) / recent_s, 2),
                 lifetime_per_s=round(done / life, 2) if life > 0 else 0.0,
                 exit_reason=r[10],
+                countries=r[12],
             )
         )
     return out

@@ -75,6 +75,7 @@ class LiveWorker:
     heartbeat_age_s: float | None
     tasks_held: str | None
     items_done: int
+    countries: str | None = None  # "IN,MY": what it claims; None: any
 
 
 def add_host(conn: sa.Connection, host: HostRow) -> bool:
@@ -143,13 +144,21 @@ def live_workers(conn: sa.Connection, host_names: list[str]) -> list[LiveWorker]
             age,
             workers.c.tasks_held,
             workers.c.items_done,
+            workers.c.countries,
         )
         .where(workers.c.host.in_(host_names), workers.c.status.in_(LIVE))
         .order_by(workers.c.host, workers.c.started_at)
     )
     return [
         LiveWorker(
-            r[0], r[1], int(r[2]), r[3], None if r[4] is None else float(r[4]), r[5], int(r[6] or 0)
+            r[0],
+            r[1],
+            int(r[2]),
+            r[3],
+            None if r[4] is None else float(r[4]),
+            r[5],
+            int(r[6] or 0),
+            r[7],
         )
         for r in fetch_all(conn, q)
     ]

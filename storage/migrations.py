@@ -70,6 +70,12 @@ def _v5_rate_margin(conn: sa.Connection) -> None:
         )
 
 
+def _v6_countries(conn: sa.Connection) -> None:
+    # IF NOT EXISTS: a database created at version 6 has them from step 1 already.
+    conn.execute(sa.text("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS country VARCHAR"))
+    conn.execute(sa.text("ALTER TABLE workers ADD COLUMN IF NOT EXISTS countries VARCHAR"))
+
+
 def _v10_metrics_indexes(conn: sa.Connection) -> None:
     # PostgreSQL only (DuckDB scans a column in milliseconds and pays for every index on
     # insert): the time windows the metrics endpoint reads every scrape.
@@ -107,6 +113,7 @@ STEPS: list[tuple[int, str, Step]] = [
     ),
     (4, "component_versions: the schema steps of plugin kinds' components", _v4_components),
     (5, "rate_limits.margin, margin_at: the measured margin of each key", _v5_rate_margin),
+    (6, "tasks.country, workers.countries: countries per worker", _v6_countries),
     (10, "indexes on the logs' time columns the metrics endpoint reads", _v10_metrics_indexes),
 ]
 

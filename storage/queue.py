@@ -50,11 +50,17 @@ def add_tasks(
     batches: Sequence[Sequence[Any]],
     start_seq: int,
     max_attempts: int,
+    countries: Sequence[str | None] | None = None,
 ) -> int:
-    """Insert one task per batch of item references; returns how many items were queued."""
+    """Insert one task per batch of item references; returns how many items were queued.
+
+    ``countries`` has one entry per batch (normal forms, ``engine.countries``): only a worker
+    serving that country claims the task; None (or no list): any worker."""
     if not batches:
         return 0
     n = len(batches)
+    if countries is not None and len(countries) != n:
+        raise ValueError(f"{len(countries)} countries for {n} batches")
     sizes = [len(b) for b in batches]
     values = [
         [run_id] * n,
@@ -64,6 +70,7 @@ def add_tasks(
         sizes,
         [max_attempts] * n,
         [utcnow()] * n,
+        list(countries) if countries is not None else [None] * n,
     ]
     cols = {
         "run_id": "bigint",
@@ -73,6 +80,7 @@ def add_tasks(
         "n_items": "int",
         "max_attempts": "int",
         "created_at": "timestamp",
+        "country": "text",
     }
     with staged_columns(conn, cols, values, once=True) as s:
         conn.execute(
@@ -88,18 +96,20 @@ def claim(
     lease_seconds: float,
     run_id: int | None = None,
     run_meta: dict[int, tuple[str, dict[str, Any]]] | None = None,
+    countries: Sequence[str] = (),
 ) -> list[ClaimedTask]:
     """Lease up to ``max_tasks`` queued tasks of running runs to ``worker_id``.
 
     ``run_meta`` caches (kind, params) by run id across calls: they never change.
+    ``countries`` (normal forms): only tasks of no country or of one of these; empty: any.
     """
     token = secrets.token_hex(8)
     lock = " FOR UPDATE OF t SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
     run_filter = " AND t.run_id = :run_id" if run_id is not None else ""
-    rows = fetch_all(
-        conn,
-        sa.text(
-            f"""
+    if countries:
+        run_filter += " AND (t.country IS NULL OR t.country IN :countries)"
+    stmt = sa.text(
+        f"""
             UPDATE tasks SET status = 'leased', worker_id = :w, lease_token = :tok,
                    attempts = attempts + 1,
                    lease_until = {seconds_from_now(lease_seconds)},
@@ -113,9 +123,12 @@ def claim(
             )
             RETURNING id, run_id, seq, items, attempts, max_attempts
             """
-        ),
-        {"w": worker_id, "tok": token, "n": max_tasks, "run_id": run_id},
     )
+    args: dict[str, Any] = {"w": worker_id, "tok": token, "n": max_tasks, "run_id": run_id}
+    if countries:
+        stmt = stmt.bindparams(sa.bindparam("countries", expanding=True))
+        args["countries"] = sorted(set(countries))
+    rows = fetch_all(conn, stmt, args)
     if not rows:
         return []
     meta = {} if run_meta is None else run_meta
@@ -471,7 +484,14 @@ def requeue_failed(conn: sa.Connection, run_id: int) -> int:
 # --- workers -----------------------------------------------------------------------------
 
 
-def register_worker(conn: sa.Connection, worker_id: str, host: str, pid: int, kind: str) -> None:
+def register_worker(
+    conn: sa.Connection,
+    worker_id: str,
+    host: str,
+    pid: int,
+    kind: str,
+    countries: Sequence[str] = (),
+) -> None:
     conn.execute(sa.delete(workers).where(workers.c.id == worker_id))
     conn.execute(
         sa.insert(workers).values(
@@ -482,6 +502,7 @@ def register_worker(conn: sa.Connection, worker_id: str, host: str, pid: int, ki
             status="starting",
             started_at=db_now(),
             heartbeat_at=db_now(),
+            countries=",".join(sorted(set(countries))) or None,
         )
     )
 

@@ -83,6 +83,8 @@ tasks = sa.Table(
     sa.Column("last_error", sa.Text),
     _created(),
     sa.Column("updated_at", sa.DateTime),
+    # normal form (engine.countries): only workers serving it claim the task; NULL: any
+    sa.Column("country", sa.String),
 )
 # Secondary indexes only on PostgreSQL: DuckDB scans columns fast and prunes by zone maps,
 # while every ART index it keeps turns an UPDATE of an indexed column into delete+insert.
@@ -102,6 +104,7 @@ workers = sa.Table(
     sa.Column("items_done", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("items_failed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("exit_reason", sa.Text),
+    sa.Column("countries", sa.String),  # what it claims: "IN,MY" (normal forms); NULL: any
 )
 
 commands = sa.Table(

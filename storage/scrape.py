@@ -40,6 +40,16 @@ def register_urls(
 ) -> list[int]:
     """Add (url, depth, parent id, country) rows not yet registered for the run, up to ``max_pages``
     URLs in all; returns the ids of the rows added, in input order."""
+    return [url_id for url_id, _ in _register_urls(conn, run_id, new, max_pages)]
+
+
+def _register_urls(
+    conn: sa.Connection,
+    run_id: int,
+    new: Sequence[tuple[str, int, int | None, str]],
+    max_pages: int | None,
+) -> list[tuple[int, str]]:
+    """``register_urls``, with the country of each row added: (id, country)."""
     seen: set[str] = set()
     rows = []
     for url, depth, parent, country in new:
@@ -79,7 +89,7 @@ def register_urls(
             {"run": run_id, "now": utcnow()},
         )
     order = {row[1]: row[0] for row in rows}
-    return [r[0] for r in sorted(added, key=lambda r: order[r[1]])]
+    return [(r[0], rows[order[r[1]]][4]) for r in sorted(added, key=lambda r: order[r[1]])]
 
 
 def load_urls(conn: sa.Connection, run_id: int, ids: list[Any]) -> list[UrlItem]:
@@ -122,6 +132,7 @@ class StoredPages:
 
     pages: int = 0
     new_urls: list[int] = field(default_factory=list)
+    new_countries: list[str] = field(default_factory=list)  # of each of new_urls, as written
 
 
 def store_pages(
@@ -157,8 +168,8 @@ def store_pages(
         if p.depth < ctx.max_depth
         for link in p.links
     ]
-    new_ids = register_urls(conn, ctx.run_id, links, ctx.max_pages) if links else []
-    return StoredPages(len(pages), new_ids)
+    added = _register_urls(conn, ctx.run_id, links, ctx.max_pages) if links else []
+    return StoredPages(len(pages), [i for i, _ in added], [c for _, c in added])
 
 
 def fail_pages(

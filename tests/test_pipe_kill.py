@@ -33,7 +33,7 @@ class Recorder:
     def register(self, worker_id: str, *args: Any) -> None:
         self.registered.append(worker_id)
 
-    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
+    def claim(self, worker_id: str, *args: Any) -> Reply:
         return Reply()
 
     def heartbeat(self, worker_id: str, *args: Any) -> Reply:

@@ -57,8 +57,14 @@ class Harness(ABC):
     def queue(self, worker_id: str) -> QueueBackend: ...
 
     @abstractmethod
-    def new_run(self, batches: list[list[str]], max_attempts: int = 3) -> tuple[int, list[int]]:
-        """A running run with one task per batch: (run id, task ids in order)."""
+    def new_run(
+        self,
+        batches: list[list[str]],
+        max_attempts: int = 3,
+        countries: list[str | None] | None = None,
+    ) -> tuple[int, list[int]]:
+        """A running run with one task per batch (of ``countries``' entry, when given):
+        (run id, task ids in order)."""
 
     @abstractmethod
     def set_run_status(self, run_id: int, status: str) -> None: ...
@@ -98,9 +104,14 @@ class MemoryHarness(Harness):
     def queue(self, worker_id: str) -> QueueBackend:
         return self.mq
 
-    def new_run(self, batches: list[list[str]], max_attempts: int = 3) -> tuple[int, list[int]]:
+    def new_run(
+        self,
+        batches: list[list[str]],
+        max_attempts: int = 3,
+        countries: list[str | None] | None = None,
+    ) -> tuple[int, list[int]]:
         run_id = self.mq.add_run(KIND, {})
-        return run_id, self.mq.add_tasks(run_id, batches, max_attempts)
+        return run_id, self.mq.add_tasks(run_id, batches, max_attempts, countries)
 
     def set_run_status(self, run_id: int, status: str) -> None:
         self.mq.set_run_status(run_id, status)
@@ -135,10 +146,15 @@ class SqlHarness(Harness):
     def queue(self, worker_id: str) -> QueueBackend:
         return self.sql
 
-    def new_run(self, batches: list[list[str]], max_attempts: int = 3) -> tuple[int, list[int]]:
+    def new_run(
+        self,
+        batches: list[list[str]],
+        max_attempts: int = 3,
+        countries: list[str | None] | None = None,
+    ) -> tuple[int, list[int]]:
         with self.db.begin() as conn:
             run_id = runs.create_run(conn, KIND, {}, "contract-test")
-            q.add_tasks(conn, run_id, batches, 0, max_attempts)
+            q.add_tasks(conn, run_id, batches, 0, max_attempts, countries)
             runs.start_run(conn, run_id)
             ids = fetch_all(
                 conn, sa.select(tasks.c.id).where(tasks.c.run_id == run_id).order_by(tasks.c.seq)
@@ -272,9 +288,9 @@ def result(run_id: int, task_id: int, ref: str, worker_id: str = A) -> ItemResul
     return ItemResult(run_id, task_id, ref, True, "ok", {"http_status": 200}, worker_id)
 
 
-def register(h: Harness, *workers: str) -> None:
+def register(h: Harness, *workers: str, countries: tuple[str, ...] = ()) -> None:
     for w in workers:
-        h.queue(w).register(w, "host", 1, "local")
+        h.queue(w).register(w, "host", 1, "local", countries)
 
 
 # --- claim --------------------------------------------------------------------------------------
@@ -317,6 +333,38 @@ def test_claim_of_one_run(make: Make) -> None:
     register(h, A)
     assert [t.id for t in h.queue(A).claim(A, 5, run_id=run2).tasks] == [t2]
     assert h.task(t1).status == "queued"
+
+
+# --- countries ------------------------------------------------------------------------------------
+
+
+def test_a_worker_with_countries_claims_only_tasks_of_no_country_or_of_its_own(make: Make) -> None:
+    h = make()
+    _, [none, ind, ar, my, ar2] = h.new_run(
+        [["a"], ["b"], ["c"], ["d"], ["e"]], countries=[None, "IN", "AR", "MY", "AR"]
+    )
+    register(h, A, countries=("IN", "MY"))
+    register(h, B)
+    got = h.queue(A).claim(A, 10, countries=("IN", "MY")).tasks
+    assert [t.id for t in got] == [none, ind, my]  # in order, AR skipped
+    assert h.task(ar).status == h.task(ar2).status == "queued"
+    assert h.queue(A).claim(A, 10, countries=("IN", "MY")).tasks == []  # AR waits for others
+    assert [t.id for t in h.queue(B).claim(B, 10).tasks] == [ar, ar2]  # no countries: any
+
+
+def test_a_task_handed_back_still_goes_only_to_a_worker_of_its_country(make: Make) -> None:
+    h = make(lease_s=0.3, backoff_s=0.0)
+    run_id, [t] = h.new_run([["a"]], countries=["AR"])
+    register(h, A, countries=("AR",))
+    register(h, B, countries=("IN",))
+    assert [x.id for x in h.queue(A).claim(A, 1, countries=("AR",)).tasks] == [t]
+    assert h.expire() == [(t, A)]
+    assert h.queue(B).claim(B, 5, countries=("IN",)).tasks == []
+    assert h.queue(B).claim(B, 5, run_id=run_id, countries=("IN",)).tasks == []
+    h.queue(A).release(A, [t])  # not A's any more: changes nothing
+    h.sync()
+    assert [x.id for x in h.queue(A).claim(A, 1, run_id=run_id, countries=("AR",)).tasks] == [t]
+    assert h.task(t).worker_id == A
 
 
 # --- lease and heartbeat --------------------------------------------------------------------------

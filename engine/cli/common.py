@@ -152,9 +152,24 @@ def follow_run(db: Database, coordinator: Any, run_id: int, args: argparse.Names
     try:
         with RunProgress(enabled=None if not args.json else False) as progress:
             wait = getattr(coordinator, "wait_settled", time.sleep)
-            return wait_run(db, run_id, on_progress=progress, sleep=wait)
+            settings = getattr(coordinator, "settings", None)
+            return wait_run(
+                db,
+                run_id,
+                on_progress=progress,
+                sleep=wait,
+                on_warning=lambda msg: progress.note(run_warning(run_id, msg)),
+                fresh_s=settings.lease_s if settings is not None else 30.0,
+            )
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def run_warning(run_id: int, msg: str | None) -> str:
+    """What the CLI prints (stderr) when ``wait_run``'s country warning changes."""
+    if msg is None:
+        return f"run {run_id}: every queued country has a live worker now"
+    return f"warning: run {run_id}: {msg}"
 
 
 def print_bad_input(db: Database, run_id: int) -> None:

@@ -117,7 +117,9 @@ def cmd_fleet_start(args: argparse.Namespace) -> int:
     from engine.fleet.workers import start_workers
 
     ssh, env = _ssh(args), worker_env(args)
-    pid = _run(args, lambda db: start_workers(db, ssh, args.name, args.workers, env))
+    pid = _run(
+        args, lambda db: start_workers(db, ssh, args.name, args.workers, env, args.countries)
+    )
     _out(
         args,
         {"host": args.name, "pid": pid, "workers": args.workers},
@@ -161,7 +163,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
             age = "-" if w.heartbeat_age_s is None else f"{w.heartbeat_age_s:.0f}s"
             lines.append(
                 f"  pid {w.pid:<8} {w.status:<9} heartbeat {age:>5} ago  "
-                f"{w.items_done:,} items  {w.worker_id}"
+                f"{w.items_done:,} items  {w.countries or 'any':<9} {w.worker_id}"
             )
     _out(args, obj, "\n".join(lines) or "no hosts: add one with `hosts add`")
     return EXIT_OK
@@ -243,7 +245,13 @@ def add_commands(sub: Any) -> None:
         help="the project directory there, relative to the login directory or "
         "absolute (fetchfleet)",
     )
-    a.add_argument("--countries", help="comma-separated (stored; not yet used to filter)")
+    a.add_argument(
+        "--countries",
+        metavar="LIST",
+        help='what its workers serve, e.g. "Argentina,Russia" or AR,RU: they claim only tasks '
+        "of these countries (and of none); `fleet start --countries` overrides it "
+        "(default: every country)",
+    )
     a.set_defaults(func=cmd_hosts_add)
     ls = hs.add_parser("list", help="list the hosts")
     _opts(ls, ssh=False)
@@ -276,6 +284,12 @@ def add_commands(sub: Any) -> None:
     _worker_db_opt(s)
     s.add_argument("name")
     s.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    s.add_argument(
+        "--countries",
+        metavar="LIST",
+        help="the countries these workers serve, instead of the host's (`hosts add "
+        "--countries`); any: every country",
+    )
     s.add_argument(
         "--env",
         action="append",

@@ -63,6 +63,13 @@ class RunProgress:
             detail=detail,
         )
 
+    def note(self, text: str) -> None:
+        """A line on stderr, above the bar when there is one."""
+        if self._progress:
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,

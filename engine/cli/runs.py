@@ -214,6 +214,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "with DuckDB, the coordinator's own pool does the work"
         )
     settings = settings_from(args)
+    countries = worker_countries(args.countries, quiet=args.json)
     if args.processes > 1:
         # what a worker killed with -9 left is ended once they are all gone
         mark_lineage(new_worker_id(f"{args.kind}-processes"))
@@ -259,10 +260,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         idle_exit_s=args.idle_exit,
         env=WorkerEnv(limiter=boot.open_limiter()),
         host=args.host_label,
+        countries=countries,
     )
     # on stderr, so also with --json and in each of --processes N: a launch's log says who
-    # joined where (the URL with its password hidden)
-    print(f"worker {worker.worker_id} joined {boot.db.display_url}", file=sys.stderr, flush=True)
+    # joined where (the URL with its password hidden) and which countries it serves
+    serves = f", serving {', '.join(countries)}" if countries else ""
+    print(
+        f"worker {worker.worker_id} joined {boot.db.display_url}{serves}",
+        file=sys.stderr,
+        flush=True,
+    )
     reason = asyncio.run(run_worker(worker))
     end_own_lineage()
     boot.close()
@@ -272,6 +279,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
         f"worker {worker.worker_id} exited: {reason}",
     )
     return EXIT_OK
+
+
+def worker_countries(value: str | None, quiet: bool = False) -> tuple[str, ...]:
+    """``--countries`` → normal forms (``engine.countries``). A name no table knows is kept
+    (a spec may name a country of its own) but said, since a typo would match nothing."""
+    from engine.countries import is_known, parse_countries
+
+    if value is None:
+        return ()
+    unknown = [p.strip() for p in value.split(",") if p.strip() and not is_known(p)]
+    unknown = [p for p in unknown if p.lower() != "any"]
+    if unknown and not quiet:
+        print(
+            f"--countries: {', '.join(unknown)} is no ISO 3166 country name or code; "
+            "matched as written (case-insensitive)",
+            file=sys.stderr,
+        )
+    return parse_countries(value)
 
 
 def forward_sigterm(procs: list[Any]) -> None:
@@ -360,5 +385,11 @@ def add_commands(sub: Any) -> None:
         "--host-label",
         help="the host name it registers under (default: this machine's); "
         "`fleet start` sets the fleet's name for the host",
+    )
+    w.add_argument(
+        "--countries",
+        metavar="LIST",
+        help='claim only tasks of these countries (and tasks of none), e.g. "India,Malaysia" '
+        "or IN,MY: names or ISO codes, any case (default: every country)",
     )
     w.set_defaults(func=cmd_worker)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+from engine.countries import countries_text, parse_countries
 from engine.fleet.remote import env_payload, probe_command
 from engine.fleet.ssh import SshError, SshRunner, target_args
 from storage import hosts as store
@@ -55,6 +56,7 @@ def add_host(db: Database, host: HostRow) -> None:
     problems = host_problems(host)
     if problems:
         raise FleetError("; ".join(problems.values()))
+    host = replace(host, countries=countries_text(parse_countries(host.countries)))
     with db.begin() as conn:
         if not store.add_host(conn, host):
             raise FleetError(f"host {host.name!r} exists already (hosts remove {host.name})")

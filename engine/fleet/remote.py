@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -38,14 +38,24 @@ def probe_command(python: str, workdir: str) -> str:
     )
 
 
-def start_command(python: str, workdir: str, host_label: str, processes: int, log_path: str) -> str:
+def start_command(
+    python: str,
+    workdir: str,
+    host_label: str,
+    processes: int,
+    log_path: str,
+    countries: Sequence[str] = (),
+) -> str:
     """Start ``engine.run worker`` detached in a session of its own (its pid is its process
-    group, which ``stop_command`` signals) and print that pid."""
+    group, which ``stop_command`` signals) and print that pid. With ``countries``, its
+    workers claim only tasks of those countries (and of none)."""
     q = shlex.quote
     worker = (
         f"{q(python)} -m engine.run worker --processes {int(processes)} "
         f"--host-label {q(host_label)}"
     )
+    if countries:
+        worker += f" --countries {q(','.join(countries))}"
     return (
         f'{READ_ENV}; cd {q(workdir)} || exit 11; mkdir -p "$(dirname {q(log_path)})" || exit 12; '
         f"setsid nohup {worker} > {q(log_path)} 2>&1 < /dev/null & echo $!"

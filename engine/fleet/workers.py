@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from engine.countries import parse_countries
 from engine.fleet.hosts import FleetError, get_host, list_hosts
 from engine.fleet.remote import alive_command, env_payload, start_command, stop_command
 from engine.fleet.ssh import SshRunner
@@ -20,9 +21,16 @@ from storage.hosts import LiveWorker
 
 
 def start_workers(
-    db: Database, ssh: SshRunner, name: str, processes: int, worker_env: dict[str, str]
+    db: Database,
+    ssh: SshRunner,
+    name: str,
+    processes: int,
+    worker_env: dict[str, str],
+    countries: str | None = None,
 ) -> int:
-    """Start ``processes`` workers on the host; returns the launch's remote pid."""
+    """Start ``processes`` workers on the host; returns the launch's remote pid. They serve
+    ``countries`` (comma-separated names or codes; ``any``: every country) when given,
+    else the host's stored countries (``hosts add --countries``), else every country."""
     if processes < 1:
         raise FleetError("--workers must be at least 1")
     if not worker_env.get("FETCHFLEET_DB", "").startswith("postgresql"):
@@ -30,7 +38,8 @@ def start_workers(
     host = get_host(db, name)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")  # one log per launch
     log_path = f"{host.workdir.rstrip('/')}/data/fleet/{name}-{stamp}.log"
-    command = start_command(host.python, host.workdir, name, processes, log_path)
+    serves = parse_countries(host.countries if countries is None else countries)
+    command = start_command(host.python, host.workdir, name, processes, log_path, serves)
     done = ssh.run(host.ssh_target, command, stdin=env_payload(worker_env))
     out = done.stdout.strip().splitlines()
     if done.returncode != 0 or not out or not out[-1].isdigit():

@@ -44,6 +44,34 @@ class WorkerEnv:
         return cls(limiter=MemoryLimiter())
 
 
+@dataclass(frozen=True, slots=True)
+class CountryBatch:
+    """A batch of item references that ``plan`` yields for one country (any form: it is
+    normalised with ``engine.countries.normal_country``)."""
+
+    refs: Sequence[Any]
+    country: str | None
+
+
+def batch_countries(
+    batches: Sequence[Sequence[Any] | CountryBatch], default: str | None
+) -> tuple[list[Sequence[Any]], list[str | None]]:
+    """What ``plan`` yielded → (item references per task, country per task, normal form):
+    a plain batch gets ``default`` (``JobKind.task_country``)."""
+    from engine.countries import normal_country
+
+    refs: list[Sequence[Any]] = []
+    countries: list[str | None] = []
+    for b in batches:
+        if isinstance(b, CountryBatch):
+            refs.append(b.refs)
+            countries.append(normal_country(b.country))
+        else:
+            refs.append(b)
+            countries.append(default)
+    return refs, countries
+
+
 class Executor(ABC):
     """Per worker process and run: holds clients (a checker, a browser) across items."""
 
@@ -145,8 +173,22 @@ class JobKind(RunKind):
         created; the result is stored with the run, so it must hold no secrets."""
 
     @abstractmethod
-    def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
-        """Yield batches of item references (JSON-serialisable), streamed."""
+    def plan(
+        self, db: Database, run_id: int, params: dict[str, Any]
+    ) -> Iterator[Sequence[Any] | CountryBatch]:
+        """Yield batches of item references (JSON-serialisable), streamed. A batch whose
+        items belong to one country (a scrape source's) is a ``CountryBatch``: only workers
+        serving that country claim it; a plain batch has the run's ``task_country``."""
+
+    def task_country(self, params: dict[str, Any]) -> str | None:
+        """The country of the run's plain batches (normal form): its ``country``
+        parameter when the kind's parameters have one, else None (any worker)."""
+        model = getattr(self, "params_model", None)  # a plugin kind may have none
+        if model is None or "country" not in model.model_fields:
+            return None
+        from engine.countries import normal_country
+
+        return normal_country(params.get("country"))
 
     @abstractmethod
     def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:

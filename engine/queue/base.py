@@ -20,6 +20,7 @@ and a result already stored is never stored again, so the second execution adds 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -81,17 +82,28 @@ class QueueBackend(ABC):
         return isinstance(exc, ConnectionError | TimeoutError)
 
     @abstractmethod
-    def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:
+    def register(
+        self, worker_id: str, host: str, pid: int, kind: str, countries: Sequence[str] = ()
+    ) -> None:
         """Announce a worker before its first claim: it is listed (status ``starting``) with
-        its host, pid and kind (``local``, ``standalone``…). Registering an id again starts
-        its record afresh."""
+        its host, pid, kind (``local``, ``standalone``…) and the countries it serves (normal
+        forms, ``engine.countries``; empty: any), which it passes to each ``claim``.
+        Registering an id again starts its record afresh."""
 
     @abstractmethod
-    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
+    def claim(
+        self,
+        worker_id: str,
+        max_tasks: int,
+        run_id: int | None = None,
+        countries: Sequence[str] = (),
+    ) -> Reply:
         """Lease up to ``max_tasks`` queued tasks to ``worker_id``; none when asked to exit.
 
         Only tasks of runs whose status is ``running`` (and of ``run_id``, when given) whose
-        backoff has passed (``available_at``) are taken, in (run, sequence) order. Each claim
+        backoff has passed (``available_at``) are taken, in (run, sequence) order. With
+        ``countries`` (normal forms), only tasks of no country or of one of them: a task
+        planned for a country is claimed only by a worker that serves it. Each claim
         counts as an attempt (``attempts + 1``) and holds a lease for the deployment's
         ``lease_s``, which heartbeats extend. A returned ``TaskWork`` carries the items still
         to do: items whose result is already stored (an earlier attempt) are left out, and a

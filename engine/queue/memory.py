@@ -28,6 +28,7 @@ class MemoryTask:
     seq: int
     refs: list[Any]
     max_attempts: int
+    country: str | None = None  # only a worker serving it claims the task; None: any
     status: str = "queued"  # queued, leased, done, failed
     attempts: int = 0
     worker_id: str | None = None
@@ -51,6 +52,7 @@ class MemoryQueue(QueueBackend):
         self.tasks: dict[int, MemoryTask] = {}
         self.results: dict[tuple[int, Any], ItemResult] = {}
         self.workers: dict[str, str] = {}  # id → status
+        self.countries: dict[str, tuple[str, ...]] = {}  # id → the countries it serves
         self._exit: set[str] = set()
         self._leases: dict[tuple[str, int], int] = {}  # (worker, task) → token of its claim
         self._tokens = itertools.count(1)
@@ -64,14 +66,22 @@ class MemoryQueue(QueueBackend):
         self.runs[run_id] = (kind, params or {}, "running")
         return run_id
 
-    def add_tasks(self, run_id: int, batches: Sequence[Sequence[Any]], max_attempts: int = 3):
-        """One queued task per batch of item references; returns their ids."""
+    def add_tasks(
+        self,
+        run_id: int,
+        batches: Sequence[Sequence[Any]],
+        max_attempts: int = 3,
+        countries: Sequence[str | None] | None = None,
+    ) -> list[int]:
+        """One queued task per batch of item references (of ``countries``' entry, one per
+        batch, when given); returns their ids."""
         with self._lock:
             start = sum(1 for t in self.tasks.values() if t.run_id == run_id)
             ids = [next(self._ids) for _ in batches]
-            for i, (task_id, refs) in enumerate(zip(ids, batches, strict=True)):
+            of = list(countries) if countries is not None else [None] * len(batches)
+            for i, (task_id, refs, country) in enumerate(zip(ids, batches, of, strict=True)):
                 self.tasks[task_id] = MemoryTask(
-                    task_id, run_id, start + i, list(refs), max_attempts
+                    task_id, run_id, start + i, list(refs), max_attempts, country
                 )
             return ids
 
@@ -117,12 +127,22 @@ class MemoryQueue(QueueBackend):
 
     # --- QueueBackend ----------------------------------------------------------------------
 
-    def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:
+    def register(
+        self, worker_id: str, host: str, pid: int, kind: str, countries: Sequence[str] = ()
+    ) -> None:
         self.workers[worker_id] = "starting"
+        self.countries[worker_id] = tuple(sorted(set(countries)))
 
-    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
+    def claim(
+        self,
+        worker_id: str,
+        max_tasks: int,
+        run_id: int | None = None,
+        countries: Sequence[str] = (),
+    ) -> Reply:
         if worker_id in self._exit:
             return EXIT
+        serves = set(countries)
         with self._lock:
             now = self.clock()
             ready = sorted(
@@ -133,6 +153,7 @@ class MemoryQueue(QueueBackend):
                     and self.runs[t.run_id][2] == "running"
                     and t.available_at <= now
                     and run_id in (None, t.run_id)
+                    and (not serves or t.country is None or t.country in serves)
                 ),
                 key=lambda t: (t.run_id, t.seq),
             )[:max_tasks]

@@ -23,7 +23,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from multiprocessing.connection import wait as wait_ready
@@ -93,11 +93,19 @@ class PipeQueue(QueueBackend):
                 if got_id == req_id:
                     return result
 
-    def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:
-        self._call(worker_id, Op.REGISTER, host, pid, kind)
+    def register(
+        self, worker_id: str, host: str, pid: int, kind: str, countries: Sequence[str] = ()
+    ) -> None:
+        self._call(worker_id, Op.REGISTER, host, pid, kind, tuple(countries))
 
-    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
-        return self._call(worker_id, Op.CLAIM, max_tasks, run_id)
+    def claim(
+        self,
+        worker_id: str,
+        max_tasks: int,
+        run_id: int | None = None,
+        countries: Sequence[str] = (),
+    ) -> Reply:
+        return self._call(worker_id, Op.CLAIM, max_tasks, run_id, tuple(countries))
 
     def heartbeat(
         self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int

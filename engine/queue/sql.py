@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,11 +80,19 @@ class SqlQueue(QueueBackend):
 
     # --- QueueBackend ------------------------------------------------------------------
 
-    def register(self, worker_id: str, host: str, pid: int, kind: str) -> None:
+    def register(
+        self, worker_id: str, host: str, pid: int, kind: str, countries: Sequence[str] = ()
+    ) -> None:
         with self.db.begin() as conn:
-            q.register_worker(conn, worker_id, host, pid, kind)
+            q.register_worker(conn, worker_id, host, pid, kind, countries)
 
-    def claim(self, worker_id: str, max_tasks: int, run_id: int | None = None) -> Reply:
+    def claim(
+        self,
+        worker_id: str,
+        max_tasks: int,
+        run_id: int | None = None,
+        countries: Sequence[str] = (),
+    ) -> Reply:
         # Operator commands for a worker arrive with its heartbeats, not here: a claim is on
         # the hot path and must stay a single statement plus the item lookups.
         if worker_id in self._exit_requested:
@@ -91,7 +100,13 @@ class SqlQueue(QueueBackend):
         out: list[TaskWork] = []
         with self.db.begin() as conn:
             claimed = q.claim(
-                conn, worker_id, max_tasks, self.settings.lease_s, run_id, self._run_meta
+                conn,
+                worker_id,
+                max_tasks,
+                self.settings.lease_s,
+                run_id,
+                self._run_meta,
+                countries,
             )
             for task in claimed:
                 self._leases[(worker_id, task.id)] = task.lease_token

@@ -65,8 +65,12 @@ class Worker:
         idle_exit_s: float | None = None,
         env: WorkerEnv | None = None,
         host: str | None = None,
+        countries: tuple[str, ...] = (),
     ) -> None:
         self.backend = backend
+        # the countries whose tasks it claims (normal forms, engine.countries; empty: any),
+        # besides tasks of no country: ``worker --countries``; a pool's workers serve any
+        self.countries = countries
         # the host it registers under: the machine's name, or the fleet's name for the host
         # (``worker --host-label``; namespaces and containers share or reuse host names)
         self.host = host or socket.gethostname()
@@ -132,7 +136,12 @@ class Worker:
 
     async def run(self) -> str:
         await self._call_retrying(
-            self.backend.register, self.host, os.getpid(), self.kind, until_exit=True
+            self.backend.register,
+            self.host,
+            os.getpid(),
+            self.kind,
+            self.countries,
+            until_exit=True,
         )
         flusher = asyncio.create_task(self._flush_loop())
         beater = asyncio.create_task(self._heartbeat_loop())
@@ -185,7 +194,9 @@ class Worker:
         return reason
 
     async def _claim(self, want: int) -> Reply:
-        reply = await self._call_retrying(self.backend.claim, want, self.run_id, until_exit=True)
+        reply = await self._call_retrying(
+            self.backend.claim, want, self.run_id, self.countries, until_exit=True
+        )
         return Reply() if reply is None else reply  # asked to exit while unreachable
 
     async def _wait(self, seconds: float) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from engine.files import MAX_SPEC_BYTES, size_text
-from engine.jobs.base import Executor, JobKind, WorkerEnv
+from engine.jobs.base import CountryBatch, Executor, JobKind, WorkerEnv
 from engine.jobs.scrape.params import ScrapeParams
 from engine.jobs.scrape.spec import (
     ScrapeSpec,
@@ -120,7 +120,7 @@ class ScrapeJob(JobKind):
     def spec(self, params: dict[str, Any]) -> ScrapeSpec:
         return parse_spec(params["spec_text"], params.get("spec_name") or "spec")
 
-    def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
+    def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[CountryBatch]:
         from storage import scrape as store
 
         spec = self.spec(params)
@@ -137,8 +137,8 @@ class ScrapeJob(JobKind):
                 chunk = [(u, 0, None, source.country) for u in urls[i : i + PLAN_CHUNK]]
                 with db.begin() as conn:
                     ids = store.register_urls(conn, run_id, chunk, params.get("max_pages"))
-                for j in range(0, len(ids), batch):
-                    yield ids[j : j + batch]
+                for j in range(0, len(ids), batch):  # one source: one country a task
+                    yield CountryBatch(ids[j : j + batch], source.country)
 
     def load_items(self, conn: sa.Connection, run_id: int, refs: list[Any]) -> list[Any]:
         from storage import scrape as store
@@ -199,19 +199,34 @@ class ScrapeJob(JobKind):
         ctx, batch_size = self._context(conn, run_id)
         stored = store_pages(conn, ctx, pages)
         if stored.new_urls:
-            self._queue_urls(conn, run_id, stored.new_urls, batch_size)
+            self._queue_urls(conn, run_id, stored.new_urls, stored.new_countries, batch_size)
         return stored.pages
 
     def _queue_urls(
-        self, conn: sa.Connection, run_id: int, url_ids: Sequence[int], batch_size: int
+        self,
+        conn: sa.Connection,
+        run_id: int,
+        url_ids: Sequence[int],
+        countries: Sequence[str],
+        batch_size: int,
     ) -> None:
-        """One task per ``batch_size`` URL ids, numbered after the run's existing tasks."""
+        """One task per ``batch_size`` URL ids of one country (a link keeps the country of
+        the page it was found on), numbered after the run's existing tasks."""
+        from engine.countries import normal_country
         from storage import queue as q
         from storage import runs as run_store
 
-        batches = [list(url_ids[i : i + batch_size]) for i in range(0, len(url_ids), batch_size)]
+        by_country: dict[str | None, list[int]] = {}
+        for url_id, country in zip(url_ids, countries, strict=True):
+            by_country.setdefault(normal_country(country), []).append(url_id)
+        batches: list[list[int]] = []
+        of: list[str | None] = []
+        for country, ids in by_country.items():
+            for i in range(0, len(ids), batch_size):
+                batches.append(ids[i : i + batch_size])
+                of.append(country)
         seq = run_store.planned_tasks(conn, run_id)
-        n = q.add_tasks(conn, run_id, batches, seq, self.settings.max_attempts)
+        n = q.add_tasks(conn, run_id, batches, seq, self.settings.max_attempts, of)
         run_store.add_planned(conn, run_id, n, len(batches))
 
     def item_log(self) -> ItemLog:
