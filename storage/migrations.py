@@ -175,6 +175,15 @@ def current_version(conn: sa.Connection) -> int:
     return row[0][0] or 0
 
 
+def applied_versions(conn: sa.Connection) -> set[int]:
+    """The core steps this database has, by number. A step is applied when it is missing,
+    not only when it is newer than the newest applied: steps developed side by side land
+    in any order (a database that got step 10 before step 6 existed still gets step 6)."""
+    if current_version(conn) == 0:
+        return set()
+    return {int(r[0]) for r in conn.execute(sa.select(schema.schema_version.c.version))}
+
+
 def component_versions(conn: sa.Connection) -> dict[str, int]:
     """Component name → the last step applied (after core step 4; else empty)."""
     if current_version(conn) < 4:
@@ -195,8 +204,9 @@ def migrate(db: Database, components: Sequence[Component] = ()) -> int:
             # Two processes starting at once must not both create the schema.
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(727001)"))
         found = current_version(conn)
+        have = applied_versions(conn)
         for version, description, step in STEPS:
-            if version <= found:
+            if version in have:
                 continue
             step(conn)
             conn.execute(
