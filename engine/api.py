@@ -13,6 +13,7 @@ from engine.jobs import get_kind
 from engine.model import TERMINAL
 from engine.settings import Settings
 from engine.summary import run_summary
+from engine.version import code_version
 from storage import queue as q
 from storage import runs
 from storage.db import Database
@@ -30,7 +31,8 @@ def submit_run(
     kind = get_kind(kind_name, settings)
     params = kind.prepare(params)
     with db.begin() as conn:
-        run_id = runs.create_run(conn, kind_name, params, coordinator)
+        # workers of another code version leave its tasks alone (engine.version)
+        run_id = runs.create_run(conn, kind_name, params, coordinator, code_version())
     try:
         seq = 0
         batches: Iterator[Sequence[Any]] = iter(kind.plan(db, run_id, params))

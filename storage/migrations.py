@@ -70,6 +70,13 @@ def _v5_rate_margin(conn: sa.Connection) -> None:
         )
 
 
+def _v7_versions_and_pools(conn: sa.Connection) -> None:
+    # IF NOT EXISTS / checkfirst: a database created at version 7 has them from step 1.
+    for table in ("runs", "workers"):
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS code_version VARCHAR"))
+    schema.run_proxies.create(conn, checkfirst=True)
+
+
 # (version, description, step). Append new steps; never edit released ones: steps 2 and 3
 # hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
 # their own; a new kind's tables go into its own Component, not into a core step.
@@ -91,6 +98,12 @@ STEPS: list[tuple[int, str, Step]] = [
     ),
     (4, "component_versions: the schema steps of plugin kinds' components", _v4_components),
     (5, "rate_limits.margin, margin_at: the measured margin of each key", _v5_rate_margin),
+    # step 6 belongs to another branch (worker countries); 7 is applied after it either way
+    (
+        7,
+        "runs.code_version, workers.code_version; run_proxies: a scrape run's proxy pool",
+        _v7_versions_and_pools,
+    ),
 ]
 
 LATEST = STEPS[-1][0]

@@ -88,14 +88,18 @@ def claim(
     lease_seconds: float,
     run_id: int | None = None,
     run_meta: dict[int, tuple[str, dict[str, Any]]] | None = None,
+    version: str | None = None,
 ) -> list[ClaimedTask]:
     """Lease up to ``max_tasks`` queued tasks of running runs to ``worker_id``.
 
     ``run_meta`` caches (kind, params) by run id across calls: they never change.
+    ``version``: only runs created by that code version, or by none (``engine.version``).
     """
     token = secrets.token_hex(8)
     lock = " FOR UPDATE OF t SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
     run_filter = " AND t.run_id = :run_id" if run_id is not None else ""
+    if version is not None:
+        run_filter += " AND (r.code_version IS NULL OR r.code_version = :version)"
     rows = fetch_all(
         conn,
         sa.text(
@@ -114,7 +118,7 @@ def claim(
             RETURNING id, run_id, seq, items, attempts, max_attempts
             """
         ),
-        {"w": worker_id, "tok": token, "n": max_tasks, "run_id": run_id},
+        {"w": worker_id, "tok": token, "n": max_tasks, "run_id": run_id, "version": version},
     )
     if not rows:
         return []
@@ -139,6 +143,26 @@ def claim(
         )
         for r in sorted(rows, key=lambda r: (r[1], r[2]))
     ]
+
+
+def refused_runs(
+    conn: sa.Connection, version: str, run_id: int | None = None
+) -> list[tuple[int, str]]:
+    """(run id, its code version) of running runs with queued tasks that a worker of
+    ``version`` does not take: they were created by another version."""
+    q = (
+        sa.select(runs.c.id, runs.c.code_version)
+        .where(
+            runs.c.status == ACTIVE_RUN,
+            runs.c.code_version.is_not(None),
+            runs.c.code_version != version,
+            sa.exists().where(tasks.c.run_id == runs.c.id, tasks.c.status == "queued"),
+        )
+        .order_by(runs.c.id)
+    )
+    if run_id is not None:
+        q = q.where(runs.c.id == run_id)
+    return [(int(r[0]), str(r[1])) for r in fetch_all(conn, q)]
 
 
 def current_leases(conn: sa.Connection, task_ids: Iterable[int]) -> dict[int, str]:
@@ -471,7 +495,14 @@ def requeue_failed(conn: sa.Connection, run_id: int) -> int:
 # --- workers -----------------------------------------------------------------------------
 
 
-def register_worker(conn: sa.Connection, worker_id: str, host: str, pid: int, kind: str) -> None:
+def register_worker(
+    conn: sa.Connection,
+    worker_id: str,
+    host: str,
+    pid: int,
+    kind: str,
+    code_version: str | None = None,
+) -> None:
     conn.execute(sa.delete(workers).where(workers.c.id == worker_id))
     conn.execute(
         sa.insert(workers).values(
@@ -479,6 +510,7 @@ def register_worker(conn: sa.Connection, worker_id: str, host: str, pid: int, ki
             host=host,
             pid=pid,
             kind=kind,
+            code_version=code_version,
             status="starting",
             started_at=db_now(),
             heartbeat_at=db_now(),

@@ -63,6 +63,13 @@ class RunProgress:
             detail=detail,
         )
 
+    def note(self, line: str) -> None:
+        """A line for the operator (a run's engine note), above the bar when there is one."""
+        if self._progress:
+            self._progress.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,

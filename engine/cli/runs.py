@@ -129,7 +129,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         emit(args, result, f"run {args.run_id}: {result['status']} (in PID {exc.pid})")
         return EXIT_OK
-    from storage.runs import get_run
+    from storage.runs import get_run, set_code_version
 
     settings = settings_from(args)
     with db.connect() as conn:
@@ -164,6 +164,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
                 coordinator.command(args.run_id, "resume", source="cli")
             except ValueError as exc:
                 raise UserError(str(exc)) from None
+        if run is not None and run.status == "running":  # goes on with this code
+            with db.begin() as conn:
+                set_code_version(conn, args.run_id, coordinator.version)
         summary = follow_run(db, coordinator, args.run_id, args)
         from engine.summary import add_summary_extra
 
@@ -217,6 +220,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
         # what a worker killed with -9 left is ended once they are all gone
         mark_lineage(new_worker_id(f"{args.kind}-processes"))
+        from engine.version import code_version
+
+        args.code_version = code_version()  # one version for all: computed here, once
         ctx = mp.get_context("spawn")
         procs = [
             ctx.Process(target=_worker_process, args=(vars(args),)) for _ in range(args.processes)
@@ -247,6 +253,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings=settings.model_dump(mode="json"),
         db_url=url,
         create=True,
+        ignore_version=args.ignore_version,
+        version=getattr(args, "code_version", None),
     )
     backend = boot.open_backend()
     install_uvloop()
@@ -261,7 +269,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         host=args.host_label,
     )
     if not args.json:
-        print(f"worker {worker.worker_id} joined {boot.db.display_url}", file=sys.stderr)
+        from engine.version import short
+
+        serves = "every run (--ignore-version)" if args.ignore_version else "runs of this version"
+        print(
+            f"worker {worker.worker_id} joined {boot.db.display_url} "
+            f"(version {short(backend.version)}; serves {serves})",
+            file=sys.stderr,
+        )
     reason = asyncio.run(run_worker(worker))
     end_own_lineage()
     boot.close()
@@ -359,5 +374,11 @@ def add_commands(sub: Any) -> None:
         "--host-label",
         help="the host name it registers under (default: this machine's); "
         "`fleet start` sets the fleet's name for the host",
+    )
+    w.add_argument(
+        "--ignore-version",
+        action="store_true",
+        help="also take tasks of runs started by another code version (by default a worker "
+        "leaves them alone and says why: `deploy HOST` brings a host to this version)",
     )
     w.set_defaults(func=cmd_worker)
