@@ -28,7 +28,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# absolute, not resolved: a project directory of symlinks (tests) is a project of its own
+ROOT = Path(__file__).absolute().parent.parent
 VERSION_FILE = ".fetchfleet-version"
 
 
