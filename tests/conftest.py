@@ -17,6 +17,8 @@ import sqlalchemy as sa
 
 from storage.db import Database, open_database
 
+pytest_plugins = ["tests.fleet_fixtures"]  # the fleet's lab: one per session
+
 PG_ADMIN_URL = os.environ.get(
     "FETCHFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

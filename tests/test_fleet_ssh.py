@@ -9,7 +9,6 @@ while the API is one address that a relay on the bridge (10.77.0.1) exposes to e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,8 +25,8 @@ from sim.api import ApiConfig, expected_outcome
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all
 from storage.db import open_database
-from tests.conftest import require_tool
-from tests.netns import SUBNET_HOST, Lab, Relay, netns_unavailable
+from tests.fleet_fixtures import runner
+from tests.netns import SUBNET_HOST, Lab, Relay
 from tests.test_validate_e2e import cli as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,29 +34,6 @@ PASSWORD = "fleet-pw-Zq81x"  # trust auth ignores it; it must never show in `ps`
 TOKEN = "sim-fleet-token-5521"
 API = ApiConfig(limit=400, window_s=1.0, token=TOKEN, seed=4)
 N_IDS = 600
-
-
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """Two hosts with sshd, PostgreSQL reachable from them at 10.77.0.1:5432."""
-    require_tool("/usr/sbin/sshd", "openssh-server")
-    require_tool("ssh", "openssh-client")
-    why = netns_unavailable()
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    directory = tmp_path_factory.mktemp("lab") / "hosts"
-    with Lab(2, directory) as built, Relay(SUBNET_HOST, 5432, "127.0.0.1", 5432):
-        yield built
-        for host in built.hosts:  # end this session's ssh master connections
-            runner(built).close(host.alias)
-
-
-def runner(lab: Lab) -> Any:
-    from engine.fleet.ssh import SshRunner
-
-    return SshRunner(config=lab.ssh_config)
 
 
 @pytest.fixture(scope="module")
