@@ -175,7 +175,7 @@ class RunNotes:
             return
         for note_id, line in new:
             self._last_id = note_id
-            self.out(f"run {self.run_id}: {line}")
+            self.out(line)
 
 
 def print_bad_input(db: Database, run_id: int) -> None:
