@@ -156,8 +156,7 @@ def copy_tree(ssh: SshRunner, target: str, workdir: str, root: Path, commit: str
         archive.stdout.close()
         err = archive.stderr.read().decode(errors="replace") if archive.stderr else ""
         archive.wait(60)
-    if archive.returncode != 0:
-        raise DeployError("copy", "git archive failed", _tail(err))
+    # the host's answer first: one that stopped reading early leaves git archive a broken pipe
     if done.returncode == 20:
         raise DeployError("copy", _tail(done.stderr)[-1])
     if done.returncode != 0:
@@ -165,6 +164,8 @@ def copy_tree(ssh: SshRunner, target: str, workdir: str, root: Path, commit: str
             done.returncode, f"the copy failed there (exit {done.returncode})"
         )
         raise DeployError("copy", what, _tail(done.stderr))
+    if archive.returncode != 0:
+        raise DeployError("copy", "git archive failed", _tail(err))
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
 
