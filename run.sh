@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetchfleet's two commands:
 #   ./run.sh          create .venv, install requirements.txt, start the console on 127.0.0.1
+#   ./run.sh install  only create .venv and install requirements.txt (what `deploy` runs)
 #   ./run.sh test     install what the tests need (Python and system packages), run pytest
 # Extra arguments go to streamlit (run) or pytest (test).
 set -euo pipefail
@@ -61,13 +62,17 @@ case "${1:-run}" in
     system_packages
     exec "$VENV/bin/python" "$@"
     ;;
+  install)
+    venv requirements.txt
+    echo "installed requirements.txt into $VENV"
+    ;;
   run|console)
     [ $# -gt 0 ] && shift
     venv requirements.txt
     exec "$VENV/bin/streamlit" run app.py --server.address 127.0.0.1 --server.headless true "$@"
     ;;
   *)
-    echo "usage: ./run.sh [run|test|bench SCRIPT] [args…]" >&2
+    echo "usage: ./run.sh [run|install|test|bench SCRIPT] [args…]" >&2
     exit 2
     ;;
 esac

@@ -14,6 +14,7 @@ from engine.jobs.base import CountryBatch, batch_countries
 from engine.model import TERMINAL
 from engine.settings import Settings
 from engine.summary import run_summary
+from engine.version import code_version
 from storage import queue as q
 from storage import runs
 from storage.coverage import country_gap
@@ -41,7 +42,8 @@ def submit_run(
     kind = get_kind(kind_name, settings)
     params = kind.prepare(params)
     with db.begin() as conn:
-        run_id = runs.create_run(conn, kind_name, params, coordinator)
+        # workers of another code version leave its tasks alone (engine.version)
+        run_id = runs.create_run(conn, kind_name, params, coordinator, code_version())
         if on_create is not None:
             on_create(conn, run_id)
     plan_run(db, settings, run_id)

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from engine.model import TERMINAL
 from engine.settings import Settings
+from engine.version import code_version
 from storage import runs
 from storage.db import Database
 
@@ -32,6 +33,8 @@ def command(
     Returns the run's status after the command; raises ValueError when it does not apply."""
     with db.begin() as conn:
         status = runs.apply_command(conn, run_id, action, source)
+        if action == "resume":  # it goes on with this process's code: workers of it serve it
+            runs.set_code_version(conn, run_id, code_version())
         settled = runs.settle(conn) if settle else []
     finished = [r for r, _ in settled]
     ended(db, settings, [run_id, *finished] if status in TERMINAL else finished)

@@ -76,6 +76,13 @@ def _v6_countries(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE workers ADD COLUMN IF NOT EXISTS countries VARCHAR"))
 
 
+def _v7_versions_and_pools(conn: sa.Connection) -> None:
+    # IF NOT EXISTS / checkfirst: a database created at version 7 has them from step 1.
+    for table in ("runs", "workers"):
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS code_version VARCHAR"))
+    schema.run_proxies.create(conn, checkfirst=True)
+
+
 def _v10_metrics_indexes(conn: sa.Connection) -> None:
     # PostgreSQL only (DuckDB scans a column in milliseconds and pays for every index on
     # insert): the time windows the metrics endpoint reads every scrape.
@@ -114,6 +121,11 @@ STEPS: list[tuple[int, str, Step]] = [
     (4, "component_versions: the schema steps of plugin kinds' components", _v4_components),
     (5, "rate_limits.margin, margin_at: the measured margin of each key", _v5_rate_margin),
     (6, "tasks.country, workers.countries: countries per worker", _v6_countries),
+    (
+        7,
+        "runs.code_version, workers.code_version; run_proxies: a scrape run's proxy pool",
+        _v7_versions_and_pools,
+    ),
     (10, "indexes on the logs' time columns the metrics endpoint reads", _v10_metrics_indexes),
 ]
 

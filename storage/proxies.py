@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from storage.bulk import fetch_all, staged, staged_columns, unnest_select
 from storage.clock import utcnow
 from storage.proxy_rows import ProxyRow
-from storage.schema import proxies, proxy_checks
+from storage.schema import proxies, proxy_checks, run_proxies
 from storage.secrets import SecretBox
 
 # EWMA weight of the newest latency sample: recent behaviour matters, one outlier does not.
@@ -328,6 +328,38 @@ def pool_snapshot(conn: sa.Connection, status: str, limit: int) -> list[tuple[An
         .where(proxies.c.status == status)
         .order_by(proxies.c.latency_ms.nulls_last())
         .limit(limit),
+    )
+    return [tuple(r) for r in rows]
+
+
+def snapshot_run_pool(conn: sa.Connection, run_id: int, status: str, limit: int) -> int:
+    """Copy the proxies with ``status`` (at most ``limit``, fastest first, as
+    ``pool_snapshot``) into ``run_proxies`` for a run: its workers, on any machine, route
+    through this copy while ``proxies`` goes on changing. Returns how many were copied."""
+    conn.execute(sa.delete(run_proxies).where(run_proxies.c.run_id == run_id))
+    order = "latency_ms NULLS LAST, id"
+    conn.execute(
+        sa.text(
+            "INSERT INTO run_proxies (run_id, ord, protocol, scheme, host, port, username, "
+            f"password_enc) SELECT :run, row_number() OVER (ORDER BY {order}), protocol, "
+            "scheme, host, port, username, password_enc FROM proxies WHERE status = :status "
+            f"ORDER BY {order} LIMIT :n"
+        ),
+        {"run": run_id, "status": status, "n": limit},
+    )
+    count = sa.select(sa.func.count()).where(run_proxies.c.run_id == run_id)
+    return int(fetch_all(conn, count)[0][0])
+
+
+def read_run_pool(conn: sa.Connection, run_id: int) -> list[tuple[Any, ...]]:
+    """A run's pool (``snapshot_run_pool``) as (protocol, scheme, host, port, username,
+    password token) rows, in order. Passwords stay encrypted: workers decrypt them."""
+    c = run_proxies.c
+    rows = fetch_all(
+        conn,
+        sa.select(c.protocol, c.scheme, c.host, c.port, c.username, c.password_enc)
+        .where(c.run_id == run_id)
+        .order_by(c.ord),
     )
     return [tuple(r) for r in rows]
 

@@ -97,17 +97,21 @@ def claim(
     run_id: int | None = None,
     run_meta: dict[int, tuple[str, dict[str, Any]]] | None = None,
     countries: Sequence[str] = (),
+    version: str | None = None,
 ) -> list[ClaimedTask]:
     """Lease up to ``max_tasks`` queued tasks of running runs to ``worker_id``.
 
     ``run_meta`` caches (kind, params) by run id across calls: they never change.
     ``countries`` (normal forms): only tasks of no country or of one of these; empty: any.
+    ``version``: only runs created by that code version, or by none (``engine.version``).
     """
     token = secrets.token_hex(8)
     lock = " FOR UPDATE OF t SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
     run_filter = " AND t.run_id = :run_id" if run_id is not None else ""
     if countries:
         run_filter += " AND (t.country IS NULL OR t.country IN :countries)"
+    if version is not None:
+        run_filter += " AND (r.code_version IS NULL OR r.code_version = :version)"
     stmt = sa.text(
         f"""
             UPDATE tasks SET status = 'leased', worker_id = :w, lease_token = :tok,
@@ -124,7 +128,13 @@ def claim(
             RETURNING id, run_id, seq, items, attempts, max_attempts
             """
     )
-    args: dict[str, Any] = {"w": worker_id, "tok": token, "n": max_tasks, "run_id": run_id}
+    args: dict[str, Any] = {
+        "w": worker_id,
+        "tok": token,
+        "n": max_tasks,
+        "run_id": run_id,
+        "version": version,
+    }
     if countries:
         stmt = stmt.bindparams(sa.bindparam("countries", expanding=True))
         args["countries"] = sorted(set(countries))
@@ -152,6 +162,26 @@ def claim(
         )
         for r in sorted(rows, key=lambda r: (r[1], r[2]))
     ]
+
+
+def refused_runs(
+    conn: sa.Connection, version: str, run_id: int | None = None
+) -> list[tuple[int, str]]:
+    """(run id, its code version) of running runs with queued tasks that a worker of
+    ``version`` does not take: they were created by another version."""
+    q = (
+        sa.select(runs.c.id, runs.c.code_version)
+        .where(
+            runs.c.status == ACTIVE_RUN,
+            runs.c.code_version.is_not(None),
+            runs.c.code_version != version,
+            sa.exists().where(tasks.c.run_id == runs.c.id, tasks.c.status == "queued"),
+        )
+        .order_by(runs.c.id)
+    )
+    if run_id is not None:
+        q = q.where(runs.c.id == run_id)
+    return [(int(r[0]), str(r[1])) for r in fetch_all(conn, q)]
 
 
 def current_leases(conn: sa.Connection, task_ids: Iterable[int]) -> dict[int, str]:
@@ -491,6 +521,7 @@ def register_worker(
     pid: int,
     kind: str,
     countries: Sequence[str] = (),
+    code_version: str | None = None,
 ) -> None:
     conn.execute(sa.delete(workers).where(workers.c.id == worker_id))
     conn.execute(
@@ -499,6 +530,7 @@ def register_worker(
             host=host,
             pid=pid,
             kind=kind,
+            code_version=code_version,
             status="starting",
             started_at=db_now(),
             heartbeat_at=db_now(),

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from storage.bulk import fetch_all
 from storage.clock import db_now, utcnow
 from storage.queue import requeue_failed, task_counts
-from storage.schema import commands, runs, tasks
+from storage.schema import commands, run_logs, runs, tasks
 
 TERMINAL = ("completed", "failed", "stopped", "cancelled")
 ACTIONS = ("stop", "pause", "resume", "cancel")
@@ -38,6 +38,7 @@ class RunRow:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    code_version: str | None = None  # the creating coordinator's (engine.version)
 
     @property
     def duration_s(self) -> float:
@@ -59,10 +60,19 @@ def _row(r: Any) -> RunRow:
         created_at=r.created_at,
         started_at=r.started_at,
         finished_at=r.finished_at,
+        code_version=r.code_version,
     )
 
 
-def create_run(conn: sa.Connection, kind: str, params: dict[str, Any], coordinator: str) -> int:
+def create_run(
+    conn: sa.Connection,
+    kind: str,
+    params: dict[str, Any],
+    coordinator: str,
+    code_version: str | None = None,
+) -> int:
+    """A queued run; ``code_version``: the creating process's (workers of another version
+    leave its tasks alone; None: any worker takes them)."""
     rows = fetch_all(
         conn,
         sa.insert(runs)
@@ -71,6 +81,7 @@ def create_run(conn: sa.Connection, kind: str, params: dict[str, Any], coordinat
             status="queued",
             params=json.dumps(params, sort_keys=True),
             coordinator=coordinator,
+            code_version=code_version,
             created_at=utcnow(),
             updated_at=utcnow(),
         )
@@ -110,6 +121,33 @@ def reopen(conn: sa.Connection, run_id: int) -> bool:
         .values(status="running", finished_at=None, error=None, updated_at=utcnow())
     )
     return bool(res.rowcount)
+
+
+def set_code_version(conn: sa.Connection, run_id: int, version: str) -> None:
+    """The run goes on with ``version``'s code (a resume by a coordinator of that version):
+    from now on workers of that version take its tasks."""
+    conn.execute(sa.update(runs).where(runs.c.id == run_id).values(code_version=version))
+
+
+# --- engine notes: what the engine has to tell a run's operator (stream "engine") ----------
+
+
+def add_note(conn: sa.Connection, run_id: int, line: str) -> None:
+    """A line for whoever follows the run (the CLI prints it, the console shows it)."""
+    conn.execute(
+        sa.insert(run_logs).values(run_id=run_id, stream="engine", line=line, created_at=utcnow())
+    )
+
+
+def notes_after(conn: sa.Connection, run_id: int, after_id: int = 0) -> list[tuple[int, str]]:
+    """(id, line) of the run's engine notes after ``after_id``, oldest first."""
+    q = (
+        sa.select(run_logs.c.id, run_logs.c.line)
+        .where(run_logs.c.run_id == run_id, run_logs.c.stream == "engine")
+        .where(run_logs.c.id > after_id)
+        .order_by(run_logs.c.id)
+    )
+    return [(int(r[0]), str(r[1])) for r in fetch_all(conn, q)]
 
 
 def get_run(conn: sa.Connection, run_id: int) -> RunRow | None:

@@ -59,6 +59,7 @@ runs = sa.Table(
     sa.Column("total_tasks", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("error", sa.Text),
     sa.Column("coordinator", sa.String),  # host:pid of the process that planned it
+    sa.Column("code_version", sa.String),  # its coordinator's (engine.version); step 7
     _created(),
     sa.Column("started_at", sa.DateTime),
     sa.Column("finished_at", sa.DateTime),
@@ -105,6 +106,7 @@ workers = sa.Table(
     sa.Column("items_failed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("exit_reason", sa.Text),
     sa.Column("countries", sa.String),  # what it claims: "IN,MY" (normal forms); NULL: any
+    sa.Column("code_version", sa.String),  # the code it runs (engine.version); step 7
 )
 
 commands = sa.Table(
@@ -160,6 +162,21 @@ proxies = sa.Table(
     _created(),
 )
 sa.Index("ix_proxies_status", proxies.c.status).ddl_if(dialect="postgresql")
+
+# The proxies a scrape run routes through, copied from ``proxies`` when it is planned: every
+# worker of the run, on any machine, reads the same pool from here (step 7).
+run_proxies = sa.Table(
+    "run_proxies",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("ord", sa.Integer, primary_key=True, autoincrement=False),  # fastest first
+    sa.Column("protocol", sa.String),
+    sa.Column("scheme", sa.String),
+    sa.Column("host", sa.String, nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("username", sa.String),
+    sa.Column("password_enc", sa.Text),  # Fernet token, as in ``proxies``
+)
 
 proxy_checks = sa.Table(
     "proxy_checks",

@@ -61,7 +61,7 @@ def test_bad_input_lists_the_first_lines_and_counts_them_all(db: Database) -> No
         assert error_log.bad_input(conn, 3, 5) == ([], 0)
 
 
-def test_pool_snapshot_is_fastest_first_with_passwords_encrypted(db: Database) -> None:
+def test_run_pool_snapshot_is_fastest_first_with_passwords_encrypted(db: Database) -> None:
     specs = [
         Spec("http://10.0.0.1:80", "http", "10.0.0.1", 80),
         Spec("socks5://u@10.0.0.2:1080", "socks5", "10.0.0.2", 1080, "u", "s3cret"),
@@ -80,9 +80,13 @@ def test_pool_snapshot_is_fastest_first_with_passwords_encrypted(db: Database) -
                 sa.text("UPDATE proxies SET status = :s, latency_ms = :l WHERE id = :i"),
                 {"s": status, "l": latency, "i": pid},
             )
+    with db.begin() as conn:
+        assert proxy_store.snapshot_run_pool(conn, 7, "active", 10) == 3
+        assert proxy_store.snapshot_run_pool(conn, 8, "active", 2) == 2
+        conn.execute(sa.text("UPDATE proxies SET status = 'inactive'"))  # a snapshot: kept
     with db.connect() as conn:
-        rows = proxy_store.pool_snapshot(conn, "active", 10)
-        first_two = proxy_store.pool_snapshot(conn, "active", 2)
+        rows = proxy_store.read_run_pool(conn, 7)
+        first_two = proxy_store.read_run_pool(conn, 8)
         states = proxy_store.pool_states(conn)
     assert [r[2] for r in rows] == ["10.0.0.2", "10.0.0.1", "10.0.0.3"]
     assert [r[2] for r in first_two] == ["10.0.0.2", "10.0.0.1"]
@@ -90,9 +94,9 @@ def test_pool_snapshot_is_fastest_first_with_passwords_encrypted(db: Database) -
     assert _BOX.decrypt(rows[0][5]) == "s3cret"
     assert states["http://10.0.0.4:80"][0] == "inactive"
     assert {k: v[0] for k, v in states.items()} == {
-        "http://10.0.0.1:80": "active",
-        "socks5://u@10.0.0.2:1080": "active",
-        "http://10.0.0.3:80": "active",
+        "http://10.0.0.1:80": "inactive",
+        "socks5://u@10.0.0.2:1080": "inactive",
+        "http://10.0.0.3:80": "inactive",
         "http://10.0.0.4:80": "inactive",
     }
 

@@ -152,15 +152,23 @@ def follow_run(db: Database, coordinator: Any, run_id: int, args: argparse.Names
     try:
         with RunProgress(enabled=None if not args.json else False) as progress:
             wait = getattr(coordinator, "wait_settled", time.sleep)
+            notes = RunNotes(db, run_id, progress.note)
+
+            def sleep(seconds: float) -> None:
+                wait(seconds)
+                notes.poll()
+
             settings = getattr(coordinator, "settings", None)
-            return wait_run(
+            summary = wait_run(
                 db,
                 run_id,
                 on_progress=progress,
-                sleep=wait,
+                sleep=sleep,
                 on_warning=lambda msg: progress.note(run_warning(run_id, msg)),
                 fresh_s=settings.lease_s if settings is not None else 30.0,
             )
+            notes.poll(force=True)
+            return summary
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -170,6 +178,33 @@ def run_warning(run_id: int, msg: str | None) -> str:
     if msg is None:
         return f"run {run_id}: every queued country has a live worker now"
     return f"warning: run {run_id}: {msg}"
+
+
+class RunNotes:
+    """Prints a run's engine notes as they arrive (``storage.runs.add_note``: a worker that
+    leaves the run's tasks alone because it runs another code version says so there), each
+    once, looking at most every ``every_s``; to stderr, so ``--json`` stays one object."""
+
+    def __init__(self, db: Database, run_id: int, out: Any, every_s: float = 2.0) -> None:
+        self.db, self.run_id, self.out, self.every_s = db, run_id, out, every_s
+        self._last_id = 0
+        self._next = 0.0
+
+    def poll(self, force: bool = False) -> None:
+        if not force and time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.every_s
+        from storage.runs import notes_after
+
+        try:
+            with self.db.connect() as conn:
+                new = notes_after(conn, self.run_id, self._last_id)
+        except Exception as exc:  # notes are a courtesy: the wait goes on without them
+            log.debug("run %s: notes not read: %s", self.run_id, exc)
+            return
+        for note_id, line in new:
+            self._last_id = note_id
+            self.out(line)
 
 
 def print_bad_input(db: Database, run_id: int) -> None:

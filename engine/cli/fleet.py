@@ -92,10 +92,13 @@ def cmd_hosts_test(args: argparse.Namespace) -> int:
     if not args.all and not args.name:
         raise UserError("name a host, or --all")
     results = _run(args, check)
+    from engine.version import short
+
     human = "\n".join(
         f"{r.name}: "
         + (
-            f"ok (Python {r.python}, project importable, database reachable)"
+            f"ok (Python {r.python}, project importable, version {short(r.version)} as here, "
+            "database reachable)"
             if r.ok
             else f"FAILED: {r.problem}"
         )
@@ -110,6 +113,35 @@ def cmd_hosts_remove(args: argparse.Namespace) -> int:
 
     _run(args, lambda db: remove_host(db, args.name))
     _out(args, {"removed": args.name}, f"removed host {args.name}")
+    return EXIT_OK
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import sys
+
+    from engine.fleet.deploy import DeployStep, deploy
+    from engine.version import short
+
+    ssh = _ssh(args)
+
+    def show(step: DeployStep) -> None:  # progress on stderr: stdout stays for --json
+        mark = {"start": "…", "ok": "ok", "warning": "WARNING", "skipped": "skipped"}
+        if step.status != "failed":  # the error itself is printed once, as the exit error
+            print(f"{step.step:<8} {mark.get(step.status, step.status)}: {step.message}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    result = _run(
+        args,
+        lambda db: deploy(
+            db, ssh, args.name, args.ref, not args.no_install, show, base_python=args.base_python
+        ),
+    )
+    _out(
+        args,
+        result.__dict__,
+        f"deployed {short(result.commit)} to {args.name}:{result.workdir}; "
+        f"check it with `hosts test {args.name}`",
+    )
     return EXIT_OK
 
 
@@ -270,6 +302,29 @@ def add_commands(sub: Any) -> None:
     _opts(r, ssh=False)
     r.add_argument("name")
     r.set_defaults(func=cmd_hosts_remove)
+
+    d = sub.add_parser(
+        "deploy",
+        help="copy the committed project to a host and install it there",
+        description="Streams `git archive REF` over ssh into the host's work directory "
+        "(committed files only: no .venv, no data/), writes the commit id to "
+        ".fetchfleet-version there, then runs `./run.sh install` there (a .venv with "
+        "requirements.txt, from the package registries the host's pip uses). Workers "
+        "take tasks only of runs started by their own version.\n\n" + FLEET_HELP,
+        formatter_class=fmt,
+    )
+    _opts(d)
+    d.add_argument("name", help="a host added with `hosts add`")
+    d.add_argument("--ref", default="HEAD", help="the commit to deploy (HEAD)")
+    d.add_argument(
+        "--no-install", action="store_true", help="copy only; keep the host's packages as they are"
+    )
+    d.add_argument(
+        "--base-python",
+        default="python3",
+        help="the Python there that creates .venv on install (python3)",
+    )
+    d.set_defaults(func=cmd_deploy)
 
     f = sub.add_parser(
         "fleet",

@@ -129,7 +129,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         emit(args, result, f"run {args.run_id}: {result['status']} (in PID {exc.pid})")
         return EXIT_OK
-    from storage.runs import get_run
+    from storage.runs import get_run, set_code_version
 
     settings = settings_from(args)
     with db.connect() as conn:
@@ -164,6 +164,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
                 coordinator.command(args.run_id, "resume", source="cli")
             except ValueError as exc:
                 raise UserError(str(exc)) from None
+        if run is not None and run.status == "running":  # goes on with this code
+            with db.begin() as conn:
+                set_code_version(conn, args.run_id, coordinator.version)
         summary = follow_run(db, coordinator, args.run_id, args)
         from engine.summary import add_summary_extra
 
@@ -218,6 +221,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
         # what a worker killed with -9 left is ended once they are all gone
         mark_lineage(new_worker_id(f"{args.kind}-processes"))
+        from engine.version import code_version
+
+        args.code_version = code_version()  # one version for all: computed here, once
         ctx = mp.get_context("spawn")
         procs = [
             ctx.Process(target=_worker_process, args=(vars(args),)) for _ in range(args.processes)
@@ -248,6 +254,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings=settings.model_dump(mode="json"),
         db_url=url,
         create=True,
+        ignore_version=args.ignore_version,
+        version=getattr(args, "code_version", None),
     )
     backend = boot.open_backend()
     install_uvloop()
@@ -264,9 +272,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     # on stderr, so also with --json and in each of --processes N: a launch's log says who
     # joined where (the URL with its password hidden) and which countries it serves
+    from engine.version import short
+
     serves = f", serving {', '.join(countries)}" if countries else ""
+    runs_of = "every run (--ignore-version)" if args.ignore_version else "runs of this version"
     print(
-        f"worker {worker.worker_id} joined {boot.db.display_url}{serves}",
+        f"worker {worker.worker_id} joined {boot.db.display_url}{serves} "
+        f"(version {short(backend.version)}; takes {runs_of})",
         file=sys.stderr,
         flush=True,
     )
@@ -391,5 +403,11 @@ def add_commands(sub: Any) -> None:
         metavar="LIST",
         help='claim only tasks of these countries (and tasks of none), e.g. "India,Malaysia" '
         "or IN,MY: names or ISO codes, any case (default: every country)",
+    )
+    w.add_argument(
+        "--ignore-version",
+        action="store_true",
+        help="also take tasks of runs started by another code version (by default a worker "
+        "leaves them alone and says why: `deploy HOST` brings a host to this version)",
     )
     w.set_defaults(func=cmd_worker)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, replace
 from engine.countries import countries_text, parse_countries
 from engine.fleet.remote import env_payload, probe_command
 from engine.fleet.ssh import SshError, SshRunner, target_args
+from engine.version import code_version, short
 from storage import hosts as store
 from storage.db import Database
 from storage.hosts import HostRow
@@ -93,13 +94,20 @@ class HostCheck:
     project: bool = False
     db: str | None = None
     problem: str | None = None
+    version: str | None = None  # the project's code version there
+    local_version: str | None = None  # this checkout's: runs started here carry it
+
+    @property
+    def version_ok(self) -> bool:
+        """Workers there serve runs started from here (``engine.version``)."""
+        return self.version is not None and self.version == self.local_version
 
     @property
     def ok(self) -> bool:
         return self.problem is None
 
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "version_ok": self.version_ok, "ok": self.ok}
 
 
 def test_host(ssh: SshRunner, host: HostRow, worker_env: dict[str, str]) -> HostCheck:
@@ -128,5 +136,12 @@ def test_host(ssh: SshRunner, host: HostRow, worker_env: dict[str, str]) -> Host
             problem=f"the project is not importable in {host.workdir}: {tail[0]}",
         )
     db = str(probe.get("db"))
+    there = str(probe["version"]) if probe.get("version") else None
+    here = code_version()
     problem = None if db == "ok" else f"database not reachable from there: {db}"
-    return HostCheck(host.name, True, version, True, db, problem)
+    if problem is None and there != here:
+        problem = (
+            f"version {short(there)} there, {short(here)} here: its workers will not take "
+            f"tasks of runs started here; `deploy {host.name}`"
+        )
+    return HostCheck(host.name, True, version, True, db, problem, there, here)

@@ -1,6 +1,6 @@
 """``python -m engine.fleet.probe``, run on a host by ``hosts test``: is the project importable
-here, and is the database (``FETCHFLEET_DB`` from the ssh channel) reachable from here?
-Prints one JSON object."""
+here, which code version is it (``engine.version``), and is the database
+(``FETCHFLEET_DB`` from the ssh channel) reachable from here? Prints one JSON object."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ import sys
 
 def main() -> int:
     out: dict[str, object] = {"python": platform.python_version(), "project": True}
+    try:  # the project there may predate versions: then it reports none
+        from engine.version import code_version
+
+        out["version"] = code_version()
+    except ImportError:
+        out["version"] = None
     try:
         import sqlalchemy as sa
 

@@ -12,6 +12,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from engine.private_dir import private_dir
 
@@ -90,6 +91,30 @@ class SshRunner:
             bufsize=1,
             start_new_session=True,
         )
+
+    def run_stream(
+        self, target: str, command: str, stdin: IO[bytes], timeout_s: float = 600.0
+    ) -> subprocess.CompletedProcess[str]:
+        """``run``, with the command's stdin streamed from ``stdin`` (a pipe, e.g. another
+        process's stdout): large input (a tar of the project) never sits in memory."""
+        try:
+            done = subprocess.run(
+                [*self.base_args(), *target_args(target), command],
+                stdin=stdin,
+                capture_output=True,
+                timeout=timeout_s,
+            )
+        except subprocess.TimeoutExpired:
+            raise SshError(f"{target}: no answer within {timeout_s:.0f} s") from None
+        out = subprocess.CompletedProcess(
+            done.args,
+            done.returncode,
+            done.stdout.decode(errors="replace"),
+            done.stderr.decode(errors="replace"),
+        )
+        if out.returncode == 255:
+            raise SshError(f"{target}: {explain(out.stderr)}")
+        return out
 
     def close(self, target: str) -> None:
         """End the host's master connection (``ssh -O exit``), if there is one."""

@@ -9,7 +9,7 @@ worker's asyncio loop). Everything else — leases, retries, commands, the pool 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,9 +32,13 @@ class WorkerEnv:
 
     ``limiter``: the rate limiter shared with every process of the deployment (the pool's
     mmap'd file with DuckDB, the database with PostgreSQL, in memory for a process alone).
+    ``proxy_pool``: set by the worker for the run whose executor it opens: reads that run's
+    proxy pool through the worker's queue backend (``QueueBackend.proxy_pool``), wherever
+    the worker runs; None for an executor opened outside a worker.
     """
 
     limiter: RateLimiter
+    proxy_pool: Callable[[], Awaitable[list[tuple[Any, ...]]]] | None = None
 
     @classmethod
     def local(cls) -> WorkerEnv:

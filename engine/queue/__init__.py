@@ -89,4 +89,4 @@ def pool_link(
         return PoolLink("pipe", server.boot, server)
     from engine.queue.sql import SqlBoot
 
-    return PoolLink("sql", SqlBoot.factory(db.url))
+    return PoolLink("sql", SqlBoot.factory(db.url, sql.version))

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from engine.model import ItemResult, ResultBatch, TaskWork
 
@@ -146,6 +147,13 @@ class QueueBackend(ABC):
         last error and recorded): each goes back to the queue, claimable after
         ``retry_backoff_s * 2 ** (attempts - 1)``, or becomes ``failed`` once it has had
         ``max_attempts`` attempts."""
+
+    def proxy_pool(self, worker_id: str, run_id: int) -> list[tuple[Any, ...]]:
+        """The proxy pool a run routes through, as its coordinator copied it into the
+        database when it planned the run (``storage.proxies.snapshot_run_pool``): rows of
+        (protocol, scheme, host, port, username, password as a Fernet token), never a plain
+        password. Read once per run and process, when its executor opens."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no proxy pools")
 
     @abstractmethod
     def unregister(self, worker_id: str, reason: str) -> None:

@@ -46,7 +46,7 @@ DRAIN_AT_ONCE = 64  # messages read from one channel before the next one gets it
 
 class Op(IntEnum):
     """A request's operation. Sent as its int value (two bytes pickled, no class lookup on
-    the way in); the ones from SUBMIT on are one-way."""
+    the way in); SUBMIT to UNREGISTER are one-way, the others round trips."""
 
     REGISTER = 0
     CLAIM = 1
@@ -56,10 +56,11 @@ class Op(IntEnum):
     RELEASE = 5
     FAIL = 6
     UNREGISTER = 7
+    PROXY_POOL = 8
 
 
 def _one_way(op: int) -> bool:
-    return op >= Op.SUBMIT
+    return Op.SUBMIT <= op <= Op.UNREGISTER
 
 
 class PipeQueue(QueueBackend):
@@ -126,6 +127,10 @@ class PipeQueue(QueueBackend):
 
     def unregister(self, worker_id: str, reason: str) -> None:
         self._call(worker_id, Op.UNREGISTER, reason)
+
+    def proxy_pool(self, worker_id: str, run_id: int) -> list[tuple[Any, ...]]:
+        # the coordinator reads it from the DuckDB file this process cannot open
+        return self._call(worker_id, Op.PROXY_POOL, run_id)
 
 
 class PipeServer:
@@ -266,7 +271,7 @@ class PipeServer:
                     except (EOFError, OSError) as e:  # the worker died, maybe mid-message
                         self._drop(worker_id, type(e).__name__)
                         break
-                    if op < Op.SUBMIT:
+                    if not _one_way(op):
                         round_trips.append((conn, worker_id, req_id, op, args))
                     else:
                         self._buffer(worker_id, op, args)
@@ -299,6 +304,8 @@ class PipeServer:
             # now on completions are stored at once instead of at the next periodic flush.
             self._dry = len(reply.tasks) < args[0]
             return reply
+        if op == Op.PROXY_POOL:
+            return self.sql.proxy_pool(worker_id, *args)
         if op == Op.HEARTBEAT:
             reply = self.sql.heartbeat(worker_id, *args)
             if worker_id in self._exit:

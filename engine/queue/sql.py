@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,10 @@ from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, directive
 from engine.queue.boot import BootFactory, WorkerBoot
 from engine.ratelimit.base import MemoryLimiter, RateLimiter
 from engine.settings import Settings
+from engine.version import is_dirty, short
+from storage import proxies as proxy_store
 from storage import queue as q
+from storage import runs
 from storage.clock import utcnow
 from storage.db import Database, open_database
 from storage.error_log import add_errors
@@ -32,12 +36,34 @@ from storage.errors import is_transient
 log = logging.getLogger(__name__)
 
 
-class SqlQueue(QueueBackend):
-    """Queue operations on one database; thread-safe (each call is one transaction)."""
+REFUSALS_EVERY_S = 5.0  # how often an idle worker looks for runs of another version
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+
+class SqlQueue(QueueBackend):
+    """Queue operations on one database; thread-safe (each call is one transaction).
+
+    ``version``: the code version of the workers it serves (``engine.version``), recorded
+    when they register. With ``check_version`` their claims take only tasks of runs created
+    by that version (or by none); a run they leave alone is reported once per worker: a
+    warning in this process's log and a note on the run, which the CLI following it prints
+    (``storage.runs.add_note``). Without a version (tests, ``--ignore-version``) every run
+    is served.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        version: str | None = None,
+        check_version: bool = True,
+    ) -> None:
         self.db = db
         self.settings = settings
+        self.version = version
+        self._claim_version = version if check_version else None
+        self._hosts: dict[str, str] = {}  # worker id → the host it registered under
+        self._refused: dict[str, set[int]] = defaultdict(set)  # runs reported per worker
+        self._refusals_at: dict[str, float] = {}  # worker → when it last looked
         self._kinds: dict[str, JobKind] = {}
         self._run_meta: dict[int, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
@@ -83,8 +109,11 @@ class SqlQueue(QueueBackend):
     def register(
         self, worker_id: str, host: str, pid: int, kind: str, countries: Sequence[str] = ()
     ) -> None:
+        self._hosts[worker_id] = host
         with self.db.begin() as conn:
-            q.register_worker(conn, worker_id, host, pid, kind, countries)
+            q.register_worker(
+                conn, worker_id, host, pid, kind, countries=countries, code_version=self.version
+            )
 
     def claim(
         self,
@@ -106,7 +135,8 @@ class SqlQueue(QueueBackend):
                 self.settings.lease_s,
                 run_id,
                 self._run_meta,
-                countries,
+                countries=countries,
+                version=self._claim_version,
             )
             for task in claimed:
                 self._leases[(worker_id, task.id)] = task.lease_token
@@ -131,7 +161,31 @@ class SqlQueue(QueueBackend):
                 )
             q.complete(conn, finished, self._tokens(worker_id, finished))
         self._forget(worker_id, finished)
+        if len(claimed) < max_tasks:
+            self._report_refusals(worker_id, run_id)
         return Reply(tasks=out)
+
+    def _report_refusals(self, worker_id: str, run_id: int | None) -> None:
+        """Runs of another version that this worker leaves alone: said once per run, in
+        this process's log and as a note on the run. Looked for at most every
+        ``REFUSALS_EVERY_S`` per worker, and only when a claim came back short."""
+        mine = self._claim_version
+        now = time.monotonic()
+        if mine is None or now - self._refusals_at.get(worker_id, -1e9) < REFUSALS_EVERY_S:
+            return
+        self._refusals_at[worker_id] = now
+        with self.db.begin() as conn:
+            for rid, theirs in q.refused_runs(conn, mine, run_id):
+                if rid in self._refused[worker_id]:
+                    continue
+                self._refused[worker_id].add(rid)
+                line = version_refusal(rid, theirs, mine, worker_id, self._hosts.get(worker_id))
+                log.warning("%s", line)
+                runs.add_note(conn, rid, line)
+
+    def proxy_pool(self, worker_id: str, run_id: int) -> list[tuple[Any, ...]]:
+        with self.db.connect() as conn:
+            return proxy_store.read_run_pool(conn, run_id)
 
     def _load_items(
         self, conn: sa.Connection, claimed: list[q.ClaimedTask]
@@ -354,6 +408,22 @@ def _slice(part: _Part, start: int, stop: int) -> _Part:
     return part.part(start, stop) if isinstance(part, ResultBatch) else part[start:stop]
 
 
+def version_refusal(run_id: int, theirs: str, mine: str, worker_id: str, host: str | None) -> str:
+    """Why a worker leaves a run's tasks alone, and what to do about it."""
+    where = host or "HOST"
+    line = (
+        f"run {run_id} was started by version {short(theirs)}, worker {worker_id} runs "
+        f"{short(mine)}: it does not take the run's tasks; deploy the same version "
+        f"(`deploy {where}`), then restart the worker (`fleet start {where}`)"
+    )
+    if is_dirty(theirs) or is_dirty(mine):
+        line += (
+            "; a -dirty version runs uncommitted changes, which deploy does not ship: "
+            "commit them first"
+        )
+    return line
+
+
 def database_limiter(db: Database) -> RateLimiter:
     """A worker connected to ``db``: on PostgreSQL it shares rate limits with the whole fleet
     through the database; otherwise it is alone (DuckDB allows one process) and a
@@ -372,11 +442,15 @@ class SqlBoot(WorkerBoot):
 
     db_url: str
     create: bool = False  # create/migrate the schema (a standalone worker may be first)
+    # The code version it claims for (``SqlQueue``): a pool worker gets its coordinator's,
+    # a standalone worker computes its own (``engine.version.code_version``).
+    version: str | None = None
+    ignore_version: bool = False  # ``worker --ignore-version``: serve every run
     _db: Database | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def factory(cls, db_url: str) -> BootFactory:
-        """A pool's ``BootFactory`` for workers of ``db_url``."""
+    def factory(cls, db_url: str, version: str | None = None) -> BootFactory:
+        """A pool's ``BootFactory`` for workers of ``db_url`` running ``version``."""
 
         def boot(worker_id: str, settings: Settings, log_level: str) -> SqlBoot:
             return cls(
@@ -384,6 +458,7 @@ class SqlBoot(WorkerBoot):
                 settings=settings.model_dump(mode="json"),
                 log_level=log_level,
                 db_url=db_url,
+                version=version,
             )
 
         return boot
@@ -395,7 +470,12 @@ class SqlBoot(WorkerBoot):
         return self._db
 
     def open_backend(self) -> SqlQueue:
-        return SqlQueue(self.db, self.load_settings())
+        from engine.version import code_version
+
+        version = self.version or code_version()
+        return SqlQueue(
+            self.db, self.load_settings(), version, check_version=not self.ignore_version
+        )
 
     def open_limiter(self) -> RateLimiter:
         return database_limiter(self.db)

@@ -27,6 +27,7 @@ from engine.queue.sql import SqlQueue
 from engine.runtime.control import ControlServer, control_path
 from engine.runtime.pool import LocalPool
 from engine.settings import Settings
+from engine.version import code_version
 from storage import queue as q
 from storage import runs
 from storage.db import Database
@@ -47,7 +48,11 @@ class Coordinator:
     ) -> None:
         self.db = db
         self.settings = settings
-        self.sql = SqlQueue(db, settings)  # the coordinator's own backend
+        # The coordinator's own backend, with its code version: the one its runs record and
+        # its pool workers inherit. Checked on PostgreSQL only: on DuckDB no other process
+        # can claim, and the pool (over pipes) always runs this process's code.
+        self.version = code_version()
+        self.sql = SqlQueue(db, settings, self.version, check_version=not db.is_duckdb)
         self.pool_size = settings.workers if workers is None else workers
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         import multiprocessing as mp

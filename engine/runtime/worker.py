@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -226,7 +227,14 @@ class Worker:
         ex = self._executors.get(work.run_id)
         if ex is None:
             kind = get_kind(work.kind, self.settings)
-            ex = await kind.open_executor(work.params, self.env)
+
+            async def proxy_pool() -> list[tuple[Any, ...]]:
+                return await self._call_retrying(
+                    self.backend.proxy_pool, work.run_id, within_s=self.settings.lease_s
+                )
+
+            env = dataclasses.replace(self.env, proxy_pool=proxy_pool)
+            ex = await kind.open_executor(work.params, env)
             self._executors[work.run_id] = ex
             self._columns[work.run_id] = kind.columns
         return ex

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import re
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,10 +110,6 @@ class ScrapeJob(JobKind):
             "start_urls": n_start,
         }
         del out["spec"]  # the text travels with the run; workers need no file
-        if p.proxies:
-            out["pool_file"] = str(
-                (self.settings.data_dir / "pools" / f"{uuid.uuid4().hex}.json").resolve()
-            )
         return out
 
     def spec(self, params: dict[str, Any]) -> ScrapeSpec:
@@ -124,8 +119,8 @@ class ScrapeJob(JobKind):
         from storage import scrape as store
 
         spec = self.spec(params)
-        if params.get("pool_file"):
-            _write_pool_file(db, self.settings, params)
+        if params.get("proxies"):
+            _snapshot_pool(db, run_id, params["proxies"])
         base_dir = Path(params["base_dir"])
         batch = params["batch_size"]
         for source in spec.all_sources():
@@ -273,7 +268,7 @@ class ScrapeJob(JobKind):
         if spec.fetch.timeout_s:
             overrides["fetch_timeout_s"] = spec.fetch.timeout_s
         fsettings = FetchSettings(**overrides)
-        pool = _read_pool_file(params, self.settings) if params.get("pool_file") else None
+        pool = await _open_pool(params, env, self.settings) if params.get("proxies") else None
         fetcher = Fetcher(fsettings, pool=pool)
         return ScrapeExecutor(spec, params, fetcher)
 
@@ -287,43 +282,56 @@ def _link_error(page: PageResult, error_type: str, link: str, exc: Exception) ->
         page.errors.append((error_type, f"{page.url}: link {link[:300]!r}: {exc}"))
 
 
-def _write_pool_file(db: Database, settings: Any, params: dict[str, Any]) -> None:
-    """Snapshot the stored proxies the run routes through for the local workers (they cannot
-    open the DuckDB file the coordinator holds). Passwords stay Fernet tokens, as stored."""
-    from storage.proxies import pool_snapshot
+def _snapshot_pool(db: Database, run_id: int, status: str) -> None:
+    """Copy the stored proxies with ``status`` into the run's pool (``run_proxies``).
 
-    with db.connect() as conn:
-        rows = pool_snapshot(conn, params["proxies"], MAX_PROXIES)
-    if not rows:
+    Why the database and not a file: the run's workers may be anywhere. PostgreSQL workers,
+    on this machine or another, read it with their queue backend; pool workers of a DuckDB
+    coordinator, which cannot open the file the coordinator holds, ask it over their pipe
+    (``QueueBackend.proxy_pool``), and it reads it on their behalf. One mechanism for every
+    deployment, written once in the planning transaction's database, read once per run and
+    worker process. Passwords stay Fernet tokens, as stored; workers decrypt them with the
+    fleet's secret key (``FETCHFLEET_SECRET_KEY``, the same on every machine)."""
+    from storage.proxies import snapshot_run_pool
+
+    with db.begin() as conn:
+        n = snapshot_run_pool(conn, run_id, status, MAX_PROXIES)
+    if not n:
         raise ValueError(
-            f"--proxies {params['proxies']}: no stored proxy has that status; validate a list "
+            f"--proxies {status}: no stored proxy has that status; validate a list "
             "first (`python -m engine.run validate --proxies FILE`)"
         )
-    path = Path(params["pool_file"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([list(r) for r in rows]))
-    path.chmod(0o600)
 
 
-def _read_pool_file(params: dict[str, Any], settings: Any) -> Any:
+async def _open_pool(params: dict[str, Any], env: WorkerEnv, settings: Any) -> Any:
+    """The run's proxy pool, decrypted: from the database through the worker's backend, or
+    (a run planned before pools were kept in the database) from its ``pool_file``. A run
+    that routes through proxies never falls back to going direct."""
     from fetchers.pool import ProxyPool
     from fetchers.proxy_parse import ProxySpec
     from storage.secrets import SecretBox
 
-    box = SecretBox.load(settings.secret_key, settings.secret_key_file)
-    specs = []
-    for protocol, scheme, host, port, username, password_enc in json.loads(
-        Path(params["pool_file"]).read_text()
-    ):
-        specs.append(
-            ProxySpec(
-                scheme=protocol or scheme or "http",
-                host=host,
-                port=int(port),
-                username=username,
-                password=box.decrypt(password_enc),
-            )
+    rows: list[Any] = []
+    if env.proxy_pool is not None:
+        rows = await env.proxy_pool()
+    if not rows and params.get("pool_file") and Path(params["pool_file"]).is_file():
+        rows = json.loads(Path(params["pool_file"]).read_text())
+    if not rows:
+        raise ValueError(
+            f"the run routes through proxies ({params['proxies']}) but its pool is empty or "
+            "not readable from this worker"
         )
+    box = SecretBox.load(settings.secret_key, settings.secret_key_file)
+    specs = [
+        ProxySpec(
+            scheme=protocol or scheme or "http",
+            host=host,
+            port=int(port),
+            username=username,
+            password=box.decrypt(password_enc),
+        )
+        for protocol, scheme, host, port, username, password_enc in rows
+    ]
     return ProxyPool(specs, params.get("strategy") or "adaptive")
 
 
