@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -271,6 +271,20 @@ class SimWorld:
     def api_reset(self) -> None:
         """Zero the API's counters and its rate window."""
         self._api_call("POST", "/reset")
+
+    @contextlib.contextmanager
+    def api_holding(self, after: int = 0) -> Iterator[None]:
+        """Inside the block the API sends ``after`` more answers, then holds the rest
+        (``sim.hold``); leaving it sends them."""
+        self._api_call("GET", f"/__sim/hold?after={int(after)}")
+        try:
+            yield
+        finally:
+            self.api_release()
+
+    def api_release(self) -> int:
+        """Send every held answer and stop holding; returns how many were held."""
+        return int(self._api_call("GET", "/__sim/release")["released"])
 
     def _api_call(self, method: str, path: str) -> dict[str, Any]:
         import urllib.request

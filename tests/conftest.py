@@ -98,3 +98,11 @@ def db(db_url: str) -> Iterator[Database]:
     database = open_database(db_url)
     yield database
     database.dispose()
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The fleet lab (tests/fleet_lab.py): one per session, shared by every fleet test."""
+    from tests.fleet_lab import lab_session
+
+    yield from lab_session(tmp_path_factory)

@@ -241,7 +241,7 @@ class Lab:
 
     def close(self) -> None:
         for host in self.hosts:
-            self._kill_leftovers(host)
+            self.kill_leftovers(host)
             if host.sshd is not None and host.sshd.poll() is None:
                 host.sshd.terminate()
                 try:
@@ -258,7 +258,7 @@ class Lab:
                 _ip("link", "del", self.bridge)
 
     @staticmethod
-    def _kill_leftovers(host: Host) -> None:
+    def kill_leftovers(host: Host) -> None:
         """Whatever a test left running in the namespace (not the sshd: terminated below)."""
         out = subprocess.run(
             ["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=30

@@ -8,93 +8,45 @@ while the API is one address that a relay on the bridge (10.77.0.1) exposes to e
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import sqlalchemy as sa
 
 from sim.api import ApiConfig, expected_outcome
-from sim.world import SimWorld, WorldConfig
+from sim.world import SimWorld
 from storage.bulk import fetch_all
 from storage.db import open_database
-from tests.conftest import require_tool
-from tests.netns import SUBNET_HOST, Lab, Relay, netns_unavailable
-from tests.test_validate_e2e import cli as run_cli
+from tests.fleet_lab import (
+    PASSWORD,
+    ROOT,
+    TOKEN,
+    api_world,
+    cli,
+    ok,
+    runner,
+    wait_for,
+    with_password,
+)
+from tests.netns import SUBNET_HOST, Lab
 
-ROOT = Path(__file__).resolve().parent.parent
-PASSWORD = "fleet-pw-Zq81x"  # trust auth ignores it; it must never show in `ps`
-TOKEN = "sim-fleet-token-5521"
 API = ApiConfig(limit=400, window_s=1.0, token=TOKEN, seed=4)
 N_IDS = 600
 
 
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """Two hosts with sshd, PostgreSQL reachable from them at 10.77.0.1:5432."""
-    require_tool("/usr/sbin/sshd", "openssh-server")
-    require_tool("ssh", "openssh-client")
-    why = netns_unavailable()
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    directory = tmp_path_factory.mktemp("lab") / "hosts"
-    with Lab(2, directory) as built, Relay(SUBNET_HOST, 5432, "127.0.0.1", 5432):
-        yield built
-        for host in built.hosts:  # end this session's ssh master connections
-            runner(built).close(host.alias)
-
-
-def runner(lab: Lab) -> Any:
-    from engine.fleet.ssh import SshRunner
-
-    return SshRunner(config=lab.ssh_config)
-
-
 @pytest.fixture(scope="module")
 def api(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimWorld, str]]:
-    """The sim's API and its URL template as the hosts reach it (through a relay)."""
-    out = tmp_path_factory.mktemp("api")
-    with SimWorld(WorldConfig(n_proxies=0, api=API, ids=N_IDS, seed=4, out_dir=out)) as w:
-        parts = urlsplit(w.api_url)
-        with Relay(SUBNET_HOST, 0, parts.hostname or "", parts.port or 80) as relay:
-            yield w, f"http://{SUBNET_HOST}:{relay.port}/users/{{id}}"
-
-
-def with_password(url: str, host: str) -> str:
-    parts = urlsplit(url)
-    netloc = f"{parts.username}:{PASSWORD}@{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, timeout=timeout, env=env)
-
-
-def ok(done: subprocess.CompletedProcess[str]) -> Any:
-    assert done.returncode == 0, done.stderr + done.stdout
-    return json.loads(done.stdout) if done.stdout.strip().startswith(("{", "[")) else done.stdout
+    with api_world(API, N_IDS, tmp_path_factory.mktemp("api")) as world:
+        yield world
 
 
 def live_by_host(env: dict[str, str]) -> dict[str, int]:
     status = ok(cli(env, "fleet", "status", "--json"))
     return {h["host"]: len(h["workers"]) for h in status}
-
-
-def wait_for(cond: Any, within_s: float = 60.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.3)
 
 
 def test_two_hosts_over_ssh_backfill_exactly_once_then_stop(

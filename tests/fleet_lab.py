@@ -1,0 +1,188 @@
+"""The fleet lab shared by every fleet test of a session, and what those tests do with it.
+
+One lab per session (``tests/conftest.py``'s ``lab`` fixture wraps ``lab_session``): two
+namespace hosts, each with its sshd, PostgreSQL reachable from them at 10.77.0.1:5432 through
+a relay. A test gets a ``Fleet``: the CLI's environment, its hosts added, workers started
+over ssh, the SQL it reads stored state with; ``Fleet.close`` leaves no worker behind for the
+next test (whose database schema is dropped under them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import sqlalchemy as sa
+
+from sim.api import ApiConfig
+from sim.world import SimWorld, WorldConfig
+from storage.bulk import fetch_all
+from storage.db import open_database
+from tests.conftest import require_tool
+from tests.netns import SUBNET_HOST, Lab, Relay, netns_unavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "fleet-pw-Zq81x"  # trust auth ignores it; it must never show in `ps` or a log
+TOKEN = "sim-fleet-token-5521"
+HOSTS = ("h0", "h1")
+
+
+def lab_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Two hosts with sshd, PostgreSQL reachable from them at 10.77.0.1:5432."""
+    require_tool("/usr/sbin/sshd", "openssh-server")
+    require_tool("ssh", "openssh-client")
+    why = netns_unavailable()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    directory = tmp_path_factory.mktemp("lab") / "hosts"
+    with Lab(2, directory) as built, Relay(SUBNET_HOST, 5432, "127.0.0.1", 5432):
+        yield built
+        for host in built.hosts:  # end this session's ssh master connections
+            runner(built).close(host.alias)
+
+
+@contextlib.contextmanager
+def api_world(config: ApiConfig, n_ids: int, out: Path) -> Iterator[tuple[SimWorld, str]]:
+    """The sim's API and its URL template as the hosts reach it (through a relay on the
+    bridge: the API listens on 127.0.0.3, which a namespace cannot reach)."""
+    with SimWorld(WorldConfig(n_proxies=0, api=config, ids=n_ids, seed=config.seed,
+                              out_dir=out)) as world:  # fmt: skip
+        parts = urlsplit(world.api_url)
+        with Relay(SUBNET_HOST, 0, parts.hostname or "", parts.port or 80) as relay:
+            yield world, f"http://{SUBNET_HOST}:{relay.port}/users/{{id}}"
+
+
+def runner(lab: Lab) -> Any:
+    from engine.fleet.ssh import SshRunner
+
+    return SshRunner(config=lab.ssh_config)
+
+
+def with_password(url: str, host: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{parts.username}:{PASSWORD}@{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> Any:
+    assert done.returncode == 0, done.stderr + done.stdout
+    return json.loads(done.stdout) if done.stdout.strip().startswith(("{", "[")) else done.stdout
+
+
+def wait_for(cond: Callable[[], Any], within_s: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it is truthy (returned), for at most ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while not (got := cond()):
+        assert time.monotonic() < deadline, f"{what}: not met within {within_s:.0f} s"
+        time.sleep(0.2)
+    return got
+
+
+class Fleet:
+    """One test's fleet on the lab: the CLI environment (the password in both database URLs,
+    the API token, short leases for the workers when asked), hosts h0 and h1 added."""
+
+    def __init__(self, lab: Lab, pg_url: str, **worker_settings: str) -> None:
+        self.lab = lab
+        self.pg_url = pg_url
+        # FETCHFLEET_* settings for this CLI and, through `fleet start --env`, the workers
+        self.settings = {f"FETCHFLEET_{k.upper()}": v for k, v in worker_settings.items()}
+        self.env = {
+            "FETCHFLEET_DB": with_password(pg_url, "127.0.0.1"),
+            "FETCHFLEET_WORKER_DB": with_password(pg_url, SUBNET_HOST),  # the hosts' view
+            "FETCHFLEET_SSH_CONFIG": str(lab.ssh_config),
+            "SIM_API_TOKEN": f"Bearer {TOKEN}",
+            **self.settings,
+        }
+        self.started = time.time()
+        for name, host in zip(HOSTS, lab.hosts, strict=True):
+            ok(self.cli("hosts", "add", name, "--ssh", host.alias, "--python", sys.executable,
+                        "--workdir", str(ROOT)))  # fmt: skip
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return cli(self.env, *args, timeout=timeout)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        """A CLI command in the background (a run the test acts on meanwhile)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine.run", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+        )
+
+    def start(self, workers: int = 2) -> None:
+        """``workers`` on each host, with this fleet's settings and the API token."""
+        passed = [a for name in [*self.settings, "SIM_API_TOKEN"] for a in ("--env", name)]
+        for name in HOSTS:
+            ok(self.cli("fleet", "start", name, "--workers", str(workers), *passed))
+        want = dict.fromkeys(HOSTS, workers)
+        wait_for(lambda: self.live_by_host() == want, what=f"{workers} live workers a host")
+
+    def live_by_host(self) -> dict[str, int]:
+        status = ok(self.cli("fleet", "status", "--json"))
+        return {h["host"]: len(h["workers"]) for h in status}
+
+    def sql(self, query: str, **params: Any) -> list[Any]:
+        db = open_database(self.pg_url, create=False)
+        try:
+            with db.connect() as conn:
+                return fetch_all(conn, sa.text(query), params)
+        finally:
+            db.dispose()
+
+    def workers(self, host: str) -> list[tuple[str, int]]:
+        """(worker id, pid) of the host's workers that registered."""
+        return [(r[0], int(r[1])) for r in self.sql(
+            "SELECT id, pid FROM workers WHERE host = :h ORDER BY id", h=host)]  # fmt: skip
+
+    def leased_by(self, where: str, **params: Any) -> list[int]:
+        """Leased tasks whose worker matches ``where`` (on workers w)."""
+        return [r[0] for r in self.sql(
+            "SELECT t.id FROM tasks t JOIN workers w ON w.id = t.worker_id "
+            f"WHERE t.status = 'leased' AND {where} ORDER BY t.id", **params)]  # fmt: skip
+
+    def on_host(self, host: str, command: str) -> str:
+        index = HOSTS.index(host)
+        return str(runner(self.lab).run(self.lab.hosts[index].alias, command).stdout)
+
+    def logs(self) -> list[Path]:
+        """The worker logs of this fleet's launches (the hosts share this filesystem)."""
+        return [
+            p
+            for p in (ROOT / "data" / "fleet").glob("h[01]-*.log")
+            if p.stat().st_mtime >= self.started - 1
+        ]
+
+    def close(self) -> None:
+        """Stop the workers; whatever does not stop (a test failed mid-fault) is killed."""
+        for host in self.lab.hosts:  # a test that failed with a link down
+            subprocess.run(["ip", "link", "set", host.veth, "up"], check=False)
+        done = self.cli("fleet", "stop", "--all", "--wait", "30", timeout=120)
+        if done.returncode != 0:
+            for host in self.lab.hosts:
+                self.lab.kill_leftovers(host)
