@@ -141,13 +141,27 @@ def wait_heartbeat(fleet: Fleet, where: str, since: datetime, **params: Any) -> 
     )
 
 
-def assert_nothing_stale(
-    rows: list[Any], workers: set[str], tasks: list[int], at: datetime
-) -> None:
-    """No result the victims fetched under the leases they lost (before ``at``) was stored:
-    what they stored of those tasks, they fetched again under a new claim."""
-    stale = [r[0] for r in rows if r[2] in workers and r[3] in tasks and r[4] < at]
-    assert not stale, f"stored from a lost lease: {stale[:5]}"
+class Fenced:
+    """What victims stored of their tasks up to the fault (``at``, taken after it: nothing
+    they do after it reaches the database until they are back)."""
+
+    def __init__(self, fleet: Fleet, workers: set[str], tasks: list[int]) -> None:
+        self.workers, self.tasks = workers, tasks
+        self.at = db_now(fleet)
+        self.before = {r[0] for r in fleet.sql(
+            "SELECT item_id FROM backfill_items WHERE worker_id = ANY(:w) AND task_id = ANY(:t)",
+            w=sorted(workers), t=tasks)}  # fmt: skip
+
+    def assert_nothing_stale(self, rows: list[Any]) -> None:
+        """Nothing the victims fetched under the leases they lost was stored after the fault:
+        what they stored of those tasks since, they fetched again under a new claim."""
+        stale = [
+            r[0]
+            for r in rows
+            if r[2] in self.workers and r[3] in self.tasks
+            and r[0] not in self.before and r[4] < self.at
+        ]  # fmt: skip
+        assert not stale, f"stored from a lost lease: {stale[:5]}"
 
 
 def test_kill_9_of_a_remote_worker_its_tasks_come_back(
@@ -183,9 +197,8 @@ def test_a_host_cut_off_past_its_lease_is_fenced_and_comes_back(
         run = backfill(fleet, world, template)
         wait_for(lambda: world.api_stats()["held"] >= 10, what="answers held")
         tasks = wait_for(lambda: fleet.leased_by("w.host = 'h1'"), what="h1 holding tasks")
-        cut_workers = {w for w, _ in fleet.workers("h1")}
         subprocess.run(["ip", "link", "set", veth, "down"], check=True)
-        cut_at = db_now(fleet)
+        fenced = Fenced(fleet, {w for w, _ in fleet.workers("h1")}, tasks)
         try:
             wait_taken_back(fleet, "w.host = 'h1'", tasks)
         finally:
@@ -195,7 +208,7 @@ def test_a_host_cut_off_past_its_lease_is_fenced_and_comes_back(
                                     text=True).stdout, fleet.on_host("h1", "ps -eo args")]  # fmt: skip
     summary = finish(run)
     rows = assert_exact(fleet, world, summary["run_id"])
-    assert_nothing_stale(rows, cut_workers, tasks, cut_at)
+    fenced.assert_nothing_stale(rows)
     assert fleet.live_by_host() == {"h0": 2, "h1": 2}  # the cut workers are back
     assert_no_secrets(fleet, ps_during)
 
@@ -206,7 +219,7 @@ def test_sigstop_past_the_lease_then_sigcont(fleet: Fleet, api: tuple[SimWorld, 
         run = backfill(fleet, world, template)
         worker_id, pid, tasks = victim(fleet, "h0")
         fleet.on_host("h0", f"kill -STOP {pid}")
-        stopped_at = db_now(fleet)
+        fenced = Fenced(fleet, {worker_id}, tasks)
         try:
             wait_taken_back(fleet, "w.id = :w", tasks, w=worker_id)
         finally:
@@ -214,7 +227,7 @@ def test_sigstop_past_the_lease_then_sigcont(fleet: Fleet, api: tuple[SimWorld, 
         wait_heartbeat(fleet, "w.id = :w", db_now(fleet), w=worker_id)
     summary = finish(run)
     rows = assert_exact(fleet, world, summary["run_id"])
-    assert_nothing_stale(rows, {worker_id}, tasks, stopped_at)
+    fenced.assert_nothing_stale(rows)
     assert fleet.live_by_host() == {"h0": 2, "h1": 2}
 
 

@@ -362,8 +362,11 @@ class Worker:
             done, failed = self._done, self._failed
             self._done = self._failed = 0
             status = "busy" if ids else "idle"
+            call = asyncio.ensure_future(
+                self._call(self.backend.heartbeat, ids, status, done, failed)
+            )
             try:
-                reply = await self._call(self.backend.heartbeat, ids, status, done, failed)
+                reply = await self._fenced_wait(call, last_ok)
             except Exception as exc:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:  # once per outage, then now and then
@@ -374,6 +377,19 @@ class Worker:
             failures = 0
             last_ok = time.monotonic()
             self._apply(reply)
+
+    async def _fenced_wait(self, call: asyncio.Future[Reply], last_ok: float) -> Reply:
+        """The heartbeat's reply. A heartbeat that neither answers nor fails (a cut link
+        drops packets: the call waits on TCP retransmissions for minutes) fences the worker
+        once a lease has passed since the last one that went through, as a failed one does;
+        its reply, when it comes, still says which tasks were lost."""
+        left = last_ok + self.settings.lease_s - time.monotonic()
+        if left > 0:
+            done, _ = await asyncio.wait({call}, timeout=left)
+            if done:
+                return call.result()
+        self._fence_self()
+        return await call
 
     def _fence_self(self) -> None:
         """No heartbeat went through for a whole lease: the watchdog may have given these
