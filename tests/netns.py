@@ -27,6 +27,9 @@ from pathlib import Path
 
 SUBNET_HOST = "10.77.0.1"  # the root namespace's end (the bridge)
 SUBNET_PREFIX = 24
+# Local addresses of the root namespace that every host routes to through the bridge: the
+# sim's judge and proxies bind there (``WorldConfig(bind=SIM_BLOCK)``), not on 127.x.
+SIM_BLOCK = "10.77.128.0/17"
 SSHD = "/usr/sbin/sshd"
 
 
@@ -134,6 +137,7 @@ class Lab:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:5])
     hosts: list[Host] = field(default_factory=list)
     bridge: str = ""
+    _sim_route: bool = False
 
     @property
     def ssh_config(self) -> Path:
@@ -163,6 +167,8 @@ class Lab:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{SUBNET_HOST}/{SUBNET_PREFIX}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        _ip("route", "add", "local", SIM_BLOCK, "dev", "lo", "table", "local")
+        self._sim_route = True
         known, config = [], []
         for i in range(self.n):
             host = Host(
@@ -187,6 +193,7 @@ class Lab:
             _ip("-n", host.netns, "addr", "add", f"{host.address}/{SUBNET_PREFIX}", "dev", "eth0")
             _ip("-n", host.netns, "link", "set", "eth0", "up")
             _ip("-n", host.netns, "link", "set", "lo", "up")
+            _ip("-n", host.netns, "route", "add", SIM_BLOCK, "via", SUBNET_HOST)
             hostkey = self._start_sshd(host)
             known.append(f"{host.address} {hostkey}")
             config.append(
@@ -256,6 +263,10 @@ class Lab:
         if self.bridge:
             with contextlib.suppress(subprocess.CalledProcessError):
                 _ip("link", "del", self.bridge)
+        if self._sim_route:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _ip("route", "del", "local", SIM_BLOCK, "dev", "lo", "table", "local")
+            self._sim_route = False
 
     @staticmethod
     def kill_leftovers(host: Host) -> None:
