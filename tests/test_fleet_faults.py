@@ -142,12 +142,17 @@ def wait_heartbeat(fleet: Fleet, where: str, since: datetime, **params: Any) -> 
 
 
 class Fenced:
-    """What victims stored of their tasks up to the fault (``at``, taken after it: nothing
-    they do after it reaches the database until they are back)."""
+    """The victims' tasks at the fault (``at``, read just after it), and what the victims
+    stored of them while they held their leases (``took_back``: read once the watchdog has
+    re-queued them; a store serialises with that re-queue on the task rows)."""
 
     def __init__(self, fleet: Fleet, workers: set[str], tasks: list[int]) -> None:
-        self.workers, self.tasks = workers, tasks
+        self.fleet, self.workers, self.tasks = fleet, workers, tasks
         self.at = db_now(fleet)
+        self.before: set[str] = set()
+
+    def took_back(self) -> None:
+        fleet, workers, tasks = self.fleet, self.workers, self.tasks
         self.before = {r[0] for r in fleet.sql(
             "SELECT item_id FROM backfill_items WHERE worker_id = ANY(:w) AND task_id = ANY(:t)",
             w=sorted(workers), t=tasks)}  # fmt: skip
@@ -201,6 +206,7 @@ def test_a_host_cut_off_past_its_lease_is_fenced_and_comes_back(
         fenced = Fenced(fleet, {w for w, _ in fleet.workers("h1")}, tasks)
         try:
             wait_taken_back(fleet, "w.host = 'h1'", tasks)
+            fenced.took_back()
         finally:
             subprocess.run(["ip", "link", "set", veth, "up"], check=True)
         wait_heartbeat(fleet, "w.host = 'h1'", db_now(fleet))
@@ -222,6 +228,7 @@ def test_sigstop_past_the_lease_then_sigcont(fleet: Fleet, api: tuple[SimWorld, 
         fenced = Fenced(fleet, {worker_id}, tasks)
         try:
             wait_taken_back(fleet, "w.id = :w", tasks, w=worker_id)
+            fenced.took_back()
         finally:
             fleet.on_host("h0", f"kill -CONT {pid}")
         wait_heartbeat(fleet, "w.id = :w", db_now(fleet), w=worker_id)

@@ -269,6 +269,8 @@ class Worker:
             except Exception as exc:
                 ok, outcome, data = False, "error", error_result_data(executor, item, exc)
             held.pending -= 1
+            if held.directive is Directive.ABANDON:
+                return  # fetched under a lease lost meanwhile: never handed over
             if ok:
                 self._done += 1
             else:
@@ -400,11 +402,30 @@ class Worker:
         ]
         for task_id in abandoned:
             self._held[task_id].directive = Directive.ABANDON
+        self._drop_results(set(abandoned))
         if abandoned:
             log.warning(
                 "no heartbeat for %.0f s (a lease): abandoning tasks %s, which may run "
                 "elsewhere by now", self.settings.lease_s, abandoned,
             )  # fmt: skip
+
+    def _drop_results(self, task_ids: set[int]) -> None:
+        """Forget the buffered results of tasks whose lease is lost: the store would drop
+        them too, unless this worker claims the task again meanwhile — its lease is then
+        per (worker, task) again and an old result (a timeout while cut off) would pass."""
+        if not task_ids:
+            return
+
+        def kept(batch: ResultBatch) -> ResultBatch:
+            keep = [i for i, t in enumerate(batch.task_ids) if t not in task_ids]
+            return batch if len(keep) == len(batch.task_ids) else batch.keep(keep)
+
+        self._results = [
+            kept(r) if isinstance(r, ResultBatch) else r
+            for r in self._results
+            if isinstance(r, ResultBatch) or r.task_id not in task_ids
+        ]
+        self._batches = {run_id: kept(b) for run_id, b in self._batches.items()}
 
     def _apply(self, reply: Reply) -> None:
         for task_id, directive in reply.directives.items():
@@ -416,6 +437,8 @@ class Worker:
             ):
                 log.info("task %s: %s", task_id, directive.value)
                 held.directive = directive
+                if directive is Directive.ABANDON:
+                    self._drop_results({task_id})
         if reply.worker_action is WorkerAction.EXIT:
             self.exiting.set()
 
