@@ -10,7 +10,9 @@ of the ID, so `expected_outcome(id, config)` tells a test what each ID should en
 `GET /stats` returns the counters and the busiest window seen, `GET /stats/timeline` the
 admitted requests of each second since the first, `GET /stats/headers` the request headers of
 the last data requests (with `record_headers`); `POST /reset` zeroes them.
-Neither counts toward the limit. With `token` set, data requests need
+`/__sim/hold?after=N` lets N more data answers go and holds every later one (`held` in the
+stats) until `/__sim/release` (``sim.hold``): a test acts while a run waits on them.
+None of these counts toward the limit. With `token` set, data requests need
 `Authorization: Bearer <token>` (401 otherwise; the check runs after the rate limit, as on
 real APIs, so a refused request still counts).
 
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote
 
+from sim.hold import Hold
 from sim.http11 import HEAD_END, MAX_HEAD, BadRequest, RequestHead, parse_head, response
 
 log = logging.getLogger(__name__)
@@ -161,6 +164,7 @@ class ApiState:
     headers_seen: deque[list[tuple[str, str]]] = field(
         default_factory=lambda: deque(maxlen=1000)
     )  # with record_headers: the headers of the last data requests, in order
+    hold: Hold = field(default_factory=Hold)  # a test's grip on the pace (/__sim/hold)
 
     def reset(self) -> None:
         self.window.clear()
@@ -213,6 +217,8 @@ class ApiState:
             "redirected": self.counts.get("redirected", 0),
             "too_large": self.counts.get("too_large", 0),
             "streams_cut": self.counts.get("streams_cut", 0),
+            "held": len(self.hold.held),
+            "held_total": self.hold.held_total,
             "limit": cfg.limit,
             "window_s": cfg.window_s,
             "peak_window": self.peak_window,
@@ -285,6 +291,18 @@ class ApiConnection(asyncio.Protocol):
             return
         if path == "/stats/headers":
             self._send(_json(200, list(state.headers_seen), keep), close=not keep)
+            return
+        if path == "/__sim/hold":
+            query = head.target.partition("?")[2]
+            after = dict(p.partition("=")[::2] for p in query.split("&") if p).get("after", "0")
+            if not after.isdigit():
+                self._send(_json(400, {"error": "after is a number"}, keep), close=not keep)
+                return
+            state.hold.hold(int(after))
+            self._send(_json(200, {"holding": True}, keep), close=not keep)
+            return
+        if path == "/__sim/release":
+            self._send(_json(200, {"released": state.hold.release()}, keep), close=not keep)
             return
         if path == "/reset" and head.method in ("POST", "GET"):
             state.reset()
@@ -375,7 +393,8 @@ class ApiConnection(asyncio.Protocol):
     def _later(self, reply: bytes, keep: bool) -> None:
         lo, hi = self.state.config.latency_ms
         delay = self.state.rng.uniform(lo, hi) / 1000
-        asyncio.get_running_loop().call_later(delay, self._send, reply, not keep)
+        loop = asyncio.get_running_loop()
+        self.state.hold.send_or_hold(lambda: loop.call_later(delay, self._send, reply, not keep))
 
     def _send(self, reply: bytes, close: bool = False) -> None:
         if self.transport.is_closing():

@@ -7,6 +7,7 @@ The truth is what a checker's answer is graded against.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import random
 from collections.abc import Mapping
@@ -267,9 +268,16 @@ def _random_combos(mix: Mix, n: int, rng: random.Random) -> list[Combo]:
     return combos
 
 
-def proxy_address(octet: int, index: int) -> str:
-    """The index-th address of 127.<octet>.0.0/16, skipping .0 and .255."""
-    return f"127.{octet}.{1 + index // 254}.{1 + index % 254}"
+def proxy_address(octet: int, index: int, block: str | None = None) -> str:
+    """The index-th address of 127.<octet>.0.0/16, or of ``block`` (a network such as
+    10.77.128.0/17, see ``WorldConfig.bind``), skipping .0 and .255."""
+    if block is None:
+        return f"127.{octet}.{1 + index // 254}.{1 + index % 254}"
+    net = ipaddress.ip_network(block)
+    offset = (index // 254) * 256 + 1 + index % 254
+    if offset >= net.num_addresses - 1:
+        raise ValueError(f"{block} has no room for {index + 1} addresses")
+    return str(net.network_address + offset)
 
 
 def plan_fleet(
@@ -279,8 +287,10 @@ def plan_fleet(
     octet: int,
     latency_ms: tuple[int, int] = (20, 300),
     slow_latency_ms: tuple[int, int] = (1000, 2000),
+    block: str | None = None,
 ) -> list[PlannedProxy]:
-    """Plan n proxies on 127.<octet>.x.y; the same arguments always give the same plan."""
+    """Plan n proxies on 127.<octet>.x.y (or from the second address of ``block`` on: the
+    first is the judge's); the same arguments always give the same plan."""
     if not 0 < n <= MAX_PROXIES:
         raise ValueError(f"n_proxies must be between 1 and {MAX_PROXIES}, not {n}")
     if not 1 <= octet <= 254:
@@ -307,7 +317,7 @@ def plan_fleet(
         plan.append(
             PlannedProxy(
                 index=index,
-                host=proxy_address(octet, index),
+                host=proxy_address(octet, index if block is None else index + 1, block),
                 port=port,
                 protocol=protocol,
                 behaviour=behaviour,

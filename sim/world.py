@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +40,7 @@ from sim.fleet import (
     ProxyTruth,
     load_truth,
     plan_fleet,
+    proxy_address,
     write_list,
     write_truth,
 )
@@ -74,6 +75,11 @@ class WorldConfig:
     shops: ShopsConfig | None = None  # shop sites (sim/shops.py), in a process of their own
     api: ApiConfig | None = None  # the backfill API (sim/api.py) on 127.0.0.3, in shard 0
     ids: int = 0  # write this many API IDs to <out>/ids.txt
+    # A network of this machine's local addresses (e.g. 10.77.128.0/17 made local with
+    # `ip route add local 10.77.128.0/17 dev lo`) to put the judge (its first address) and
+    # the proxies on instead of 127.x, which other network namespaces cannot reach: the
+    # fleet tests' hosts check these proxies (tests/netns.py, SIM_BLOCK).
+    bind: str | None = None
 
     def shard_count(self) -> int:
         wanted = self.processes or (2 if self.n_proxies > MANY_PROXIES else 1)
@@ -96,14 +102,14 @@ def claim_octet() -> tuple[int, int]:
     raise SimWorldError(f"all 254 address blocks are taken (locks in {LOCK_DIR})")
 
 
-def reserve_judge_port() -> socket.socket:
+def reserve_judge_port(host: str = JUDGE_HOST) -> socket.socket:
     """A bound (not listening) socket on 127.0.0.2 holding a free port for the shards.
 
     SO_REUSEPORT is set after the bind so the kernel picks a truly free port, and then every
     shard can bind the same port with SO_REUSEPORT: the kernel spreads judge connections.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((JUDGE_HOST, 0))
+    sock.bind((host, 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
 
@@ -138,7 +144,7 @@ class SimWorld:
 
     def __init__(self, config: WorldConfig) -> None:
         self.config = config
-        self.judge_host = JUDGE_HOST
+        self.judge_host = JUDGE_HOST if config.bind is None else proxy_address(0, 0, config.bind)
         self.judge_port = 0
         self.judge_url = self.judge_azenv_url = self.judge_ip_url = ""
         self.proxies_file = Path()
@@ -187,12 +193,13 @@ class SimWorld:
                     self.octet,
                     cfg.latency_ms,
                     cfg.slow_latency_ms,
+                    cfg.bind,
                 )
                 if cfg.n_proxies
                 else []
             )
             plan = [self._keep_refused_closed(p) for p in plan]
-            judge_placeholder = reserve_judge_port()
+            judge_placeholder = reserve_judge_port(self.judge_host)
             try:
                 self.judge_port = judge_placeholder.getsockname()[1]
                 moved = self._start_shards(plan, shards)
@@ -272,6 +279,20 @@ class SimWorld:
         """Zero the API's counters and its rate window."""
         self._api_call("POST", "/reset")
 
+    @contextlib.contextmanager
+    def api_holding(self, after: int = 0) -> Iterator[None]:
+        """Inside the block the API sends ``after`` more answers, then holds the rest
+        (``sim.hold``); leaving it sends them."""
+        self._api_call("GET", f"/__sim/hold?after={int(after)}")
+        try:
+            yield
+        finally:
+            self.api_release()
+
+    def api_release(self) -> int:
+        """Send every held answer and stop holding; returns how many were held."""
+        return int(self._api_call("GET", "/__sim/release")["released"])
+
     def _api_call(self, method: str, path: str) -> dict[str, Any]:
         import urllib.request
 
@@ -296,7 +317,7 @@ class SimWorld:
             "proxies_file": str(self.proxies_file),
             "truth_file": str(self.truth_file),
             "n_proxies": len(self.truth),
-            "address_block": f"127.{self.octet}.0.0/16",
+            "address_block": self.config.bind or f"127.{self.octet}.0.0/16",
             "pids": self.pids,
             "startup_s": round(self.startup_s, 3),
             **({"shops": self.shops.endpoints()} if self.shops else {}),
@@ -402,7 +423,11 @@ class SimWorld:
         self.truth_file = out / "truth.json"
         self.truth = write_list(plan, self.proxies_file)
         mix = cfg.mix if isinstance(cfg.mix, str) else dict(cfg.mix)
-        meta = {"seed": cfg.seed, "mix": mix, "address_block": f"127.{self.octet}.0.0/16"}
+        meta = {
+            "seed": cfg.seed,
+            "mix": mix,
+            "address_block": cfg.bind or f"127.{self.octet}.0.0/16",
+        }
         write_truth(self.truth, self.truth_file, meta)
         if cfg.ids:
             self.ids_file = write_ids(out / "ids.txt", cfg.ids, cfg.seed)

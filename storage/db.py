@@ -136,18 +136,21 @@ def open_database(
     create: bool = True,
     wait_s: float = 5.0,
     components: Sequence[Component] = (),
+    idle_in_transaction_s: float | None = None,
 ) -> Database:
     """Open (and by default create/migrate) the database at ``url``.
 
     ``components`` are the schema components of the plugin kinds this process works with
     (``engine.jobs.components()``): migrated with the core schema when ``create``.
     A DuckDB file locked by another process is retried for ``wait_s``: the holder is often a
-    short-lived command (``status``) that lets go within a moment.
+    short-lived command (``status``) that lets go within a moment. ``idle_in_transaction_s``
+    (PostgreSQL): the server ends a session of this process that sits that long inside a
+    transaction (its client cut off mid-way), which releases its row locks.
     """
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return _open(url, create, tuple(components))
+            return _open(url, create, tuple(components), idle_in_transaction_s)
         except DatabaseLockedError:
             if time.monotonic() >= deadline:
                 raise
@@ -166,7 +169,9 @@ def _quiet_duckdb(dbapi_conn: object, _record: object) -> None:
     dbapi_conn.execute("SET enable_progress_bar = false")  # type: ignore[attr-defined]
 
 
-def _open(url: str, create: bool, components: tuple[Component, ...]) -> Database:
+def _open(
+    url: str, create: bool, components: tuple[Component, ...], idle_s: float | None = None
+) -> Database:
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "duckdb":
@@ -182,7 +187,14 @@ def _open(url: str, create: bool, components: tuple[Component, ...]) -> Database
         # on a busy machine): stdout belongs to the CLI (`--json` prints one object there).
         sa.event.listen(engine, "connect", _quiet_duckdb)
     elif parsed.get_backend_name() == "postgresql":
-        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        options = (
+            {}
+            if idle_s is None
+            else {"options": f"-c idle_in_transaction_session_timeout={max(1, int(idle_s * 1000))}"}
+        )
+        engine = sa.create_engine(
+            url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=options
+        )
     else:
         raise StorageError(
             f"unsupported database URL {redact_url(url)!r}: use a DuckDB path "

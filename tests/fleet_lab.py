@@ -1,11 +1,16 @@
-"""What the fleet tests share (tests/test_fleet_ssh.py, tests/test_console_hosts.py): the
-network-namespace lab's helpers. The ``lab`` fixture itself is in ``tests/conftest.py``, so
-one lab (two hosts with their own sshd) serves every test of a session."""
+"""What the fleet tests share (tests/test_fleet_*.py, tests/test_console_hosts.py): the
+network-namespace lab's helpers and ``Fleet``, one test's fleet on it (the CLI's environment,
+its hosts added, workers started over ssh, the SQL it reads stored state with). The ``lab``
+fixture itself is in ``tests/conftest.py``, so one lab (two hosts with their own sshd) serves
+every test of a session."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,11 +18,18 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import sqlalchemy as sa
 
+from sim.api import ApiConfig
+from sim.world import SimWorld, WorldConfig
+from storage.bulk import fetch_all
+from storage.db import open_database
 from tests.netns import SUBNET_HOST, Lab, Relay, netns_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "fleet-pw-Zq81x"  # trust auth ignores it; it must never show in `ps` or a log
+TOKEN = "sim-fleet-token-5521"
+HOSTS = ("h0", "h1")
 
 
 @contextlib.contextmanager
@@ -39,6 +51,17 @@ def build_lab(directory: Path) -> Iterator[Lab]:
             runner(built).close(host.alias)
 
 
+@contextlib.contextmanager
+def api_world(config: ApiConfig, n_ids: int, out: Path) -> Iterator[tuple[SimWorld, str]]:
+    """The sim's API and its URL template as the hosts reach it (through a relay on the
+    bridge: the API listens on 127.0.0.3, which a namespace cannot reach)."""
+    with SimWorld(WorldConfig(n_proxies=0, api=config, ids=n_ids, seed=config.seed,
+                              out_dir=out)) as world:  # fmt: skip
+        parts = urlsplit(world.api_url)
+        with Relay(SUBNET_HOST, 0, parts.hostname or "", parts.port or 80) as relay:
+            yield world, f"http://{SUBNET_HOST}:{relay.port}/users/{{id}}"
+
+
 def runner(lab: Lab) -> Any:
     from engine.fleet.ssh import SshRunner
 
@@ -51,11 +74,29 @@ def with_password(url: str, host: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def wait_for(cond: Callable[[], Any], within_s: float = 60.0, what: str = "condition") -> None:
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> Any:
+    assert done.returncode == 0, done.stderr + done.stdout
+    return json.loads(done.stdout) if done.stdout.strip().startswith(("{", "[")) else done.stdout
+
+
+def wait_for(cond: Callable[[], Any], within_s: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it is truthy (returned), for at most ``within_s``."""
     deadline = time.monotonic() + within_s
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} not met within {within_s:.0f} s"
-        time.sleep(0.3)
+    while not (got := cond()):
+        assert time.monotonic() < deadline, f"{what}: not met within {within_s:.0f} s"
+        time.sleep(0.2)
+    return got
 
 
 def fleet_env(lab: Lab, pg_url: str) -> dict[str, str]:
@@ -70,11 +111,6 @@ def fleet_env(lab: Lab, pg_url: str) -> dict[str, str]:
 
 def rows_of(pg_url: str, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
     """The rows of one query on the test database (what the tests check was stored)."""
-    import sqlalchemy as sa
-
-    from storage.bulk import fetch_all
-    from storage.db import open_database
-
     db = open_database(pg_url)
     try:
         with db.connect() as conn:
@@ -86,3 +122,91 @@ def rows_of(pg_url: str, sql: str, params: dict[str, Any] | None = None) -> list
 def launch_logs(pg_url: str) -> list[Path]:
     """The log files of the launches recorded now (the lab's hosts share this filesystem)."""
     return [Path(r[0]) for r in rows_of(pg_url, "SELECT log_path FROM host_launches ORDER BY pid")]
+
+
+class Fleet:
+    """One test's fleet on the lab: the CLI environment (the password in both database URLs,
+    the API token, short leases for the workers when asked), hosts h0 and h1 added."""
+
+    def __init__(self, lab: Lab, pg_url: str, **worker_settings: str) -> None:
+        self.lab = lab
+        self.pg_url = pg_url
+        # FETCHFLEET_* settings for this CLI and, through `fleet start --env`, the workers
+        self.settings = {f"FETCHFLEET_{k.upper()}": v for k, v in worker_settings.items()}
+        self.env = {
+            "FETCHFLEET_DB": with_password(pg_url, "127.0.0.1"),
+            "FETCHFLEET_WORKER_DB": with_password(pg_url, SUBNET_HOST),  # the hosts' view
+            "FETCHFLEET_SSH_CONFIG": str(lab.ssh_config),
+            "SIM_API_TOKEN": f"Bearer {TOKEN}",
+            **self.settings,
+        }
+        self.started = time.time()
+        for name, host in zip(HOSTS, lab.hosts, strict=True):
+            ok(self.cli("hosts", "add", name, "--ssh", host.alias, "--python", sys.executable,
+                        "--workdir", str(ROOT)))  # fmt: skip
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return cli(self.env, *args, timeout=timeout)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        """A CLI command in the background (a run the test acts on meanwhile)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine.run", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+        )
+
+    def start(self, workers: int = 2) -> None:
+        """``workers`` on each host, with this fleet's settings and the API token."""
+        passed = [a for name in [*self.settings, "SIM_API_TOKEN"] for a in ("--env", name)]
+        for name in HOSTS:
+            ok(self.cli("fleet", "start", name, "--workers", str(workers), *passed))
+        want = dict.fromkeys(HOSTS, workers)
+        wait_for(lambda: self.live_by_host() == want, what=f"{workers} live workers a host")
+
+    def live_by_host(self) -> dict[str, int]:
+        status = ok(self.cli("fleet", "status", "--json"))
+        return {h["host"]: len(h["workers"]) for h in status}
+
+    def sql(self, query: str, **params: Any) -> list[Any]:
+        db = open_database(self.pg_url, create=False)
+        try:
+            with db.connect() as conn:
+                return fetch_all(conn, sa.text(query), params)
+        finally:
+            db.dispose()
+
+    def workers(self, host: str) -> list[tuple[str, int]]:
+        """(worker id, pid) of the host's workers that registered."""
+        return [(r[0], int(r[1])) for r in self.sql(
+            "SELECT id, pid FROM workers WHERE host = :h ORDER BY id", h=host)]  # fmt: skip
+
+    def leased_by(self, where: str, **params: Any) -> list[int]:
+        """Leased tasks whose worker matches ``where`` (on workers w)."""
+        return [r[0] for r in self.sql(
+            "SELECT t.id FROM tasks t JOIN workers w ON w.id = t.worker_id "
+            f"WHERE t.status = 'leased' AND {where} ORDER BY t.id", **params)]  # fmt: skip
+
+    def on_host(self, host: str, command: str) -> str:
+        index = HOSTS.index(host)
+        return str(runner(self.lab).run(self.lab.hosts[index].alias, command).stdout)
+
+    def logs(self) -> list[Path]:
+        """The worker logs of this fleet's launches (the hosts share this filesystem)."""
+        return [
+            p
+            for p in (ROOT / "data" / "fleet").glob("h[01]-*.log")
+            if p.stat().st_mtime >= self.started - 1
+        ]
+
+    def close(self) -> None:
+        """Stop the workers; whatever does not stop (a test failed mid-fault) is killed."""
+        for host in self.lab.hosts:  # a test that failed with a link down
+            subprocess.run(["ip", "link", "set", host.veth, "up"], check=False)
+        done = self.cli("fleet", "stop", "--all", "--wait", "30", timeout=120)
+        if done.returncode != 0:
+            for host in self.lab.hosts:
+                self.lab.kill_leftovers(host)

@@ -27,6 +27,9 @@ from pathlib import Path
 
 SUBNET_HOST = "10.77.0.1"  # the root namespace's end (the bridge)
 SUBNET_PREFIX = 24
+# Local addresses of the root namespace that every host routes to through the bridge: the
+# sim's judge and proxies bind there (``WorldConfig(bind=SIM_BLOCK)``), not on 127.x.
+SIM_BLOCK = "10.77.128.0/17"
 SSHD = "/usr/sbin/sshd"
 
 
@@ -182,6 +185,7 @@ class Lab:
     hosts: list[Host] = field(default_factory=list)
     bridge: str = ""
     _lock: LabLock | None = field(default=None, repr=False)
+    _sim_route: bool = False
 
     @property
     def ssh_config(self) -> Path:
@@ -212,6 +216,8 @@ class Lab:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{SUBNET_HOST}/{SUBNET_PREFIX}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        _ip("route", "add", "local", SIM_BLOCK, "dev", "lo", "table", "local")
+        self._sim_route = True
         known, config = [], []
         for i in range(self.n):
             host = Host(
@@ -236,6 +242,7 @@ class Lab:
             _ip("-n", host.netns, "addr", "add", f"{host.address}/{SUBNET_PREFIX}", "dev", "eth0")
             _ip("-n", host.netns, "link", "set", "eth0", "up")
             _ip("-n", host.netns, "link", "set", "lo", "up")
+            _ip("-n", host.netns, "route", "add", SIM_BLOCK, "via", SUBNET_HOST)
             hostkey = self._start_sshd(host)
             known.append(f"{host.address} {hostkey}")
             config.append(
@@ -290,7 +297,7 @@ class Lab:
 
     def close(self) -> None:
         for host in self.hosts:
-            self._kill_leftovers(host)
+            self.kill_leftovers(host)
             if host.sshd is not None and host.sshd.poll() is None:
                 host.sshd.terminate()
                 try:
@@ -308,9 +315,13 @@ class Lab:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._sim_route:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _ip("route", "del", "local", SIM_BLOCK, "dev", "lo", "table", "local")
+            self._sim_route = False
 
     @staticmethod
-    def _kill_leftovers(host: Host) -> None:
+    def kill_leftovers(host: Host) -> None:
         """Whatever a test left running in the namespace (not the sshd: terminated below)."""
         out = subprocess.run(
             ["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=30

@@ -18,18 +18,26 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from sim.api import ApiConfig, expected_outcome
-from sim.world import SimWorld, WorldConfig
-from tests.fleet_lab import PASSWORD, ROOT, fleet_env, launch_logs, rows_of, runner, wait_for
-from tests.netns import SUBNET_HOST, Lab, Relay
-from tests.test_validate_e2e import cli as run_cli
+from sim.world import SimWorld
+from tests.fleet_lab import (
+    PASSWORD,
+    ROOT,
+    TOKEN,
+    api_world,
+    cli,
+    fleet_env,
+    launch_logs,
+    ok,
+    rows_of,
+    runner,
+    wait_for,
+)
+from tests.netns import Lab
 
-TOKEN = "sim-fleet-token-5521"
 API = ApiConfig(limit=400, window_s=1.0, token=TOKEN, seed=4)
 N_IDS = 600
 
@@ -37,20 +45,8 @@ N_IDS = 600
 @pytest.fixture(scope="module")
 def api(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimWorld, str]]:
     """The sim's API and its URL template as the hosts reach it (through a relay)."""
-    out = tmp_path_factory.mktemp("api")
-    with SimWorld(WorldConfig(n_proxies=0, api=API, ids=N_IDS, seed=4, out_dir=out)) as w:
-        parts = urlsplit(w.api_url)
-        with Relay(SUBNET_HOST, 0, parts.hostname or "", parts.port or 80) as relay:
-            yield w, f"http://{SUBNET_HOST}:{relay.port}/users/{{id}}"
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, timeout=timeout, env=env)
-
-
-def ok(done: subprocess.CompletedProcess[str]) -> Any:
-    assert done.returncode == 0, done.stderr + done.stdout
-    return json.loads(done.stdout) if done.stdout.strip().startswith(("{", "[")) else done.stdout
+    with api_world(API, N_IDS, tmp_path_factory.mktemp("api")) as world:
+        yield world
 
 
 def live_by_host(env: dict[str, str]) -> dict[str, int]:

@@ -8,6 +8,7 @@ exits when asked.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -169,13 +170,18 @@ class GateExecutor(Executor):
 
 
 class Unreachable(MemoryQueue):
-    """A queue whose heartbeats fail once ``cut`` (the worker's host partitioned)."""
+    """A queue whose heartbeats fail once ``cut`` (the worker's host partitioned): they
+    raise, or, as on a link that drops every packet, they hang until ``healed``."""
 
     cut = False
+    hangs = False
+    healed = threading.Event()
     completed: ClassVar[list[int]] = []
 
     def heartbeat(self, *args: Any) -> Any:
-        if self.cut:
+        if self.cut and self.hangs:
+            self.healed.wait(30)
+        elif self.cut:
             raise ConnectionError("no route to host")
         return super().heartbeat(*args)
 
@@ -184,12 +190,16 @@ class Unreachable(MemoryQueue):
         super().complete(worker_id, task_ids)
 
 
+@pytest.mark.parametrize("hangs", [False, True], ids=["heartbeat-raises", "heartbeat-hangs"])
 def test_a_worker_cut_off_for_a_lease_stops_its_tasks_on_its_own(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, hangs: bool
 ) -> None:
     """Self-fencing: after a lease without a heartbeat the watchdog may have handed the task
-    to another worker; this one starts none of its remaining items and completes nothing."""
+    to another worker; this one starts none of its remaining items and completes nothing.
+    Also when the heartbeat neither answers nor fails (a cut link drops packets: the call
+    waits on TCP retransmissions for minutes)."""
     mq = Unreachable(lease_s=30)
+    mq.hangs, mq.healed = hangs, threading.Event()
     run_id = mq.add_run(EchoKind.name)
     [task] = mq.add_tasks(run_id, [["a", "b", "c", "d", "e"]])
     gate = GateExecutor()
@@ -209,6 +219,7 @@ def test_a_worker_cut_off_for_a_lease_stops_its_tasks_on_its_own(
             "the task abandoned",
         )
         gate.go.set()
+        mq.healed.set()
         worker.request_exit()
         await asyncio.wait_for(runner, 30)
 

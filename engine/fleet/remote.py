@@ -68,6 +68,11 @@ def stop_command(pids: list[int]) -> str:
     return f"kill -TERM -- {groups} 2>/dev/null; true"
 
 
-def alive_command(pids: list[int]) -> str:
-    """Print the launches' process groups that still have a process."""
-    return "; ".join(f"kill -0 -- -{int(p)} 2>/dev/null && echo {int(p)}" for p in pids) + "; true"
+def alive_command(pids: list[int], groups: bool = True) -> str:
+    """Print the launches' process groups that still have a process (``groups``), or the
+    processes among ``pids`` still running."""
+    sign = "-" if groups else ""
+    return (
+        "; ".join(f"kill -0 -- {sign}{int(p)} 2>/dev/null && echo {int(p)}" for p in pids)
+        + "; true"
+    )

@@ -16,6 +16,7 @@ from engine.fleet.hosts import FleetError, get_host, list_hosts
 from engine.fleet.remote import alive_command, env_payload, start_command, stop_command
 from engine.fleet.ssh import SshRunner
 from storage import hosts as store
+from storage import queue
 from storage.db import Database
 from storage.hosts import LiveWorker
 
@@ -64,6 +65,12 @@ def stop_workers(db: Database, ssh: SshRunner, name: str, wait_s: float = 60.0) 
         left = ssh.run(host.ssh_target, alive_command(pids)).stdout.split()
         with db.connect() as conn:
             live = store.live_workers(conn, [name])
+        if not left and live:  # its launches are gone: those whose process is gone died unseen
+            running = ssh.run(host.ssh_target, alive_command([w.pid for w in live], groups=False))
+            gone = [w.worker_id for w in live if str(w.pid) not in running.stdout.split()]
+            if gone:
+                _bury(db, gone)
+                continue
         if not left and not live:
             break
         if time.monotonic() > deadline:
@@ -75,6 +82,17 @@ def stop_workers(db: Database, ssh: SshRunner, name: str, wait_s: float = 60.0) 
     with db.begin() as conn:
         store.forget_launches(conn, name)
     return before
+
+
+def _bury(db: Database, worker_ids: list[str]) -> None:
+    """Workers whose processes are all gone (one killed with -9 signs nothing off): marked
+    dead and their tasks re-queued without an attempt, as the watchdog would once their
+    heartbeats are a few leases old — a watchdog that runs only beside a run."""
+    reason = "its process is gone (seen by fleet stop)"
+    with db.begin() as conn:
+        for worker_id in worker_ids:
+            queue.requeue(conn, queue.tasks_of_worker(conn, worker_id), reason)
+            queue.end_worker(conn, worker_id, "dead", reason)
 
 
 def stop_all(db: Database, ssh: SshRunner, wait_s: float = 60.0) -> dict[str, int]:

@@ -466,7 +466,11 @@ class SqlBoot(WorkerBoot):
     @property
     def db(self) -> Database:
         if self._db is None:
-            self._db = open_database(self.db_url, create=self.create)
+            # A worker cut off mid-transaction must not keep its task rows locked (the
+            # watchdog's re-queue would wait on them until TCP gives up, for minutes): the
+            # server ends such a session after a lease.
+            lease_s = self.load_settings().lease_s
+            self._db = open_database(self.db_url, create=self.create, idle_in_transaction_s=lease_s)
         return self._db
 
     def open_backend(self) -> SqlQueue:

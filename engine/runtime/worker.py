@@ -288,6 +288,8 @@ class Worker:
             except Exception as exc:
                 ok, outcome, data = False, "error", error_result_data(executor, item, exc)
             held.pending -= 1
+            if held.directive is Directive.ABANDON:
+                return  # fetched under a lease lost meanwhile: never handed over
             if ok:
                 self._done += 1
             else:
@@ -381,8 +383,11 @@ class Worker:
             done, failed = self._done, self._failed
             self._done = self._failed = 0
             status = "busy" if ids else "idle"
+            call = asyncio.ensure_future(
+                self._call(self.backend.heartbeat, ids, status, done, failed)
+            )
             try:
-                reply = await self._call(self.backend.heartbeat, ids, status, done, failed)
+                reply = await self._fenced_wait(call, last_ok)
             except Exception as exc:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:  # once per outage, then now and then
@@ -394,6 +399,19 @@ class Worker:
             last_ok = time.monotonic()
             self._apply(reply)
 
+    async def _fenced_wait(self, call: asyncio.Future[Reply], last_ok: float) -> Reply:
+        """The heartbeat's reply. A heartbeat that neither answers nor fails (a cut link
+        drops packets: the call waits on TCP retransmissions for minutes) fences the worker
+        once a lease has passed since the last one that went through, as a failed one does;
+        its reply, when it comes, still says which tasks were lost."""
+        left = last_ok + self.settings.lease_s - time.monotonic()
+        if left > 0:
+            done, _ = await asyncio.wait({call}, timeout=left)
+            if done:
+                return call.result()
+        self._fence_self()
+        return await call
+
     def _fence_self(self) -> None:
         """No heartbeat went through for a whole lease: the watchdog may have given these
         tasks to another worker by now. Stop starting their items (what is in flight ends;
@@ -403,11 +421,30 @@ class Worker:
         ]
         for task_id in abandoned:
             self._held[task_id].directive = Directive.ABANDON
+        self._drop_results(set(abandoned))
         if abandoned:
             log.warning(
                 "no heartbeat for %.0f s (a lease): abandoning tasks %s, which may run "
                 "elsewhere by now", self.settings.lease_s, abandoned,
             )  # fmt: skip
+
+    def _drop_results(self, task_ids: set[int]) -> None:
+        """Forget the buffered results of tasks whose lease is lost: the store would drop
+        them too, unless this worker claims the task again meanwhile — its lease is then
+        per (worker, task) again and an old result (a timeout while cut off) would pass."""
+        if not task_ids:
+            return
+
+        def kept(batch: ResultBatch) -> ResultBatch:
+            keep = [i for i, t in enumerate(batch.task_ids) if t not in task_ids]
+            return batch if len(keep) == len(batch.task_ids) else batch.keep(keep)
+
+        self._results = [
+            kept(r) if isinstance(r, ResultBatch) else r
+            for r in self._results
+            if isinstance(r, ResultBatch) or r.task_id not in task_ids
+        ]
+        self._batches = {run_id: kept(b) for run_id, b in self._batches.items()}
 
     def _apply(self, reply: Reply) -> None:
         for task_id, directive in reply.directives.items():
@@ -419,6 +456,8 @@ class Worker:
             ):
                 log.info("task %s: %s", task_id, directive.value)
                 held.directive = directive
+                if directive is Directive.ABANDON:
+                    self._drop_results({task_id})
         if reply.worker_action is WorkerAction.EXIT:
             self.exiting.set()
 
