@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from engine.model import TERMINAL
 from engine.settings import Settings
@@ -42,6 +43,13 @@ def ended(db: Database, settings: Settings, run_ids: Iterable[int]) -> None:
     done = sorted(set(run_ids))
     if done:
         forget_uploads(db, settings, done)
+
+
+def on_auto_stopped(db: Database, run_id: int, rule: str, numbers: dict[str, Any]) -> None:
+    """A stop rule stopped a run (``engine.stop_rules.check_runs``, after its transaction
+    committed: the run is ``stopping``, its ``error`` and ``run_logs`` say why). The hook for
+    what else an auto-stop means (alerts): it must not raise into the watchdog."""
+    log.info("run %s auto-stopped by %s: %s", run_id, rule, numbers)
 
 
 def forget_uploads(db: Database, settings: Settings, run_ids: list[int]) -> None:

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="The console's server fires due schedules (FETCHFLEET_SCHEDULER=0: leave "
         "it to `engine.run scheduler`; several schedulers on one PostgreSQL are safe).",
     )
+    stop_rules_every_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between evaluations of the running runs' stop rules (in the "
+        "coordinator's watchdog; one coordinator at a time on PostgreSQL).",
+    )
     scheduler_poll_s: float = Field(
         5.0, gt=0, description="Seconds between a scheduler's looks for due schedules."
     )

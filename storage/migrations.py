@@ -70,6 +70,13 @@ def _v5_rate_margin(conn: sa.Connection) -> None:
         )
 
 
+def _v9_fetch_costs(conn: sa.Connection) -> None:
+    # IF NOT EXISTS: a database created at version 9 has them from step 1 already. Rows
+    # logged before have neither (NULL): their costs count under no domain.
+    for column in ("domain", "avoided"):
+        conn.execute(sa.text(f"ALTER TABLE fetch_logs ADD COLUMN IF NOT EXISTS {column} TEXT"))
+
+
 # (version, description, step). Append new steps; never edit released ones: steps 2 and 3
 # hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
 # their own; a new kind's tables go into its own Component, not into a core step.
@@ -91,6 +98,7 @@ STEPS: list[tuple[int, str, Step]] = [
     ),
     (4, "component_versions: the schema steps of plugin kinds' components", _v4_components),
     (5, "rate_limits.margin, margin_at: the measured margin of each key", _v5_rate_margin),
+    (9, "fetch_logs.domain, avoided: cost accounting per domain", _v9_fetch_costs),
 ]
 
 LATEST = STEPS[-1][0]

@@ -618,7 +618,7 @@ def test_v1_database_upgrades_without_losing_data(db_url: str) -> None:
     from datetime import datetime
 
     from storage import schema
-    from storage.migrations import LATEST
+    from storage.migrations import STEPS
 
     v1 = [
         "schema_version",
@@ -661,7 +661,7 @@ def test_v1_database_upgrades_without_losing_data(db_url: str) -> None:
             assert conn.execute(exists).scalar() == 1
     finally:
         db.dispose()
-    assert sorted(versions) == list(range(1, LATEST + 1))
+    assert sorted(versions) == [v for v, _, _ in STEPS]  # every step, in order
     assert runs_rows == [("validate", "completed")]
 
 
