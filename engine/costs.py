@@ -30,7 +30,7 @@ def with_per_stored(cost: dict[str, Any]) -> dict[str, Any]:
         {
             "browser_s": round(float(cost.get("browser_s") or 0) / n, 4),
             "bytes": round(total_bytes / n, 1),
-            "requests": round(requests / n, 3),
+            "requests": round(requests / n, 4),
         }
         if n
         else None
