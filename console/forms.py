@@ -245,6 +245,15 @@ def spec_countries(text: str) -> list[str]:
     return sorted({s.country for s in spec.all_sources()})
 
 
+def stop_rules_field(text: str | None) -> list[str] | None:
+    """A form's stop rules: the field holds the run's whole set (prefilled with the kind's
+    defaults), so it is given as ``none`` then each rule — an empty field means no rule.
+    None (no field on the form): the kind's defaults."""
+    if text is None:
+        return None
+    return ["none", *[r.strip() for r in text.replace("\n", ",").split(",") if r.strip()]]
+
+
 def check_scrape(
     *,
     spec_text: str,
@@ -261,6 +270,7 @@ def check_scrape(
     strategy: str | None = None,
     stored_proxies: int | None = None,
     file_roots: list[Path] | None = None,
+    stop_when: str | None = None,
 ) -> FormResult:
     """Check the Scraping form: the spec parses (``parse_spec``: TOML line and column, or the
     field path), the country is one of its sources, there are stored proxies to route through
@@ -304,6 +314,7 @@ def check_scrape(
         "methods": methods or None,
         "max_pages": max_pages or None,  # 0: the spec's cap
         "batch_size": batch_size,
+        "stop_when": stop_rules_field(stop_when),
     }
     if file_roots is not None:
         params["file_roots"] = [str(Path(r).resolve()) for r in file_roots]

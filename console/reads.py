@@ -140,6 +140,15 @@ def summary(url: str, run_id: int) -> dict[str, Any]:
     return run_summary(_db(url), run_id, get_console(url).settings)
 
 
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def run_cost(url: str, run_id: int, kind: str) -> dict[str, Any] | None:
+    """What a run cost (``RunKind.cost``; None for a kind that does not account for it)."""
+    from engine.jobs import get_kind
+
+    with _db(url).connect() as conn:
+        return get_kind(kind, get_console(url).settings).cost(conn, run_id)
+
+
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def backfill_report(url: str, run_id: int) -> dict[str, Any]:
     """The backfill job's evaluation report (what `engine.run report` prints)."""

@@ -145,3 +145,58 @@ def start_buttons(prefix: str) -> tuple[bool, bool]:
         help="keep this job and start it by a cron expression or an interval (Schedules page)",
     )
     return submitted, schedule
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def cost_section(cost: dict[str, Any] | None, key: str, domains: bool = False) -> None:
+    """What a run cost (``engine.costs``): requests per method, browser-seconds, bytes by
+    route, per stored entity, browser time domain learning saved; with ``domains``, per domain."""
+    if not cost:
+        return
+    per = cost.get("per_stored") or {}
+    b = cost.get("bytes", {})
+    st.markdown("**Cost**")
+    metrics(
+        [
+            ("requests", f"{sum(cost.get('requests', {}).values()):,}"),
+            ("browser-s", f"{cost.get('browser_s', 0):,.1f}"),
+            ("direct", _mb(b.get("direct", 0))),
+            ("via proxies", _mb(b.get("proxy", 0))),
+            ("stored", f"{cost.get('stored', 0):,}"),
+            ("browser-s / entity", f"{per['browser_s']:.3f}" if per else "—"),
+            ("KB / entity", f"{per['bytes'] / 1e3:,.1f}" if per else "—"),
+            ("browser-s saved", f"{cost.get('saved_browser_s', 0):,.1f}"),
+        ],
+        {
+            "browser-s": "Playwright and Selenium wall time, every attempt",
+            "browser-s saved": f"{cost.get('saved_pages', 0):,} page(s) got without the "
+            "browser their domain had needed (domain learning), times its measured seconds",
+            "stored": "Entities stored or seen again (scrape), items stored ok (backfill)",
+        },
+    )
+    requests = ", ".join(f"{m} {n:,}" for m, n in sorted(cost.get("requests", {}).items()))
+    extra = f"; tor {_mb(b['tor'])}" if b.get("tor") else ""
+    files = f"; files {_mb(cost['file_bytes'])}" if cost.get("file_bytes") else ""
+    st.caption(f"requests by method: {requests or 'none'}{extra}{files}")
+    if domains and cost.get("domains"):
+        st.dataframe(
+            [
+                {
+                    "domain": d["domain"],
+                    "requests": sum(d["requests"].values()),
+                    "pages": d["pages"],
+                    "browser-s": d["browser_s"],
+                    "MB direct": round(d["bytes"]["direct"] / 1e6, 3),
+                    "MB proxies": round(d["bytes"]["proxy"] / 1e6, 3),
+                    "pages without browser": d["saved_pages"],
+                    "browser-s saved": d["saved_browser_s"],
+                }
+                for d in cost["domains"]
+            ],
+            hide_index=True,
+            width="stretch",
+            key=f"{key}_domains",
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from engine.model import TERMINAL
 from engine.settings import Settings
@@ -50,6 +51,14 @@ def ended(db: Database, settings: Settings, run_ids: Iterable[int]) -> None:
         from engine.alerts import runs_ended
 
         runs_ended(db, settings, done)
+
+
+def on_auto_stopped(db: Database, run_id: int, rule: str, numbers: dict[str, Any]) -> None:
+    """A stop rule stopped a run (``engine.stop_rules.check_runs``, after its transaction
+    committed: the run is ``stopping``, its ``error`` and ``run_logs`` say why). The hook for
+    what else an auto-stop means: it must not raise into the watchdog. Its alert is sent
+    when the run has settled (``engine.alerts.record.run_end_event``), as one event."""
+    log.info("run %s auto-stopped by %s: %s", run_id, rule, numbers)
 
 
 def forget_uploads(db: Database, settings: Settings, run_ids: list[int]) -> None:

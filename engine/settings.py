@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         description="The console's server also serves /metrics (Prometheus) on this port of "
         "127.0.0.1 (FETCHFLEET_METRICS_PORT); `engine.run metrics` does it standalone.",
     )
+    stop_rules_every_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between evaluations of the running runs' stop rules (in the "
+        "coordinator's watchdog; one coordinator at a time on PostgreSQL).",
+    )
     scheduler_poll_s: float = Field(
         5.0, gt=0, description="Seconds between a scheduler's looks for due schedules."
     )

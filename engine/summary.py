@@ -19,7 +19,8 @@ from storage.db import Database
 def run_summary(
     db: Database, run_id: int, settings: Settings | None = None, *, extra: bool = False
 ) -> dict[str, Any]:
-    """The run's counts, tasks and timing; with ``extra``, also its kind's own section."""
+    """The run's counts, tasks and timing, and the stop rule that stopped it (``auto_stop``);
+    with ``extra``, also its kind's own section and its ``cost`` (``engine.costs``)."""
     with db.connect() as conn:
         run = runs.get_run(conn, run_id)
         if run is None:
@@ -28,6 +29,8 @@ def run_summary(
         outcomes = kind.outcome_counts(conn, run_id)
         tasks = q.task_counts(conn, run_id)
         more = kind.summary_extra(conn, run_id) if extra else None
+        cost = kind.cost(conn, run_id) if extra else None
+        stopped_by = _auto_stop(conn, run)
     done = sum(outcomes.values())
     ok = sum(v for k, v in outcomes.items() if k in kind.ok_outcomes())
     duration = run.duration_s
@@ -48,9 +51,26 @@ def run_summary(
         "error": run.error,
         "created_at": run.created_at.isoformat(timespec="seconds"),
     }
+    if stopped_by is not None:
+        summary["auto_stop"] = stopped_by
     if more is not None:
         summary[run.kind] = more
+    if cost is not None:
+        summary["cost"] = cost
     return summary
+
+
+def _auto_stop(conn: Any, run: runs.RunRow) -> dict[str, Any] | None:
+    """The stop rule that stopped the run (rule, message, numbers, at), while it is stopped
+    by it (a resume clears the run's error; the run log keeps the record)."""
+    if run.status not in ("stopping", "stopped") or not (run.error or "").startswith(
+        "auto-stopped"
+    ):
+        return None
+    from storage.stop_metrics import auto_stops
+
+    found = auto_stops(conn, run.id, limit=1)
+    return found[0] if found else None
 
 
 def add_summary_extra(
@@ -61,8 +81,11 @@ def add_summary_extra(
     kind = get_kind(summary["kind"], settings or Settings())
     with db.connect() as conn:
         more = kind.summary_extra(conn, int(summary["run_id"]))
+        cost = kind.cost(conn, int(summary["run_id"]))
     if more is not None:
         summary[kind.name] = more
+    if cost is not None:
+        summary["cost"] = cost
     return summary
 
 

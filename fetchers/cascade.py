@@ -47,7 +47,13 @@ from urllib.parse import urlsplit
 from fetchers.cache import ResponseCache
 from fetchers.config import FetchSettings
 from fetchers.errors import AttemptError, ErrorType, FetchTimeout, TooLarge
-from fetchers.methods.base import METHOD_NAMES, FetchMethod, FetchRequest, create_method
+from fetchers.methods.base import (
+    BROWSER_METHODS,
+    METHOD_NAMES,
+    FetchMethod,
+    FetchRequest,
+    create_method,
+)
 from fetchers.methods.http import scrub
 from fetchers.pool import NoProxyAvailable, ProxyLease, ProxyPool
 from fetchers.result import Attempt, FetchResult
@@ -173,6 +179,9 @@ class DomainState:
     user_agent: str | None = None  # the browser's, for those cookies
     cookie_proxy: str | None = None  # the proxy the cookies were earned through
     cookies_from: str | None = None
+    # the browser a page here last needed (it passed after a cheaper method was blocked): a
+    # page later got without one avoided it (``Attempt.avoided``, cost accounting)
+    browser_needed: str | None = None
 
 
 class DomainMemory:
@@ -231,6 +240,15 @@ class DomainMemory:
             else:
                 st.failures[method] += 1
 
+    def needed_browser(self, domain: str, method: str) -> None:
+        with self._lock:
+            self._state(domain).browser_needed = method
+
+    def browser_needed(self, domain: str) -> str | None:
+        with self._lock:
+            st = self._domains.get(domain)
+            return st.browser_needed if st is not None else None
+
     def remember_cookies(
         self,
         domain: str,
@@ -268,6 +286,7 @@ class DomainMemory:
                 "successes": dict(st.successes),
                 "failures": dict(st.failures),
                 "has_browser_cookies": bool(st.cookies),
+                "browser_needed": st.browser_needed,
             }
             for d, st in self._domains.items()
         }
@@ -433,6 +452,7 @@ class Fetcher:
                 return replace(hit, country=country)
         order = parse_methods(method) if method else list(self.policy.order_for(country))
         domain = domain_of(url)
+        unlearned = order
         order, explored = self.memory.plan(domain, order) if not method else (order, False)
         if rules is None:
             selectors = tuple(selectors)
@@ -465,6 +485,9 @@ class Fetcher:
                     self.stats["failed"] += 1
                     return result
                 self.stats[name] += 1
+                result.attempts[-1].avoided = self._avoided(
+                    domain, unlearned, order != unlearned, result.attempts
+                )
                 if self.cache is not None and use_cache:
                     self.cache.put(cache_key, result)
                 return result
@@ -558,6 +581,12 @@ class Fetcher:
             if verdict.ok:
                 assert raw is not None
                 self.memory.record(domain, m.name, True)
+                if m.browser and any(
+                    a.method not in BROWSER_METHODS
+                    and a.error_type in (ErrorType.BLOCKED, ErrorType.INVALID)
+                    for a in attempts
+                ):
+                    self.memory.needed_browser(domain, m.name)
                 if m.browser and self.settings.handoff_cookies:
                     self.memory.remember_cookies(
                         domain, raw.cookies, raw.user_agent, proxy_url, m.name
@@ -600,6 +629,24 @@ class Fetcher:
                 tries += 1
                 continue
             return None
+
+    def _avoided(
+        self, domain: str, unlearned: Sequence[str], reordered: bool, attempts: list[Attempt]
+    ) -> str | None:
+        """The browser a page got without one would have needed but for domain learning: one
+        the unlearned order put before the winner (skipped by a learned order), else the one
+        the domain last needed (its cookies let http in, or exploring found http works
+        again). None when a browser was tried or the page came by a browser."""
+        winner = attempts[-1].method
+        tried = {a.method for a in attempts if a.error_type != ErrorType.UNAVAILABLE}
+        if tried & set(BROWSER_METHODS):
+            return None
+        if reordered and winner in unlearned:
+            ahead = unlearned[: unlearned.index(winner)]
+            skipped = [m for m in ahead if m in BROWSER_METHODS and m not in tried]
+            if skipped:
+                return skipped[0]
+        return self.memory.browser_needed(domain)
 
     def _backoff(self, tries: int) -> float:
         s = self.settings

@@ -29,6 +29,9 @@ class Attempt:
     message: str | None = None  # what went wrong, for people
     retry_after: float | None = None  # seconds the site asked us to wait (429)
     explored: bool = False  # a cheaper method tried again on purpose (domain learning)
+    # on a page got without a browser: the browser it would have needed but for what the
+    # cascade learned on its domain (cookies handed to http, a learned order); cost accounting
+    avoided: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -83,6 +83,12 @@ def run_detail(c: Console, run_id: int) -> None:
             gap := reads.country_warning(c.url, c.settings.lease_s, run_id)
         ):
             st.warning(gap, icon="⚠️")
+        if stop := s.get("auto_stop"):
+            st.caption(
+                f"stop rule {stop['rule']} fired at {stop['at']} UTC: "
+                + ", ".join(f"{k} {v}" for k, v in stop["numbers"].items())
+            )
+        views.cost_section(reads.run_cost(c.url, run_id, s["kind"]), key="run_cost")
         tasks, error_groups, outcome_groups = reads.run_detail(c.url, run_id, s["kind"])
         left, right = st.columns(2)
         with left:

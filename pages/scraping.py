@@ -125,6 +125,14 @@ def start_form(c: Console) -> None:
         names = ("max_pages", "batch_size", "workers", "concurrency")
         for col, field in zip(st.columns(4), names, strict=True):
             slots[field] = col.empty()
+        stop_when = st.text_input(
+            "Stop rules (comma-separated; empty: none)",
+            value=", ".join(ScrapeParams.default_stop_rules), key="sc_stop_when",
+            help="The run stops itself (resumable) when one holds: METRIC>THRESHOLD[/WINDOW], "
+            "e.g. blocked_ratio>0.8/50 (last 50 pages), error_ratio>0.5/10m, http_429>50/5m, "
+            "browser_s>3600, proxy_mb>500, no_progress>30m. README: Automatic stop rules.",
+        )  # fmt: skip
+        slots["stop_when"] = st.empty()
         submitted, schedule = views.start_buttons("sc")
     general = st.empty()
     if not (submitted or schedule):
@@ -145,6 +153,7 @@ def start_form(c: Console) -> None:
         proxies=PROXIES[proxies],
         stored_proxies=reads.pool_status_count(c.url, PROXIES[proxies]),
         file_roots=[SPECS_DIR, c.uploads_dir],  # the only places the console reads files from
+        stop_when=stop_when or "",
     )
     errors = {**result.errors, **errors}
     if errors:
@@ -272,6 +281,7 @@ def live_run(c: Console, run_id: int) -> None:
             )
         if not live.blocked:
             st.caption("No attempt of this run was blocked.")
+        views.cost_section(reads.run_cost(c.url, run_id, "scrape"), key="sc_cost", domains=True)
 
 
 def entities_section(c: Console, run_id: int) -> None:

@@ -83,6 +83,13 @@ def _v7_versions_and_pools(conn: sa.Connection) -> None:
     schema.run_proxies.create(conn, checkfirst=True)
 
 
+def _v9_fetch_costs(conn: sa.Connection) -> None:
+    # IF NOT EXISTS: a database created at version 9 has them from step 1 already. Rows
+    # logged before have neither (NULL): their costs count under no domain.
+    for column in ("domain", "avoided"):
+        conn.execute(sa.text(f"ALTER TABLE fetch_logs ADD COLUMN IF NOT EXISTS {column} TEXT"))
+
+
 def _v10_metrics_indexes(conn: sa.Connection) -> None:
     # PostgreSQL only (DuckDB scans a column in milliseconds and pays for every index on
     # insert): the time windows the metrics endpoint reads every scrape.
@@ -126,6 +133,7 @@ STEPS: list[tuple[int, str, Step]] = [
         "runs.code_version, workers.code_version; run_proxies: a scrape run's proxy pool",
         _v7_versions_and_pools,
     ),
+    (9, "fetch_logs.domain, avoided: cost accounting per domain", _v9_fetch_costs),
     (10, "indexes on the logs' time columns the metrics endpoint reads", _v10_metrics_indexes),
 ]
 

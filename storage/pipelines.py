@@ -245,7 +245,12 @@ def read_logs(
 
 
 def add_fetch_logs(
-    conn: sa.Connection, run_id: int, url: str, country: str | None, attempts: Sequence[Any]
+    conn: sa.Connection,
+    run_id: int,
+    url: str,
+    country: str | None,
+    attempts: Sequence[Any],
+    domain: str | None = None,
 ) -> None:
     """One ``fetch_logs`` row per attempt of a pipeline's fetch (``fetchers.Attempt``)."""
     now = utcnow()
@@ -260,6 +265,8 @@ def add_fetch_logs(
             "ms": a.ms,
             "error_type": str(a.error_type) if a.error_type else None,
             "blocked_reason": a.blocked_reason,
+            "domain": domain,
+            "avoided": getattr(a, "avoided", None),
             "country": country,
             "created_at": now,
         }

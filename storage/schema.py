@@ -360,6 +360,10 @@ fetch_logs = sa.Table(
     sa.Column("blocked_reason", sa.String),
     sa.Column("country", sa.String),
     _created(),
+    # version 9, cost accounting: the page's host[:port] (costs per domain), and on a page
+    # got without a browser the browser domain learning spared it (``Attempt.avoided``)
+    sa.Column("domain", sa.String),
+    sa.Column("avoided", sa.String),
 )
 sa.Index("ix_fetch_logs_created", fetch_logs.c.created_at).ddl_if(dialect="postgresql")
 

@@ -372,6 +372,8 @@ def _store_fetch_logs(
         "ms": "float",
         "error_type": "text",
         "blocked_reason": "text",
+        "domain": "text",
+        "avoided": "text",
         "country": "text",
         "created_at": "timestamp",
     }

@@ -48,7 +48,7 @@ class PageResult:
     files: list[tuple[Any, ...]] = field(default_factory=list)
     # (url, path, sha256, bytes, content_type, status, error, external_id)
     attempts: list[tuple[Any, ...]] = field(default_factory=list)
-    # (method, proxy, status, bytes, ms, error_type, blocked_reason)
+    # (method, proxy, status, bytes, ms, error_type, blocked_reason, domain, avoided)
     fetched_at: Any = None
     errors: list[tuple[str, str]] = field(default_factory=list)
     # (error type, message): what went wrong on the page without failing it (a bad link)

@@ -500,3 +500,30 @@ def test_a_run_by_hand_from_the_cli_sends_its_own_alert(
     run_id = json.loads(run.stdout)["run_id"]
     assert receiver.events() == [("run_completed", run_id)]
     assert SECRET not in run.stdout + run.stderr
+
+
+def test_a_stop_rule_stop_is_one_run_auto_stopped_with_its_rule(
+    adb: Database, receiver: Receiver
+) -> None:
+    """The stop and the rule's record are one transaction (as ``engine.stop_rules`` writes
+    them); the run's end is then one ``run_auto_stopped`` with the rule, never also a
+    ``run_stopped``, whichever of the watchdog and the settling thread comes first."""
+    from storage import stop_metrics
+
+    s = fast()
+    add_alert(adb, "ops", url_env=ENV)
+    with adb.begin() as conn:
+        run_id = runs.create_run(conn, "backfill", {}, "t")
+        runs.start_run(conn, run_id)
+        runs.apply_command(conn, run_id, "stop", source="stop rule error_ratio>0.5/200")
+        stop_metrics.record_auto_stop(
+            conn, run_id, "error_ratio>0.5/200", "auto-stopped: 120 of 200 failed", {"ratio": 0.6}
+        )
+        runs.set_status(conn, run_id, "stopped")
+    lifecycle.ended(adb, s, [run_id])
+    lifecycle.ended(adb, s, [run_id])  # a second coordinator settling it: still one
+    out = Deliverer(adb, s).run_once()
+    assert [o.status for o in out] == ["delivered"]
+    assert receiver.events() == [("run_auto_stopped", run_id)]
+    (body,) = receiver.requests
+    assert body["rule"] == "error_ratio>0.5/200" and body["numbers"] == {"ratio": 0.6}

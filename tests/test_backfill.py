@@ -303,6 +303,19 @@ def test_lines_blanks_duplicates_and_malformed_reported_by_number(
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["counts"]["total"] == summary["counts"]["done"] == 5
+    cost = summary["cost"]  # every request is an API call; the bodies are what was stored
+    dbh = open_database(db)
+    with dbh.connect() as conn:
+        calls, body, ok = fetch_all(
+            conn,
+            sa.text(
+                "SELECT sum(attempts), sum(strlen(body)), "
+                "count(*) FILTER (WHERE status = 'ok') FROM backfill_items"
+            ),
+        )[0]
+    dbh.dispose()
+    assert cost["api_calls"] == cost["requests"]["api"] == calls >= 5
+    assert cost["bytes"] == {"direct": body, "proxy": 0, "tor": 0} and cost["stored"] == ok
     for n in (5, 9, 10):
         assert f"line {n}:" in out.stderr, out.stderr
     report = json.loads(cli("report", "--db", db, "1", "--json").stdout)

@@ -136,19 +136,25 @@ def test_renders_a_run_with_progress_charts_and_entities(console_env: str) -> No
     blocked = next(s for s in specs if "Blocked" in s["layout"]["title"]["text"])
     assert sum(sum(t["y"]) for t in blocked["data"]) > 0
 
-    frame = at.dataframe[0].value
+    domains = at.dataframe[0].value  # the run's cost per domain, then its entities
+    with get_console(console_env).db.connect() as conn:
+        attempts = fetch_all(
+            conn, sa.text("SELECT count(*) FROM fetch_logs WHERE run_id = :r"), {"r": run_id}
+        )[0][0]
+    assert list(domains["requests"]) == [attempts] and "browser-s saved" in domains
+    frame = at.dataframe[-1].value
     assert len(frame) == 50
     assert {"external_id", "name", "price", "sku", "country"} <= set(frame.columns)
     assert f"{seen:,} entities seen last by run {run_id}" in at.caption[-1].value
     first_page = list(frame["entity_id"])
     at.session_state["sc_ent_page"] = 2
     at.run()
-    second = list(at.dataframe[0].value["entity_id"])
+    second = list(at.dataframe[-1].value["entity_id"])
     assert len(second) == 50 and not set(first_page) & set(second)
     countries = at.selectbox(key="sc_ent_country").options[1:]
     assert len(countries) == 6
     at.selectbox(key="sc_ent_country").set_value(countries[1]).run()
-    assert set(at.dataframe[0].value["country"]) == {countries[1]}
+    assert set(at.dataframe[-1].value["country"]) == {countries[1]}
     assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download Parquet"]
 
 

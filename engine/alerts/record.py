@@ -97,17 +97,57 @@ def emit(
 
 
 def run_end_event(db: Database, run_id: int, status: str) -> str | None:
-    """The event a run's final status means; a run a stop rule stopped already had its
-    ``run_auto_stopped``."""
+    """The event a run's final status means. A run a stop rule stopped (its stop and the
+    rule's record are one transaction, ``engine.stop_rules``) ends as ``run_auto_stopped``,
+    decided here at its end rather than when the rule fired, so it is one alert whichever
+    thread gets there first; one that already had its ``run_auto_stopped`` gets no other."""
     event = RUN_EVENT.get(status)
     if event == Event.RUN_STOPPED:
         with db.connect() as conn:
             try:
                 if store.event_exists(conn, Event.RUN_AUTO_STOPPED, str(run_id)):
                     return None
+                if _auto_stop(conn, run_id) is not None:
+                    return Event.RUN_AUTO_STOPPED
             except sa.exc.DBAPIError:
                 return None
     return event
+
+
+def emit_run_end(
+    db: Database,
+    run_id: int,
+    status: str,
+    now: datetime | None = None,
+    settings: Settings | None = None,
+) -> None:
+    """Record the event of a run's end (``run_end_event``), with the stop rule's rule,
+    reason and numbers when it is ``run_auto_stopped``."""
+    event = run_end_event(db, run_id, status)
+    if event is None:
+        return
+    payload: dict[str, Any] = {"run_id": run_id}
+    if event == Event.RUN_AUTO_STOPPED:
+        with db.connect() as conn:
+            stop = _auto_stop(conn, run_id) or {}
+        payload.update(rule=stop.get("rule"), reason=stop.get("message"))
+        payload["numbers"] = stop.get("numbers")
+    emit(db, event, payload, now=now, settings=settings)
+
+
+def _auto_stop(conn: sa.Connection, run_id: int) -> dict[str, Any] | None:
+    """The stop rule that stopped the run this time (its record is newer than the run's
+    last start or resume), or None."""
+    from storage.runs import get_run
+    from storage.stop_metrics import auto_stops, run_since
+
+    run = get_run(conn, run_id)
+    found = auto_stops(conn, run_id, limit=1)
+    if run is None or not found:
+        return None
+    since = run_since(conn, run_id) or run.started_at
+    at = datetime.fromisoformat(found[0]["at"])
+    return found[0] if since is None or at >= since.replace(microsecond=0) else None
 
 
 def runs_ended(
@@ -128,9 +168,7 @@ def runs_ended(
                 run = get_run(conn, run_id)
             if run is None:
                 continue
-            event = run_end_event(db, run_id, run.status)
-            if event is not None:
-                emit(db, event, {"run_id": run_id}, now=now, settings=settings)
+            emit_run_end(db, run_id, run.status, now, settings)
         except Exception as exc:  # the sweep records it later
             log.warning("run %s: its alert event was not recorded now: %s", run_id, exc)
 

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from engine.alerts.events import RUN_EVENT, Event, summary_text
-from engine.alerts.record import emit, run_end_event
+from engine.alerts.record import emit, emit_run_end
 from engine.settings import Settings
 from storage import alerts as store
 from storage.bulk import fetch_all
@@ -50,9 +50,7 @@ def sweep(db: Database, settings: Settings, now: datetime) -> None:
         event = RUN_EVENT.get(status)
         if event not in wanted or (event, str(run_id)) in known:
             continue  # no alert wants it, or recorded already: no query per round
-        event = run_end_event(db, run_id, status)
-        if event is not None:
-            emit(db, event, {"run_id": run_id}, now=now, settings=settings)
+        emit_run_end(db, run_id, status, now, settings)
     for worker_id, host, pid, reason in lost:
         if (Event.WORKER_LOST, worker_id) not in known:
             payload = {"worker_id": worker_id, "host": host, "pid": pid, "reason": reason}

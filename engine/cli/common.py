@@ -117,11 +117,15 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("  outcomes: " + ", ".join(f"{k} {v:,}" for k, v in c["outcomes"].items()))
     if s.get("tasks"):
         lines.append("  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(s["tasks"].items())))
-    if s.get("error"):
+    if s.get("auto_stop"):
+        lines.append(f"  stopped by rule {s['auto_stop']['rule']}: {s['error']}")
+    elif s.get("error"):
         lines.append(f"  error: {s['error']}")
+    from engine.costs import cost_lines
     from engine.summary import summary_lines
 
     lines.extend(summary_lines(s))  # the kind's own (the scrape job's entities, methods)
+    lines.extend(cost_lines(s.get("cost")))
     return "\n".join(lines)
 
 

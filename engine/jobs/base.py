@@ -144,6 +144,18 @@ class RunKind(ABC):
         ``summary_extra`` returned, when it was computed). Default: none."""
         return []
 
+    def cost(self, conn: sa.Connection, run_id: int) -> dict[str, Any] | None:
+        """What a run cost (``engine.costs``: requests per method, API calls, browser-seconds,
+        bytes by route, ``stored`` — the entities or items it stored, the denominator of the
+        cost per stored entity). None (the default): this kind does not account for cost."""
+        return None
+
+    def stop_window(self, conn: sa.Connection, run_id: int, since: Any) -> dict[str, float]:
+        """The cost metrics of stop rules (``engine.stop_rules``: ``http_429``, ``browser_s``,
+        ``proxy_mb``) over what the run did since ``since``; only those this kind has (the
+        same as its ``Params.stop_metrics``). Default: none."""
+        return {}
+
 
 def unstorable_row(result: ItemResult, error: str, now: Any) -> dict[str, Any]:
     """The ``errors`` row of a result that could not be stored (``storage.error_log``)."""

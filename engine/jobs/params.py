@@ -21,7 +21,7 @@ from types import NoneType, UnionType
 from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -292,6 +292,8 @@ def flag_help(model: type[Params], name: str) -> str:
     parts = []
     if default is not None and default != () and default != []:
         parts.append(f"default {_num(default)}")
+    if name == "stop_when":  # the kind's defaults, a class attribute (engine.stop_rules)
+        parts.append(f"default {' '.join(getattr(model, 'default_stop_rules', ())) or 'none'}")
     if m.get("setting"):
         parts.append(f"env FETCHFLEET_{m['setting'].upper()}")
     return f"{text} ({'; '.join(parts)})" if parts else text
@@ -331,7 +333,12 @@ def params_from_args(
 
 
 class TaskParams(Params):
-    """What every queued kind shares: the task shape."""
+    """What every queued kind shares: the task shape, and the rules that stop a run on its
+    own (``engine.stop_rules``): the kind's defaults, overridden metric by metric."""
+
+    # what this kind measures for stop rules, and the rules its runs get by default
+    stop_metrics: ClassVar[tuple[str, ...]] = ("error_ratio", "no_progress")
+    default_stop_rules: ClassVar[tuple[str, ...]] = ("no_progress>15m",)
 
     batch_size: BatchSize = param(
         BATCH_SIZE,
@@ -340,6 +347,26 @@ class TaskParams(Params):
         unit="items per task",
         setting="batch_size",
     )
+    stop_when: tuple[str, ...] = param(
+        (),
+        description="stop the run (resumable) when METRIC>THRESHOLD[/WINDOW] holds, e.g. "
+        "error_ratio>0.5/200 (last 200 items), blocked_ratio>0.8/10m, http_429>50/5m, "
+        "browser_s>3600, proxy_mb>500, no_progress>15m; repeatable; replaces the kind's "
+        "default for its metric; METRIC=off drops one, none drops all (README: Automatic stop "
+        "rules)",
+        flag="--stop-when",
+        metavar="RULE",
+        label="the stop rules",
+        multiple=True,
+        validate_default=True,
+    )
+
+    @field_validator("stop_when", mode="before")
+    @classmethod
+    def _stop_when(cls, value: Any) -> tuple[str, ...]:
+        from engine.stop_rules import resolve_rules
+
+        return resolve_rules(value, cls.default_stop_rules, cls.stop_metrics)
 
 
 def timeout_param(default: float, description: str, setting: str | None = None) -> Any:

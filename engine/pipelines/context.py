@@ -222,9 +222,13 @@ class StepContext:
         ``fetchers.FetchResult`` and never raises for a failed fetch (check ``.success``).
         Every attempt is recorded in ``fetch_logs``."""
         kwargs.setdefault("country", self.country)
+        from fetchers.cascade import domain_of
+
         result = self._runner.fetcher().fetch(url, **kwargs)
         with self._runner.db.begin() as conn:
-            store.add_fetch_logs(conn, self.run_id, url, kwargs["country"], result.attempts)
+            store.add_fetch_logs(
+                conn, self.run_id, url, kwargs["country"], result.attempts, domain_of(url)
+            )
         return result
 
     def store(

@@ -80,7 +80,7 @@ def dispatch(coordinator: Any, request: dict[str, Any]) -> Any:
         run_id = request.get("run_id")
         if run_id is None:
             return runs_overview(coordinator.db)
-        return run_summary(coordinator.db, int(run_id))
+        return run_summary(coordinator.db, int(run_id), extra=True)
     if op == "command":
         status = coordinator.command(
             int(request["run_id"]),

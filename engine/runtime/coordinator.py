@@ -76,6 +76,7 @@ class Coordinator:
         self._pool_lock = threading.RLock()
         self.replaced: list[tuple[str, int | None, str]] = []  # (dead id, exit code, new id)
         self._dead: list[tuple[str, int | None]] = []  # died; their tasks not yet re-queued
+        self._next_rules = 0.0  # monotonic time of the next stop-rule evaluation
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -228,6 +229,20 @@ class Coordinator:
             log.info("run %s %s", run_id, status)
         if settled:
             self._ended(settled)
+        if replace and time.monotonic() >= self._next_rules:
+            self._next_rules = time.monotonic() + self.settings.stop_rules_every_s
+            self._check_stop_rules()
+
+    def _check_stop_rules(self) -> None:
+        """Stop the running runs a stop rule fired for (``engine.stop_rules``): they settle
+        as stopped once their in-flight tasks are handed back."""
+        from engine.stop_rules import check_runs
+
+        try:
+            check_runs(self.db, self.settings)
+        except Exception as exc:  # the watchdog's own work is done; try again next time
+            if not is_transient(exc):
+                log.exception("stop rules: evaluation failed")
 
     def _ended(self, settled: list[tuple[int, str]]) -> None:
         """Runs this coordinator settled: wake waiters, then what every run end does."""

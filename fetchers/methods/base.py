@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from fetchers.methods.api import ApiSpec
 
 __all__ = [
+    "BROWSER_METHODS",
     "METHOD_NAMES",
     "FetchMethod",
     "FetchRequest",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 METHOD_NAMES: tuple[str, ...] = ("http", "playwright", "selenium", "tor", "api")
+# the methods that drive a browser (``FetchMethod.browser``): their wall time is the costly one
+BROWSER_METHODS: tuple[str, ...] = ("playwright", "selenium")
 _MODULES = {
     "http": ("fetchers.methods.http", "HttpMethod"),
     "playwright": ("fetchers.methods.playwright", "PlaywrightMethod"),

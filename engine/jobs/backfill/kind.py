@@ -352,6 +352,19 @@ class BackfillJob(JobKind):
     def ok_outcomes(self) -> set[str]:
         return {"ok"}
 
+    def cost(self, conn: sa.Connection, run_id: int) -> dict[str, Any]:
+        """API calls (every request, retries included) and the bytes of the stored bodies,
+        per item stored ok."""
+        from engine.costs import with_per_stored
+        from storage.run_costs import backfill_costs
+
+        return with_per_stored(backfill_costs(conn, run_id))
+
+    def stop_window(self, conn: sa.Connection, run_id: int, since: Any) -> dict[str, float]:
+        from storage.run_costs import backfill_window
+
+        return backfill_window(conn, run_id, since)
+
     async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
         return BackfillExecutor(params, self.settings.concurrency, env.limiter)
 

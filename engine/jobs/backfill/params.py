@@ -101,6 +101,8 @@ class BackfillParams(TaskParams):
     """An ID list, where each ID's record is, and the limit the API states."""
 
     kind = "backfill"
+    stop_metrics = ("error_ratio", "http_429", "no_progress")
+    default_stop_rules = ("error_ratio>0.5/200", "http_429>20/10m", "no_progress>15m")
 
     ids_file: str = param(
         description="IDs, one a line (or a CSV with --id-column)",

@@ -259,6 +259,25 @@ class ScrapeJob(JobKind):
     def ok_outcomes(self) -> set[str]:
         return {"done"}
 
+    def cost(self, conn: sa.Connection, run_id: int) -> dict[str, Any]:
+        """From the fetch log: requests per method, browser-seconds, bytes by route, per
+        domain, the browser time domain learning saved; per entity stored or seen again."""
+        from engine.costs import with_per_stored
+        from fetchers.methods.base import BROWSER_METHODS
+        from storage import run_costs
+
+        cost = run_costs.fetch_costs(conn, run_id, BROWSER_METHODS)
+        cost["api_calls"] = cost["requests"].get("api", 0)
+        cost["file_bytes"] = run_costs.file_bytes(conn, run_id)
+        cost["stored"] = run_costs.entities_seen(conn, run_id)
+        return with_per_stored(cost)
+
+    def stop_window(self, conn: sa.Connection, run_id: int, since: Any) -> dict[str, float]:
+        from fetchers.methods.base import BROWSER_METHODS
+        from storage.run_costs import fetch_window
+
+        return fetch_window(conn, run_id, since, BROWSER_METHODS)
+
     async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
         from fetchers.cascade import Fetcher
         from fetchers.config import FetchSettings
@@ -388,7 +407,10 @@ class ScrapeExecutor(Executor):
         return {"page": page.to_wire()}
 
     async def execute(self, item: UrlItem) -> tuple[bool, str, dict[str, Any]]:
+        from fetchers.cascade import domain_of
+
         fetched_at = datetime.now(UTC).replace(tzinfo=None)
+        domain = domain_of(item.url)
         res = await self.fetcher.fetch(
             item.url,
             country=item.country,
@@ -415,6 +437,8 @@ class ScrapeExecutor(Executor):
                     round(a.ms, 1),
                     str(a.error_type) if a.error_type else None,
                     a.blocked_reason,
+                    domain,
+                    a.avoided,
                 )
                 for a in res.attempts
             ],

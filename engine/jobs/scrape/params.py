@@ -16,6 +16,15 @@ class ScrapeParams(TaskParams):
     and what narrows or routes the run."""
 
     kind = "scrape"
+    stop_metrics = (
+        "error_ratio",
+        "blocked_ratio",
+        "http_429",
+        "browser_s",
+        "proxy_mb",
+        "no_progress",
+    )
+    default_stop_rules = ("blocked_ratio>0.8/50", "no_progress>30m")
 
     spec: str | None = param(None, description="the scrape spec (TOML)", metavar="FILE")
     spec_text: str | None = param(None, description="the spec's TOML text", cli=False)
