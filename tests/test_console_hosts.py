@@ -119,7 +119,8 @@ def test_add_host_form_says_which_field_is_wrong(pg_console: str) -> None:
     add_host(at, "gpu1", "other")
     assert "exists already" in form_block(at, "hosts_add_form").columns[0].error[0].value
     [host] = list_hosts(get_console(pg_console).db)
-    assert (host.ssh_target, host.countries) == ("deploy@10.0.0.5:2222", "India,Malaysia")
+    # stored in the normal form (ISO codes) every worker filter compares
+    assert (host.ssh_target, host.countries) == ("deploy@10.0.0.5:2222", "IN,MY")
 
     # a host ssh cannot reach: the first check fails with ssh's reason, the others wait
     require_tool("ssh", "openssh-client")

@@ -83,7 +83,10 @@ def test_worker_runs_every_item_once_and_hands_its_env_to_executors() -> None:
     assert all(mq.tasks[t].status == "done" for t in task_ids)
     assert sorted(ref for _, ref in mq.results) == sorted(r for batch in refs for r in batch)
     assert mq.results[(run_id, "bad")].outcome == "error"
-    assert EchoKind.envs == [env]  # one executor per run and process, given the worker's env
+    # one executor per run and process, given the worker's env (its limiter) and the run's
+    # proxy pool through the queue backend
+    (given,) = EchoKind.envs
+    assert given.limiter is env.limiter and callable(given.proxy_pool)
     assert mq.workers["w1"] == "exited"
 
 
