@@ -281,11 +281,38 @@ def actions(c: Console, host: HostRow) -> None:
             return f"removed host {host.name}"
 
         _act(f"Removing {host.name}…", remove, forget=("hosts_pick", "hosts_log"))
-    # --- Deploy -------------------------------------------------------------------------------
-    # Reserved for the Deploy operation (engine/fleet/deploy.py, `engine.run deploy NAME`, built
-    # on another branch): a "Deploy" button in `deploy_slot`, run through `_act` like the
-    # buttons above, with a timeout of its own (copying the tree and installing take minutes).
-    del deploy_slot
+    if deploy_slot.button(
+        "Deploy",
+        key="hosts_deploy",
+        width="stretch",
+        help="copy this checkout's committed tree (HEAD) to the host's work directory and run "
+        "`./run.sh install` there; restart its workers afterwards",
+    ):
+        install = st.session_state.get("hosts_deploy_install", True)
+        _act(
+            f"Deploying to {host.name} (copy, then install: minutes)…",
+            lambda: deploy_to(c, host, install),
+        )
+    st.checkbox(
+        "Deploy also installs (`./run.sh install`: .venv and requirements on the host)",
+        value=True,
+        key="hosts_deploy_install",
+    )
+
+
+def deploy_to(c: Console, host: HostRow, install: bool = True) -> str:
+    """``engine.fleet.deploy`` with its steps as the message (a failure: the step, its
+    message and the last lines of its output, raised as the error shown)."""
+    from engine.fleet.deploy import DeployError, DeployStep, deploy
+
+    steps: list[DeployStep] = []
+    try:
+        done = deploy(c.db, runner(c), host.name, install=install, progress=steps.append)
+    except DeployError as exc:  # its text: the step, what failed, the output's last lines
+        went = [f"{s.step}: {s.message}" for s in steps if s.status in ("ok", "warning")]
+        raise FleetError("\n".join([*went, str(exc)])) from None
+    said = "; ".join(f"{s.step} {s.status}" for s in steps if s.status != "start")
+    return f"{host.name} runs version {done.version} now ({said}); restart its workers to use it"
 
 
 def checks_view(name: str) -> None:

@@ -233,3 +233,26 @@ def test_hosts_from_the_console_on_two_lab_hosts(lab: Lab, lab_console: str, pg_
         assert f"removed host {name}" in at.success[0].value
     assert any("No host yet" in i.value for i in at.info)
     assert list_hosts(get_console(lab_console).db) == []
+
+
+def test_deploy_from_the_console(lab: Lab, lab_console: str, tmp_path: Path) -> None:
+    """Deploy (install off: no registry round trip here) copies the committed tree; the
+    message says the version the host runs now; a failing deploy says which step failed."""
+    from engine.version import VERSION_FILE, git_version
+
+    at = run_page(PAGE)
+    workdir = tmp_path / "deployed"
+    add_host(at, "d0", lab.hosts[0].alias, workdir=str(workdir))
+    at.selectbox(key="hosts_pick").set_value("d0").run()
+    at.checkbox(key="hosts_deploy_install").uncheck().run()
+    at.button(key="hosts_deploy").click().run()
+    commit = (workdir / VERSION_FILE).read_text().strip()
+    assert commit == git_version(ROOT).split("-")[0]
+    assert f"d0 runs version {commit} now" in at.success[0].value, page_text(at)
+    assert "install skipped" in at.success[0].value
+    assert (workdir / "engine" / "run.py").is_file() and not (workdir / ".git").exists()
+
+    add_host(at, "d1", lab.hosts[1].alias, workdir=str(ROOT))  # a git checkout: refused
+    at.selectbox(key="hosts_pick").set_value("d1").run()
+    at.button(key="hosts_deploy").click().run()
+    assert "copy:" in at.error[0].value and "git" in at.error[0].value, page_text(at)
