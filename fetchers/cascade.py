@@ -297,7 +297,8 @@ class DomainMemory:
 
 class Politeness:
     """Per-domain slots (Scrapy's downloader slots): a concurrency limit and a minimum gap
-    between request starts; `defer` pushes a domain's next start (after a 429)."""
+    between request starts; `defer` pushes a domain's next start (after a 429); `set_delay`
+    gives one domain a longer gap (its robots.txt Crawl-delay)."""
 
     def __init__(self, concurrency: int = 8, delay_s: float = 0.0, max_domains: int = 10_000):
         self.concurrency = concurrency
@@ -305,6 +306,22 @@ class Politeness:
         self.max_domains = max_domains
         self._sems: OrderedDict[str, asyncio.Semaphore] = OrderedDict()
         self._next_start: dict[str, float] = {}
+        self._delays: dict[str, float] = {}  # bounded by whoever sets them (the robots cache)
+
+    def set_delay(self, domain: str, seconds: float | None) -> None:
+        """The domain's own gap between request starts (None: back to ``delay_s``)."""
+        if seconds:
+            self._delays[domain] = seconds
+        else:
+            self._delays.pop(domain, None)
+
+    def delay_for(self, domain: str) -> float:
+        """The gap between request starts to ``domain``: its own, at least ``delay_s``."""
+        return max(self.delay_s, self._delays.get(domain, 0.0))
+
+    def next_start(self, domain: str) -> float | None:
+        """When (time.monotonic) the domain's next request may start, if it must wait."""
+        return self._next_start.get(domain)
 
     def _sem(self, domain: str) -> asyncio.Semaphore:
         sem = self._sems.get(domain)
@@ -350,8 +367,9 @@ class _Slot:
             sem.release()
             raise
         self._sem = sem
-        if p.delay_s:
-            p._next_start[domain] = time.monotonic() + p.delay_s
+        delay = p.delay_for(domain)
+        if delay:
+            p._next_start[domain] = time.monotonic() + delay
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._sem is not None

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import urljoin
 
 __all__ = [
+    "PAGE_VALUES",
     "Extractor",
     "FieldRule",
     "Invalid",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 TYPES = ("str", "int", "float", "bool", "url")
+PAGE_VALUES = ("url", "final_url")  # what a `page` field can be
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _TRUE = {"1", "true", "yes", "y", "on", "in stock", "available"}
 _FALSE = {"0", "false", "no", "n", "off", "out of stock", "unavailable"}
@@ -46,6 +48,7 @@ class FieldRule:
     all: bool = False
     sep: str = " | "
     json: str | None = None  # dotted path in an API answer's item (`price`, `offer.price`)
+    page: str | None = None  # the page's own "url" or "final_url" (after redirects)
 
 
 class Invalid(ValueError):
@@ -363,6 +366,13 @@ class LxmlExtractor(_HtmlExtractor):
             )
             for node in nodes
         ]
+
+
+def page_fields(fields: Sequence[FieldRule], urls: dict[str, str]) -> Row:
+    """The values of ``page`` fields: the page's own URL (``url``, as requested) or where it
+    ended after redirects (``final_url``), through the field's regex and type like any
+    other value. Not from the content, so they are the same for every entity of a page."""
+    return _row(fields, (urls.get(r.page or "") for r in fields), urls.get("final_url", ""))
 
 
 def _row(fields: Sequence[FieldRule], raws: Iterable[str | None], url: str) -> Row:

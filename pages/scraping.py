@@ -220,19 +220,23 @@ def live_run(c: Console, run_id: int) -> None:
             min(frac, 1.0), text=f"{p.fetched:,} of {p.registered:,} registered pages fetched"
         )
         ratio = "—" if p.success_ratio is None else f"{p.success_ratio:.0%}"
+        shown = [
+            ("pages", f"{p.fetched:,} / {p.registered:,}"),
+            ("done", f"{p.done:,}"),
+            ("blocked", f"{p.by_status.get('blocked', 0):,}"),
+            ("failed", f"{p.by_status.get('failed', 0):,}"),
+            ("pages/s", f"{p.pages_per_s:,.1f}"),
+            ("success", ratio),
+            ("entities", f"{p.entities_seen:,} ({p.entities_new:,} new)"),
+        ]
+        if disallowed := p.by_status.get("disallowed", 0):
+            shown.insert(4, ("robots.txt", f"{disallowed:,}"))
         views.metrics(
-            [
-                ("pages", f"{p.fetched:,} / {p.registered:,}"),
-                ("done", f"{p.done:,}"),
-                ("blocked", f"{p.by_status.get('blocked', 0):,}"),
-                ("failed", f"{p.by_status.get('failed', 0):,}"),
-                ("pages/s", f"{p.pages_per_s:,.1f}"),
-                ("success", ratio),
-                ("entities", f"{p.entities_seen:,} ({p.entities_new:,} new)"),
-            ],
+            shown,
             {
+                "robots.txt": "Pages robots.txt disallows: recorded, not requested",
                 "pages/s": f"Pages fetched over the last {p.recent_s:g} seconds, per second",
-                "success": "Pages done over pages fetched (after the whole cascade)",
+                "success": "Pages done over pages requested (after the whole cascade)",
                 "entities": "Entities this run saw; new: first seen in this run",
             },
         )

@@ -7,6 +7,11 @@ Every shop serves, deterministically by seed (`shop_products(spec)` is the groun
   links that do not parse (`a.bad-link`) and files no fetch method speaks (`a.bad-file`);
 - `/product/<id>` — one product (`.product-detail` with name, price, currency, sku,
   category, description, and `a.leaflet` linking its PDF);
+- `/go/<id>` — a 302 redirect to `/product/<id>` (a page whose final URL is not its own);
+- `/robots.txt` — with `robots_disallow` or `robots_crawl_delay`: one group for
+  `robots_agent` with that `Disallow` and `Crawl-delay`; with `robots_status`: that status
+  (a 5xx outage); else 404. Served to every client before any guard (sites answer it to
+  all), never held, counted as `robots` and not in `requests`;
 - `/files/<id>.pdf` — the product's leaflet (`leaflet_pdf(spec, id)`, ~2 KB, deterministic);
 - `/api/products?page=N` (JSON: items, page, pages, next) and `/api/products/<id>`; with
   `api_token` set they need `Authorization: Bearer <token>` (401 otherwise);
@@ -143,6 +148,10 @@ class ShopSpec:
     error_rate: float = 0.0  # flaky: share of 5xx answers
     api_token: str | None = None  # /api/ needs `Authorization: Bearer <token>`
     hostile_links: bool = False  # catalog pages also carry HOSTILE_LINKS and HOSTILE_FILES
+    robots_disallow: str | None = None  # /robots.txt: this Disallow path for robots_agent
+    robots_crawl_delay: float | None = None  # /robots.txt: this Crawl-delay for robots_agent
+    robots_agent: str = "*"  # the User-agent line of that group
+    robots_status: int | None = None  # /robots.txt answers this status (a 5xx outage)
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -496,6 +505,9 @@ def answer(state: ShopState, head: RequestHead, peer_ip: str) -> tuple[bytes, fl
         return http_response(200, json.dumps(doc).encode(), "application/json", (), keep), 0
     if head.method not in ("GET", "HEAD"):
         return reply(405, b"GET only\n", "text/plain"), 0
+    if path == "/robots.txt":
+        state.bump("robots")
+        return _robots(spec, reply), 0
     state.bump("requests")
     delay = spec.latency_ms / 1000 if spec.guard == "slow" else 0.0
     ua = head.get("User-Agent") or ""
@@ -543,6 +555,10 @@ def answer(state: ShopState, head: RequestHead, peer_ip: str) -> tuple[bytes, fl
             return reply(404, b"<html><title>Not found</title>no such product</html>"), delay
         state.bump("product_pages")
         return reply(200, product_html(spec, product)), delay
+    if path.startswith("/go/"):
+        state.bump("redirects")
+        target = "/product/" + path[len("/go/") :]
+        return reply(302, b"", extra=(("Location", target),)), delay
     if path.startswith("/files/") and path.endswith(".pdf"):
         product_id = unquote(path[len("/files/") : -len(".pdf")])
         if product_id not in state.by_id:
@@ -556,6 +572,28 @@ def answer(state: ShopState, head: RequestHead, peer_ip: str) -> tuple[bytes, fl
             return reply(401, body, "application/json"), delay
         return _api(state, path, query, reply), delay
     return reply(404, b"<html><title>Not found</title>not found</html>"), delay
+
+
+def robots_txt(spec: ShopSpec) -> bytes | None:
+    """The shop's robots.txt, or None when it has none (404)."""
+    if spec.robots_disallow is None and spec.robots_crawl_delay is None:
+        return None
+    lines = [f"User-agent: {spec.robots_agent}"]
+    if spec.robots_disallow is not None:
+        lines.append(f"Disallow: {spec.robots_disallow}")
+    if spec.robots_crawl_delay is not None:
+        lines.append(f"Crawl-delay: {spec.robots_crawl_delay:g}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _robots(spec: ShopSpec, reply: Any) -> bytes:
+    if spec.robots_status is not None:
+        body = f"<html><body>error {spec.robots_status}</body></html>".encode()
+        return reply(spec.robots_status, body)
+    text = robots_txt(spec)
+    if text is None:
+        return reply(404, b"<html><title>Not found</title>not found</html>")
+    return reply(200, text, "text/plain; charset=utf-8")
 
 
 def _api(state: ShopState, path: str, query: dict[str, str], reply: Any) -> bytes:
@@ -635,7 +673,7 @@ class ShopConnection(asyncio.Protocol):
             log.exception("shop %s: answering %s", self.state.spec.name, head.target)
             reply, delay = http_response(500, b"internal error\n", keep_alive=False), 0.0
         close = not head.keep_alive
-        if head.target.startswith("/__sim/"):  # the test's own requests are never held
+        if head.target.startswith("/__sim/") or head.target == "/robots.txt":  # never held
             send = functools.partial(self._send, reply, close)
         else:
             send = functools.partial(

@@ -633,7 +633,7 @@ class ScrapeProgress:
     """One scrape run at a glance: its pages by status, rates, entities and files."""
 
     registered: int  # URLs registered for the run (start URLs and links it follows)
-    by_status: dict[str, int]  # queued, done, failed, blocked
+    by_status: dict[str, int]  # queued, done, failed, blocked, disallowed
     pages_recent: int  # pages fetched in the last ``recent_s`` seconds
     recent_s: float
     bytes: int
@@ -655,8 +655,10 @@ class ScrapeProgress:
 
     @property
     def success_ratio(self) -> float | None:
-        """Pages done over pages fetched (None before the first page)."""
-        return self.done / self.fetched if self.fetched else None
+        """Pages done over pages requested: a page robots.txt forbids was not (None before
+        the first page)."""
+        tried = self.fetched - self.by_status.get("disallowed", 0)
+        return self.done / tried if tried else None
 
 
 def scrape_progress(conn: sa.Connection, run_id: int, recent_s: float = 10) -> ScrapeProgress:

@@ -26,7 +26,7 @@ class ItemLog:
     kind: str
     table: sa.Table
     time: str  # when the item was executed
-    ok_column: str  # the item succeeded when this column equals ok_value
+    ok_column: str  # the item succeeded when this column equals ok_value (or is in it)
     ok_value: Any = True
     key: str | None = None  # the item's key column (None: proxies, joined by proxy_id)
     outcome: str = "outcome"
@@ -39,6 +39,8 @@ class ItemLog:
 
     @property
     def ok(self) -> sa.ColumnElement[bool]:
+        if isinstance(self.ok_value, tuple):  # several outcomes are not failures
+            return self.table.c[self.ok_column].in_(self.ok_value)
         return self.table.c[self.ok_column] == self.ok_value
 
     def stored(self) -> list[sa.ColumnElement[bool]]:

@@ -280,7 +280,7 @@ urls = sa.Table(
     sa.Column("country", sa.String, nullable=False),  # of the spec source it came from
     sa.Column("depth", sa.Integer, nullable=False, server_default="0"),
     sa.Column("parent_id", sa.BigInteger),
-    sa.Column("status", sa.String, nullable=False),  # queued, done, failed, blocked
+    sa.Column("status", sa.String, nullable=False),  # queued, done, failed, blocked, disallowed
     sa.Column("method", sa.String),  # the fetch method that produced the page (or last tried)
     sa.Column("http_status", sa.Integer),
     sa.Column("bytes", sa.BigInteger),

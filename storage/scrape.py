@@ -25,8 +25,9 @@ from storage.scrape_rows import Entity, PageResult, UrlItem
 
 __all__ = ["Entity", "PageResult", "UrlItem"]  # re-exported: the rows live in scrape_rows
 
-# A page's fetch outcome as stored in urls.status; "done" is the only ok one.
-PAGE_STATUSES = ("done", "failed", "blocked")
+# A page's fetch outcome as stored in urls.status; "done" is the only fetched one, and
+# "disallowed" (robots.txt) was never requested: its reason is in urls.error, not in errors.
+PAGE_STATUSES = ("done", "failed", "blocked", "disallowed")
 
 
 # --- planning --------------------------------------------------------------------------------
@@ -440,7 +441,7 @@ def _store_invalid(
 
 
 def _page_errors(p: PageResult) -> Iterable[tuple[str, str]]:
-    if p.status != "done":
+    if p.status not in ("done", "disallowed"):
         yield (p.error_type or p.status), f"{p.url}: {p.error or p.status}"
     for key, reason in p.invalid:
         yield "invalid_entity", f"{p.url}: entity {key}: {reason}"

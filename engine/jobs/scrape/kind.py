@@ -37,6 +37,8 @@ from engine.jobs.scrape.spec import (
     read_start_urls,
 )
 from engine.model import ItemResult, ResultBatch
+from fetchers.extract import Row, page_fields
+from fetchers.robots import RobotsCache
 from storage.scrape_rows import Entity, PageResult, UrlItem
 
 if TYPE_CHECKING:  # pool workers never touch SQL: no SQLAlchemy import at run time
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pool workers never touch SQL: no SQLAlchemy import at run t
 
 log = logging.getLogger(__name__)
 
+DISALLOWED = "disallowed"  # a page robots.txt forbids: not fetched, not a failure
 PLAN_CHUNK = 5_000  # start URLs registered per transaction
 MAX_PROXIES = 10_000
 
@@ -234,7 +237,7 @@ class ScrapeJob(JobKind):
             urls,
             time="fetched_at",
             ok_column="status",
-            ok_value="done",
+            ok_value=("done", DISALLOWED),  # a page robots.txt forbids is not a failure
             key="url",
             outcome="status",
             worker=None,
@@ -257,7 +260,7 @@ class ScrapeJob(JobKind):
         return format_scrape(stats)
 
     def ok_outcomes(self) -> set[str]:
-        return {"done"}
+        return {"done", DISALLOWED}
 
     def cost(self, conn: sa.Connection, run_id: int) -> dict[str, Any]:
         """From the fetch log: requests per method, browser-seconds, bytes by route, per
@@ -384,12 +387,21 @@ class ScrapeExecutor(Executor):
                 e,
                 make_extractor(e.rules(), e.list, e.list_xpath, follow.css, follow.regex),
                 JsonExtractor(e.rules("json"), e.json_list),
+                e.rules("page"),
             )
             for e in spec.extract
         ]
         self._types = {name: f.type for e in spec.extract for name, f in e.fields.items()}
         self._patterns = {k: re.compile(v) for k, v in spec.validate_.patterns.items()}
         self._required = list(dict.fromkeys([spec.id_field, *spec.validate_.required]))
+        self.robots: RobotsCache | None = None
+        if spec.robots == "obey":  # one per run and worker process: robots.txt once an origin
+            self.robots = RobotsCache(fetcher, spec.robots_agent)
+
+    def _order(self, country: str) -> list[str]:
+        """The methods a page of ``country`` is fetched with (robots.txt takes the same
+        route)."""
+        return list(self.methods.get(country) or self.fetcher.policy.order_for(country))
 
     def error_data(self, item: UrlItem, error: str) -> dict[str, Any]:
         """The page failed with ``error`` (``execute`` raised): a failed page all the same,
@@ -411,6 +423,20 @@ class ScrapeExecutor(Executor):
 
         fetched_at = datetime.now(UTC).replace(tzinfo=None)
         domain = domain_of(item.url)
+        if self.robots is not None:
+            verdict = await self.robots.check(item.url, item.country, self._order(item.country))
+            if not verdict.allowed:  # recorded with the reason, never requested
+                page = PageResult(
+                    url_id=item.id,
+                    url=item.url,
+                    depth=item.depth,
+                    country=item.country,
+                    status=DISALLOWED,
+                    error_type="robots",
+                    error=verdict.reason,
+                    fetched_at=fetched_at,
+                )
+                return True, DISALLOWED, {"page": page.to_wire()}
         res = await self.fetcher.fetch(
             item.url,
             country=item.country,
@@ -463,16 +489,19 @@ class ScrapeExecutor(Executor):
     def _extract(
         self, page: PageResult, content: bytes, url: str, json_answer: bool = False
     ) -> None:
-        chosen = next(
+        chosen, from_page = next(
             (
-                jx if json_answer else ex
-                for e, ex, jx in self._extractors
+                (jx if json_answer else ex, px)
+                for e, ex, jx, px in self._extractors
                 if e.match is None or re.search(e.match, url)
             ),
-            None,
+            (None, []),
         )
         if chosen is None:
             return
+        page_values: Row | None = None
+        if from_page:  # the page's address: the same for every entity of the page
+            page_values = page_fields(from_page, {"url": page.url, "final_url": url})
         id_field, required, patterns, types = (
             self.spec.id_field,
             self._required,
@@ -481,6 +510,9 @@ class ScrapeExecutor(Executor):
         )
         order: list[str] | None = None  # the fields sorted, for the content hash
         for i, (values, problem) in enumerate(chosen.extract(content, url)):
+            if page_values is not None:
+                values = {**values, **page_values[0]}
+                problem = "; ".join(p for p in (problem, page_values[1]) if p) or None
             key = values.get(id_field) or f"#{i + 1}"
             missing = [f for f in required if not values.get(f)]
             if missing:

@@ -8,6 +8,8 @@ start_urls = ["https://shop.example/catalog?page=1"]   # or start_urls_file = "u
 methods = ["http", "playwright"]   # optional: this spec's fetch order (else the country's)
 max_pages = 5000                   # optional cap on the pages of one run
 id_field = "id"                    # the field that is the entity's external id
+robots = "obey"                    # or "ignore": robots.txt Disallow and Crawl-delay
+robots_agent = "fetchfleet"        # the User-agent token matched in robots.txt groups
 
 [follow]                           # optional: which links to follow
 css = ["a.next", "a.product-link"]
@@ -19,10 +21,11 @@ same_domain = true
 match = "/catalog"                 # optional regex on the page URL
 list = "li.product"                # optional: one entity per match (CSS; or list_xpath)
 [extract.fields]
-id = { attr = "data-id" }
+id = { attr = "data-id" }           # or { page = "url" }: the page's own URL (see below)
 name = ".name"                     # a string is a CSS selector, its text
 price = { css = ".price", type = "float" }
 sku = { xpath = ".//span[@class='sku']/text()" }
+link = { page = "final_url" }      # the page's URL after redirects ("url": as requested)
 
 [validate]                         # optional: entities failing these are reported, not stored
 required = ["id", "name", "price"]
@@ -53,13 +56,13 @@ import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine import files
-from fetchers.extract import TYPES, FieldRule
+from fetchers.extract import PAGE_VALUES, TYPES, FieldRule
 
 __all__ = [
     "ScrapeSpec",
@@ -107,6 +110,7 @@ class FieldSpec(_Model):
     sep: str = " | "
     # `json` in the spec; named so here because BaseModel.json is a (deprecated) method
     json_path: str | None = Field(None, alias="json")
+    page: str | None = None  # "url" or "final_url": the page's own address, not its content
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -114,8 +118,13 @@ class FieldSpec(_Model):
     def _check(self) -> FieldSpec:
         if self.css and self.xpath:
             raise ValueError("give css or xpath, not both")
-        if not (self.css or self.xpath or self.attr or self.json_path):
-            raise ValueError("give css, xpath, attr or json")
+        if self.page is not None:
+            if self.page not in PAGE_VALUES:
+                raise ValueError(f"page {self.page!r}: use one of {', '.join(PAGE_VALUES)}")
+            if self.css or self.xpath or self.attr or self.json_path:
+                raise ValueError("page takes the page's address: give no css, xpath, attr, json")
+        elif not (self.css or self.xpath or self.attr or self.json_path):
+            raise ValueError("give css, xpath, attr, json or page")
         if self.type not in TYPES:
             raise ValueError(f"type {self.type!r}: use one of {', '.join(TYPES)}")
         if self.regex:
@@ -156,12 +165,16 @@ class ExtractSpec(_Model):
         return v
 
     def rules(self, kind: str = "html") -> list[FieldRule]:
-        """The fields for HTML pages (css/xpath/attr) or for API answers (json)."""
+        """The fields for HTML pages (css/xpath/attr), for API answers (json) or taken from
+        the page's address (``kind="page"``)."""
         out = []
         for name, f in self.fields.items():
             d = f.model_dump()
             d["json"] = d.pop("json_path")
-            if kind == "json":
+            if kind == "page":
+                if f.page:
+                    out.append(FieldRule(name=name, **d))
+            elif kind == "json":
                 if f.json_path:
                     d |= {"css": None, "xpath": None, "attr": None}
                     out.append(FieldRule(name=name, **d))
@@ -266,6 +279,8 @@ class ScrapeSpec(_Model):
     api: ApiConfig | None = None
     max_pages: int | None = Field(None, ge=1)
     id_field: str = "id"
+    robots: Literal["obey", "ignore"] = "obey"
+    robots_agent: str = Field("fetchfleet", min_length=1, max_length=100, pattern=r"^[\w.-]+$")
     follow: FollowSpec = Field(default_factory=FollowSpec)
     extract: list[ExtractSpec] = Field(default_factory=list)
     validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate")
