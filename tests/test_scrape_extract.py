@@ -108,7 +108,7 @@ def test_spec_errors_say_where() -> None:
     with pytest.raises(SpecError, match=r"end of document\) \(line 2: is a bracket or a quote"):
         parse_spec("name = 'x'\nfollow = [", "s.toml")
     with pytest.raises(
-        SpecError, match=r"extract\[0\].fields.price: .*give css, xpath, attr or json"
+        SpecError, match=r"extract\[0\].fields.price: .*give css, xpath, attr, json or page"
     ):
         parse_spec(
             "name='x'\ncountry='M'\nstart_urls=['http://a/']\n[[extract]]\n"
