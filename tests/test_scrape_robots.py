@@ -186,3 +186,28 @@ def test_page_field_spec_errors() -> None:
         parse_spec(head + "id={page='url', css='a'}\n")
     with pytest.raises(SpecError, match=r"robots: "):
         parse_spec("robots='maybe'\n" + head + "id={page='url'}\n")
+
+
+def test_an_unavailable_robots_txt_is_asked_again_after_the_hold_off(shops: ShopWorld) -> None:
+    """Fetched once per origin while cached (concurrent checks share the fetch); the 5xx
+    verdict lasts ``error_ttl_s``, then robots.txt is asked again."""
+    from fetchers.robots import RobotsCache
+
+    now = [0.0]
+    url = shops["robots-down"].catalog_url(1)
+
+    async def go() -> list[int]:
+        async with Fetcher(FetchSettings(retries=0)) as fetcher:
+            cache = RobotsCache(fetcher, "fetchfleet", error_ttl_s=300, clock=lambda: now[0])
+            verdicts = await asyncio.gather(*(cache.check(url) for _ in range(5)))
+            assert not any(v.allowed for v in verdicts)
+            seen = [cache.fetches]
+            now[0] = 299.0
+            await cache.check(url)
+            seen.append(cache.fetches)
+            now[0] = 301.0
+            await cache.check(url)
+            seen.append(cache.fetches)
+            return seen
+
+    assert asyncio.run(go()) == [1, 1, 2]
