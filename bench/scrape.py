@@ -81,10 +81,11 @@ def truth_sum(products: list[dict[str, Any]]) -> int:
 class Site:
     """`pages` static catalog pages (the sim shops' HTML) under root, served by nginx."""
 
-    def __init__(self, root: Path, pages: int, seed: int) -> None:
+    def __init__(self, root: Path, pages: int, seed: int, host: str = "127.0.0.1") -> None:
         from sim.shops import ShopSpec
 
         self.root = root
+        self.host = host  # bench/fleet.py: an address the namespace hosts reach
         self.pages = pages
         self.spec = ShopSpec("bench", "Malaysia", n_products=PER_PAGE * pages, seed=seed)
         self.port = 0
@@ -102,7 +103,7 @@ class Site:
         return time.monotonic() - began
 
     def url(self, k: int) -> str:
-        return f"http://127.0.0.1:{self.port}/catalog/{k}.html"
+        return f"http://{self.host}:{self.port}/catalog/{k}.html"
 
     def urls_file(self, n: int) -> Path:
         path = self.root / f"urls-{n}.txt"
@@ -116,7 +117,7 @@ class Site:
         return shop_products(self.spec)[: PER_PAGE * n]
 
     def start(self) -> None:
-        self.port = free_port()
+        self.port = free_port(self.host)
         conf = self.root / "nginx.conf"
         conf.write_text(
             f"""
@@ -141,7 +142,7 @@ http {{
     uwsgi_temp_path {self.root}/nginx-tmp/uwsgi;
     scgi_temp_path {self.root}/nginx-tmp/scgi;
     server {{
-        listen 127.0.0.1:{self.port} backlog=4096;
+        listen {self.host}:{self.port} backlog=4096;
         root {self.root}/www;
     }}
 }}

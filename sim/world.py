@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -78,8 +79,23 @@ class WorldConfig:
     # A network of this machine's local addresses (e.g. 10.77.128.0/17 made local with
     # `ip route add local 10.77.128.0/17 dev lo`) to put the judge (its first address) and
     # the proxies on instead of 127.x, which other network namespaces cannot reach: the
-    # fleet tests' hosts check these proxies (tests/netns.py, SIM_BLOCK).
+    # fleet tests' hosts check these proxies (tests/netns.py, SIM_BLOCK). The shops (and
+    # their SOCKS proxy) then listen on the block's last two addresses (``shops_config``).
     bind: str | None = None
+
+    def shops_config(self) -> ShopsConfig | None:
+        """The shops as this world starts them: on ``bind``'s last two addresses when set
+        (a namespace host reaches neither 127.0.0.4 nor .5), else as configured."""
+        if self.shops is None or self.bind is None:
+            return self.shops
+        net = ipaddress.ip_network(self.bind)
+        shop_host, socks_host = net.broadcast_address - 1, net.broadcast_address - 2
+        if (
+            self.n_proxies
+            and ipaddress.ip_address(proxy_address(0, self.n_proxies, self.bind)) >= socks_host
+        ):
+            raise ValueError(f"{self.bind} has no room for {self.n_proxies} proxies and the shops")
+        return replace(self.shops, host=str(shop_host), socks_host=str(socks_host))
 
     def shard_count(self) -> int:
         wanted = self.processes or (2 if self.n_proxies > MANY_PROXIES else 1)
@@ -208,7 +224,7 @@ class SimWorld:
             plan = [replace(p, port=moved[p.index]) if p.index in moved else p for p in plan]
             self._write_files(plan)
             if cfg.shops is not None:
-                self.shops = ShopWorld(cfg.shops).start()
+                self.shops = ShopWorld(cfg.shops_config()).start()
         except BaseException:
             self.stop()
             raise

@@ -33,9 +33,9 @@ HOSTS = ("h0", "h1")
 
 
 @contextlib.contextmanager
-def build_lab(directory: Path) -> Iterator[Lab]:
-    """Two hosts with sshd, PostgreSQL reachable from them at 10.77.0.1:5432; skips (fails
-    under CI=true) where namespaces cannot be made."""
+def build_lab(directory: Path, n: int = 2) -> Iterator[Lab]:
+    """``n`` hosts with sshd, PostgreSQL reachable from them at 10.77.0.1:5432; skips (fails
+    under CI=true) where namespaces cannot be made (bench/fleet.py builds three)."""
     from tests.conftest import require_tool
 
     require_tool("/usr/sbin/sshd", "openssh-server")
@@ -45,7 +45,7 @@ def build_lab(directory: Path) -> Iterator[Lab]:
         if os.environ.get("CI") == "true":
             pytest.fail(why)
         pytest.skip(why)
-    with Lab(2, directory) as built, Relay(SUBNET_HOST, 5432, "127.0.0.1", 5432):
+    with Lab(n, directory) as built, Relay(SUBNET_HOST, 5432, "127.0.0.1", 5432):
         yield built
         for host in built.hosts:  # end this session's ssh master connections
             runner(built).close(host.alias)
@@ -126,11 +126,15 @@ def launch_logs(pg_url: str) -> list[Path]:
 
 class Fleet:
     """One test's fleet on the lab: the CLI environment (the password in both database URLs,
-    the API token, short leases for the workers when asked), hosts h0 and h1 added."""
+    the API token, short leases for the workers when asked), hosts h0 and h1 added (or h0…
+    of the first ``hosts`` of the lab's)."""
 
-    def __init__(self, lab: Lab, pg_url: str, **worker_settings: str) -> None:
+    def __init__(
+        self, lab: Lab, pg_url: str, hosts: int | None = None, **worker_settings: str
+    ) -> None:
         self.lab = lab
         self.pg_url = pg_url
+        self.names = HOSTS if hosts is None else tuple(f"h{i}" for i in range(hosts))
         # FETCHFLEET_* settings for this CLI and, through `fleet start --env`, the workers
         self.settings = {f"FETCHFLEET_{k.upper()}": v for k, v in worker_settings.items()}
         self.env = {
@@ -141,7 +145,7 @@ class Fleet:
             **self.settings,
         }
         self.started = time.time()
-        for name, host in zip(HOSTS, lab.hosts, strict=True):
+        for name, host in zip(self.names, lab.hosts[: len(self.names)], strict=True):
             ok(self.cli("hosts", "add", name, "--ssh", host.alias, "--python", sys.executable,
                         "--workdir", str(ROOT)))  # fmt: skip
 
@@ -159,12 +163,14 @@ class Fleet:
             env={**os.environ, **self.env},
         )
 
-    def start(self, workers: int = 2) -> None:
-        """``workers`` on each host, with this fleet's settings and the API token."""
+    def start(self, workers: int = 2, countries: dict[str, str] | None = None) -> None:
+        """``workers`` on each host, with this fleet's settings and the API token (and
+        ``fleet start --countries`` of the hosts named in ``countries``)."""
         passed = [a for name in [*self.settings, "SIM_API_TOKEN"] for a in ("--env", name)]
-        for name in HOSTS:
-            ok(self.cli("fleet", "start", name, "--workers", str(workers), *passed))
-        want = dict.fromkeys(HOSTS, workers)
+        for name in self.names:
+            serve = ["--countries", countries[name]] if countries and name in countries else []
+            ok(self.cli("fleet", "start", name, "--workers", str(workers), *passed, *serve))
+        want = dict.fromkeys(self.names, workers)
         wait_for(lambda: self.live_by_host() == want, what=f"{workers} live workers a host")
 
     def live_by_host(self) -> dict[str, int]:
@@ -191,20 +197,20 @@ class Fleet:
             f"WHERE t.status = 'leased' AND {where} ORDER BY t.id", **params)]  # fmt: skip
 
     def on_host(self, host: str, command: str) -> str:
-        index = HOSTS.index(host)
+        index = self.names.index(host)
         return str(runner(self.lab).run(self.lab.hosts[index].alias, command).stdout)
 
     def logs(self) -> list[Path]:
         """The worker logs of this fleet's launches (the hosts share this filesystem)."""
         return [
             p
-            for p in (ROOT / "data" / "fleet").glob("h[01]-*.log")
-            if p.stat().st_mtime >= self.started - 1
+            for p in (ROOT / "data" / "fleet").glob("h*-*.log")
+            if p.name.split("-", 1)[0] in self.names and p.stat().st_mtime >= self.started - 1
         ]
 
     def close(self) -> None:
         """Stop the workers; whatever does not stop (a test failed mid-fault) is killed."""
-        for host in self.lab.hosts:  # a test that failed with a link down
+        for host in self.lab.hosts[: len(self.names)]:  # a test that failed with a link down
             subprocess.run(["ip", "link", "set", host.veth, "up"], check=False)
         done = self.cli("fleet", "stop", "--all", "--wait", "30", timeout=120)
         if done.returncode != 0:
