@@ -12,7 +12,7 @@ from storage.errors import StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import demo, fetch, fleet, metrics, runs, schedule
+    from engine.cli import demo, fetch, fleet, gateway, metrics, runs, schedule
     from engine.jobs import kinds
 
     p = argparse.ArgumentParser(
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_commands(sub)  # hosts, fleet (workers over ssh)
     schedule.add_commands(sub)  # schedule, scheduler
     metrics.add_commands(sub)  # /metrics for Prometheus
+    gateway.add_commands(sub)  # serve-proxy
     return p
 
 
