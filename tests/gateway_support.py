@@ -139,6 +139,15 @@ class RunningGateway:
             return json.loads(r.read())
 
 
+def start_gateway(db_url: str, **kw: object) -> RunningGateway:
+    """A gateway over the members stored at db_url on a free port, metrics on another; `kw`
+    are `GatewayConfig` fields and `ServeOptions` fields mixed."""
+    cfg = {k: v for k, v in kw.items() if k in GatewayConfig.__dataclass_fields__}
+    opt = {k: v for k, v in kw.items() if k not in cfg}
+    opt.setdefault("metrics_port", 0)
+    return RunningGateway(GatewayConfig(port=0, **cfg), ServeOptions(db_url=db_url, **opt))  # type: ignore[arg-type]
+
+
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """The real curl binary; -s, no proxy from the environment, bounded."""
     return subprocess.run(

@@ -10,12 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.gateway.config import GatewayConfig
 from engine.gateway.members import MemberFilter
-from engine.gateway.service import ServeOptions
 from sim.origin import Origin
 from sim.world import SimWorld, WorldConfig
-from tests.gateway_support import RunningGateway, curl, store_members
+from tests.gateway_support import curl, start_gateway, store_members
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -45,11 +43,7 @@ def db_url(tmp_path_factory: pytest.TempPathFactory, world: SimWorld) -> str:
     return url
 
 
-def start(db_url: str, **kw: object) -> RunningGateway:
-    cfg = {k: v for k, v in kw.items() if k in GatewayConfig.__dataclass_fields__}
-    opt = {k: v for k, v in kw.items() if k not in cfg}
-    opt.setdefault("metrics_port", 0)
-    return RunningGateway(GatewayConfig(port=0, **cfg), ServeOptions(db_url=db_url, **opt))  # type: ignore[arg-type]
+start = start_gateway
 
 
 def exit_address(body: str) -> str:
