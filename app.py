@@ -105,6 +105,7 @@ def navigation() -> st.navigation:  # type: ignore[valid-type]
                 st.Page("pages/workers.py", title="Workers", icon=":material/memory:"),
                 st.Page("pages/runs.py", title="Runs & errors", icon=":material/list_alt:"),
                 st.Page("pages/schedules.py", title="Schedules", icon=":material/schedule:"),
+                st.Page("pages/gateway.py", title="Gateway", icon=":material/router:"),
             ],
             "Jobs": [
                 st.Page(info.page.path, title=info.page.title, icon=info.page.icon)

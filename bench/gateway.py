@@ -205,15 +205,12 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as d, Origin(Path(d) / "origin") as origin:
-        cfg = WorldConfig(
-            n_proxies=args.members, mix={"elite": 1.0}, seed=1, latency_ms=(0, 0),
-        )  # fmt: skip
-        # only HTTP members: squid's cache_peer speaks HTTP to its parents
-        cfg = WorldConfig(**{**cfg.__dict__, "mix": {"elite": 1.0}})
+        # only HTTP members (squid's cache_peer speaks HTTP to its parents): the first
+        # --members plain HTTP proxies of a world of every protocol
+        cfg = WorldConfig(n_proxies=8 * args.members, mix={"elite": 1.0}, seed=1, latency_ms=(0, 0))
         with SimWorld(cfg) as world:
-            http = [
-                t for t in world.truth if t.protocol == "http" and not t.username
-            ] or world.truth[:1]
+            http = [t for t in world.truth if t.protocol == "http" and not t.username]
+            http = http[: args.members]
             members = [(t.host, t.port) for t in http]
             db_url = f"duckdb:///{d}/bench.duckdb"
             store_members(db_url, http)

@@ -22,6 +22,7 @@ FLEET_PAGES: dict[str, str | None] = {
     "Workers": "pages/workers.py",
     "Runs & errors": "pages/runs.py",
     "Schedules": "pages/schedules.py",
+    "Gateway": "pages/gateway.py",
     "Data & export": "pages/data.py",
     "Settings": "pages/settings.py",
 }

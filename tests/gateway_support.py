@@ -4,10 +4,8 @@ fetchers, raw sockets), and a curl runner."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import threading
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -18,7 +16,8 @@ from cryptography.fernet import Fernet
 
 from engine.cli.common import open_database
 from engine.gateway.config import GatewayConfig
-from engine.gateway.service import GatewayService, ServeOptions
+from engine.gateway.service import ServeOptions
+from engine.gateway.thread import GatewayThread
 from fetchers.proxy_parse import ProxySpec
 from sim.fleet import ProxyTruth
 from storage.proxies import upsert_proxies
@@ -71,70 +70,19 @@ def set_status(db_url: str, specs: Iterable[ProxySpec], status: str) -> None:
         db.dispose()
 
 
-class RunningGateway:
-    """A `GatewayService` on its own event loop thread; `url` is its HTTP proxy URL."""
+class RunningGateway(GatewayThread):
+    """`GatewayThread` with the test key and the metrics port read over HTTP."""
 
     def __init__(self, config: GatewayConfig, options: ServeOptions) -> None:
-        options = replace(options, secret_key=SECRET_KEY)
-        self.config = config
-        self.options = options
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.service: GatewayService | None = None
-
-    def call(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def __enter__(self) -> RunningGateway:
-        self.thread.start()
-
-        async def make() -> GatewayService:
-            return GatewayService(self.config, self.options)
-
-        self.service = self.call(make())
-        self.members = self.call(self.service.start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.service is not None:
-            self.call(self.service.stop())
-            self.service = None
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    @property
-    def port(self) -> int:
-        assert self.service is not None
-        return self.service.gateway.port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def snapshot(self) -> dict[str, Any]:
-        assert self.service is not None
-
-        async def snap() -> dict[str, Any]:
-            return self.service.snapshot()  # type: ignore[union-attr]
-
-        return self.call(snap())
-
-    def refresh(self) -> int:
-        assert self.service is not None
-        return self.call(asyncio.to_thread(self.service.source.refresh))
+        super().__init__(config, replace(options, secret_key=SECRET_KEY))
 
     def metrics_text(self) -> str:
-        assert self.service is not None and self.service.metrics is not None
-        url = f"http://127.0.0.1:{self.service.metrics.port}/metrics"
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as r:
             return r.read().decode()
 
     def metrics_json(self) -> dict[str, Any]:
-        assert self.service is not None and self.service.metrics is not None
-        url = f"http://127.0.0.1:{self.service.metrics.port}/metrics.json"
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics.json"
         with urllib.request.urlopen(url, timeout=10) as r:
             return json.loads(r.read())
 

@@ -95,8 +95,10 @@ class MemberSource:
         pool: ProxyPool,
         decrypt: Callable[[str | None], str | None],
         refresh_s: float = 30.0,
+        reader: Callable[[str], list[Row]] | None = None,
     ) -> None:
         self.db_url = db_url
+        self.reader = reader  # the console passes its own open database's read
         self.filter = flt
         self.pool = pool
         self.decrypt = decrypt
@@ -108,6 +110,8 @@ class MemberSource:
         from engine.cli.common import open_database
         from storage.proxies import gateway_members
 
+        if self.reader is not None:
+            return self.reader(self.filter.status)
         db = open_database(self.db_url)
         try:
             with db.connect() as conn:

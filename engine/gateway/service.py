@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.gateway.auth import Authenticator, Credentials
 from engine.gateway.cache import GatewayCache
@@ -36,6 +38,7 @@ class ServeOptions:
     health_interval_s: float = 15.0
     secret_key: str | None = None
     secret_key_file: str = "data/secret.key"
+    reader: Callable[[str], list[Any]] | None = None  # status → rows; None: open db_url per read
 
 
 class GatewayService:
@@ -56,7 +59,12 @@ class GatewayService:
         )
         box = SecretBox.load(options.secret_key, Path(options.secret_key_file))
         self.source = MemberSource(
-            options.db_url, options.filter, self.pool, box.decrypt, options.refresh_s
+            options.db_url,
+            options.filter,
+            self.pool,
+            box.decrypt,
+            options.refresh_s,
+            options.reader,
         )
         cache = (
             GatewayCache(options.cache, options.cache_size, options.ttl_s)
