@@ -17,6 +17,7 @@ class GatewayConfig:
     idle_timeout_s: float = 60.0  # a kept-alive client connection between requests
     tunnel_idle_s: float = 300.0  # a tunnel with no byte either way is closed
     max_connections: int = 1024  # client connections at once; more are closed at once
+    reuse_port: bool = False  # SO_REUSEPORT: several gateway processes on one port
     max_head_bytes: int = 64 * 1024
     max_body_bytes: int = 8 << 20  # a plain-HTTP request body
     max_buffer_bytes: int = 4 << 20  # a response bigger than this is streamed, not judged

@@ -9,12 +9,12 @@ allocated for a request; a full HTTP server library would hide those.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 HEAD_END = b"\r\n\r\n"
 MAX_HEADERS = 100
+MAX_CHUNK_OVERHEAD = 64 * 1024  # chunk-size lines and trailers beyond the body limit
 # Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own: never forwarded.
 HOP_BY_HOP = frozenset(
     {
@@ -121,20 +121,6 @@ def split_authority(authority: str, default_port: int) -> tuple[str, int]:
     return host, port or default_port
 
 
-async def read_head(reader: asyncio.StreamReader, first: bytes = b"") -> bytes | None:
-    """The bytes up to the blank line; None when the client closed before sending anything.
-    The reader's `limit` bounds the head (HttpError 431 beyond it)."""
-    try:
-        rest = await reader.readuntil(HEAD_END)
-    except asyncio.IncompleteReadError as e:
-        if not first and not e.partial:
-            return None
-        raise HttpError(400, "the request head ended early") from None
-    except asyncio.LimitOverrunError:
-        raise HttpError(431, "request head too large") from None
-    return first + rest
-
-
 def parse_headers(lines: list[bytes]) -> list[tuple[str, str]]:
     if len(lines) > MAX_HEADERS:
         raise HttpError(431, f"more than {MAX_HEADERS} header fields")
@@ -175,41 +161,32 @@ def parse_request(head: bytes) -> Request:
     return req
 
 
-async def read_body(reader: asyncio.StreamReader, req: Request, limit: int) -> None:
-    """The request body into `req.body` (Content-Length or chunked), at most `limit` bytes."""
+def request_body_end(buf: bytearray, req: Request, limit: int) -> int | None:
+    """Where the request body at the start of `buf` ends (Content-Length or chunked, at most
+    `limit` bytes), setting `req.body`; None while more bytes are needed."""
     te = (req.header("transfer-encoding") or "").lower()
-    length = req.header("content-length")
     if "chunked" in te:
-        req.body = await _read_chunked(reader, limit)
-    elif length is not None:
-        if not length.isdigit():
-            raise HttpError(400, "bad Content-Length")
-        if int(length) > limit:
-            raise HttpError(413, f"request body over {limit} bytes")
-        try:
-            req.body = await reader.readexactly(int(length))
-        except asyncio.IncompleteReadError:
-            raise HttpError(400, "the request body ended early") from None
-
-
-async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
-    out = bytearray()
-    try:
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise HttpError(400, "bad chunk size") from None
-            if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                    pass
-                return bytes(out)
-            if len(out) + size > limit:
+        end = _chunked_end(buf, 0, status=400)
+        if end is None:
+            if len(buf) > limit + MAX_CHUNK_OVERHEAD:
                 raise HttpError(413, f"request body over {limit} bytes")
-            out += (await reader.readexactly(size + 2))[:-2]
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        raise HttpError(400, "the chunked body ended early") from None
+            return None
+        req.body = dechunk(bytes(buf[:end]))
+        if len(req.body) > limit:
+            raise HttpError(413, f"request body over {limit} bytes")
+        return end
+    length = req.header("content-length")
+    if length is None:
+        return 0
+    if not length.isdigit():
+        raise HttpError(400, "bad Content-Length")
+    n = int(length)
+    if n > limit:
+        raise HttpError(413, f"request body over {limit} bytes")
+    if len(buf) < n:
+        return None
+    req.body = bytes(buf[:n])
+    return n
 
 
 def onward_head(req: Request, *, absolute: bool, proxy_auth: str | None = None) -> bytes:
@@ -235,7 +212,7 @@ def onward_head(req: Request, *, absolute: bool, proxy_auth: str | None = None) 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + req.body
 
 
-def _chunked_end(buf: bytes | bytearray, start: int = 0) -> int | None:
+def _chunked_end(buf: bytes | bytearray, start: int = 0, status: int = 502) -> int | None:
     """Offset just past the last chunk (and trailers) of a chunked body, or None if the body
     is not complete yet."""
     pos = start
@@ -246,7 +223,7 @@ def _chunked_end(buf: bytes | bytearray, start: int = 0) -> int | None:
         try:
             size = int(bytes(buf[pos:eol]).split(b";")[0].strip(), 16)
         except ValueError:
-            raise HttpError(502, "the origin sent a bad chunk size") from None
+            raise HttpError(status, "bad chunk size") from None
         pos = eol + 2
         if size == 0:
             end = buf.find(b"\r\n\r\n", pos - 2)
@@ -268,20 +245,7 @@ def dechunk(body: bytes) -> bytes:
         pos = eol + 2 + size + 2
 
 
-async def read_response(
-    reader: asyncio.StreamReader, method: str, max_buffer: int, max_head: int = 65536
-) -> Response:
-    """The response to one request, whole when its body fits in `max_buffer` (framing by
-    Content-Length, chunked, or the end of the stream); otherwise `complete=False` with the
-    bytes so far, for the caller to stream the rest."""
-    try:
-        raw_head = await reader.readuntil(HEAD_END)
-    except asyncio.IncompleteReadError:
-        raise ConnectionError("the upstream closed before answering") from None
-    except asyncio.LimitOverrunError:
-        raise HttpError(502, "the origin's response head is too large") from None
-    if len(raw_head) > max_head:
-        raise HttpError(502, "the origin's response head is too large")
+def parse_response_head(raw_head: bytes) -> Response:
     lines = raw_head[: -len(HEAD_END)].split(b"\r\n")
     try:
         version, code, *reason = lines[0].decode("latin-1").split(" ", 2)
@@ -289,37 +253,54 @@ async def read_response(
         headers = parse_headers(lines[1:])
     except (ValueError, HttpError):
         raise HttpError(502, "the origin's response head is malformed") from None
-    resp = Response(status, reason[0] if reason else "", version, headers, raw_head=raw_head)
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return resp
-    h = resp.lower_headers()
-    body = bytearray()
-    if "chunked" in h.get("transfer-encoding", "").lower():
-        while (end := _chunked_end(body)) is None:
-            if len(body) > max_buffer:
-                resp.body, resp.complete = bytes(body), False
-                return resp
-            chunk = await reader.read(65536)
-            if not chunk:
-                raise ConnectionError("the upstream closed inside a chunked body")
-            body += chunk
-        resp.body = dechunk(bytes(body[:end]))
-        resp.headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
-        return resp
-    length = h.get("content-length")
-    want = int(length) if length and length.isdigit() else None
-    while want is None or len(body) < want:
-        if len(body) > max_buffer:
-            resp.body, resp.complete = bytes(body), False
-            return resp
-        chunk = await reader.read(65536 if want is None else min(65536, want - len(body)))
-        if not chunk:
-            if want is not None:
-                raise ConnectionError("the upstream closed before the end of the body")
-            break
-        body += chunk
-    resp.body = bytes(body)
-    return resp
+    return Response(status, reason[0] if reason else "", version, headers, raw_head=raw_head)
+
+
+class Framing:
+    """How the end of a response body is found."""
+
+    NONE, LENGTH, CHUNKED, EOF = range(4)
+
+
+def framing_of(resp: Response, method: str) -> tuple[int, int]:
+    """(Framing, length) of the body that follows `resp`'s head (RFC 9112 6.3)."""
+    if method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
+        return Framing.NONE, 0
+    te = length = None
+    for k, v in resp.headers:
+        low = k.lower()
+        if low == "transfer-encoding":
+            te = v.lower()
+        elif low == "content-length":
+            length = v.strip()
+    if te is not None and "chunked" in te:
+        return Framing.CHUNKED, 0
+    if length is not None and length.isdigit():
+        return Framing.LENGTH, int(length)
+    return Framing.EOF, 0
+
+
+def complete_body(resp: Response, framing: int, want: int, buf: bytearray, eof: bool) -> bool:
+    """Set `resp.body` from `buf` (the bytes after the head) if the body is all there; the
+    upstream's end (`eof`) inside a framed body is an error."""
+    if framing == Framing.NONE:
+        return True
+    if framing == Framing.LENGTH:
+        if len(buf) >= want:
+            resp.body = bytes(buf[:want])
+            return True
+    elif framing == Framing.CHUNKED:
+        end = _chunked_end(buf)
+        if end is not None:
+            resp.body = dechunk(bytes(buf[:end]))
+            resp.headers = [(k, v) for k, v in resp.headers if k.lower() != "transfer-encoding"]
+            return True
+    elif eof:
+        resp.body = bytes(buf)
+        return True
+    if eof:
+        raise ConnectionError("the upstream closed before the end of the body")
+    return False
 
 
 def render_response(

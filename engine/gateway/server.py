@@ -1,16 +1,20 @@
 """The gateway's listener: HTTP (absolute-URI and CONNECT) and SOCKS5 on one port (a first
 byte of 0x05 is SOCKS5), each request sent out through a member of the pool with failover.
 
-Per connection: at most one upstream connection at a time, every wait bounded (the request
-head, the answer, an idle tunnel), every client or member failure contained to its own
-connection. `stop()` closes the listener, closes idle kept-alive connections, lets busy ones
-finish within the grace period and cancels what is left.
+The bytes are handled by `client.ClientConn` and `upstream.Upstream` (protocol callbacks);
+this module decides: one task per request picks members, fails over, judges block pages,
+serves and fills the cache, and counts. Per connection at most one upstream connection at a
+time, every wait bounded, every client or member failure contained to its own connection.
+`stop()` closes the listener, closes idle kept-alive connections, lets busy ones finish
+within the grace period and aborts what is left.
+
+With `reuse_port` several gateway processes listen on one port (SO_REUSEPORT: the kernel
+spreads connections over them); each has its own pool state, see `engine/gateway/workers.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -18,19 +22,15 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.gateway import socks5
-from engine.gateway.auth import ANY, Authenticator, Routing, basic_credentials
+from engine.gateway.auth import Authenticator, Routing, basic_credentials
 from engine.gateway.cache import GatewayCache, lookup_allowed, request_cacheable
+from engine.gateway.client import ClientConn
 from engine.gateway.config import GatewayConfig
 from engine.gateway.http import (
     HttpError,
     Request,
     Response,
-    error_response,
     onward_head,
-    parse_request,
-    read_body,
-    read_head,
-    read_response,
     render_response,
     streamed_head,
 )
@@ -39,10 +39,10 @@ from engine.gateway.stats import GatewayStats, MemberStats
 from engine.gateway.upstream import (
     MemberDown,
     TargetUnreachable,
+    Upstream,
     UpstreamError,
     basic_auth,
-    open_member,
-    open_tunnel,
+    dial,
 )
 from fetchers.pool import NoProxyAvailable, ProxyLease, ProxyPool, ProxyState
 from fetchers.validation import detect_block
@@ -50,18 +50,8 @@ from fetchers.validation import detect_block
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 100_000
-PIPE_CHUNK = 64 * 1024
 BLOCK_STATUSES = frozenset({403, 429})
 CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-class _Conn:
-    __slots__ = ("idle", "writer")
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.idle = True
 
 
 class NoRoute(Exception):
@@ -92,37 +82,42 @@ class Gateway:
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.port = 0
         self.draining = False
-        self._server: asyncio.Server | None = None
-        self._conns: dict[asyncio.Task[Any], _Conn] = {}
+        self.loop: asyncio.AbstractEventLoop  # set by start()
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[ClientConn] = set()
+        self._all_closed: asyncio.Event | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         c = self.config
-        self._server = await asyncio.start_server(
-            self._on_client, c.host, c.port, limit=c.max_head_bytes, backlog=1024
-        )
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            lambda: ClientConn(self), c.host, c.port, backlog=1024,
+            reuse_port=c.reuse_port or None,
+        )  # fmt: skip
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, drain: idle connections close now, busy ones get the grace."""
         grace = self.config.grace_s if grace_s is None else grace_s
         self.draining = True
+        self._all_closed = asyncio.Event()
         if self._server is not None:
             self._server.close()
-        for task, conn in list(self._conns.items()):
+        for conn in list(self._conns):
             if conn.idle:
-                task.cancel()
-        busy = [t for t in self._conns if not t.done()]
-        if busy:
-            _done, late = await asyncio.wait(busy, timeout=grace)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late, timeout=5)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+                conn.transport.abort()
+        if self._conns:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), grace)
+            except TimeoutError:
+                for conn in list(self._conns):
+                    conn.transport.abort()
+                try:
+                    await asyncio.wait_for(self._all_closed.wait(), 5)
+                except TimeoutError:
+                    log.warning("gateway: %d connections did not close", len(self._conns))
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.stats.snapshot(
@@ -133,126 +128,81 @@ class Gateway:
         snap["sessions"] = len(self.sessions)
         return snap
 
-    # -- one client connection --------------------------------------------------------------
+    # -- connections (called by ClientConn) ---------------------------------------------------
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def admit(self, conn: ClientConn) -> bool:
         st = self.stats
         if len(self._conns) >= self.config.max_connections or self.draining:
             st.connections_refused += 1
-            writer.transport.abort()
-            return
-        conn = self._conns[task] = _Conn(writer)
+            return False
+        self._conns.add(conn)
         st.connections_open += 1
         st.connections_total += 1
-        try:
-            first = await asyncio.wait_for(reader.read(1), self.config.head_timeout_s)
-            if first == b"\x05":
-                conn.idle = False
-                await self._socks(reader, writer)
-            elif first:
-                await self._http(reader, writer, first, conn)
-        except asyncio.CancelledError:
-            pass  # drained
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, OSError):
-            pass  # the client went away or stalled: its connection alone ends
-        except Exception:
-            log.exception("gateway: unexpected error on a client connection")
-        finally:
-            st.connections_open -= 1
-            self._conns.pop(task, None)
-            if writer.transport.get_write_buffer_size():
-                writer.transport.abort()  # a client that stopped reading holds nothing of ours
-            else:
-                writer.close()
+        return True
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
-        await writer.drain()
+    def conn_lost(self, conn: ClientConn) -> None:
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self.stats.connections_open -= 1
+        if self.draining and not self._conns and self._all_closed is not None:
+            self._all_closed.set()
 
-    async def _reject(self, writer: asyncio.StreamWriter, status: int, message: str) -> None:
-        self.stats.client_errors[str(status)] += 1
-        extra = {"Proxy-Authenticate": 'Basic realm="fetchfleet"'} if status == 407 else None
-        with contextlib.suppress(ConnectionError, OSError):
-            await asyncio.wait_for(
-                self._send(writer, error_response(status, message, extra=extra)), 5
-            )
-
-    # -- HTTP ---------------------------------------------------------------------------------
-
-    async def _http(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, conn: _Conn
-    ) -> None:
-        c = self.config
-        pending = first
-        while True:
-            conn.idle = not pending
-            if self.draining and conn.idle:
-                return
-            try:
-                timeout = c.head_timeout_s if pending else c.idle_timeout_s
-                head = await asyncio.wait_for(read_head(reader, pending), timeout)
-            except TimeoutError:
-                if pending:
-                    await self._reject(writer, 408, "the request head did not arrive in time")
-                return
-            except HttpError as e:
-                await self._reject(writer, e.status, str(e))
-                return
-            if head is None:
-                return
-            conn.idle = False
-            try:
-                req = parse_request(head)
-                routing = self._http_routing(req)
-                if not req.is_connect:
-                    await asyncio.wait_for(
-                        read_body(reader, req, c.max_body_bytes), c.head_timeout_s
-                    )
-            except TimeoutError:
-                await self._reject(writer, 408, "the request body did not arrive in time")
-                return
-            except HttpError as e:
-                await self._reject(writer, e.status, str(e))
-                return
-            if req.is_connect:
-                await self._connect(req, routing, reader, writer)
-                return
-            if not await self._forward(req, routing, writer) or not req.keep_alive:
-                return
-            pending = b""
-
-    def _http_routing(self, req: Request) -> Routing:
+    def http_routing(self, req: Request) -> Routing:
         creds = basic_credentials(req.header("proxy-authorization"))
         routing = self.auth.check(*creds) if creds else self.auth.check(None, None)
         if routing is None:
             raise HttpError(407, "proxy credentials required (or the username's options are bad)")
         return routing
 
-    async def _connect(
-        self,
-        req: Request,
-        routing: Routing,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    async def serve_http(self, conn: ClientConn, req: Request, routing: Routing) -> None:
+        """The task of one HTTP request (plain or CONNECT)."""
         try:
-            (up_r, up_w), lease, ms = await self._dial(req.host, req.port, routing)
+            if req.is_connect:
+                await self._connect(conn, req, routing)
+            else:
+                await self._forward(conn, req, routing)
+        except asyncio.CancelledError:
+            pass  # the client left, or a drain ran out of time
+        except Exception:
+            log.exception("gateway: unexpected error on a client connection")
+            conn.transport.abort()
+
+    async def serve_socks(
+        self, conn: ClientConn, req: socks5.SocksRequest, routing: Routing
+    ) -> None:
+        """The task of one SOCKS5 CONNECT."""
+        try:
+            try:
+                up, lease, ms = await self._dial(req.host, req.port, routing)
+            except NoRoute as e:
+                self.stats.requests[("socks5", str(e.status))] += 1
+                conn.write(socks5.reply(e.socks))
+                conn.close(5.0)
+                return
+            self.stats.requests[("socks5", "ok")] += 1
+            conn.write(socks5.reply(socks5.SUCCEEDED))
+            conn.splice(up, ms, _releaser(lease), stream=False)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("gateway: unexpected error on a SOCKS5 connection")
+            conn.transport.abort()
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    async def _connect(self, conn: ClientConn, req: Request, routing: Routing) -> None:
+        try:
+            up, lease, ms = await self._dial(req.host, req.port, routing)
         except NoRoute as e:
             self.stats.requests[("connect", str(e.status))] += 1
-            await self._reject(writer, e.status, str(e))
+            conn.reject(e.status, str(e))
             return
         self.stats.requests[("connect", "ok")] += 1
-        try:
-            await self._send(writer, CONNECT_OK)
-            await self._relay(reader, writer, up_r, up_w, ms)
-        finally:
-            lease.release("ok", None)
-            up_w.transport.abort()
+        conn.write(CONNECT_OK)
+        conn.splice(up, ms, _releaser(lease), stream=False)
 
-    async def _forward(self, req: Request, routing: Routing, writer: asyncio.StreamWriter) -> bool:
-        """One plain-HTTP request; True when the client connection may carry another."""
+    async def _forward(self, conn: ClientConn, req: Request, routing: Routing) -> None:
+        """One plain-HTTP request, answered (or streamed) to the client."""
         st, c = self.stats, self.config
         cache_key = None
         if self.cache is not None:
@@ -264,10 +214,9 @@ class Gateway:
                     st.cache.bytes_saved += len(hit.body)
                     st.requests[("http", "cache")] += 1
                     keep = req.keep_alive and not self.draining
-                    await self._send(
-                        writer, render_response(hit, keep_alive=keep, extra={"X-Cache": "HIT"})
-                    )
-                    return keep
+                    conn.write(render_response(hit, keep_alive=keep, extra={"X-Cache": "HIT"}))
+                    conn.finish(keep)
+                    return
                 st.cache.misses += 1
             else:
                 st.cache.bypassed += 1
@@ -284,17 +233,22 @@ class Gateway:
             ms = st.member(lease.redacted)
             ms.requests += 1
             t0 = self.clock()
-            up_w = None
+            holder: list[Upstream] = []
             try:
-                resp, up_r, up_w, sent = await asyncio.wait_for(
-                    self._exchange(req, lease.state), c.response_timeout_s
-                )
+                async with asyncio.timeout(c.response_timeout_s):
+                    resp, sent = await self._exchange(req, lease.state, holder)
             except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
-                if up_w is not None:
-                    up_w.transport.abort()
+                if holder:
+                    holder[0].abort()
                 self._attempt_failed(lease, ms, routing, e)
                 status, message = _failure_status(e)
                 continue
+            except BaseException:
+                if holder:
+                    holder[0].abort()
+                lease.release("failed", None)
+                raise
+            up = holder[0]
             latency = (self.clock() - t0) * 1000
             ms.bytes_up += sent
             ms.bytes_down += len(resp.raw_head) + len(resp.body)
@@ -304,7 +258,7 @@ class Gateway:
                 lease.release("blocked", latency)
                 self._unstick(routing, lease)
                 if attempt < c.retries:
-                    up_w.transport.abort()
+                    up.abort()
                     last_blocked = resp
                     continue
             else:
@@ -313,94 +267,47 @@ class Gateway:
                 self._stick(routing, lease)
             if not resp.complete:
                 st.requests[("http", "streamed")] += 1
-                try:
-                    await self._send(writer, streamed_head(resp) + resp.body)
-                    await self._pipe(up_r, writer, ms, "bytes_down")
-                finally:
-                    up_w.transport.abort()
-                return False
-            up_w.transport.abort()
+                conn.write(streamed_head(resp) + resp.body)
+                conn.splice(up, ms, None, stream=True)
+                return
+            up.abort()
             if cache_key is not None and not blocked:
                 st.cache.origin_fetches += 1
                 if self.cache is not None and self.cache.put(cache_key, resp):
                     st.cache.stores += 1
             st.requests[("http", "blocked" if blocked else "ok")] += 1
             keep = req.keep_alive and not self.draining
-            await self._send(writer, render_response(resp, keep_alive=keep))
-            return keep
+            conn.write(render_response(resp, keep_alive=keep))
+            conn.finish(keep)
+            return
         if last_blocked is not None:  # every member was blocked: the client sees the page
             st.requests[("http", "blocked")] += 1
-            await self._send(writer, render_response(last_blocked, keep_alive=False))
-            return False
+            conn.write(render_response(last_blocked, keep_alive=False))
+            conn.finish(False)
+            return
         st.requests[("http", str(status))] += 1
-        await self._reject(writer, status, message)
-        return False
+        conn.reject(status, message)
 
     async def _exchange(
-        self, req: Request, state: ProxyState
-    ) -> tuple[Response, asyncio.StreamReader, asyncio.StreamWriter, int]:
+        self, req: Request, state: ProxyState, holder: list[Upstream]
+    ) -> tuple[Response, int]:
+        """The request through one member; its connection is put in `holder` at once (the
+        caller aborts or relays it)."""
         c = self.config
         m = member_of(state)
-        if m.protocol == "http":
-            up_r, up_w = await open_member(state.spec, c.connect_timeout_s)
+        forward = m.protocol == "http"
+        up = await dial(
+            state.spec, m.protocol, req.host, req.port, c.connect_timeout_s, forward=forward
+        )
+        holder.append(up)
+        if forward:
             data = onward_head(req, absolute=True, proxy_auth=basic_auth(state.spec))
         else:
-            up_r, up_w = await open_tunnel(
-                state.spec, m.protocol, req.host, req.port, c.connect_timeout_s
-            )
             data = onward_head(req, absolute=False)
-        try:
-            up_w.write(data)
-            await up_w.drain()
-            resp = await read_response(up_r, req.method, c.max_buffer_bytes, c.max_head_bytes)
-        except BaseException:
-            up_w.transport.abort()
-            raise
-        if m.protocol == "http" and resp.status == 407:
-            up_w.transport.abort()
+        resp = await up.exchange(data, req.method, c.max_buffer_bytes, c.max_head_bytes)
+        if forward and resp.status == 407:
             raise MemberDown("the member rejected its credentials (407)")
-        return resp, up_r, up_w, len(data)
-
-    # -- SOCKS5 -------------------------------------------------------------------------------
-
-    async def _socks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        routing: list[Routing] = []
-
-        def check(user: str, password: str) -> bool:
-            r = self.auth.check(user, password)
-            if r is not None:
-                routing.append(r)
-            return r is not None
-
-        try:
-            req = await asyncio.wait_for(
-                socks5.handshake(reader, writer, need_auth=self.auth.required, check=check),
-                self.config.head_timeout_s,
-            )
-        except socks5.SocksError as e:
-            self.stats.client_errors["socks"] += 1
-            if e.code is not None:
-                writer.write(socks5.reply(e.code))
-            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
-                await asyncio.wait_for(writer.drain(), 5)
-            return
-        try:
-            (up_r, up_w), lease, ms = await self._dial(
-                req.host, req.port, routing[0] if routing else ANY
-            )
-        except NoRoute as e:
-            self.stats.requests[("socks5", str(e.status))] += 1
-            writer.write(socks5.reply(e.socks))
-            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
-                await asyncio.wait_for(writer.drain(), 5)
-            return
-        self.stats.requests[("socks5", "ok")] += 1
-        try:
-            await self._send(writer, socks5.reply(socks5.SUCCEEDED))
-            await self._relay(reader, writer, up_r, up_w, ms)
-        finally:
-            lease.release("ok", None)
-            up_w.transport.abort()
+        return resp, len(data)
 
     # -- members ------------------------------------------------------------------------------
 
@@ -438,7 +345,7 @@ class Gateway:
 
     async def _dial(
         self, host: str, port: int, routing: Routing
-    ) -> tuple[Stream, ProxyLease, MemberStats]:
+    ) -> tuple[Upstream, ProxyLease, MemberStats]:
         """A tunnel to host:port through the first member that gives one (failover)."""
         c = self.config
         tried: list[ProxyState] = []
@@ -455,8 +362,8 @@ class Gateway:
             t0 = self.clock()
             protocol = member_of(lease.state).protocol
             try:
-                stream = await open_tunnel(
-                    lease.state.spec, protocol, host, port, c.connect_timeout_s
+                up = await dial(
+                    lease.state.spec, protocol, host, port, c.connect_timeout_s, forward=False
                 )
             except UpstreamError as e:
                 self._attempt_failed(lease, ms, routing, e)
@@ -467,47 +374,17 @@ class Gateway:
                 else:
                     failure = NoRoute(502, socks5.GENERAL_FAILURE, f"members failed: {e}")
                 continue
+            except BaseException:
+                lease.release("failed", None)
+                raise
             ms.latencies_ms.append((self.clock() - t0) * 1000)
             self._stick(routing, lease)
-            return stream, lease, ms
+            return up, lease, ms
         raise failure
 
-    # -- relaying -----------------------------------------------------------------------------
 
-    async def _pipe(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, ms: MemberStats, counter: str
-    ) -> None:
-        idle = self.config.tunnel_idle_s
-        try:
-            while data := await asyncio.wait_for(src.read(PIPE_CHUNK), idle):
-                setattr(ms, counter, getattr(ms, counter) + len(data))
-                dst.write(data)
-                await dst.drain()
-            if dst.can_write_eof() and not dst.is_closing():
-                dst.write_eof()
-        except (ConnectionError, TimeoutError, OSError):
-            pass
-
-    async def _relay(
-        self,
-        c_r: asyncio.StreamReader,
-        c_w: asyncio.StreamWriter,
-        u_r: asyncio.StreamReader,
-        u_w: asyncio.StreamWriter,
-        ms: MemberStats,
-    ) -> None:
-        """Bytes both ways until the target side ends (a client's half-close is passed on
-        and the answer still awaited), a side fails, or the tunnel idles out."""
-        up = asyncio.ensure_future(self._pipe(c_r, u_w, ms, "bytes_up"))
-        down = asyncio.ensure_future(self._pipe(u_r, c_w, ms, "bytes_down"))
-        try:
-            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-            if up.done() and not down.done():
-                await down
-        finally:
-            for t in (up, down):
-                t.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
+def _releaser(lease: ProxyLease) -> Callable[[], None]:
+    return lambda: lease.release("ok", None)
 
 
 def site_of(host: str, port: int) -> str:

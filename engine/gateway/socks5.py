@@ -5,7 +5,6 @@ supported"."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import struct
 from collections.abc import Callable
@@ -25,11 +24,11 @@ ADDRESS_NOT_SUPPORTED = 0x08
 
 
 class SocksError(Exception):
-    """The client broke the protocol (or failed to log in): reply `code` if set, close."""
+    """The client broke the protocol (or failed to log in): `reply` is sent, then a close."""
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(self, message: str, reply: bytes = b"") -> None:
         super().__init__(message)
-        self.code = code
+        self.reply = reply
 
 
 @dataclass(slots=True)
@@ -44,53 +43,75 @@ def reply(code: int) -> bytes:
     return struct.pack("!BBBB4sH", 5, code, 0, 1, b"\0\0\0\0", 0)
 
 
-async def handshake(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    *,
-    need_auth: bool,
-    check: Callable[[str, str], bool],
-) -> SocksRequest:
-    """Read the greeting (its first byte, 5, already taken), the login (`check`ed) and the
-    request.
+class Handshake:
+    """The server side over the buffered bytes: `step(buf)` consumes what it can, sends the
+    replies due through `send`, and returns the request once it is complete.
 
     Without `need_auth` a client that offers user/password still gets to send it: the
     username carries the country and session choices."""
-    (n,) = await reader.readexactly(1)
-    methods = await reader.readexactly(n)
-    if USER_PASS in methods:
-        method = USER_PASS
-    elif NO_AUTH in methods and not need_auth:
-        method = NO_AUTH
-    else:
-        writer.write(bytes([5, NO_ACCEPTABLE]))
-        raise SocksError("no acceptable authentication method")
-    writer.write(bytes([5, method]))
-    username = password = None
-    if method == USER_PASS:
-        version, ulen = await reader.readexactly(2)
-        if version != 1:
-            raise SocksError("bad login version")
-        username = (await reader.readexactly(ulen)).decode("utf-8", "replace")
-        (plen,) = await reader.readexactly(1)
-        password = (await reader.readexactly(plen)).decode("utf-8", "replace")
-        ok = check(username, password)
-        writer.write(bytes([1, 0 if ok else 1]))
-        if not ok:
-            raise SocksError("login rejected")
-    version, cmd, _rsv, atyp = await reader.readexactly(4)
-    if version != 5:
-        raise SocksError("bad request version", GENERAL_FAILURE)
-    if atyp == 1:
-        host = str(ipaddress.IPv4Address(await reader.readexactly(4)))
-    elif atyp == 3:
-        (hlen,) = await reader.readexactly(1)
-        host = (await reader.readexactly(hlen)).decode("idna")
-    elif atyp == 4:
-        host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
-    else:
-        raise SocksError("bad address type", ADDRESS_NOT_SUPPORTED)
-    (port,) = struct.unpack("!H", await reader.readexactly(2))
-    if cmd != 1:
-        raise SocksError("only CONNECT is supported", COMMAND_NOT_SUPPORTED)
-    return SocksRequest(host, port, username, password)
+
+    __slots__ = ("check", "need_auth", "password", "send", "stage", "username")
+
+    def __init__(
+        self, send: Callable[[bytes], None], *, need_auth: bool, check: Callable[[str, str], bool]
+    ) -> None:
+        self.send, self.need_auth, self.check = send, need_auth, check
+        self.stage = 0
+        self.username: str | None = None
+        self.password: str | None = None
+
+    def step(self, buf: bytearray) -> SocksRequest | None:
+        while True:
+            if self.stage == 0:  # greeting: 5, n, n methods
+                if len(buf) < 2 or len(buf) < 2 + buf[1]:
+                    return None
+                methods = bytes(buf[2 : 2 + buf[1]])
+                del buf[: 2 + buf[1]]
+                if USER_PASS in methods:
+                    self.stage = 1
+                    self.send(bytes([5, USER_PASS]))
+                elif NO_AUTH in methods and not self.need_auth:
+                    self.stage = 2
+                    self.send(bytes([5, NO_AUTH]))
+                else:
+                    raise SocksError(
+                        "no acceptable authentication method", bytes([5, NO_ACCEPTABLE])
+                    )
+            elif self.stage == 1:  # RFC 1929 login: 1, ulen, user, plen, password
+                if len(buf) < 2 or len(buf) < 3 + buf[1] or len(buf) < 3 + buf[1] + buf[2 + buf[1]]:
+                    return None
+                if buf[0] != 1:
+                    raise SocksError("bad login version")
+                ulen = buf[1]
+                plen = buf[2 + ulen]
+                self.username = bytes(buf[2 : 2 + ulen]).decode("utf-8", "replace")
+                self.password = bytes(buf[3 + ulen : 3 + ulen + plen]).decode("utf-8", "replace")
+                del buf[: 3 + ulen + plen]
+                if not self.check(self.username, self.password):
+                    raise SocksError("login rejected", bytes([1, 1]))
+                self.send(bytes([1, 0]))
+                self.stage = 2
+            else:  # request: 5, cmd, 0, atyp, address, port
+                if len(buf) < 5:
+                    return None
+                version, cmd, _rsv, atyp = buf[:4]
+                if version != 5:
+                    raise SocksError("bad request version", reply(GENERAL_FAILURE))
+                if atyp == 1:
+                    start, size = 4, 4
+                elif atyp == 3:
+                    start, size = 5, buf[4]
+                elif atyp == 4:
+                    start, size = 4, 16
+                else:
+                    raise SocksError("bad address type", reply(ADDRESS_NOT_SUPPORTED))
+                end = start + size + 2
+                if len(buf) < end:
+                    return None
+                raw = bytes(buf[start : start + size])
+                (port,) = struct.unpack("!H", buf[end - 2 : end])
+                del buf[:end]
+                if cmd != 1:
+                    raise SocksError("only CONNECT is supported", reply(COMMAND_NOT_SUPPORTED))
+                host = raw.decode("idna") if atyp == 3 else str(ipaddress.ip_address(raw))
+                return SocksRequest(host, port, self.username, self.password)
