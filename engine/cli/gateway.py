@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import signal
 import sys
 from typing import Any
@@ -77,28 +79,42 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     return config, options
 
 
-async def serve(config: Any, options: Any) -> int:
+async def serve(config: Any, options: Any, processes: int = 1) -> int:
+    from engine.gateway.metrics import MetricsServer
     from engine.gateway.service import GatewayService
+    from engine.gateway.workers import Supervisor, reserve_port
 
-    service = GatewayService(config, options)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, stop.set)
+    runner: Any
+    metrics = None
+    reserved = None
     try:
         try:
-            n = await service.start()
+            if processes > 1:
+                reserved = reserve_port(config.host, config.port)
+                config = dataclasses.replace(config, port=reserved.getsockname()[1])
+                runner = Supervisor(config, options, processes)
+                n = await runner.start()
+                port = config.port
+                if options.metrics_port is not None:
+                    metrics = MetricsServer(
+                        runner.snapshot, options.metrics_host, options.metrics_port
+                    )
+                    await metrics.start()
+            else:
+                runner = GatewayService(config, options)
+                n = await runner.start()
+                port, metrics = runner.gateway.port, runner.metrics
         except OSError as e:
             raise UserError(f"--port {config.port}: cannot listen on {config.host}: {e}") from None
-        where = f"{config.host}:{service.gateway.port}"
+        where = f"{config.host}:{port}"
         print(
             f"gateway on {where} (HTTP, CONNECT, SOCKS5): {n} members, strategy "
-            f"{config.strategy}"
-            + (
-                f"; metrics http://{options.metrics_host}:{service.metrics.port}/metrics"
-                if service.metrics
-                else ""
-            )
+            f"{config.strategy}, {processes} process{'es' if processes > 1 else ''}"
+            + (f"; metrics http://{options.metrics_host}:{metrics.port}/metrics" if metrics else "")
             + " (Ctrl-C ends)",
             file=sys.stderr,
             flush=True,
@@ -111,9 +127,16 @@ async def serve(config: Any, options: Any) -> int:
             )
         await stop.wait()
         print(f"draining (up to {config.grace_s:.0f}s)…", file=sys.stderr, flush=True)
-        await service.stop()
+        if processes > 1:
+            code = await runner.stop(config.grace_s + 30)
+            if metrics is not None:
+                await metrics.stop()
+            return EXIT_OK if code == 0 else code
+        await runner.stop()
         return EXIT_OK
     finally:
+        if reserved is not None:
+            reserved.close()
         for s in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(s)
 
@@ -123,12 +146,15 @@ def cmd_serve_proxy(args: argparse.Namespace) -> int:
 
     config, options = build(args)
     config = raise_fd_limit(config)
+    processes = args.processes if args.processes is not None else (os.cpu_count() or 1)
+    if processes < 1:
+        raise UserError("--processes must be 1 or more")
     try:
         import uvloop
 
-        return uvloop.run(serve(config, options))
+        return uvloop.run(serve(config, options, processes))
     except ImportError:
-        return asyncio.run(serve(config, options))
+        return asyncio.run(serve(config, options, processes))
 
 
 def add_commands(sub: Any) -> None:
@@ -175,7 +201,15 @@ def add_commands(sub: Any) -> None:
         "--refresh", type=float, default=30.0, help="seconds between member reloads (30)"
     )
     p.add_argument(
-        "--max-connections", type=int, default=1024, help="client connections at once (1024)"
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="client connections at once, per process (1024)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="gateway processes on the port (SO_REUSEPORT); default: one per core",
     )
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds to drain on Ctrl-C/SIGTERM (10)"

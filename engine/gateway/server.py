@@ -15,6 +15,7 @@ spreads connections over them); each has its own pool state, see `engine/gateway
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -44,7 +45,7 @@ from engine.gateway.upstream import (
     basic_auth,
     dial,
 )
-from fetchers.pool import NoProxyAvailable, ProxyLease, ProxyPool, ProxyState
+from fetchers.pool import BreakerState, NoProxyAvailable, ProxyLease, ProxyPool, ProxyState
 from fetchers.validation import detect_block
 
 log = logging.getLogger(__name__)
@@ -316,11 +317,31 @@ class Gateway:
         if routing.country:
             country = routing.country
             accept = lambda p: member_of(p).country == country  # noqa: E731
-        prefer = self.sessions.get(routing.session) if routing.session else None
+        prefer, kind = None, "sticky"
+        if routing.session:
+            prefer = self.sessions.get(routing.session)
+            if prefer is None:  # a new session (here): its member by rendezvous hashing
+                prefer, kind = self._rendezvous(routing.session, accept, tried), "session"
         lease = self.pool.acquire(site=site, accept=accept, exclude=tried, prefer=prefer)
-        outcome = "sticky" if prefer is not None and lease.state.spec.key == prefer else "chosen"
+        outcome = kind if prefer is not None and lease.state.spec.key == prefer else "chosen"
         self.stats.decisions[(self.pool.strategy.name, outcome)] += 1
         return lease
+
+    def _rendezvous(
+        self, session: str, accept: Callable[[ProxyState], bool] | None, tried: list[ProxyState]
+    ) -> str | None:
+        """A new session's member: the healthy candidate with the highest hash of (session,
+        member). Every gateway process computes the same one without sharing state, and
+        the same next one when it fails (`--processes`)."""
+        skip = {id(p) for p in tried}
+        best, best_score = None, b""
+        for p in self.pool.proxies:
+            if id(p) in skip or p.state != BreakerState.CLOSED or (accept and not accept(p)):
+                continue
+            score = hashlib.blake2b(f"{session}\0{p.spec.key}".encode(), digest_size=8).digest()
+            if score > best_score:
+                best, best_score = p.spec.key, score
+        return best
 
     def _stick(self, routing: Routing, lease: ProxyLease) -> None:
         if routing.session:
