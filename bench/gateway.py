@@ -7,8 +7,9 @@ World: `--members` elite HTTP proxies of the sim (no added latency) as the membe
 (sim/origin.py) as the origin, all on loopback. Three ways to the origin:
 
 - **direct**: every request through the first member;
-- **gateway**: `python -m engine.run serve-proxy --strategy round_robin` (a real subprocess,
-  uvloop) over the members stored in a temporary DuckDB file;
+- **gateway xN**: `python -m engine.run serve-proxy --strategy round_robin --processes N` (a
+  real subprocess, uvloop) over the members stored in a temporary DuckDB file, for each N
+  of `--processes` (default 1,2);
 - **squid**: Debian's squid with the members as `cache_peer … parent … round-robin`,
   `never_direct allow all`, no cache.
 
@@ -119,10 +120,12 @@ def run_load(
 # -- the three paths --------------------------------------------------------------------------
 
 
-def start_gateway(db_url: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+def start_gateway(
+    db_url: str, env: dict[str, str], processes: int
+) -> tuple[subprocess.Popen[str], int]:
     p = subprocess.Popen(
         [sys.executable, "-m", "engine.run", "serve-proxy", "--db", db_url, "--port", "0",
-         "--max-connections", "4096", "--retries", "2"],
+         "--max-connections", "4096", "--retries", "2", "--processes", str(processes)],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert p.stderr is not None
@@ -189,6 +192,7 @@ def main() -> int:
     ap.add_argument("--members", type=int, default=8)
     ap.add_argument("--concurrency", default="1,64,512")
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--processes", default="1,2", help="gateway process counts to compare")
     ap.add_argument("--load", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
@@ -215,20 +219,27 @@ def main() -> int:
             db_url = f"duckdb:///{d}/bench.duckdb"
             store_members(db_url, http)
             env = {**os.environ, "FETCHFLEET_SECRET_KEY": SECRET_KEY}
-            gw, gw_port = start_gateway(db_url, env)
+            gateways = {
+                n: start_gateway(db_url, env, n)
+                for n in (int(x) for x in args.processes.split(","))
+            }
             (Path(d) / "squid").mkdir()
             sq, sq_port = start_squid(Path(d) / "squid", members)
             origin_addr = ("127.0.0.1", origin.ports["main"])
             try:
                 for mode in ("plain", "connect"):
                     for c in levels:
-                        for name, proxy in (("direct", members[0]), ("gateway", ("127.0.0.1", gw_port)),
-                                            ("squid", ("127.0.0.1", sq_port))):  # fmt: skip
+                        paths = [("direct", members[0])]
+                        paths += [(f"gateway x{n}", ("127.0.0.1", port))
+                                  for n, (_, port) in gateways.items()]  # fmt: skip
+                        paths.append(("squid", ("127.0.0.1", sq_port)))
+                        for name, proxy in paths:
                             r = run_load(proxy, origin_addr, mode, c, args.seconds)
                             rows.append({"mode": mode, "c": c, "path": name, **r})
                             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             finally:
-                stop(gw)
+                for gw, _ in gateways.values():
+                    stop(gw)
                 stop(sq)
     print(
         f"members: {len(members)} elite HTTP sim proxies; origin: nginx; {args.seconds:.0f} s per cell\n"
@@ -243,16 +254,20 @@ def main() -> int:
     for mode in ("plain", "connect"):
         for c in levels:
             cell = {r["path"]: r for r in rows if r["mode"] == mode and r["c"] == c}
-            g, s, dct = cell["gateway"], cell["squid"], cell["direct"]
-            added = (
-                None
-                if g["p50_ms"] is None or dct["p50_ms"] is None
-                else round(g["p50_ms"] - dct["p50_ms"], 3)
-            )
-            ratio = round(g["rps"] / s["rps"], 2) if s["rps"] else None
-            print(
-                f"- {mode}, {c} clients: gateway/squid req/s = {ratio}; added p50 over direct = {added} ms"
-            )
+            s, dct = cell["squid"], cell["direct"]
+            for name, g in cell.items():
+                if not name.startswith("gateway"):
+                    continue
+                added = (
+                    None
+                    if g["p50_ms"] is None or dct["p50_ms"] is None
+                    else round(g["p50_ms"] - dct["p50_ms"], 3)
+                )
+                ratio = round(g["rps"] / s["rps"], 2) if s["rps"] else None
+                print(
+                    f"- {mode}, {c} clients, {name}: gateway/squid req/s = {ratio}; "
+                    f"added p50 over direct = {added} ms"
+                )
     return 0
 
 
