@@ -117,6 +117,50 @@ def run_load(
     return json.loads(out.stdout)
 
 
+async def keep_alive(port: int, url: str, n: int) -> int:
+    """n GETs over one kept-alive connection through the gateway; how many got a 200."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    ok = 0
+    try:
+        for _ in range(n):
+            w.write(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = await r.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))  # fmt: skip
+            await r.readexactly(length)
+            ok += head.startswith(b"HTTP/1.1 200")
+    finally:
+        w.close()
+    return ok
+
+
+def endurance(port: int, pid: int, url: str, total: int, step: int = 50_000) -> None:
+    """`total` requests in steps, the gateway's RSS and open descriptors after each."""
+    import uvloop
+
+    def rss_kb() -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    done, t0 = 0, time.perf_counter()
+    print("| requests | RSS MB | open fds | req/s so far |", file=sys.stderr)
+    while done < total:
+        n = min(step, total - done)
+
+        async def batch(n: int = n) -> int:
+            return sum(await asyncio.gather(*(keep_alive(port, url, n // 16) for _ in range(16))))
+
+        ok = uvloop.run(batch())
+        done += n
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        rate = done / (time.perf_counter() - t0)
+        print(f"| {done} | {rss_kb() / 1024:.1f} | {fds} | {rate:.0f} |", file=sys.stderr,
+              flush=True)  # fmt: skip
+        assert ok == n - n % 16, f"{n - ok} requests failed"
+
+
 # -- the three paths --------------------------------------------------------------------------
 
 
@@ -193,6 +237,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,64,512")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--processes", default="1,2", help="gateway process counts to compare")
+    ap.add_argument("--endurance", type=int, metavar="N",
+                    help="instead: N requests through one gateway process, RSS as it goes")  # fmt: skip
     ap.add_argument("--load", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
@@ -219,6 +265,13 @@ def main() -> int:
             db_url = f"duckdb:///{d}/bench.duckdb"
             store_members(db_url, http)
             env = {**os.environ, "FETCHFLEET_SECRET_KEY": SECRET_KEY}
+            if args.endurance:
+                gw, port = start_gateway(db_url, env, 1)
+                try:
+                    endurance(port, gw.pid, origin.url("/page"), args.endurance)
+                finally:
+                    stop(gw)
+                return 0
             gateways = {
                 n: start_gateway(db_url, env, n)
                 for n in (int(x) for x in args.processes.split(","))
