@@ -106,6 +106,7 @@ def navigation() -> st.navigation:  # type: ignore[valid-type]
                 st.Page("pages/runs.py", title="Runs & errors", icon=":material/list_alt:"),
                 st.Page("pages/schedules.py", title="Schedules", icon=":material/schedule:"),
                 st.Page("pages/alerts.py", title="Alerts", icon=":material/notifications:"),
+                st.Page("pages/gateway.py", title="Gateway", icon=":material/router:"),
             ],
             "Jobs": [
                 st.Page(info.page.path, title=info.page.title, icon=info.page.icon)

@@ -23,6 +23,7 @@ FLEET_PAGES: dict[str, str | None] = {
     "Runs & errors": "pages/runs.py",
     "Schedules": "pages/schedules.py",
     "Alerts": "pages/alerts.py",
+    "Gateway": "pages/gateway.py",
     "Data & export": "pages/data.py",
     "Settings": "pages/settings.py",
 }

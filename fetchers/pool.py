@@ -13,7 +13,14 @@ learns from how it went:
   when exactly one trial request may use it → `closed` again on success, `open` on failure.
 
 A block (the site refused the proxy's address) lowers the proxy's success EWMA but does not
-trip the breaker: the proxy works, that site dislikes it.
+trip the breaker: the proxy works, that site dislikes it. When the caller names the site
+(`acquire(site=…)`), the block is also kept per (proxy × site): that proxy is then avoided
+for that site only, for `site_cooldown_s` (unless no other candidate is left), and the
+weighted and adaptive strategies score it by its success on that site.
+
+The cascade (one proxy per attempt) and the rotating gateway (`engine/gateway`, whose
+membership changes as validation runs change the stored pool: `update()`, filters per request:
+`accept=`, sticky sessions: `prefer=`) share this one implementation.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from fetchers.errors import ProxyFailure
 from fetchers.proxy_parse import ProxySpec, parse_proxy_line
@@ -40,11 +47,13 @@ __all__ = [
     "ProxyState",
     "RoundRobinStrategy",
     "SelectionStrategy",
+    "SiteQuality",
     "WeightedStrategy",
     "make_strategy",
 ]
 
 EWMA_WEIGHT = 0.3  # weight of the newest sample (as the proxy table's latency EWMA)
+MAX_SITES = 1024  # per proxy: the sites whose quality is kept
 
 Outcome = Literal["ok", "blocked", "failed"]
 
@@ -59,10 +68,21 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half_open"
 
 
+@dataclass(slots=True)
+class SiteQuality:
+    """How one proxy fares with one site (the gateway's per-domain quality)."""
+
+    success_ewma: float = 1.0
+    blocked: int = 0
+    avoid_until: float = 0.0  # blocked recently: other proxies first until then
+
+
 @dataclass(eq=False)
 class ProxyState:
     spec: ProxySpec
     weight: float = 1.0
+    meta: Any = None  # the caller's facts about the proxy (the gateway's country, anonymity)
+    sites: dict[str, SiteQuality] = field(default_factory=dict)
     in_flight: int = 0
     successes: int = 0
     failures: int = 0
@@ -77,6 +97,11 @@ class ProxyState:
     @property
     def url(self) -> str:
         return self.spec.url(self.spec.scheme or "http")
+
+    def quality(self, site: str | None) -> float:
+        """Success EWMA, times the one on `site` when the caller named a site."""
+        q = self.sites.get(site) if site else None
+        return self.success_ewma * (q.success_ewma if q else 1.0)
 
     @property
     def redacted(self) -> str:
@@ -100,12 +125,13 @@ class ProxyState:
 
 
 class SelectionStrategy(ABC):
-    """Picks one proxy among those whose breaker lets a request through (never empty)."""
+    """Picks one proxy among those whose breaker lets a request through (never empty);
+    `site` is the target the request goes to, when the caller said."""
 
     name: str
 
     @abstractmethod
-    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState: ...
+    def choose(self, candidates: Sequence[ProxyState], site: str | None = None) -> ProxyState: ...
 
 
 class RoundRobinStrategy(SelectionStrategy):
@@ -114,7 +140,7 @@ class RoundRobinStrategy(SelectionStrategy):
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState:
+    def choose(self, candidates: Sequence[ProxyState], site: str | None = None) -> ProxyState:
         # rotate over the pool's order, skipping proxies that are not candidates now
         pick = candidates[self._next % len(candidates)]
         self._next += 1
@@ -127,7 +153,7 @@ class LeastConnectionsStrategy(SelectionStrategy):
     def __init__(self) -> None:
         self._tie = 0
 
-    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState:
+    def choose(self, candidates: Sequence[ProxyState], site: str | None = None) -> ProxyState:
         fewest = min(p.in_flight for p in candidates)
         tied = [p for p in candidates if p.in_flight == fewest]
         self._tie += 1
@@ -140,8 +166,8 @@ class WeightedStrategy(SelectionStrategy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState:
-        weights = [max(p.weight, 0.0) for p in candidates]
+    def choose(self, candidates: Sequence[ProxyState], site: str | None = None) -> ProxyState:
+        weights = [max(p.weight, 0.0) * (p.quality(site) if site else 1.0) for p in candidates]
         if sum(weights) <= 0:
             return self.rng.choice(list(candidates))
         return self.rng.choices(list(candidates), weights=weights, k=1)[0]
@@ -158,14 +184,14 @@ class AdaptiveStrategy(SelectionStrategy):
         self.explore = explore
 
     @staticmethod
-    def score(p: ProxyState) -> float:
+    def score(p: ProxyState, site: str | None = None) -> float:
         latency = p.latency_ewma_ms if p.latency_ewma_ms is not None else 200.0
-        return p.success_ewma / ((latency + 100.0) * (1 + p.in_flight))
+        return p.quality(site) / ((latency + 100.0) * (1 + p.in_flight))
 
-    def choose(self, candidates: Sequence[ProxyState]) -> ProxyState:
+    def choose(self, candidates: Sequence[ProxyState], site: str | None = None) -> ProxyState:
         if len(candidates) > 1 and self.rng.random() < self.explore:
             return self.rng.choice(list(candidates))
-        return max(candidates, key=self.score)
+        return max(candidates, key=lambda p: self.score(p, site))
 
 
 def make_strategy(name: str, rng: random.Random | None = None) -> SelectionStrategy:
@@ -185,11 +211,12 @@ def make_strategy(name: str, rng: random.Random | None = None) -> SelectionStrat
 class ProxyLease:
     """One proxy taken for one attempt; `release()` exactly once with the outcome."""
 
-    __slots__ = ("_done", "_pool", "started", "state")
+    __slots__ = ("_done", "_pool", "site", "started", "state")
 
-    def __init__(self, pool: ProxyPool, state: ProxyState) -> None:
+    def __init__(self, pool: ProxyPool, state: ProxyState, site: str | None = None) -> None:
         self._pool = pool
         self.state = state
+        self.site = site
         self.started = pool.clock()
         self._done = False
 
@@ -211,6 +238,14 @@ class ProxyLease:
 ProxyInput = str | ProxySpec | tuple[str | ProxySpec, float]
 
 
+def _as_state(item: ProxyInput) -> ProxyState:
+    weight = 1.0
+    if isinstance(item, tuple):
+        item, weight = item
+    spec = parse_proxy_line(item) if isinstance(item, str) else item
+    return ProxyState(spec, weight=float(weight))
+
+
 class ProxyPool:
     def __init__(
         self,
@@ -219,26 +254,26 @@ class ProxyPool:
         *,
         failure_threshold: int = 3,
         cooldown_s: float = 30.0,
+        site_cooldown_s: float = 300.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        allow_empty: bool = False,
     ) -> None:
         self.clock = clock
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
+        self.site_cooldown_s = site_cooldown_s
         self.strategy = make_strategy(strategy, rng) if isinstance(strategy, str) else strategy
         self._lock = threading.Lock()
         self.proxies: list[ProxyState] = []
         seen: set[str] = set()
         for item in proxies:
-            weight = 1.0
-            if isinstance(item, tuple):
-                item, weight = item
-            spec = parse_proxy_line(item) if isinstance(item, str) else item
-            if spec.key in seen:
+            state = _as_state(item)
+            if state.spec.key in seen:
                 continue
-            seen.add(spec.key)
-            self.proxies.append(ProxyState(spec, weight=float(weight)))
-        if not self.proxies:
+            seen.add(state.spec.key)
+            self.proxies.append(state)
+        if not self.proxies and not allow_empty:
             raise ValueError("a proxy pool needs at least one proxy")
 
     def __len__(self) -> int:
@@ -252,21 +287,95 @@ class ProxyPool:
             p.trial_in_flight = False
         return p.state == BreakerState.HALF_OPEN and not p.trial_in_flight
 
-    def acquire(self) -> ProxyLease:
+    def update(self, proxies: Iterable[tuple[ProxyInput, Any]]) -> tuple[int, int]:
+        """Replace the membership with (proxy, meta) pairs, keeping what was learnt about the
+        proxies that stay (breaker, EWMAs, per-site quality); (added, removed). Leases of a
+        removed proxy still release normally."""
+        with self._lock:
+            old = {p.spec.key: p for p in self.proxies}
+            fresh: list[ProxyState] = []
+            seen: set[str] = set()
+            for item, meta in proxies:
+                state = _as_state(item)
+                key = state.spec.key
+                if key in seen:
+                    continue
+                seen.add(key)
+                kept = old.get(key)
+                if kept is not None and kept.spec == state.spec:
+                    kept.weight, kept.meta = state.weight, meta
+                    fresh.append(kept)
+                else:
+                    state.meta = meta
+                    fresh.append(state)
+            added = len(seen - old.keys())
+            removed = len(old.keys() - seen)
+            self.proxies = fresh
+            return added, removed
+
+    def acquire(
+        self,
+        *,
+        site: str | None = None,
+        accept: Callable[[ProxyState], bool] | None = None,
+        exclude: Iterable[ProxyState] = (),
+        prefer: str | None = None,
+    ) -> ProxyLease:
+        """One proxy for one attempt. `site`: the target (per-site quality, avoidance of
+        proxies it blocked); `accept`: the caller's filter (country, type); `exclude`: the
+        proxies this request already tried; `prefer`: a proxy key to take if it is a
+        candidate (a sticky session)."""
         with self._lock:
             now = self.clock()
-            candidates = [p for p in self.proxies if self._admissible(p, now)]
+            skip = {id(p) for p in exclude}
+            members = [
+                p for p in self.proxies if id(p) not in skip and (accept is None or accept(p))
+            ]
+            candidates = [p for p in members if self._admissible(p, now)]
             if not candidates:
-                reopen = min(p.opened_at + self.cooldown_s for p in self.proxies) - now
-                raise NoProxyAvailable(
-                    f"no proxy available: all {len(self.proxies)} circuits are open "
-                    f"(the first half-opens in {max(reopen, 0):.1f}s)"
-                )
-            pick = self.strategy.choose(candidates)
+                raise self._none_left(members, now)
+            if prefer is not None:
+                pick = next((p for p in candidates if p.spec.key == prefer), None)
+            else:
+                pick = None
+            if pick is None:
+                if site:
+                    welcome = [
+                        p
+                        for p in candidates
+                        if (q := p.sites.get(site)) is None or q.avoid_until <= now
+                    ]
+                    candidates = welcome or candidates
+                pick = self.strategy.choose(candidates, site)
             if pick.state == BreakerState.HALF_OPEN:
                 pick.trial_in_flight = True
             pick.in_flight += 1
-            return ProxyLease(self, pick)
+            return ProxyLease(self, pick, site)
+
+    def _none_left(self, members: Sequence[ProxyState], now: float) -> NoProxyAvailable:
+        if not members:
+            return NoProxyAvailable(
+                f"no proxy available: none of the {len(self.proxies)} proxies matches "
+                "(or every one was tried)"
+                if self.proxies
+                else "no proxy available: the pool is empty"
+            )
+        reopen = min(p.opened_at + self.cooldown_s for p in members) - now
+        return NoProxyAvailable(
+            f"no proxy available: all {len(members)} circuits are open "
+            f"(the first half-opens in {max(reopen, 0):.1f}s)"
+        )
+
+    def mark_healthy(self, state: ProxyState) -> None:
+        """A health check passed: close the proxy's circuit now (no need to wait)."""
+        with self._lock:
+            state.state = BreakerState.CLOSED
+            state.consecutive_failures = 0
+            state.trial_in_flight = False
+
+    def open_proxies(self) -> list[ProxyState]:
+        with self._lock:
+            return [p for p in self.proxies if p.state != BreakerState.CLOSED]
 
     def _release(self, lease: ProxyLease, outcome: Outcome, latency_ms: float | None) -> None:
         with self._lock:
@@ -279,7 +388,10 @@ class ProxyPool:
                     else EWMA_WEIGHT * latency_ms + (1 - EWMA_WEIGHT) * p.latency_ewma_ms
                 )
             good = 1.0 if outcome == "ok" else 0.0
-            p.success_ewma = EWMA_WEIGHT * good + (1 - EWMA_WEIGHT) * p.success_ewma
+            if lease.site and outcome != "failed":  # a transport failure is not the site's
+                self._site_outcome(p, lease.site, outcome, good)
+            if not (lease.site and outcome == "blocked"):  # that site's dislike stays its own
+                p.success_ewma = EWMA_WEIGHT * good + (1 - EWMA_WEIGHT) * p.success_ewma
             if outcome == "failed":
                 p.failures += 1
                 p.consecutive_failures += 1
@@ -298,6 +410,19 @@ class ProxyPool:
             p.consecutive_failures = 0
             p.state = BreakerState.CLOSED
             p.trial_in_flight = False
+
+    def _site_outcome(self, p: ProxyState, site: str, outcome: Outcome, good: float) -> None:
+        q = p.sites.get(site)
+        if q is None:
+            if len(p.sites) >= MAX_SITES:  # bounded memory: forget the oldest site
+                p.sites.pop(next(iter(p.sites)))
+            q = p.sites[site] = SiteQuality()
+        q.success_ewma = EWMA_WEIGHT * good + (1 - EWMA_WEIGHT) * q.success_ewma
+        if outcome == "blocked":
+            q.blocked += 1
+            q.avoid_until = self.clock() + self.site_cooldown_s
+        else:
+            q.avoid_until = 0.0
 
     def stats(self) -> list[dict[str, object]]:
         with self._lock:

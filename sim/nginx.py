@@ -63,25 +63,10 @@ class LimitedOrigin:
 
     def _config(self) -> str:
         r = self.root
-        # as root, nginx's workers would run as nobody and not reach a private temp dir
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
         return f"""
-{user}
-worker_processes 1;
-pid {r}/nginx.pid;
-error_log {r}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
+{config_head(r, 1024)}
     log_format limit '$msec $status $request_uri';
     access_log {r}/access.log limit;
-    keepalive_timeout 60s;
-    keepalive_requests 1000000;
-    tcp_nodelay on;
-    client_body_temp_path {r}/tmp/body;
-    proxy_temp_path {r}/tmp/proxy;
-    fastcgi_temp_path {r}/tmp/fastcgi;
-    uwsgi_temp_path {r}/tmp/uwsgi;
-    scgi_temp_path {r}/tmp/scgi;
     limit_req_zone "origin" zone=origin:1m rate={self.rate_per_s}r/s;
     server {{
         listen 127.0.0.1:{self.port} backlog=1024;
@@ -103,25 +88,9 @@ http {{
         (self.root / "www" / "record.json").write_bytes(RECORD)
         (self.root / "tmp").mkdir(exist_ok=True)
         self.port = free_port()
-        conf = self.root / "nginx.conf"
-        conf.write_text(self._config())
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", str(self.root), "-e", str(self.root / "nginx-error.log"),
-             "-c", str(conf), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while True:  # bounded: until it answers, exits, or the deadline
-            health = f"http://127.0.0.1:{self.port}/health"
-            with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2):
-                return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
-                self.stop()
-                raise RuntimeError(f"nginx did not start: {err.strip()[-500:]}")
-            time.sleep(0.05)
+        self.proc = start_nginx(
+            self.root, self._config(), f"http://127.0.0.1:{self.port}/health", timeout_s
+        )
 
     def requests(self) -> list[tuple[float, int]]:
         """(time, status) of every request to /users/ so far, in log order."""
@@ -140,6 +109,54 @@ http {{
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         stop_nginx(proc)
+
+
+def config_head(root: Path, connections: int) -> str:
+    """The start of a private nginx's config, up to inside its `http` block (pid, logs and
+    temp paths under `root`)."""
+    r = root
+    # as root, nginx's workers would run as nobody and not reach a private temp dir
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    return f"""
+{user}
+worker_processes 1;
+pid {r}/nginx.pid;
+error_log {r}/nginx-error.log warn;
+events {{ worker_connections {connections}; }}
+http {{
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+    tcp_nodelay on;
+    client_body_temp_path {r}/tmp/body;
+    proxy_temp_path {r}/tmp/proxy;
+    fastcgi_temp_path {r}/tmp/fastcgi;
+    uwsgi_temp_path {r}/tmp/uwsgi;
+    scgi_temp_path {r}/tmp/scgi;"""
+
+
+def start_nginx(
+    root: Path, config: str, health_url: str, timeout_s: float
+) -> subprocess.Popen[bytes]:
+    """Run nginx in the foreground with `config` (written to root/nginx.conf) until
+    `health_url` answers; RuntimeError with its stderr if it exits or the deadline passes."""
+    conf = root / "nginx.conf"
+    conf.write_text(config)
+    proc = subprocess.Popen(
+        [NGINX, "-p", str(root), "-e", str(root / "nginx-error.log"),
+         "-c", str(conf), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while True:  # bounded: until it answers, exits, or the deadline
+        with contextlib.suppress(OSError), urllib.request.urlopen(health_url, timeout=2):
+            return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode() if proc.poll() is not None and proc.stderr else ""
+            stop_nginx(proc)
+            raise RuntimeError(f"nginx did not start: {err.strip()[-500:]}")
+        time.sleep(0.05)
 
 
 def stop_nginx(proc: subprocess.Popen[bytes] | None) -> None:

@@ -370,3 +370,28 @@ def pool_states(conn: sa.Connection) -> dict[str, tuple[str, str | None, str | N
         conn, sa.select(proxies.c.key, proxies.c.status, proxies.c.anonymity, proxies.c.protocol)
     )
     return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def gateway_members(conn: sa.Connection, status: str, limit: int) -> list[tuple[Any, ...]]:
+    """The proxies with ``status`` as the rotating gateway needs them: (key, protocol, scheme,
+    host, port, username, password token, country, anonymity, latency EWMA ms), fastest
+    first. Passwords stay encrypted; the gateway decrypts them in memory."""
+    rows = fetch_all(
+        conn,
+        sa.select(
+            proxies.c.key,
+            proxies.c.protocol,
+            proxies.c.scheme,
+            proxies.c.host,
+            proxies.c.port,
+            proxies.c.username,
+            proxies.c.password_enc,
+            proxies.c.country,
+            proxies.c.anonymity,
+            sa.func.coalesce(proxies.c.latency_ewma_ms, proxies.c.latency_ms),
+        )
+        .where(proxies.c.status == status)
+        .order_by(proxies.c.latency_ms.nulls_last(), proxies.c.id)
+        .limit(limit),
+    )
+    return [tuple(r) for r in rows]

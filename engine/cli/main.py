@@ -12,7 +12,7 @@ from storage.errors import StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import alerts, demo, fetch, fleet, metrics, runs, schedule
+    from engine.cli import alerts, demo, fetch, fleet, gateway, metrics, runs, schedule
     from engine.jobs import kinds
 
     p = argparse.ArgumentParser(
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_commands(sub)  # schedule, scheduler
     metrics.add_commands(sub)  # /metrics for Prometheus
     alerts.add_commands(sub)  # alerts add/list/test/remove/recent/deliver
+    gateway.add_commands(sub)  # serve-proxy
     return p
 
 

@@ -1,0 +1,328 @@
+"""The rotating gateway against one member directly and against squid as a load balancer
+over the same members (prints a table; results in bench/RESULTS.md).
+
+    python bench/gateway.py [--members 8] [--concurrency 1,64,512] [--seconds 5]
+
+World: `--members` elite HTTP proxies of the sim (no added latency) as the members, nginx
+(sim/origin.py) as the origin, all on loopback. Three ways to the origin:
+
+- **direct**: every request through the first member;
+- **gateway xN**: `python -m engine.run serve-proxy --strategy round_robin --processes N` (a
+  real subprocess, uvloop) over the members stored in a temporary DuckDB file, for each N
+  of `--processes` (default 1,2);
+- **squid**: Debian's squid with the members as `cache_peer … parent … round-robin`,
+  `never_direct allow all`, no cache.
+
+Workload: a small asyncio client (uvloop, its own process) with `c` workers, each doing one
+request per new connection (the sim's proxies close after each forwarded request, so every
+path pays the same connection set-up): `plain` = `GET http://origin/page` through the proxy;
+`connect` = `CONNECT origin`, then the GET through the tunnel. Requests/s over `--seconds`,
+latency p50/p99 per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SQUID = shutil.which("squid") or "/usr/sbin/squid"
+
+
+# -- load generator (runs in a child process: python bench/gateway.py --load …) ---------------
+
+
+async def one(proxy: tuple[str, int], origin: tuple[str, int], mode: str) -> None:
+    r, w = await asyncio.open_connection(*proxy)
+    try:
+        host = f"{origin[0]}:{origin[1]}"
+        if mode == "connect":
+            w.write(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = await r.readuntil(b"\r\n\r\n")
+            if b" 200" not in head.split(b"\r\n", 1)[0]:
+                raise RuntimeError(head[:60])
+            w.write(f"GET /page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        else:
+            w.write(
+                f"GET http://{host}/page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+        head = await r.readuntil(b"\r\n\r\n")
+        if b" 200" not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(head[:60])
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            None,
+        )
+        if length is not None:
+            await r.readexactly(length)
+        else:
+            await r.read()
+    finally:
+        w.transport.abort()
+
+
+async def load(
+    proxy: tuple[str, int], origin: tuple[str, int], mode: str, c: int, seconds: float
+) -> dict:
+    lat: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            try:
+                await asyncio.wait_for(one(proxy, origin, mode), 30)
+                lat.append((time.perf_counter() - t) * 1000)
+            except Exception:
+                errors += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(c)))
+    elapsed = time.perf_counter() - t0
+    lat.sort()
+    q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None  # noqa: E731
+    return {
+        "rps": round(len(lat) / elapsed, 1),
+        "p50_ms": q(0.5),
+        "p99_ms": q(0.99),
+        "ok": len(lat),
+        "errors": errors,
+    }
+
+
+def run_load(
+    proxy: tuple[str, int], origin: tuple[str, int], mode: str, c: int, seconds: float
+) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--load", json.dumps([list(proxy), list(origin), mode, c, seconds])],
+        capture_output=True, text=True, timeout=seconds * 4 + 60, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+async def keep_alive(port: int, url: str, n: int) -> int:
+    """n GETs over one kept-alive connection through the gateway; how many got a 200."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    ok = 0
+    try:
+        for _ in range(n):
+            w.write(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = await r.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))  # fmt: skip
+            await r.readexactly(length)
+            ok += head.startswith(b"HTTP/1.1 200")
+    finally:
+        w.close()
+    return ok
+
+
+def endurance(port: int, pid: int, url: str, total: int, step: int = 50_000) -> None:
+    """`total` requests in steps, the gateway's RSS and open descriptors after each."""
+    import uvloop
+
+    def rss_kb() -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    done, t0 = 0, time.perf_counter()
+    print("| requests | RSS MB | open fds | req/s so far |", file=sys.stderr)
+    while done < total:
+        n = min(step, total - done)
+
+        async def batch(n: int = n) -> int:
+            return sum(await asyncio.gather(*(keep_alive(port, url, n // 16) for _ in range(16))))
+
+        ok = uvloop.run(batch())
+        done += n
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        rate = done / (time.perf_counter() - t0)
+        print(f"| {done} | {rss_kb() / 1024:.1f} | {fds} | {rate:.0f} |", file=sys.stderr,
+              flush=True)  # fmt: skip
+        assert ok == n - n % 16, f"{n - ok} requests failed"
+
+
+# -- the three paths --------------------------------------------------------------------------
+
+
+def start_gateway(
+    db_url: str, env: dict[str, str], processes: int
+) -> tuple[subprocess.Popen[str], int]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "engine.run", "serve-proxy", "--db", db_url, "--port", "0",
+         "--max-connections", "4096", "--retries", "2", "--processes", str(processes)],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert p.stderr is not None
+    line = p.stderr.readline()
+    port = int(line.split("gateway on 127.0.0.1:")[1].split(" ")[0])
+    return p, port
+
+
+def start_squid(root: Path, members: list[tuple[str, int]]) -> tuple[subprocess.Popen[bytes], int]:
+    from sim.nginx import free_port
+
+    port = free_port()
+    peers = "\n".join(
+        f"cache_peer {h} parent {p} 0 no-query no-digest round-robin name=m{i}"
+        for i, (h, p) in enumerate(members)
+    )
+    (root / "squid.conf").write_text(f"""
+http_port 127.0.0.1:{port}
+{peers}
+never_direct allow all
+http_access allow all
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_log {root}/cache.log
+pid_filename {root}/squid.pid
+coredump_dir {root}
+max_filedescriptors 65536
+forwarded_for delete
+via off
+shutdown_lifetime 1 seconds
+""")
+    p = subprocess.Popen(
+        [SQUID, "-N", "-f", str(root / "squid.conf")],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    import socket
+
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return p, port
+        except OSError:
+            time.sleep(0.1)
+    p.kill()
+    raise RuntimeError(f"squid did not start: {(root / 'cache.log').read_text()[-500:]}")
+
+
+def stop(p: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--members", type=int, default=8)
+    ap.add_argument("--concurrency", default="1,64,512")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--processes", default="1,2", help="gateway process counts to compare")
+    ap.add_argument("--endurance", type=int, metavar="N",
+                    help="instead: N requests through one gateway process, RSS as it goes")  # fmt: skip
+    ap.add_argument("--load", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.load:
+        import uvloop
+
+        proxy, origin, mode, c, seconds = json.loads(args.load)
+        print(json.dumps(uvloop.run(load(tuple(proxy), tuple(origin), mode, c, seconds))))
+        return 0
+
+    from sim.origin import Origin
+    from sim.world import SimWorld, WorldConfig
+    from tests.gateway_support import SECRET_KEY, store_members
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as d, Origin(Path(d) / "origin") as origin:
+        # only HTTP members (squid's cache_peer speaks HTTP to its parents): the first
+        # --members plain HTTP proxies of a world of every protocol
+        cfg = WorldConfig(n_proxies=8 * args.members, mix={"elite": 1.0}, seed=1, latency_ms=(0, 0))
+        with SimWorld(cfg) as world:
+            http = [t for t in world.truth if t.protocol == "http" and not t.username]
+            http = http[: args.members]
+            members = [(t.host, t.port) for t in http]
+            db_url = f"duckdb:///{d}/bench.duckdb"
+            store_members(db_url, http)
+            env = {**os.environ, "FETCHFLEET_SECRET_KEY": SECRET_KEY}
+            if args.endurance:
+                gw, port = start_gateway(db_url, env, 1)
+                try:
+                    endurance(port, gw.pid, origin.url("/page"), args.endurance)
+                finally:
+                    stop(gw)
+                return 0
+            gateways = {
+                n: start_gateway(db_url, env, n)
+                for n in (int(x) for x in args.processes.split(","))
+            }
+            (Path(d) / "squid").mkdir()
+            sq, sq_port = start_squid(Path(d) / "squid", members)
+            origin_addr = ("127.0.0.1", origin.ports["main"])
+            try:
+                for mode in ("plain", "connect"):
+                    for c in levels:
+                        paths = [("direct", members[0])]
+                        paths += [(f"gateway x{n}", ("127.0.0.1", port))
+                                  for n, (_, port) in gateways.items()]  # fmt: skip
+                        paths.append(("squid", ("127.0.0.1", sq_port)))
+                        for name, proxy in paths:
+                            r = run_load(proxy, origin_addr, mode, c, args.seconds)
+                            rows.append({"mode": mode, "c": c, "path": name, **r})
+                            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            finally:
+                for gw, _ in gateways.values():
+                    stop(gw)
+                stop(sq)
+    print(
+        f"members: {len(members)} elite HTTP sim proxies; origin: nginx; {args.seconds:.0f} s per cell\n"
+    )
+    print("| mode | clients | path | req/s | p50 ms | p99 ms | errors |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['mode']} | {r['c']} | {r['path']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |"
+        )
+    print()
+    for mode in ("plain", "connect"):
+        for c in levels:
+            cell = {r["path"]: r for r in rows if r["mode"] == mode and r["c"] == c}
+            s, dct = cell["squid"], cell["direct"]
+            for name, g in cell.items():
+                if not name.startswith("gateway"):
+                    continue
+                added = (
+                    None
+                    if g["p50_ms"] is None or dct["p50_ms"] is None
+                    else round(g["p50_ms"] - dct["p50_ms"], 3)
+                )
+                ratio = round(g["rps"] / s["rps"], 2) if s["rps"] else None
+                print(
+                    f"- {mode}, {c} clients, {name}: gateway/squid req/s = {ratio}; "
+                    f"added p50 over direct = {added} ms"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

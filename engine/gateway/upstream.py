@@ -1,0 +1,403 @@
+"""Reaching a target through one member: a tunnel (HTTP CONNECT, SOCKS4, SOCKS5, with the
+member's credentials) or, for a plain-HTTP request through an `http` member, a connection to
+the member itself for an absolute-URI request; then one response read back whole (bounded),
+or the bytes relayed to the client.
+
+Written as an `asyncio.Protocol` whose handshakes and response framing work on the buffered
+bytes (as the sim's proxies do): a relayed chunk costs one callback, not two task wake-ups and
+a StreamReader copy, and the dialling coroutine awaits one future per step. This is the hot
+path of every request.
+
+Errors are sorted by whose fault they are, since the caller acts on it:
+
+- `MemberDown`: the member did not answer, refused, timed out, hung up during the handshake
+  or rejected its credentials — a failure of the member (its breaker counts it);
+- `TargetUnreachable`: the member answered and said it could not reach the target (SOCKS
+  reply code, CONNECT status) — the member works; that target is not reachable through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from engine.gateway.http import (
+    HEAD_END,
+    HttpError,
+    Response,
+    complete_body,
+    framing_of,
+    parse_response_head,
+)
+from fetchers.proxy_parse import ProxySpec
+
+if TYPE_CHECKING:
+    from engine.gateway.client import ClientConn
+
+MAX_REPLY_HEAD = 16 * 1024
+HOLD, HANDSHAKE, RESPONSE, RELAY = range(4)
+
+
+class UpstreamError(Exception):
+    """Base: the attempt through this member did not give a usable connection."""
+
+
+class MemberDown(UpstreamError):
+    pass
+
+
+class TargetUnreachable(UpstreamError):
+    pass
+
+
+def basic_auth(spec: ProxySpec) -> str | None:
+    if spec.username is None:
+        return None
+    raw = f"{spec.username}:{spec.password or ''}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+class Upstream(asyncio.Protocol):
+    """One connection to a member. Modes: HANDSHAKE (a tunnel being set up), RESPONSE (one
+    answer being read), HOLD (bytes kept until the caller decides), RELAY (bytes straight to
+    the client connection)."""
+
+    __slots__ = (
+        "body_start",
+        "buf",
+        "client",
+        "closed",
+        "eof",
+        "framing",
+        "lease_release",
+        "limits",
+        "method",
+        "mode",
+        "parse",
+        "resp",
+        "transport",
+        "waiter",
+        "want",
+    )
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.mode = HOLD
+        self.waiter: asyncio.Future[object] | None = None
+        self.parse: Callable[[], bool] | None = None
+        self.client: ClientConn | None = None
+        self.lease_release: Callable[[], None] | None = None
+        self.eof = self.closed = False
+        self.resp: Response | None = None
+        self.method = "GET"
+        self.limits = (0, 0)
+        self.framing = self.want = self.body_start = 0
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.mode == RELAY:
+            assert self.client is not None
+            self.client.from_upstream(data)
+            return
+        self.buf += data
+        self._progress()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.mode == RELAY:
+            self._relay_ended()
+        else:
+            self._progress()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.closed = True
+        if self.mode == RELAY:
+            self._relay_ended()
+        else:
+            self._progress()
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.resume_reading()
+
+    # -- the caller's side ----------------------------------------------------------------------
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def _wait(self) -> asyncio.Future[object]:
+        self.waiter = asyncio.get_running_loop().create_future()
+        return self.waiter
+
+    def _resolve(self, result: object = None, exc: BaseException | None = None) -> None:
+        w, self.waiter = self.waiter, None
+        self.mode = HOLD
+        if w is not None and not w.done():
+            if exc is not None:
+                w.set_exception(exc)
+            else:
+                w.set_result(result)
+
+    def _progress(self) -> None:
+        if self.parse is None or self.waiter is None:
+            return
+        try:
+            done = self.parse()
+        except (UpstreamError, HttpError, ConnectionError) as e:
+            self._resolve(exc=e)
+            return
+        if done:
+            self._resolve(self.resp if self.mode == RESPONSE else None)
+        elif self.eof:
+            self._resolve(exc=self._hung_up())
+
+    def _hung_up(self) -> BaseException:
+        if self.mode == HANDSHAKE:
+            return MemberDown("the member hung up during the handshake")
+        return ConnectionError("the upstream closed before answering")
+
+    async def handshake(self, protocol: str, spec: ProxySpec, host: str, port: int) -> None:
+        """A tunnel to host:port through the member (its reply consumed, later bytes held)."""
+        assert self.transport is not None
+        self.mode = HANDSHAKE
+        if protocol in ("http", "https"):
+            self.parse = self._http_connect_reply
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            auth = basic_auth(spec)
+            self.transport.write(
+                f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n".encode()
+                + (f"Proxy-Authorization: {auth}\r\n".encode() if auth else b"")
+                + b"\r\n"
+            )
+        elif protocol == "socks5":
+            self.parse = Socks5Client(self.transport, self.buf, spec, host, port).step
+            self.transport.write(
+                b"\x05\x02\x00\x02" if spec.username is not None else b"\x05\x01\x00"
+            )
+        elif protocol == "socks4":
+            user = (spec.username or "").encode()
+            self.parse = self._socks4_reply
+            self.transport.write(
+                struct.pack("!BBH", 4, 1, port) + socket.inet_aton(host) + user + b"\0"
+            )
+        else:
+            raise MemberDown(f"unknown member protocol {protocol!r}")
+        waiter = self._wait()
+        self._progress()  # bytes that came early
+        await waiter
+
+    async def exchange(self, data: bytes, method: str, max_buffer: int, max_head: int) -> Response:
+        """Send one request, read its response: whole when its body fits in `max_buffer`
+        (framing by Content-Length, chunked, or the end of the stream); otherwise
+        `complete=False` with the bytes so far, the rest held for `ClientConn.splice`."""
+        assert self.transport is not None
+        self.mode = RESPONSE
+        self.method, self.limits = method, (max_buffer, max_head)
+        self.resp = None
+        self.parse = self._response
+        self.transport.write(data)
+        waiter = self._wait()
+        self._progress()
+        return cast(Response, await waiter)
+
+    # -- parsers (True: done; False: more bytes needed) -----------------------------------------
+
+    def _http_connect_reply(self) -> bool:
+        buf = self.buf
+        end = buf.find(HEAD_END)
+        if end < 0:
+            if len(buf) > MAX_REPLY_HEAD:
+                raise MemberDown("not an HTTP proxy reply (no end of head)")
+            return False
+        status_line = bytes(buf[: buf.find(b"\r\n")]).decode("latin-1")
+        del buf[: end + len(HEAD_END)]
+        parts = status_line.split(" ", 2)
+        code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+        if code == 200:
+            return True
+        if code is None:
+            raise MemberDown(f"not an HTTP proxy reply: {status_line[:60]!r}")
+        if code == 407:
+            raise MemberDown("the member rejected its credentials (407)")
+        raise TargetUnreachable(f"the member could not reach the target: {status_line[:80]}")
+
+    def _socks4_reply(self) -> bool:
+        if len(self.buf) < 8:
+            return False
+        code = self.buf[1]
+        del self.buf[:8]
+        if code == 0x5A:
+            return True
+        if code in (0x5C, 0x5D):
+            raise MemberDown(f"the member rejected its credentials (SOCKS4 {code:#x})")
+        raise TargetUnreachable(f"the member could not reach the target (SOCKS4 {code:#x})")
+
+    def _response(self) -> bool:
+        buf = self.buf
+        max_buffer, max_head = self.limits
+        resp = self.resp
+        if resp is None:
+            end = buf.find(HEAD_END)
+            if end < 0 or end + len(HEAD_END) > max_head:
+                if len(buf) > max_head or end >= 0:
+                    raise HttpError(502, "the origin's response head is too large")
+                return False
+            self.body_start = end + len(HEAD_END)
+            resp = self.resp = parse_response_head(bytes(buf[: self.body_start]))
+            self.framing, self.want = framing_of(resp, self.method)
+            del buf[: self.body_start]
+        if complete_body(resp, self.framing, self.want, buf, self.eof):
+            buf.clear()
+            return True
+        if len(buf) > max_buffer:  # too big to judge or cache: stream it
+            resp.body, resp.complete = bytes(buf), False
+            buf.clear()
+            return True
+        return False
+
+    # -- relaying -------------------------------------------------------------------------------
+
+    def relay_to(self, client: ClientConn, release: Callable[[], None] | None) -> None:
+        """From now on every byte goes to `client`; what was held goes first."""
+        self.client, self.lease_release = client, release
+        self.mode = RELAY
+        if self.buf:
+            held = bytes(self.buf)
+            self.buf.clear()
+            client.from_upstream(held)
+        if self.eof:
+            self._relay_ended()
+
+    def _relay_ended(self) -> None:
+        release, self.lease_release = self.lease_release, None
+        if release is not None:
+            release()
+        if self.client is not None:
+            self.client.upstream_ended()
+
+
+class Socks5Client:
+    """The client side of a SOCKS5 handshake (RFC 1928/1929) over the buffered reply bytes;
+    the target is sent as a name (the member resolves it) unless it is an address."""
+
+    __slots__ = ("buf", "host", "port", "spec", "stage", "transport")
+
+    def __init__(
+        self, transport: asyncio.Transport, buf: bytearray, spec: ProxySpec, host: str, port: int
+    ) -> None:
+        self.transport, self.buf, self.spec = transport, buf, spec
+        self.host, self.port = host, port
+        self.stage = 0
+
+    def _request(self) -> bytes:
+        try:
+            ip = ipaddress.ip_address(self.host)
+            addr = (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+        except ValueError:
+            name = self.host.encode("idna")
+            addr = b"\x03" + bytes([len(name)]) + name
+        return b"\x05\x01\x00" + addr + struct.pack("!H", self.port)
+
+    def step(self) -> bool:
+        buf = self.buf
+        while True:
+            if self.stage == 0:  # method choice
+                if len(buf) < 2:
+                    return False
+                version, method = buf[0], buf[1]
+                del buf[:2]
+                if version != 5:
+                    raise MemberDown("not a SOCKS5 reply")
+                if method == 0x02 and self.spec.username is not None:
+                    user = self.spec.username.encode()
+                    pw = (self.spec.password or "").encode()
+                    self.transport.write(bytes([1, len(user)]) + user + bytes([len(pw)]) + pw)
+                    self.stage = 1
+                elif method == 0x00:
+                    self.transport.write(self._request())
+                    self.stage = 2
+                else:
+                    raise MemberDown("the member accepts none of our SOCKS5 login methods")
+            elif self.stage == 1:  # login result
+                if len(buf) < 2:
+                    return False
+                ok = buf[1] == 0
+                del buf[:2]
+                if not ok:
+                    raise MemberDown("the member rejected its credentials (SOCKS5 login)")
+                self.transport.write(self._request())
+                self.stage = 2
+            else:  # the reply to CONNECT
+                if len(buf) < 5:
+                    return False
+                atyp = buf[3]
+                size = {1: 4, 4: 16}.get(atyp, buf[4] + 1)
+                if len(buf) < 4 + size + 2:
+                    return False
+                version, code = buf[0], buf[1]
+                del buf[: 4 + size + 2]
+                if version != 5:
+                    raise MemberDown("not a SOCKS5 reply")
+                if code != 0:
+                    raise TargetUnreachable(
+                        f"the member could not reach {self.host}:{self.port} (SOCKS5 {code})"
+                    )
+                return True
+
+
+async def dial(
+    spec: ProxySpec, protocol: str, host: str, port: int, timeout: float, *, forward: bool
+) -> Upstream:
+    """A connection through the member: to the member itself when `forward` (an `http`
+    member taking an absolute-URI request), else a tunnel to host:port."""
+    loop = asyncio.get_running_loop()
+    if protocol == "socks4" and not forward:
+        host = await _resolve_v4(host)  # plain SOCKS4 carries an address, not a name
+    up: Upstream | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                _, up = await loop.create_connection(Upstream, spec.host, spec.port)
+            except OSError as e:
+                raise MemberDown(f"connect failed: {e.strerror or e}") from None
+            if not forward:
+                await up.handshake(protocol, spec, host, port)
+    except TimeoutError:
+        if up is not None:
+            up.abort()
+        raise MemberDown("connect or handshake timed out") from None
+    except BaseException:
+        if up is not None:
+            up.abort()
+        raise
+    return up
+
+
+async def _resolve_v4(host: str) -> str:
+    try:
+        socket.inet_aton(host)
+        return host
+    except OSError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise TargetUnreachable(f"cannot resolve {host} for a SOCKS4 member: {e}") from None
+    return str(infos[0][4][0])

@@ -1,0 +1,111 @@
+"""The gateway's parts that need no network: the shared pool's membership updates, per-site
+quality, filters and stickiness; request parsing limits; usernames; cache rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.gateway.auth import Authenticator, Credentials, Routing, parse_username
+from engine.gateway.cache import request_cacheable, response_cacheable
+from engine.gateway.http import HttpError, Response, parse_request
+from fetchers.pool import BreakerState, NoProxyAvailable, ProxyPool
+
+A, B, C = "http://10.0.0.1:8080", "http://10.0.0.2:8080", "socks5://u:pw@10.0.0.3:1080"
+
+
+def test_update_keeps_what_was_learnt_and_drops_the_gone() -> None:
+    pool = ProxyPool([], "round_robin", failure_threshold=1, allow_empty=True)
+    with pytest.raises(NoProxyAvailable, match="empty"):
+        pool.acquire()
+    assert pool.update([(A, "a"), (B, "b")]) == (2, 0)
+    lease = next(lease for lease in (pool.acquire() for _ in range(2)) if lease.url == A)
+    lease.release("failed")
+    assert pool.update([(A, "a2"), (C, "c")]) == (1, 1)
+    a = next(p for p in pool.proxies if p.url == A)
+    assert a.state == BreakerState.OPEN and a.meta == "a2"  # the breaker survived the reload
+    assert {pool.acquire().url for _ in range(3)} == {C}
+
+
+def test_site_block_avoids_the_proxy_for_that_site_only() -> None:
+    pool = ProxyPool([A, B], "round_robin")
+    first = pool.acquire(site="shop:80")
+    first.release("blocked", 5)
+    assert all(pool.acquire(site="shop:80").url != first.url for _ in range(6))
+    assert {pool.acquire(site="other:80").url for _ in range(4)} == {A, B}
+    assert first.state.success_ewma == 1.0  # the proxy itself is fine
+    # when every candidate is avoided for the site, it is still served
+    for p in pool.proxies:
+        p.in_flight = 0
+    other = next(p for p in pool.proxies if p is not first.state)
+    pool.acquire(site="shop:80", exclude=[first.state]).release("blocked", 5)
+    assert pool.acquire(site="shop:80").state in (first.state, other)
+
+
+def test_accept_exclude_and_prefer() -> None:
+    pool = ProxyPool([A, B, C], "round_robin")
+    for p, country in zip(pool.proxies, ["MY", "IN", "MY"], strict=True):
+        p.meta = country
+    picks = {pool.acquire(accept=lambda p: p.meta == "MY").url for _ in range(4)}
+    assert picks == {A, C}
+    assert pool.acquire(exclude=pool.proxies[:2]).url == C
+    key = pool.proxies[1].spec.key
+    assert all(pool.acquire(prefer=key).url == B for _ in range(3))
+    with pytest.raises(NoProxyAvailable, match="matches"):
+        pool.acquire(accept=lambda p: p.meta == "AR")
+
+
+def test_usernames() -> None:
+    assert parse_username("bob-country-my-session-abc") == ("bob", Routing("MY", "abc"))
+    assert parse_username("bob") == ("bob", Routing())
+    for bad in ("bob-country", "bob-country-Malaysia", "bob-colour-red"):
+        with pytest.raises(ValueError):
+            parse_username(bad)
+    auth = Authenticator(Credentials("bob", "s3cret"))
+    assert auth.check("bob-country-IN", "s3cret") == Routing("IN", None)
+    assert auth.check("bob", "wrong") is None and auth.check(None, None) is None
+    assert Authenticator(None).check(None, None) == Routing()
+    with pytest.raises(ValueError, match="GW"):
+        Credentials.from_env("GW", {"GW": "nopassword"})
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /relative HTTP/1.1\r\n\r\n", 400),
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET http://x/ HTTP/9.9\r\n\r\n", 400),
+        (b"GET ftp://x/ HTTP/1.1\r\n\r\n", 501),
+        (b"CONNECT no-port-but@odd HTTP/1.1\r\n\r\n", 400),
+        (b"GET http://x/ HTTP/1.1\r\nbad header\r\n\r\n", 400),
+        (b"GET http://x/ HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431),
+    ],
+)
+def test_bad_requests_get_their_status(head: bytes, status: int) -> None:
+    with pytest.raises(HttpError) as e:
+        parse_request(head)
+    assert e.value.status == status
+
+
+def test_requests_parse() -> None:
+    r = parse_request(b"GET http://Example.com:8080/a?b=1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert (r.host, r.port, r.path, r.keep_alive) == ("example.com", 8080, "/a?b=1", True)
+    c = parse_request(b"CONNECT [::1]:443 HTTP/1.1\r\n\r\n")
+    assert (c.is_connect, c.host, c.port) == (True, "::1", 443)
+
+
+def test_cache_rules() -> None:
+    get = parse_request(b"GET http://x/ HTTP/1.1\r\n\r\n")
+    assert request_cacheable(get)
+    assert not request_cacheable(parse_request(b"GET http://x/ HTTP/1.1\r\nCookie: a=1\r\n\r\n"))
+    assert not request_cacheable(
+        parse_request(b"GET http://x/ HTTP/1.1\r\nAuthorization: B x\r\n\r\n")
+    )
+    assert not request_cacheable(parse_request(b"POST http://x/ HTTP/1.1\r\n\r\n"))
+
+    def resp(*headers: tuple[str, str], status: int = 200) -> Response:
+        return Response(status, "OK", "HTTP/1.1", list(headers), b"x")
+
+    assert response_cacheable(resp(("Cache-Control", "max-age=60")), 100)
+    for h in (("Cache-Control", "no-store"), ("Cache-Control", "private"), ("Set-Cookie", "a=1")):
+        assert not response_cacheable(resp(h), 100)
+    assert not response_cacheable(resp(status=404), 100)
