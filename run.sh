@@ -19,7 +19,8 @@ venv() {
 }
 
 # System packages the suite uses: real Chromium and ChromeDriver (browser fetchers and the
-# console test), tor (control port), sshd (remote workers), nginx (benchmarks). Installed
+# console test), tor (control port), sshd, ssh and ip (remote workers on namespace hosts),
+# nginx (origins, limits), curl (the gateway's client). Installed
 # when running as root and missing; otherwise the tests that need them skip (CI: fail).
 system_packages() {
   local missing=()
@@ -28,6 +29,9 @@ system_packages() {
   command -v tor >/dev/null || missing+=(tor)
   [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  command -v curl >/dev/null || missing+=(curl)          # the gateway tests' client
+  command -v ssh >/dev/null || missing+=(openssh-client)  # the fleet's ssh
+  command -v ip >/dev/null || missing+=(iproute2)         # the fleet tests' namespaces
   if [ ${#missing[@]} -eq 0 ]; then return; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing system packages: ${missing[*]}" >&2
