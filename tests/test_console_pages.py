@@ -108,6 +108,11 @@ EXPECTED_WITH_DATA = {
         any("No alert yet" in i.value for i in at.info)
         and "Add alert" in [b.label for b in at.get("form_submit_button")]
     ),
+    # Not started: the page offers its Start form.
+    "Gateway": lambda at: (
+        at.title[0].value == "Gateway"
+        and "Start gateway" in [b.label for b in at.get("form_submit_button")]
+    ),
     # Seeded with validate runs only: the job pages offer their Start form and say so.
     "Scraping": lambda at: (
         at.title[0].value == "Scraping"
