@@ -32,8 +32,8 @@ CAPTCHA_PAGE = (
 )
 
 
-def make_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost; (cert, key) paths."""
+def make_cert(directory: Path, ip: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for ``ip`` and localhost; (cert, key) paths."""
     import ipaddress
 
     from cryptography import x509
@@ -54,7 +54,7 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(ip))]
             ),
             critical=False,
         )

@@ -310,47 +310,10 @@ def test_judge_that_does_not_echo_is_refused_at_start() -> None:
     run(t)
 
 
-def _self_signed(tmp: str) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "judge.test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(__import__("ipaddress").ip_address(JUDGE_IP))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = os.path.join(tmp, "judge.pem"), os.path.join(tmp, "judge.key")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return cert_path, key_path
-
-
 def test_https_judge_through_tunnels_and_tls_outcome(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cert, key = _self_signed(str(tmp_path))
+    from sim.origin import make_cert
+
+    cert, key = make_cert(tmp_path, JUDGE_IP)
 
     async def t(bed: LoopbackBed) -> None:
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
