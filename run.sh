@@ -20,7 +20,8 @@ venv() {
 
 # System packages the suite uses: real Chromium and ChromeDriver (browser fetchers and the
 # console test), tor (control port), sshd, ssh and ip (remote workers on namespace hosts),
-# nginx (origins, limits), curl (the gateway's client). Installed
+# nginx (origins, limits), curl (the gateway's client), squid, tinyproxy, dante, microsocks,
+# privoxy (real proxy servers) and postgresql-doc-15 (a real site to crawl). Installed
 # when running as root and missing; otherwise the tests that need them skip (CI: fail).
 system_packages() {
   local missing=()
@@ -32,6 +33,13 @@ system_packages() {
   command -v curl >/dev/null || missing+=(curl)          # the gateway tests' client
   command -v ssh >/dev/null || missing+=(openssh-client)  # the fleet's ssh
   command -v ip >/dev/null || missing+=(iproute2)         # the fleet tests' namespaces
+  # Real proxy servers people run, checked by the proxy checker's suite, and real docs to crawl.
+  [ -x /usr/sbin/squid ] || missing+=(squid)
+  command -v tinyproxy >/dev/null || missing+=(tinyproxy)
+  [ -x /usr/sbin/danted ] || missing+=(dante-server)
+  command -v microsocks >/dev/null || missing+=(microsocks)
+  [ -x /usr/sbin/privoxy ] || missing+=(privoxy)
+  [ -d /usr/share/doc/postgresql-doc-15/html ] || missing+=(postgresql-doc-15)
   if [ ${#missing[@]} -eq 0 ]; then return; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing system packages: ${missing[*]}" >&2
