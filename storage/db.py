@@ -9,6 +9,7 @@ do, instead of a traceback.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -21,8 +22,16 @@ from urllib.parse import quote_plus
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from storage.errors import DatabaseLockedError, StorageError
+from storage.errors import (
+    DatabaseLockedError,
+    DatabaseUnreachable,
+    StorageError,
+    is_unreachable_message,
+    outage_delay,
+)
 from storage.migrations import Component, migrate
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DUCKDB_PATH = Path("data") / "fetchfleet.duckdb"
 
@@ -137,6 +146,7 @@ def open_database(
     wait_s: float = 5.0,
     components: Sequence[Component] = (),
     idle_in_transaction_s: float | None = None,
+    outage_s: float = 0.0,
 ) -> Database:
     """Open (and by default create/migrate) the database at ``url``.
 
@@ -146,8 +156,13 @@ def open_database(
     short-lived command (``status``) that lets go within a moment. ``idle_in_transaction_s``
     (PostgreSQL): the server ends a session of this process that sits that long inside a
     transaction (its client cut off mid-way), which releases its row locks.
+    ``outage_s``: a server that does not answer (restarting, down for now) is waited for
+    that long, with the backoff every process uses, before the error is raised: a worker
+    that starts during an outage waits it out as a running one does.
     """
     deadline = time.monotonic() + wait_s
+    outage_deadline = time.monotonic() + outage_s
+    failures = 0
     while True:
         try:
             return _open(url, create, tuple(components), idle_in_transaction_s)
@@ -155,6 +170,14 @@ def open_database(
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.1)
+        except DatabaseUnreachable as exc:
+            failures += 1
+            delay = outage_delay(failures)
+            if time.monotonic() + delay > outage_deadline:
+                raise
+            if failures == 1 or failures % 10 == 0:
+                log.warning("%s; try %d, again in %.1f s", exc, failures + 1, delay)
+            time.sleep(delay)
 
 
 def duckdb_path(url: str) -> Path | None:
@@ -209,7 +232,8 @@ def _open(
         locked = translate_lock_error(exc, url)
         if locked:
             raise locked from None
-        raise StorageError(f"cannot open {redact_url(url)}: {exc.orig}") from None
+        error = DatabaseUnreachable if is_unreachable_message(str(exc.orig)) else StorageError
+        raise error(f"cannot open {redact_url(url)}: {exc.orig}") from None
     if create:
         migrate(db, components)
     return db

@@ -22,6 +22,33 @@ class DatabaseLockedError(StorageError):
         )
 
 
+class DatabaseUnreachable(StorageError):
+    """The database server did not answer (down, restarting, refusing connections for now):
+    unlike a wrong password or a missing database, waiting can help."""
+
+
+# What a driver says when the server is away for now, not when it refuses us for good (wrong
+# role, password or database name: those fail the same way on every try). psycopg reports
+# connection failures without an SQLSTATE, so the text is all there is.
+_UNREACHABLE = (
+    "connection refused",
+    "the database system is",  # starting up, shutting down, in recovery mode
+    "timeout expired",
+    "timed out",
+    "server closed the connection",
+    "no route to host",
+    "network is unreachable",
+    "too many clients",
+    "connection reset",
+)
+
+
+def is_unreachable_message(message: str) -> bool:
+    """Whether a failed connection's message says the server is away for now."""
+    text = message.lower()
+    return any(sign in text for sign in _UNREACHABLE)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a database call failed for a reason that passes (the server restarting, a
     dropped connection, a deadlock or serialization failure, a lock timeout): retry it

@@ -15,6 +15,7 @@ import random
 import time
 from bisect import bisect_right
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,9 +175,10 @@ DURATION_S = 10.0
 PROCESSES = 4
 
 
-def _hammer(backend: str, target: str, key: str, start_at: float, out: mp.Queue) -> None:
-    """One process: 8 coroutines take slots through a Gate for DURATION_S; report use times
-    and the margin of each slot used."""
+def _hammer(backend: str, target: str, key: str, ready: Any, out: mp.Queue) -> None:
+    """One process: 8 coroutines take slots through a Gate for DURATION_S once every process
+    is ready (a barrier, not a start time: on a loaded machine an import can take longer than
+    any fixed head start); report use times and the margin of each slot used."""
     from engine.runtime.worker import install_uvloop
 
     if backend == "shared":
@@ -192,8 +194,8 @@ def _hammer(backend: str, target: str, key: str, start_at: float, out: mp.Queue)
     async def main() -> list[tuple[float, float]]:
         gate = Gate(limiter)
         used: list[tuple[float, float]] = []
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        end = start_at + DURATION_S
+        await asyncio.to_thread(ready.wait, 120)
+        end = time.time() + DURATION_S
 
         async def sender() -> None:
             while time.time() < end:
@@ -209,14 +211,14 @@ def _hammer(backend: str, target: str, key: str, start_at: float, out: mp.Queue)
 def _run_processes(backend: str, target: str) -> list[tuple[float, float]]:
     ctx = mp.get_context("spawn")  # as the local pool starts its workers
     out = ctx.Queue()
-    start_at = time.time() + 4.0  # every process imported and ready
+    ready = ctx.Barrier(PROCESSES)  # every process imported and its limiter open
     procs = [
-        ctx.Process(target=_hammer, args=(backend, target, "api-key", start_at, out))
+        ctx.Process(target=_hammer, args=(backend, target, "api-key", ready, out))
         for _ in range(PROCESSES)
     ]
     for p in procs:
         p.start()
-    results = [out.get(timeout=DURATION_S + 30) for _ in procs]
+    results = [out.get(timeout=DURATION_S + 150) for _ in procs]
     for p in procs:
         p.join(10)
         assert p.exitcode == 0

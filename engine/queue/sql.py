@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 
 REFUSALS_EVERY_S = 5.0  # how often an idle worker looks for runs of another version
+BOOT_OUTAGE_S = 600.0  # how long a starting worker waits for a database that does not answer
 
 
 class SqlQueue(QueueBackend):
@@ -470,7 +471,14 @@ class SqlBoot(WorkerBoot):
             # watchdog's re-queue would wait on them until TCP gives up, for minutes): the
             # server ends such a session after a lease.
             lease_s = self.load_settings().lease_s
-            self._db = open_database(self.db_url, create=self.create, idle_in_transaction_s=lease_s)
+            # A worker that starts while the database is away (restarting) waits it out
+            # as a running one does, instead of dying and being replaced in a loop.
+            self._db = open_database(
+                self.db_url,
+                create=self.create,
+                idle_in_transaction_s=lease_s,
+                outage_s=BOOT_OUTAGE_S,
+            )
         return self._db
 
     def open_backend(self) -> SqlQueue:
