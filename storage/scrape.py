@@ -124,6 +124,7 @@ class StoreContext:
     entity_type: str
     max_pages: int | None
     max_depth: int
+    snapshot_limit: int = 0  # error snapshots kept per run (storage.snapshots), 0: none
 
 
 @dataclass(slots=True)
@@ -163,6 +164,8 @@ def store_pages(
     _store_fetch_logs(conn, ctx, pages, now)
     _store_files(conn, ctx, [p for _, _, p in pages], entity_ids, now)
     _store_invalid(conn, ctx, pages, now)
+    if ctx.snapshot_limit:
+        _store_snapshots(conn, ctx, pages)
     links = [
         (link, p.depth + 1, p.url_id, p.country)
         for _, _, p in pages
@@ -438,6 +441,16 @@ def _store_invalid(
     ]
     if rows:
         conn.execute(sa.insert(errors), rows)
+
+
+def _store_snapshots(
+    conn: sa.Connection, ctx: StoreContext, pages: list[tuple[int | None, str | None, PageResult]]
+) -> None:
+    from storage.snapshots import add_snapshots
+
+    for task_id, worker_id, p in pages:
+        if p.snapshots:
+            add_snapshots(conn, ctx.run_id, p.snapshots, ctx.snapshot_limit, worker_id, task_id)
 
 
 def _page_errors(p: PageResult) -> Iterable[tuple[str, str]]:
