@@ -254,3 +254,38 @@ def test_snapshots_export_writes_files_and_an_index(
             assert (tmp_path / "x" / r["screenshot_file"]).read_bytes().startswith(PNG_MAGIC)
         else:
             assert r["screenshot_file"] == ""
+
+
+def test_runs_page_lists_shows_and_offers_the_snapshots(
+    scraped: tuple[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from console.resources import shutdown_all
+    from console.testing import run_page, use_fresh_database
+
+    db, _ = scraped
+    url = use_fresh_database(tmp_path, monkeypatch)
+    shutil.copy(db.removeprefix("duckdb:///"), url.removeprefix("duckdb:///"))
+    try:
+        at = run_page("pages/runs.py")
+        assert not at.exception
+        (table,) = [d.value for d in at.dataframe if "screenshot" in d.value.columns]
+        assert sorted(table["kind"]) == [
+            "blocked:cloudflare_firewall",
+            "blocked:recaptcha",
+            "invalid_entity:price",
+        ]
+        pick = at.selectbox(key="snapshot_pick")
+        denied = next(o for o in pick.options if o.startswith("blocked:cloudflare_firewall"))
+        pick.select(denied).run()
+        assert not at.exception
+        assert "Access denied" in at.code[0].value  # the source, escaped by st.code
+        frames = [m.value for m in at.markdown if "<iframe" in m.value]
+        assert len(frames) == 1 and 'sandbox=""' in frames[0]
+        assert "&lt;h1&gt;Access denied" in frames[0]  # inside srcdoc, escaped
+        images = [e for e in at.main if type(e).__name__ == "Image"]
+        assert len(images) == 1
+        assert {b.proto.label for b in at.get("download_button")} >= {"HTML", "Screenshot"}
+    finally:
+        shutdown_all()
