@@ -23,6 +23,7 @@ from storage import runs as run_store
 from storage import snapshots as snap_store
 from storage.bulk import fetch_all
 from storage.db import open_database
+from storage.export import export
 from storage.migrations import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +88,9 @@ def _snap(kind: str, n: int = 0, png: bytes | None = None) -> tuple[Any, ...]:
     return Snapshot(kind, f"http://x.test/{n}", "http", f"m{n}", html, 8, png).to_wire()
 
 
-def test_store_keeps_the_first_per_kind_and_at_most_the_limit(db_url: str) -> None:
+def test_store_keeps_the_first_per_kind_and_at_most_the_limit(
+    db_url: str, tmp_path: Path
+) -> None:
     db = open_database(db_url)
     try:
         migrate(db)
@@ -112,8 +115,53 @@ def test_store_keeps_the_first_per_kind_and_at_most_the_limit(db_url: str) -> No
             assert full is not None and full["html"] == b"<b>3</b>"
             assert full["screenshot"] == PNG_MAGIC + b"x"
             assert snap_store.get_snapshot(conn, run_id + 1, rows[1]["id"]) is None
+        # a table export carries the metadata; the bytes go out as files
+        assert export(db, "error_snapshots", "csv", tmp_path / "s.csv", run_id=run_id) == 3
+        header = (tmp_path / "s.csv").read_text().splitlines()[0]
+        assert '"kind"' in header and '"html"' not in header and "screenshot" not in header
+        with db.connect() as conn:
+            assert snap_store.write_snapshots(conn, run_id, tmp_path / "files") == 3
+        assert (tmp_path / "files" / "002-blocked-b.png").read_bytes() == PNG_MAGIC + b"x"
     finally:
         db.dispose()
+
+
+def test_an_extraction_error_keeps_its_page(tmp_path: Path) -> None:
+    """``execute`` raising after the fetch fails the page as before; the page it failed on
+    travels with that failure as ``extraction_error:<class>``."""
+    import asyncio
+
+    from engine.jobs.scrape.kind import ScrapeExecutor
+    from engine.jobs.scrape.spec import parse_spec
+    from fetchers.result import FetchResult
+    from storage.scrape_rows import PageResult, UrlItem
+
+    class StubFetcher:
+        snapshots = Snapshotter(limit=5)
+
+        async def fetch(self, url: str, **kw: Any) -> FetchResult:
+            body = b"<html><li class='product'>odd</li></html>"
+            return FetchResult(url, True, 200, body, url, "http")
+
+    spec = parse_spec(
+        'name = "t"\nrobots = "ignore"\ncountry = "Malaysia"\nstart_urls = ["http://x.test/"]\n'
+        '[[extract]]\nlist = "li.product"\n[extract.fields]\nid = ".id"\n',
+        "t",
+    )
+    ex = ScrapeExecutor(spec, {"files_dir": str(tmp_path)}, StubFetcher())
+
+    def boom(*a: Any, **kw: Any) -> None:
+        raise LookupError("no such thing")
+
+    ex._extract = boom  # type: ignore[method-assign]
+    item = UrlItem(1, "http://u:pw@x.test/catalog", 0, "Malaysia")
+    with pytest.raises(LookupError):
+        asyncio.run(ex.execute(item))
+    page = PageResult.from_wire(ex.error_data(item, "LookupError: no such thing")["page"])
+    (snap,) = [Snapshot.from_wire(t) for t in page.snapshots]
+    assert snap.kind == "extraction_error:LookupError" and snap.method == "http"
+    assert snap.url == "http://x.test/catalog" and snap.message == "LookupError: no such thing"
+    assert snap.html.startswith(b"<html><li") and snap.screenshot is None
 
 
 # --- a scrape run over the sim shops, through the CLI ------------------------------------------
@@ -231,6 +279,49 @@ def test_one_snapshot_per_kind_with_html_and_a_browsers_screenshot(
     assert invalid[1] == "http" and b'class="product"' in bytes(invalid[4])
     assert "does not match" in invalid[3]
     assert all(len(bytes(r[4])) == r[6] for r in got)  # small pages: kept whole
+
+
+def test_a_browser_screenshots_only_a_refused_page_of_a_kind_not_kept_yet(
+    shops: ShopWorld,
+) -> None:
+    """Playwright takes a screenshot while the page is open, only when the cascade says the
+    answer would be snapshotted: not for a good page, not for a second page of a kind."""
+    import asyncio
+
+    from fetchers.cascade import Fetcher
+    from fetchers.config import FetchSettings
+    from fetchers.methods.playwright import PlaywrightMethod
+    from tests.conftest import require_tool
+
+    require_tool("/usr/bin/chromium", "chromium")
+    shots: list[bytes] = []
+
+    class Counting(PlaywrightMethod):
+        async def _screenshot(self, *args: Any) -> bytes | None:
+            png = await super()._screenshot(*args)
+            if png:
+                shots.append(png)
+            return png
+
+    async def go() -> tuple[list[bool], list[Snapshot]]:
+        settings = FetchSettings()
+        snaps = Snapshotter(limit=5)
+        methods = {"playwright": Counting(settings)}
+        async with Fetcher(settings, methods=methods, snapshots=snaps) as f:
+            urls = [shops["my-open"].catalog_url(1)] + [
+                shops["ar-denied"].catalog_url(i) for i in (1, 2)
+            ]
+            ok = [(await f.fetch(u, method="playwright")).success for u in urls]
+        return ok, snaps.take()
+
+    ok, taken = asyncio.run(go())
+    assert ok == [True, False, False]
+    assert len(shots) == 1
+    assert [(s.kind, s.method, s.status) for s in taken] == [
+        ("blocked:cloudflare_firewall", "playwright", 403)
+    ]
+    assert taken[0].screenshot == shots[0] and shots[0].startswith(PNG_MAGIC)
+    assert taken[0].url == shops["ar-denied"].catalog_url(1)
 
 
 def test_snapshots_export_writes_files_and_an_index(
