@@ -88,9 +88,7 @@ def _snap(kind: str, n: int = 0, png: bytes | None = None) -> tuple[Any, ...]:
     return Snapshot(kind, f"http://x.test/{n}", "http", f"m{n}", html, 8, png).to_wire()
 
 
-def test_store_keeps_the_first_per_kind_and_at_most_the_limit(
-    db_url: str, tmp_path: Path
-) -> None:
+def test_store_keeps_the_first_per_kind_and_at_most_the_limit(db_url: str, tmp_path: Path) -> None:
     db = open_database(db_url)
     try:
         migrate(db)
