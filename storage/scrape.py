@@ -164,8 +164,6 @@ def store_pages(
     _store_fetch_logs(conn, ctx, pages, now)
     _store_files(conn, ctx, [p for _, _, p in pages], entity_ids, now)
     _store_invalid(conn, ctx, pages, now)
-    if ctx.snapshot_limit:
-        _store_snapshots(conn, ctx, pages)
     links = [
         (link, p.depth + 1, p.url_id, p.country)
         for _, _, p in pages
@@ -173,6 +171,8 @@ def store_pages(
         for link in p.links
     ]
     added = _register_urls(conn, ctx.run_id, links, ctx.max_pages) if links else []
+    if ctx.snapshot_limit:  # last: its advisory lock (PostgreSQL) is held the shortest
+        _store_snapshots(conn, ctx, pages)
     return StoredPages(len(pages), [i for i, _ in added], [c for _, c in added])
 
 

@@ -179,14 +179,14 @@ def shops() -> Iterator[ShopWorld]:
         yield world
 
 
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "engine.run", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={**os.environ, "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key"},
+        env={**os.environ, "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key", **env},
     )
 
 
@@ -280,7 +280,7 @@ def test_one_snapshot_per_kind_with_html_and_a_browsers_screenshot(
 
 
 def test_a_browser_screenshots_only_a_refused_page_of_a_kind_not_kept_yet(
-    shops: ShopWorld,
+    shops: ShopWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Playwright takes a screenshot while the page is open, only when the cascade says the
     answer would be snapshotted: not for a good page, not for a second page of a kind."""
@@ -292,6 +292,7 @@ def test_a_browser_screenshots_only_a_refused_page_of_a_kind_not_kept_yet(
     from tests.conftest import require_tool
 
     require_tool("/usr/bin/chromium", "chromium")
+    monkeypatch.setattr("fetchers.methods._browser.BLOCK_GRACE_S", 0.2)  # a block stays one
     shots: list[bytes] = []
 
     class Counting(PlaywrightMethod):
@@ -320,6 +321,25 @@ def test_a_browser_screenshots_only_a_refused_page_of_a_kind_not_kept_yet(
     ]
     assert taken[0].screenshot == shots[0] and shots[0].startswith(PNG_MAGIC)
     assert taken[0].url == shops["ar-denied"].catalog_url(1)
+
+
+def test_postgresql_workers_write_theirs_bounded_by_the_setting(
+    shops: ShopWorld, pg_url: str, tmp_path: Path
+) -> None:
+    """On PostgreSQL a pool worker stores its own results, snapshots with them: the first
+    kind it meets is kept, and FETCHFLEET_ERROR_SNAPSHOTS=1 keeps no more than one."""
+    text = spec_text(shops)
+    start = text.index('[[sources]]\ncountry = "Argentina"')
+    text = text[:start] + text[text.index('[[sources]]\ncountry = "Malaysia"') :]
+    (tmp_path / "spec.toml").write_text(text)  # http only: the captcha shop, the open one
+    out = cli(
+        "scrape", "--spec", str(tmp_path / "spec.toml"), "--db", pg_url, "--json",
+        "--workers", "1", "--concurrency", "4", FETCHFLEET_ERROR_SNAPSHOTS="1",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    got = rows(pg_url, "SELECT kind, method, worker_id FROM error_snapshots")
+    assert len(got) == 1 and got[0][0] in ("blocked:recaptcha", "invalid_entity:price")
+    assert got[0][1] == "http" and got[0][2]
 
 
 def test_snapshots_export_writes_files_and_an_index(
