@@ -169,6 +169,33 @@ def run_detail(
         )
 
 
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def error_snapshots(url: str, run_id: int) -> list[dict[str, Any]]:
+    """A run's error snapshots without their bytes (``storage.snapshots``)."""
+    from storage.snapshots import list_snapshots
+
+    with _db(url).connect() as conn:
+        return list_snapshots(conn, run_id)
+
+
+@st.cache_data(ttl=60, max_entries=8, show_spinner=False)
+def error_snapshot(url: str, run_id: int, snapshot_id: int) -> dict[str, Any] | None:
+    """One snapshot with its HTML and screenshot (a few MB at most: few kept)."""
+    from storage.snapshots import get_snapshot
+
+    with _db(url).connect() as conn:
+        return get_snapshot(conn, run_id, snapshot_id)
+
+
+def snapshots_zip(url: str, run_id: int) -> bytes:
+    """Every snapshot of the run in one zip (what `engine.run snapshots --out` writes);
+    built when the download button is clicked, not cached."""
+    from storage.snapshots import zip_snapshots
+
+    with _db(url).connect() as conn:
+        return zip_snapshots(conn, run_id)
+
+
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def run_throughput(url: str, run_id: int, seconds: int = 90) -> pd.DataFrame:
     """Items stored per second by one run over the last ``seconds`` complete seconds (0 where

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         5.0, gt=0, description="First retry delay of a failed delivery; doubles after."
     )
     alerts_backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay.")
+    error_snapshots: int = Field(
+        50,
+        ge=0,
+        le=1000,
+        description="Error snapshots kept per scrape run: the first page (HTML, and a "
+        "screenshot when a browser fetched it) of each distinct error kind; 0: none.",
+    )
     alerts_retry_window_s: float = Field(
         3600.0, gt=0, description="How long after its event a delivery is retried."
     )

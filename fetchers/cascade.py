@@ -61,6 +61,7 @@ from fetchers.validation import ValidationRules, Verdict, validate
 
 if TYPE_CHECKING:
     from fetchers.methods.api import ApiSpec
+    from fetchers.snapshots import Snapshotter
 
 __all__ = [
     "DEFAULT_POLICY_FILE",
@@ -397,8 +398,11 @@ class Fetcher:
         cache: ResponseCache | None = None,
         pool: ProxyPool | None = None,
         rng: random.Random | None = None,
+        snapshots: Snapshotter | None = None,
     ) -> None:
         self.settings = settings or FetchSettings()
+        # error snapshots: the first refused answer of each kind (`fetchers.snapshots`)
+        self.snapshots = snapshots
         self.policy = policy or Policy.load(self.settings.policy_file)
         self.rng = rng or random.Random()
         self.memory = memory or DomainMemory(self.settings.explore_rate, self.rng)
@@ -488,6 +492,7 @@ class Fetcher:
             or (rules.required_selectors[0] if rules.required_selectors else None),
             api=api,
             max_bytes=max_bytes,
+            capture=self._capture(rules) if self.snapshots is not None else None,
         )
         attempts: list[Attempt] = []
         for index, name in enumerate(order):
@@ -584,6 +589,8 @@ class Fetcher:
             attempt.blocked_reason = verdict.reason
             attempt.retry_after = verdict.retry_after
             attempts.append(attempt)
+            if raw is not None and not verdict.ok and self.snapshots is not None:
+                self._snapshot(m.name, base.url, raw, verdict, proxy_url)
             if lease is not None:
                 transport = verdict.error_type in (
                     ErrorType.PROXY,
@@ -647,6 +654,39 @@ class Fetcher:
                 tries += 1
                 continue
             return None
+
+    def _capture(self, rules: ValidationRules) -> Any:
+        """What a browser asks before closing a page: would its answer be snapshotted?"""
+        from fetchers.snapshots import fetch_kind
+
+        wants = self.snapshots.wants  # type: ignore[union-attr]
+
+        def capture(status: int, headers: Mapping[str, str], content: bytes) -> bool:
+            verdict = validate(status, headers, content, rules)
+            return not verdict.ok and wants(fetch_kind(verdict.error_type, verdict.reason))
+
+        return capture
+
+    def _snapshot(
+        self, method: str, url: str, raw: Any, verdict: Verdict, proxy: str | None
+    ) -> None:
+        """Keep a refused answer as its kind's error snapshot, if the kind has none yet."""
+        from fetchers.snapshots import fetch_kind
+
+        snaps = self.snapshots
+        kind = fetch_kind(verdict.error_type, verdict.reason)
+        if snaps is not None and snaps.wants(kind):
+            assert kind is not None
+            snaps.add(
+                kind,
+                url,
+                method,
+                f"{method}: {verdict.error_type} ({verdict.reason})",
+                raw.content,
+                screenshot=raw.screenshot,
+                status=raw.status,
+                proxy=proxy,
+            )
 
     def _avoided(
         self, domain: str, unlearned: Sequence[str], reordered: bool, attempts: list[Attempt]

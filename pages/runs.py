@@ -1,6 +1,7 @@
 """Runs & errors: every run with its counts; one run in detail (tasks, retries, errors by
 type with examples, outcomes, and for a scrape run its fetch log statistics) with Stop /
-Pause / Resume / Cancel; error and item-log statistics per hour.
+Pause / Resume / Cancel; its error snapshots (the first page of each error kind: list, HTML,
+screenshot, downloads); error and item-log statistics per hour.
 
 Commands go through ``Coordinator.command`` (``storage.runs.apply_command``), the same path as
 ``python -m engine.run stop|pause|resume|cancel``.
@@ -12,6 +13,7 @@ import streamlit as st
 
 from console import reads, views
 from console.resources import Console, console_or_stop
+from console.snapshots import snapshots_section
 from storage.runs import ACTIONS, TRANSITIONS
 
 ACTION_LABELS = {"stop": "Stop", "pause": "Pause", "resume": "Resume", "cancel": "Cancel"}
@@ -194,6 +196,7 @@ def main() -> None:
         st.subheader("Run detail")
         run_id = st.selectbox("Run", ids, key="runs_pick")
         run_detail(c, int(run_id))
+        snapshots_section(c.url, int(run_id))  # outside the live fragment: images stay put
     st.subheader("Errors and item log")
     hourly(c.url)
 

@@ -41,7 +41,13 @@ def neutralise_cell(value: Any) -> Any:
 
 
 def exportable_columns(table: sa.Table) -> list[sa.Column]:
-    return [c for c in table.columns if c.name not in SECRET_COLUMNS]
+    """Columns a table export carries: not secrets, not bytes (an error snapshot's HTML and
+    screenshot go out as files: ``storage.snapshots.write_snapshots``)."""
+    return [
+        c
+        for c in table.columns
+        if c.name not in SECRET_COLUMNS and not isinstance(c.type, sa.LargeBinary)
+    ]
 
 
 def build_query(

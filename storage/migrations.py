@@ -125,6 +125,11 @@ QUEUE_INDEXES = (
 )
 
 
+def _v13_error_snapshots(conn: sa.Connection) -> None:
+    # checkfirst: a database created at version 13 has it from step 1 already.
+    schema.error_snapshots.create(conn, checkfirst=True)
+
+
 # (version, description, step). Append new steps; never edit released ones: steps 2 and 3
 # hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
 # their own; a new kind's tables go into its own Component, not into a core step.
@@ -155,6 +160,7 @@ STEPS: list[tuple[int, str, Step]] = [
     (9, "fetch_logs.domain, avoided: cost accounting per domain", _v9_fetch_costs),
     (10, "indexes on the logs' time columns the metrics endpoint reads", _v10_metrics_indexes),
     (11, "partial indexes: queued tasks by (run, seq), leases by expiry", _v11_queue_indexes),
+    (13, "error_snapshots: the first page of each error kind of a run", _v13_error_snapshots),
 ]
 
 LATEST = STEPS[-1][0]

@@ -395,4 +395,27 @@ run_logs = sa.Table(
 )
 sa.Index("ix_run_logs_run", run_logs.c.run_id).ddl_if(dialect="postgresql")
 
+# Version 13: the first page of each distinct error kind of a run (``storage.snapshots``):
+# its HTML (cut at a cap; ``html_bytes`` is the size before) and, when a browser fetched it,
+# a PNG screenshot. One row per (run, kind): the first writer wins across workers.
+error_snapshots = sa.Table(
+    "error_snapshots",
+    metadata,
+    _id("error_snapshots")[1],
+    sa.Column("run_id", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.String, nullable=False),  # blocked:recaptcha, invalid_entity:price
+    sa.Column("url", sa.Text, nullable=False),  # without userinfo
+    sa.Column("method", sa.String),
+    sa.Column("status", sa.Integer),
+    sa.Column("message", sa.Text),
+    sa.Column("html", sa.LargeBinary),
+    sa.Column("html_bytes", sa.BigInteger),
+    sa.Column("screenshot", sa.LargeBinary),  # PNG
+    sa.Column("worker_id", sa.String),
+    sa.Column("task_id", sa.BigInteger),
+    sa.Column("captured_at", sa.DateTime),  # when the worker met the page
+    _created(),
+    sa.UniqueConstraint("run_id", "kind", name="uq_error_snapshots_run_kind"),
+)
+
 TABLES: dict[str, sa.Table] = {t.name: t for t in metadata.sorted_tables}

@@ -124,6 +124,7 @@ class StoreContext:
     entity_type: str
     max_pages: int | None
     max_depth: int
+    snapshot_limit: int = 0  # error snapshots kept per run (storage.snapshots), 0: none
 
 
 @dataclass(slots=True)
@@ -170,6 +171,8 @@ def store_pages(
         for link in p.links
     ]
     added = _register_urls(conn, ctx.run_id, links, ctx.max_pages) if links else []
+    if ctx.snapshot_limit:  # last: its advisory lock (PostgreSQL) is held the shortest
+        _store_snapshots(conn, ctx, pages)
     return StoredPages(len(pages), [i for i, _ in added], [c for _, c in added])
 
 
@@ -438,6 +441,16 @@ def _store_invalid(
     ]
     if rows:
         conn.execute(sa.insert(errors), rows)
+
+
+def _store_snapshots(
+    conn: sa.Connection, ctx: StoreContext, pages: list[tuple[int | None, str | None, PageResult]]
+) -> None:
+    from storage.snapshots import add_snapshots
+
+    for task_id, worker_id, p in pages:
+        if p.snapshots:
+            add_snapshots(conn, ctx.run_id, p.snapshots, ctx.snapshot_limit, worker_id, task_id)
 
 
 def _page_errors(p: PageResult) -> Iterable[tuple[str, str]]:

@@ -52,6 +52,9 @@ class PageResult:
     fetched_at: Any = None
     errors: list[tuple[str, str]] = field(default_factory=list)
     # (error type, message): what went wrong on the page without failing it (a bad link)
+    snapshots: list[tuple[Any, ...]] = field(default_factory=list)
+    # error snapshots made by the worker since its last page (fetchers.snapshots.Snapshot
+    # wire tuples): rare, each kind once a worker
 
     def to_wire(self) -> tuple[Any, ...]:
         """Plain tuples for the trip to the coordinator: a slotted dataclass unpickles through
@@ -76,6 +79,7 @@ class PageResult:
             self.attempts,
             self.fetched_at,
             self.errors,
+            self.snapshots,
         )
 
     @classmethod

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for info in kinds().values():
         info.add_cli(sub)  # validate, scrape (+ its resume), backfill + report, pipeline, …
-    runs.add_commands(sub)  # status, stop, pause, cancel, resume, export, worker
+    runs.add_commands(sub)  # status, stop, pause, cancel, resume, export, snapshots, worker
     demo.add_commands(sub)
     fetch.add_commands(sub)  # fetch, doctor
     fleet.add_commands(sub)  # hosts, fleet (workers over ssh)

@@ -1,5 +1,5 @@
 """The commands about runs and workers, whatever their kind: status, stop, pause, resume,
-cancel, export, worker."""
+cancel, export, snapshots, worker."""
 
 from __future__ import annotations
 
@@ -200,6 +200,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    """A run's error snapshots: listed, or written to --out (HTML, PNG, index.csv)."""
+    from storage.snapshots import list_snapshots, write_snapshots
+
+    db = open_db(args)
+    try:
+        with db.connect() as conn:
+            snaps = list_snapshots(conn, args.run_id)
+            if args.out:
+                write_snapshots(conn, args.run_id, Path(args.out))
+    finally:
+        db.dispose()
+    lines = [
+        f"{s['kind']:<36} {s['method'] or '-':<10} {'png' if s['has_screenshot'] else '-':<4} "
+        f"{s['url']}"
+        for s in snaps
+    ]
+    where = f"; written to {args.out} (index.csv)" if args.out else ""
+    human = "\n".join([*lines, f"{len(snaps)} snapshot(s) of run {args.run_id}{where}"])
+    emit(
+        args,
+        {"run_id": args.run_id, "snapshots": len(snaps), "out": args.out, "items": snaps},
+        human,
+    )
+    return EXIT_OK
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """A standalone worker (PostgreSQL): this machine joins the fleet."""
     import asyncio
@@ -380,6 +407,18 @@ def add_commands(sub: Any) -> None:
         help="filter, repeatable, e.g. --where status=active",
     )
     e.set_defaults(func=cmd_export)
+
+    sn = sub.add_parser(
+        "snapshots",
+        help="list or export a run's error snapshots (HTML, screenshots)",
+        description="The first page of each distinct error kind of a scrape run (blocked, "
+        "validation, invalid entity, extraction error): listed, or with --out written as "
+        "NNN-<kind>.html / .png files and an index.csv.",
+    )
+    common_opts(sn)
+    sn.add_argument("run_id", type=int)
+    sn.add_argument("--out", metavar="DIR", help="write the files into this directory")
+    sn.set_defaults(func=cmd_snapshots)
 
     w = sub.add_parser(
         "worker",

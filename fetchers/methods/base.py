@@ -16,7 +16,7 @@ import importlib.util
 import shutil
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -64,6 +64,10 @@ class FetchRequest:
     api: ApiSpec | None = None  # the api method: how to call the JSON endpoint
     # a bigger body is refused (Content-Length) or cut off while it arrives: `TooLarge`
     max_bytes: int | None = None
+    # browsers: (status, headers, HTML) → keep a screenshot of this answer? Asked once the
+    # page settled, before it closes; set by the cascade only while error snapshots are
+    # wanted (`fetchers.snapshots`), true only for a refused answer of a kind not kept yet
+    capture: Callable[[int, Mapping[str, str], bytes], bool] | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +80,7 @@ class RawResponse:
     final_url: str
     cookies: dict[str, str] = field(default_factory=dict)  # what the client holds afterwards
     user_agent: str | None = None  # the User-Agent the client sent
+    screenshot: bytes | None = None  # PNG, only when `FetchRequest.capture` asked for it
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,19 +213,34 @@ class PlaywrightMethod(FetchMethod):
             last = navigations[-1] if navigations else first
             headers = {k.lower(): v for k, v in (await last.all_headers()).items()}
             cookies = {c["name"]: c["value"] for c in await context.cookies()}
+            body = content.encode("utf-8")
             return RawResponse(
                 status=last.status,
-                content=content.encode("utf-8"),
+                content=body,
                 headers=headers,
                 final_url=page.url,
                 cookies=cookies,
                 user_agent=options["user_agent"],
+                screenshot=await self._screenshot(page, request, last.status, headers, body),
             )
         finally:
             try:
                 await context.close()
             except Exception as exc:
                 log.debug("playwright: context close: %s", exc)
+
+    async def _screenshot(
+        self, page: Any, request: FetchRequest, status: int, headers: dict[str, str], body: bytes
+    ) -> bytes | None:
+        """A PNG of the viewport when the cascade wants one (an error snapshot); a failed
+        screenshot never fails the fetch."""
+        if request.capture is None or not request.capture(status, headers, body):
+            return None
+        try:
+            return await page.screenshot(type="png", timeout=5_000)
+        except Exception as exc:
+            log.debug("playwright: screenshot of %s: %s", request.url, exc)
+            return None
 
     async def _settle(
         self, page: Any, navigations: list[Any], first: Any, request: FetchRequest, deadline: float

@@ -166,13 +166,15 @@ class SeleniumMethod(FetchMethod):
             content, status = self._settle(driver, request, deadline)
             cookies = {c["name"]: c["value"] for c in driver.get_cookies()}
             final_url = driver.current_url
+            body = content.encode("utf-8")
             return RawResponse(
                 status=status or 200,
-                content=content.encode("utf-8"),
+                content=body,
                 headers={},
                 final_url=final_url,
                 cookies=cookies,
                 user_agent=ua,
+                screenshot=_screenshot(driver, request, status or 200, body),
             )
         finally:
             with contextlib.suppress(Exception):
@@ -263,3 +265,15 @@ class SeleniumMethod(FetchMethod):
             self._executor.submit(self._quit_driver).result(timeout=30)
             self._executor.shutdown(wait=False)
             self._executor = None
+
+
+def _screenshot(driver: Any, request: FetchRequest, status: int, body: bytes) -> bytes | None:
+    """A PNG of the window when the cascade wants one (an error snapshot); a failed
+    screenshot never fails the fetch."""
+    if request.capture is None or not request.capture(status, {}, body):
+        return None
+    try:
+        return driver.get_screenshot_as_png()
+    except Exception as exc:
+        log.debug("selenium: screenshot of %s: %s", request.url, exc)
+        return None

@@ -39,6 +39,7 @@ from engine.jobs.scrape.spec import (
 from engine.model import ItemResult, ResultBatch
 from fetchers.extract import Row, page_fields
 from fetchers.robots import RobotsCache
+from fetchers.snapshots import slug
 from storage.scrape_rows import Entity, PageResult, UrlItem
 
 if TYPE_CHECKING:  # pool workers never touch SQL: no SQLAlchemy import at run time
@@ -111,6 +112,8 @@ class ScrapeJob(JobKind):
             "max_pages": int(max_pages) if max_pages else None,
             "files_dir": str(Path(p.files_dir or self.settings.data_dir / "files").resolve()),
             "start_urls": n_start,
+            # error snapshots kept for the run (the same for every worker)
+            "snapshot_limit": self.settings.error_snapshots,
         }
         del out["spec"]  # the text travels with the run; workers need no file
         return out
@@ -160,10 +163,14 @@ class ScrapeJob(JobKind):
                     entity_type=params["entity_type"],
                     max_pages=params.get("max_pages"),
                     max_depth=spec.follow.max_depth,
+                    snapshot_limit=self._snapshot_limit(params),
                 ),
                 int(params["batch_size"]),
             )
         return ctx
+
+    def _snapshot_limit(self, params: dict[str, Any]) -> int:
+        return int(params.get("snapshot_limit", self.settings.error_snapshots))
 
     def store(self, conn: sa.Connection, results: list[ItemResult]) -> int:
         if not results:
@@ -284,6 +291,7 @@ class ScrapeJob(JobKind):
     async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
         from fetchers.cascade import Fetcher
         from fetchers.config import FetchSettings
+        from fetchers.snapshots import Snapshotter
 
         spec = self.spec(params)
         overrides: dict[str, Any] = {}
@@ -291,7 +299,9 @@ class ScrapeJob(JobKind):
             overrides["fetch_timeout_s"] = spec.fetch.timeout_s
         fsettings = FetchSettings(**overrides)
         pool = await _open_pool(params, env, self.settings) if params.get("proxies") else None
-        fetcher = Fetcher(fsettings, pool=pool)
+        limit = self._snapshot_limit(params)
+        snapshots = Snapshotter(limit) if limit > 0 else None
+        fetcher = Fetcher(fsettings, pool=pool, snapshots=snapshots)
         return ScrapeExecutor(spec, params, fetcher)
 
 
@@ -403,6 +413,22 @@ class ScrapeExecutor(Executor):
         route)."""
         return list(self.methods.get(country) or self.fetcher.policy.order_for(country))
 
+    def _out(self, page: PageResult) -> dict[str, Any]:
+        """The page as sent, with the error snapshots this worker made since its last page
+        (whichever page leaves first carries them: each kind once a worker, rare)."""
+        snaps = getattr(self.fetcher, "snapshots", None)
+        if snaps is not None:
+            page.snapshots = [s.to_wire() for s in snaps.take()]
+        return {"page": page.to_wire()}
+
+    def _snap(self, kind: str, page: PageResult, content: bytes, message: str) -> None:
+        """Keep a fetched page as the snapshot of ``kind`` (an invalid entity, an extraction
+        error) if this worker has none yet. No screenshot: the browser closed the page,
+        which was valid when it had it."""
+        snaps = getattr(self.fetcher, "snapshots", None)
+        if snaps is not None and snaps.wants(kind):
+            snaps.add(kind, page.url, page.method, message, content, status=page.http_status)
+
     def error_data(self, item: UrlItem, error: str) -> dict[str, Any]:
         """The page failed with ``error`` (``execute`` raised): a failed page all the same,
         so that it is stored, counted and logged like any other."""
@@ -416,7 +442,7 @@ class ScrapeExecutor(Executor):
             error=error,
             fetched_at=datetime.now(UTC).replace(tzinfo=None),
         )
-        return {"page": page.to_wire()}
+        return self._out(page)
 
     async def execute(self, item: UrlItem) -> tuple[bool, str, dict[str, Any]]:
         from fetchers.cascade import domain_of
@@ -436,7 +462,7 @@ class ScrapeExecutor(Executor):
                     error=verdict.reason,
                     fetched_at=fetched_at,
                 )
-                return True, DISALLOWED, {"page": page.to_wire()}
+                return True, DISALLOWED, self._out(page)
         res = await self.fetcher.fetch(
             item.url,
             country=item.country,
@@ -474,17 +500,28 @@ class ScrapeExecutor(Executor):
                 page.status = "blocked"
             page.error_type = str(res.error_type) if res.error_type else "failed"
             page.error = res.blocked_reason or res.error
-            return False, page.status, {"page": page.to_wire()}
+            return False, page.status, self._out(page)
+        try:
+            return await self._use(page, res, item)
+        except Exception as exc:  # failed as before (error_data); its page is kept first
+            name = type(exc).__name__
+            self._snap(f"extraction_error:{name}", page, res.content, f"{name}: {exc}")
+            raise
+
+    async def _use(
+        self, page: PageResult, res: Any, item: UrlItem
+    ) -> tuple[bool, str, dict[str, Any]]:
+        """A fetched page: its entities, links to follow and files."""
         base = res.final_url or item.url
         if res.method_used == "api":  # a JSON answer: entities by json paths, no links
             self._extract(page, res.content, base, json_answer=True)
-            return True, "done", {"page": page.to_wire()}
+            return True, "done", self._out(page)
         self._extract(page, res.content, base)
         if self.spec.follow.css or self.spec.follow.regex:
             page.links = self._links(page, res.content, base)
         if self.spec.files:
             await self._download(page, res.content, base)
-        return True, "done", {"page": page.to_wire()}
+        return True, "done", self._out(page)
 
     def _extract(
         self, page: PageResult, content: bytes, url: str, json_answer: bool = False
@@ -516,19 +553,19 @@ class ScrapeExecutor(Executor):
             key = values.get(id_field) or f"#{i + 1}"
             missing = [f for f in required if not values.get(f)]
             if missing:
-                page.invalid.append((key, f"missing {', '.join(missing)}"))
+                self._invalid(page, key, f"missing {', '.join(missing)}", missing[0], content)
                 continue
-            if problem:
-                page.invalid.append((key, problem))
+            if problem:  # "<field>: what is wrong" (fetchers.extract.Invalid)
+                self._invalid(page, key, problem, problem.partition(":")[0], content)
                 continue
             if patterns:
                 bad = [
-                    f"{name} {values.get(name)!r} does not match {p.pattern!r}"
+                    (name, f"{name} {values.get(name)!r} does not match {p.pattern!r}")
                     for name, p in patterns.items()
                     if values.get(name) is not None and not p.search(values[name] or "")
                 ]
                 if bad:
-                    page.invalid.append((key, "; ".join(bad)))
+                    self._invalid(page, key, "; ".join(b for _, b in bad), bad[0][0], content)
                     continue
             if order is None:  # every row of one extractor has the same fields
                 order = sorted(values)
@@ -537,6 +574,10 @@ class ScrapeExecutor(Executor):
             ).hexdigest()[:16]
             attrs = [(k, v, types.get(k, "str")) for k, v in values.items()]
             page.entities.append(Entity(str(values[id_field]), digest, attrs, url))
+
+    def _invalid(self, page: PageResult, key: str, reason: str, field: str, content: bytes) -> None:
+        page.invalid.append((key, reason))
+        self._snap(f"invalid_entity:{slug(field)}", page, content, f"entity {key}: {reason}")
 
     def _links(self, page: PageResult, content: bytes, url: str) -> list[str]:
         """The page's links to follow, normalized. A link that does not parse (an unclosed
