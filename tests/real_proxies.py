@@ -100,6 +100,20 @@ def missing_python() -> list[str]:
     return out
 
 
+#: Kills the servers' process groups once its stdin closes, i.e. when the test process
+#: dies however it dies (PR_SET_PDEATHSIG would not do: squid, tinyproxy and dante change
+#: user, which clears it).
+_WATCHDOG = """
+import os, signal, sys
+sys.stdin.buffer.read()
+for g in sys.argv[1:]:
+    try:
+        os.killpg(int(g), signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
 def _spawn(name: str, argv: list[str], root: Path, **kw: object) -> subprocess.Popen[bytes]:
     log = root / f"{name}.log"
     with log.open("wb") as out:
@@ -219,6 +233,7 @@ class RealBed:
         self.judges: dict[str, str] = {}  # judge form -> URL
         self.servers: dict[str, Server] = {}
         self._procs: list[Server] = []
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self.dante_password: str | None = None
 
     def _dir(self, name: str) -> Path:
@@ -239,6 +254,10 @@ class RealBed:
     def start(self) -> None:
         self._start_judges()
         self._start_proxies()
+        groups = [str(s.proc.pid) for s in self._procs if s.proc is not None]
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, *groups], stdin=subprocess.PIPE
+        )
         _wait_ready(self._procs)
 
     def _start_judges(self) -> None:
@@ -364,4 +383,9 @@ class RealBed:
                 s.proc.send_signal(signal.SIGQUIT if s.name == "nginx" else signal.SIGTERM)
         for s in self._procs:
             stop_process(s.proc)
+        if self._watchdog is not None:  # everything stopped: nothing left for it to do
+            self._watchdog.kill()
+            self._watchdog.wait()
+            if self._watchdog.stdin:
+                self._watchdog.stdin.close()
         shutil.rmtree(self.root, ignore_errors=True)
