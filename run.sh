@@ -64,6 +64,8 @@ case "${1:-run}" in
   test)
     shift || true
     venv requirements-dev.txt
+    # httpbin without its greenlet<3 pin (see requirements-judge.txt)
+    "$VENV/bin/python" -m pip install -q --no-deps -r requirements-judge.txt
     system_packages
     postgres
     exec "$VENV/bin/python" -m pytest "$@"

@@ -20,6 +20,22 @@ Anonymity (`classify_anonymity`) is decided on parsed values, never on words:
 * **anonymous** — no address leaked, but a proxy-revealing header is present (`Via`,
   `X-Forwarded-For`, `Forwarded`, `X-Real-IP`, `Client-IP`, ... see `PROXY_HEADERS`).
 * **elite** — neither.
+* **unknown** — no address leaked, but the judge hides some proxy-revealing headers (see
+  `hidden` below), so anonymous and elite cannot be told apart: never a guessed level.
+
+Real judges differ from our simulated one (checked against the `httpbin` package and an
+azenv page behind Debian's squid, tinyproxy, dante, microsocks and privoxy, see
+tests/test_real_proxies.py):
+
+* httpbin's `/get` drops `Via`, `X-Forwarded-For`, `X-Real-Ip` and other "environment"
+  headers from what it shows unless the query has `show_env`; the checker asks with
+  `show_env=1` when it finds them hidden, else passes them as `hidden` (verdict unknown).
+* httpbin's `origin` *is* the `X-Forwarded-For` header when there is one: behind a proxy
+  that sends one it is the proxy's claim (`127.0.0.1`, `unknown`, a chain), not the address
+  that connected. A reverse proxy in front of the judge (nginx's
+  `$proxy_add_x_forwarded_for`) appends the address it saw; `xff_hops` says how many such
+  entries the judge's own infrastructure appends (learned on a direct request), and
+  `exit_address` takes the exit IP from there.
 
 Why not count the words "via" and "proxy" in the page, as ProxyBroker does
 (`proxybroker/checker.py`, `_get_anonymity_lvl`)? Because the headers that most often give
@@ -49,7 +65,9 @@ __all__ = [
     "Anonymity",
     "JudgeView",
     "classify_anonymity",
+    "exit_address",
     "extract_ips",
+    "forwarded_for",
     "leaked_addresses",
     "parse_ip",
     "parse_judge_response",
@@ -62,6 +80,7 @@ class Anonymity(StrEnum):
     TRANSPARENT = "transparent"
     ANONYMOUS = "anonymous"
     ELITE = "elite"
+    UNKNOWN = "unknown"  # the judge hides headers a verdict needs
 
 
 #: Header names (lower case) whose presence says a proxy handled the request.
@@ -251,20 +270,65 @@ def leaked_addresses(view: JudgeView, own_ips: Iterable[object]) -> set[IPAddres
     return found
 
 
+def forwarded_for(view: JudgeView) -> list[str] | None:
+    """The entries of the X-Forwarded-For header the judge showed, or None without one."""
+    value = view.headers.get("x-forwarded-for")
+    if value is None:
+        return None
+    return [a.strip() for a in value.split(",") if a.strip()]
+
+
 def classify_anonymity(
     view: JudgeView,
     own_ips: Iterable[object],
     baseline: Iterable[str] = (),
+    *,
+    xff_hops: int | None = None,
+    hidden: Set[str] = frozenset(),
 ) -> Anonymity:
-    """`transparent`, `anonymous` or `elite` — see the module doc for the rules.
+    """`transparent`, `anonymous`, `elite` or `unknown` — see the module doc for the rules.
 
     `own_ips` are the checker's own addresses (`ipaddress` objects or strings). `baseline`
     is the set of header names the judge shows on a direct request (added by the judge's own
-    infrastructure); those are not held against the proxy.
+    infrastructure); those are not held against the proxy — except an X-Forwarded-For with
+    more than the `xff_hops` entries that infrastructure appends (when known): the rest
+    came from the proxy. `hidden`: proxy-revealing header names this judge never shows; with any, a
+    request without a visible leak is `unknown` (a hidden header may carry one).
     """
     if leaked_addresses(view, own_ips):
         return Anonymity.TRANSPARENT
+    if hidden:
+        return Anonymity.UNKNOWN
     base = {b.lower() for b in baseline}
     if any(name in PROXY_HEADERS and name not in base for name in view.headers):
         return Anonymity.ANONYMOUS
+    if (
+        xff_hops is not None
+        and "x-forwarded-for" in base
+        and len(forwarded_for(view) or ()) > xff_hops
+    ):
+        return Anonymity.ANONYMOUS
     return Anonymity.ELITE
+
+
+def exit_address(view: JudgeView, own_ips: Iterable[object], xff_hops: int = 0) -> str | None:
+    """The address the proxy connected to the judge from, as far as the judge shows it:
+    an IP address, or None — never a word like `unknown`, never one of `own_ips`.
+
+    With `xff_hops` entries appended by the judge's own reverse proxy, the first of them is
+    the one it saw connect (`origin[-xff_hops]`). Without, an httpbin `origin` equal to the
+    X-Forwarded-For header (or a list of several, which only that header makes) is the
+    proxy's claim, not its address: only a single address that is not ours is taken.
+    """
+    origin = view.origin or ((view.remote_addr,) if view.remote_addr else ())
+    candidate: str | None
+    if xff_hops and len(origin) >= xff_hops:
+        candidate = origin[-xff_hops]
+    elif len(origin) > 1:
+        candidate = None
+    else:
+        candidate = origin[0] if origin else None
+    ip = parse_ip(candidate) if candidate else None
+    if ip is None or ip in _as_ips(own_ips):
+        return None
+    return candidate

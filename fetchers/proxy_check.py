@@ -63,6 +63,8 @@ from fetchers.judge import (
     Anonymity,
     JudgeView,
     classify_anonymity,
+    exit_address,
+    forwarded_for,
     parse_ip,
     parse_judge_response,
 )
@@ -82,6 +84,13 @@ _SOCKS_AUTH_MESSAGES = (
     "no acceptable authentication",
 )
 _SOCKS4_AUTH_CODES = {0x5C, 0x5D}
+#: Headers a judge must show for a header-based verdict, sent with made-up values once at
+#: start to see which ones it hides.
+_CANARY = ("via", "x-forwarded-for", "x-real-ip", "forwarded")
+_CANARY_HEADERS = (
+    "Via: 1.1 fetchfleet-canary\r\nX-Forwarded-For: 192.0.2.1\r\n"
+    "X-Real-IP: 192.0.2.1\r\nForwarded: for=192.0.2.1\r\n"
+)
 _UNREACHABLE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 
 
@@ -253,6 +262,11 @@ async def _read_http_response(
     return status, headers, body
 
 
+def _is_httpbin(view: JudgeView) -> bool:
+    """An httpbin `/get` answer (JSON), which knows the `show_env` switch."""
+    return view.raw_text.lstrip().startswith("{")
+
+
 def _close(writer: asyncio.StreamWriter | None, *, abort: bool = False) -> None:
     if writer is None:
         return
@@ -321,6 +335,10 @@ class ProxyChecker:
         for ip in own_ips or ():
             self._add_own(ip)
         self.baseline_headers: frozenset[str] = frozenset()
+        #: proxy-revealing headers this judge never shows (anonymity is then "unknown")
+        self.hidden_headers: frozenset[str] = frozenset()
+        #: X-Forwarded-For entries the judge's own reverse proxy appends
+        self.xff_hops = 0
         self._judge_ip = self._judge_host
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -350,60 +368,96 @@ class ProxyChecker:
         return self._ssl
 
     async def start(self) -> None:
-        """Ask the judge once directly (no proxy): learn our own address(es) and which
-        proxy-revealing headers the judge's own infrastructure adds. Raises FetchError when
-        the judge cannot be used."""
+        """Ask the judge directly (no proxy): learn our own address(es), which
+        proxy-revealing headers the judge's own infrastructure adds, how many
+        X-Forwarded-For entries it appends, and whether it hides the headers a proxy adds
+        (then retry with httpbin's `show_env=1`). Raises FetchError when the judge cannot
+        be used."""
         async with self._start_lock:
             if self._started:
                 return
-            token = os.urandom(8).hex()
-            request = self._request(token, absolute=False)
-            progress = _Progress()
-            writer = None
-            try:
-                async with asyncio.timeout(self.timeout):
-                    reader, writer = await asyncio.open_connection(
-                        self._judge_host,
-                        self._judge_port,
-                        ssl=self._ssl_context() if self._judge_tls else None,
-                        server_hostname=self._judge_host if self._judge_tls else None,
-                    )
-                    writer.write(request)
-                    status, headers, body = await _read_http_response(reader, progress)
-                local_ip = _sockname_ip(writer)
-                peer = writer.get_extra_info("peername")
-            except (OSError, TimeoutError, _Fail) as e:
-                reason = e.message if isinstance(e, _Fail) else (str(e) or type(e).__name__)
-                raise FetchError(
-                    f"cannot use judge {self.judge_url}: {reason}; "
-                    "check that it is running and reachable from this machine"
-                ) from e
-            finally:
-                _close(writer)
-            try:
-                view = parse_judge_response(status, headers, body)
-            except JudgeFormatError as e:
-                raise JudgeFormatError(f"judge {self.judge_url}: {e}") from e
-            if self.verify_echo and token not in view.raw_text:
-                raise JudgeFormatError(
-                    f"judge {self.judge_url} does not echo the request (no probe token in "
-                    "its answer); use an httpbin /get or azenv judge, or verify_echo=False"
-                )
+            view, local_ip, peer = await self._direct(self._path_prefix)
+            hidden = await self._hidden_headers(self._path_prefix)
+            if hidden and _is_httpbin(view) and "show_env" not in self._path_prefix:
+                # httpbin drops Via / X-Forwarded-For / X-Real-Ip from /get unless asked
+                prefix = self._path_prefix.replace("?", "?show_env=1&", 1)
+                shown = await self._hidden_headers(prefix)
+                if len(shown) < len(hidden):
+                    self._path_prefix, hidden = prefix, shown
+                    view, local_ip, peer = await self._direct(prefix)
             for addr in (view.remote_addr, *view.origin, local_ip):
                 if addr:
                     self._add_own(addr)
+            self.hidden_headers = hidden
             self.baseline_headers = frozenset(h for h in view.headers if h in PROXY_HEADERS)
+            self.xff_hops = len(forwarded_for(view) or ())
             if peer:  # SOCKS4 carries no host names: give it the address we reached
                 self._judge_ip = peer[0]
             self._started = True
             log.info(
                 "proxy checker ready",
                 extra={
-                    "judge": self.judge_url,
+                    "judge": self.effective_judge_url,
                     "own_ips": sorted(map(str, self.own_ips)),
                     "baseline_headers": sorted(self.baseline_headers),
+                    "hidden_headers": sorted(self.hidden_headers),
+                    "xff_hops": self.xff_hops,
                 },
             )
+
+    @property
+    def effective_judge_url(self) -> str:
+        """The judge URL as the checker asks it (with `show_env=1` where httpbin needs it)."""
+        path = self._path_prefix.removesuffix("ffp=").rstrip("?&")
+        return f"{self._absolute_prefix}{path}"
+
+    async def _direct(
+        self, path_prefix: str, extra_headers: str = ""
+    ) -> tuple[JudgeView, str | None, tuple[str, int] | None]:
+        """One request to the judge without a proxy: (what it saw, our local address, its
+        address)."""
+        token = os.urandom(8).hex()
+        request = self._request(token, absolute=False, path_prefix=path_prefix)
+        if extra_headers:
+            request = request[:-2] + extra_headers.encode("latin-1") + b"\r\n"
+        progress = _Progress()
+        writer = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(
+                    self._judge_host,
+                    self._judge_port,
+                    ssl=self._ssl_context() if self._judge_tls else None,
+                    server_hostname=self._judge_host if self._judge_tls else None,
+                )
+                writer.write(request)
+                status, headers, body = await _read_http_response(reader, progress)
+            local_ip = _sockname_ip(writer)
+            peer = writer.get_extra_info("peername")
+        except (OSError, TimeoutError, _Fail) as e:
+            reason = e.message if isinstance(e, _Fail) else (str(e) or type(e).__name__)
+            raise FetchError(
+                f"cannot use judge {self.judge_url}: {reason}; "
+                "check that it is running and reachable from this machine"
+            ) from e
+        finally:
+            _close(writer)
+        try:
+            view = parse_judge_response(status, headers, body)
+        except JudgeFormatError as e:
+            raise JudgeFormatError(f"judge {self.judge_url}: {e}") from e
+        if self.verify_echo and token not in view.raw_text:
+            raise JudgeFormatError(
+                f"judge {self.judge_url} does not echo the request (no probe token in "
+                "its answer); use an httpbin /get or azenv judge, or verify_echo=False"
+            )
+        return view, local_ip, peer
+
+    async def _hidden_headers(self, path_prefix: str) -> frozenset[str]:
+        """Which of the headers proxies add most (`_CANARY`) the judge leaves out of what it
+        shows, asked with made-up values (documentation addresses, RFC 5737)."""
+        view, _, _ = await self._direct(path_prefix, _CANARY_HEADERS)
+        return frozenset(name for name in _CANARY if name not in view.headers)
 
     async def aclose(self) -> None:
         """Release the checker. Checks hold no shared connections, so this only marks it
@@ -473,8 +527,15 @@ class ProxyChecker:
 
     # -- internals
 
-    def _request(self, token: str, *, absolute: bool, proxy_auth: str | None = None) -> bytes:
-        target = f"{self._path_prefix}{token}"
+    def _request(
+        self,
+        token: str,
+        *,
+        absolute: bool,
+        proxy_auth: str | None = None,
+        path_prefix: str | None = None,
+    ) -> bytes:
+        target = f"{path_prefix or self._path_prefix}{token}"
         if absolute:
             target = self._absolute_prefix + target
         auth = f"Proxy-Authorization: {proxy_auth}\r\n" if proxy_auth else ""
@@ -489,12 +550,27 @@ class ProxyChecker:
         ).encode("latin-1")
 
     def _judge_view(
-        self, status: int, headers: dict[str, str], body: bytes, token: str, *, via_proxy: bool
+        self,
+        status: int,
+        headers: dict[str, str],
+        body: bytes,
+        token: str,
+        *,
+        via_proxy: bool,
+        sent_credentials: bool = False,
     ) -> JudgeView:
         if status == 407 and via_proxy:
             raise _Fail(
                 Outcome.AUTH_FAILED,
                 "proxy wants credentials (HTTP 407)",
+                http_speaker=True,
+            )
+        if status == 401 and via_proxy and sent_credentials:
+            # tinyproxy (1.11) answers wrong credentials with 401, not 407; the judge
+            # itself answered 2xx without credentials at start, so the 401 is the proxy's
+            raise _Fail(
+                Outcome.AUTH_FAILED,
+                "proxy rejected the credentials (HTTP 401)",
                 http_speaker=True,
             )
         if not 200 <= status < 300:
@@ -617,18 +693,21 @@ class ProxyChecker:
             return CheckResult(r.outcome, False, error=r.message)
         view = r.view
         own = self._own_for(r)
-        anonymity = classify_anonymity(view, own, self.baseline_headers)
+        # Only a forwarded request can carry headers the proxy added: a tunnel's verdict
+        # stands on the address alone, whatever the judge hides.
+        hidden = self.hidden_headers if r.protocol == "http" else frozenset()
+        anonymity = classify_anonymity(
+            view, own, self.baseline_headers, xff_hops=self.xff_hops, hidden=hidden
+        )
         if anon_from is not None and anonymity != Anonymity.TRANSPARENT:
             anonymity = classify_anonymity(
-                anon_from.view, self._own_for(anon_from), self.baseline_headers
+                anon_from.view,
+                self._own_for(anon_from),
+                self.baseline_headers,
+                xff_hops=self.xff_hops,
+                hidden=self.hidden_headers,
             )
-        exit_ip = view.remote_addr
-        if len(view.origin) > 1:  # a transparent proxy's origin can start with our address
-            for addr in view.origin:
-                ip = parse_ip(addr)
-                if ip is not None and ip not in own:
-                    exit_ip = addr
-                    break
+        exit_ip = exit_address(view, own, self.xff_hops)
         return CheckResult(
             Outcome.ALIVE,
             True,
@@ -664,7 +743,9 @@ class ProxyChecker:
             _close(writer, abort=True)
             raise
         _close(writer)
-        view = self._judge_view(status, headers, body, token, via_proxy=True)
+        view = self._judge_view(
+            status, headers, body, token, via_proxy=True, sent_credentials=spec.username is not None
+        )
         return _Success("http", view, latency, local_ip)
 
     async def _tunnel(
@@ -697,7 +778,7 @@ class ProxyChecker:
             except ProxyTimeoutError:
                 raise TimeoutError from None
             except ProxyError as e:
-                raise self._handshake_fail(e, protocol) from None
+                raise self._handshake_fail(e, protocol, spec.username is not None) from None
             except ssl.SSLError:
                 raise
             except (asyncio.IncompleteReadError, ConnectionError) as e:
@@ -723,7 +804,7 @@ class ProxyChecker:
         return _Success(protocol, view, latency, local_ip)
 
     @staticmethod
-    def _handshake_fail(e: ProxyError, protocol: str) -> _Fail:
+    def _handshake_fail(e: ProxyError, protocol: str, sent_credentials: bool = False) -> _Fail:
         msg = str(e)
         low = msg.lower()
         code = e.error_code
@@ -731,6 +812,8 @@ class ProxyChecker:
         if protocol == "https":
             if code == 407:
                 return _Fail(Outcome.AUTH_FAILED, "proxy wants credentials (HTTP 407)")
+            if code == 401 and sent_credentials:  # tinyproxy's answer to wrong ones
+                return _Fail(Outcome.AUTH_FAILED, "proxy rejected the credentials (HTTP 401)")
             if code is not None:
                 return _Fail(
                     Outcome.BAD_RESPONSE, f"CONNECT refused: {msg[:80]}", http_speaker=True

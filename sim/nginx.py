@@ -162,15 +162,19 @@ def start_nginx(
 def stop_nginx(proc: subprocess.Popen[bytes] | None) -> None:
     """Stop an nginx started in the foreground in its own session: gracefully (the log is
     flushed, workers finish), killed with its group after 5 s."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if proc.stderr:
+    stop_process(proc, signal.SIGQUIT)
+    if proc is not None and proc.stderr:
         proc.stderr.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to a server started in its own session; kill its group after 5 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -12,6 +12,7 @@ from fetchers.judge import (
     Anonymity,
     JudgeView,
     classify_anonymity,
+    exit_address,
     extract_ips,
     parse_judge_response,
 )
@@ -282,3 +283,58 @@ def test_proxy_headers_cover_the_required_list() -> None:
         "x-originating-ip",
     }
     assert required <= PROXY_HEADERS
+
+
+# ---------------------------------------------------------------- recorded from real servers
+# httpbin 0.10.2 under gunicorn at 127.0.0.40, proxies from Debian (tests/real_proxies.py);
+# the checker is 127.0.0.1. httpbin's origin is the X-Forwarded-For header when present.
+CHECKER = {"127.0.0.1"}
+# squid `forwarded_for off`, plain /get: Via and X-Forwarded-For hidden, origin = "unknown"
+SQUID_FF_OFF_PLAIN = b"""{"args":{"ffp":"ab12"},"headers":{"Accept":"*/*",
+"Cache-Control":"max-age=259200","Connection":"keep-alive","Host":"127.0.0.40:57829",
+"User-Agent":"curl/7.88.1"},"origin":"unknown","url":"http://127.0.0.40:57829/get?ffp=ab12"}"""
+# the same with show_env=1
+SQUID_FF_OFF_ENV = b"""{"args":{"show_env":"1"},"headers":{"Accept":"*/*",
+"Host":"127.0.0.40:57829","Via":"1.1 fetchfleet-test (squid/5.7)",
+"X-Forwarded-For":"unknown"},"origin":"unknown","url":"http://127.0.0.40:57829/get"}"""
+# squid default behind nginx ($proxy_add_x_forwarded_for): nginx appended the squid's address
+SQUID_VIA_NGINX_ENV = b"""{"args":{"show_env":"1"},"headers":{"Host":"127.0.0.41:59331",
+"Via":"1.1 fetchfleet-test (squid/5.7)","X-Forwarded-For":"127.0.0.1, 127.0.0.21",
+"X-Real-Ip":"127.0.0.21"},"origin":"127.0.0.1, 127.0.0.21","url":"http://127.0.0.41/get"}"""
+# squid `forwarded_for delete` + `via off` behind nginx
+SQUID_ELITE_VIA_NGINX = b"""{"args":{},"headers":{"Host":"127.0.0.41:59331",
+"X-Forwarded-For":"127.0.0.23","X-Real-Ip":"127.0.0.23"},"origin":"127.0.0.23",
+"url":"http://127.0.0.41/get"}"""
+NGINX_BASE = {"x-forwarded-for", "x-real-ip"}
+
+
+def test_exit_ip_is_never_a_word_nor_our_own_address() -> None:
+    plain = parse_judge_response(200, {}, SQUID_FF_OFF_PLAIN)
+    assert exit_address(plain, CHECKER) is None  # origin "unknown"
+    own = parse_judge_response(200, {}, SQUID_FF_OFF_PLAIN.replace(b"unknown", b"127.0.0.1"))
+    assert exit_address(own, CHECKER) is None  # origin = squid's X-Forwarded-For: us
+    chain = parse_judge_response(200, {}, SQUID_VIA_NGINX_ENV)
+    assert exit_address(chain, CHECKER, xff_hops=1) == "127.0.0.21"  # what nginx saw
+    elite = parse_judge_response(200, {}, SQUID_ELITE_VIA_NGINX)
+    assert exit_address(elite, CHECKER, xff_hops=1) == "127.0.0.23"
+
+
+def test_hidden_headers_make_the_verdict_unknown_never_elite() -> None:
+    plain = parse_judge_response(200, {}, SQUID_FF_OFF_PLAIN)
+    assert classify_anonymity(plain, CHECKER) == "elite"  # what the old checker said
+    hidden = frozenset({"via", "x-forwarded-for"})
+    assert classify_anonymity(plain, CHECKER, hidden=hidden) == Anonymity.UNKNOWN
+    shown = parse_judge_response(200, {}, SQUID_FF_OFF_ENV)
+    assert classify_anonymity(shown, CHECKER) == "anonymous"
+    leak = parse_judge_response(200, {}, SQUID_FF_OFF_PLAIN.replace(b"unknown", b"127.0.0.1"))
+    assert classify_anonymity(leak, CHECKER, hidden=hidden) == "transparent"  # origin = us
+
+
+def test_reverse_proxy_entries_are_not_held_against_the_proxy() -> None:
+    elite = parse_judge_response(200, {}, SQUID_ELITE_VIA_NGINX)
+    assert classify_anonymity(elite, CHECKER, NGINX_BASE, xff_hops=1) == "elite"
+    # an X-Forwarded-For entry of the proxy's own before nginx's: anonymous, not elite
+    added = parse_judge_response(
+        200, {}, SQUID_ELITE_VIA_NGINX.replace(b'"127.0.0.23","X-R', b'"10.9.8.7, 127.0.0.23","X-R')
+    )
+    assert classify_anonymity(added, CHECKER, NGINX_BASE, xff_hops=1) == "anonymous"
