@@ -269,3 +269,32 @@ def test_validate_run_stores_exactly_the_tampering_proxies(world: SimWorld, tmp_
     assert tampering == {e.split(":")[0] for e in expected}
     assert all(e and e.startswith("content modified: ") for *_, s, e in rows if s == "tampering")
     assert active and not (active | members) & tampering
+
+
+# --------------------------------------------------------------------------- the console
+
+
+def test_validation_page_counts_and_filters_tampering_proxies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from console.resources import shutdown_all
+    from console.testing import run_page, use_fresh_database
+
+    url = use_fresh_database(tmp_path, monkeypatch)
+    try:
+        db = open_database(url)
+        try:
+            _store(db, {"a": ("alive", True), "b": ("tampering", False), "c": ("alive", True)})
+        finally:
+            db.dispose()
+        at = run_page("pages/validation.py")
+        assert not at.exception, at.exception
+        shown = {m.label: m.value for m in at.metric}
+        assert (shown["pool: active"], shown["pool: tampering"]) == ("2", "1")
+        assert "tampering" in at.selectbox(key="pool_status").options
+        at.selectbox(key="pool_status").set_value("tampering").run()
+        assert "1 proxies match" in at.caption[0].value
+        table = at.dataframe[0].value
+        assert len(table) == 1 and "content modified" in " ".join(map(str, table.iloc[0]))
+    finally:
+        shutdown_all()
