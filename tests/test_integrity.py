@@ -255,6 +255,11 @@ def test_validate_run_stores_exactly_the_tampering_proxies(world: SimWorld, tmp_
                 if t.behaviour in TAMPERING}  # fmt: skip
     assert summary["counts"]["outcomes"]["tampering"] == len(expected) == 8
     assert summary["validate"]["integrity"]["canary"].endswith("/canary/")
+    from engine.jobs import get_kind
+    from engine.settings import Settings
+
+    lines = get_kind("validate", Settings()).summary_lines(summary)
+    assert lines and lines[0].startswith("  integrity: 8 tampering (they modify content")
     db = open_database(url)
     try:
         with db.connect() as conn:
