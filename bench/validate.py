@@ -292,6 +292,9 @@ def run_ours(world: Any, n: int, conc: int, args: argparse.Namespace, tmp: Path)
         "--workers", str(args.workers), "--concurrency", str(conc),
         "--batch-size", str(args.batch_size), "--timeout", str(args.timeout),
         "--db", str(db_path),
+        # the peer does not check integrity: compare like with like (the canary's own cost
+        # is measured by tests/test_proxy_check_bench.py --target sim --canary)
+        "--canary", "off",
     ]  # fmt: skip
     row = Row(OURS, n, conc)
     cpu0 = world.cpu_seconds()

@@ -349,6 +349,13 @@ def pool_values(url: str, column: str) -> list[str]:
         return dash.pool_values(conn, column)
 
 
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def pool_by_status(url: str) -> dict[str, int]:
+    """Stored proxies per status (active, inactive, untested, tampering)."""
+    with _db(url).connect() as conn:
+        return dash.pool_by_status(conn)
+
+
 def pool_status_count(url: str, status: str | None) -> int | None:
     """Stored proxies with a status (None when no status is asked about)."""
     if status is None:

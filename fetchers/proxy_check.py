@@ -31,7 +31,8 @@ Outcomes: `alive`, `refused` (ECONNREFUSED), `timeout`, `auth_failed` (HTTP 407,
 rejected), `bad_response` (no token, non-2xx from the judge, unparseable, protocol
 mismatch), `tls` (ssl errors), `unreachable` (no route to the proxy), `error` (anything
 else: the message starts with the exception type). Error messages never contain the
-proxy's password.
+proxy's password. With an integrity check attached (`fetchers.integrity`), an alive proxy
+that modifies the canary's content is `tampering` instead of alive.
 
 Every socket is closed on every path, including cancellation: a worker that is told to
 stop can cancel in-flight checks without leaking descriptors.
@@ -51,6 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
@@ -69,6 +71,9 @@ from fetchers.judge import (
     parse_judge_response,
 )
 from fetchers.proxy_parse import ProxySpec
+
+if TYPE_CHECKING:
+    from fetchers.integrity import IntegrityCheck
 
 __all__ = ["MAX_RESPONSE_BYTES", "CheckResult", "Outcome", "ProxyChecker"]
 
@@ -96,6 +101,7 @@ _UNREACHABLE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, e
 
 class Outcome(StrEnum):
     ALIVE = "alive"
+    TAMPERING = "tampering"  # answers, but modifies content (fetchers.integrity): never used
     REFUSED = "refused"
     TIMEOUT = "timeout"
     AUTH_FAILED = "auth_failed"
@@ -117,6 +123,8 @@ class CheckResult:
     exit_ip: str | None = None
     country: str | None = None
     error: str | None = None  # short, never contains the password
+    # alive proxies: intact / unknown / tampering (fetchers.integrity); None: not checked
+    integrity: str | None = None
     checked_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -298,6 +306,8 @@ class ProxyChecker:
     ssl_context: for https judges (default: system trust store).
     verify_echo: require the judge to echo the probe token (turn off only for bare-IP
         judges, which cannot echo; a proxy serving canned pages then passes as alive).
+    integrity: a `fetchers.integrity.IntegrityCheck`: alive proxies then fetch its canary,
+        and one that modifies it is `tampering` (None: integrity not checked).
     """
 
     def __init__(
@@ -309,6 +319,7 @@ class ProxyChecker:
         overall_timeout: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
         verify_echo: bool = True,
+        integrity: IntegrityCheck | None = None,
     ) -> None:
         u = urlsplit(judge_url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -321,6 +332,7 @@ class ProxyChecker:
         self.timeout = float(timeout)
         self.overall_timeout = float(overall_timeout or 3 * timeout)
         self.verify_echo = verify_echo
+        self.integrity = integrity
         self._judge_tls = u.scheme == "https"
         self._judge_host = u.hostname
         self._judge_port = u.port or (443 if self._judge_tls else 80)
@@ -477,6 +489,8 @@ class ProxyChecker:
         # per attempt instead of two nested ones: this is the hot path).
         deadline = asyncio.get_running_loop().time() + self.overall_timeout
         result = await self._check(spec, deadline)
+        if result.alive and self.integrity is not None:
+            result = await self.integrity.verify(spec, result, deadline)
         if result.error and spec.password and spec.password in result.error:
             result.error = result.error.replace(spec.password, "***")
         if log.isEnabledFor(logging.DEBUG):

@@ -25,6 +25,10 @@ SOURCES = {
     "Revalidate stored proxies": "revalidate",
 }
 ANY = "any"
+TAMPERING_HELP = (
+    "Alive, but they changed the canary's content (injected, stripped or rewrote it): never "
+    "used by scrape runs or the gateway. The detail is in the table's last error."
+)
 PAGE_SIZES = (25, 50, 100, 200)
 TAIL_MS = dash.LATENCY_WIDTH_MS * (dash.LATENCY_BUCKETS - 1)
 LIST_HELP = (
@@ -219,6 +223,7 @@ def live_run(url: str) -> None:
                 ("checked", f"{done:,} / {total:,}"),
                 ("alive", f"{counts['ok']:,}"),
                 ("not alive", f"{counts['failed']:,}"),
+                ("tampering", f"{counts['outcomes'].get('tampering', 0):,}"),
                 ("items/s", f"{s['items_per_s']:,.1f}"),
                 ("status", status),
             ]
@@ -243,14 +248,27 @@ def live_run(url: str) -> None:
             )
 
 
+def _choices(column: str, present: list[str]) -> list[str]:
+    """A filter's values: those stored, and every status (tampering too) even before any."""
+    if column != "status":
+        return present
+    return [*STATUSES, *(v for v in present if v not in STATUSES)]
+
+
 @st.fragment(run_every=10)
 def pool_section(url: str, c: Console) -> None:
     st.subheader("Proxy pool")
+    by_status = reads.pool_by_status(url)
+    with st.container(key="pool_by_status"):
+        views.metrics(
+            [(f"pool: {s}", f"{by_status.get(s, 0):,}") for s in STATUSES],
+            {"pool: tampering": TAMPERING_HELP},
+        )
     cols = st.columns(6)
     picked = {
         col: cols[i].selectbox(
             col.capitalize() if col != "protocol" else "Type",
-            [ANY, *reads.pool_values(url, col)],
+            [ANY, *_choices(col, reads.pool_values(url, col))],
             key=f"pool_{col}",
         )
         for i, col in enumerate(dash.POOL_FILTER_COLUMNS)

@@ -35,12 +35,28 @@ class Behaviour(StrEnum):
     REFUSED = "refused"  # nothing listens
     BLACKHOLE = "blackhole"  # accepts, never answers
     FAKE = "fake"  # answers a canned page itself, never reaches the target
+    # Tampering (sim/tamper.py): elite towards the judge, but it changes what it forwards.
+    INJECTS_SCRIPT = "injects_script"  # adds a <script> to HTML
+    REWRITES_JSON = "rewrites_json"  # changes the numbers in JSON
+    STRIPS_SCRIPTS = "strips_scripts"  # removes <script> elements from HTML
+    RECOMPRESSES_IMAGE = "recompresses_image"  # re-encodes PNGs
 
 
 # Only a forward HTTP proxy sees the request it could add headers to; a tunnel carries bytes.
 HEADER_BEHAVIOURS = frozenset({Behaviour.ANONYMOUS, Behaviour.TRANSPARENT})
+# Content a forward HTTP proxy relays, it can rewrite; the sim's tunnels never do. Their truth
+# is "not alive": a proxy that tampers is stored as `tampering` and never routed through.
+TAMPERING = frozenset(
+    {
+        Behaviour.INJECTS_SCRIPT,
+        Behaviour.REWRITES_JSON,
+        Behaviour.STRIPS_SCRIPTS,
+        Behaviour.RECOMPRESSES_IMAGE,
+    }
+)
+FORWARD_ONLY = HEADER_BEHAVIOURS | TAMPERING
 ALIVE = frozenset({Behaviour.ELITE, Behaviour.ANONYMOUS, Behaviour.TRANSPARENT, Behaviour.SLOW})
-DEAD = frozenset({Behaviour.REFUSED, Behaviour.BLACKHOLE, Behaviour.FAKE})
+DEAD = frozenset({Behaviour.REFUSED, Behaviour.BLACKHOLE, Behaviour.FAKE, *TAMPERING})
 # Ports people's lists are full of; the rest are random high ports.
 COMMON_PORTS = (1080, 3128, 4145, 8000, 8080, 8081, 8118, 8888, 9050, 9999, 10808)
 MAX_PROXIES = 254 * 254  # one /16 of 127.0.0.0/8, .0 and .255 skipped
@@ -101,7 +117,8 @@ MIXES: dict[str, Mix] = {
 class ProxyTruth:
     """What one line of the list really is, for grading a checker.
 
-    alive_expected: True for elite/anonymous/transparent/slow, False for refused/blackhole/fake,
+    alive_expected: True for elite/anonymous/transparent/slow, False for refused/blackhole/fake
+    and the tampering behaviours (checked with a canary they are `tampering`, never alive),
     None for flaky (unreliable by design). anonymity_expected is what a forward request through
     the proxy shows the judge (None when it is not expected alive); SOCKS and https (CONNECT
     only) proxies are always 'elite'. exit_ip is the address the judge sees (the proxy's own
@@ -187,10 +204,11 @@ class PlannedProxy:
 
 
 def allowed_behaviours(protocol: ProxyProtocol) -> list[Behaviour]:
-    """Header-adding behaviours only make sense for a forward HTTP proxy."""
+    """Header-adding and tampering behaviours only make sense for a forward HTTP proxy (the
+    demo's one-of-each list leaves tampering out: worlds ask for it in their mix)."""
     if protocol == ProxyProtocol.HTTP:
-        return list(Behaviour)
-    return [b for b in Behaviour if b not in HEADER_BEHAVIOURS]
+        return [b for b in Behaviour if b not in TAMPERING]
+    return [b for b in Behaviour if b not in FORWARD_ONLY]
 
 
 def resolve_mix(mix: str | Mapping[str, float]) -> Mix:
@@ -259,7 +277,7 @@ def _random_combos(mix: Mix, n: int, rng: random.Random) -> list[Combo]:
     weights = list(mix.protocols.values())
     combos: list[Combo] = []
     for behaviour in behaviours:
-        if behaviour in HEADER_BEHAVIOURS:
+        if behaviour in FORWARD_ONLY:
             protocol = ProxyProtocol.HTTP
         else:
             protocol = rng.choices(protocols, weights)[0]

@@ -6,6 +6,9 @@ Three formats, because checkers in the field use all three:
 - `/azenv` like the classic azenv.php (`KEY = value` lines, one `HTTP_*` line per header),
 - `/ip` the bare client address, like checkip.amazonaws.com (what proxy-scraper-cli wants).
 
+It also serves the canary (sim/canary.py) under `/canary/`: known HTML, JSON and PNG that a
+checker fetches through a proxy to catch one that tampers with content.
+
 The origin is always the TCP peer address: behind a proxy that is the proxy's own address,
 because every simulated proxy connects onward from the address it listens on.
 """
@@ -19,13 +22,14 @@ import time
 from typing import cast
 from urllib.parse import parse_qsl, urlsplit
 
+from sim import canary
 from sim.http11 import HEAD_END, MAX_HEAD, BadRequest, RequestHead, parse_head, response
 
 log = logging.getLogger(__name__)
 
 JUDGE_HOST = "127.0.0.2"
 KEEP_ALIVE_IDLE_S = 15.0
-ROUTES = ("/get", "/azenv", "/azenv.php", "/ip")
+ROUTES = ("/get", "/azenv", "/azenv.php", "/ip", canary.CANARY_PREFIX)
 
 
 def title_case(name: str) -> str:
@@ -91,6 +95,14 @@ def answer(head: RequestHead, peer_ip: str, peer_port: int) -> bytes:
         body, ctype = azenv(head, peer_ip, peer_port), "text/plain; charset=utf-8"
     elif path == "/ip":
         body, ctype = peer_ip.encode(), "text/plain; charset=utf-8"
+    elif path.startswith(canary.CANARY_PREFIX):
+        name = path[len(canary.CANARY_PREFIX) :]
+        if name == "":
+            body, ctype = canary.INDEX, "text/plain; charset=utf-8"
+        elif name in canary.RESOURCES:
+            body, ctype = canary.RESOURCES[name]
+        else:
+            return response(404, b"not found\n", keep_alive=keep, head_only=head_only)
     elif path == "/":
         body, ctype = ("fetchfleet sim judge: " + " ".join(ROUTES) + "\n").encode(), "text/plain"
     else:

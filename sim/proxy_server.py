@@ -3,8 +3,9 @@
 Every proxy connects onward from the address it listens on, so the judge sees that address as
 the client (the checker itself connects from 127.0.0.1). Behaviours (fleet.Behaviour) are
 applied here: flaky connections are dropped, black holes swallow bytes until the client gives
-up, fakes answer a canned page, and every relaying proxy delays the first byte of the response
-by its latency (long for `slow`).
+up, fakes answer a canned page, tampering proxies hold a forwarded response and change it
+(sim/tamper.py), and every relaying proxy delays the first byte of the response by its
+latency (long for `slow`).
 
 Written as asyncio.Protocol callbacks rather than streams: a relayed byte then costs one
 callback instead of two task wake-ups, and the handshake parsers work on the buffered bytes
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
-from sim.fleet import Behaviour, PlannedProxy, ProxyProtocol
+from sim.fleet import TAMPERING, Behaviour, PlannedProxy, ProxyProtocol
 from sim.http11 import (
     HEAD_END,
     MAX_HEAD,
@@ -35,6 +36,7 @@ from sim.http11 import (
     parse_head,
     response,
 )
+from sim.tamper import tamper
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +345,7 @@ class ProxyConnection(asyncio.Protocol):
         "client_ip",
         "delay_s",
         "delayed",
+        "held",
         "parser",
         "pending",
         "proxy",
@@ -367,6 +370,7 @@ class ProxyConnection(asyncio.Protocol):
         self.pending: list[bytes] | None = None  # response bytes held back by the latency
         self.delayed = False
         self.upstream_done = False
+        self.held: list[bytes] | None = None  # a tampering proxy's forwarded response
 
     # asyncio callbacks -----------------------------------------------------------------------
 
@@ -502,12 +506,16 @@ class ProxyConnection(asyncio.Protocol):
             bound_ip, bound_port = up.get_extra_info("sockname")[:2]
             reply = socks5_reply(0, bound_ip, bound_port)
         self.transport.write(reply)
+        if tunnel.reply == b"" and self.proxy.behaviour in TAMPERING:
+            self.held = []  # a forwarded request (not a tunnel): its response is changed
         if tunnel.first or self.buf:
             up.write(tunnel.first + bytes(self.buf))
             self.buf.clear()
 
     def from_upstream(self, data: bytes) -> None:
-        if self.pending is not None:
+        if self.held is not None:
+            self.held.append(data)
+        elif self.pending is not None:
             self.pending.append(data)
         elif self.delay_s and not self.delayed:
             self.delayed = True
@@ -525,6 +533,10 @@ class ProxyConnection(asyncio.Protocol):
 
     def upstream_finished(self) -> None:
         """The target is done (EOF or closed): close the client once the response is out."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            if held:
+                self.from_upstream(tamper(self.proxy.behaviour, b"".join(held)))
         self.upstream_done = True
         if self.pending is None and not self.transport.is_closing():
             self.transport.close()

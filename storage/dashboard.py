@@ -490,6 +490,7 @@ POOL_TABLE_COLUMNS = (
     "success_count",
     "failure_count",
     "last_outcome",
+    "last_error",  # a tampering proxy's: what it modified in the canary
     "last_checked",
     "source",
 )

@@ -17,11 +17,24 @@ from storage.secrets import SecretBox
 
 # EWMA weight of the newest latency sample: recent behaviour matters, one outlier does not.
 LATENCY_ALPHA = 0.3
+#: The status (and check outcome) of a proxy that modifies content (fetchers.integrity).
+TAMPERING = "tampering"
+#: Statuses no scrape run or gateway may route through, whatever an operator asks for.
+NEVER_ROUTED = frozenset({TAMPERING})
+
+
+def _routable(status: str) -> str:
+    if status in NEVER_ROUTED:
+        raise ValueError(
+            f"proxies with status {status!r} modify the content they relay: they are never "
+            "used for traffic; choose another status (e.g. active)"
+        )
+    return status
 
 
 @dataclass(slots=True)
 class ProxyFilter:
-    status: str | None = None  # untested / active / inactive
+    status: str | None = None  # untested / active / inactive / tampering
     protocol: str | None = None  # matches the declared scheme or the detected protocol
     older_than_hours: float | None = None  # last checked before, or never
     minutes_old: float | None = None  # revalidate: last checked before (never-checked excluded)
@@ -215,7 +228,8 @@ _FOLD_COLS = (
 def _fold_sql(s: str) -> str:
     a = LATENCY_ALPHA
     return f"""UPDATE proxies SET
-                status = CASE WHEN {s}.alive THEN 'active' ELSE 'inactive' END,
+                status = CASE WHEN {s}.outcome = '{TAMPERING}' THEN '{TAMPERING}'
+                              WHEN {s}.alive THEN 'active' ELSE 'inactive' END,
                 protocol = COALESCE({s}.protocol, proxies.protocol),
                 anonymity = CASE WHEN {s}.alive THEN {s}.anonymity ELSE proxies.anonymity END,
                 exit_ip = CASE WHEN {s}.alive THEN {s}.exit_ip ELSE proxies.exit_ip END,
@@ -314,7 +328,9 @@ def last_check_time(conn: sa.Connection, run_id: int) -> datetime | None:
 
 def pool_snapshot(conn: sa.Connection, status: str, limit: int) -> list[tuple[Any, ...]]:
     """The proxies with ``status``, fastest first, as (protocol, scheme, host, port,
-    username, password token): what a scrape run routes through. Passwords stay encrypted."""
+    username, password token): what a scrape run routes through. Passwords stay encrypted.
+    A status in ``NEVER_ROUTED`` raises ValueError."""
+    _routable(status)
     rows = fetch_all(
         conn,
         sa.select(
@@ -335,7 +351,9 @@ def pool_snapshot(conn: sa.Connection, status: str, limit: int) -> list[tuple[An
 def snapshot_run_pool(conn: sa.Connection, run_id: int, status: str, limit: int) -> int:
     """Copy the proxies with ``status`` (at most ``limit``, fastest first, as
     ``pool_snapshot``) into ``run_proxies`` for a run: its workers, on any machine, route
-    through this copy while ``proxies`` goes on changing. Returns how many were copied."""
+    through this copy while ``proxies`` goes on changing. Returns how many were copied.
+    A status in ``NEVER_ROUTED`` raises ValueError."""
+    _routable(status)
     conn.execute(sa.delete(run_proxies).where(run_proxies.c.run_id == run_id))
     order = "latency_ms NULLS LAST, id"
     conn.execute(
@@ -375,7 +393,9 @@ def pool_states(conn: sa.Connection) -> dict[str, tuple[str, str | None, str | N
 def gateway_members(conn: sa.Connection, status: str, limit: int) -> list[tuple[Any, ...]]:
     """The proxies with ``status`` as the rotating gateway needs them: (key, protocol, scheme,
     host, port, username, password token, country, anonymity, latency EWMA ms), fastest
-    first. Passwords stay encrypted; the gateway decrypts them in memory."""
+    first. Passwords stay encrypted; the gateway decrypts them in memory. A status in
+    ``NEVER_ROUTED`` raises ValueError."""
+    _routable(status)
     rows = fetch_all(
         conn,
         sa.select(

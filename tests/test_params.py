@@ -68,7 +68,7 @@ def test_a_bad_value_names_its_field_and_flag() -> None:
     assert err.by_field() == {
         "batch_size": "the batch size must be between 1 and 100,000 items per task, not 0",
         "timeout_s": "the timeout must be more than 0 seconds, not 0",
-        "status": "dead: the status must be one of 'untested', 'active' or 'inactive'",
+        "status": "dead: the status must be one of 'untested', 'active', 'inactive' or 'tampering'",
     }
     assert "--timeout: the timeout" in str(err) and "--status dead:" in str(err)
 
@@ -160,7 +160,7 @@ def test_every_kind_keeps_its_flags(capsys: pytest.CaptureFixture[str]) -> None:
         assert set(flags.split()) <= have, (kind, set(flags.split()) - have)
         assert get_kind(kind, Settings()).params_model.kind == kind
     help_text = sub.choices["validate"].format_help()
-    assert "{untested,active,inactive}" in help_text and "default 5" in help_text
+    assert "{untested,active,inactive,tampering}" in help_text and "default 5" in help_text
 
 
 def test_the_cli_exits_2_naming_the_flag(

@@ -3,6 +3,7 @@
     .venv/bin/python -m tests.test_proxy_check_bench                    # 2,000 http, fakes
     .venv/bin/python -m tests.test_proxy_check_bench --target sim       # 2,000 alive, sim mix
     .venv/bin/python -m tests.test_proxy_check_bench --protocol socks5 --n 2000 -c 500
+    .venv/bin/python -m tests.test_proxy_check_bench --target sim --canary  # + tampering check
 
 The servers run in another process (the loopback fakes of tests/test_proxy_fakes.py, or a
 sim world), so `time.process_time()` of this process is the checker's own CPU. The one test
@@ -103,9 +104,18 @@ class SimServers:
 
 
 async def run_checks(
-    judge_url: str, specs: list[ProxySpec], concurrency: int, timeout: float
+    judge_url: str,
+    specs: list[ProxySpec],
+    concurrency: int,
+    timeout: float,
+    canary: bool = False,
 ) -> tuple[Counter[str], Counter[str], float, float, list[float]]:
-    async with ProxyChecker(judge_url, timeout=timeout) as checker:
+    integrity = None
+    if canary:  # the sim's judge serves the canary (fetchers/integrity.py)
+        from fetchers.integrity import IntegrityCheck, canary_for_judge
+
+        integrity = IntegrityCheck(canary_for_judge(judge_url) or "", timeout)
+    async with ProxyChecker(judge_url, timeout=timeout, integrity=integrity) as checker:
         await checker.check(specs[0])  # warm up (geo data, code paths)
         cpu0, t0 = time.process_time(), time.perf_counter()
         outcomes: Counter[str] = Counter()
@@ -127,13 +137,16 @@ def bench(
     protocol: str = "http",
     timeout: float = 5.0,
     latency_ms: tuple[int, int] = (20, 300),
+    canary: bool = False,
 ) -> dict[str, Any]:
+    if canary and target != "sim":
+        raise ValueError("--canary needs --target sim (the fakes' judge serves no canary)")
     servers: FakeServers | SimServers
     servers = SimServers(n, latency_ms) if target == "sim" else FakeServers(n, protocol)
     try:
         server_cpu0 = servers.cpu_seconds()
         outcomes, protocols, wall, cpu, lat = uvloop.run(
-            run_checks(servers.judge_url, servers.specs, concurrency, timeout)
+            run_checks(servers.judge_url, servers.specs, concurrency, timeout, canary)
         )
         server_cpu = servers.cpu_seconds() - server_cpu0
     finally:
@@ -143,6 +156,7 @@ def bench(
     return {
         "target": target,
         "protocol": protocol if target == "fakes" else "sim mix",
+        "canary": canary,
         "checks": checks,
         "concurrency": concurrency,
         "outcomes": dict(outcomes),
@@ -165,13 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", choices=["http", "https", "socks5", "auto"], default="http")
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--latency", default="20,300", help="sim: min,max added latency in ms")
+    ap.add_argument("--canary", action="store_true", help="sim: add the tampering check")
     ap.add_argument("--serve", nargs=2, metavar=("N", "PROTOCOL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
         uvloop.run(_serve_fakes(int(args.serve[0]), args.serve[1]))
         return 0
     lo, hi = (int(x) for x in args.latency.split(","))
-    result = bench(args.n, args.concurrency, args.target, args.protocol, args.timeout, (lo, hi))
+    result = bench(
+        args.n, args.concurrency, args.target, args.protocol, args.timeout, (lo, hi), args.canary
+    )
     print(json.dumps(result, indent=1))
     return 0
 

@@ -44,6 +44,15 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         raise UserError(f"--type {','.join(sorted(bad))}: use http, https, socks4, socks5")
     if args.retries < 0:
         raise UserError("--retries must be 0 or more")
+    try:
+        member_filter = MemberFilter(
+            status=args.status,
+            countries=_csv(args.country, upper=True),
+            anonymity=_csv(args.anonymity),
+            types=types,
+        )
+    except ValueError as e:  # --status tampering: never served
+        raise UserError(str(e)) from None
     settings = Settings()
     config = GatewayConfig(
         host=args.host,
@@ -59,12 +68,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     )
     options = ServeOptions(
         db_url=resolve_db_url(args.db),
-        filter=MemberFilter(
-            status=args.status,
-            countries=_csv(args.country, upper=True),
-            anonymity=_csv(args.anonymity),
-            types=types,
-        ),
+        filter=member_filter,
         credentials=credentials,
         cache=args.cache,
         cache_size=args.cache_size,

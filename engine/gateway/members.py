@@ -39,6 +39,13 @@ class MemberFilter:
     anonymity: frozenset[str] = frozenset()
     types: frozenset[str] = frozenset()
 
+    def __post_init__(self) -> None:
+        if self.status == "tampering":
+            raise ValueError(
+                "--status tampering: those proxies modify the content they relay and are never "
+                "gateway members; serve 'active' ones"
+            )
+
     def accepts(self, m: Member) -> bool:
         return (
             (not self.countries or (m.country or "").upper() in self.countries)

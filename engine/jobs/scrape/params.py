@@ -64,6 +64,17 @@ class ScrapeParams(TaskParams):
         None, description="where downloaded files go (default: data/files)", metavar="DIR"
     )
 
+    @field_validator("proxies")
+    @classmethod
+    def _routable(cls, value: str | None) -> str | None:
+        """Never through proxies that modify content (the `tampering` status)."""
+        if value in ("tampering",):
+            raise ValueError(
+                "proxies with status 'tampering' modify the content they relay and are never "
+                "used: route through 'active' ones"
+            )
+        return value
+
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, value: Any) -> Any:

@@ -9,6 +9,7 @@ parameters hold only ids and file paths.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from storage.item_logs import ItemLog
     from storage.proxy_rows import ProxyRow
     from storage.secrets import SecretBox
+
+log = logging.getLogger(__name__)
 
 # Storage modules (SQLAlchemy, DuckDB) are imported inside the methods that write: pool
 # worker processes import this module for its executor only.
@@ -66,7 +69,8 @@ class ValidateJob(JobKind):
                 "--revalidate / --status / --type / --older-than-hours / --limit",
             )
         _check_judge(p.judge_url, p.timeout_s)
-        return p.stored()
+        canary = _resolve_canary(p.canary_url, p.judge_url, p.timeout_s)
+        return p.model_copy(update={"canary_url": canary or "off"}).stored()
 
     def plan(self, db: Database, run_id: int, params: dict[str, Any]) -> Iterator[Sequence[Any]]:
         batch = int(params["batch_size"])
@@ -182,10 +186,36 @@ class ValidateJob(JobKind):
     def ok_outcomes(self) -> set[str]:
         return {"alive"}
 
+    def summary_extra(self, conn: sa.Connection, run_id: int) -> dict[str, Any] | None:
+        """The integrity check: the canary used (None: not checked) and the tampering count."""
+        from storage.item_logs import outcome_counts
+        from storage.runs import get_run
+
+        run = get_run(conn, run_id)
+        if run is None:
+            return None
+        canary = run.params.get("canary_url")
+        tampering = outcome_counts(conn, self.item_log(), run_id).get("tampering", 0)
+        return {"integrity": {"canary": None if canary in (None, "off") else canary,
+                              "tampering": tampering}}  # fmt: skip
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        integrity = (summary.get(self.name) or {}).get("integrity")
+        if not integrity:
+            return []
+        if integrity["canary"] is None:
+            return ["  integrity: not checked (no canary: give --canary URL to catch tampering)"]
+        return [
+            f"  integrity: {integrity['tampering']:,} tampering (they modify content: never "
+            f"used), canary {integrity['canary']}"
+        ]
+
     async def open_executor(self, params: dict[str, Any], env: WorkerEnv) -> Executor:
         from fetchers.proxy_check import ProxyChecker
 
-        checker = ProxyChecker(params["judge_url"], timeout=float(params["timeout_s"]))
+        timeout = float(params["timeout_s"])
+        integrity = await _open_integrity(params.get("canary_url"), timeout)
+        checker = ProxyChecker(params["judge_url"], timeout=timeout, integrity=integrity)
         await checker.start()
         return ValidateExecutor(checker)
 
@@ -221,6 +251,35 @@ class ValidateExecutor(Executor):
 
     async def aclose(self) -> None:
         await self.checker.aclose()
+
+
+def _resolve_canary(option: str | None, judge: str, timeout: float) -> str | None:
+    """The canary the run's workers use (None: integrity not checked); an explicit one that
+    does not serve a usable canary stops the run before it starts."""
+    from fetchers.integrity import CanaryError, resolve_canary
+
+    try:
+        return asyncio.run(resolve_canary(option, judge, timeout))
+    except CanaryError as exc:
+        raise ValidateParams.error(
+            "canary_url", f"{exc}; or give --canary off to skip the tampering check", option
+        ) from None
+
+
+async def _open_integrity(canary: str | None, timeout: float) -> Any:
+    """The worker's IntegrityCheck (None: off). A canary that stopped answering since the
+    run was planned leaves integrity unknown: no proxy gets a wrong verdict."""
+    if not canary or canary == "off":
+        return None
+    from fetchers.integrity import CanaryError, IntegrityCheck
+
+    integrity = IntegrityCheck(canary, timeout)
+    try:
+        await integrity.start()
+    except CanaryError as exc:
+        log.warning("integrity not checked: %s", exc)
+        return None
+    return integrity
 
 
 def _check_judge(judge: str, timeout: float) -> None:

@@ -9,7 +9,7 @@ from pydantic import field_validator
 
 from engine.jobs.params import TaskParams, param, timeout_param
 
-STATUSES = ("untested", "active", "inactive")
+STATUSES = ("untested", "active", "inactive", "tampering")
 PROTOCOLS = ("http", "https", "socks4", "socks5")
 REVALIDATE_MINUTES = 60.0  # --revalidate alone: proxies checked more than an hour ago
 
@@ -29,6 +29,15 @@ class ValidateParams(TaskParams):
         "or set FETCHFLEET_JUDGE_URL; `python -m sim` starts one on loopback",
     )
     timeout_s: float = timeout_param(5.0, "seconds per check attempt", setting="check_timeout_s")
+    canary_url: str | None = param(
+        None,
+        description="canary for the tampering check: a plain http:// base URL serving "
+        "page.html, data.json and pixel.png (static); 'off' skips the check; default: the "
+        "judge's server's /canary/ when it serves one (the sim's judge does)",
+        flag="--canary",
+        label="the canary URL",
+        metavar="URL",
+    )
     proxies_file: str | None = param(
         None,
         description="proxy list (text or CSV): ip:port, scheme://[user:pass@]host:port or "
@@ -36,7 +45,7 @@ class ValidateParams(TaskParams):
         flag="--proxies",
         metavar="FILE",
     )
-    status: Literal["untested", "active", "inactive"] | None = param(
+    status: Literal["untested", "active", "inactive", "tampering"] | None = param(
         None, description="stored proxies with this status", label="the status"
     )
     protocol: Literal["http", "https", "socks4", "socks5"] | None = param(
@@ -69,6 +78,20 @@ class ValidateParams(TaskParams):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(
                 f"{url!r} is not an http(s) URL: write it like http://127.0.0.2:8080/get"
+            )
+        return url
+
+    @field_validator("canary_url")
+    @classmethod
+    def _canary(cls, url: str | None) -> str | None:
+        if url is None or url.strip().lower() == "off":
+            return None if url is None else "off"
+        url = url.strip()
+        parsed = urlparse(url)
+        if parsed.scheme != "http" or not parsed.netloc:
+            raise ValueError(
+                f"{url!r} is not a plain http:// URL (or 'off'): write it like "
+                "http://127.0.0.2:8080/canary/"
             )
         return url
 
