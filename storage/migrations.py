@@ -125,6 +125,15 @@ QUEUE_INDEXES = (
 )
 
 
+def _v12_proxy_quality(conn: sa.Connection) -> None:
+    # checkfirst: a database created at version 12 has it from step 1. The checks stored
+    # before seed the history, so an upgraded pool is sortable by reliability at once.
+    from storage.proxy_history import HISTORY_N, backfill_checks
+
+    schema.proxy_quality.create(conn, checkfirst=True)
+    backfill_checks(conn, HISTORY_N)
+
+
 # (version, description, step). Append new steps; never edit released ones: steps 2 and 3
 # hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
 # their own; a new kind's tables go into its own Component, not into a core step.
@@ -155,6 +164,7 @@ STEPS: list[tuple[int, str, Step]] = [
     (9, "fetch_logs.domain, avoided: cost accounting per domain", _v9_fetch_costs),
     (10, "indexes on the logs' time columns the metrics endpoint reads", _v10_metrics_indexes),
     (11, "partial indexes: queued tasks by (run, seq), leases by expiry", _v11_queue_indexes),
+    (12, "proxy_quality: each proxy's last N checks and uses, reliability", _v12_proxy_quality),
 ]
 
 LATEST = STEPS[-1][0]
