@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from statistics import mean, median
 
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
@@ -21,6 +22,7 @@ from storage import proxies as proxy_store
 from storage import proxy_history as ph
 from storage.bulk import fetch_all
 from storage.db import Database
+from storage.export import export
 from storage.secrets import SecretBox
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
@@ -112,7 +114,7 @@ def test_uses_bounded_and_reliability_combines_checks_and_uses(db: Database) -> 
     assert f["reliability"] == pytest.approx(ph.wilson_lower(good + 1, 21))
 
 
-def test_the_pool_sorts_by_reliability(db: Database) -> None:
+def test_the_pool_sorts_by_reliability(db: Database, tmp_path: Path) -> None:
     """Proven beats lucky: 20 of 20 checks > 1 of 1 > 3 of 10 > none; the page's table
     shows the figures, the export order and the CLI's ranking agree."""
     keys = [f"http://127.0.0.1:{9200 + i}" for i in range(4)]
@@ -132,6 +134,17 @@ def test_the_pool_sorts_by_reliability(db: Database) -> None:
     assert first["checks_n"] == 20 and first["check_ratio"] == 1.0
     assert first["reliability"] == pytest.approx(1 / (1 + ph.Z**2 / 20))
     assert [r[0] for r in ranked] == keys
+    # the export: the pool by reliability (CSV), the histories themselves (lists as JSON)
+    out = tmp_path / "pool.csv"
+    assert export(db, "proxies", "csv", out, order_by="-reliability") == 4
+    assert [line.split(",")[1].strip('"') for line in out.read_text().splitlines()[1:]] == keys
+    assert export(db, "proxy_quality", "csv", tmp_path / "q.csv") == 3
+    assert export(db, "proxy_quality", "parquet", tmp_path / "q.parquet") == 3
+    row = next(
+        r for r in pq.read_table(tmp_path / "q.parquet").to_pylist() if r["proxy_id"] == proven
+    )
+    assert row["check_ok"] == [1] * 20 and row["check_run"] == list(range(1, 21))
+    assert '"[1, 1, 1' in (tmp_path / "q.csv").read_text().splitlines()[1]
 
 
 def test_schema_step_12_seeds_history_from_stored_checks(db: Database) -> None:
