@@ -376,6 +376,15 @@ def pool_page(
 
 
 @st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def proxy_history(url: str, proxy_id: int) -> list[tuple[Any, str, bool, float | None]]:
+    """One proxy's kept checks and uses, oldest first (``storage.proxy_history``)."""
+    from storage.proxy_history import history
+
+    with _db(url).connect() as conn:
+        return history(conn, proxy_id)
+
+
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
 def pool_charts(
     url: str,
 ) -> tuple[list[tuple[int, int]], list[tuple[str, int]], list[tuple[str, int]], dict[str, int]]:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from storage.clock import utcnow
 from storage.db import Database
+from storage.proxy_history import backfill_checks
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -156,6 +157,7 @@ def seed_history(
             ),
             p,
         )
+        backfill_checks(conn)  # each proxy's history, as schema step 12 seeds it
         x(
             sa.text(
                 f"""INSERT INTO tasks (run_id, seq, status, items, n_items, attempts,

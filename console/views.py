@@ -54,6 +54,36 @@ def stacked_bars(rows: Sequence[tuple[Any, str, int]], title: str, x: str, y: st
     return _layout(fig, title, x, y)
 
 
+def proxy_history(events: Sequence[tuple[Any, str, bool, float | None]], title: str) -> go.Figure:
+    """A proxy's kept checks and uses ((at, source, ok, latency ms)): latency over time per
+    source, failures as crosses on the time axis (they have no latency)."""
+    traces = []
+    for source in ("check", "use"):
+        good = [(at, ms) for at, src, ok, ms in events if src == source and ok]
+        bad = [at for at, src, ok, _ in events if src == source and not ok]
+        if good:
+            traces.append(
+                go.Scatter(
+                    x=[a for a, _ in good],
+                    y=[m for _, m in good],
+                    mode="lines+markers",
+                    name=f"{source}: ok",
+                )
+            )
+        if bad:
+            traces.append(
+                go.Scatter(
+                    x=bad,
+                    y=[0] * len(bad),
+                    mode="markers",
+                    name=f"{source}: failed",
+                    marker={"symbol": "x", "size": 10},
+                )
+            )
+    fig = go.Figure(traces)
+    return _layout(fig, title, "time (UTC)", "latency ms")
+
+
 def chart(fig: go.Figure, key: str) -> None:
     st.plotly_chart(fig, key=key, config={"displayModeBar": False})
 

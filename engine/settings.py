@@ -101,3 +101,11 @@ class Settings(BaseSettings):
     alerts_retry_window_s: float = Field(
         3600.0, gt=0, description="How long after its event a delivery is retried."
     )
+    proxy_history_n: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Checks and cascade uses kept per proxy (each): the window of its success "
+        "ratios, latency and reliability (FETCHFLEET_PROXY_HISTORY_N; the same on every "
+        "machine that stores results).",
+    )

@@ -284,9 +284,17 @@ def pool_section(url: str, c: Console) -> None:
         page = 1
         st.session_state["pool_page"] = 1
         total, frame = reads.pool_page(url, flt, sort, descending, page, size)
-    st.caption(f"{total:,} proxies match · page {page} of {pages}")
-    st.dataframe(frame, hide_index=True, width="stretch", key="pool_table")
+    n = c.settings.proxy_history_n
+    st.caption(
+        f"{total:,} proxies match · page {page} of {pages} · ratios and latency over each "
+        f"proxy's last {n} checks and last {n} uses by scrape runs; reliability: the lower "
+        "bound of their success ratio (Wilson, 95 %), so a proven proxy ranks above a lucky one"
+    )
+    st.dataframe(
+        frame, hide_index=True, width="stretch", key="pool_table", column_config=QUALITY_FORMAT
+    )
     st.pagination(pages, key="pool_page", max_visible_pages=9)
+    history_section(url, frame)
     views.download_buttons(
         url, "proxies", c.exports_dir, key="pool_dl", where=flt.pairs(), stem="proxies"
     )
@@ -321,6 +329,33 @@ def pool_section(url: str, c: Console) -> None:
             ),
             key="chart_country",
         )
+
+
+QUALITY_FORMAT = {
+    "reliability": st.column_config.NumberColumn(format="%.3f"),
+    "check_ratio": st.column_config.NumberColumn("check success", format="percent"),
+    "use_ratio": st.column_config.NumberColumn("use success", format="percent"),
+    "check_ms_median": st.column_config.NumberColumn("median ms (checks)", format="%.0f"),
+    "check_ms_mean": st.column_config.NumberColumn("mean ms (checks)", format="%.0f"),
+    "use_ms_mean": st.column_config.NumberColumn("mean ms (uses)", format="%.0f"),
+}
+
+
+def history_section(url: str, frame: object) -> None:
+    """The kept checks and uses of one proxy of the page shown, as a chart."""
+    import pandas as pd
+
+    if not isinstance(frame, pd.DataFrame) or frame.empty:
+        return
+    keys = dict(zip(frame["key"], frame["id"], strict=True))
+    key = st.selectbox("History of proxy", list(keys), key="pool_history_proxy")
+    if key is None:
+        return
+    events = reads.proxy_history(url, int(keys[key]))
+    if not events:
+        st.caption(f"{key}: no check or use kept yet")
+        return
+    views.chart(views.proxy_history(events, f"{key}: last checks and uses"), key="chart_history")
 
 
 def main() -> None:

@@ -32,12 +32,14 @@ from storage.bulk import fetch_all
 from storage.clock import NOW_SQL, utcnow
 from storage.export import attribute_names, build_query, entities_query, entity_filter
 from storage.item_logs import ItemLog, ItemLogs
+from storage.proxy_history import QUALITY_COLUMNS
 from storage.schema import (
     entities,
     errors,
     fetch_logs,
     files,
     proxies,
+    proxy_quality,
     runs,
     tasks,
     urls,
@@ -471,6 +473,11 @@ def workers_alive(conn: sa.Connection, heartbeat_within_s: float) -> int:
 POOL_FILTER_COLUMNS = ("status", "anonymity", "country", "protocol")
 POOL_SORTS: dict[str, str] = {
     "latency": "latency_ms",
+    # over the last N checks and uses (storage.proxy_history)
+    "reliability": "reliability",
+    "check success": "check_ratio",
+    "use success": "use_ratio",
+    "median latency (last N)": "check_ms_median",
     "status": "status",
     "anonymity": "anonymity",
     "country": "country",
@@ -544,16 +551,20 @@ def pool_page(
     """One page of the proxy table (never the encrypted password), sorted in SQL."""
     if sort not in POOL_SORTS:
         raise ValueError(f"cannot sort the pool by {sort!r}: one of {', '.join(POOL_SORTS)}")
-    col = proxies.c[POOL_SORTS[sort]]
+    name = POOL_SORTS[sort]
+    q = proxy_quality.c
+    col = q[name] if name in QUALITY_COLUMNS else proxies.c[name]
     order = (col.desc() if descending else col.asc()).nulls_last()
     stmt = (
-        sa.select(*(proxies.c[c] for c in POOL_TABLE_COLUMNS))
+        sa.select(*(proxies.c[c] for c in POOL_TABLE_COLUMNS), *(q[c] for c in QUALITY_COLUMNS))
+        .select_from(proxies.outerjoin(proxy_quality, q.proxy_id == proxies.c.id))
         .where(*flt.where())
         .order_by(order, proxies.c.id)
         .offset(max(0, int(offset)))
         .limit(max(1, int(limit)))
     )
-    return list(POOL_TABLE_COLUMNS), [tuple(r) for r in fetch_all(conn, stmt)]
+    cols = [*POOL_TABLE_COLUMNS, *QUALITY_COLUMNS]
+    return cols, [tuple(r) for r in fetch_all(conn, stmt)]
 
 
 def alive_by(conn: sa.Connection, column: str, limit: int = 20) -> list[tuple[str, int]]:

@@ -13,6 +13,7 @@ not spreadsheets: it keeps every value as stored.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,8 @@ import sqlalchemy as sa
 
 from storage.db import Database
 from storage.migrations import exportable_tables
-from storage.schema import entities, entity_attributes, proxy_checks
+from storage.proxy_history import QUALITY_COLUMNS
+from storage.schema import entities, entity_attributes, proxy_checks, proxy_quality
 
 SECRET_COLUMNS = {"password_enc"}
 CHUNK = 50_000
@@ -55,13 +57,18 @@ def build_query(
     run_id: int | None = None,
     where: dict[str, str] | None = None,
     tables: Mapping[str, sa.Table] | None = None,
+    order_by: str | None = None,
 ) -> sa.Select:
-    """The selection of one table (``tables``: the exportable ones, default the core's)."""
+    """The selection of one table (``tables``: the exportable ones, default the core's).
+    ``order_by``: a column (``-column``: descending, empty values last) instead of the
+    primary key; ``proxies`` also sorts by its quality figures (``reliability`` …)."""
     tables = exportable_tables() if tables is None else tables
     if table_name not in tables:
         raise ValueError(f"unknown table {table_name!r}: choose one of {', '.join(tables)}")
     table = tables[table_name]
     stmt = sa.select(*exportable_columns(table)).order_by(*table.primary_key.columns)
+    if order_by:
+        stmt = _ordered(stmt, table, order_by)
     if run_id is not None:
         if "run_id" in table.c:
             stmt = stmt.where(table.c.run_id == run_id)
@@ -86,6 +93,21 @@ def build_query(
     return stmt
 
 
+def _ordered(stmt: sa.Select, table: sa.Table, order_by: str) -> sa.Select:
+    name = order_by.lstrip("-").strip()
+    if name in table.c and name not in SECRET_COLUMNS:
+        col = table.c[name]
+    elif table.name == "proxies" and name in QUALITY_COLUMNS:  # the pool by its history
+        col = proxy_quality.c[name]
+        stmt = stmt.select_from(table.outerjoin(proxy_quality, col.table.c.proxy_id == table.c.id))
+    else:
+        extra = f", {', '.join(QUALITY_COLUMNS)}" if table.name == "proxies" else ""
+        cols = ", ".join(c.name for c in exportable_columns(table))
+        raise ValueError(f"--order-by {name}: {table.name} has no such column ({cols}{extra})")
+    order = col.desc() if order_by.startswith("-") else col.asc()
+    return stmt.order_by(None).order_by(order.nulls_last(), *table.primary_key.columns)
+
+
 def parse_where(pairs: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs or []:
@@ -103,13 +125,14 @@ def export(
     out: Path,
     run_id: int | None = None,
     where: dict[str, str] | None = None,
+    order_by: str | None = None,
 ) -> int:
     """Write the selection to ``out``; returns the number of rows written. The tables are
     the core's and those of the components ``db`` was opened with."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: csv or parquet")
     tables = exportable_tables(db.components)
-    stmt = build_query(table_name, run_id, where, tables)
+    stmt = build_query(table_name, run_id, where, tables, order_by)
     return _write(db, stmt, _arrow_schema(tables[table_name]), fmt, out)
 
 
@@ -117,6 +140,12 @@ def _write(db: Database, stmt: sa.Select, schema: pa.Schema, fmt: str, out: Path
     """Stream ``stmt`` into a CSV or Parquet file (``CHUNK`` rows at a time, atomically)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
+    # CSV has no lists (a proxy's history): such a cell is its JSON text there
+    list_cols = [i for i, f in enumerate(schema) if fmt == "csv" and pa.types.is_list(f.type)]
+    if list_cols:
+        schema = pa.schema(
+            [pa.field(f.name, pa.string()) if i in list_cols else f for i, f in enumerate(schema)]
+        )
     rows = 0
     writer: Any = None
     try:
@@ -129,6 +158,8 @@ def _write(db: Database, stmt: sa.Select, schema: pa.Schema, fmt: str, out: Path
                 i for i, f in enumerate(schema) if fmt == "csv" and pa.types.is_string(f.type)
             ]
             for chunk in result.partitions():
+                if list_cols:
+                    chunk = [_list_text(r, list_cols) for r in chunk]
                 if text_cols:
                     chunk = [_neutralise_row(r, text_cols) for r in chunk]
                 batch = pa.RecordBatch.from_pylist(
@@ -144,6 +175,14 @@ def _write(db: Database, stmt: sa.Select, schema: pa.Schema, fmt: str, out: Path
             writer.close()
         tmp.unlink(missing_ok=True)
     return rows
+
+
+def _list_text(row: Any, cols: list[int]) -> list[Any]:
+    values = list(row)
+    for i in cols:
+        if values[i] is not None:
+            values[i] = json.dumps(list(values[i]), default=str)
+    return values
 
 
 def _neutralise_row(row: Any, cols: list[int]) -> list[Any]:
@@ -263,6 +302,7 @@ def export_entities(
 
 
 _ARROW = {
+    sa.SmallInteger: pa.int16(),
     sa.BigInteger: pa.int64(),
     sa.Integer: pa.int64(),
     sa.Float: pa.float64(),
@@ -273,9 +313,11 @@ _ARROW = {
 }
 
 
+def _arrow_type(typ: Any) -> pa.DataType:
+    if isinstance(typ, sa.ARRAY):  # proxy_quality's lists
+        return pa.list_(_arrow_type(typ.item_type))
+    return next((a for t, a in _ARROW.items() if isinstance(typ, t)), pa.string())
+
+
 def _arrow_schema(table: sa.Table) -> pa.Schema:
-    fields = []
-    for col in exportable_columns(table):
-        typ = next((a for t, a in _ARROW.items() if isinstance(col.type, t)), pa.string())
-        fields.append(pa.field(col.name, typ))
-    return pa.schema(fields)
+    return pa.schema([pa.field(c.name, _arrow_type(c.type)) for c in exportable_columns(table)])

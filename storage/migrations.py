@@ -125,6 +125,15 @@ QUEUE_INDEXES = (
 )
 
 
+def _v12_proxy_quality(conn: sa.Connection) -> None:
+    # checkfirst: a database created at version 12 has it from step 1. The checks stored
+    # before seed the history, so an upgraded pool is sortable by reliability at once.
+    from storage.proxy_history import HISTORY_N, backfill_checks
+
+    schema.proxy_quality.create(conn, checkfirst=True)
+    backfill_checks(conn, HISTORY_N)
+
+
 def _v13_error_snapshots(conn: sa.Connection) -> None:
     # checkfirst: a database created at version 13 has it from step 1 already.
     schema.error_snapshots.create(conn, checkfirst=True)
@@ -160,6 +169,7 @@ STEPS: list[tuple[int, str, Step]] = [
     (9, "fetch_logs.domain, avoided: cost accounting per domain", _v9_fetch_costs),
     (10, "indexes on the logs' time columns the metrics endpoint reads", _v10_metrics_indexes),
     (11, "partial indexes: queued tasks by (run, seq), leases by expiry", _v11_queue_indexes),
+    (12, "proxy_quality: each proxy's last N checks and uses, reliability", _v12_proxy_quality),
     (13, "error_snapshots: the first page of each error kind of a run", _v13_error_snapshots),
 ]
 

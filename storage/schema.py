@@ -395,6 +395,38 @@ run_logs = sa.Table(
 )
 sa.Index("ix_run_logs_run", run_logs.c.run_id).ddl_if(dialect="postgresql")
 
+# --- version 12: each proxy's quality over time ---------------------------------------------
+
+# One row per proxy: its last N checks and its last N uses by the cascade, oldest first, as
+# parallel lists (``storage.proxy_history``), and what follows from them. A bounded list in
+# the proxy's row, not a row per event: one set-based UPDATE per stored batch touches only
+# that batch's proxies, and the figures the console sorts by are plain columns.
+proxy_quality = sa.Table(
+    "proxy_quality",
+    metadata,
+    sa.Column("proxy_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("check_ok", sa.ARRAY(sa.SmallInteger)),  # 1 alive, 0 not
+    sa.Column("check_ms", sa.ARRAY(sa.Double)),  # latency when alive, else NULL
+    sa.Column("check_at", sa.ARRAY(sa.DateTime)),
+    sa.Column("check_run", sa.ARRAY(sa.BigInteger)),  # a run's check counts once
+    sa.Column("use_ok", sa.ARRAY(sa.SmallInteger)),  # 1: the site's answer came through
+    sa.Column("use_ms", sa.ARRAY(sa.Double)),  # latency of a good use, else NULL
+    sa.Column("use_at", sa.ARRAY(sa.DateTime)),
+    sa.Column("checks_total", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("uses_total", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("checks_n", sa.Integer),  # in the lists (at most N)
+    sa.Column("check_ok_n", sa.Integer),
+    sa.Column("check_ratio", sa.Double),
+    sa.Column("check_ms_median", sa.Double),
+    sa.Column("check_ms_mean", sa.Double),
+    sa.Column("uses_n", sa.Integer),
+    sa.Column("use_ok_n", sa.Integer),
+    sa.Column("use_ratio", sa.Double),
+    sa.Column("use_ms_mean", sa.Double),
+    sa.Column("reliability", sa.Double),  # Wilson lower bound over checks and uses
+    sa.Column("updated_at", sa.DateTime),
+)
+
 # Version 13: the first page of each distinct error kind of a run (``storage.snapshots``):
 # its HTML (cut at a cap; ``html_bytes`` is the size before) and, when a browser fetched it,
 # a PNG screenshot. One row per (run, kind): the first writer wins across workers.

@@ -135,6 +135,7 @@ class StoredPages:
     pages: int = 0
     new_urls: list[int] = field(default_factory=list)
     new_countries: list[str] = field(default_factory=list)  # of each of new_urls, as written
+    fresh: list[PageResult] = field(default_factory=list)  # the pages stored here first
 
 
 def store_pages(
@@ -173,7 +174,8 @@ def store_pages(
     added = _register_urls(conn, ctx.run_id, links, ctx.max_pages) if links else []
     if ctx.snapshot_limit:  # last: its advisory lock (PostgreSQL) is held the shortest
         _store_snapshots(conn, ctx, pages)
-    return StoredPages(len(pages), [i for i, _ in added], [c for _, c in added])
+    fresh = [p for _, _, p in pages]
+    return StoredPages(len(pages), [i for i, _ in added], [c for _, c in added], fresh)
 
 
 def fail_pages(

@@ -89,6 +89,11 @@ EXPECTED_WITH_DATA = {
         "300 proxies match" in at.caption[0].value
         and len(at.dataframe[0].value) == 50
         and "password_enc" not in at.dataframe[0].value.columns
+        # each proxy's history: the seed's 3 checks of every proxy, and one proxy's chart
+        and set(at.dataframe[0].value["checks_n"]) == {3}
+        and at.dataframe[0].value["reliability"].notna().all()
+        and at.selectbox(key="pool_history_proxy").value == at.dataframe[0].value["key"][0]
+        and any("last checks and uses" in str(c.proto.spec) for c in at.get("plotly_chart"))
     ),
     "Workers": lambda at: set(at.dataframe[0].value["worker"]) == {f"w-{i}" for i in range(4)},
     "Runs & errors": lambda at: (

@@ -187,7 +187,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         where = parse_where(args.where)
         db = open_db(args)
         try:
-            n = export(db, args.table, fmt, Path(args.out), run_id=args.run, where=where)
+            order = ("-" if args.desc else "") + args.order_by if args.order_by else None
+            n = export(db, args.table, fmt, Path(args.out), args.run, where, order)
         finally:
             db.dispose()
     except ValueError as exc:
@@ -406,6 +407,13 @@ def add_commands(sub: Any) -> None:
         metavar="COL=VALUE",
         help="filter, repeatable, e.g. --where status=active",
     )
+    e.add_argument(
+        "--order-by",
+        metavar="COL",
+        help="sort by a column (empty values last); proxies also by their history: "
+        "--order-by reliability --desc lists the most reliable first",
+    )
+    e.add_argument("--desc", action="store_true", help="with --order-by: descending")
     e.set_defaults(func=cmd_export)
 
     sn = sub.add_parser(

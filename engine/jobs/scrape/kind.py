@@ -64,6 +64,7 @@ class ScrapeJob(JobKind):
         super().__init__(settings)
         # run id → (storage.scrape.StoreContext, the run's batch size)
         self._contexts: dict[int, tuple[Any, int]] = {}
+        self._pools: dict[int, dict[str, int]] = {}  # run id → its pool (_pool_ids)
 
     def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
         """``spec`` (a path) or ``spec_text``; optional ``country``, ``methods``,
@@ -205,7 +206,48 @@ class ScrapeJob(JobKind):
         stored = store_pages(conn, ctx, pages)
         if stored.new_urls:
             self._queue_urls(conn, run_id, stored.new_urls, stored.new_countries, batch_size)
+        if stored.fresh:
+            self._record_uses(conn, run_id, stored.fresh)
         return stored.pages
+
+    def _record_uses(self, conn: sa.Connection, run_id: int, pages: list[PageResult]) -> None:
+        """The proxies' history of uses by the cascade: every attempt of the pages stored
+        here first that went through a proxy of the run's pool, in one write per batch.
+        An attempt names its proxy as the pool's lease did (``ProxyState.redacted``): the
+        same text is rebuilt for each member of the run's pool to find its id."""
+        from storage.proxy_history import record_uses
+
+        members = self._pool_ids(conn, run_id)
+        if not members:
+            return
+        uses = []
+        for page in sorted(pages, key=lambda p: p.fetched_at or datetime.min):
+            for a in page.attempts:  # (method, proxy, status, bytes, ms, error type, …)
+                pid = members.get(a[1]) if a[1] else None
+                if pid is not None:
+                    uses.append((pid, a[5] is None, a[4], page.fetched_at))
+        record_uses(conn, uses, self.settings.proxy_history_n)
+
+    def _pool_ids(self, conn: sa.Connection, run_id: int) -> dict[str, int]:
+        """The run's pool as redacted proxy URL → proxy id (empty: the run uses none)."""
+        members = self._pools.get(run_id)
+        if members is None:
+            from fetchers.proxy_parse import ProxySpec
+            from storage.proxy_history import run_pool_members
+
+            members = {}
+            for pid, protocol, scheme, host, port, user, has_pw in run_pool_members(conn, run_id):
+                # the spec _open_pool builds for this member: its lease's redacted URL
+                spec = ProxySpec(
+                    scheme=protocol or scheme or "http",
+                    host=host,
+                    port=int(port),
+                    username=user,
+                    password="x" if has_pw else None,
+                )
+                members.setdefault(spec.redacted(), int(pid))
+            self._pools[run_id] = members
+        return members
 
     def _queue_urls(
         self,

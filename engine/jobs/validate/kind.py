@@ -156,16 +156,20 @@ class ValidateJob(JobKind):
         n = len(batch)
         if not n:
             return 0
+        from storage.proxy_history import record_checks
+
         c = batch.columns
         now = utcnow()
-        return store.store_check_columns(
+        ids = [int(r) for r in batch.refs]
+        at = [t or now for t in c["checked_at"]]
+        new = store.store_check_columns(
             conn,
             [
                 [batch.run_id] * n,
-                [int(r) for r in batch.refs],
+                ids,
                 batch.task_ids,
                 batch.worker_ids,
-                [t or now for t in c["checked_at"]],
+                at,
                 batch.outcomes,
                 batch.oks,
                 c["protocol"],
@@ -176,6 +180,10 @@ class ValidateJob(JobKind):
                 c["error"],
             ],
         )
+        if new:  # the proxies' recent history (a run's check of a proxy counts once there too)
+            n_kept = self.settings.proxy_history_n
+            record_checks(conn, batch.run_id, ids, batch.oks, c["latency_ms"], at, n_kept)
+        return new
 
     def item_log(self) -> ItemLog:
         from storage.item_logs import ItemLog
