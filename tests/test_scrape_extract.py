@@ -78,6 +78,31 @@ def test_value_types_and_bad_values(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["css", "xpath"])
+def test_whitespace_is_one_space_whatever_its_kind(backend: str) -> None:
+    """Stripped, and every run of whitespace one space, the no-break space included (the
+    PostgreSQL docs' titles: ``1.&nbsp; What Is PostgreSQL?``): a value never depends on
+    whether the run also held an ASCII space or a newline."""
+    texts = {
+        "a": "1.&nbsp; What Is PostgreSQL?",
+        "b": "Chapter&nbsp;1.&nbsp;Getting Started",
+        "c": "\n  Part&#8195;III \t",
+        "d": "x&nbsp;&nbsp;y",
+    }
+    html = "".join(f"<p class={k}>{v}</p>" for k, v in texts.items()).encode()
+    sel = "css" if backend == "css" else "xpath"
+    rules = [
+        FieldRule(k, **{sel: f".{k}" if backend == "css" else f".//p[@class='{k}']"}) for k in texts
+    ]
+    rules.append(FieldRule("all", **{sel: "p" if backend == "css" else ".//p"}, all=True))
+    rules.append(FieldRule("re", regex=r"Chapter (\d+)", **{sel: rules[1].css or rules[1].xpath}))
+    ((values, problem),) = make_extractor(rules).extract(html, "http://x/")
+    assert problem is None
+    want = {"a": "1. What Is PostgreSQL?", "b": "Chapter 1. Getting Started", "c": "Part III",
+            "d": "x y"}  # fmt: skip
+    assert values == {**want, "all": " | ".join(want.values()), "re": "1"}
+
+
+@pytest.mark.parametrize("backend", ["css", "xpath"])
 def test_links_that_do_not_parse_never_raise(backend: str) -> None:
     """An unclosed IPv6 host makes urljoin raise: a link is returned as written (the scrape
     records it as a bad link of its page), a url field makes its entity invalid."""
@@ -90,6 +115,23 @@ def test_links_that_do_not_parse_never_raise(backend: str) -> None:
     assert ex.hrefs(html, "http://x/", ["a.n"]) == ["http://[oops", "http://x/ok"]
     ((values, problem),) = ex.extract(html, "http://x/")
     assert values == {"u": None} and problem == "u: 'http://[oops' is not a URL (Invalid IPv6 URL)"
+
+
+@pytest.mark.parametrize("backend", ["css", "xpath"])
+def test_follow_regex_sees_the_url_that_is_followed(backend: str) -> None:
+    """A follow regex is matched against the link as it will be fetched: absolute, without
+    its fragment (which never reaches the server). ``\\.html$`` follows ``b.html#sec`` (the
+    PostgreSQL docs link 6,420 times so); ``#top`` alone is the page itself, never followed."""
+    html = (
+        b'<a href="b.html#sec">b</a><a href="c.html">c</a><a href="#top">top</a>'
+        b'<a href="d.png#x">d</a><a href="e.html?q=1#y">e</a>'
+    )
+    fields = [FieldRule("x", xpath="//a")] if backend == "xpath" else []
+    ex = make_extractor(fields, follow_regex=[r"\.html$"])
+    assert ex.links(html, "http://x/docs/a.html") == [
+        "http://x/docs/b.html#sec",
+        "http://x/docs/c.html",
+    ]
 
 
 def test_normalize_url() -> None:
