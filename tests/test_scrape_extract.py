@@ -144,6 +144,34 @@ def test_normalize_url() -> None:
     assert normalize_url("http://[::1]:81/x") == "http://[::1]:81/x"
 
 
+def test_normalize_url_applies_dot_segments_of_absolute_links() -> None:
+    """RFC 3986 5.2.4, as browsers and servers do; ``urljoin`` leaves them in an absolute
+    link (``href="http://host/x/../b.html"``), and the page was stored twice."""
+    assert normalize_url("http://h/nowhere/../b.html") == "http://h/b.html"
+    assert normalize_url("http://h/./a/./b.html") == "http://h/a/b.html"
+    assert normalize_url("http://h/a/b/..") == "http://h/a/"
+    assert normalize_url("http://h/a/b/.?q=1") == "http://h/a/b/?q=1"
+    assert normalize_url("http://h/../../a") == "http://h/a"  # no climbing above the root
+    assert normalize_url("http://h/a/%2E%2E/b") == "http://h/b"  # escaped dots are dots
+    assert normalize_url("http://h/a//b/") == "http://h/a//b/"  # an empty segment stays
+    assert normalize_url("http://h/a..b/.c") == "http://h/a..b/.c"
+
+
+def test_normalize_url_writes_each_character_one_way() -> None:
+    """RFC 3986 6.2.2: escapes in upper case, an escaped unreserved character (letters,
+    digits, ``-._~``) as itself, a character a URL may not hold (a space, non-ASCII)
+    escaped as UTF-8; reserved characters keep their form (``%2F`` is not ``/``)."""
+    for spelling in ("read me.html", "read%20me.html", "r%65ad%20me.html"):
+        assert normalize_url(f"http://h/{spelling}") == "http://h/read%20me.html"
+    for spelling in ("caf\u00e9.html", "caf%c3%a9.html", "caf%C3%A9.html"):
+        assert normalize_url(f"http://h/{spelling}") == "http://h/caf%C3%A9.html"
+    assert normalize_url("http://h/tutorial%2dtable.html") == "http://h/tutorial-table.html"
+    assert normalize_url("http://h/%7Euser/%7e") == "http://h/~user/~"
+    assert normalize_url("http://h/a%2Fb?x=%2f&y=a+b c|d") == "http://h/a%2Fb?x=%2F&y=a+b%20c%7Cd"
+    assert normalize_url("http://h/100%") == "http://h/100%"  # not an escape: as written
+    assert normalize_url("http://h/q?a=%E2%82%AC&b=\u20ac") == "http://h/q?a=%E2%82%AC&b=%E2%82%AC"
+
+
 def test_spec_errors_say_where() -> None:
     with pytest.raises(SpecError, match=r"s.toml: not valid TOML: .*line 2, column 10"):
         parse_spec("name = 'x'\nfollow = }\n", "s.toml")
