@@ -14,7 +14,9 @@ fragments, links to other hosts, mailto:).
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -78,6 +80,8 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.docs / "index.html").is_file():
         raise SystemExit(f"{args.docs}/index.html not found: apt-get install postgresql-doc-15")
+    # SIGTERM (kill, a service manager) stops nginx too, as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with (
         tempfile.TemporaryDirectory(prefix="fetchfleet-docs-") as tmp,
         DocsSite(Path(tmp), args.docs, args.port) as site,

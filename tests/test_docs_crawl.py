@@ -9,6 +9,11 @@ exactly once (and requested once, in nginx's own log), with its URL as the id, i
 and its first heading (h1–h6 in document order) equal to the reading's, both with
 whitespace normalized the documented way: stripped, every run of whitespace (the no-break
 space included) one space.
+
+A second, small site adds a page of other spellings of the same pages (``./``, ``..`` in an
+absolute link, escapes of unreserved characters in either case, a space and a non-ASCII
+name written raw and escaped, an upper-case scheme and host, missing pages): each page is
+stored once, under one URL, and a missing one fails with its 404.
 """
 
 from __future__ import annotations
@@ -271,7 +276,8 @@ def test_other_spellings_of_the_same_pages_are_one_page_each(tmp_path: Path) -> 
         }  # fmt: skip
         want = reading.urls(origin)
         spec = SPEC.read_text().replace(SPEC_START, site.url("/variants.html"))
-        spec = spec.replace("max_depth = 100", "max_depth = 1")
+        spec = spec.replace("max_depth = 100", "max_depth = 1")  # variants.html and its links
+        assert site.url("/variants.html") in spec and "max_depth = 1 " in spec
         db = f"duckdb:///{tmp_path / 'v.duckdb'}"
         out = cli("scrape", "--spec", write(tmp_path, spec), "--db", db, "--json",
                   "--workers", "1")  # fmt: skip

@@ -13,7 +13,7 @@ robots_agent = "fetchfleet"        # the User-agent token matched in robots.txt 
 
 [follow]                           # optional: which links to follow
 css = ["a.next", "a.product-link"]
-regex = []                         # URL regexes, matched against every <a href>
+regex = []                         # regexes on every <a href> (absolute, no fragment)
 max_depth = 10
 same_domain = true
 
