@@ -185,6 +185,7 @@ def test_reading_the_docs_finds_about_a_thousand_pages(truth: dict[str, Reading]
     assert [p for p, r in pages.items() if not r.heading] == ["legalnotice.html"]
 
 
+@pytest.mark.slow
 def test_crawl_of_the_postgresql_docs_matches_an_independent_reading(
     docs_site: DocsSite, truth: dict[str, Reading], tmp_path: Path
 ) -> None:
