@@ -8,8 +8,9 @@ compiled once per spec, not per page.
 A field rule: `css` or `xpath` (relative to the list item when the spec has `list`), `attr`
 (an attribute instead of the text; with neither selector, the attribute of the list item or
 page itself), `type` (str, int, float, bool, url), `regex` (keep the first group / match),
-`all` (every match, joined by `sep`). Values that do not convert make the entity invalid with
-a reason; the caller reports it instead of storing it.
+`all` (every match, joined by `sep`). Text is stored stripped, each run of whitespace
+(Unicode's: the no-break space too) one space (`clean_text`). Values that do not convert
+make the entity invalid with a reason; the caller reports it instead of storing it.
 """
 
 from __future__ import annotations
@@ -55,13 +56,19 @@ class Invalid(ValueError):
     """A value did not convert to its field's type."""
 
 
+def clean_text(text: str) -> str:
+    """A value as stored: stripped, every run of whitespace one space. Unicode whitespace
+    counts (the no-break space of ``&nbsp;``, an em space), always: only collapsing runs
+    that held an ASCII space or newline made ``1.&nbsp; What`` lose its no-break space and
+    ``1.&nbsp;What`` keep it (the PostgreSQL docs' titles have both)."""
+    return " ".join(text.split())
+
+
 def convert(rule: FieldRule, raw: str | None, base_url: str) -> str | None:
     """The stored text of a value of ``rule.type`` (None stays None); raises Invalid."""
     if raw is None:
         return None
-    value = raw.strip()
-    if "  " in value or "\n" in value or "\t" in value or "\r" in value:
-        value = " ".join(value.split())  # runs of whitespace in the text become one space
+    value = clean_text(raw)
     if rule.regex:
         m = re.search(rule.regex, value)
         if not m:
@@ -105,8 +112,9 @@ class Extractor(Protocol):
         ...
 
     def links(self, content: bytes, url: str) -> list[str]:
-        """Absolute URLs of the elements the spec follows, plus every link matching its
-        regexes; a link that does not parse is returned as written (never raised)."""
+        """Absolute URLs of the elements the spec follows, plus every link whose absolute
+        URL without its fragment matches one of its regexes; a link that does not parse is
+        returned as written (never raised)."""
         ...
 
     def hrefs(self, content: bytes, url: str, selectors: Sequence[str]) -> list[str]:
@@ -214,7 +222,11 @@ class _HtmlExtractor:
         out = self.hrefs(content, url, self.follow_css) if self.follow_css else []
         if self.follow_regex:
             for href in self._anchor_hrefs(self._tree(content)):
-                if href and any(r.search(_join(url, href)) for r in self.follow_regex):
+                # matched as it will be fetched: a fragment never reaches the server
+                # (`\.html$` must follow `b.html#sec`)
+                if href and any(
+                    r.search(_join(url, href).split("#", 1)[0]) for r in self.follow_regex
+                ):
                     out.extend(_first_group_links([href], url))
         return out
 
@@ -259,7 +271,7 @@ class LexborExtractor(_HtmlExtractor):
         for t in node.css(rule.css) if rule.css else [node]:
             v = t.attributes.get(rule.attr) if rule.attr else t.text(deep=True)
             if v is not None:
-                vals.append(" ".join(v.split()))
+                vals.append(clean_text(v))
         return rule.sep.join(vals) if vals else None
 
     def extract(self, content: bytes, url: str) -> list[Row]:
@@ -350,7 +362,7 @@ class LxmlExtractor(_HtmlExtractor):
             return None
         if len(vals) == 1:
             return vals[0]
-        return rule.sep.join(" ".join(v.split()) for v in vals)
+        return rule.sep.join(clean_text(v) for v in vals)
 
     def extract(self, content: bytes, url: str) -> list[Row]:
         tree = self._tree(content)
@@ -380,10 +392,7 @@ def _row(fields: Sequence[FieldRule], raws: Iterable[str | None], url: str) -> R
     problems = []
     for rule, raw in zip(fields, raws, strict=True):
         if raw is not None and rule.type == "str" and rule.regex is None:
-            value = raw.strip()  # the common case, inline (120 fields a catalog page)
-            if "  " in value or "\n" in value or "\t" in value or "\r" in value:
-                value = " ".join(value.split())
-            values[rule.name] = value
+            values[rule.name] = " ".join(raw.split())  # clean_text, inline: the common case
             continue
         try:
             values[rule.name] = convert(rule, raw, url)

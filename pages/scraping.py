@@ -35,6 +35,7 @@ from storage.runs import TRANSITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = ROOT / "specs"
+DEMO_SPEC = "sim_shops.toml"  # chosen first: the demo's shops (`python -m sim.shops`) run it
 SOURCES = {"A spec under specs/": "file", "Upload a spec": "upload"}
 METHODS = ("http", "playwright", "selenium", "tor", "api")
 PROXIES = {"direct (no proxy)": None, "stored proxies: active": "active"}
@@ -59,7 +60,8 @@ def spec_chooser(slot_errors: dict[str, str]) -> tuple[str, str, Path]:
         if not names:
             st.info(f"No spec under {SPECS_DIR}: upload one or write it below.")
         else:
-            name = st.selectbox("Spec file", names, key="sc_file")
+            first = names.index(DEMO_SPEC) if DEMO_SPEC in names else 0
+            name = st.selectbox("Spec file", names, index=first, key="sc_file")
             loaded = f"file:{name}"
             try:  # bounded, and only what lies in specs/ (a symlink out of it is refused)
                 text = files.read_text_bounded(

@@ -25,6 +25,7 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Self
 
 NGINX = "/usr/sbin/nginx"
 RECORD = b'{"id": "sim", "handle": "user.sim.test", "followers": 42}\n'
@@ -36,7 +37,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class LimitedOrigin:
+class NginxServer:
+    """What every private nginx of the sim shares: started on entering a ``with`` (a
+    subclass's ``start``), stopped gracefully on leaving it."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        stop_nginx(proc)
+
+
+class LimitedOrigin(NginxServer):
     """nginx on 127.0.0.1 with one ``limit_req`` bucket of ``rate_per_s`` and ``burst``."""
 
     def __init__(self, root: Path, rate_per_s: int = 20, burst: int = 20) -> None:
@@ -53,13 +75,6 @@ class LimitedOrigin:
     @property
     def access_log(self) -> Path:
         return self.root / "access.log"
-
-    def __enter__(self) -> LimitedOrigin:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def _config(self) -> str:
         r = self.root
@@ -105,10 +120,6 @@ class LimitedOrigin:
 
     def statuses(self) -> Counter[int]:
         return Counter(status for _, status in self.requests())
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        stop_nginx(proc)
 
 
 def config_head(root: Path, connections: int) -> str:

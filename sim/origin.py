@@ -23,7 +23,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from sim.nginx import config_head, free_port, start_nginx, stop_nginx
+from sim.nginx import NginxServer, config_head, free_port, start_nginx
 
 BIG_BYTES = 6 * 1024 * 1024
 CAPTCHA_PAGE = (
@@ -72,7 +72,7 @@ def make_cert(directory: Path, ip: str = "127.0.0.1") -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-class Origin:
+class Origin(NginxServer):
     def __init__(self, root: Path, block_addresses: set[str] | None = None) -> None:
         self.root = root
         self.block_addresses = set(block_addresses or ())
@@ -85,13 +85,6 @@ class Origin:
 
     def tls_url(self, path: str = "/page") -> str:
         return f"https://127.0.0.1:{self.ports['tls']}{path}"
-
-    def __enter__(self) -> Origin:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def _locations(self) -> str:
         return """
@@ -159,7 +152,3 @@ class Origin:
                 continue
             out.append((addr, uri, int(status)))
         return out
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        stop_nginx(proc)

@@ -97,11 +97,14 @@ def truth(shops: ShopWorld, name: str) -> dict[str, dict[str, Any]]:
     return {p["id"]: p for p in shop_products(shops[name].spec)}
 
 
-def stored(db_url: str, country: str | None = None) -> dict[str, dict[str, Any]]:
+def stored(
+    db_url: str, country: str | None = None, entity_type: str = "product"
+) -> dict[str, dict[str, Any]]:
+    """The stored entities of a type by external id, each with its attributes."""
     db = open_database(db_url)
     try:
         with db.connect() as conn:
-            rows = entity_rows(conn, "product", country)
+            rows = entity_rows(conn, entity_type, country)
     finally:
         db.dispose()
     return {r["external_id"]: r for r in rows}

@@ -78,6 +78,31 @@ def test_value_types_and_bad_values(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["css", "xpath"])
+def test_whitespace_is_one_space_whatever_its_kind(backend: str) -> None:
+    """Stripped, and every run of whitespace one space, the no-break space included (the
+    PostgreSQL docs' titles: ``1.&nbsp; What Is PostgreSQL?``): a value never depends on
+    whether the run also held an ASCII space or a newline."""
+    texts = {
+        "a": "1.&nbsp; What Is PostgreSQL?",
+        "b": "Chapter&nbsp;1.&nbsp;Getting Started",
+        "c": "\n  Part&#8195;III \t",
+        "d": "x&nbsp;&nbsp;y",
+    }
+    html = "".join(f"<p class={k}>{v}</p>" for k, v in texts.items()).encode()
+    sel = "css" if backend == "css" else "xpath"
+    rules = [
+        FieldRule(k, **{sel: f".{k}" if backend == "css" else f".//p[@class='{k}']"}) for k in texts
+    ]
+    rules.append(FieldRule("all", **{sel: "p" if backend == "css" else ".//p"}, all=True))
+    rules.append(FieldRule("re", regex=r"Chapter (\d+)", **{sel: rules[1].css or rules[1].xpath}))
+    ((values, problem),) = make_extractor(rules).extract(html, "http://x/")
+    assert problem is None
+    want = {"a": "1. What Is PostgreSQL?", "b": "Chapter 1. Getting Started", "c": "Part III",
+            "d": "x y"}  # fmt: skip
+    assert values == {**want, "all": " | ".join(want.values()), "re": "1"}
+
+
+@pytest.mark.parametrize("backend", ["css", "xpath"])
 def test_links_that_do_not_parse_never_raise(backend: str) -> None:
     """An unclosed IPv6 host makes urljoin raise: a link is returned as written (the scrape
     records it as a bad link of its page), a url field makes its entity invalid."""
@@ -92,6 +117,23 @@ def test_links_that_do_not_parse_never_raise(backend: str) -> None:
     assert values == {"u": None} and problem == "u: 'http://[oops' is not a URL (Invalid IPv6 URL)"
 
 
+@pytest.mark.parametrize("backend", ["css", "xpath"])
+def test_follow_regex_sees_the_url_that_is_followed(backend: str) -> None:
+    """A follow regex is matched against the link as it will be fetched: absolute, without
+    its fragment (which never reaches the server). ``\\.html$`` follows ``b.html#sec`` (the
+    PostgreSQL docs link 6,420 times so); ``#top`` alone is the page itself, never followed."""
+    html = (
+        b'<a href="b.html#sec">b</a><a href="c.html">c</a><a href="#top">top</a>'
+        b'<a href="d.png#x">d</a><a href="e.html?q=1#y">e</a>'
+    )
+    fields = [FieldRule("x", xpath="//a")] if backend == "xpath" else []
+    ex = make_extractor(fields, follow_regex=[r"\.html$"])
+    assert ex.links(html, "http://x/docs/a.html") == [
+        "http://x/docs/b.html#sec",
+        "http://x/docs/c.html",
+    ]
+
+
 def test_normalize_url() -> None:
     assert normalize_url("HTTP://Shop.Test:80/a?b=1#frag") == "http://shop.test/a?b=1"
     assert normalize_url("https://shop.test:443") == "https://shop.test/"
@@ -100,6 +142,34 @@ def test_normalize_url() -> None:
         == "http://127.0.0.4:8080/catalog?page=2"
     )
     assert normalize_url("http://[::1]:81/x") == "http://[::1]:81/x"
+
+
+def test_normalize_url_applies_dot_segments_of_absolute_links() -> None:
+    """RFC 3986 5.2.4, as browsers and servers do; ``urljoin`` leaves them in an absolute
+    link (``href="http://host/x/../b.html"``), and the page was stored twice."""
+    assert normalize_url("http://h/nowhere/../b.html") == "http://h/b.html"
+    assert normalize_url("http://h/./a/./b.html") == "http://h/a/b.html"
+    assert normalize_url("http://h/a/b/..") == "http://h/a/"
+    assert normalize_url("http://h/a/b/.?q=1") == "http://h/a/b/?q=1"
+    assert normalize_url("http://h/../../a") == "http://h/a"  # no climbing above the root
+    assert normalize_url("http://h/a/%2E%2E/b") == "http://h/b"  # escaped dots are dots
+    assert normalize_url("http://h/a//b/") == "http://h/a//b/"  # an empty segment stays
+    assert normalize_url("http://h/a..b/.c") == "http://h/a..b/.c"
+
+
+def test_normalize_url_writes_each_character_one_way() -> None:
+    """RFC 3986 6.2.2: escapes in upper case, an escaped unreserved character (letters,
+    digits, ``-._~``) as itself, a character a URL may not hold (a space, non-ASCII)
+    escaped as UTF-8; reserved characters keep their form (``%2F`` is not ``/``)."""
+    for spelling in ("read me.html", "read%20me.html", "r%65ad%20me.html"):
+        assert normalize_url(f"http://h/{spelling}") == "http://h/read%20me.html"
+    for spelling in ("caf\u00e9.html", "caf%c3%a9.html", "caf%C3%A9.html"):
+        assert normalize_url(f"http://h/{spelling}") == "http://h/caf%C3%A9.html"
+    assert normalize_url("http://h/tutorial%2dtable.html") == "http://h/tutorial-table.html"
+    assert normalize_url("http://h/%7Euser/%7e") == "http://h/~user/~"
+    assert normalize_url("http://h/a%2Fb?x=%2f&y=a+b c|d") == "http://h/a%2Fb?x=%2F&y=a+b%20c%7Cd"
+    assert normalize_url("http://h/100%") == "http://h/100%"  # not an escape: as written
+    assert normalize_url("http://h/q?a=%E2%82%AC&b=\u20ac") == "http://h/q?a=%E2%82%AC&b=%E2%82%AC"
 
 
 def test_spec_errors_say_where() -> None:

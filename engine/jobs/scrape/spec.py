@@ -13,7 +13,7 @@ robots_agent = "fetchfleet"        # the User-agent token matched in robots.txt 
 
 [follow]                           # optional: which links to follow
 css = ["a.next", "a.product-link"]
-regex = []                         # URL regexes, matched against every <a href>
+regex = []                         # regexes on every <a href> (absolute, no fragment)
 max_depth = 10
 same_domain = true
 
@@ -53,6 +53,7 @@ Errors name the file, the line and column (TOML syntax) or the field path (`extr
 from __future__ import annotations
 
 import re
+import string
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -79,9 +80,62 @@ class SpecError(ValueError):
     """A spec that cannot be used; the message says where and what to change."""
 
 
+# RFC 3986: characters that never need an escape, and those a path or query may hold as
+# written (the reserved ones among them keep the form they have: `%2F` is not `/`)
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_AS_WRITTEN = _UNRESERVED | frozenset("!$&'()*+,;=:@/?")
+_HEX = frozenset(string.hexdigits)
+
+
+def _escapes(text: str) -> str:
+    """Each character of a path or query written one way (RFC 3986 6.2.2): an escape in
+    upper case, or the unreserved character it stands for; a character a URL cannot hold
+    (a space, non-ASCII) escaped as UTF-8. A ``%`` that starts no escape stays as written."""
+    if "%" not in text and _AS_WRITTEN.issuperset(text):
+        return text  # the common case: nothing to rewrite
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "%" and i + 2 < n and text[i + 1] in _HEX and text[i + 2] in _HEX:
+            char = chr(int(text[i + 1 : i + 3], 16))
+            out.append(char if char in _UNRESERVED else "%" + text[i + 1 : i + 3].upper())
+            i += 3
+            continue
+        if c in _AS_WRITTEN or c == "%":
+            out.append(c)
+        else:
+            out.append("".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")))
+        i += 1
+    return "".join(out)
+
+
+def _dot_segments(path: str) -> str:
+    """``path`` with its ``.`` and ``..`` segments applied (RFC 3986 5.2.4), as a browser
+    and the server do; never above the root."""
+    if "." not in path or not path.startswith("/"):
+        return path
+    segments = path.split("/")
+    out: list[str] = []
+    for seg in segments[1:]:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    result = "/" + "/".join(out)
+    if segments[-1] in (".", "..") and not result.endswith("/"):
+        result += "/"
+    return result
+
+
 def normalize_url(url: str) -> str:
-    """The registry key of a URL: scheme and host lower-cased, default port and fragment
-    dropped, an empty path made "/". The query keeps its order (it can be meaningful)."""
+    """The registry key of a URL, one for each way of writing the same address: scheme and
+    host lower-cased, default port and fragment dropped, an empty path made "/", ``.`` and
+    ``..`` segments applied, every character written one way (``_escapes``: ``%7e``,
+    ``%7E`` and ``~`` are ``~``; a space is ``%20``). The query keeps its order (it can be
+    meaningful). Not merged: ``/dir/`` and ``/dir/index.html``, or paths differing in case
+    (what they serve is the server's choice)."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
@@ -93,7 +147,8 @@ def normalize_url(url: str) -> str:
     if parts.username:
         userinfo = parts.username + (f":{parts.password}" if parts.password else "")
         host = f"{userinfo}@{host}"
-    return urlunsplit((scheme, host, parts.path or "/", parts.query, ""))
+    path = _dot_segments(_escapes(parts.path)) if parts.path else "/"
+    return urlunsplit((scheme, host, path, _escapes(parts.query), ""))
 
 
 class _Model(BaseModel):
