@@ -19,7 +19,7 @@ from engine.runtime.pool import start_process
 from engine.settings import Settings
 
 BLOB = 4 << 20  # one 4 MB submit: far more than a pipe holds, so a kill lands mid-write
-KILLS = 6
+KILLS = 3  # one kill at each of the three offsets into the flood below
 WAIT_S = 30.0
 
 

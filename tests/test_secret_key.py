@@ -72,14 +72,16 @@ def _load_in_child(path: str, barrier, queue) -> None:
 
 
 def test_first_uses_in_several_processes_share_one_key(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
+    # spawn, as the pool starts its workers: a fork of this many-threaded test process can
+    # inherit a lock some thread held, and the children then hang on their way out
+    ctx = multiprocessing.get_context("spawn")
     path = tmp_path / "secret.key"
-    barrier = ctx.Barrier(4, timeout=30)
+    barrier = ctx.Barrier(4, timeout=120)  # spawned children import first
     queue = ctx.Queue()
     procs = [ctx.Process(target=_load_in_child, args=(str(path), barrier, queue)) for _ in range(4)]
     for p in procs:
         p.start()
-    got = [queue.get(timeout=60) for _ in procs]
+    got = [queue.get(timeout=180) for _ in procs]
     for p in procs:
         p.join(30)
     assert [kind for kind, _ in got] == ["ok"] * 4, got
