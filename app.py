@@ -78,7 +78,7 @@ def live_home(url: str, heartbeat_within_s: float) -> None:
     with st.container(key="home_pool"):
         views.metrics(
             [("proxies", sum(pool.values()))]
-            + [(s, pool.get(s, 0)) for s in ("active", "inactive", "untested")]
+            + [(s, pool.get(s, 0)) for s in ("active", "inactive", "untested", "tampering")]
         )
 
 

@@ -184,6 +184,7 @@ def check_validation(
     workers: int,
     concurrency: int,
     duckdb: bool,
+    canary_url: str = "",
     status: str | None = None,
     protocol: str | None = None,
     minutes_old: float | None = None,
@@ -200,6 +201,8 @@ def check_validation(
         "timeout_s": timeout_s,
         "batch_size": batch_size,
     }
+    if canary_url.strip():  # empty: the judge's own canary when it serves one
+        params["canary_url"] = canary_url
     if source in ("paste", "upload"):
         if not has_list:
             e["proxies_file"] = (

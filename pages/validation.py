@@ -89,6 +89,13 @@ def start_form(c: Console) -> None:
             help="An httpbin-style /get or an azenv page; it must answer a direct request",
         )  # fmt: skip
         slots["judge_url"] = st.empty()
+        canary = st.text_input(
+            "Canary URL (tampering check)", key="val_canary",
+            placeholder="empty: the judge's /canary/ when it serves one; off: no check",
+            help="A plain http:// base URL serving page.html, data.json and pixel.png: each "
+            "alive proxy fetches them, and one that changes a byte is stored as tampering",
+        )  # fmt: skip
+        slots["canary_url"] = st.empty()
         cols = st.columns(4)
         timeout = cols[0].number_input(
             "Timeout per check (s)", step=0.5, key="val_timeout",
@@ -127,6 +134,7 @@ def start_form(c: Console) -> None:
         # an upload's emptiness is judged by check_text (above), a paste's here
         has_list=bool(text and text.strip()) if source == "paste" else source == "upload",
         judge_url=judge or "",
+        canary_url=canary or "",
         timeout_s=float(timeout or 0),
         batch_size=int(batch or 0),
         workers=int(workers or 0),

@@ -70,6 +70,7 @@ def test_home_shows_runs_and_proxies(console_env: str, tmp_path: Path) -> None:
     assert not at.exception
     fleet = {m.label: m.value for m in at.metric}
     assert fleet["runs"] == "1" and fleet["proxies"] == "1" and fleet["untested"] == "1"
+    assert fleet["tampering"] == "0"
     latest = at.dataframe[0].value
     assert list(latest["status"]) == ["queued"] and list(latest["kind"]) == ["validate"]
     runs_chart = json.loads(at.get("plotly_chart")[1].proto.spec)

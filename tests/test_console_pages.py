@@ -161,8 +161,12 @@ def test_validation_form_refuses_bad_input_field_by_field(console_env: str) -> N
     at.text_input(key="val_judge").set_value("ftp://judge")
     start(at)
     assert any("is not an http(s) URL" in e for e in errors_of(at))
-
     at.text_input(key="val_judge").set_value("http://127.0.0.1:9/get")
+    at.text_input(key="val_canary").set_value("https://canary.example/")
+    start(at)
+    assert any("is not a plain http:// URL (or 'off')" in e for e in errors_of(at))
+    at.text_input(key="val_canary").set_value("off")
+
     at.number_input(key="val_timeout").set_value(0)
     at.number_input(key="val_batch").set_value(0)
     at.number_input(key="val_workers").set_value(0)

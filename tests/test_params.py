@@ -233,6 +233,12 @@ def test_console_forms_read_the_models() -> None:
     assert res.errors == {
         "batch_size": "the batch size must be between 1 and 100,000 items per task, not 100,001"
     }
+    ok = dict(source="paste", has_list=True, judge_url=JUDGE, timeout_s=1.0, batch_size=10,
+              workers=1, concurrency=10, duckdb=True)  # fmt: skip
+    assert "canary_url" not in forms.check_validation(**ok).params  # the judge's own
+    assert forms.check_validation(**ok, canary_url=" off ").params["canary_url"] == "off"
+    bad = forms.check_validation(**ok, canary_url="ftp://x/")
+    assert "not a plain http:// URL" in bad.errors["canary_url"]
     res = forms.check_backfill(
         url_template=API, rate_limit="10/1s", burst=1, headers="", timeout_s=1.0,
         item_attempts=21, batch_size=10, workers=1, concurrency=10, duckdb=True,
