@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.gateway import socks5
 from engine.gateway.auth import Authenticator, Routing, basic_credentials
+from engine.gateway.budget import BufferBudget
 from engine.gateway.cache import GatewayCache, lookup_allowed, request_cacheable
 from engine.gateway.client import ClientConn
 from engine.gateway.config import GatewayConfig
@@ -80,6 +81,7 @@ class Gateway:
         self.cache = cache
         self.stats = stats or GatewayStats()
         self.clock = clock
+        self.budget = BufferBudget(config.buffer_budget_bytes)
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.port = 0
         self.draining = False
@@ -124,6 +126,7 @@ class Gateway:
         snap = self.stats.snapshot(
             self.pool.stats(), None if self.cache is None else len(self.cache)
         )
+        snap["buffer_budget"] = self.budget.snapshot()
         snap["strategy"] = self.pool.strategy.name
         snap["members_total"] = len(self.pool)
         snap["sessions"] = len(self.sessions)
@@ -221,73 +224,79 @@ class Gateway:
                 st.cache.misses += 1
             else:
                 st.cache.bypassed += 1
-        tried: list[ProxyState] = []
-        last_blocked: Response | None = None
-        status, message = 502, "no member could fetch it"
-        for attempt in range(c.retries + 1):
-            try:
-                lease = self._acquire(routing, site_of(req.host, req.port), tried)
-            except NoProxyAvailable as e:
-                status, message = 503, str(e)
-                break
-            tried.append(lease.state)
-            ms = st.member(lease.redacted)
-            ms.requests += 1
-            t0 = self.clock()
-            holder: list[Upstream] = []
-            try:
-                async with asyncio.timeout(c.response_timeout_s):
-                    resp, sent = await self._exchange(req, lease.state, holder)
-            except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
-                if holder:
-                    holder[0].abort()
-                self._attempt_failed(lease, ms, routing, e)
-                status, message = _failure_status(e)
-                continue
-            except BaseException:
-                if holder:
-                    holder[0].abort()
-                lease.release("failed", None)
-                raise
-            up = holder[0]
-            latency = (self.clock() - t0) * 1000
-            ms.bytes_up += sent
-            ms.bytes_down += len(resp.raw_head) + len(resp.body)
-            blocked = resp.complete and _is_block(resp)
-            if blocked:
-                ms.blocked += 1
-                lease.release("blocked", latency)
-                self._unstick(routing, lease)
-                if attempt < c.retries:
-                    up.abort()
-                    last_blocked = resp
+        kept = 0  # budget bytes of the block page kept while the next members are tried
+        try:
+            tried: list[ProxyState] = []
+            last_blocked: Response | None = None
+            status, message = 502, "no member could fetch it"
+            for attempt in range(c.retries + 1):
+                try:
+                    lease = self._acquire(routing, site_of(req.host, req.port), tried)
+                except NoProxyAvailable as e:
+                    status, message = 503, str(e)
+                    break
+                tried.append(lease.state)
+                ms = st.member(lease.redacted)
+                ms.requests += 1
+                t0 = self.clock()
+                holder: list[Upstream] = []
+                try:
+                    async with asyncio.timeout(c.response_timeout_s):
+                        resp, sent = await self._exchange(req, lease.state, holder)
+                except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
+                    if holder:
+                        holder[0].abort()
+                    self._attempt_failed(lease, ms, routing, e)
+                    status, message = _failure_status(e)
                     continue
-            else:
-                lease.release("ok", latency)
-                ms.latencies_ms.append(latency)
-                self._stick(routing, lease)
-            if not resp.complete:
-                st.requests[("http", "streamed")] += 1
-                conn.write(streamed_head(resp) + resp.body)
-                conn.splice(up, ms, None, stream=True)
+                except BaseException:
+                    if holder:
+                        holder[0].abort()
+                    lease.release("failed", None)
+                    raise
+                up = holder[0]
+                latency = (self.clock() - t0) * 1000
+                ms.bytes_up += sent
+                ms.bytes_down += len(resp.raw_head) + len(resp.body)
+                blocked = resp.complete and _is_block(resp)
+                if blocked:
+                    ms.blocked += 1
+                    lease.release("blocked", latency)
+                    self._unstick(routing, lease)
+                    if attempt < c.retries:
+                        self.budget.release(kept)  # an earlier block page is replaced
+                        kept = up.take_reservation()
+                        up.abort()
+                        last_blocked = resp
+                        continue
+                else:
+                    lease.release("ok", latency)
+                    ms.latencies_ms.append(latency)
+                    self._stick(routing, lease)
+                if not resp.complete:
+                    st.requests[("http", "streamed")] += 1
+                    conn.write(streamed_head(resp) + resp.body)
+                    conn.splice(up, ms, None, stream=True)
+                    return
+                up.abort()
+                if cache_key is not None and not blocked:
+                    st.cache.origin_fetches += 1
+                    if self.cache is not None and self.cache.put(cache_key, resp):
+                        st.cache.stores += 1
+                st.requests[("http", "blocked" if blocked else "ok")] += 1
+                keep = req.keep_alive and not self.draining
+                conn.write(render_response(resp, keep_alive=keep))
+                conn.finish(keep)
                 return
-            up.abort()
-            if cache_key is not None and not blocked:
-                st.cache.origin_fetches += 1
-                if self.cache is not None and self.cache.put(cache_key, resp):
-                    st.cache.stores += 1
-            st.requests[("http", "blocked" if blocked else "ok")] += 1
-            keep = req.keep_alive and not self.draining
-            conn.write(render_response(resp, keep_alive=keep))
-            conn.finish(keep)
-            return
-        if last_blocked is not None:  # every member was blocked: the client sees the page
-            st.requests[("http", "blocked")] += 1
-            conn.write(render_response(last_blocked, keep_alive=False))
-            conn.finish(False)
-            return
-        st.requests[("http", str(status))] += 1
-        conn.reject(status, message)
+            if last_blocked is not None:  # every member was blocked: the client sees the page
+                st.requests[("http", "blocked")] += 1
+                conn.write(render_response(last_blocked, keep_alive=False))
+                conn.finish(False)
+                return
+            st.requests[("http", str(status))] += 1
+            conn.reject(status, message)
+        finally:
+            self.budget.release(kept)
 
     async def _exchange(
         self, req: Request, state: ProxyState, holder: list[Upstream]
@@ -305,7 +314,9 @@ class Gateway:
             data = onward_head(req, absolute=True, proxy_auth=basic_auth(state.spec))
         else:
             data = onward_head(req, absolute=False)
-        resp = await up.exchange(data, req.method, c.max_buffer_bytes, c.max_head_bytes)
+        resp = await up.exchange(
+            data, req.method, c.max_buffer_bytes, c.max_head_bytes, self.budget
+        )
         if forward and resp.status == 407:
             raise MemberDown("the member rejected its credentials (407)")
         return resp, len(data)
