@@ -47,6 +47,7 @@ from engine.gateway.upstream import (
     dial,
 )
 from fetchers.pool import BreakerState, NoProxyAvailable, ProxyLease, ProxyPool, ProxyState
+from fetchers.proxy_parse import ProxySpec
 from fetchers.validation import detect_block
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS = 100_000
 BLOCK_STATUSES = frozenset({403, 429})
 CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+SWEEP_S = 0.25
 
 
 class NoRoute(Exception):
@@ -89,6 +91,9 @@ class Gateway:
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[ClientConn] = set()
         self._all_closed: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        # deadlines are checked this often: a wait ends up to this much late
+        self.sweep_s = min(SWEEP_S, config.head_timeout_s / 4, config.connect_timeout_s / 4)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -100,6 +105,17 @@ class Gateway:
             reuse_port=c.reuse_port or None,
         )  # fmt: skip
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
+
+    def _sweep(self) -> None:
+        """Act on the connections' expired deadlines (one timer for all, see client.py)."""
+        now = self.loop.time()
+        for conn in list(self._conns):
+            if 0.0 < conn.deadline <= now:
+                conn._timeout()
+            if 0.0 < conn.task_deadline <= now:
+                conn.expire_task()
+        self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, drain: idle connections close now, busy ones get the grace."""
@@ -121,6 +137,9 @@ class Gateway:
                     await asyncio.wait_for(self._all_closed.wait(), 5)
                 except TimeoutError:
                     log.warning("gateway: %d connections did not close", len(self._conns))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.stats.snapshot(
@@ -177,7 +196,7 @@ class Gateway:
         """The task of one SOCKS5 CONNECT."""
         try:
             try:
-                up, lease, ms = await self._dial(req.host, req.port, routing)
+                up, lease, ms = await self._dial(conn, req.host, req.port, routing)
             except NoRoute as e:
                 self.stats.requests[("socks5", str(e.status))] += 1
                 conn.write(socks5.reply(e.socks))
@@ -196,7 +215,7 @@ class Gateway:
 
     async def _connect(self, conn: ClientConn, req: Request, routing: Routing) -> None:
         try:
-            up, lease, ms = await self._dial(req.host, req.port, routing)
+            up, lease, ms = await self._dial(conn, req.host, req.port, routing)
         except NoRoute as e:
             self.stats.requests[("connect", str(e.status))] += 1
             conn.reject(e.status, str(e))
@@ -241,8 +260,7 @@ class Gateway:
                 t0 = self.clock()
                 holder: list[Upstream] = []
                 try:
-                    async with asyncio.timeout(c.response_timeout_s):
-                        resp, sent = await self._exchange(req, lease.state, holder)
+                    resp, sent = await self._exchange(conn, req, lease.state, holder)
                 except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
                     if holder:
                         holder[0].abort()
@@ -299,27 +317,57 @@ class Gateway:
             self.budget.release(kept)
 
     async def _exchange(
-        self, req: Request, state: ProxyState, holder: list[Upstream]
+        self, conn: ClientConn, req: Request, state: ProxyState, holder: list[Upstream]
     ) -> tuple[Response, int]:
-        """The request through one member; its connection is put in `holder` at once (the
-        caller aborts or relays it)."""
+        """The request through one member within `response_timeout_s` (reaching it within
+        `connect_timeout_s`); its connection is put in `holder` at once (the caller aborts
+        or relays it)."""
         c = self.config
         m = member_of(state)
         forward = m.protocol == "http"
-        up = await dial(
-            state.spec, m.protocol, req.host, req.port, c.connect_timeout_s, forward=forward
-        )
+        start = self.loop.time()
+        up = await self._reach(conn, state.spec, m.protocol, req.host, req.port, forward, start)
         holder.append(up)
         if forward:
             data = onward_head(req, absolute=True, proxy_auth=basic_auth(state.spec))
         else:
             data = onward_head(req, absolute=False)
-        resp = await up.exchange(
-            data, req.method, c.max_buffer_bytes, c.max_head_bytes, self.budget
-        )
+        conn.step_deadline(start + c.response_timeout_s)
+        try:
+            resp = await up.exchange(
+                data, req.method, c.max_buffer_bytes, c.max_head_bytes, self.budget
+            )
+        except asyncio.CancelledError:
+            if conn.took_too_long():
+                raise TimeoutError("the member did not answer in time") from None
+            raise
+        finally:
+            conn.step_deadline(0.0)
         if forward and resp.status == 407:
             raise MemberDown("the member rejected its credentials (407)")
         return resp, len(data)
+
+    async def _reach(
+        self,
+        conn: ClientConn,
+        spec: ProxySpec,
+        protocol: str,
+        host: str,
+        port: int,
+        forward: bool,
+        start: float,
+    ) -> Upstream:
+        """`upstream.dial` within `connect_timeout_s` (and the answer's own deadline)."""
+        c = self.config
+        conn.step_deadline(start + min(c.connect_timeout_s, c.response_timeout_s))
+        try:
+            return await dial(spec, protocol, host, port, None, forward=forward)
+        except asyncio.CancelledError:
+            if conn.took_too_long():
+                raise MemberDown("connect or handshake timed out") from None
+            raise
+        finally:
+            conn.step_deadline(0.0)
 
     # -- members ------------------------------------------------------------------------------
 
@@ -376,7 +424,7 @@ class Gateway:
         log.debug("gateway: attempt through %s failed: %s", lease.redacted, e)
 
     async def _dial(
-        self, host: str, port: int, routing: Routing
+        self, conn: ClientConn, host: str, port: int, routing: Routing
     ) -> tuple[Upstream, ProxyLease, MemberStats]:
         """A tunnel to host:port through the first member that gives one (failover)."""
         c = self.config
@@ -394,8 +442,8 @@ class Gateway:
             t0 = self.clock()
             protocol = member_of(lease.state).protocol
             try:
-                up = await dial(
-                    lease.state.spec, protocol, host, port, c.connect_timeout_s, forward=False
+                up = await self._reach(
+                    conn, lease.state.spec, protocol, host, port, False, self.loop.time()
                 )
             except UpstreamError as e:
                 self._attempt_failed(lease, ms, routing, e)

@@ -394,26 +394,38 @@ class Socks5Client:
 
 
 async def dial(
-    spec: ProxySpec, protocol: str, host: str, port: int, timeout: float, *, forward: bool
+    spec: ProxySpec,
+    protocol: str,
+    host: str,
+    port: int,
+    timeout: float | None,
+    *,
+    forward: bool,
 ) -> Upstream:
     """A connection through the member: to the member itself when `forward` (an `http`
-    member taking an absolute-URI request), else a tunnel to host:port."""
+    member taking an absolute-URI request), else a tunnel to host:port. `timeout` None: the
+    caller bounds the wait (the gateway's deadlines, see client.py)."""
+    if timeout is None:
+        return await _dial(spec, protocol, host, port, forward)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _dial(spec, protocol, host, port, forward)
+    except TimeoutError:
+        raise MemberDown("connect or handshake timed out") from None
+
+
+async def _dial(spec: ProxySpec, protocol: str, host: str, port: int, forward: bool) -> Upstream:
     loop = asyncio.get_running_loop()
     if protocol == "socks4" and not forward:
         host = await _resolve_v4(host)  # plain SOCKS4 carries an address, not a name
     up: Upstream | None = None
     try:
-        async with asyncio.timeout(timeout):
-            try:
-                _, up = await loop.create_connection(Upstream, spec.host, spec.port)
-            except OSError as e:
-                raise MemberDown(f"connect failed: {e.strerror or e}") from None
-            if not forward:
-                await up.handshake(protocol, spec, host, port)
-    except TimeoutError:
-        if up is not None:
-            up.abort()
-        raise MemberDown("connect or handshake timed out") from None
+        try:
+            _, up = await loop.create_connection(Upstream, spec.host, spec.port)
+        except OSError as e:
+            raise MemberDown(f"connect failed: {e.strerror or e}") from None
+        if not forward:
+            await up.handshake(protocol, spec, host, port)
     except BaseException:
         if up is not None:
             up.abort()
