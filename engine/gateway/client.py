@@ -170,6 +170,8 @@ class ClientConn(asyncio.Protocol):
         if not self.task_expired:
             return False
         self.task_expired = False
+        if self.state == CLOSED:  # the client left too: the task ends as cancelled
+            return False
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
