@@ -17,7 +17,13 @@ Workload: a small asyncio client (uvloop, its own process) with `c` workers, eac
 request per new connection (the sim's proxies close after each forwarded request, so every
 path pays the same connection set-up): `plain` = `GET http://origin/page` through the proxy;
 `connect` = `CONNECT origin`, then the GET through the tunnel. Requests/s over `--seconds`,
-latency p50/p99 per request.
+latency p50/p99 per request, and the proxy's own CPU time per request (user + system of its
+process and workers, from /proc): on shared cores req/s moves with the neighbours' load, CPU
+per request much less.
+
+`--repeat N` runs every cell N times (the paths' order rotated) and reports medians with the
+req/s spread; `--before REF` adds the gateway of a git ref (exported with `git archive`) to
+the same run, for a before/after under the same load.
 """
 
 from __future__ import annotations
@@ -165,17 +171,47 @@ def endurance(port: int, pid: int, url: str, total: int, step: int = 50_000) -> 
 
 
 def start_gateway(
-    db_url: str, env: dict[str, str], processes: int
+    db_url: str, env: dict[str, str], processes: int, root: Path = ROOT
 ) -> tuple[subprocess.Popen[str], int]:
     p = subprocess.Popen(
         [sys.executable, "-m", "engine.run", "serve-proxy", "--db", db_url, "--port", "0",
          "--max-connections", "4096", "--retries", "2", "--processes", str(processes)],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=root, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert p.stderr is not None
     line = p.stderr.readline()
     port = int(line.split("gateway on 127.0.0.1:")[1].split(" ")[0])
     return p, port
+
+
+def export_tree(ref: str, into: Path) -> Path:
+    """The repository at `ref` as plain files (a gateway "before" a change, run side by side
+    with the working tree's in the same run)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of a process and its live descendants (the workers of
+    `--processes N`): what the proxy under test spent, whatever else shares the cores."""
+    if pid is None:
+        return 0.0
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICK
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
 def start_squid(root: Path, members: list[tuple[str, int]]) -> tuple[subprocess.Popen[bytes], int]:
@@ -239,6 +275,10 @@ def main() -> int:
     ap.add_argument("--processes", default="1,2", help="gateway process counts to compare")
     ap.add_argument("--endurance", type=int, metavar="N",
                     help="instead: N requests through one gateway process, RSS as it goes")  # fmt: skip
+    ap.add_argument("--before", metavar="REF",
+                    help="also run the gateway of this git ref (one process), same run")  # fmt: skip
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of every cell (paths interleaved); medians and spread")  # fmt: skip
     ap.add_argument("--load", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
@@ -273,55 +313,94 @@ def main() -> int:
                     stop(gw)
                 return 0
             gateways = {
-                n: start_gateway(db_url, env, n)
+                f"gateway x{n}": start_gateway(db_url, env, n)
                 for n in (int(x) for x in args.processes.split(","))
             }
+            if args.before:
+                tree = export_tree(args.before, Path(d) / "before")
+                gateways[f"before x1 ({args.before})"] = start_gateway(db_url, env, 1, tree)
             (Path(d) / "squid").mkdir()
             sq, sq_port = start_squid(Path(d) / "squid", members)
             origin_addr = ("127.0.0.1", origin.ports["main"])
+            paths: list[tuple[str, tuple[str, int], int | None]] = [("direct", members[0], None)]
+            paths += [(name, ("127.0.0.1", port), gw.pid) for name, (gw, port) in gateways.items()]
+            paths.append(("squid", ("127.0.0.1", sq_port), sq.pid))
             try:
                 for mode in ("plain", "connect"):
                     for c in levels:
-                        paths = [("direct", members[0])]
-                        paths += [(f"gateway x{n}", ("127.0.0.1", port))
-                                  for n, (_, port) in gateways.items()]  # fmt: skip
-                        paths.append(("squid", ("127.0.0.1", sq_port)))
-                        for name, proxy in paths:
-                            r = run_load(proxy, origin_addr, mode, c, args.seconds)
-                            rows.append({"mode": mode, "c": c, "path": name, **r})
-                            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                        for rep in range(args.repeat):
+                            # rotate the order so no path always runs first (or last) in a cell
+                            k = rep % len(paths)
+                            for name, proxy, pid in paths[k:] + paths[:k]:
+                                cpu0 = cpu_s(pid)
+                                r = run_load(proxy, origin_addr, mode, c, args.seconds)
+                                cpu = cpu_s(pid) - cpu0
+                                r["cpu_ms_per_req"] = (
+                                    round(cpu * 1000 / r["ok"], 3) if pid and r["ok"] else None
+                                )
+                                rows.append({"mode": mode, "c": c, "path": name, "rep": rep, **r})
+                                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             finally:
                 for gw, _ in gateways.values():
                     stop(gw)
                 stop(sq)
-    print(
-        f"members: {len(members)} elite HTTP sim proxies; origin: nginx; {args.seconds:.0f} s per cell\n"
-    )
-    print("| mode | clients | path | req/s | p50 ms | p99 ms | errors |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    report(rows, levels, [name for name, _, _ in paths], args)
+    return 0
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def report(rows: list[dict], levels: list[int], names: list[str], args: argparse.Namespace) -> None:
+    """Per cell and path: the median of the runs (req/s min–max in brackets), then the
+    gateway/squid ratios, each run's ratio taken within the run before the median."""
+    print(f"members: {args.members} elite HTTP sim proxies; origin: nginx; "
+          f"{args.seconds:g} s per cell; {args.repeat} run(s) per cell, medians\n")  # fmt: skip
+    print("| mode | clients | path | req/s (min–max) | p50 ms | p99 ms | CPU ms/req | errors |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    cells: dict[tuple[str, int, str], list[dict]] = {}
     for r in rows:
-        print(
-            f"| {r['mode']} | {r['c']} | {r['path']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |"
-        )
+        cells.setdefault((r["mode"], r["c"], r["path"]), []).append(r)
+    for mode in ("plain", "connect"):
+        for c in levels:
+            for name in names:
+                rs = cells[(mode, c, name)]
+                rps = [r["rps"] for r in rs]
+                med = lambda k, rs=rs: (  # noqa: E731
+                    None if any(r[k] is None for r in rs) else round(_median([r[k] for r in rs]), 3)
+                )
+                spread = f" ({min(rps):g}–{max(rps):g})" if len(rs) > 1 else ""
+                print(f"| {mode} | {c} | {name} | {_median(rps):g}{spread} | {med('p50_ms')} | "
+                      f"{med('p99_ms')} | {med('cpu_ms_per_req')} | {sum(r['errors'] for r in rs)} |")  # fmt: skip
     print()
     for mode in ("plain", "connect"):
         for c in levels:
-            cell = {r["path"]: r for r in rows if r["mode"] == mode and r["c"] == c}
-            s, dct = cell["squid"], cell["direct"]
-            for name, g in cell.items():
-                if not name.startswith("gateway"):
+            squid = cells[(mode, c, "squid")]
+            direct = cells[(mode, c, "direct")]
+            for name in names:
+                if name in ("direct", "squid"):
                     continue
-                added = (
-                    None
-                    if g["p50_ms"] is None or dct["p50_ms"] is None
-                    else round(g["p50_ms"] - dct["p50_ms"], 3)
+                g = cells[(mode, c, name)]
+                ratios = [a["rps"] / b["rps"] for a, b in zip(g, squid, strict=True) if b["rps"]]
+                cpu = [
+                    b["cpu_ms_per_req"] / a["cpu_ms_per_req"]
+                    for a, b in zip(g, squid, strict=True)
+                    if a["cpu_ms_per_req"] and b["cpu_ms_per_req"]
+                ]
+                added = [
+                    a["p50_ms"] - b["p50_ms"]
+                    for a, b in zip(g, direct, strict=True)
+                    if a["p50_ms"] is not None and b["p50_ms"] is not None
+                ]
+                fmt = lambda xs: (  # noqa: E731
+                    f"{_median(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})" if xs else "n/a"
                 )
-                ratio = round(g["rps"] / s["rps"], 2) if s["rps"] else None
-                print(
-                    f"- {mode}, {c} clients, {name}: gateway/squid req/s = {ratio}; "
-                    f"added p50 over direct = {added} ms"
-                )
-    return 0
+                print(f"- {mode}, {c} clients, {name}: req/s vs squid {fmt(ratios)}; "
+                      f"CPU per request squid/gateway {fmt(cpu)}; "
+                      f"added p50 over direct {fmt(added)} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -109,3 +109,27 @@ def test_cache_rules() -> None:
     for h in (("Cache-Control", "no-store"), ("Cache-Control", "private"), ("Set-Cookie", "a=1")):
         assert not response_cacheable(resp(h), 100)
     assert not response_cacheable(resp(status=404), 100)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://Example.com/a?b=1", "http://h:8080", "http://h:0/", "http://h:65536/", "http://h:/x",
+     "http://[::1]:80/", "http://u@h/", "http://h/a#f", "http://h?x=1", "http://h/a?",
+     "http://127.0.0.1:33/p/q?r=s&t", "http://h:08/x", "http://h:1x/", "HTTP://h/",
+     "http://h%41/", "http://h:\u0663/"],
+)  # fmt: skip
+def test_the_fast_target_split_agrees_with_the_general_parser(
+    target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.gateway import http
+
+    def parsed() -> object:
+        try:
+            r = http.parse_request(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        except http.HttpError as e:
+            return e.status
+        return (r.host, r.port, r.path)
+
+    fast = parsed()
+    monkeypatch.setattr(http, "_plain_absolute", lambda _t: None)
+    assert fast == parsed()

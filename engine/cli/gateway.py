@@ -22,6 +22,7 @@ def _csv(text: str | None, upper: bool = False) -> frozenset[str]:
 
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
     from engine.gateway.auth import Credentials
+    from engine.gateway.budget import parse_size
     from engine.gateway.config import GatewayConfig
     from engine.gateway.members import MemberFilter
     from engine.gateway.service import ServeOptions
@@ -53,6 +54,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         )
     except ValueError as e:  # --status tampering: never served
         raise UserError(str(e)) from None
+    try:
+        budget = parse_size(args.buffer_budget)
+    except ValueError as e:
+        raise UserError(f"--buffer-budget: {e}") from None
     settings = Settings()
     config = GatewayConfig(
         host=args.host,
@@ -62,6 +67,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         connect_timeout_s=args.connect_timeout,
         response_timeout_s=args.timeout,
         max_connections=args.max_connections,
+        buffer_budget_bytes=budget,
         failure_threshold=args.failure_threshold,
         cooldown_s=args.cooldown,
         grace_s=args.grace,
@@ -209,6 +215,13 @@ def add_commands(sub: Any) -> None:
         type=int,
         default=1024,
         help="client connections at once, per process (1024)",
+    )
+    p.add_argument(
+        "--buffer-budget",
+        default="256MB",
+        metavar="SIZE",
+        help="answers buffered at once to judge block pages, per process (256MB); past it "
+        "answers are streamed without failover",
     )
     p.add_argument(
         "--processes",

@@ -4,9 +4,14 @@ selection and failover (`Gateway`), then either an answer and the next request (
 or a relay spliced to the member's connection.
 
 Why callbacks and not streams: a request then costs one task instead of one per wait, no
-StreamReader copies, and a relayed chunk one callback. Every wait is a timer on the
+StreamReader copies, and a relayed chunk one callback. Every wait is a deadline on the
 connection: the head (`head_timeout_s`), an idle kept-alive connection (`idle_timeout_s`), a
-relay with no byte either way (`tunnel_idle_s`), a close that does not flush (`LINGER_S`).
+relay with no byte either way (`tunnel_idle_s`), a close that does not flush (`LINGER_S`),
+and the request task's current step (reaching a member, its answer: `task_deadline`).
+
+Why deadlines and not timers: a loop timer per wait cost four timer creations and
+cancellations per request (about 9 % of the gateway's CPU under load); a deadline is a float,
+and the gateway's sweep (`Gateway._sweep`, a few times a second) acts on the expired ones.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class ClientConn(asyncio.Protocol):
     __slots__ = (
         "activity",
         "buf",
+        "deadline",
         "eof",
         "gw",
         "ms",
@@ -49,7 +55,8 @@ class ClientConn(asyncio.Protocol):
         "socks",
         "state",
         "task",
-        "timer",
+        "task_deadline",
+        "task_expired",
         "transport",
         "up",
     )
@@ -58,7 +65,9 @@ class ClientConn(asyncio.Protocol):
         self.gw = gw
         self.buf = bytearray()
         self.state = HEAD
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time when `_timeout` runs; 0: none
+        self.task_deadline = 0.0  # loop time when the request task's step is cancelled
+        self.task_expired = False
         self.task: asyncio.Task[None] | None = None
         self.up: Upstream | None = None
         self.ms: MemberStats | None = None
@@ -125,9 +134,7 @@ class ClientConn(asyncio.Protocol):
         if self.refused:
             return
         self.state = CLOSED
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = self.task_deadline = 0.0
         if self.task is not None:
             self.task.cancel()
         if self.up is not None:
@@ -142,15 +149,36 @@ class ClientConn(asyncio.Protocol):
         if self.up is not None and self.up.transport is not None:
             self.up.transport.resume_reading()
 
-    # -- timers ---------------------------------------------------------------------------------
+    # -- deadlines (run by Gateway._sweep) ------------------------------------------------------
 
     def _arm(self, delay: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.gw.loop.call_later(delay, self._timeout)
+        self.deadline = self.gw.loop.time() + delay
+
+    def step_deadline(self, when: float) -> None:
+        """The request task's current await is cancelled at `when` (0: no deadline)."""
+        self.task_deadline = when
+
+    def expire_task(self) -> None:
+        self.task_deadline = 0.0
+        if self.task is not None and not self.task.done():
+            self.task_expired = True
+            self.task.cancel()
+
+    def took_too_long(self) -> bool:
+        """In the task, on CancelledError: True if the cause was its deadline (the task is
+        then no longer cancelled), False if the client left or the gateway stops."""
+        if not self.task_expired:
+            return False
+        self.task_expired = False
+        if self.state == CLOSED:  # the client left too: the task ends as cancelled
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
 
     def _timeout(self) -> None:
-        self.timer = None
+        self.deadline = 0.0
         state = self.state
         if state in (RELAY, STREAM):
             if self.activity != self.seen:  # bytes moved since the last look: keep going
@@ -206,9 +234,7 @@ class ClientConn(asyncio.Protocol):
     def _dispatch(self) -> None:
         assert self.req is not None
         self.state = BUSY
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         self.task = self.gw.loop.create_task(self.gw.serve_http(self, self.req, self.routing))
 
     def finish(self, keep: bool) -> None:
@@ -258,9 +284,7 @@ class ClientConn(asyncio.Protocol):
             return
         if req is not None:
             self.state = BUSY
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self.deadline = 0.0
             self.task = self.gw.loop.create_task(self.gw.serve_socks(self, req, self.routing))
 
     # -- answers and relays ---------------------------------------------------------------------
@@ -283,7 +307,7 @@ class ClientConn(asyncio.Protocol):
         self.state = CLOSED
         self.task = None
         self.transport.close()
-        self._arm(linger)
+        self._arm(linger)  # nothing to flush: connection_lost comes first
 
     def splice(self, up: Upstream, ms: MemberStats, release: object, *, stream: bool) -> None:
         """Relay between the client and `up` until either side ends: both ways for a tunnel,

@@ -21,6 +21,8 @@ class GatewayConfig:
     max_head_bytes: int = 64 * 1024
     max_body_bytes: int = 8 << 20  # a plain-HTTP request body
     max_buffer_bytes: int = 4 << 20  # a response bigger than this is streamed, not judged
+    buffer_budget_bytes: int = 256 << 20  # all responses buffered at once (per process);
+    # past it, answers are streamed (no block-page failover, no cache) — engine/gateway/budget.py
     failure_threshold: int = 3  # consecutive failures that open a member's breaker
     cooldown_s: float = 30.0  # open → half-open
     site_cooldown_s: float = 300.0  # a member a site blocked is avoided for it this long

@@ -115,6 +115,22 @@ class GatewayCollector(Collector):
         )
         rf.add_metric([], conns["refused"])
         yield rf
+        budget = s.get("buffer_budget")
+        if budget is not None:
+            for key, text in (
+                ("capacity", "Bytes of answers the gateway may buffer at once (--buffer-budget)."),
+                ("used", "Bytes of answers buffered now, being judged."),
+                ("peak", "Most bytes of answers buffered at once since the start."),
+            ):
+                g = GaugeMetricFamily(P + f"buffer_budget_{key}_bytes", text)
+                g.add_metric([], budget[key])
+                yield g
+            fb = CounterMetricFamily(
+                P + "buffer_budget_fallbacks",
+                "Answers streamed unjudged because the buffer budget was spent.",
+            )
+            fb.add_metric([], budget["fallbacks"])
+            yield fb
 
 
 class MetricsServer:

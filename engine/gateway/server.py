@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.gateway import socks5
 from engine.gateway.auth import Authenticator, Routing, basic_credentials
+from engine.gateway.budget import BufferBudget
 from engine.gateway.cache import GatewayCache, lookup_allowed, request_cacheable
 from engine.gateway.client import ClientConn
 from engine.gateway.config import GatewayConfig
@@ -46,6 +47,7 @@ from engine.gateway.upstream import (
     dial,
 )
 from fetchers.pool import BreakerState, NoProxyAvailable, ProxyLease, ProxyPool, ProxyState
+from fetchers.proxy_parse import ProxySpec
 from fetchers.validation import detect_block
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS = 100_000
 BLOCK_STATUSES = frozenset({403, 429})
 CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+SWEEP_S = 0.25
 
 
 class NoRoute(Exception):
@@ -80,6 +83,7 @@ class Gateway:
         self.cache = cache
         self.stats = stats or GatewayStats()
         self.clock = clock
+        self.budget = BufferBudget(config.buffer_budget_bytes)
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.port = 0
         self.draining = False
@@ -87,6 +91,9 @@ class Gateway:
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[ClientConn] = set()
         self._all_closed: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        # deadlines are checked this often: a wait ends up to this much late
+        self.sweep_s = min(SWEEP_S, config.head_timeout_s / 4, config.connect_timeout_s / 4)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -98,6 +105,17 @@ class Gateway:
             reuse_port=c.reuse_port or None,
         )  # fmt: skip
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
+
+    def _sweep(self) -> None:
+        """Act on the connections' expired deadlines (one timer for all, see client.py)."""
+        now = self.loop.time()
+        for conn in list(self._conns):
+            if 0.0 < conn.deadline <= now:
+                conn._timeout()
+            if 0.0 < conn.task_deadline <= now:
+                conn.expire_task()
+        self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, drain: idle connections close now, busy ones get the grace."""
@@ -119,11 +137,15 @@ class Gateway:
                     await asyncio.wait_for(self._all_closed.wait(), 5)
                 except TimeoutError:
                     log.warning("gateway: %d connections did not close", len(self._conns))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.stats.snapshot(
             self.pool.stats(), None if self.cache is None else len(self.cache)
         )
+        snap["buffer_budget"] = self.budget.snapshot()
         snap["strategy"] = self.pool.strategy.name
         snap["members_total"] = len(self.pool)
         snap["sessions"] = len(self.sessions)
@@ -174,7 +196,7 @@ class Gateway:
         """The task of one SOCKS5 CONNECT."""
         try:
             try:
-                up, lease, ms = await self._dial(req.host, req.port, routing)
+                up, lease, ms = await self._dial(conn, req.host, req.port, routing)
             except NoRoute as e:
                 self.stats.requests[("socks5", str(e.status))] += 1
                 conn.write(socks5.reply(e.socks))
@@ -193,7 +215,7 @@ class Gateway:
 
     async def _connect(self, conn: ClientConn, req: Request, routing: Routing) -> None:
         try:
-            up, lease, ms = await self._dial(req.host, req.port, routing)
+            up, lease, ms = await self._dial(conn, req.host, req.port, routing)
         except NoRoute as e:
             self.stats.requests[("connect", str(e.status))] += 1
             conn.reject(e.status, str(e))
@@ -221,94 +243,131 @@ class Gateway:
                 st.cache.misses += 1
             else:
                 st.cache.bypassed += 1
-        tried: list[ProxyState] = []
-        last_blocked: Response | None = None
-        status, message = 502, "no member could fetch it"
-        for attempt in range(c.retries + 1):
-            try:
-                lease = self._acquire(routing, site_of(req.host, req.port), tried)
-            except NoProxyAvailable as e:
-                status, message = 503, str(e)
-                break
-            tried.append(lease.state)
-            ms = st.member(lease.redacted)
-            ms.requests += 1
-            t0 = self.clock()
-            holder: list[Upstream] = []
-            try:
-                async with asyncio.timeout(c.response_timeout_s):
-                    resp, sent = await self._exchange(req, lease.state, holder)
-            except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
-                if holder:
-                    holder[0].abort()
-                self._attempt_failed(lease, ms, routing, e)
-                status, message = _failure_status(e)
-                continue
-            except BaseException:
-                if holder:
-                    holder[0].abort()
-                lease.release("failed", None)
-                raise
-            up = holder[0]
-            latency = (self.clock() - t0) * 1000
-            ms.bytes_up += sent
-            ms.bytes_down += len(resp.raw_head) + len(resp.body)
-            blocked = resp.complete and _is_block(resp)
-            if blocked:
-                ms.blocked += 1
-                lease.release("blocked", latency)
-                self._unstick(routing, lease)
-                if attempt < c.retries:
-                    up.abort()
-                    last_blocked = resp
+        kept = 0  # budget bytes of the block page kept while the next members are tried
+        try:
+            tried: list[ProxyState] = []
+            last_blocked: Response | None = None
+            status, message = 502, "no member could fetch it"
+            for attempt in range(c.retries + 1):
+                try:
+                    lease = self._acquire(routing, site_of(req.host, req.port), tried)
+                except NoProxyAvailable as e:
+                    status, message = 503, str(e)
+                    break
+                tried.append(lease.state)
+                ms = st.member(lease.redacted)
+                ms.requests += 1
+                t0 = self.clock()
+                holder: list[Upstream] = []
+                try:
+                    resp, sent = await self._exchange(conn, req, lease.state, holder)
+                except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
+                    if holder:
+                        holder[0].abort()
+                    self._attempt_failed(lease, ms, routing, e)
+                    status, message = _failure_status(e)
                     continue
-            else:
-                lease.release("ok", latency)
-                ms.latencies_ms.append(latency)
-                self._stick(routing, lease)
-            if not resp.complete:
-                st.requests[("http", "streamed")] += 1
-                conn.write(streamed_head(resp) + resp.body)
-                conn.splice(up, ms, None, stream=True)
+                except BaseException:
+                    if holder:
+                        holder[0].abort()
+                    lease.release("failed", None)
+                    raise
+                up = holder[0]
+                latency = (self.clock() - t0) * 1000
+                ms.bytes_up += sent
+                ms.bytes_down += len(resp.raw_head) + len(resp.body)
+                blocked = resp.complete and _is_block(resp)
+                if blocked:
+                    ms.blocked += 1
+                    lease.release("blocked", latency)
+                    self._unstick(routing, lease)
+                    if attempt < c.retries:
+                        self.budget.release(kept)  # an earlier block page is replaced
+                        kept = up.take_reservation()
+                        up.abort()
+                        last_blocked = resp
+                        continue
+                else:
+                    lease.release("ok", latency)
+                    ms.latencies_ms.append(latency)
+                    self._stick(routing, lease)
+                if not resp.complete:
+                    st.requests[("http", "streamed")] += 1
+                    conn.write(streamed_head(resp) + resp.body)
+                    conn.splice(up, ms, None, stream=True)
+                    return
+                up.abort()
+                if cache_key is not None and not blocked:
+                    st.cache.origin_fetches += 1
+                    if self.cache is not None and self.cache.put(cache_key, resp):
+                        st.cache.stores += 1
+                st.requests[("http", "blocked" if blocked else "ok")] += 1
+                keep = req.keep_alive and not self.draining
+                conn.write(render_response(resp, keep_alive=keep))
+                conn.finish(keep)
                 return
-            up.abort()
-            if cache_key is not None and not blocked:
-                st.cache.origin_fetches += 1
-                if self.cache is not None and self.cache.put(cache_key, resp):
-                    st.cache.stores += 1
-            st.requests[("http", "blocked" if blocked else "ok")] += 1
-            keep = req.keep_alive and not self.draining
-            conn.write(render_response(resp, keep_alive=keep))
-            conn.finish(keep)
-            return
-        if last_blocked is not None:  # every member was blocked: the client sees the page
-            st.requests[("http", "blocked")] += 1
-            conn.write(render_response(last_blocked, keep_alive=False))
-            conn.finish(False)
-            return
-        st.requests[("http", str(status))] += 1
-        conn.reject(status, message)
+            if last_blocked is not None:  # every member was blocked: the client sees the page
+                st.requests[("http", "blocked")] += 1
+                conn.write(render_response(last_blocked, keep_alive=False))
+                conn.finish(False)
+                return
+            st.requests[("http", str(status))] += 1
+            conn.reject(status, message)
+        finally:
+            self.budget.release(kept)
 
     async def _exchange(
-        self, req: Request, state: ProxyState, holder: list[Upstream]
+        self, conn: ClientConn, req: Request, state: ProxyState, holder: list[Upstream]
     ) -> tuple[Response, int]:
-        """The request through one member; its connection is put in `holder` at once (the
-        caller aborts or relays it)."""
+        """The request through one member within `response_timeout_s` (reaching it within
+        `connect_timeout_s`); its connection is put in `holder` at once (the caller aborts
+        or relays it)."""
         c = self.config
         m = member_of(state)
         forward = m.protocol == "http"
-        up = await dial(
-            state.spec, m.protocol, req.host, req.port, c.connect_timeout_s, forward=forward
-        )
+        start = self.loop.time()
+        up = await self._reach(conn, state.spec, m.protocol, req.host, req.port, forward, start)
         holder.append(up)
         if forward:
             data = onward_head(req, absolute=True, proxy_auth=basic_auth(state.spec))
         else:
             data = onward_head(req, absolute=False)
-        resp = await up.exchange(data, req.method, c.max_buffer_bytes, c.max_head_bytes)
+        conn.step_deadline(start + c.response_timeout_s)
+        try:
+            resp = await up.exchange(
+                data, req.method, c.max_buffer_bytes, c.max_head_bytes, self.budget
+            )
+        except asyncio.CancelledError:
+            if conn.took_too_long():
+                raise TimeoutError("the member did not answer in time") from None
+            raise
+        finally:
+            conn.step_deadline(0.0)
         if forward and resp.status == 407:
             raise MemberDown("the member rejected its credentials (407)")
         return resp, len(data)
+
+    async def _reach(
+        self,
+        conn: ClientConn,
+        spec: ProxySpec,
+        protocol: str,
+        host: str,
+        port: int,
+        forward: bool,
+        start: float,
+    ) -> Upstream:
+        """`upstream.dial` within `connect_timeout_s` (and the answer's own deadline)."""
+        c = self.config
+        conn.step_deadline(start + min(c.connect_timeout_s, c.response_timeout_s))
+        try:
+            return await dial(spec, protocol, host, port, None, forward=forward)
+        except asyncio.CancelledError:
+            if conn.took_too_long():
+                raise MemberDown("connect or handshake timed out") from None
+            raise
+        finally:
+            conn.step_deadline(0.0)
 
     # -- members ------------------------------------------------------------------------------
 
@@ -365,7 +424,7 @@ class Gateway:
         log.debug("gateway: attempt through %s failed: %s", lease.redacted, e)
 
     async def _dial(
-        self, host: str, port: int, routing: Routing
+        self, conn: ClientConn, host: str, port: int, routing: Routing
     ) -> tuple[Upstream, ProxyLease, MemberStats]:
         """A tunnel to host:port through the first member that gives one (failover)."""
         c = self.config
@@ -383,8 +442,8 @@ class Gateway:
             t0 = self.clock()
             protocol = member_of(lease.state).protocol
             try:
-                up = await dial(
-                    lease.state.spec, protocol, host, port, c.connect_timeout_s, forward=False
+                up = await self._reach(
+                    conn, lease.state.spec, protocol, host, port, False, self.loop.time()
                 )
             except UpstreamError as e:
                 self._attempt_failed(lease, ms, routing, e)

@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from engine.gateway.budget import BufferBudget
 from engine.gateway.http import (
     HEAD_END,
     HttpError,
@@ -69,11 +70,13 @@ class Upstream(asyncio.Protocol):
 
     __slots__ = (
         "body_start",
+        "budget",
         "buf",
         "client",
         "closed",
         "eof",
         "framing",
+        "held",
         "lease_release",
         "limits",
         "method",
@@ -97,7 +100,8 @@ class Upstream(asyncio.Protocol):
         self.resp: Response | None = None
         self.method = "GET"
         self.limits = (0, 0)
-        self.framing = self.want = self.body_start = 0
+        self.framing = self.want = self.body_start = self.held = 0
+        self.budget: BufferBudget | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -122,6 +126,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = self.closed = True
+        self.release_budget()
         if self.mode == RELAY:
             self._relay_ended()
         else:
@@ -138,8 +143,22 @@ class Upstream(asyncio.Protocol):
     # -- the caller's side ----------------------------------------------------------------------
 
     def abort(self) -> None:
+        self.release_budget()
         if self.transport is not None and not self.closed:
             self.transport.abort()
+
+    def release_budget(self) -> None:
+        """Give back what this connection's buffered body took from the budget."""
+        if self.held:
+            assert self.budget is not None
+            self.budget.release(self.held)
+            self.held = 0
+
+    def take_reservation(self) -> int:
+        """The bytes reserved for the body just read, now the caller's to release (a block
+        page kept while the next members are tried)."""
+        held, self.held = self.held, 0
+        return held
 
     def _wait(self) -> asyncio.Future[object]:
         self.waiter = asyncio.get_running_loop().create_future()
@@ -202,12 +221,17 @@ class Upstream(asyncio.Protocol):
         self._progress()  # bytes that came early
         await waiter
 
-    async def exchange(self, data: bytes, method: str, max_buffer: int, max_head: int) -> Response:
-        """Send one request, read its response: whole when its body fits in `max_buffer`
-        (framing by Content-Length, chunked, or the end of the stream); otherwise
-        `complete=False` with the bytes so far, the rest held for `ClientConn.splice`."""
+    async def exchange(
+        self, data: bytes, method: str, max_buffer: int, max_head: int, budget: BufferBudget
+    ) -> Response:
+        """Send one request, read its response: whole when its body fits in `max_buffer` and
+        in the process's `budget` (framing by Content-Length, chunked, or the end of the
+        stream); otherwise `complete=False` with the bytes so far, the rest held for
+        `ClientConn.splice`. The body's bytes stay reserved until `abort`, `relay_to` or
+        `take_reservation`."""
         assert self.transport is not None
         self.mode = RESPONSE
+        self.budget = budget
         self.method, self.limits = method, (max_buffer, max_head)
         self.resp = None
         self.parse = self._response
@@ -262,11 +286,18 @@ class Upstream(asyncio.Protocol):
             resp = self.resp = parse_response_head(bytes(buf[: self.body_start]))
             self.framing, self.want = framing_of(resp, self.method)
             del buf[: self.body_start]
+        more = len(buf) - self.held
+        if more > 0:  # body bytes not yet reserved: buffer them only if the budget allows
+            budget = self.budget
+            assert budget is not None
+            if len(buf) > max_buffer or not budget.reserve(more):
+                if len(buf) <= max_buffer:
+                    budget.fallbacks += 1
+                resp.body, resp.complete = bytes(buf), False  # stream it as it comes
+                buf.clear()
+                return True
+            self.held = len(buf)
         if complete_body(resp, self.framing, self.want, buf, self.eof):
-            buf.clear()
-            return True
-        if len(buf) > max_buffer:  # too big to judge or cache: stream it
-            resp.body, resp.complete = bytes(buf), False
             buf.clear()
             return True
         return False
@@ -277,6 +308,7 @@ class Upstream(asyncio.Protocol):
         """From now on every byte goes to `client`; what was held goes first."""
         self.client, self.lease_release = client, release
         self.mode = RELAY
+        self.release_budget()  # from here the client's flow control bounds what is held
         if self.buf:
             held = bytes(self.buf)
             self.buf.clear()
@@ -362,26 +394,38 @@ class Socks5Client:
 
 
 async def dial(
-    spec: ProxySpec, protocol: str, host: str, port: int, timeout: float, *, forward: bool
+    spec: ProxySpec,
+    protocol: str,
+    host: str,
+    port: int,
+    timeout: float | None,
+    *,
+    forward: bool,
 ) -> Upstream:
     """A connection through the member: to the member itself when `forward` (an `http`
-    member taking an absolute-URI request), else a tunnel to host:port."""
+    member taking an absolute-URI request), else a tunnel to host:port. `timeout` None: the
+    caller bounds the wait (the gateway's deadlines, see client.py)."""
+    if timeout is None:
+        return await _dial(spec, protocol, host, port, forward)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _dial(spec, protocol, host, port, forward)
+    except TimeoutError:
+        raise MemberDown("connect or handshake timed out") from None
+
+
+async def _dial(spec: ProxySpec, protocol: str, host: str, port: int, forward: bool) -> Upstream:
     loop = asyncio.get_running_loop()
     if protocol == "socks4" and not forward:
         host = await _resolve_v4(host)  # plain SOCKS4 carries an address, not a name
     up: Upstream | None = None
     try:
-        async with asyncio.timeout(timeout):
-            try:
-                _, up = await loop.create_connection(Upstream, spec.host, spec.port)
-            except OSError as e:
-                raise MemberDown(f"connect failed: {e.strerror or e}") from None
-            if not forward:
-                await up.handshake(protocol, spec, host, port)
-    except TimeoutError:
-        if up is not None:
-            up.abort()
-        raise MemberDown("connect or handshake timed out") from None
+        try:
+            _, up = await loop.create_connection(Upstream, spec.host, spec.port)
+        except OSError as e:
+            raise MemberDown(f"connect failed: {e.strerror or e}") from None
+        if not forward:
+            await up.handshake(protocol, spec, host, port)
     except BaseException:
         if up is not None:
             up.abort()

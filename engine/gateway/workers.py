@@ -209,7 +209,9 @@ def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     conns: Counter[str] = Counter()
     cache: Counter[str] | None = None
+    budget: Counter[str] = Counter()  # per-process budgets summed (peak: the sum of peaks)
     for s in snaps:
+        budget.update(s.get("buffer_budget") or {})
         errors.update(s["client_errors"])
         conns.update(s["connections"])
         if s.get("cache") is not None:
@@ -223,6 +225,7 @@ def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         "client_errors": dict(sorted(errors.items())),
         "cache": None if cache is None else dict(cache),
         "connections": {k: conns[k] for k in ("open", "total", "refused")},
+        "buffer_budget": {k: budget[k] for k in ("capacity", "used", "peak", "fallbacks")},
         "strategy": first.get("strategy"),
         "members_total": max(s.get("members_total", 0) for s in snaps),
         "sessions": sum(s.get("sessions", 0) for s in snaps),
