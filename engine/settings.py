@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     batch_size: BatchSize = Field(BATCH_SIZE, description="Items per task.")
     max_attempts: int = Field(3, ge=1, le=100, description="Tries per task before it fails.")
     retry_backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles after.")
+    max_lost_leases: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Times a task's worker may die or go silent while holding it (its lease "
+        "lost) before the task fails: a task that crashes or wedges every worker that takes "
+        "it fails with the reason instead of coming back for ever. A lost lease uses no "
+        "attempt (max_attempts).",
+    )
     lease_s: float = Field(
         30.0,
         gt=0,

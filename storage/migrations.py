@@ -139,6 +139,13 @@ def _v13_error_snapshots(conn: sa.Connection) -> None:
     schema.error_snapshots.create(conn, checkfirst=True)
 
 
+def _v14_lost_leases(conn: sa.Connection) -> None:
+    # IF NOT EXISTS: a database created at version 14 has it from step 1 already.
+    conn.execute(
+        sa.text("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS lost_leases INTEGER DEFAULT 0")
+    )
+
+
 # (version, description, step). Append new steps; never edit released ones: steps 2 and 3
 # hold the built-in kinds' tables (backfill, scrape) as released, before kinds could bring
 # their own; a new kind's tables go into its own Component, not into a core step.
@@ -171,6 +178,7 @@ STEPS: list[tuple[int, str, Step]] = [
     (11, "partial indexes: queued tasks by (run, seq), leases by expiry", _v11_queue_indexes),
     (12, "proxy_quality: each proxy's last N checks and uses, reliability", _v12_proxy_quality),
     (13, "error_snapshots: the first page of each error kind of a run", _v13_error_snapshots),
+    (14, "tasks.lost_leases: a task that loses every holder fails", _v14_lost_leases),
 ]
 
 LATEST = STEPS[-1][0]

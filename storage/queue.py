@@ -333,26 +333,58 @@ def fail(
     )  # fmt: skip
 
 
-def requeue(conn: sa.Connection, task_ids: Iterable[int], reason: str) -> None:
+DEFAULT_MAX_LOST_LEASES = 5  # engine.settings.Settings.max_lost_leases
+
+
+def lost_too_often(times: int) -> str:
+    """A task's error once its holders were lost ``times`` times."""
+    return (
+        f"its worker died or went silent while holding it {times} times (the cap, "
+        "max_lost_leases): a task that crashes or wedges every worker that takes it; see "
+        "the worker logs, then `resume RUN_ID` queues it again"
+    )
+
+
+def requeue(
+    conn: sa.Connection,
+    task_ids: Iterable[int],
+    reason: str,
+    *,
+    lost: bool = False,
+    max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
+) -> None:
     """Leased tasks back to the queue at once, their claim not counted as an attempt: for
-    leases whose holder died through no fault of the task (its coordinator was killed), so
-    that crashes of ours never use up a task's ``max_attempts``."""
+    leases whose holder died through no fault of the task's data (its coordinator was
+    killed), so that crashes of ours never use up a task's ``max_attempts``. ``lost``: the
+    holder was a worker that is gone (killed, crashed): that counts as a lost lease, and a
+    task lost ``max_lost_leases`` times fails instead (it may be what kills them)."""
     ids = list(task_ids)
-    if ids:
-        conn.execute(
-            sa.update(tasks)
-            .where(tasks.c.id.in_(ids), tasks.c.status == "leased")
-            .values(
-                status="queued",
-                attempts=sa.func.greatest(tasks.c.attempts - 1, 0),
-                available_at=None,
-                worker_id=None,
-                lease_token=None,
-                lease_until=None,
-                last_error=reason[:2000],
-                updated_at=db_now(),
-            )
+    if not ids:
+        return
+    base = dict(
+        attempts=sa.func.greatest(tasks.c.attempts - 1, 0),
+        available_at=None,
+        worker_id=None,
+        lease_token=None,
+        lease_until=None,
+        updated_at=db_now(),
+    )
+    leased = sa.update(tasks).where(tasks.c.id.in_(ids), tasks.c.status == "leased")
+    if not lost:
+        conn.execute(leased.values(status="queued", last_error=reason[:2000], **base))
+        return
+    losses = sa.func.coalesce(tasks.c.lost_leases, 0) + 1
+    capped = losses >= max_lost_leases
+    conn.execute(
+        leased.values(
+            status=sa.case((capped, "failed"), else_="queued"),
+            lost_leases=losses,
+            last_error=sa.case(
+                (capped, sa.literal(lost_too_often(max_lost_leases))), else_=reason[:2000]
+            ),
+            **base,
         )
+    )
 
 
 WATCHDOG_LOCK = 0x46_46_57_44  # "FFWD": the advisory lock of the fleet's one watchdog
@@ -369,12 +401,16 @@ def watchdog_turn(conn: sa.Connection) -> bool:
     )
 
 
-def requeue_expired(conn: sa.Connection, backoff_seconds: float) -> list[tuple[int, str]]:
+def requeue_expired(
+    conn: sa.Connection, backoff_seconds: float, max_lost_leases: int = DEFAULT_MAX_LOST_LEASES
+) -> list[tuple[int, str]]:
     """The watchdog's lease check: every lease past its time goes back to the queue. The
     re-queueing statement checks the lease again, so one renewed since it was read is left
     alone. A lost lease is not a failed attempt: its worker went silent (partitioned,
     stopped, killed), which says nothing of the task, and the token fences the old holder
-    off. Returns the (task id, worker id) pairs it re-queued."""
+    off. But a task that has lost ``max_lost_leases`` holders fails (with why): it may be
+    what wedges or kills them, and it must not come back for ever. Returns the (task id,
+    worker id) pairs it took back (re-queued, or failed at the cap)."""
     found = dict(expired_leases(conn))
     if not found:
         return []
@@ -382,18 +418,33 @@ def requeue_expired(conn: sa.Connection, backoff_seconds: float) -> list[tuple[i
         conn,
         sa.text(
             f"""
-            UPDATE tasks SET status = 'queued',
+            UPDATE tasks SET
+                status = CASE WHEN coalesce(lost_leases, 0) + 1 >= :cap THEN 'failed'
+                    ELSE 'queued' END,
+                lost_leases = coalesce(lost_leases, 0) + 1,
                 attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
                 available_at = {NOW_SQL} + (:backoff * INTERVAL '1 second'),
-                last_error = 'lease expired (worker ' || coalesce(worker_id, '?') || ' went silent)',
+                last_error = CASE WHEN coalesce(lost_leases, 0) + 1 >= :cap THEN :capped
+                    ELSE 'lease expired (worker ' || coalesce(worker_id, '?') || ' went silent)'
+                    END,
                 worker_id = NULL, lease_token = NULL, lease_until = NULL,
                 updated_at = {NOW_SQL}
             WHERE id IN :ids AND status = 'leased' AND lease_until < {NOW_SQL}
-            RETURNING id
+            RETURNING id, status
             """
         ).bindparams(sa.bindparam("ids", expanding=True)),
-        {"ids": sorted(found), "backoff": float(backoff_seconds)},
+        {
+            "ids": sorted(found),
+            "backoff": float(backoff_seconds),
+            "cap": int(max_lost_leases),
+            "capped": lost_too_often(max_lost_leases),
+        },
     )
+    for task_id, status in rows:
+        if status == "failed":  # shown with the run's errors, as a last failed attempt is
+            record_task_errors(
+                conn, [task_id], found[task_id], "task_failed", lost_too_often(max_lost_leases)
+            )
     return sorted((r[0], found[r[0]]) for r in rows)
 
 
@@ -506,7 +557,7 @@ def requeue_failed(conn: sa.Connection, run_id: int) -> int:
     res = conn.execute(
         sa.update(tasks)
         .where(tasks.c.run_id == run_id, tasks.c.status == "failed")
-        .values(status="queued", attempts=0, available_at=None, updated_at=db_now())
+        .values(status="queued", attempts=0, lost_leases=0, available_at=None, updated_at=db_now())
     )
     return res.rowcount or 0
 

@@ -86,6 +86,8 @@ tasks = sa.Table(
     sa.Column("updated_at", sa.DateTime),
     # normal form (engine.countries): only workers serving it claim the task; NULL: any
     sa.Column("country", sa.String),
+    # version 14: how often its holder died or went silent (engine.settings.max_lost_leases)
+    sa.Column("lost_leases", sa.Integer, server_default="0"),
 )
 # Secondary indexes only on PostgreSQL: DuckDB scans columns fast and prunes by zone maps,
 # while every ART index it keeps turns an UPDATE of an indexed column into delete+insert.

@@ -97,9 +97,14 @@ class Harness(ABC):
 
 
 class MemoryHarness(Harness):
-    def __init__(self, lease_s: float, backoff_s: float) -> None:
+    def __init__(self, lease_s: float, backoff_s: float, max_lost: int = 5) -> None:
         self.now = 1000.0
-        self.mq = MemoryQueue(lease_s=lease_s, retry_backoff_s=backoff_s, clock=lambda: self.now)
+        self.mq = MemoryQueue(
+            lease_s=lease_s,
+            retry_backoff_s=backoff_s,
+            clock=lambda: self.now,
+            max_lost_leases=max_lost,
+        )
 
     def queue(self, worker_id: str) -> QueueBackend:
         return self.mq
@@ -138,8 +143,10 @@ class MemoryHarness(Harness):
 
 
 class SqlHarness(Harness):
-    def __init__(self, url: str, lease_s: float, backoff_s: float) -> None:
-        self.settings = Settings(lease_s=lease_s, retry_backoff_s=backoff_s)
+    def __init__(self, url: str, lease_s: float, backoff_s: float, max_lost: int = 5) -> None:
+        self.settings = Settings(
+            lease_s=lease_s, retry_backoff_s=backoff_s, max_lost_leases=max_lost
+        )
         self.db: Database = open_database(url)
         self.sql = SqlQueue(self.db, self.settings)
 
@@ -192,7 +199,9 @@ class SqlHarness(Harness):
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             with self.db.begin() as conn:
-                expired = q.requeue_expired(conn, self.settings.retry_backoff_s)
+                expired = q.requeue_expired(
+                    conn, self.settings.retry_backoff_s, self.settings.max_lost_leases
+                )
             if expired:
                 return expired
             time.sleep(0.05)
@@ -208,10 +217,10 @@ class SqlHarness(Harness):
 class PipeHarness(SqlHarness):
     """Clients and server in this process, over real multiprocessing queues."""
 
-    def __init__(self, url: str, lease_s: float, backoff_s: float) -> None:
+    def __init__(self, url: str, lease_s: float, backoff_s: float, max_lost: int = 5) -> None:
         import multiprocessing as mp
 
-        super().__init__(url, lease_s, backoff_s)
+        super().__init__(url, lease_s, backoff_s, max_lost)
         self.ctx = mp.get_context("spawn")
         self.server = PipeServer(self.sql, self.ctx, limits_path="unused", flush_s=3600)
         self.clients: dict[str, PipeQueue] = {}
@@ -268,14 +277,14 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Make]:
         else f"duckdb:///{tmp_path / 'q.duckdb'}"
     )
 
-    def build(lease_s: float = 60.0, backoff_s: float = 0.0) -> Harness:
+    def build(lease_s: float = 60.0, backoff_s: float = 0.0, max_lost: int = 5) -> Harness:
         assert not made, "one harness per test (one database file)"
         if name == "memory":
-            h: Harness = MemoryHarness(lease_s, backoff_s)
+            h: Harness = MemoryHarness(lease_s, backoff_s, max_lost)
         elif name == "pipe":
-            h = PipeHarness(url, lease_s, backoff_s)
+            h = PipeHarness(url, lease_s, backoff_s, max_lost)
         else:
-            h = SqlHarness(url, lease_s, backoff_s)
+            h = SqlHarness(url, lease_s, backoff_s, max_lost)
         made.append(h)
         return h
 
@@ -479,7 +488,7 @@ def test_a_failed_task_waits_for_its_backoff(make: Make) -> None:
 
 def test_expired_leases_are_requeued_by_the_watchdog_without_an_attempt(make: Make) -> None:
     """A lost lease says its worker went silent (partitioned, stopped), not that the task
-    failed: it costs no attempt, however often it happens."""
+    failed: it costs no attempt (up to the cap on lost leases: the next test)."""
     h = make(lease_s=0.3, backoff_s=0.0)
     _, [t] = h.new_run([["a"]], max_attempts=1)
     register(h, A, B)
@@ -491,6 +500,28 @@ def test_expired_leases_are_requeued_by_the_watchdog_without_an_attempt(make: Ma
     assert [(x.id, x.attempts) for x in h.queue(B).claim(B, 1).tasks] == [(t, 1)]
     assert h.expire() == [(t, B)]  # again: still not failed, with one attempt allowed
     assert h.task(t).status == "queued"
+
+
+def test_a_task_that_loses_every_holder_fails_at_the_cap_with_why(make: Make) -> None:
+    """A task that wedges or kills every worker that takes it (a poison page) must not come
+    back for ever: after ``max_lost_leases`` lost leases it fails, saying why, while its
+    attempts stay unused; its neighbour is untouched."""
+    h = make(lease_s=0.3, backoff_s=0.0, max_lost=3)
+    _, [t, other] = h.new_run([["a"], ["b"]], max_attempts=1)
+    register(h, A, B)
+    for n, w in enumerate((A, B, A), start=1):
+        assert [x.id for x in h.queue(w).claim(w, 1).tasks] == [t]
+        assert h.expire() == [(t, w)]
+        state = h.task(t)
+        if n < 3:
+            assert (state.status, state.attempts) == ("queued", 0)
+            assert "lease expired" in (state.last_error or "")
+    state = h.task(t)
+    assert (state.status, state.attempts, state.worker_id) == ("failed", 0, None)
+    assert "died or went silent while holding it 3 times" in (state.last_error or "")
+    assert "resume RUN_ID" in (state.last_error or "")
+    assert [x.id for x in h.queue(B).claim(B, 5).tasks] == [other]  # the other one goes on
+    assert h.task(other).status == "leased"
 
 
 def test_a_worker_whose_lease_expired_is_fenced_off(make: Make) -> None:

@@ -123,6 +123,36 @@ def test_leased_tasks_last_seq_and_planned_tasks(db: Database) -> None:
         assert queue.leased_tasks(conn, run_id) == [(t.id, "w1")]
 
 
+def test_a_gone_worker_counts_as_a_lost_lease_a_restarted_coordinator_does_not(
+    db: Database,
+) -> None:
+    """``requeue(lost=True)`` (fleet stop found the worker's processes gone) counts toward
+    the cap on lost leases; a coordinator's own restart never does; resuming with failed
+    tasks gives both counts back."""
+    run_id = _run(db)
+    with db.begin() as conn:
+        queue.add_tasks(conn, run_id, [[1]], 0, 3)
+        runs.start_run(conn, run_id)
+
+    def take_and_lose(lost: bool) -> tuple[str, int, str]:
+        with db.begin() as conn:
+            (t,) = queue.claim(conn, "w1", 1, 30)
+            queue.requeue(conn, [t.id], "gone", lost=lost, max_lost_leases=2)
+            row = conn.execute(
+                sa.text(f"SELECT status, attempts, last_error FROM tasks WHERE id = {t.id}")
+            ).one()
+        return row[0], row[1], row[2]
+
+    assert take_and_lose(False) == ("queued", 0, "gone")
+    assert take_and_lose(False) == ("queued", 0, "gone")  # ours, however often
+    assert take_and_lose(True) == ("queued", 0, "gone")
+    status, attempts, why = take_and_lose(True)
+    assert (status, attempts) == ("failed", 0) and "2 times" in why
+    with db.begin() as conn:
+        assert queue.requeue_failed(conn, run_id) == 1
+    assert take_and_lose(True) == ("queued", 0, "gone")  # a fresh count
+
+
 def test_reopen_sets_only_a_completed_run_running(db: Database) -> None:
     run_id = _run(db)
     with db.begin() as conn:

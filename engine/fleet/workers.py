@@ -88,10 +88,14 @@ def _bury(db: Database, worker_ids: list[str]) -> None:
     """Workers whose processes are all gone (one killed with -9 signs nothing off): marked
     dead and their tasks re-queued without an attempt, as the watchdog would once their
     heartbeats are a few leases old — a watchdog that runs only beside a run."""
+    from engine.settings import Settings
+
     reason = "its process is gone (seen by fleet stop)"
+    cap = Settings().max_lost_leases
     with db.begin() as conn:
         for worker_id in worker_ids:
-            queue.requeue(conn, queue.tasks_of_worker(conn, worker_id), reason)
+            held = queue.tasks_of_worker(conn, worker_id)
+            queue.requeue(conn, held, reason, lost=True, max_lost_leases=cap)
             queue.end_worker(conn, worker_id, "dead", reason)
 
 

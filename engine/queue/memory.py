@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.model import ItemResult, ResultBatch, TaskWork
 from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, directive_for
+from storage.queue import DEFAULT_MAX_LOST_LEASES, lost_too_often
 
 
 @dataclass(slots=True)
@@ -36,6 +37,7 @@ class MemoryTask:
     lease_until: float = 0.0
     available_at: float = 0.0
     last_error: str | None = None
+    lost_leases: int = 0  # holders lost (died, silent): failed at max_lost_leases
 
 
 class MemoryQueue(QueueBackend):
@@ -44,9 +46,11 @@ class MemoryQueue(QueueBackend):
         lease_s: float = 30.0,
         retry_backoff_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> None:
         self.lease_s = lease_s
         self.retry_backoff_s = retry_backoff_s
+        self.max_lost_leases = max_lost_leases
         self.clock = clock
         self.runs: dict[int, tuple[str, dict[str, Any], str]] = {}  # id → kind, params, status
         self.tasks: dict[int, MemoryTask] = {}
@@ -94,7 +98,8 @@ class MemoryQueue(QueueBackend):
 
     def requeue_expired(self) -> list[tuple[int, str]]:
         """The watchdog: a lease past its time goes back to the queue, without counting an
-        attempt (its worker went silent; the token fences it off)."""
+        attempt (its worker went silent; the token fences it off), or fails once the task
+        has lost ``max_lost_leases`` holders (``storage.queue.requeue_expired``)."""
         with self._lock:
             now = self.clock()
             expired = [
@@ -102,8 +107,15 @@ class MemoryQueue(QueueBackend):
             ]
             out = [(t.id, t.worker_id or "") for t in expired]
             for t in expired:
-                t.last_error = f"lease expired (worker {t.worker_id} went silent)"
-                t.status, t.worker_id, t.lease_token = "queued", None, None
+                t.lost_leases += 1
+                capped = t.lost_leases >= self.max_lost_leases
+                t.last_error = (
+                    lost_too_often(self.max_lost_leases)
+                    if capped
+                    else f"lease expired (worker {t.worker_id} went silent)"
+                )
+                t.status = "failed" if capped else "queued"
+                t.worker_id, t.lease_token = None, None
                 t.attempts = max(0, t.attempts - 1)
                 t.available_at = now + self.retry_backoff_s
             return out

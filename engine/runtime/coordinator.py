@@ -221,7 +221,7 @@ class Coordinator:
         with self.db.begin() as conn:
             if not q.watchdog_turn(conn):  # another coordinator's watchdog is at it
                 return
-            q.requeue_expired(conn, self.settings.retry_backoff_s)
+            q.requeue_expired(conn, self.settings.retry_backoff_s, self.settings.max_lost_leases)
             for worker_id in q.stale_workers(conn, 3 * self.settings.lease_s):
                 q.end_worker(conn, worker_id, "dead", "stopped heartbeating")
             settled = runs.settle(conn)
