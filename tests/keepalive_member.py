@@ -25,6 +25,7 @@ class KeepAliveMember:
         self.heads: list[bytes] = []  # every request head received
         self.drop_reused = 0
         self.blocks = False
+        self.drop_with = False  # drop_reused answers 408 before closing
         self.dropped = 0
         self.gate = asyncio.Event()
         self.writers: set[asyncio.StreamWriter] = set()
@@ -65,7 +66,10 @@ class KeepAliveMember:
                 if served and self.drop_reused:
                     self.drop_reused -= 1
                     self.dropped += 1
-                    return  # closed unanswered
+                    if self.drop_with:
+                        w.write(_answer(408, b"idle too long", b"Connection: close\r\n"))
+                        await w.drain()
+                    return  # closed unanswered (or with a 408, as some servers do)
                 served += 1
                 self.requests += 1
                 path = head.split(b" ", 2)[1].split(b"/", 3)[-1].decode()
@@ -105,7 +109,7 @@ def _content_length(head: bytes) -> int:
 
 
 def _answer(status: int, body: bytes, extra: bytes = b"", version: bytes = b"HTTP/1.1") -> bytes:
-    reason = b"OK" if status == 200 else b"Forbidden"
+    reason = {200: b"OK", 403: b"Forbidden", 408: b"Request Timeout"}[status]
     return (
         b"%s %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n"
         % (version, status, reason, len(body), extra)

@@ -136,11 +136,13 @@ def test_an_answer_that_ends_the_connection_is_not_reused(path: str) -> None:
     run(1, body)
 
 
-def test_a_stale_reused_connection_is_retried_on_a_fresh_one() -> None:
+@pytest.mark.parametrize("with_408", [False, True])
+def test_a_stale_reused_connection_is_retried_on_a_fresh_one(with_408: bool) -> None:
     async def body(gw: Gateway, ms: list[KeepAliveMember]) -> None:
         [(s1, _, _)] = await get(gw.port, ["http://origin.test/one"])
         m = ms[0]
         m.drop_reused = 1  # the member closes the kept connection as the next request comes
+        m.drop_with = with_408
         [(s2, _, text)] = await get(gw.port, ["http://origin.test/two"])
         assert (s1, s2) == (200, 200)
         assert text == b"m0 conn 2 req 1 /two"
@@ -373,3 +375,21 @@ def test_through_real_squid_the_gateway_reuses_its_connection(squid: int) -> Non
             relay.server.close()
 
     asyncio.run(body())
+
+
+def test_the_idle_limit_per_member_closes_the_surplus() -> None:
+    async def body(gw: Gateway, ms: list[KeepAliveMember]) -> None:
+        m = ms[0]
+        a = asyncio.create_task(get(gw.port, ["http://origin.test/slow"]))
+        b = asyncio.create_task(get(gw.port, ["http://origin.test/slow"]))
+        for _ in range(400):  # bounded: both requests reached the member
+            if len(m.heads) == 2:
+                break
+            await asyncio.sleep(0.005)
+        assert m.connections == 2
+        m.gate.set()
+        assert [r[0][0] for r in await asyncio.gather(a, b)] == [200, 200]
+        up = upstream(gw)
+        assert (up["opened"], up["idle"], up["discarded"]) == (2, 1, {"limit": 1})
+
+    run(1, body, upstream_idle_per_member=1)

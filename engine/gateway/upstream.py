@@ -322,6 +322,8 @@ class Upstream(asyncio.Protocol):
                 return False
             self.body_start = end + len(HEAD_END)
             resp = self.resp = parse_response_head(bytes(buf[: self.body_start]))
+            if resp.status == 408 and self.reused:  # some servers say so as they close idle
+                raise StaleConnection("the member timed the kept-alive connection out (408)")
             self.framing, self.want = framing_of(resp, self.method)
             del buf[: self.body_start]
         more = len(buf) - self.held
