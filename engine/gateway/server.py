@@ -4,7 +4,8 @@ byte of 0x05 is SOCKS5), each request sent out through a member of the pool with
 The bytes are handled by `client.ClientConn` and `upstream.Upstream` (protocol callbacks);
 this module decides: one task per request picks members, fails over, judges block pages,
 serves and fills the cache, and counts. Per connection at most one upstream connection at a
-time, every wait bounded, every client or member failure contained to its own connection.
+time (plus the idle ones the upstream pool keeps for `http` members), every wait bounded,
+every client or member failure contained to its own connection.
 `stop()` closes the listener, closes idle kept-alive connections, lets busy ones finish
 within the grace period and aborts what is left.
 
@@ -334,8 +335,9 @@ class Gateway:
         self, conn: ClientConn, req: Request, state: ProxyState, holder: list[Upstream]
     ) -> tuple[Response, int]:
         """The request through one member within `response_timeout_s` (reaching it within
-        `connect_timeout_s`); its connection is put in `holder` at once (the caller aborts
-        or relays it)."""
+        `connect_timeout_s`); its connection is put in `holder` at once (the caller closes,
+        relays or pools it). Through an `http` member a kept-alive connection is used when
+        the upstream pool has one (engine/gateway/keepalive.py)."""
         m = member_of(state)
         start = self.loop.time()
         if m.protocol != "http":  # a tunnel to the origin, one request on it
