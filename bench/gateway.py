@@ -2,9 +2,15 @@
 over the same members (prints a table; results in bench/RESULTS.md).
 
     python bench/gateway.py [--members 8] [--concurrency 1,64,512] [--seconds 5]
+                            [--members-kind sim|squid] [--pool-off]
 
 World: `--members` elite HTTP proxies of the sim (no added latency) as the members, nginx
-(sim/origin.py) as the origin, all on loopback. Three ways to the origin:
+(sim/origin.py) as the origin, all on loopback. The sim's proxies close the connection after
+every forwarded request; `--members-kind squid` uses real Debian squid processes instead
+(one per member, no cache), which keep their connections alive as real members do, so a
+balancer that reuses its member connections (squid does; the gateway's upstream pool) gains
+from it. `--pool-off` adds the gateway with its upstream pool off (`--upstream-idle 0`) to
+the same run. Three ways to the origin:
 
 - **direct**: every request through the first member;
 - **gateway xN**: `python -m engine.run serve-proxy --strategy round_robin --processes N` (a
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -171,11 +179,11 @@ def endurance(port: int, pid: int, url: str, total: int, step: int = 50_000) -> 
 
 
 def start_gateway(
-    db_url: str, env: dict[str, str], processes: int, root: Path = ROOT
+    db_url: str, env: dict[str, str], processes: int, root: Path = ROOT, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[str], int]:
     p = subprocess.Popen(
         [sys.executable, "-m", "engine.run", "serve-proxy", "--db", db_url, "--port", "0",
-         "--max-connections", "4096", "--retries", "2", "--processes", str(processes)],
+         "--max-connections", "4096", "--retries", "2", "--processes", str(processes), *extra],
         cwd=root, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert p.stderr is not None
@@ -215,6 +223,8 @@ def cpu_s(pid: int | None) -> float:
 
 
 def start_squid(root: Path, members: list[tuple[str, int]]) -> tuple[subprocess.Popen[bytes], int]:
+    """squid as a round-robin balancer over `members`, or (none) as a plain forward proxy
+    that is itself a member (`--members-kind squid`)."""
     from sim.nginx import free_port
 
     port = free_port()
@@ -222,10 +232,11 @@ def start_squid(root: Path, members: list[tuple[str, int]]) -> tuple[subprocess.
         f"cache_peer {h} parent {p} 0 no-query no-digest round-robin name=m{i}"
         for i, (h, p) in enumerate(members)
     )
+    if members:
+        peers += "\nnever_direct allow all"
     (root / "squid.conf").write_text(f"""
 http_port 127.0.0.1:{port}
 {peers}
-never_direct allow all
 http_access allow all
 cache deny all
 cache_mem 0 MB
@@ -279,6 +290,10 @@ def main() -> int:
                     help="also run the gateway of this git ref (one process), same run")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of every cell (paths interleaved); medians and spread")  # fmt: skip
+    ap.add_argument("--members-kind", choices=["sim", "squid"], default="sim",
+                    help="sim proxies (close after each request) or squid processes (keep-alive)")  # fmt: skip
+    ap.add_argument("--pool-off", action="store_true",
+                    help="also the gateway with its upstream pool off (--upstream-idle 0)")  # fmt: skip
     ap.add_argument("--load", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
@@ -298,9 +313,18 @@ def main() -> int:
         # only HTTP members (squid's cache_peer speaks HTTP to its parents): the first
         # --members plain HTTP proxies of a world of every protocol
         cfg = WorldConfig(n_proxies=8 * args.members, mix={"elite": 1.0}, seed=1, latency_ms=(0, 0))
-        with SimWorld(cfg) as world:
+        with SimWorld(cfg) as world, contextlib.ExitStack() as member_procs:
             http = [t for t in world.truth if t.protocol == "http" and not t.username]
             http = http[: args.members]
+            if args.members_kind == "squid":
+                http = []
+                for i in range(args.members):
+                    (Path(d) / f"member{i}").mkdir()
+                    mp, mport = start_squid(Path(d) / f"member{i}", [])
+                    member_procs.callback(stop, mp)
+                    http.append(SimpleNamespace(protocol="http", host="127.0.0.1", port=mport,
+                                                username=None, password=None,
+                                                anonymity_expected="anonymous", latency_ms=1))  # fmt: skip
             members = [(t.host, t.port) for t in http]
             db_url = f"duckdb:///{d}/bench.duckdb"
             store_members(db_url, http)
@@ -316,6 +340,10 @@ def main() -> int:
                 f"gateway x{n}": start_gateway(db_url, env, n)
                 for n in (int(x) for x in args.processes.split(","))
             }
+            if args.pool_off:
+                gateways["gateway x1 pool off"] = start_gateway(
+                    db_url, env, 1, extra=("--upstream-idle", "0")
+                )
             if args.before:
                 tree = export_tree(args.before, Path(d) / "before")
                 gateways[f"before x1 ({args.before})"] = start_gateway(db_url, env, 1, tree)
@@ -357,7 +385,8 @@ def _median(xs: list[float]) -> float:
 def report(rows: list[dict], levels: list[int], names: list[str], args: argparse.Namespace) -> None:
     """Per cell and path: the median of the runs (req/s min–max in brackets), then the
     gateway/squid ratios, each run's ratio taken within the run before the median."""
-    print(f"members: {args.members} elite HTTP sim proxies; origin: nginx; "
+    kind = "elite HTTP sim proxies" if args.members_kind == "sim" else "squid processes"
+    print(f"members: {args.members} {kind}; origin: nginx; "
           f"{args.seconds:g} s per cell; {args.repeat} run(s) per cell, medians\n")  # fmt: skip
     print("| mode | clients | path | req/s (min–max) | p50 ms | p99 ms | CPU ms/req | errors |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")

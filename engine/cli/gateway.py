@@ -45,6 +45,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         raise UserError(f"--type {','.join(sorted(bad))}: use http, https, socks4, socks5")
     if args.retries < 0:
         raise UserError("--retries must be 0 or more")
+    if args.upstream_idle < 0 or args.upstream_idle_total < 0:
+        raise UserError("--upstream-idle and --upstream-idle-total must be 0 or more")
+    if args.upstream_idle_timeout <= 0:
+        raise UserError("--upstream-idle-timeout must be more than 0")
     try:
         member_filter = MemberFilter(
             status=args.status,
@@ -68,6 +72,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         response_timeout_s=args.timeout,
         max_connections=args.max_connections,
         buffer_budget_bytes=budget,
+        upstream_idle_per_member=args.upstream_idle,
+        upstream_idle_total=args.upstream_idle_total,
+        upstream_idle_timeout_s=args.upstream_idle_timeout,
         failure_threshold=args.failure_threshold,
         cooldown_s=args.cooldown,
         grace_s=args.grace,
@@ -222,6 +229,28 @@ def add_commands(sub: Any) -> None:
         metavar="SIZE",
         help="answers buffered at once to judge block pages, per process (256MB); past it "
         "answers are streamed without failover",
+    )
+    p.add_argument(
+        "--upstream-idle",
+        type=int,
+        default=32,
+        metavar="N",
+        help="idle kept-alive connections per http member for plain HTTP (32); 0: one "
+        "connection per request",
+    )
+    p.add_argument(
+        "--upstream-idle-total",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="idle kept-alive member connections in all, per process (1024)",
+    )
+    p.add_argument(
+        "--upstream-idle-timeout",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="seconds an idle member connection is kept (15)",
     )
     p.add_argument(
         "--processes",

@@ -23,6 +23,11 @@ class GatewayConfig:
     max_buffer_bytes: int = 4 << 20  # a response bigger than this is streamed, not judged
     buffer_budget_bytes: int = 256 << 20  # all responses buffered at once (per process);
     # past it, answers are streamed (no block-page failover, no cache) — engine/gateway/budget.py
+    # plain HTTP through `http` members: idle connections kept for the next request
+    # (engine/gateway/keepalive.py); 0 idle per member turns the pool off
+    upstream_idle_per_member: int = 32
+    upstream_idle_total: int = 1024  # per process
+    upstream_idle_timeout_s: float = 15.0  # an idle one is closed after this long
     failure_threshold: int = 3  # consecutive failures that open a member's breaker
     cooldown_s: float = 30.0  # open → half-open
     site_cooldown_s: float = 300.0  # a member a site blocked is avoided for it this long

@@ -1,6 +1,8 @@
 """File descriptors: each client connection holds at most one upstream connection, so the
-gateway needs about two per connection. Raise the soft limit to the hard one and, if even
-that is short, lower `max_connections` so an accept never fails for want of a descriptor."""
+gateway needs about two per connection, plus the idle kept-alive member connections
+(`upstream_idle_total`). Raise the soft limit to the hard one and, if even that is short,
+shrink the idle pool, then `max_connections`, so an accept never fails for want of a
+descriptor."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ RESERVED_FDS = 64  # the database, the metrics port, logs
 
 def raise_fd_limit(config: GatewayConfig) -> GatewayConfig:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * config.max_connections + RESERVED_FDS
+    want = 2 * config.max_connections + config.upstream_idle_total + RESERVED_FDS
     if soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         try:
@@ -24,6 +26,11 @@ def raise_fd_limit(config: GatewayConfig) -> GatewayConfig:
             soft = new
         except (ValueError, OSError):
             pass
+    if soft >= want:
+        return config
+    idle = max(0, soft - RESERVED_FDS - 2 * config.max_connections)
+    log.warning("gateway: %d file descriptors allow %d idle member connections", soft, idle)
+    config = dataclasses.replace(config, upstream_idle_total=idle)
     fits = max(1, (soft - RESERVED_FDS) // 2)
     if fits < config.max_connections:
         log.warning("gateway: %d file descriptors allow %d connections", soft, fits)

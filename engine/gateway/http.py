@@ -29,6 +29,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# Methods whose repetition has the effect of one (RFC 9110 9.2.2): only these go on a kept
+# connection, which the member may have closed just as the request went out.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -221,16 +224,34 @@ def request_body_end(buf: bytearray, req: Request, limit: int) -> int | None:
     return n
 
 
-def onward_head(req: Request, *, absolute: bool, proxy_auth: str | None = None) -> bytes:
+def connection_tokens(headers: list[tuple[str, str]]) -> frozenset[str]:
+    """The lower-case options of the Connection (and Proxy-Connection) fields: the headers
+    they name are hop-by-hop for this message too (RFC 9110 7.6.1)."""
+    tokens: set[str] = set()
+    for k, v in headers:
+        if k.lower() in ("connection", "proxy-connection"):
+            tokens.update(t.strip().lower() for t in v.split(","))
+    return frozenset(tokens)
+
+
+def onward_head(
+    req: Request, *, absolute: bool, proxy_auth: str | None = None, keep_alive: bool = False
+) -> bytes:
     """The request as sent to a forward member (`absolute`) or through a tunnel to the
-    origin: hop-by-hop headers dropped, `Connection: close` (one request per upstream
-    connection, so the end of the response is the end of the stream)."""
+    origin: hop-by-hop headers dropped, and those the client's Connection field names; then
+    `Connection: keep-alive` when the connection may go back to the upstream pool, else
+    `Connection: close` (the end of the response is then the end of the stream)."""
     target = req.url if absolute else req.path
     lines = [f"{req.method} {target} HTTP/1.1"]
     has_host = False
+    named = (
+        connection_tokens(req.headers)
+        if req.header("connection") or req.header("proxy-connection")
+        else frozenset()
+    )
     for k, v in req.headers:
         low = k.lower()
-        if low in HOP_BY_HOP or low == "content-length":
+        if low in HOP_BY_HOP or low == "content-length" or low in named:
             continue
         has_host = has_host or low == "host"
         lines.append(f"{k}: {v}")
@@ -240,7 +261,7 @@ def onward_head(req: Request, *, absolute: bool, proxy_auth: str | None = None) 
         lines.append(f"Content-Length: {len(req.body)}")
     if proxy_auth:
         lines.append(f"Proxy-Authorization: {proxy_auth}")
-    lines.append("Connection: close")
+    lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + req.body
 
 
@@ -312,27 +333,40 @@ def framing_of(resp: Response, method: str) -> tuple[int, int]:
     return Framing.EOF, 0
 
 
-def complete_body(resp: Response, framing: int, want: int, buf: bytearray, eof: bool) -> bool:
-    """Set `resp.body` from `buf` (the bytes after the head) if the body is all there; the
-    upstream's end (`eof`) inside a framed body is an error."""
+def complete_body(resp: Response, framing: int, want: int, buf: bytearray, eof: bool) -> int:
+    """Set `resp.body` from `buf` (the bytes after the head) if the body is all there: the
+    bytes of `buf` it took, or -1 while more are needed; the upstream's end (`eof`) inside a
+    framed body is an error."""
     if framing == Framing.NONE:
-        return True
+        return 0
     if framing == Framing.LENGTH:
         if len(buf) >= want:
             resp.body = bytes(buf[:want])
-            return True
+            return want
     elif framing == Framing.CHUNKED:
         end = _chunked_end(buf)
         if end is not None:
             resp.body = dechunk(bytes(buf[:end]))
             resp.headers = [(k, v) for k, v in resp.headers if k.lower() != "transfer-encoding"]
-            return True
+            return end
     elif eof:
         resp.body = bytes(buf)
-        return True
+        return len(buf)
     if eof:
         raise ConnectionError("the upstream closed before the end of the body")
-    return False
+    return -1
+
+
+def persistent(resp: Response) -> bool:
+    """Whether the member keeps the connection open after this answer (RFC 9112 9.3): not
+    after `Connection: close`, nor after HTTP/1.0 without `keep-alive`."""
+    conn = resp.header("connection")
+    tokens = {t.strip().lower() for t in conn.split(",")} if conn else set()
+    if "close" in tokens:
+        return False
+    if resp.version == "HTTP/1.1":
+        return True
+    return resp.version == "HTTP/1.0" and "keep-alive" in tokens
 
 
 def render_response(
@@ -340,8 +374,10 @@ def render_response(
 ) -> bytes:
     """A complete response for the client: hop-by-hop headers replaced, Content-Length set."""
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}".rstrip()]
+    named = connection_tokens(resp.headers) if resp.header("connection") else frozenset()
     for k, v in resp.headers:
-        if k.lower() in HOP_BY_HOP or k.lower() == "content-length":
+        low = k.lower()
+        if low in HOP_BY_HOP or low == "content-length" or low in named:
             continue
         lines.append(f"{k}: {v}")
     for k, v in (extra or {}).items():

@@ -131,6 +131,32 @@ class GatewayCollector(Collector):
             )
             fb.add_metric([], budget["fallbacks"])
             yield fb
+        pool = s.get("upstream_pool")
+        if pool is not None:
+            yield from _upstream_pool(pool)
+
+
+def _upstream_pool(pool: dict[str, Any]) -> Iterator[Metric]:
+    """The kept-alive connections to `http` members (engine/gateway/keepalive.py)."""
+    for key, text in (
+        ("opened", "Connections opened to http members for plain-HTTP requests."),
+        ("reused", "Plain-HTTP requests sent on a kept-alive member connection."),
+        ("stale_retries", "Requests resent on a fresh connection: the kept one was closed."),
+    ):
+        c = CounterMetricFamily(P + f"upstream_{key}", text)
+        c.add_metric([], pool[key])
+        yield c
+    d = CounterMetricFamily(
+        P + "upstream_discarded",
+        "Member connections closed instead of kept, by reason.",
+        labels=["reason"],
+    )
+    for reason, n in pool["discarded"].items():
+        d.add_metric([reason], n)
+    yield d
+    g = GaugeMetricFamily(P + "upstream_idle", "Idle member connections kept now.")
+    g.add_metric([], pool["idle"])
+    yield g
 
 
 class MetricsServer:

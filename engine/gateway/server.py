@@ -4,7 +4,8 @@ byte of 0x05 is SOCKS5), each request sent out through a member of the pool with
 The bytes are handled by `client.ClientConn` and `upstream.Upstream` (protocol callbacks);
 this module decides: one task per request picks members, fails over, judges block pages,
 serves and fills the cache, and counts. Per connection at most one upstream connection at a
-time, every wait bounded, every client or member failure contained to its own connection.
+time (plus the idle ones the upstream pool keeps for `http` members), every wait bounded,
+every client or member failure contained to its own connection.
 `stop()` closes the listener, closes idle kept-alive connections, lets busy ones finish
 within the grace period and aborts what is left.
 
@@ -29,6 +30,7 @@ from engine.gateway.cache import GatewayCache, lookup_allowed, request_cacheable
 from engine.gateway.client import ClientConn
 from engine.gateway.config import GatewayConfig
 from engine.gateway.http import (
+    IDEMPOTENT,
     HttpError,
     Request,
     Response,
@@ -36,10 +38,12 @@ from engine.gateway.http import (
     render_response,
     streamed_head,
 )
+from engine.gateway.keepalive import IdlePool
 from engine.gateway.members import member_of
 from engine.gateway.stats import GatewayStats, MemberStats
 from engine.gateway.upstream import (
     MemberDown,
+    StaleConnection,
     TargetUnreachable,
     Upstream,
     UpstreamError,
@@ -84,6 +88,11 @@ class Gateway:
         self.stats = stats or GatewayStats()
         self.clock = clock
         self.budget = BufferBudget(config.buffer_budget_bytes)
+        self.upstreams = IdlePool(
+            config.upstream_idle_per_member,
+            config.upstream_idle_total,
+            config.upstream_idle_timeout_s,
+        )
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.port = 0
         self.draining = False
@@ -115,6 +124,8 @@ class Gateway:
                 conn._timeout()
             if 0.0 < conn.task_deadline <= now:
                 conn.expire_task()
+        if self.upstreams.count:
+            self.upstreams.sweep(now)
         self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -124,6 +135,7 @@ class Gateway:
         self._all_closed = asyncio.Event()
         if self._server is not None:
             self._server.close()
+        self.upstreams.close_all()
         for conn in list(self._conns):
             if conn.idle:
                 conn.transport.abort()
@@ -146,6 +158,7 @@ class Gateway:
             self.pool.stats(), None if self.cache is None else len(self.cache)
         )
         snap["buffer_budget"] = self.budget.snapshot()
+        snap["upstream_pool"] = self.upstreams.snapshot()
         snap["strategy"] = self.pool.strategy.name
         snap["members_total"] = len(self.pool)
         snap["sessions"] = len(self.sessions)
@@ -263,13 +276,13 @@ class Gateway:
                     resp, sent = await self._exchange(conn, req, lease.state, holder)
                 except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
                     if holder:
-                        holder[0].abort()
+                        self.upstreams.close(holder[0], "error")
                     self._attempt_failed(lease, ms, routing, e)
                     status, message = _failure_status(e)
                     continue
                 except BaseException:
                     if holder:
-                        holder[0].abort()
+                        self.upstreams.close(holder[0], "error")
                     lease.release("failed", None)
                     raise
                 up = holder[0]
@@ -284,7 +297,7 @@ class Gateway:
                     if attempt < c.retries:
                         self.budget.release(kept)  # an earlier block page is replaced
                         kept = up.take_reservation()
-                        up.abort()
+                        self.upstreams.close(up, "blocked")
                         last_blocked = resp
                         continue
                 else:
@@ -294,9 +307,11 @@ class Gateway:
                 if not resp.complete:
                     st.requests[("http", "streamed")] += 1
                     conn.write(streamed_head(resp) + resp.body)
+                    if up.key is not None and self.upstreams.enabled:
+                        self.upstreams.discarded["streamed"] += 1
                     conn.splice(up, ms, None, stream=True)
                     return
-                up.abort()
+                self._done_with(up, blocked)
                 if cache_key is not None and not blocked:
                     st.cache.origin_fetches += 1
                     if self.cache is not None and self.cache.put(cache_key, resp):
@@ -320,21 +335,61 @@ class Gateway:
         self, conn: ClientConn, req: Request, state: ProxyState, holder: list[Upstream]
     ) -> tuple[Response, int]:
         """The request through one member within `response_timeout_s` (reaching it within
-        `connect_timeout_s`); its connection is put in `holder` at once (the caller aborts
-        or relays it)."""
-        c = self.config
+        `connect_timeout_s`); its connection is put in `holder` at once (the caller closes,
+        relays or pools it). Through an `http` member a kept-alive connection is used when
+        the upstream pool has one (engine/gateway/keepalive.py)."""
         m = member_of(state)
-        forward = m.protocol == "http"
         start = self.loop.time()
-        up = await self._reach(conn, state.spec, m.protocol, req.host, req.port, forward, start)
-        holder.append(up)
-        if forward:
-            data = onward_head(req, absolute=True, proxy_auth=basic_auth(state.spec))
-        else:
+        if m.protocol != "http":  # a tunnel to the origin, one request on it
+            up = await self._reach(conn, state.spec, m.protocol, req.host, req.port, False, start)
+            holder.append(up)
             data = onward_head(req, absolute=False)
+            return await self._send(conn, up, data, req, start), len(data)
+        pool = self.upstreams
+        key = state.spec.key
+        # a request that is not idempotent never goes on a kept connection: if that one
+        # turned out stale, sending it again could repeat its effect (RFC 9110 9.2.2)
+        up = pool.take(key) if pool.enabled and req.method in IDEMPOTENT else None
+        if up is None:
+            up = await self._open(conn, state.spec, req, start)
+        holder.append(up)
+        data = onward_head(
+            req, absolute=True, proxy_auth=basic_auth(state.spec), keep_alive=pool.enabled
+        )
+        sent = len(data)
+        try:
+            resp = await self._send(conn, up, data, req, start)
+        except StaleConnection:
+            # the member closed it while idle: once more on a fresh connection, not a
+            # failure of the member
+            holder.clear()
+            pool.close(up, "stale")
+            pool.stale_retries += 1
+            up = await self._open(conn, state.spec, req, start)
+            holder.append(up)
+            resp = await self._send(conn, up, data, req, start)
+            sent += len(data)
+        if resp.status == 407:
+            raise MemberDown("the member rejected its credentials (407)")
+        return resp, sent
+
+    async def _open(
+        self, conn: ClientConn, spec: ProxySpec, req: Request, start: float
+    ) -> Upstream:
+        """A new connection to an `http` member, managed by the upstream pool."""
+        up = await self._reach(conn, spec, "http", req.host, req.port, True, start)
+        up.key = spec.key
+        self.upstreams.opened += 1
+        return up
+
+    async def _send(
+        self, conn: ClientConn, up: Upstream, data: bytes, req: Request, start: float
+    ) -> Response:
+        """`data` sent on `up`, its answer read within `response_timeout_s` of `start`."""
+        c = self.config
         conn.step_deadline(start + c.response_timeout_s)
         try:
-            resp = await up.exchange(
+            return await up.exchange(
                 data, req.method, c.max_buffer_bytes, c.max_head_bytes, self.budget
             )
         except asyncio.CancelledError:
@@ -343,9 +398,20 @@ class Gateway:
             raise
         finally:
             conn.step_deadline(0.0)
-        if forward and resp.status == 407:
-            raise MemberDown("the member rejected its credentials (407)")
-        return resp, len(data)
+
+    def _done_with(self, up: Upstream, blocked: bool) -> None:
+        """An answer read whole: its connection back to the pool when it may carry another
+        request, else closed."""
+        if up.key is None:
+            up.abort()
+        elif blocked:
+            self.upstreams.close(up, "blocked")
+        elif not up.reusable:
+            self.upstreams.close(up, "not_reusable")
+        elif self.draining or not self.upstreams.enabled:
+            self.upstreams.close(up, "stopping")
+        else:
+            self.upstreams.put(up, self.loop.time())
 
     async def _reach(
         self,

@@ -29,16 +29,19 @@ from typing import TYPE_CHECKING, cast
 from engine.gateway.budget import BufferBudget
 from engine.gateway.http import (
     HEAD_END,
+    Framing,
     HttpError,
     Response,
     complete_body,
     framing_of,
     parse_response_head,
+    persistent,
 )
 from fetchers.proxy_parse import ProxySpec
 
 if TYPE_CHECKING:
     from engine.gateway.client import ClientConn
+    from engine.gateway.keepalive import IdlePool
 
 MAX_REPLY_HEAD = 16 * 1024
 HOLD, HANDSHAKE, RESPONSE, RELAY = range(4)
@@ -54,6 +57,12 @@ class MemberDown(UpstreamError):
 
 class TargetUnreachable(UpstreamError):
     pass
+
+
+class StaleConnection(ConnectionError):
+    """A kept-alive connection ended before any byte of the answer: the member closed it
+    while it was idle (a race every connection pool has). The request was not seen through;
+    the caller retries it once on a fresh connection and does not blame the member."""
 
 
 def basic_auth(spec: ProxySpec) -> str | None:
@@ -77,12 +86,17 @@ class Upstream(asyncio.Protocol):
         "eof",
         "framing",
         "held",
+        "idle_pool",
+        "idle_since",
+        "key",
         "lease_release",
         "limits",
         "method",
         "mode",
         "parse",
         "resp",
+        "reusable",
+        "reused",
         "transport",
         "waiter",
         "want",
@@ -102,6 +116,10 @@ class Upstream(asyncio.Protocol):
         self.limits = (0, 0)
         self.framing = self.want = self.body_start = self.held = 0
         self.budget: BufferBudget | None = None
+        self.key: str | None = None  # the member's, when the upstream pool manages it
+        self.idle_pool: IdlePool | None = None  # set while idle in it
+        self.idle_since = 0.0
+        self.reusable = self.reused = False
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -113,12 +131,17 @@ class Upstream(asyncio.Protocol):
             assert self.client is not None
             self.client.from_upstream(data)
             return
+        if self.idle_pool is not None:  # an idle connection has nothing to say
+            self.idle_pool.drop(self, "closed_idle")
+            return
         self.buf += data
         self._progress()
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.mode == RELAY:
+        if self.idle_pool is not None:
+            self.idle_pool.drop(self, "closed_idle")
+        elif self.mode == RELAY:
             self._relay_ended()
         else:
             self._progress()
@@ -127,7 +150,9 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = self.closed = True
         self.release_budget()
-        if self.mode == RELAY:
+        if self.idle_pool is not None:
+            self.idle_pool.drop(self, "closed_idle")
+        elif self.mode == RELAY:
             self._relay_ended()
         else:
             self._progress()
@@ -189,7 +214,19 @@ class Upstream(asyncio.Protocol):
     def _hung_up(self) -> BaseException:
         if self.mode == HANDSHAKE:
             return MemberDown("the member hung up during the handshake")
+        if self.reused and self.resp is None and not self.buf:
+            return StaleConnection("the kept-alive connection was closed before the answer")
         return ConnectionError("the upstream closed before answering")
+
+    def park(self, pool: IdlePool, now: float) -> None:
+        """Idle in `pool` until taken again: nothing pending, the budget given back."""
+        self.release_budget()
+        self.mode = HOLD
+        self.parse = None
+        self.waiter = None
+        self.resp = None
+        self.reusable = False
+        self.idle_pool, self.idle_since = pool, now
 
     async def handshake(self, protocol: str, spec: ProxySpec, host: str, port: int) -> None:
         """A tunnel to host:port through the member (its reply consumed, later bytes held)."""
@@ -234,6 +271,7 @@ class Upstream(asyncio.Protocol):
         self.budget = budget
         self.method, self.limits = method, (max_buffer, max_head)
         self.resp = None
+        self.reusable = False
         self.parse = self._response
         self.transport.write(data)
         waiter = self._wait()
@@ -284,6 +322,8 @@ class Upstream(asyncio.Protocol):
                 return False
             self.body_start = end + len(HEAD_END)
             resp = self.resp = parse_response_head(bytes(buf[: self.body_start]))
+            if resp.status == 408 and self.reused:  # some servers say so as they close idle
+                raise StaleConnection("the member timed the kept-alive connection out (408)")
             self.framing, self.want = framing_of(resp, self.method)
             del buf[: self.body_start]
         more = len(buf) - self.held
@@ -297,10 +337,20 @@ class Upstream(asyncio.Protocol):
                 buf.clear()
                 return True
             self.held = len(buf)
-        if complete_body(resp, self.framing, self.want, buf, self.eof):
-            buf.clear()
-            return True
-        return False
+        used = complete_body(resp, self.framing, self.want, buf, self.eof)
+        if used < 0:
+            return False
+        # the connection may carry another request: the body's end was known (not the
+        # stream's end), nothing came after it, and the member did not end the connection
+        self.reusable = (
+            used == len(buf)
+            and not self.eof
+            and self.framing != Framing.EOF
+            and resp.status >= 200
+            and persistent(resp)
+        )
+        buf.clear()
+        return True
 
     # -- relaying -------------------------------------------------------------------------------
 

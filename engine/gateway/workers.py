@@ -35,6 +35,7 @@ from engine.gateway.service import ServeOptions
 log = logging.getLogger(__name__)
 SNAPSHOT_S = 1.0
 BREAKER_ORDER = {"open": 2, "half_open": 1, "closed": 0}
+UPSTREAM_COUNTS = ("idle", "opened", "reused", "stale_retries")
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -210,8 +211,13 @@ def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     conns: Counter[str] = Counter()
     cache: Counter[str] | None = None
     budget: Counter[str] = Counter()  # per-process budgets summed (peak: the sum of peaks)
+    upstream: Counter[str] = Counter()
+    discarded: Counter[str] = Counter()
     for s in snaps:
         budget.update(s.get("buffer_budget") or {})
+        pool = s.get("upstream_pool") or {}
+        upstream.update({k: pool.get(k, 0) for k in UPSTREAM_COUNTS})
+        discarded.update(pool.get("discarded") or {})
         errors.update(s["client_errors"])
         conns.update(s["connections"])
         if s.get("cache") is not None:
@@ -226,6 +232,11 @@ def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         "cache": None if cache is None else dict(cache),
         "connections": {k: conns[k] for k in ("open", "total", "refused")},
         "buffer_budget": {k: budget[k] for k in ("capacity", "used", "peak", "fallbacks")},
+        "upstream_pool": {
+            **{k: upstream[k] for k in UPSTREAM_COUNTS},
+            "discarded": dict(sorted(discarded.items())),
+            "limits": (first.get("upstream_pool") or {}).get("limits"),
+        },
         "strategy": first.get("strategy"),
         "members_total": max(s.get("members_total", 0) for s in snaps),
         "sessions": sum(s.get("sessions", 0) for s in snaps),
