@@ -234,6 +234,10 @@ class ProxyLease:
         self._done = True
         self._pool._release(self, outcome, latency_ms)
 
+    def release_ok(self) -> None:
+        """`release("ok")`: a bound method to hand over as a callback (no closure each)."""
+        self.release("ok", None)
+
 
 ProxyInput = str | ProxySpec | tuple[str | ProxySpec, float]
 
@@ -328,10 +332,14 @@ class ProxyPool:
         with self._lock:
             now = self.clock()
             skip = {id(p) for p in exclude}
-            members = [
-                p for p in self.proxies if id(p) not in skip and (accept is None or accept(p))
-            ]
-            candidates = [p for p in members if self._admissible(p, now)]
+            if skip or accept is not None:
+                members = [
+                    p for p in self.proxies if id(p) not in skip and (accept is None or accept(p))
+                ]
+            else:  # the first attempt of most requests: every member, no copy
+                members = self.proxies
+            closed = BreakerState.CLOSED
+            candidates = [p for p in members if p.state is closed or self._admissible(p, now)]
             if not candidates:
                 raise self._none_left(members, now)
             if prefer is not None:

@@ -94,11 +94,10 @@ class ClientConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state == RELAY:
-            assert self.up is not None and self.ms is not None and self.up.transport is not None
+        if state == RELAY:  # set by splice: up, its transport and ms are there
             self.activity += 1
-            self.ms.bytes_up += len(data)
-            self.up.transport.write(data)
+            self.ms.bytes_up += len(data)  # type: ignore[union-attr]
+            self.up.transport.write(data)  # type: ignore[union-attr]
         elif state in (HEAD, BODY):
             self.buf += data
             self._parse()
@@ -235,7 +234,9 @@ class ClientConn(asyncio.Protocol):
         assert self.req is not None
         self.state = BUSY
         self.deadline = 0.0
-        self.task = self.gw.loop.create_task(self.gw.serve_http(self, self.req, self.routing))
+        gw, req = self.gw, self.req
+        serve = gw.serve_connect if req.is_connect else gw.serve_http
+        self.task = gw.loop.create_task(serve(self, req, self.routing))
 
     def finish(self, keep: bool) -> None:
         """The answer is written: read the next request, or close."""

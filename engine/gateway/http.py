@@ -151,7 +151,7 @@ def parse_request(head: bytes) -> Request:
         raise HttpError(400, "malformed request line")
     req = Request(method, target, version, parse_headers(lines[1:]))
     if req.is_connect:
-        req.host, req.port = split_authority(target, 443)
+        req.host, req.port = _plain_authority(target) or split_authority(target, 443)
         return req
     fast = _plain_absolute(target)
     if fast is not None:
@@ -170,6 +170,26 @@ def parse_request(head: bytes) -> Request:
     req.host, req.port = split_authority(url.netloc, 80)
     req.path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     return req
+
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def _plain_authority(authority: str) -> tuple[str, int] | None:
+    """The common CONNECT target `name-or-ipv4:port` split without urlsplit; None for
+    anything else (the general parser decides on it, so both give the same answer)."""
+    host, sep, port_text = authority.partition(":")
+    if (
+        not sep
+        or not host
+        or not (port_text.isdigit() and port_text.isascii() and len(port_text) <= 5)
+        or not _NAME_CHARS.issuperset(host)
+    ):
+        return None
+    port = int(port_text)
+    if not 0 < port < 65536:
+        return None
+    return host.lower(), port
 
 
 def _plain_absolute(target: str) -> tuple[str, int, str] | None:

@@ -48,7 +48,7 @@ from engine.gateway.upstream import (
     Upstream,
     UpstreamError,
     basic_auth,
-    dial,
+    open_through,
 )
 from fetchers.pool import BreakerState, NoProxyAvailable, ProxyLease, ProxyPool, ProxyState
 from fetchers.proxy_parse import ProxySpec
@@ -101,6 +101,9 @@ class Gateway:
         self._conns: set[ClientConn] = set()
         self._all_closed: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        # a member's redacted URL (its stats key) by id of its pool state: built once, not
+        # per request (the state is kept in the value so a reused id is noticed)
+        self._names: dict[int, tuple[ProxyState, str]] = {}
         # deadlines are checked this often: a wait ends up to this much late
         self.sweep_s = min(SWEEP_S, config.head_timeout_s / 4, config.connect_timeout_s / 4)
 
@@ -192,11 +195,11 @@ class Gateway:
 
     async def serve_http(self, conn: ClientConn, req: Request, routing: Routing) -> None:
         """The task of one HTTP request (plain or CONNECT)."""
+        if req.is_connect:
+            await self.serve_connect(conn, req, routing)
+            return
         try:
-            if req.is_connect:
-                await self._connect(conn, req, routing)
-            else:
-                await self._forward(conn, req, routing)
+            await self._forward(conn, req, routing)
         except asyncio.CancelledError:
             pass  # the client left, or a drain ran out of time
         except Exception:
@@ -217,25 +220,41 @@ class Gateway:
                 return
             self.stats.requests[("socks5", "ok")] += 1
             conn.write(socks5.reply(socks5.SUCCEEDED))
-            conn.splice(up, ms, _releaser(lease), stream=False)
+            conn.splice(up, ms, lease.release_ok, stream=False)
         except asyncio.CancelledError:
             pass
         except Exception:
             log.exception("gateway: unexpected error on a SOCKS5 connection")
             conn.transport.abort()
 
+    async def serve_connect(self, conn: ClientConn, req: Request, routing: Routing) -> None:
+        """The task of one HTTP CONNECT (a coroutine of its own: one level less to resume)."""
+        try:
+            try:
+                up, lease, ms = await self._dial(conn, req.host, req.port, routing)
+            except NoRoute as e:
+                self.stats.requests[("connect", str(e.status))] += 1
+                conn.reject(e.status, str(e))
+                return
+            self.stats.requests[("connect", "ok")] += 1
+            conn.write(CONNECT_OK)
+            conn.splice(up, ms, lease.release_ok, stream=False)
+        except asyncio.CancelledError:
+            pass  # the client left, or a drain ran out of time
+        except Exception:
+            log.exception("gateway: unexpected error on a client connection")
+            conn.transport.abort()
+
     # -- HTTP ---------------------------------------------------------------------------------
 
-    async def _connect(self, conn: ClientConn, req: Request, routing: Routing) -> None:
-        try:
-            up, lease, ms = await self._dial(conn, req.host, req.port, routing)
-        except NoRoute as e:
-            self.stats.requests[("connect", str(e.status))] += 1
-            conn.reject(e.status, str(e))
-            return
-        self.stats.requests[("connect", "ok")] += 1
-        conn.write(CONNECT_OK)
-        conn.splice(up, ms, _releaser(lease), stream=False)
+    def member_stats(self, state: ProxyState) -> MemberStats:
+        """The counters of the member (by its redacted URL, named once per member)."""
+        named = self._names.get(id(state))
+        if named is None or named[0] is not state:
+            if len(self._names) > 4 * len(self.pool) + 64:  # members come and go: bounded
+                self._names.clear()
+            named = self._names[id(state)] = (state, state.redacted)
+        return self.stats.member(named[1])
 
     async def _forward(self, conn: ClientConn, req: Request, routing: Routing) -> None:
         """One plain-HTTP request, answered (or streamed) to the client."""
@@ -268,7 +287,7 @@ class Gateway:
                     status, message = 503, str(e)
                     break
                 tried.append(lease.state)
-                ms = st.member(lease.redacted)
+                ms = self.member_stats(lease.state)
                 ms.requests += 1
                 t0 = self.clock()
                 holder: list[Upstream] = []
@@ -427,7 +446,7 @@ class Gateway:
         c = self.config
         conn.step_deadline(start + min(c.connect_timeout_s, c.response_timeout_s))
         try:
-            return await dial(spec, protocol, host, port, None, forward=forward)
+            return await open_through(self.loop, spec, protocol, host, port, forward)
         except asyncio.CancelledError:
             if conn.took_too_long():
                 raise MemberDown("connect or handshake timed out") from None
@@ -492,45 +511,53 @@ class Gateway:
     async def _dial(
         self, conn: ClientConn, host: str, port: int, routing: Routing
     ) -> tuple[Upstream, ProxyLease, MemberStats]:
-        """A tunnel to host:port through the first member that gives one (failover)."""
+        """A tunnel to host:port through the first member that gives one (failover);
+        `_reach` inlined (the path of every CONNECT)."""
         c = self.config
         tried: list[ProxyState] = []
-        failure: NoRoute = NoRoute(502, socks5.GENERAL_FAILURE, "no member could connect")
+        failure: NoRoute | None = None
+        site = site_of(host, port)
+        reach_s = min(c.connect_timeout_s, c.response_timeout_s)
         for _ in range(c.retries + 1):
             try:
-                lease = self._acquire(routing, site_of(host, port), tried)
+                lease = self._acquire(routing, site, tried)
             except NoProxyAvailable as e:
                 failure = NoRoute(503, socks5.GENERAL_FAILURE, str(e))
                 break
-            tried.append(lease.state)
-            ms = self.stats.member(lease.redacted)
+            state = lease.state
+            tried.append(state)
+            ms = self.member_stats(state)
             ms.requests += 1
             t0 = self.clock()
-            protocol = member_of(lease.state).protocol
+            conn.task_deadline = self.loop.time() + reach_s
             try:
-                up = await self._reach(
-                    conn, lease.state.spec, protocol, host, port, False, self.loop.time()
+                up = await open_through(
+                    self.loop, state.spec, member_of(state).protocol, host, port, False
                 )
-            except UpstreamError as e:
-                self._attempt_failed(lease, ms, routing, e)
-                if isinstance(e, TargetUnreachable):
-                    failure = NoRoute(
-                        502, socks5.HOST_UNREACHABLE, f"{host}:{port} unreachable: {e}"
-                    )
-                else:
-                    failure = NoRoute(502, socks5.GENERAL_FAILURE, f"members failed: {e}")
-                continue
+            except asyncio.CancelledError:
+                conn.task_deadline = 0.0
+                if not conn.took_too_long():
+                    lease.release("failed", None)
+                    raise
+                e: UpstreamError = MemberDown("connect or handshake timed out")
+            except UpstreamError as err:
+                conn.task_deadline = 0.0
+                e = err
             except BaseException:
+                conn.task_deadline = 0.0
                 lease.release("failed", None)
                 raise
-            ms.latencies_ms.append((self.clock() - t0) * 1000)
-            self._stick(routing, lease)
-            return up, lease, ms
-        raise failure
-
-
-def _releaser(lease: ProxyLease) -> Callable[[], None]:
-    return lambda: lease.release("ok", None)
+            else:
+                conn.task_deadline = 0.0
+                ms.latencies_ms.append((self.clock() - t0) * 1000)
+                self._stick(routing, lease)
+                return up, lease, ms
+            self._attempt_failed(lease, ms, routing, e)
+            if isinstance(e, TargetUnreachable):
+                failure = NoRoute(502, socks5.HOST_UNREACHABLE, f"{host}:{port} unreachable: {e}")
+            else:
+                failure = NoRoute(502, socks5.GENERAL_FAILURE, f"members failed: {e}")
+        raise failure or NoRoute(502, socks5.GENERAL_FAILURE, "no member could connect")
 
 
 def site_of(host: str, port: int) -> str:

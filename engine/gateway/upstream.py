@@ -91,6 +91,7 @@ class Upstream(asyncio.Protocol):
         "key",
         "lease_release",
         "limits",
+        "loop",
         "method",
         "mode",
         "parse",
@@ -102,7 +103,9 @@ class Upstream(asyncio.Protocol):
         "want",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        # the loop given once: asyncio.get_running_loop() per wait is a getpid() syscall
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.mode = HOLD
@@ -127,9 +130,13 @@ class Upstream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.mode == RELAY:
-            assert self.client is not None
-            self.client.from_upstream(data)
+        if self.mode == RELAY:  # the hot path of a tunnel: `ClientConn.from_upstream` inlined
+            client = self.client
+            client.activity += 1  # type: ignore[union-attr]
+            ms = client.ms  # type: ignore[union-attr]
+            if ms is not None:
+                ms.bytes_down += len(data)
+            client.transport.write(data)  # type: ignore[union-attr]
             return
         if self.idle_pool is not None:  # an idle connection has nothing to say
             self.idle_pool.drop(self, "closed_idle")
@@ -186,7 +193,10 @@ class Upstream(asyncio.Protocol):
         return held
 
     def _wait(self) -> asyncio.Future[object]:
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
         return self.waiter
 
     def _resolve(self, result: object = None, exc: BaseException | None = None) -> None:
@@ -230,6 +240,13 @@ class Upstream(asyncio.Protocol):
 
     async def handshake(self, protocol: str, spec: ProxySpec, host: str, port: int) -> None:
         """A tunnel to host:port through the member (its reply consumed, later bytes held)."""
+        await self.start_handshake(protocol, spec, host, port)
+
+    def start_handshake(
+        self, protocol: str, spec: ProxySpec, host: str, port: int
+    ) -> asyncio.Future[object]:
+        """The handshake sent; the future is done when the reply is (one await fewer for the
+        dialling coroutine than `handshake`)."""
         assert self.transport is not None
         self.mode = HANDSHAKE
         if protocol in ("http", "https"):
@@ -256,7 +273,7 @@ class Upstream(asyncio.Protocol):
             raise MemberDown(f"unknown member protocol {protocol!r}")
         waiter = self._wait()
         self._progress()  # bytes that came early
-        await waiter
+        return waiter
 
     async def exchange(
         self, data: bytes, method: str, max_buffer: int, max_head: int, budget: BufferBudget
@@ -455,27 +472,36 @@ async def dial(
     """A connection through the member: to the member itself when `forward` (an `http`
     member taking an absolute-URI request), else a tunnel to host:port. `timeout` None: the
     caller bounds the wait (the gateway's deadlines, see client.py)."""
+    loop = asyncio.get_running_loop()
     if timeout is None:
-        return await _dial(spec, protocol, host, port, forward)
+        return await open_through(loop, spec, protocol, host, port, forward)
     try:
         async with asyncio.timeout(timeout):
-            return await _dial(spec, protocol, host, port, forward)
+            return await open_through(loop, spec, protocol, host, port, forward)
     except TimeoutError:
         raise MemberDown("connect or handshake timed out") from None
 
 
-async def _dial(spec: ProxySpec, protocol: str, host: str, port: int, forward: bool) -> Upstream:
-    loop = asyncio.get_running_loop()
+async def open_through(
+    loop: asyncio.AbstractEventLoop,
+    spec: ProxySpec,
+    protocol: str,
+    host: str,
+    port: int,
+    forward: bool,
+) -> Upstream:
+    """`dial` without a timeout, one coroutine deep (the gateway's hot path: every await
+    level is paid again at each resume)."""
     if protocol == "socks4" and not forward:
         host = await _resolve_v4(host)  # plain SOCKS4 carries an address, not a name
     up: Upstream | None = None
     try:
         try:
-            _, up = await loop.create_connection(Upstream, spec.host, spec.port)
+            _, up = await loop.create_connection(lambda: Upstream(loop), spec.host, spec.port)
         except OSError as e:
             raise MemberDown(f"connect failed: {e.strerror or e}") from None
         if not forward:
-            await up.handshake(protocol, spec, host, port)
+            await up.start_handshake(protocol, spec, host, port)
     except BaseException:
         if up is not None:
             up.abort()
