@@ -98,7 +98,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
 
 async def serve(config: Any, options: Any, processes: int = 1) -> int:
     from engine.gateway.metrics import MetricsServer
-    from engine.gateway.service import GatewayService
+    from engine.gateway.service import GatewayService, tune_gc
     from engine.gateway.workers import Supervisor, reserve_port
 
     loop = asyncio.get_running_loop()
@@ -125,6 +125,7 @@ async def serve(config: Any, options: Any, processes: int = 1) -> int:
                 runner = GatewayService(config, options)
                 n = await runner.start()
                 port, metrics = runner.gateway.port, runner.metrics
+                tune_gc()
         except OSError as e:
             raise UserError(f"--port {config.port}: cannot listen on {config.host}: {e}") from None
         where = f"{config.host}:{port}"

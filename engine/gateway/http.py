@@ -103,10 +103,14 @@ class Response:
     complete: bool = True  # False: `body` is only the start; the rest is still on the wire
     raw_head: bytes = b""
     extra: dict[str, str] = field(default_factory=dict)
+    # lower-case name → first value, built on first use; None again when `headers` change
+    index: dict[str, str] | None = None
 
     def header(self, name: str) -> str | None:
-        name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), None)
+        index = self.index
+        if index is None:
+            index = self.index = {k.lower(): v for k, v in reversed(self.headers)}
+        return index.get(name.lower())
 
     def lower_headers(self) -> dict[str, str]:
         return {k.lower(): v for k, v in self.headers}
@@ -128,15 +132,21 @@ def split_authority(authority: str, default_port: int) -> tuple[str, int]:
     return host, port or default_port
 
 
+_WS = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
+
+
 def parse_headers(lines: list[bytes]) -> list[tuple[str, str]]:
     if len(lines) > MAX_HEADERS:
         raise HttpError(431, f"more than {MAX_HEADERS} header fields")
     headers = []
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
+    append = headers.append
+    # one decode per line (latin-1 maps byte for byte; the strip is that of bytes: ASCII
+    # whitespace only)
+    for raw in lines:
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if not sep or not name or name != name.strip(_WS) or " " in name:
             raise HttpError(400, "malformed header field")
-        headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+        append((name, value.strip(_WS)))
     return headers
 
 
@@ -368,6 +378,7 @@ def complete_body(resp: Response, framing: int, want: int, buf: bytearray, eof: 
         if end is not None:
             resp.body = dechunk(bytes(buf[:end]))
             resp.headers = [(k, v) for k, v in resp.headers if k.lower() != "transfer-encoding"]
+            resp.index = None
             return end
     elif eof:
         resp.body = bytes(buf)

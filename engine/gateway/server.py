@@ -21,7 +21,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from engine.gateway import socks5
 from engine.gateway.auth import Authenticator, Routing, basic_credentials
@@ -103,7 +103,7 @@ class Gateway:
         self._sweeper: asyncio.TimerHandle | None = None
         # a member's redacted URL (its stats key) by id of its pool state: built once, not
         # per request (the state is kept in the value so a reused id is noticed)
-        self._names: dict[int, tuple[ProxyState, str]] = {}
+        self._names: dict[int, tuple[ProxyState, str, str]] = {}
         # deadlines are checked this often: a wait ends up to this much late
         self.sweep_s = min(SWEEP_S, config.head_timeout_s / 4, config.connect_timeout_s / 4)
 
@@ -193,19 +193,6 @@ class Gateway:
             raise HttpError(407, "proxy credentials required (or the username's options are bad)")
         return routing
 
-    async def serve_http(self, conn: ClientConn, req: Request, routing: Routing) -> None:
-        """The task of one HTTP request (plain or CONNECT)."""
-        if req.is_connect:
-            await self.serve_connect(conn, req, routing)
-            return
-        try:
-            await self._forward(conn, req, routing)
-        except asyncio.CancelledError:
-            pass  # the client left, or a drain ran out of time
-        except Exception:
-            log.exception("gateway: unexpected error on a client connection")
-            conn.transport.abort()
-
     async def serve_socks(
         self, conn: ClientConn, req: socks5.SocksRequest, routing: Routing
     ) -> None:
@@ -247,108 +234,122 @@ class Gateway:
 
     # -- HTTP ---------------------------------------------------------------------------------
 
-    def member_stats(self, state: ProxyState) -> MemberStats:
-        """The counters of the member (by its redacted URL, named once per member)."""
+    def _named(self, state: ProxyState) -> tuple[ProxyState, str, str]:
+        """(state, redacted URL, key) of a member: both strings built once, not per request."""
         named = self._names.get(id(state))
         if named is None or named[0] is not state:
             if len(self._names) > 4 * len(self.pool) + 64:  # members come and go: bounded
                 self._names.clear()
-            named = self._names[id(state)] = (state, state.redacted)
-        return self.stats.member(named[1])
+            named = self._names[id(state)] = (state, state.redacted, state.spec.key)
+        return named
 
-    async def _forward(self, conn: ClientConn, req: Request, routing: Routing) -> None:
-        """One plain-HTTP request, answered (or streamed) to the client."""
-        st, c = self.stats, self.config
-        cache_key = None
-        if self.cache is not None:
-            if request_cacheable(req):
-                cache_key = self.cache.key(req, routing.country)
-                hit = self.cache.get(cache_key) if lookup_allowed(req) else None
-                if hit is not None:
-                    st.cache.hits += 1
-                    st.cache.bytes_saved += len(hit.body)
-                    st.requests[("http", "cache")] += 1
+    def member_stats(self, state: ProxyState) -> MemberStats:
+        """The counters of the member (by its redacted URL)."""
+        return self.stats.member(self._named(state)[1])
+
+    async def serve_http(self, conn: ClientConn, req: Request, routing: Routing) -> None:
+        """The task of one plain-HTTP request, answered (or streamed) to the client (a
+        CONNECT goes to `serve_connect`)."""
+        if req.is_connect:
+            await self.serve_connect(conn, req, routing)
+            return
+        try:
+            st, c = self.stats, self.config
+            cache_key = None
+            if self.cache is not None:
+                if request_cacheable(req):
+                    cache_key = self.cache.key(req, routing.country)
+                    hit = self.cache.get(cache_key) if lookup_allowed(req) else None
+                    if hit is not None:
+                        st.cache.hits += 1
+                        st.cache.bytes_saved += len(hit.body)
+                        st.requests[("http", "cache")] += 1
+                        keep = req.keep_alive and not self.draining
+                        conn.write(render_response(hit, keep_alive=keep, extra={"X-Cache": "HIT"}))
+                        conn.finish(keep)
+                        return
+                    st.cache.misses += 1
+                else:
+                    st.cache.bypassed += 1
+            kept = 0  # budget bytes of the block page kept while the next members are tried
+            try:
+                tried: list[ProxyState] = []
+                last_blocked: Response | None = None
+                status, message = 502, "no member could fetch it"
+                for attempt in range(c.retries + 1):
+                    try:
+                        lease = self._acquire(routing, site_of(req.host, req.port), tried)
+                    except NoProxyAvailable as e:
+                        status, message = 503, str(e)
+                        break
+                    tried.append(lease.state)
+                    ms = self.member_stats(lease.state)
+                    ms.requests += 1
+                    t0 = self.clock()
+                    holder: list[Upstream] = []
+                    try:
+                        resp, sent = await self._exchange(conn, req, lease.state, holder)
+                    except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
+                        if holder:
+                            self.upstreams.close(holder[0], "error")
+                        self._attempt_failed(lease, ms, routing, e)
+                        status, message = _failure_status(e)
+                        continue
+                    except BaseException:
+                        if holder:
+                            self.upstreams.close(holder[0], "error")
+                        lease.release("failed", None)
+                        raise
+                    up = holder[0]
+                    latency = (self.clock() - t0) * 1000
+                    ms.bytes_up += sent
+                    ms.bytes_down += len(resp.raw_head) + len(resp.body)
+                    blocked = resp.complete and _is_block(resp)
+                    if blocked:
+                        ms.blocked += 1
+                        lease.release("blocked", latency)
+                        self._unstick(routing, lease)
+                        if attempt < c.retries:
+                            self.budget.release(kept)  # an earlier block page is replaced
+                            kept = up.take_reservation()
+                            self.upstreams.close(up, "blocked")
+                            last_blocked = resp
+                            continue
+                    else:
+                        lease.release("ok", latency)
+                        ms.latencies_ms.append(latency)
+                        self._stick(routing, lease)
+                    if not resp.complete:
+                        st.requests[("http", "streamed")] += 1
+                        conn.write(streamed_head(resp) + resp.body)
+                        if up.key is not None and self.upstreams.enabled:
+                            self.upstreams.discarded["streamed"] += 1
+                        conn.splice(up, ms, None, stream=True)
+                        return
+                    self._done_with(up, blocked)
+                    if cache_key is not None and not blocked:
+                        st.cache.origin_fetches += 1
+                        if self.cache is not None and self.cache.put(cache_key, resp):
+                            st.cache.stores += 1
+                    st.requests[("http", "blocked" if blocked else "ok")] += 1
                     keep = req.keep_alive and not self.draining
-                    conn.write(render_response(hit, keep_alive=keep, extra={"X-Cache": "HIT"}))
+                    conn.write(render_response(resp, keep_alive=keep))
                     conn.finish(keep)
                     return
-                st.cache.misses += 1
-            else:
-                st.cache.bypassed += 1
-        kept = 0  # budget bytes of the block page kept while the next members are tried
-        try:
-            tried: list[ProxyState] = []
-            last_blocked: Response | None = None
-            status, message = 502, "no member could fetch it"
-            for attempt in range(c.retries + 1):
-                try:
-                    lease = self._acquire(routing, site_of(req.host, req.port), tried)
-                except NoProxyAvailable as e:
-                    status, message = 503, str(e)
-                    break
-                tried.append(lease.state)
-                ms = self.member_stats(lease.state)
-                ms.requests += 1
-                t0 = self.clock()
-                holder: list[Upstream] = []
-                try:
-                    resp, sent = await self._exchange(conn, req, lease.state, holder)
-                except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
-                    if holder:
-                        self.upstreams.close(holder[0], "error")
-                    self._attempt_failed(lease, ms, routing, e)
-                    status, message = _failure_status(e)
-                    continue
-                except BaseException:
-                    if holder:
-                        self.upstreams.close(holder[0], "error")
-                    lease.release("failed", None)
-                    raise
-                up = holder[0]
-                latency = (self.clock() - t0) * 1000
-                ms.bytes_up += sent
-                ms.bytes_down += len(resp.raw_head) + len(resp.body)
-                blocked = resp.complete and _is_block(resp)
-                if blocked:
-                    ms.blocked += 1
-                    lease.release("blocked", latency)
-                    self._unstick(routing, lease)
-                    if attempt < c.retries:
-                        self.budget.release(kept)  # an earlier block page is replaced
-                        kept = up.take_reservation()
-                        self.upstreams.close(up, "blocked")
-                        last_blocked = resp
-                        continue
-                else:
-                    lease.release("ok", latency)
-                    ms.latencies_ms.append(latency)
-                    self._stick(routing, lease)
-                if not resp.complete:
-                    st.requests[("http", "streamed")] += 1
-                    conn.write(streamed_head(resp) + resp.body)
-                    if up.key is not None and self.upstreams.enabled:
-                        self.upstreams.discarded["streamed"] += 1
-                    conn.splice(up, ms, None, stream=True)
+                if last_blocked is not None:  # every member was blocked: the client sees the page
+                    st.requests[("http", "blocked")] += 1
+                    conn.write(render_response(last_blocked, keep_alive=False))
+                    conn.finish(False)
                     return
-                self._done_with(up, blocked)
-                if cache_key is not None and not blocked:
-                    st.cache.origin_fetches += 1
-                    if self.cache is not None and self.cache.put(cache_key, resp):
-                        st.cache.stores += 1
-                st.requests[("http", "blocked" if blocked else "ok")] += 1
-                keep = req.keep_alive and not self.draining
-                conn.write(render_response(resp, keep_alive=keep))
-                conn.finish(keep)
-                return
-            if last_blocked is not None:  # every member was blocked: the client sees the page
-                st.requests[("http", "blocked")] += 1
-                conn.write(render_response(last_blocked, keep_alive=False))
-                conn.finish(False)
-                return
-            st.requests[("http", str(status))] += 1
-            conn.reject(status, message)
-        finally:
-            self.budget.release(kept)
+                st.requests[("http", str(status))] += 1
+                conn.reject(status, message)
+            finally:
+                self.budget.release(kept)
+        except asyncio.CancelledError:
+            pass  # the client left, or a drain ran out of time
+        except Exception:
+            log.exception("gateway: unexpected error on a client connection")
+            conn.transport.abort()
 
     async def _exchange(
         self, conn: ClientConn, req: Request, state: ProxyState, holder: list[Upstream]
@@ -365,12 +366,12 @@ class Gateway:
             data = onward_head(req, absolute=False)
             return await self._send(conn, up, data, req, start), len(data)
         pool = self.upstreams
-        key = state.spec.key
+        key = self._named(state)[2]
         # a request that is not idempotent never goes on a kept connection: if that one
         # turned out stale, sending it again could repeat its effect (RFC 9110 9.2.2)
         up = pool.take(key) if pool.enabled and req.method in IDEMPOTENT else None
         if up is None:
-            up = await self._open(conn, state.spec, req, start)
+            up = await self._open(conn, state.spec, key, req, start)
         holder.append(up)
         data = onward_head(
             req, absolute=True, proxy_auth=basic_auth(state.spec), keep_alive=pool.enabled
@@ -384,7 +385,7 @@ class Gateway:
             holder.clear()
             pool.close(up, "stale")
             pool.stale_retries += 1
-            up = await self._open(conn, state.spec, req, start)
+            up = await self._open(conn, state.spec, key, req, start)
             holder.append(up)
             resp = await self._send(conn, up, data, req, start)
             sent += len(data)
@@ -393,11 +394,12 @@ class Gateway:
         return resp, sent
 
     async def _open(
-        self, conn: ClientConn, spec: ProxySpec, req: Request, start: float
+        self, conn: ClientConn, spec: ProxySpec, key: str, req: Request, start: float
     ) -> Upstream:
-        """A new connection to an `http` member, managed by the upstream pool."""
+        """A new connection to an `http` member (`key`: its spec's), managed by the upstream
+        pool."""
         up = await self._reach(conn, spec, "http", req.host, req.port, True, start)
-        up.key = spec.key
+        up.key = key
         self.upstreams.opened += 1
         return up
 
@@ -408,8 +410,11 @@ class Gateway:
         c = self.config
         conn.step_deadline(start + c.response_timeout_s)
         try:
-            return await up.exchange(
-                data, req.method, c.max_buffer_bytes, c.max_head_bytes, self.budget
+            return cast(
+                Response,
+                await up.start_exchange(
+                    data, req.method, c.max_buffer_bytes, c.max_head_bytes, self.budget
+                ),
             )
         except asyncio.CancelledError:
             if conn.took_too_long():

@@ -4,6 +4,7 @@ the background refresh and health checks, and a drain on stop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,3 +115,18 @@ class GatewayService:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+GC_GEN0 = 20_000
+
+
+def tune_gc() -> None:
+    """For a serving process (not a library caller): what was built at start-up leaves the
+    collector's view (`gc.freeze`), and the young generation is collected every
+    `GC_GEN0` allocations instead of 700 — every request allocates dozens of objects that
+    are freed by reference counting, so the default threshold ran a collection every few
+    requests (about 2 % of the gateway's CPU under load) for almost no cycles found."""
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0, g1, g2)

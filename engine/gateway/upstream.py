@@ -278,11 +278,18 @@ class Upstream(asyncio.Protocol):
     async def exchange(
         self, data: bytes, method: str, max_buffer: int, max_head: int, budget: BufferBudget
     ) -> Response:
-        """Send one request, read its response: whole when its body fits in `max_buffer` and
-        in the process's `budget` (framing by Content-Length, chunked, or the end of the
-        stream); otherwise `complete=False` with the bytes so far, the rest held for
-        `ClientConn.splice`. The body's bytes stay reserved until `abort`, `relay_to` or
-        `take_reservation`."""
+        """`start_exchange`, awaited."""
+        return cast(Response, await self.start_exchange(data, method, max_buffer, max_head, budget))
+
+    def start_exchange(
+        self, data: bytes, method: str, max_buffer: int, max_head: int, budget: BufferBudget
+    ) -> asyncio.Future[object]:
+        """Send one request; the future gives its response: whole when its body fits in
+        `max_buffer` and in the process's `budget` (framing by Content-Length, chunked, or
+        the end of the stream); otherwise `complete=False` with the bytes so far, the rest
+        held for `ClientConn.splice`. The body's bytes stay reserved until `abort`,
+        `relay_to` or `take_reservation`. (A future, not a coroutine: the caller awaits it
+        one level less deep.)"""
         assert self.transport is not None
         self.mode = RESPONSE
         self.budget = budget
@@ -293,7 +300,7 @@ class Upstream(asyncio.Protocol):
         self.transport.write(data)
         waiter = self._wait()
         self._progress()
-        return cast(Response, await waiter)
+        return waiter
 
     # -- parsers (True: done; False: more bytes needed) -----------------------------------------
 

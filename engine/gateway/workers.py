@@ -65,7 +65,7 @@ def worker_main(config: GatewayConfig, options: ServeOptions, conn: Connection) 
 
 
 async def _worker(config: GatewayConfig, options: ServeOptions, conn: Connection) -> None:
-    from engine.gateway.service import GatewayService
+    from engine.gateway.service import GatewayService, tune_gc
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -77,6 +77,7 @@ async def _worker(config: GatewayConfig, options: ServeOptions, conn: Connection
     except OSError as e:
         conn.send({"error": str(e)})
         return
+    tune_gc()
     conn.send({"ready": n, "port": service.gateway.port})
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
