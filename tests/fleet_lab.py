@@ -171,11 +171,25 @@ class Fleet:
             serve = ["--countries", countries[name]] if countries and name in countries else []
             ok(self.cli("fleet", "start", name, "--workers", str(workers), *passed, *serve))
         want = dict.fromkeys(self.names, workers)
-        wait_for(lambda: self.live_by_host() == want, what=f"{workers} live workers a host")
+        # polled in SQL (what `fleet status` reads): a CLI per poll cost 1-2 s each; the
+        # tests that check `fleet status` itself call live_by_host
+        wait_for(lambda: self.live_in_db() == want, what=f"{workers} live workers a host")
 
     def live_by_host(self) -> dict[str, int]:
         status = ok(self.cli("fleet", "status", "--json"))
         return {h["host"]: len(h["workers"]) for h in status}
+
+    def live_in_db(self) -> dict[str, int]:
+        """What live_by_host says, read from the workers table (no CLI)."""
+        from storage import hosts as store
+
+        db = open_database(self.pg_url, create=False)
+        try:
+            with db.connect() as conn:
+                live = store.live_workers(conn, list(self.names))
+        finally:
+            db.dispose()
+        return {name: sum(w.host == name for w in live) for name in self.names}
 
     def sql(self, query: str, **params: Any) -> list[Any]:
         db = open_database(self.pg_url, create=False)
