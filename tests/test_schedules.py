@@ -4,8 +4,6 @@ and missed-run policies (with an injected clock), and the CLI end to end with a 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -30,6 +28,7 @@ from storage import schedules as store
 from storage.bulk import fetch_all
 from storage.clock import utcnow
 from storage.db import Database
+from tests.conftest import cli_here
 from tests.test_backfill import ROOT, assert_exactly_the_input, cli, params, subset
 from tests.test_backfill import world as world
 
@@ -247,20 +246,6 @@ def test_two_schedulers_on_one_postgresql_fire_each_due_time_once(
 
 
 # --- the CLI, end to end -------------------------------------------------------------------
-
-
-def cli_here(*args: str) -> subprocess.CompletedProcess[str]:
-    """A quick command (add, list, disable, remove) through the CLI's own entry in this
-    process: a subprocess each cost 1-2 s of imports. The runs go through real processes."""
-    from engine.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse refusals
-            code = exc.code if isinstance(exc.code, int) else 2
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_cli_add_list_run_now_and_scheduler_once(
