@@ -6,8 +6,11 @@ With no server they skip, unless CI=true or FETCHFLEET_REQUIRE_PG=1, where they 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +39,21 @@ def require_tool(path_or_name: str, package: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return found
+
+
+def cli_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m engine.run ARGS`` through the CLI's own entry in this process, for quick
+    commands (refusals, listings) where the process is not what is tested: a subprocess each
+    costs 1-2 s of imports under load. Exit code, stdout and stderr as subprocess.run's."""
+    from engine.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse refusals
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

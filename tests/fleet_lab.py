@@ -119,6 +119,20 @@ def rows_of(pg_url: str, sql: str, params: dict[str, Any] | None = None) -> list
         db.dispose()
 
 
+def live_in_db(pg_url: str, names: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """Live workers by host as `fleet status` counts them, read from the workers table: what
+    the tests poll (a CLI per poll costs 1-2 s; they check `fleet status` itself once)."""
+    from storage import hosts as store
+
+    db = open_database(pg_url, create=False)
+    try:
+        with db.connect() as conn:
+            live = store.live_workers(conn, list(names))
+    finally:
+        db.dispose()
+    return {name: sum(w.host == name for w in live) for name in names}
+
+
 def launch_logs(pg_url: str) -> list[Path]:
     """The log files of the launches recorded now (the lab's hosts share this filesystem)."""
     return [Path(r[0]) for r in rows_of(pg_url, "SELECT log_path FROM host_launches ORDER BY pid")]
@@ -145,9 +159,18 @@ class Fleet:
             **self.settings,
         }
         self.started = time.time()
-        for name, host in zip(self.names, lab.hosts[: len(self.names)], strict=True):
-            ok(self.cli("hosts", "add", name, "--ssh", host.alias, "--python", sys.executable,
-                        "--workdir", str(ROOT)))  # fmt: skip
+        # added with the engine function `hosts add` calls (a CLI each cost 1-2 s; the CLI's
+        # `hosts add/list/test/remove` are tests/test_fleet_ssh.py's)
+        from engine.cli.common import open_database as open_with_kinds
+        from engine.fleet.hosts import add_host
+        from storage.hosts import HostRow
+
+        db = open_with_kinds(pg_url)  # the CLI's: every table, as a command makes them
+        try:
+            for name, host in zip(self.names, lab.hosts[: len(self.names)], strict=True):
+                add_host(db, HostRow(name, host.alias, sys.executable, str(ROOT)))
+        finally:
+            db.dispose()
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return cli(self.env, *args, timeout=timeout)
@@ -167,15 +190,25 @@ class Fleet:
         """``workers`` on each host, with this fleet's settings and the API token (and
         ``fleet start --countries`` of the hosts named in ``countries``)."""
         passed = [a for name in [*self.settings, "SIM_API_TOKEN"] for a in ("--env", name)]
+        starts = []  # one `fleet start` a host, side by side
         for name in self.names:
             serve = ["--countries", countries[name]] if countries and name in countries else []
-            ok(self.cli("fleet", "start", name, "--workers", str(workers), *passed, *serve))
+            starts.append(self.popen("fleet", "start", name, "--workers", str(workers),
+                                     *passed, *serve))  # fmt: skip
+        for proc in starts:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err + out
         want = dict.fromkeys(self.names, workers)
-        wait_for(lambda: self.live_by_host() == want, what=f"{workers} live workers a host")
+        # polled in SQL (what `fleet status` reads): a CLI per poll cost 1-2 s each; the
+        # tests that check `fleet status` itself call live_by_host
+        wait_for(lambda: self.live_in_db() == want, what=f"{workers} live workers a host")
 
     def live_by_host(self) -> dict[str, int]:
         status = ok(self.cli("fleet", "status", "--json"))
         return {h["host"]: len(h["workers"]) for h in status}
+
+    def live_in_db(self) -> dict[str, int]:
+        return live_in_db(self.pg_url, self.names)
 
     def sql(self, query: str, **params: Any) -> list[Any]:
         db = open_database(self.pg_url, create=False)

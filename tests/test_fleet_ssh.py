@@ -31,6 +31,7 @@ from tests.fleet_lab import (
     cli,
     fleet_env,
     launch_logs,
+    live_in_db,
     ok,
     rows_of,
     runner,
@@ -71,7 +72,8 @@ def test_two_hosts_over_ssh_backfill_exactly_once_then_stop(
 
     for name in names:
         ok(cli(env, "fleet", "start", name, "--workers", "2", "--env", "SIM_API_TOKEN"))
-    wait_for(lambda: live_by_host(env) == {"h0": 2, "h1": 2})
+    wait_for(lambda: live_in_db(pg_url, names) == {"h0": 2, "h1": 2})
+    assert live_by_host(env) == {"h0": 2, "h1": 2}
 
     # secrets: neither the password nor the token on any command line, here or there
     ps_here = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
@@ -127,7 +129,7 @@ def test_fleet_logs_shows_and_follows_a_launch_log(lab: Lab, pg_url: str) -> Non
     none = cli(env, "fleet", "logs", "h0")
     assert none.returncode == 2 and "`fleet start h0` first" in none.stderr, none.stderr
     launch = ok(cli(env, "fleet", "start", "h0", "--workers", "2", "--json"))["pid"]
-    wait_for(lambda: live_by_host(env) == {"h0": 2})
+    wait_for(lambda: live_in_db(pg_url, ["h0"]) == {"h0": 2})
     wait_for(lambda: launch_logs(pg_url)[0].read_text().count(" joined ") == 2, what="joined")
 
     shown = ok(cli(env, "fleet", "logs", "h0", "--lines", "5", "--json"))

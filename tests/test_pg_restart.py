@@ -9,6 +9,7 @@ only; the suite runs as root on CI)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,7 +122,8 @@ def test_validate_survives_a_restart_with_local_and_standalone_workers(
 ) -> None:
     db = open_database(pg_url)
     s = settings(concurrency=4, batch_size=4)
-    args = ["worker", "--db", pg_url, "--idle-exit", "5", "--concurrency", "4", "--json"]
+    # stopped with SIGTERM once the run completed (an idle exit would sit out its period)
+    args = ["worker", "--db", pg_url, "--concurrency", "4", "--json"]
     worker = subprocess.Popen(
         [sys.executable, "-m", "engine.run", *args],
         cwd=ROOT,
@@ -138,6 +140,8 @@ def test_validate_survives_a_restart_with_local_and_standalone_workers(
             "batch_size": 4,
         }
         run_id, summary, replaced = through_an_outage(db, s, "validate", params, 12, workers=1)
+        if worker.poll() is None:  # still up after the outage: asked to finish and sign off
+            worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=60)
     finally:
         if worker.poll() is None:

@@ -28,6 +28,7 @@ from storage import schedules as store
 from storage.bulk import fetch_all
 from storage.clock import utcnow
 from storage.db import Database
+from tests.conftest import cli_here
 from tests.test_backfill import ROOT, assert_exactly_the_input, cli, params, subset
 from tests.test_backfill import world as world
 
@@ -256,19 +257,23 @@ def test_cli_add_list_run_now_and_scheduler_once(
                 "--rate-limit", "200/1s", "--header", "Authorization=env:SIM_API_TOKEN",
                 "--rate-margin", "0.5"]  # fmt: skip
     db = ["--db", db_url]
-    bad = cli("schedule", "add", "b", "--every", "1m", *db, "--", "backfill", "--ids", rel,
+    bad = cli_here("schedule", "add", "b", "--every", "1m", *db, "--", "backfill", "--ids", rel,
               "--url-template", "nope", "--rate-limit", "200/1s")  # fmt: skip
     assert bad.returncode == 2 and "--url-template" in bad.stderr, bad.stderr
-    not_a_job = cli("schedule", "add", "x", "--every", "1m", *db, "--", "export", "--table", "runs")
+    not_a_job = cli_here(
+        "schedule", "add", "x", "--every", "1m", *db, "--", "export", "--table", "runs"
+    )
     assert not_a_job.returncode == 2 and "is not a job" in not_a_job.stderr
-    resume = cli("schedule", "add", "x", "--every", "1m", *db, "--", "backfill", "--resume", "3")
+    resume = cli_here(
+        "schedule", "add", "x", "--every", "1m", *db, "--", "backfill", "--resume", "3"
+    )
     assert resume.returncode == 2 and "resume one by hand" in resume.stderr
 
     added = cli("schedule", "add", "nightly", "--cron", "0 3 * * *", "--tz", "Europe/Berlin",
                 *db, "--json", "--", *job_argv)  # fmt: skip
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["when"] == "cron 0 3 * * * (Europe/Berlin)"
-    listed = json.loads(cli("schedule", "list", *db, "--json").stdout)
+    listed = json.loads(cli_here("schedule", "list", *db, "--json").stdout)
     assert [s["name"] for s in listed] == ["nightly"]
     assert str(ids) in listed[0]["command"] or rel in listed[0]["command"]
 
@@ -279,11 +284,11 @@ def test_cli_add_list_run_now_and_scheduler_once(
     assert_exactly_the_input(db_url, summary["run_id"], ids.read_text().split())
 
     # an interval schedule that is due: `scheduler --once` fires it and waits for the run
-    quick = cli("schedule", "add", "quick", "--every", "1s", *db, "--", *job_argv)
+    quick = cli_here("schedule", "add", "quick", "--every", "1s", *db, "--", *job_argv)
     assert quick.returncode == 0, quick.stderr
     deadline = time.monotonic() + 30
     while True:  # due one second after it was added (the database's rows say when)
-        listed = json.loads(cli("schedule", "list", *db, "--json").stdout)
+        listed = json.loads(cli_here("schedule", "list", *db, "--json").stdout)
         due = {s["name"]: s["next_due_at"] for s in listed}["quick"]
         if datetime.fromisoformat(due.rstrip("Z")) <= utcnow():
             break
@@ -294,12 +299,12 @@ def test_cli_add_list_run_now_and_scheduler_once(
     (fired,) = json.loads(once.stdout)
     assert fired["schedule"] == "quick" and fired["outcome"] == "started"
     assert_exactly_the_input(db_url, fired["run_id"], ids.read_text().split())
-    listed = {s["name"]: s for s in json.loads(cli("schedule", "list", *db, "--json").stdout)}
+    listed = {s["name"]: s for s in json.loads(cli_here("schedule", "list", *db, "--json").stdout)}
     assert listed["quick"]["last_fires"][0]["run_status"] == "completed"
     assert listed["nightly"]["last_fires"][0]["note"] == "run now"
-    assert cli("schedule", "disable", "quick", *db).returncode == 0
-    assert cli("schedule", "remove", "quick", *db).returncode == 0
-    gone = cli("schedule", "remove", "quick", *db)
+    assert cli_here("schedule", "disable", "quick", *db).returncode == 0
+    assert cli_here("schedule", "remove", "quick", *db).returncode == 0
+    gone = cli_here("schedule", "remove", "quick", *db)
     assert gone.returncode == 2 and "no schedule 'quick'" in gone.stderr
 
 

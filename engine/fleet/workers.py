@@ -54,19 +54,42 @@ def start_workers(
 def stop_workers(db: Database, ssh: SshRunner, name: str, wait_s: float = 60.0) -> int:
     """SIGTERM the host's launches and wait (up to ``wait_s``) until they are gone and their
     workers signed off; returns how many workers were live before."""
+    stopping = _signal_launches(db, ssh, name)
+    _wait_stopped(db, ssh, stopping, time.monotonic() + wait_s, wait_s)
+    return stopping.before
+
+
+@dataclass(frozen=True)
+class _Stopping:
+    """A host whose launches were sent SIGTERM: what ``_wait_stopped`` waits on."""
+
+    name: str
+    ssh_target: str
+    workdir: str
+    pids: list[int]
+    before: int
+
+
+def _signal_launches(db: Database, ssh: SshRunner, name: str) -> _Stopping:
     host = get_host(db, name)
     with db.connect() as conn:
         pids = [pid for pid, _ in store.launches(conn, name)]
         before = len(store.live_workers(conn, [name]))
     if pids:
         ssh.run(host.ssh_target, stop_command(pids))
-    deadline = time.monotonic() + wait_s
+    return _Stopping(name, host.ssh_target, host.workdir, pids, before)
+
+
+def _wait_stopped(
+    db: Database, ssh: SshRunner, stopping: _Stopping, deadline: float, wait_s: float
+) -> None:
+    name, target, pids = stopping.name, stopping.ssh_target, stopping.pids
     while pids:
-        left = ssh.run(host.ssh_target, alive_command(pids)).stdout.split()
+        left = ssh.run(target, alive_command(pids)).stdout.split()
         with db.connect() as conn:
             live = store.live_workers(conn, [name])
         if not left and live:  # its launches are gone: those whose process is gone died unseen
-            running = ssh.run(host.ssh_target, alive_command([w.pid for w in live], groups=False))
+            running = ssh.run(target, alive_command([w.pid for w in live], groups=False))
             gone = [w.worker_id for w in live if str(w.pid) not in running.stdout.split()]
             if gone:
                 _bury(db, gone)
@@ -76,12 +99,11 @@ def stop_workers(db: Database, ssh: SshRunner, name: str, wait_s: float = 60.0) 
         if time.monotonic() > deadline:
             raise FleetError(
                 f"{name}: {len(left)} launch(es) and {len(live)} worker(s) still running "
-                f"after {wait_s:.0f} s; see the log under {host.workdir}/data/fleet/"
+                f"after {wait_s:.0f} s; see the log under {stopping.workdir}/data/fleet/"
             )
         time.sleep(0.5)
     with db.begin() as conn:
         store.forget_launches(conn, name)
-    return before
 
 
 def _bury(db: Database, worker_ids: list[str]) -> None:
@@ -100,7 +122,13 @@ def _bury(db: Database, worker_ids: list[str]) -> None:
 
 
 def stop_all(db: Database, ssh: SshRunner, wait_s: float = 60.0) -> dict[str, int]:
-    return {h.name: stop_workers(db, ssh, h.name, wait_s) for h in list_hosts(db)}
+    """Every host's launches are sent SIGTERM first, then waited on: the hosts wind down
+    together (stopping them one after the other cost each host's drain in turn)."""
+    stopping = [_signal_launches(db, ssh, h.name) for h in list_hosts(db)]
+    deadline = time.monotonic() + wait_s
+    for each in stopping:
+        _wait_stopped(db, ssh, each, deadline, wait_s)
+    return {each.name: each.before for each in stopping}
 
 
 @dataclass(frozen=True)
