@@ -81,3 +81,27 @@ def test_a_missing_database_is_not_waited_for(pg_url: str, monkeypatch: pytest.M
         open_database(url, create=False, outage_s=60)
     assert not isinstance(err.value, DatabaseUnreachable)
     assert tries == []
+
+
+def test_pool_workers_wait_out_an_outage_a_worker_started_by_hand_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool worker's boot (its coordinator has the database open: an unreachable server is
+    a restart) waits; ``engine.run worker`` with a wrong address says so at once
+    (``test_validate_e2e::test_worker_processes_exit_1_when_one_of_them_failed``)."""
+    import engine.queue.sql as sql
+    from engine.settings import Settings
+
+    seen: list[float] = []
+
+    def fake_open(url: str, **kw: object) -> object:
+        seen.append(float(kw["outage_s"]))  # type: ignore[arg-type]
+        raise DatabaseUnreachable("cannot open: Connection refused")
+
+    monkeypatch.setattr(sql, "open_database", fake_open)
+    boot = sql.SqlBoot.factory("postgresql+psycopg://postgres@127.0.0.1:9/x")(
+        "w1", Settings(), "WARNING"
+    )
+    with pytest.raises(DatabaseUnreachable):
+        _ = boot.db
+    assert seen == [sql.BOOT_OUTAGE_S] and sql.BOOT_OUTAGE_S >= 60

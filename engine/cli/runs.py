@@ -284,6 +284,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         create=True,
         ignore_version=args.ignore_version,
         version=getattr(args, "code_version", None),
+        outage_s=0.0,  # started by hand (or by `fleet start`): a wrong URL fails at once
     )
     backend = boot.open_backend()
     install_uvloop()

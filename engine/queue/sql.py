@@ -447,6 +447,10 @@ class SqlBoot(WorkerBoot):
     # a standalone worker computes its own (``engine.version.code_version``).
     version: str | None = None
     ignore_version: bool = False  # ``worker --ignore-version``: serve every run
+    # How long opening the database waits for a server that does not answer: a pool worker
+    # (its coordinator has the database open) waits out a restart; a standalone worker
+    # started by hand says so at once, where a wrong address is likelier than an outage.
+    outage_s: float = BOOT_OUTAGE_S
     _db: Database | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -477,7 +481,7 @@ class SqlBoot(WorkerBoot):
                 self.db_url,
                 create=self.create,
                 idle_in_transaction_s=lease_s,
-                outage_s=BOOT_OUTAGE_S,
+                outage_s=self.outage_s,
             )
         return self._db
 
