@@ -33,6 +33,9 @@ class ItemResult:
     outcome: str
     data: dict[str, Any] = field(default_factory=dict)
     worker_id: str = ""
+    # the lease token of the claim it was executed under: the store fences it with that,
+    # so a result of a lost lease is dropped even when its worker holds the task again
+    lease: str = ""
 
 
 @dataclass(slots=True)
@@ -50,6 +53,7 @@ class ResultBatch:
     oks: list[bool] = field(default_factory=list)
     outcomes: list[str] = field(default_factory=list)
     worker_ids: list[str] = field(default_factory=list)
+    leases: list[str] = field(default_factory=list)  # per item, as ``ItemResult.lease``
 
     @classmethod
     def empty(cls, run_id: int, keys: tuple[str, ...]) -> ResultBatch:
@@ -59,8 +63,16 @@ class ResultBatch:
         return len(self.refs)
 
     def add(
-        self, task_id: int, ref: Any, ok: bool, outcome: str, data: dict[str, Any], worker_id: str
+        self,
+        task_id: int,
+        ref: Any,
+        ok: bool,
+        outcome: str,
+        data: dict[str, Any],
+        worker_id: str,
+        lease: str = "",
     ) -> None:
+        self.leases.append(lease)
         self.task_ids.append(task_id)
         self.refs.append(ref)
         self.oks.append(ok)
@@ -76,6 +88,7 @@ class ResultBatch:
         self.oks += other.oks
         self.outcomes += other.outcomes
         self.worker_ids += other.worker_ids
+        self.leases += other.leases
         for key, values in self.columns.items():
             values += other.columns[key]
 
@@ -89,6 +102,7 @@ class ResultBatch:
             oks=self.oks[start:stop],
             outcomes=self.outcomes[start:stop],
             worker_ids=self.worker_ids[start:stop],
+            leases=self.leases[start:stop],
         )
 
     def keep(self, indices: list[int]) -> ResultBatch:
@@ -102,6 +116,7 @@ class ResultBatch:
             oks=[self.oks[i] for i in indices],
             outcomes=[self.outcomes[i] for i in indices],
             worker_ids=[self.worker_ids[i] for i in indices],
+            leases=[self.leases[i] for i in indices],
         )
 
     def to_results(self) -> list[ItemResult]:
@@ -116,9 +131,18 @@ class ResultBatch:
                 outcome=outcome,
                 data={k: self.columns[k][i] for k in keys},
                 worker_id=worker_id,
+                lease=lease,
             )
-            for i, (task_id, ref, ok, outcome, worker_id) in enumerate(
-                zip(self.task_ids, self.refs, self.oks, self.outcomes, self.worker_ids, strict=True)
+            for i, (task_id, ref, ok, outcome, worker_id, lease) in enumerate(
+                zip(
+                    self.task_ids,
+                    self.refs,
+                    self.oks,
+                    self.outcomes,
+                    self.worker_ids,
+                    self.leases,
+                    strict=True,
+                )
             )
         ]
 
@@ -133,6 +157,9 @@ class TaskWork:
     params: dict[str, Any]
     items: list[Any]
     attempts: int
+    # the token of the claim that leased it: the worker hands it back with every result,
+    # heartbeat, completion, release and failure of this execution (``QueueBackend``)
+    lease: str = ""
 
 
 def item_ref(item: Any) -> Any:

@@ -5,13 +5,14 @@ claim locks candidate rows with ``FOR UPDATE SKIP LOCKED`` (each worker takes di
 tasks, nobody waits); on DuckDB only the coordinator process writes, so no lock clause is
 needed. Every time comes from the database clock (``storage.clock``).
 
-**Fencing.** Every claim stamps its tasks with a new random ``lease_token``. A caller that
+**Fencing.** Every claim stamps each of its tasks with a new ``lease_token`` (a random
+prefix per claim, then the task id: no two tasks or claims share one). A caller that
 passes ``tokens`` (task id → the token of its claim) to ``heartbeat``, ``complete``,
 ``release`` or ``fail`` acts only on the tasks still leased under that token; ``held`` says
 which those are, so results of a lease that expired (a worker partitioned, stopped, or
 slower than its lease) are not stored and a re-claimed task is never completed by its old
 holder. A token is per claim, not per worker: a worker that re-claims a task it lost holds
-it under the new token only.
+it under the new token only, and what it still sends under the old one is fenced off.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def claim(
     ``countries`` (normal forms): only tasks of no country or of one of these; empty: any.
     ``version``: only runs created by that code version, or by none (``engine.version``).
     """
-    token = secrets.token_hex(8)
+    token = secrets.token_hex(8) + "."
     lock = " FOR UPDATE OF t SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
     run_filter = " AND t.run_id = :run_id" if run_id is not None else ""
     if countries:
@@ -114,7 +115,8 @@ def claim(
         run_filter += " AND (r.code_version IS NULL OR r.code_version = :version)"
     stmt = sa.text(
         f"""
-            UPDATE tasks SET status = 'leased', worker_id = :w, lease_token = :tok,
+            UPDATE tasks SET status = 'leased', worker_id = :w,
+                   lease_token = :tok || CAST(id AS VARCHAR),
                    attempts = attempts + 1,
                    lease_until = {seconds_from_now(lease_seconds)},
                    updated_at = {NOW_SQL}
@@ -125,7 +127,7 @@ def claim(
                 ORDER BY t.run_id, t.seq
                 LIMIT :n{lock}
             )
-            RETURNING id, run_id, seq, items, attempts, max_attempts
+            RETURNING id, run_id, seq, items, attempts, max_attempts, lease_token
             """
     )
     args: dict[str, Any] = {
@@ -158,7 +160,7 @@ def claim(
             refs=json.loads(r[3]),
             attempts=r[4],
             max_attempts=r[5],
-            lease_token=token,
+            lease_token=r[6],
         )
         for r in sorted(rows, key=lambda r: (r[1], r[2]))
     ]
@@ -269,6 +271,24 @@ def complete(
     conn.execute(
         sa.update(tasks)
         .where(*where)
+        .values(status="done", lease_token=None, lease_until=None, updated_at=db_now())
+    )
+
+
+def complete_leases(conn: sa.Connection, leases: Iterable[tuple[int, str]]) -> None:
+    """``complete`` of (task id, token) pairs, possibly several per task (an old execution's
+    and a new one's, both handed over in one flush): a task is done when one of its pairs is
+    its current lease (tokens are per task, so a pair never matches another task)."""
+    pairs = list(leases)
+    if not pairs:
+        return
+    conn.execute(
+        sa.update(tasks)
+        .where(
+            tasks.c.id.in_(sorted({t for t, _ in pairs})),
+            tasks.c.status == "leased",
+            tasks.c.lease_token.in_(sorted({tok for _, tok in pairs})),
+        )
         .values(status="done", lease_token=None, lease_until=None, updated_at=db_now())
     )
 

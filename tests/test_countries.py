@@ -131,7 +131,7 @@ def test_the_gap_names_queued_countries_no_live_worker_serves(db: Database) -> N
         conn.execute(sa.text(
             "UPDATE workers SET heartbeat_at = heartbeat_at - INTERVAL '1 hour' WHERE id = 'w2'"))  # fmt: skip
     assert gap(run_id).unserved == {"AR": 2}
-    sql.heartbeat("w2", [], "idle", 0, 0)
+    sql.heartbeat("w2", {}, "idle", 0, 0)
     assert gap(run_id) is None
     sql.unregister("w2", "stopped")  # exited: no longer live
     assert gap(run_id).unserved == {"AR": 2}

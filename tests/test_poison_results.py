@@ -55,15 +55,15 @@ class Case:
 
     run_id: int
     tasks: list[TaskWork]
-    sql: SqlQueue  # what claimed them: it holds their leases (fencing)
+    sql: SqlQueue  # what claimed them
 
     @property
     def task_ids(self) -> list[int]:
         return [t.id for t in self.tasks]
 
     @property
-    def completions(self) -> list[tuple[str, int]]:
-        return [("w1", t.id) for t in self.tasks]
+    def completions(self) -> list[tuple[int, str]]:
+        return [(t.id, t.lease) for t in self.tasks]
 
     @property
     def items(self) -> list[Any]:
@@ -94,7 +94,7 @@ def scrape_results(case: Case) -> list[ItemResult | ResultBatch]:
             page = PageResult(item.id, item.url, 0, "Malaysia", "done", method="http")
             page.entities.append(Entity(f"P{item.id}", "h", [("id", f"P{item.id}", "str")]))
             wire = None if item is case.items[POISON] else page.to_wire()
-            batch.add(task.id, item.id, True, "done", {"page": wire}, "w1")
+            batch.add(task.id, item.id, True, "done", {"page": wire}, "w1", task.lease)
     return [batch]
 
 
@@ -140,6 +140,7 @@ def backfill_results(case: Case) -> list[ItemResult | ResultBatch]:
                 "attempts": "many" if item == case.items[POISON] else 1,
             },
             "w1",
+            task.lease,
         )
         for task in case.tasks
         for item in task.items
@@ -210,7 +211,7 @@ def test_an_executor_that_raised_hands_over_a_failed_page(db: Database, tmp_path
     for task in case.tasks:
         for item in task.items:
             data = error_result_data(executor, item, RuntimeError("boom"))
-            batch.add(task.id, item.id, False, "error", data, "w1")
+            batch.add(task.id, item.id, False, "error", data, "w1", task.lease)
     asyncio.run(executor.aclose())
 
     assert case.sql.store([batch], case.completions) == N
@@ -229,9 +230,7 @@ class FailingStore(SqlQueue):
 
     fails = 0
 
-    def store(
-        self, results: list[ItemResult | ResultBatch], complete: list[int] | None = None
-    ) -> int:
+    def store(self, results: list[ItemResult | ResultBatch], complete: Any = ()) -> int:
         if self.fails:
             self.fails -= 1
             raise sa.exc.OperationalError("INSERT", {}, ConnectionError("server closed"))
@@ -260,10 +259,10 @@ def test_the_coordinators_flush_loses_nothing_to_a_failure_or_a_poison(
         cut = len(first.items)  # the poison (item 4) is the second worker's
         sends = [
             ("w1", Op.SUBMIT, ([batch.part(0, cut)],)),
-            ("w1", Op.COMPLETE, ([first.id],)),
+            ("w1", Op.COMPLETE, ({first.id: first.lease},)),
             ("w1", Op.SUBMIT, ([batch.part(cut, N)],)),
-            ("w1", Op.COMPLETE, ([second.id],)),
-            ("w2", Op.RELEASE, ([held.id],)),
+            ("w1", Op.COMPLETE, ({second.id: second.lease},)),
+            ("w2", Op.RELEASE, ({held.id: held.lease},)),
         ]
         clients = {w: PipeQueue(server.boot(w, s, "WARNING").channel) for w in ("w1", "w2")}
         for i, (worker, op, args) in enumerate(sends):

@@ -26,7 +26,14 @@ import sqlalchemy as sa
 
 from engine.model import ItemResult, ResultBatch
 from engine.queue import backend_class, pool_backend
-from engine.queue.base import Directive, QueueBackend, WorkerAction, directive_for
+from engine.queue.base import (
+    Directive,
+    QueueBackend,
+    Reply,
+    WorkerAction,
+    directive_for,
+    leases_of,
+)
 from engine.queue.memory import MemoryQueue
 from engine.queue.pipe import PipeQueue, PipeServer
 from engine.queue.sql import SqlQueue
@@ -250,7 +257,7 @@ class PipeHarness(SqlHarness):
     def sync(self) -> None:
         # The server reads every ready channel before it answers a round trip: once this one
         # is answered, everything sent before it (by any client) is buffered; then a flush.
-        self.queue("sync").heartbeat("sync", [], "idle", 0, 0)
+        self.queue("sync").heartbeat("sync", {}, "idle", 0, 0)
         self.flushed.clear()
         self.flush_wanted.set()
         assert self.flushed.wait(WAIT_S), "the pipe server did not flush"
@@ -293,8 +300,12 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Make]:
         h.close()
 
 
-def result(run_id: int, task_id: int, ref: str, worker_id: str = A) -> ItemResult:
-    return ItemResult(run_id, task_id, ref, True, "ok", {"http_status": 200}, worker_id)
+def result(run_id: int, task_id: int, ref: str, lease: str, worker_id: str = A) -> ItemResult:
+    return ItemResult(run_id, task_id, ref, True, "ok", {"http_status": 200}, worker_id, lease)
+
+
+def leases(reply: Reply) -> dict[int, str]:
+    return leases_of(reply.tasks)
 
 
 def register(h: Harness, *workers: str, countries: tuple[str, ...] = ()) -> None:
@@ -366,11 +377,12 @@ def test_a_task_handed_back_still_goes_only_to_a_worker_of_its_country(make: Mak
     run_id, [t] = h.new_run([["a"]], countries=["AR"])
     register(h, A, countries=("AR",))
     register(h, B, countries=("IN",))
-    assert [x.id for x in h.queue(A).claim(A, 1, countries=("AR",)).tasks] == [t]
+    lease = leases(h.queue(A).claim(A, 1, countries=("AR",)))
+    assert list(lease) == [t]
     assert h.expire() == [(t, A)]
     assert h.queue(B).claim(B, 5, countries=("IN",)).tasks == []
     assert h.queue(B).claim(B, 5, run_id=run_id, countries=("IN",)).tasks == []
-    h.queue(A).release(A, [t])  # not A's any more: changes nothing
+    h.queue(A).release(A, lease)  # not A's any more: changes nothing
     h.sync()
     assert [x.id for x in h.queue(A).claim(A, 1, run_id=run_id, countries=("AR",)).tasks] == [t]
     assert h.task(t).worker_id == A
@@ -383,10 +395,10 @@ def test_heartbeat_extends_held_leases_and_says_continue(make: Make) -> None:
     h = make()
     _, [t] = h.new_run([["a"]])
     register(h, A)
-    h.queue(A).claim(A, 1)
+    lease = leases(h.queue(A).claim(A, 1))
     before = h.lease_until(t)
     h.tick()
-    reply = h.queue(A).heartbeat(A, [t], "busy", 3, 1)
+    reply = h.queue(A).heartbeat(A, lease, "busy", 3, 1)
     assert reply.directives == {t: Directive.CONTINUE}
     assert reply.worker_action is None and reply.tasks == []
     assert h.lease_until(t) > before
@@ -398,23 +410,25 @@ def test_heartbeat_says_release_when_the_run_is_paused_or_stopping(make: Make, s
     h = make()
     run_id, [t] = h.new_run([["a"]])
     register(h, A)
-    h.queue(A).claim(A, 1)
+    lease = leases(h.queue(A).claim(A, 1))
     h.set_run_status(run_id, status)
-    assert h.queue(A).heartbeat(A, [t], "busy", 0, 0).directives == {t: Directive.RELEASE}
+    assert h.queue(A).heartbeat(A, lease, "busy", 0, 0).directives == {t: Directive.RELEASE}
 
 
 def test_heartbeat_says_abandon_when_the_lease_is_lost_or_the_run_over(make: Make) -> None:
     h = make(lease_s=0.3)
     run_id, [t1, t2] = h.new_run([["a"], ["b"]])
     register(h, A, B)
-    assert len(h.queue(A).claim(A, 1).tasks) == 1
+    first = leases(h.queue(A).claim(A, 1))
+    assert list(first) == [t1]
     assert h.expire() == [(t1, A)]
     assert [x.id for x in h.queue(B).claim(B, 1).tasks] == [t1]  # now B holds it
-    assert h.queue(A).heartbeat(A, [t1], "busy", 0, 0).directives == {t1: Directive.ABANDON}
+    assert h.queue(A).heartbeat(A, first, "busy", 0, 0).directives == {t1: Directive.ABANDON}
     assert h.task(t1).worker_id == B  # A's heartbeat took nothing from B
-    assert [x.id for x in h.queue(A).claim(A, 1).tasks] == [t2]
+    second = leases(h.queue(A).claim(A, 1))
+    assert list(second) == [t2]
     h.set_run_status(run_id, "completed")
-    assert h.queue(A).heartbeat(A, [t2], "busy", 0, 0).directives == {t2: Directive.ABANDON}
+    assert h.queue(A).heartbeat(A, second, "busy", 0, 0).directives == {t2: Directive.ABANDON}
 
 
 def test_directives_by_run_status() -> None:
@@ -432,11 +446,11 @@ def test_release_hands_tasks_back_without_burning_an_attempt(make: Make) -> None
     h = make()
     _, [t] = h.new_run([["a"]])
     register(h, A, B)
-    h.queue(A).claim(A, 1)
-    h.queue(B).release(B, [t])  # not B's: left alone
+    lease = leases(h.queue(A).claim(A, 1))
+    h.queue(B).release(B, lease)  # not B's (even with A's token): left alone
     h.sync()
     assert h.task(t).status == "leased"
-    h.queue(A).release(A, [t])
+    h.queue(A).release(A, lease)
     h.sync()
     assert h.task(t) == TaskState("queued", 0, None, None)
     again = h.queue(B).claim(B, 1).tasks
@@ -447,9 +461,9 @@ def test_complete_marks_tasks_done_and_stores_results(make: Make) -> None:
     h = make()
     run_id, [t] = h.new_run([["a", "b"]])
     register(h, A)
-    h.queue(A).claim(A, 1)
-    h.queue(A).submit(A, [result(run_id, t, "a"), result(run_id, t, "b")])
-    h.queue(A).complete(A, [t])
+    lease = leases(h.queue(A).claim(A, 1))
+    h.queue(A).submit(A, [result(run_id, t, "a", lease[t]), result(run_id, t, "b", lease[t])])
+    h.queue(A).complete(A, lease)
     h.sync()
     assert h.task(t).status == "done"
     assert h.stored(run_id) == ["a", "b"]
@@ -460,13 +474,15 @@ def test_fail_backs_off_then_fails_after_max_attempts_with_the_last_error(make: 
     h = make(backoff_s=0.0)
     _, [t] = h.new_run([["a"]], max_attempts=2)
     register(h, A)
-    assert [x.attempts for x in h.queue(A).claim(A, 1).tasks] == [1]
-    h.queue(A).fail(A, [t], "boom 1")
+    reply = h.queue(A).claim(A, 1)
+    assert [x.attempts for x in reply.tasks] == [1]
+    h.queue(A).fail(A, leases(reply), "boom 1")
     h.sync()
     assert h.task(t) == TaskState("queued", 1, None, "boom 1")
-    assert [x.attempts for x in h.queue(A).claim(A, 1).tasks] == [2]
-    h.queue(B).fail(B, [t], "not B's")  # a worker that does not hold it changes nothing
-    h.queue(A).fail(A, [t], "boom 2")
+    reply = h.queue(A).claim(A, 1)
+    assert [x.attempts for x in reply.tasks] == [2]
+    h.queue(B).fail(B, leases(reply), "not B's")  # a worker that does not hold it: nothing
+    h.queue(A).fail(A, leases(reply), "boom 2")
     h.sync()
     assert h.task(t) == TaskState("failed", 2, None, "boom 2")
     assert h.queue(A).claim(A, 1).tasks == []
@@ -476,8 +492,7 @@ def test_a_failed_task_waits_for_its_backoff(make: Make) -> None:
     h = make(backoff_s=3600.0)
     _, [t] = h.new_run([["a"]])
     register(h, A)
-    h.queue(A).claim(A, 1)
-    h.queue(A).fail(A, [t], "boom")
+    h.queue(A).fail(A, leases(h.queue(A).claim(A, 1)), "boom")
     h.sync()
     assert h.task(t) == TaskState("queued", 1, None, "boom")
     assert h.queue(A).claim(A, 1).tasks == []  # not before an hour from now
@@ -531,18 +546,52 @@ def test_a_worker_whose_lease_expired_is_fenced_off(make: Make) -> None:
     h = make(lease_s=0.3, backoff_s=0.0)
     run_id, [t] = h.new_run([["a", "b"]])
     register(h, A, B)
-    h.queue(A).claim(A, 1)
+    a = leases(h.queue(A).claim(A, 1))
     h.expire()
-    assert [x.items for x in h.queue(B).claim(B, 1).tasks] == [["a", "b"]]
-    h.queue(A).submit(A, [result(run_id, t, r, A) for r in ("a", "b")])
-    h.queue(A).complete(A, [t])
+    reply = h.queue(B).claim(B, 1)
+    assert [x.items for x in reply.tasks] == [["a", "b"]]
+    b = leases(reply)
+    h.queue(A).submit(A, [result(run_id, t, r, a[t], A) for r in ("a", "b")])
+    h.queue(A).complete(A, a)
     h.sync()
     assert h.stored(run_id) == []  # nothing of A's stale lease
     assert (h.task(t).status, h.task(t).worker_id) == ("leased", B)
-    assert h.queue(A).heartbeat(A, [t], "busy", 0, 0).directives == {t: Directive.ABANDON}
-    assert h.queue(B).heartbeat(B, [t], "busy", 0, 0).directives == {t: Directive.CONTINUE}
-    h.queue(B).submit(B, [result(run_id, t, r, B) for r in ("a", "b")])
-    h.queue(B).complete(B, [t])
+    assert h.queue(A).heartbeat(A, a, "busy", 0, 0).directives == {t: Directive.ABANDON}
+    assert h.queue(B).heartbeat(B, b, "busy", 0, 0).directives == {t: Directive.CONTINUE}
+    h.queue(B).submit(B, [result(run_id, t, r, b[t], B) for r in ("a", "b")])
+    h.queue(B).complete(B, b)
+    h.sync()
+    assert h.stored(run_id) == ["a", "b"]
+    assert h.task(t).status == "done"
+
+
+def test_a_worker_that_claims_its_lost_task_again_is_fenced_off_its_old_lease(
+    make: Make,
+) -> None:
+    """A cut host's link comes back and its worker claims the re-queued task again before a
+    heartbeat tells it the first lease is lost. Whatever it still sends under the old lease
+    — results (one by one or in columns), a completion, a failure, a release, a heartbeat —
+    changes nothing; the new lease works as any."""
+    h = make(lease_s=0.3, backoff_s=0.0)
+    run_id, [t] = h.new_run([["a", "b"]])
+    register(h, A)
+    old = leases(h.queue(A).claim(A, 1))
+    assert h.expire() == [(t, A)]
+    new = leases(h.queue(A).claim(A, 1))
+    assert list(new) == [t] and new != old
+    batch = ResultBatch.empty(run_id, ("http_status",))
+    batch.add(t, "b", True, "ok", {"http_status": 200}, A, old[t])
+    h.queue(A).submit(A, [result(run_id, t, "a", old[t]), batch])
+    h.queue(A).complete(A, old)
+    h.queue(A).fail(A, old, "the old execution's failure")
+    h.queue(A).release(A, old)
+    h.sync()
+    assert h.stored(run_id) == []
+    assert h.task(t) == TaskState("leased", 1, A, "lease expired (worker worker-a went silent)")
+    assert h.queue(A).heartbeat(A, old, "busy", 0, 0).directives == {t: Directive.ABANDON}
+    assert h.queue(A).heartbeat(A, new, "busy", 0, 0).directives == {t: Directive.CONTINUE}
+    h.queue(A).submit(A, [result(run_id, t, r, new[t]) for r in ("a", "b")])
+    h.queue(A).complete(A, new)
     h.sync()
     assert h.stored(run_id) == ["a", "b"]
     assert h.task(t).status == "done"
@@ -552,20 +601,23 @@ def test_results_are_stored_once_when_a_task_runs_twice(make: Make) -> None:
     h = make(lease_s=0.3)
     run_id, [t] = h.new_run([["a", "b", "c"]])
     register(h, A, B)
-    assert h.queue(A).claim(A, 1).tasks[0].items == ["a", "b", "c"]
-    h.queue(A).submit(A, [result(run_id, t, "a")])  # A got one item out
+    reply = h.queue(A).claim(A, 1)
+    assert reply.tasks[0].items == ["a", "b", "c"]
+    a = leases(reply)
+    h.queue(A).submit(A, [result(run_id, t, "a", a[t])])  # A got one item out
     h.sync()
     h.expire()  # A went silent: the task runs again elsewhere
-    again = h.queue(B).claim(B, 1).tasks
-    assert [x.items for x in again] == [["b", "c"]]  # what is stored is not redone
+    again = h.queue(B).claim(B, 1)
+    assert [x.items for x in again.tasks] == [["b", "c"]]  # what is stored is not redone
+    b = leases(again)
     # B finishes; A was only slow, and hands over everything as well, in columns
-    h.queue(B).submit(B, [result(run_id, t, r, B) for r in ("b", "c")])
-    h.queue(B).complete(B, [t])
+    h.queue(B).submit(B, [result(run_id, t, r, b[t], B) for r in ("b", "c")])
+    h.queue(B).complete(B, b)
     batch = ResultBatch.empty(run_id, ("http_status",))
     for ref in ("a", "b", "c"):
-        batch.add(t, ref, True, "ok", {"http_status": 200}, A)
+        batch.add(t, ref, True, "ok", {"http_status": 200}, A, a[t])
     h.queue(A).submit(A, [batch])
-    h.queue(A).complete(A, [t])
+    h.queue(A).complete(A, a)
     h.sync()
     assert h.stored(run_id) == ["a", "b", "c"]
     assert h.task(t).status == "done"
@@ -575,9 +627,9 @@ def test_a_task_whose_items_are_all_stored_is_completed_by_the_claim(make: Make)
     h = make()
     run_id, [t] = h.new_run([["a"]])
     register(h, A)
-    h.queue(A).claim(A, 1)
-    h.queue(A).submit(A, [result(run_id, t, "a")])
-    h.queue(A).fail(A, [t], "crashed after handing over")
+    lease = leases(h.queue(A).claim(A, 1))
+    h.queue(A).submit(A, [result(run_id, t, "a", lease[t])])
+    h.queue(A).fail(A, lease, "crashed after handing over")
     h.sync()
     assert h.queue(A).claim(A, 1).tasks == []
     assert h.task(t).status == "done"
@@ -590,23 +642,23 @@ def test_a_worker_asked_to_exit_hears_it_on_claim_and_heartbeat(make: Make) -> N
     h = make()
     _, [t1, t2] = h.new_run([["a"], ["b"]])
     register(h, A, B)
-    h.queue(A).claim(A, 1)
+    lease = leases(h.queue(A).claim(A, 1))
     h.request_exit(A)
-    reply = h.queue(A).heartbeat(A, [t1], "busy", 0, 0)
+    reply = h.queue(A).heartbeat(A, lease, "busy", 0, 0)
     assert reply.worker_action is WorkerAction.EXIT
     assert reply.directives == {t1: Directive.CONTINUE}  # it finishes what is in flight
     claimed = h.queue(A).claim(A, 5)
     assert (claimed.worker_action, claimed.tasks) == (WorkerAction.EXIT, [])
     assert h.task(t2).status == "queued"
-    assert h.queue(B).heartbeat(B, [], "idle", 0, 0).worker_action is None  # others go on
+    assert h.queue(B).heartbeat(B, {}, "idle", 0, 0).worker_action is None  # others go on
 
 
 def test_unregister_releases_what_the_worker_still_holds(make: Make) -> None:
     h = make()
     _, [t1, t2] = h.new_run([["a"], ["b"]])
     register(h, A)
-    h.queue(A).claim(A, 2)
-    h.queue(A).complete(A, [t1])
+    lease = leases(h.queue(A).claim(A, 2))
+    h.queue(A).complete(A, {t1: lease[t1]})
     h.queue(A).unregister(A, "stopped")
     h.sync()
     assert h.task(t1).status == "done"

@@ -188,9 +188,9 @@ class Unreachable(MemoryQueue):
             raise ConnectionError("no route to host")
         return super().heartbeat(*args)
 
-    def complete(self, worker_id: str, task_ids: list[int]) -> None:
-        self.completed.extend(task_ids)
-        super().complete(worker_id, task_ids)
+    def complete(self, worker_id: str, leases: Any) -> None:
+        self.completed.extend(leases)
+        super().complete(worker_id, leases)
 
 
 @pytest.mark.parametrize("hangs", [False, True], ids=["heartbeat-raises", "heartbeat-hangs"])
@@ -230,3 +230,56 @@ def test_a_worker_cut_off_for_a_lease_stops_its_tasks_on_its_own(
     asyncio.run(scenario())
     assert gate.started == ["a"]  # b..e never started once the lease was gone
     assert task not in mq.completed
+
+
+class CountingExecutor(GateExecutor):
+    """A gate executor whose result says which execution of the item produced it."""
+
+    async def execute(self, item: Any) -> tuple[bool, str, dict[str, Any]]:
+        self.started.append(item)
+        execution = self.started.count(item)
+        await self.go.wait()
+        return True, "ok", {"execution": execution}
+
+
+def test_a_task_claimed_again_before_its_loss_is_heard_stores_only_the_new_execution(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fencing hole a cut host found: its lease expires and the task is queued again;
+    the link comes back and the same worker claims the task again *before* a heartbeat
+    tells it the old lease is lost. The old execution's answers, arriving afterwards, are
+    of a lost lease: they are never stored, and the old execution completes nothing. Only
+    the new execution's results count."""
+    now = [0.0]
+    mq = Unreachable(lease_s=10, clock=lambda: now[0], retry_backoff_s=0)
+    mq.cut, mq.hangs, mq.healed = False, True, threading.Event()
+    run_id = mq.add_run(EchoKind.name)
+    [task] = mq.add_tasks(run_id, [["a", "b", "c"]])
+    gate = CountingExecutor()
+
+    async def open_gate(params: dict[str, Any], env: WorkerEnv) -> Executor:
+        return gate
+
+    # the worker's own lease (its self-fencing) is long: it never hears of the loss here
+    settings = Settings(concurrency=3, batch_size=3, flush_s=0.01, heartbeat_s=0.01, lease_s=600)
+    worker = Worker(mq, settings, "w1")
+
+    async def scenario() -> None:
+        runner = asyncio.create_task(worker.run())
+        await until(lambda: sorted(gate.started) == ["a", "b", "c"], "the first execution")
+        mq.cut = True  # heartbeats hang from now on: the loss is not heard
+        now[0] += 100
+        assert mq.requeue_expired() == [(task, "w1")]
+        await until(lambda: mq.tasks[task].status == "leased", "claimed again by w1")
+        assert mq.tasks[task].worker_id == "w1"
+        gate.go.set()  # the old execution's answers arrive, then the new one runs
+        await until(lambda: len(gate.started) == 6, "the second execution")
+        await until(lambda: mq.tasks[task].status == "done", "the task done")
+        mq.healed.set()
+        worker.request_exit()
+        await asyncio.wait_for(runner, 30)
+
+    monkeypatch.setattr(EchoKind, "open_executor", staticmethod(open_gate))
+    asyncio.run(scenario())
+    stored = {ref: r.data["execution"] for (_, ref), r in mq.results.items()}
+    assert stored == {"a": 2, "b": 2, "c": 2}, "stored from a lost lease"

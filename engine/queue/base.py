@@ -15,12 +15,19 @@ suite against every backend: a new backend passes it or is not a backend.
 Delivery is at-least-once: a task whose lease expired runs again, possibly while its first
 worker is still busy with it. Storage is exactly-once: results are keyed by (run, item ref)
 and a result already stored is never stored again, so the second execution adds nothing.
+
+**Leases.** Every claim gives each task a lease token (``TaskWork.lease``). The worker acts
+on a task only through that token: it tags every result with it (``ItemResult.lease``) and
+passes ``Leases`` (task id → token) to ``heartbeat``, ``complete``, ``release`` and
+``fail``. A backend acts only on tasks still leased under the given token, so an execution
+whose lease was lost is fenced off even when the same worker has claimed the task again
+meanwhile (a cut host whose link comes back before its heartbeat hears of the loss).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -61,6 +68,14 @@ class Reply:
 
 
 EXIT = Reply(worker_action=WorkerAction.EXIT)
+
+Leases = Mapping[int, str]  # task id → the lease token of the claim that gave it
+
+
+def leases_of(tasks: Iterable[TaskWork]) -> dict[int, str]:
+    """The leases of claimed tasks, as ``heartbeat``/``complete``/``release``/``fail`` take."""
+    return {t.id: t.lease for t in tasks}
+
 
 FLUSH_BACKOFF_MAX_S = 5.0
 
@@ -113,38 +128,41 @@ class QueueBackend(ABC):
 
     @abstractmethod
     def heartbeat(
-        self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
+        self, worker_id: str, leases: Leases, status: str, done: int, failed: int
     ) -> Reply:
-        """Extend the leases of the tasks in ``task_ids`` that ``worker_id`` still holds and
+        """Extend the ``leases`` (task id → token) that ``worker_id`` still holds and
         record the worker's liveness (``status`` idle/busy, items done/failed since the
         last heartbeat, added to its counters).
 
         The reply has one ``Directive`` per task id: ``directive_for`` its run's status for
-        a task still held; ``ABANDON`` for one whose lease was lost (expired and re-queued,
-        or taken by another worker) — its lease is not extended. ``worker_action`` is
+        a task still held under the given token; ``ABANDON`` for one whose lease was lost
+        (expired and re-queued, or claimed again, by another worker or this one) — it is not
+        extended. ``worker_action`` is
         ``EXIT`` when the worker was asked to exit (by its coordinator or a stop command)."""
 
     @abstractmethod
     def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None:
         """Hand over results; they are stored exactly once per (run, item ref): a result for
-        an item already stored is dropped. May be buffered (``PipeQueue``), but results
+        an item already stored is dropped, and so is one whose ``lease`` is no longer its
+        task's (its execution was fenced off). May be buffered (``PipeQueue``), but results
         are always stored before a ``complete`` that the same worker sent after them."""
 
     @abstractmethod
-    def complete(self, worker_id: str, task_ids: list[int]) -> None:
-        """Every item of these tasks has its result handed over: they are ``done``, whoever
-        holds their lease now (a second execution finishing first is as good)."""
+    def complete(self, worker_id: str, leases: Leases) -> None:
+        """Every item of these tasks has its result handed over under these leases: the
+        tasks still leased under them are ``done``; the others are left alone (a lost
+        lease completes nothing)."""
 
     @abstractmethod
-    def release(self, worker_id: str, task_ids: list[int]) -> None:
+    def release(self, worker_id: str, leases: Leases) -> None:
         """Hand held tasks back untouched (a graceful stop, a paused run): they are queued
         again at once and the claim does not count as an attempt. Tasks that this worker
-        no longer holds are left alone."""
+        no longer holds under these leases are left alone."""
 
     @abstractmethod
-    def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
-        """A failed attempt at tasks this worker holds (``error`` is kept as the task's
-        last error and recorded): each goes back to the queue, claimable after
+    def fail(self, worker_id: str, leases: Leases, error: str) -> None:
+        """A failed attempt at tasks this worker holds under ``leases`` (``error`` is the
+        task's last error and recorded): each goes back to the queue, claimable after
         ``retry_backoff_s * 2 ** (attempts - 1)``, or becomes ``failed`` once it has had
         ``max_attempts`` attempts."""
 

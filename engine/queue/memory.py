@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.model import ItemResult, ResultBatch, TaskWork
-from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, directive_for
+from engine.queue.base import EXIT, Leases, QueueBackend, Reply, WorkerAction, directive_for
 from storage.queue import DEFAULT_MAX_LOST_LEASES, lost_too_often
 
 
@@ -33,7 +33,7 @@ class MemoryTask:
     status: str = "queued"  # queued, leased, done, failed
     attempts: int = 0
     worker_id: str | None = None
-    lease_token: int | None = None  # one per claim: fences a holder whose lease expired
+    lease_token: str | None = None  # one per claim: fences a holder whose lease expired
     lease_until: float = 0.0
     available_at: float = 0.0
     last_error: str | None = None
@@ -58,7 +58,6 @@ class MemoryQueue(QueueBackend):
         self.workers: dict[str, str] = {}  # id → status
         self.countries: dict[str, tuple[str, ...]] = {}  # id → the countries it serves
         self._exit: set[str] = set()
-        self._leases: dict[tuple[str, int], int] = {}  # (worker, task) → token of its claim
         self._tokens = itertools.count(1)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -125,17 +124,18 @@ class MemoryQueue(QueueBackend):
         t.available_at = self.clock() + self.retry_backoff_s * 2 ** max(t.attempts - 1, 0)
         t.worker_id, t.lease_token, t.last_error = None, None, error[:2000]
 
-    def _holds(self, worker_id: str, task_id: int) -> bool:
+    def _holds(self, worker_id: str, task_id: int, lease: str) -> bool:
         t = self.tasks.get(task_id)
         return (
             t is not None
             and t.status == "leased"
-            and t.lease_token is not None
-            and self._leases.get((worker_id, task_id)) == t.lease_token
+            and t.worker_id == worker_id
+            and bool(lease)
+            and t.lease_token == lease
         )
 
-    def _held(self, worker_id: str, task_ids: list[int]) -> list[MemoryTask]:
-        return [self.tasks[i] for i in task_ids if self._holds(worker_id, i)]
+    def _held(self, worker_id: str, leases: Leases) -> list[MemoryTask]:
+        return [self.tasks[i] for i, lease in leases.items() if self._holds(worker_id, i, lease)]
 
     # --- QueueBackend ----------------------------------------------------------------------
 
@@ -170,26 +170,26 @@ class MemoryQueue(QueueBackend):
                 key=lambda t: (t.run_id, t.seq),
             )[:max_tasks]
             out = []
-            token = next(self._tokens)
+            token = f"m{next(self._tokens)}"
             for t in ready:
                 t.status, t.worker_id, t.lease_until = "leased", worker_id, now + self.lease_s
-                t.lease_token = self._leases[(worker_id, t.id)] = token
+                t.lease_token = token
                 t.attempts += 1
                 items = [r for r in t.refs if (t.run_id, r) not in self.results]
                 if not items:  # everything already stored by an earlier attempt
                     t.status, t.worker_id, t.lease_token = "done", None, None
                     continue
                 kind, params, _ = self.runs[t.run_id]
-                out.append(TaskWork(t.id, t.run_id, kind, params, items, t.attempts))
+                out.append(TaskWork(t.id, t.run_id, kind, params, items, t.attempts, token))
             return Reply(tasks=out)
 
     def heartbeat(
-        self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
+        self, worker_id: str, leases: Leases, status: str, done: int, failed: int
     ) -> Reply:
         with self._lock:
             self.workers[worker_id] = status
-            directives = {i: directive_for("lost") for i in task_ids}
-            for t in self._held(worker_id, task_ids):
+            directives = {i: directive_for("lost") for i in leases}
+            for t in self._held(worker_id, leases):
                 t.lease_until = self.clock() + self.lease_s
                 directives[t.id] = directive_for(self.runs[t.run_id][2])
         action = WorkerAction.EXIT if worker_id in self._exit else None
@@ -199,26 +199,30 @@ class MemoryQueue(QueueBackend):
         with self._lock:
             for r in results:
                 for one in r.to_results() if isinstance(r, ResultBatch) else (r,):
-                    if self._holds(one.worker_id, one.task_id):  # else: a lost lease's
+                    if self._holds(one.worker_id, one.task_id, one.lease):  # else: a lost lease's
                         self.results.setdefault((one.run_id, one.ref), one)
 
-    def complete(self, worker_id: str, task_ids: list[int]) -> None:
+    def complete(self, worker_id: str, leases: Leases) -> None:
         with self._lock:
-            for t in self._held(worker_id, task_ids):
+            for t in self._held(worker_id, leases):
                 t.status, t.worker_id, t.lease_token = "done", None, None
 
-    def release(self, worker_id: str, task_ids: list[int]) -> None:
+    def release(self, worker_id: str, leases: Leases) -> None:
         with self._lock:
-            for t in self._held(worker_id, task_ids):
+            for t in self._held(worker_id, leases):
                 t.status, t.worker_id, t.attempts = "queued", None, t.attempts - 1
                 t.lease_token = None
 
-    def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
+    def fail(self, worker_id: str, leases: Leases, error: str) -> None:
         with self._lock:
-            for t in self._held(worker_id, task_ids):
+            for t in self._held(worker_id, leases):
                 self._fail(t, error)
 
     def unregister(self, worker_id: str, reason: str) -> None:
-        held = [t.id for t in self.tasks.values() if t.worker_id == worker_id]
+        held = {
+            t.id: t.lease_token
+            for t in self.tasks.values()
+            if t.worker_id == worker_id and t.lease_token is not None
+        }
         self.release(worker_id, held)
         self.workers[worker_id] = "exited"

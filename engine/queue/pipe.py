@@ -30,7 +30,7 @@ from multiprocessing.connection import wait as wait_ready
 from typing import TYPE_CHECKING, Any
 
 from engine.model import ItemResult, ResultBatch
-from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, flush_delay
+from engine.queue.base import EXIT, Leases, QueueBackend, Reply, WorkerAction, flush_delay
 from engine.queue.boot import WorkerBoot
 
 if TYPE_CHECKING:
@@ -109,21 +109,21 @@ class PipeQueue(QueueBackend):
         return self._call(worker_id, Op.CLAIM, max_tasks, run_id, tuple(countries))
 
     def heartbeat(
-        self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
+        self, worker_id: str, leases: Leases, status: str, done: int, failed: int
     ) -> Reply:
-        return self._call(worker_id, Op.HEARTBEAT, task_ids, status, done, failed)
+        return self._call(worker_id, Op.HEARTBEAT, dict(leases), status, done, failed)
 
     def submit(self, worker_id: str, results: list[ItemResult | ResultBatch]) -> None:
         self._call(worker_id, Op.SUBMIT, results)
 
-    def complete(self, worker_id: str, task_ids: list[int]) -> None:
-        self._call(worker_id, Op.COMPLETE, task_ids)
+    def complete(self, worker_id: str, leases: Leases) -> None:
+        self._call(worker_id, Op.COMPLETE, dict(leases))
 
-    def release(self, worker_id: str, task_ids: list[int]) -> None:
-        self._call(worker_id, Op.RELEASE, task_ids)
+    def release(self, worker_id: str, leases: Leases) -> None:
+        self._call(worker_id, Op.RELEASE, dict(leases))
 
-    def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
-        self._call(worker_id, Op.FAIL, task_ids, error)
+    def fail(self, worker_id: str, leases: Leases, error: str) -> None:
+        self._call(worker_id, Op.FAIL, dict(leases), error)
 
     def unregister(self, worker_id: str, reason: str) -> None:
         self._call(worker_id, Op.UNREGISTER, reason)
@@ -323,7 +323,7 @@ class PipeServer:
         results, self._results = self._results, []
         n_results, self._n_results = self._n_results, 0
         ops, self._ops = self._ops, []
-        completes = [(w, t) for op, w, args in ops if op == Op.COMPLETE for t in args[0]]
+        completes = [pair for op, _, args in ops if op == Op.COMPLETE for pair in args[0].items()]
         try:
             if results or completes:
                 self.sql.store(results, completes)

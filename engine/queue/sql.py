@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from engine.jobs import get_kind
 from engine.jobs.base import JobKind, unstorable_row
 from engine.model import ItemResult, ResultBatch, TaskWork, item_ref
-from engine.queue.base import EXIT, QueueBackend, Reply, WorkerAction, directive_for
+from engine.queue.base import EXIT, Leases, QueueBackend, Reply, WorkerAction, directive_for
 from engine.queue.boot import BootFactory, WorkerBoot
 from engine.ratelimit.base import MemoryLimiter, RateLimiter
 from engine.settings import Settings
@@ -69,17 +69,6 @@ class SqlQueue(QueueBackend):
         self._run_meta: dict[int, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._exit_requested: set[str] = set()
-        # (worker, task) → the lease token of the claim that gave it the task: what fences a
-        # worker whose lease expired off the task (``storage.queue``, "Fencing").
-        self._leases: dict[tuple[str, int], str] = {}
-
-    def _tokens(self, worker_id: str, task_ids: list[int]) -> dict[int, str]:
-        leases = self._leases
-        return {t: tok for t in task_ids if (tok := leases.get((worker_id, t))) is not None}
-
-    def _forget(self, worker_id: str, task_ids: list[int]) -> None:
-        for t in task_ids:
-            self._leases.pop((worker_id, t), None)
 
     def kind(self, name: str) -> JobKind:
         with self._lock:
@@ -139,16 +128,14 @@ class SqlQueue(QueueBackend):
                 countries=countries,
                 version=self._claim_version,
             )
-            for task in claimed:
-                self._leases[(worker_id, task.id)] = task.lease_token
-            finished: list[int] = []
+            finished: dict[int, str] = {}
             loaded = self._load_items(conn, claimed)
             for task in claimed:
                 items = [
                     loaded[task.run_id][ref] for ref in task.refs if ref in loaded[task.run_id]
                 ]
                 if not items:  # everything already stored by an earlier attempt
-                    finished.append(task.id)
+                    finished[task.id] = task.lease_token
                     continue
                 out.append(
                     TaskWork(
@@ -158,10 +145,10 @@ class SqlQueue(QueueBackend):
                         params=task.params,
                         items=items,
                         attempts=task.attempts,
+                        lease=task.lease_token,
                     )
                 )
-            q.complete(conn, finished, self._tokens(worker_id, finished))
-        self._forget(worker_id, finished)
+            q.complete(conn, finished, finished)
         if len(claimed) < max_tasks:
             self._report_refusals(worker_id, run_id)
         return Reply(tasks=out)
@@ -202,14 +189,13 @@ class SqlQueue(QueueBackend):
         return out
 
     def heartbeat(
-        self, worker_id: str, task_ids: list[int], status: str, done: int, failed: int
+        self, worker_id: str, leases: Leases, status: str, done: int, failed: int
     ) -> Reply:
-        tokens = self._tokens(worker_id, task_ids)
+        task_ids = list(leases)
         with self.db.begin() as conn:
-            statuses = q.heartbeat(conn, worker_id, task_ids, self.settings.lease_s, tokens)
+            statuses = q.heartbeat(conn, worker_id, task_ids, self.settings.lease_s, leases)
             q.touch_worker(conn, worker_id, status, task_ids, done, failed)
             action = self._worker_action(conn, worker_id)
-        self._forget(worker_id, [t for t, s in statuses.items() if s == "lost"])
         return Reply(
             directives={t: directive_for(s) for t, s in statuses.items()}, worker_action=action
         )
@@ -220,7 +206,7 @@ class SqlQueue(QueueBackend):
     def store(
         self,
         results: list[ItemResult | ResultBatch],
-        complete: list[tuple[str, int]] | None = None,
+        complete: Sequence[tuple[int, str]] = (),
     ) -> int:
         """Store results (and mark tasks done) in one transaction; returns new results.
 
@@ -232,18 +218,19 @@ class SqlQueue(QueueBackend):
         the rest as usual, then the tasks are completed. A transient failure is raised: the
         caller keeps the results and tries again later (stored ones are not stored twice).
 
-        ``complete`` is (worker, task) pairs. Results and completions of a lease that is no
-        longer the worker's (it expired; the task may be someone else's now) are dropped:
-        the task runs again where it is held now, and only that execution counts."""
+        ``complete`` is the (task id, lease token) pairs whose tasks are done. Results (each
+        fenced by its own ``lease``) and completions of a lease that is no longer the task's
+        (it expired; the task may be someone else's now, or its worker's again under a new
+        claim) are dropped: the task runs again where it is held now, and only that
+        execution counts."""
         if not results and not complete:
             return 0
         parts = _by_run(results)
-        done = complete or []
+        done = list(complete)
         try:
             with self.db.begin() as conn:
-                new = self._store_parts(conn, parts, [t for _, t in done])
-                self._complete(conn, done)
-            self._forget_done(done)
+                new = self._store_parts(conn, parts, [t for t, _ in done])
+                q.complete_leases(conn, done)
             return new
         except Exception as exc:
             if not results or is_transient(exc):
@@ -253,41 +240,27 @@ class SqlQueue(QueueBackend):
         new = sum(self._isolate(run_id, part) for run_id, part in parts)
         if done:
             with self.db.begin() as conn:
-                self._complete(conn, done)
-            self._forget_done(done)
+                q.complete_leases(conn, done)
         return new
-
-    def _complete(self, conn: sa.Connection, done: list[tuple[str, int]]) -> None:
-        by_worker: dict[str, list[int]] = defaultdict(list)
-        for worker_id, task_id in done:
-            by_worker[worker_id].append(task_id)
-        for worker_id, ids in by_worker.items():
-            q.complete(conn, ids, self._tokens(worker_id, ids))
-
-    def _forget_done(self, done: list[tuple[str, int]]) -> None:
-        for worker_id, task_id in done:
-            self._leases.pop((worker_id, task_id), None)
 
     def _fenced(
         self, conn: sa.Connection, parts: list[tuple[int, _Part]]
     ) -> list[tuple[int, _Part]]:
-        """The results whose worker still holds their task's lease (rows locked by now)."""
+        """The results fetched under their task's current lease (rows locked by now)."""
         tasks = {t for _, part in parts for t in _task_ids(part)}
         now = q.current_leases(conn, sorted(tasks))
-        leases = self._leases
         out: list[tuple[int, _Part]] = []
         dropped: set[int] = set()
 
-        def holds(worker_id: str, task_id: int) -> bool:
-            token = now.get(task_id)
-            return token is not None and leases.get((worker_id, task_id)) == token
+        def holds(task_id: int, lease: str) -> bool:
+            return bool(lease) and now.get(task_id) == lease
 
         for run_id, part in parts:
             if isinstance(part, ResultBatch):
-                pairs = zip(part.task_ids, part.worker_ids, strict=True)
-                keep = [i for i, (t, w) in enumerate(pairs) if holds(w, t)]
+                pairs = zip(part.task_ids, part.leases, strict=True)
+                keep = [i for i, (t, lease) in enumerate(pairs) if holds(t, lease)]
             else:
-                keep = [i for i, r in enumerate(part) if holds(r.worker_id, r.task_id)]
+                keep = [i for i, r in enumerate(part) if holds(r.task_id, r.lease)]
             if len(keep) == len(part):
                 out.append((run_id, part))
                 continue
@@ -357,26 +330,23 @@ class SqlQueue(QueueBackend):
             add_errors(conn, [unstorable_row(r, error, utcnow()) for r in results])
         return 0
 
-    def complete(self, worker_id: str, task_ids: list[int]) -> None:
-        self.store([], [(worker_id, t) for t in task_ids])
+    def complete(self, worker_id: str, leases: Leases) -> None:
+        self.store([], list(leases.items()))
 
-    def release(self, worker_id: str, task_ids: list[int]) -> None:
+    def release(self, worker_id: str, leases: Leases) -> None:
         with self.db.begin() as conn:
-            q.release(conn, worker_id, task_ids, self._tokens(worker_id, task_ids))
-        self._forget(worker_id, task_ids)
+            q.release(conn, worker_id, list(leases), leases)
 
-    def fail(self, worker_id: str, task_ids: list[int], error: str) -> None:
-        tokens = self._tokens(worker_id, task_ids)
+    def fail(self, worker_id: str, leases: Leases, error: str) -> None:
+        task_ids = list(leases)
         with self.db.begin() as conn:
-            q.fail(conn, task_ids, error, self.settings.retry_backoff_s, worker_id, tokens)
+            q.fail(conn, task_ids, error, self.settings.retry_backoff_s, worker_id, leases)
             q.record_task_errors(conn, task_ids, worker_id, "task_failed", error)
-        self._forget(worker_id, task_ids)
 
     def unregister(self, worker_id: str, reason: str) -> None:
         with self.db.begin() as conn:
             q.release(conn, worker_id, q.tasks_of_worker(conn, worker_id))
             q.end_worker(conn, worker_id, "exited", reason)
-        self._forget(worker_id, [t for w, t in list(self._leases) if w == worker_id])
 
 
 _Part = list[ItemResult] | ResultBatch  # results of one run, stored together

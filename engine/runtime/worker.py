@@ -90,9 +90,11 @@ class Worker:
         # batch being filled until the next flush.
         self._columns: dict[int, tuple[str, ...] | None] = {}
         self._batches: dict[int, ResultBatch] = {}
-        self._finished: list[int] = []  # tasks whose results are all buffered
-        self._released: list[int] = []
-        self._unsettled: set[int] = set()  # in _finished/_released until handed over
+        # Leases (task id → token) of tasks whose results are all buffered, of tasks to hand
+        # back, and of both until handed over (their heartbeats keep them).
+        self._finished: dict[int, str] = {}
+        self._released: dict[int, str] = {}
+        self._unsettled: dict[int, str] = {}
         self._executors: dict[int, Executor] = {}
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._done = 0
@@ -219,9 +221,32 @@ class Worker:
     # --- tasks -------------------------------------------------------------------------
 
     def _start(self, work: TaskWork) -> None:
+        self._supersede(work)
         held = _Held(work=work, pending=len(work.items))
         self._held[work.id] = held
         held.runner = asyncio.create_task(self._run_task(held))
+
+    def _supersede(self, work: TaskWork) -> None:
+        """A task claimed again while this worker still has an execution of it: that one's
+        lease was lost (only a queued task is claimed) before a heartbeat said so. It starts
+        nothing more, and what it left here — buffered results, a completion or a release
+        not yet handed over — is dropped (the store would refuse its old lease anyway)."""
+        old = self._held.get(work.id)
+        stale = {
+            lease
+            for lease in (
+                old.work.lease if old else None,
+                self._finished.pop(work.id, None),
+                self._released.pop(work.id, None),
+                self._unsettled.pop(work.id, None),
+            )
+            if lease is not None and lease != work.lease
+        }
+        if old is not None:
+            old.directive = Directive.ABANDON
+        if stale:
+            log.info("task %s: claimed again; its earlier execution's lease was lost", work.id)
+            self._drop_results(stale)
 
     async def _executor(self, work: TaskWork) -> Executor:
         ex = self._executors.get(work.run_id)
@@ -247,16 +272,17 @@ class Worker:
             from storage.errors import is_database_outage
 
             log.warning("task %s: cannot start run %s: %s", work.id, work.run_id, exc)
-            self._held.pop(work.id, None)
+            self._let_go(held)
+            lease = {work.id: work.lease}
             try:
                 if is_database_outage(exc):  # our database, not the task: no attempt
                     await self._call_retrying(
-                        self.backend.release, [work.id], within_s=self.settings.lease_s
+                        self.backend.release, lease, within_s=self.settings.lease_s
                     )
                 else:
                     await self._call_retrying(
                         self.backend.fail,
-                        [work.id],
+                        lease,
                         f"{type(exc).__name__}: {exc}",
                         within_s=self.settings.lease_s,
                     )
@@ -265,17 +291,20 @@ class Worker:
             return
         jobs = [asyncio.create_task(self._run_item(held, executor, item)) for item in work.items]
         await asyncio.gather(*jobs, return_exceptions=True)
-        self._held.pop(work.id, None)
+        self._let_go(held)
         if held.directive is Directive.CONTINUE:
-            self._finished.append(work.id)
-            self._unsettled.add(work.id)
+            self._finished[work.id] = self._unsettled[work.id] = work.lease
         elif held.directive is Directive.RELEASE:
-            self._released.append(work.id)
-            self._unsettled.add(work.id)
+            self._released[work.id] = self._unsettled[work.id] = work.lease
         if not self._held and not self.exiting.is_set():
             # Nothing else held: this may be the run's last task. Hand it over now rather
             # than at the next periodic flush, so the run settles without that delay.
             self._tail_flush = asyncio.create_task(self._flush())
+
+    def _let_go(self, held: _Held) -> None:
+        """An execution ends: it is no longer held, unless a newer one of its task is."""
+        if self._held.get(held.work.id) is held:
+            del self._held[held.work.id]
 
     async def _run_item(self, held: _Held, executor: Executor, item: Any) -> None:
         async with self._sem:
@@ -299,7 +328,7 @@ class Worker:
                 batch = self._batches.get(work.run_id)
                 if batch is None:
                     batch = self._batches[work.run_id] = ResultBatch.empty(work.run_id, columns)
-                batch.add(work.id, item_ref(item), ok, outcome, data, self.worker_id)
+                batch.add(work.id, item_ref(item), ok, outcome, data, self.worker_id, work.lease)
                 return
             self._results.append(
                 ItemResult(
@@ -310,6 +339,7 @@ class Worker:
                     outcome=outcome,
                     data=data,
                     worker_id=self.worker_id,
+                    lease=work.lease,
                 )
             )
 
@@ -330,24 +360,25 @@ class Worker:
             results, self._results = self._results, []
             results += self._batches.values()
             self._batches = {}
-            finished, self._finished = self._finished, []
-            released, self._released = self._released, []
+            finished, self._finished = self._finished, {}
+            released, self._released = self._released, {}
             try:
                 if results:
                     await self._call(self.backend.submit, results)
                     results = []
                 if finished:
                     await self._call(self.backend.complete, finished)
-                    self._unsettled.difference_update(finished)
-                    finished = []
+                    self._settled(finished)
+                    finished = {}
                 if released:
                     await self._call(self.backend.release, released)
-                    self._unsettled.difference_update(released)
-                    released = []
+                    self._settled(released)
+                    released = {}
             except BaseException as exc:  # a cancelled flush keeps its buffers too
                 self._results[:0] = results
-                self._finished[:0] = finished
-                self._released[:0] = released
+                # ahead of what came since, unless a newer claim of the task superseded it
+                self._finished = {**self._keep(finished), **self._finished}
+                self._released = {**self._keep(released), **self._released}
                 if not isinstance(exc, Exception):
                     raise
                 log.warning(
@@ -356,6 +387,15 @@ class Worker:
                 )  # fmt: skip
                 return False
             return True
+
+    def _settled(self, leases: dict[int, str]) -> None:
+        for task_id, lease in leases.items():
+            if self._unsettled.get(task_id) == lease:
+                del self._unsettled[task_id]
+
+    def _keep(self, leases: dict[int, str]) -> dict[int, str]:
+        """Of the leases a failed flush carried, those no newer claim has superseded."""
+        return {t: lease for t, lease in leases.items() if self._unsettled.get(t) == lease}
 
     async def _flush_rest(self) -> None:
         """The last flush before the worker ends: retried with backoff for up to a lease;
@@ -379,12 +419,12 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             # Finished tasks not yet handed over (a flush that failed) keep their leases too.
-            ids = [*self._held, *(self._unsettled - self._held.keys())]
+            leases = {**self._unsettled, **{t: h.work.lease for t, h in self._held.items()}}
             done, failed = self._done, self._failed
             self._done = self._failed = 0
-            status = "busy" if ids else "idle"
+            status = "busy" if leases else "idle"
             call = asyncio.ensure_future(
-                self._call(self.backend.heartbeat, ids, status, done, failed)
+                self._call(self.backend.heartbeat, leases, status, done, failed)
             )
             try:
                 reply = await self._fenced_wait(call, last_ok)
@@ -397,7 +437,7 @@ class Worker:
                 continue
             failures = 0
             last_ok = time.monotonic()
-            self._apply(reply)
+            self._apply(reply, leases)
 
     async def _fenced_wait(self, call: asyncio.Future[Reply], last_ok: float) -> Reply:
         """The heartbeat's reply. A heartbeat that neither answers nor fails (a cut link
@@ -421,43 +461,45 @@ class Worker:
         ]
         for task_id in abandoned:
             self._held[task_id].directive = Directive.ABANDON
-        self._drop_results(set(abandoned))
+        self._drop_results({self._held[t].work.lease for t in abandoned})
         if abandoned:
             log.warning(
                 "no heartbeat for %.0f s (a lease): abandoning tasks %s, which may run "
                 "elsewhere by now", self.settings.lease_s, abandoned,
             )  # fmt: skip
 
-    def _drop_results(self, task_ids: set[int]) -> None:
-        """Forget the buffered results of tasks whose lease is lost: the store would drop
-        them too, unless this worker claims the task again meanwhile — its lease is then
-        per (worker, task) again and an old result (a timeout while cut off) would pass."""
-        if not task_ids:
+    def _drop_results(self, leases: set[str]) -> None:
+        """Forget the buffered results fetched under leases that are lost: the store would
+        drop them too (each carries its lease); this only spares handing them over."""
+        if not leases:
             return
 
         def kept(batch: ResultBatch) -> ResultBatch:
-            keep = [i for i, t in enumerate(batch.task_ids) if t not in task_ids]
-            return batch if len(keep) == len(batch.task_ids) else batch.keep(keep)
+            keep = [i for i, lease in enumerate(batch.leases) if lease not in leases]
+            return batch if len(keep) == len(batch.leases) else batch.keep(keep)
 
         self._results = [
             kept(r) if isinstance(r, ResultBatch) else r
             for r in self._results
-            if isinstance(r, ResultBatch) or r.task_id not in task_ids
+            if isinstance(r, ResultBatch) or r.lease not in leases
         ]
         self._batches = {run_id: kept(b) for run_id, b in self._batches.items()}
 
-    def _apply(self, reply: Reply) -> None:
+    def _apply(self, reply: Reply, sent: dict[int, str] | None = None) -> None:
+        """Directives of a heartbeat that carried the leases ``sent``: each applies to the
+        execution it was about, not to a newer claim of the task made meanwhile."""
         for task_id, directive in reply.directives.items():
             held = self._held.get(task_id)
             if (
                 held
                 and directive is not Directive.CONTINUE
                 and held.directive is Directive.CONTINUE
+                and (sent is None or sent.get(task_id) == held.work.lease)
             ):
                 log.info("task %s: %s", task_id, directive.value)
                 held.directive = directive
                 if directive is Directive.ABANDON:
-                    self._drop_results({task_id})
+                    self._drop_results({held.work.lease})
         if reply.worker_action is WorkerAction.EXIT:
             self.exiting.set()
 

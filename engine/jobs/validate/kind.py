@@ -146,7 +146,7 @@ class ValidateJob(JobKind):
             batch = batches.get(r.run_id)
             if batch is None:
                 batch = batches[r.run_id] = ResultBatch.empty(r.run_id, self.columns)
-            batch.add(r.task_id, r.ref, r.ok, r.outcome, r.data, r.worker_id)
+            batch.add(r.task_id, r.ref, r.ok, r.outcome, r.data, r.worker_id, r.lease)
         return sum(self.store_batch(conn, b) for b in batches.values())
 
     def store_batch(self, conn: sa.Connection, batch: ResultBatch) -> int:
