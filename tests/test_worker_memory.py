@@ -283,3 +283,55 @@ def test_a_task_claimed_again_before_its_loss_is_heard_stores_only_the_new_execu
     asyncio.run(scenario())
     stored = {ref: r.data["execution"] for (_, ref), r in mq.results.items()}
     assert stored == {"a": 2, "b": 2, "c": 2}, "stored from a lost lease"
+
+
+class CutQueue(FlakyQueue):
+    """Submits fail and heartbeats hang until ``healed`` (a link that drops packets);
+    claims go through (the link came back and the claim went first)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.healed = threading.Event()
+
+    def heartbeat(self, *args: Any) -> Any:
+        self.healed.wait(30)
+        return super().heartbeat(*args)
+
+
+def test_results_buffered_before_a_lost_lease_are_not_stored_after_a_new_claim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other way an old execution's answers met a new claim: they were fetched, but
+    every hand-over failed (the link was down) and stayed buffered; the lease expired, the
+    worker claimed the task again, and the link came back. The buffered answers belong to
+    the lost lease: only the new execution's are stored, and the task is done once."""
+    now = [0.0]
+    mq = CutQueue(lease_s=10, clock=lambda: now[0], retry_backoff_s=0)
+    run_id = mq.add_run(EchoKind.name)
+    [task] = mq.add_tasks(run_id, [["a", "b", "c"]])
+    gate = CountingExecutor()
+    gate.go.set()
+
+    async def open_gate(params: dict[str, Any], env: WorkerEnv) -> Executor:
+        return gate
+
+    settings = Settings(concurrency=3, batch_size=3, flush_s=0.01, heartbeat_s=0.01, lease_s=600)
+    worker = Worker(mq, settings, "w1")
+
+    async def scenario() -> None:
+        runner = asyncio.create_task(worker.run())
+        await until(lambda: sum(mq.refused) >= 3, "the first execution's hand-over refused")
+        now[0] += 100
+        assert mq.requeue_expired() == [(task, "w1")]
+        await until(lambda: len(gate.started) == 6, "the second execution")
+        mq.healthy = True
+        await until(lambda: mq.tasks[task].status == "done", "the task done")
+        mq.healed.set()
+        worker.request_exit()
+        await asyncio.wait_for(runner, 30)
+
+    monkeypatch.setattr(EchoKind, "open_executor", staticmethod(open_gate))
+    asyncio.run(scenario())
+    stored = {ref: r.data["execution"] for (_, ref), r in mq.results.items()}
+    assert stored == {"a": 2, "b": 2, "c": 2}, "stored from a lost lease"
+    assert mq.tasks[task].attempts == 1  # the lost lease cost none; the new claim one
