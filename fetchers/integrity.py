@@ -6,9 +6,14 @@ alive the checker fetches a *canary* through it — known content from a server 
 compares the bytes. Three resources, because tampering proxies pick their victims by
 Content-Type: ``page.html`` (an HTML page with an inline script), ``data.json`` and
 ``pixel.png``, all under one base URL (the sim's judge serves them under ``/canary/``; any
-static file server will do: see the README). They are fetched concurrently, one connection
-each, over the protocol the proxy answered in, so the check costs three small requests per
-alive proxy and about one round trip of latency.
+static file server will do: see the README). They are fetched over the protocol the proxy
+answered in, the three requests pipelined down one connection (one tunnel for CONNECT and
+SOCKS, to a canary server that keeps connections alive): a proxy that keeps it open answers
+all three on it, for one connection and about one round trip. One that closes after an
+answer (tinyproxy, privoxy without keep-alive) gets the files still unanswered on fresh
+connections, one each, side by side: three connections and a second round trip, as before
+but for that round trip. Connections, not bytes, were what the check cost the validation
+(the proxy's and ours: accepts, handshakes, tunnels).
 
 The expected bytes are learnt at ``start()`` by fetching each resource directly, twice: a
 canary whose two answers differ is refused (a dynamic page would make every proxy look like
@@ -38,11 +43,13 @@ from python_socks.async_.asyncio.v2 import Proxy as SocksProxy
 from fetchers.errors import FetchError
 from fetchers.proxy_check import (
     _USER_AGENT,
+    MAX_RESPONSE_BYTES,
     CheckResult,
     Outcome,
     ProxyChecker,
     _close,
     _Fail,
+    _parse_http_head,
     _Progress,
     _read_http_response,
 )
@@ -235,7 +242,13 @@ class IntegrityCheck:
         return _decoded(headers, body)
 
     def _request(
-        self, path: str, accept: str, *, absolute: bool, proxy_auth: str | None = None
+        self,
+        path: str,
+        accept: str,
+        *,
+        absolute: bool,
+        proxy_auth: str | None = None,
+        keep_alive: bool = False,
     ) -> bytes:
         target = f"http://{self._host_header}{path}" if absolute else path
         auth = f"Proxy-Authorization: {proxy_auth}\r\n" if proxy_auth else ""
@@ -246,7 +259,7 @@ class IntegrityCheck:
             f"Accept: {accept}\r\n"
             "Accept-Encoding: identity\r\n"
             f"{auth}"
-            "Connection: close\r\n\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
         ).encode("latin-1")
 
     async def verify(self, spec: ProxySpec, result: CheckResult, deadline: float) -> CheckResult:
@@ -258,9 +271,7 @@ class IntegrityCheck:
         budget = min(self.timeout, deadline - asyncio.get_running_loop().time())
         if budget <= 0:
             return _unknown(result, "no time left within the overall cap")
-        answers = await asyncio.gather(
-            *(self._through(spec, result.protocol or "http", r, budget) for r in self.resources)
-        )
+        answers = await self._fetch(spec, result.protocol or "http", budget)
         changed = [f"{r.name} {a}" for r, (same, a) in zip(self.resources, answers, strict=True)
                    if same is False]  # fmt: skip
         if changed:
@@ -276,43 +287,73 @@ class IntegrityCheck:
         result.integrity = "intact"
         return result
 
-    async def _through(
-        self, spec: ProxySpec, protocol: str, res: _Resource, budget: float
-    ) -> tuple[bool | None, str]:
-        """(True, "") same bytes; (False, what changed); (None, why we cannot tell)."""
+    async def _fetch(self, spec: ProxySpec, protocol: str, budget: float) -> list[_Answer]:
+        """Every resource's answer, in order: all three requests pipelined down one connection
+        to the proxy (one tunnel for CONNECT and SOCKS), so a proxy that keeps connections
+        alive costs one connection and one round trip. When the proxy closes after an answer
+        (no keep-alive), the ones still unanswered go on fresh connections, one each, side by
+        side, as they all did before: the same verdicts for one more round trip (a slow proxy
+        whose two round trips outlast the budget is then unknown, never wrongly judged)."""
+        end = asyncio.get_running_loop().time() + budget
+        answers, why = await self._session(spec, protocol, self.resources, end, budget)
+        rest = self.resources[len(answers) :]
+        if not rest:
+            return answers
+        if not answers or why.startswith(_NO_TIME):  # the proxy failed us, or time is up
+            return [*answers, *((None, why) for _ in rest)]
+        more = await asyncio.gather(
+            *(self._session(spec, protocol, (r,), end, budget) for r in rest)
+        )
+        return answers + [got[0] if got else (None, w) for got, w in more]
+
+    async def _session(
+        self,
+        spec: ProxySpec,
+        protocol: str,
+        resources: tuple[_Resource, ...],
+        end: float,
+        budget: float,
+    ) -> tuple[list[_Answer], str]:
+        """One connection carrying ``resources`` pipelined: the answers of those answered
+        before it ended, and why it ended early ("" when all were)."""
+        answers: list[_Answer] = []
+        writer: asyncio.StreamWriter | None = None
+        why, ended = "", False
         try:
-            async with asyncio.timeout(budget):
-                if protocol == "http":
-                    status, headers, body = await self._forward(spec, res)
-                else:
-                    status, headers, body = await self._tunnel(spec, res, protocol, budget)
-            if status != 200:
-                return None, f"HTTP {status}"
-            change = describe_change(res.expected, _decoded(headers, body))
+            async with asyncio.timeout_at(end):
+                reader, writer = await self._connect(spec, protocol, end)
+                auth = ProxyChecker._basic_auth(spec) if protocol == "http" else None
+                last = len(resources) - 1
+                writer.write(b"".join(
+                    self._request(r.path, r.accept, absolute=protocol == "http",
+                                  proxy_auth=auth, keep_alive=i < last)
+                    for i, r in enumerate(resources)
+                ))  # fmt: skip
+                for res in resources:
+                    status, headers, body, reusable = await _read_one_response(reader)
+                    answers.append(_compare(res, status, headers, body))
+                    if not reusable:
+                        break
+            ended = True
         except _Fail as f:
-            return None, f.message
+            why = f.message
         except TimeoutError:
-            return None, f"no complete answer within {budget:.3g} s"
-        except (OSError, ProxyError, zlib.error, ssl.SSLError) as e:
-            return None, f"{type(e).__name__}: {str(e)[:80]}"
-        return (True, "") if change is None else (False, change)
+            why = f"{_NO_TIME} {budget:.3g} s"
+        except (OSError, ProxyError, ssl.SSLError) as e:
+            why = f"{type(e).__name__}: {str(e)[:80]}"
+        finally:  # cancelled too: never leave a connection open
+            _close(writer, abort=not ended)
+        if not why and len(answers) < len(resources):
+            why = "the proxy closed the connection after an answer"
+        return answers, why
 
-    async def _forward(self, spec: ProxySpec, res: _Resource) -> tuple[int, dict[str, str], bytes]:
-        auth = ProxyChecker._basic_auth(spec)
-        writer = None
-        try:
-            reader, writer = await asyncio.open_connection(spec.host, spec.port)
-            writer.write(self._request(res.path, res.accept, absolute=True, proxy_auth=auth))
-            answer = await _read_http_response(reader, _Progress())
-        except BaseException:
-            _close(writer, abort=True)
-            raise
-        _close(writer)
-        return answer
-
-    async def _tunnel(
-        self, spec: ProxySpec, res: _Resource, protocol: str, budget: float
-    ) -> tuple[int, dict[str, str], bytes]:
+    async def _connect(
+        self, spec: ProxySpec, protocol: str, end: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the proxy (``http``: it forwards our requests) or a tunnel through
+        it to the canary's server (CONNECT, SOCKS)."""
+        if protocol == "http":
+            return await asyncio.open_connection(spec.host, spec.port)
         proxy_type = _TUNNEL_TYPES[protocol]
         proxy = SocksProxy(
             proxy_type,
@@ -323,20 +364,121 @@ class IntegrityCheck:
             rdns=True if proxy_type == ProxyType.SOCKS5 else None,
         )
         host = self._ip if proxy_type == ProxyType.SOCKS4 else self._host
-        stream = None
+        timeout = max(0.001, end - asyncio.get_running_loop().time())
         try:
+            stream = await proxy.connect(host, self._port, timeout=timeout)
+        except ProxyTimeoutError:
+            raise TimeoutError from None
+        return stream.reader, stream.writer
+
+
+_Answer = tuple[bool | None, str]  # (True, "") same bytes; (False, what changed); (None, why not)
+_NO_TIME = "no complete answer within"
+
+
+def _compare(res: _Resource, status: int, headers: dict[str, str], body: bytes) -> _Answer:
+    """One resource's answer against the bytes learnt at start."""
+    if status != 200:
+        return None, f"HTTP {status}"
+    try:
+        change = describe_change(res.expected, _decoded(headers, body))
+    except _Fail as f:
+        return None, f.message
+    except zlib.error as e:
+        return None, f"{type(e).__name__}: {str(e)[:80]}"
+    return (True, "") if change is None else (False, change)
+
+
+def _tokens(headers: dict[str, str], name: str) -> set[str]:
+    return {t.strip().lower() for t in headers.get(name, "").split(",")}
+
+
+async def _read_one_response(
+    reader: asyncio.StreamReader,
+) -> tuple[int, dict[str, str], bytes, bool]:
+    """Exactly one HTTP/1.x response, not a byte more (the next one may follow on the same
+    connection): status, headers, body, and whether the connection can carry another
+    (framed body, and neither side said ``close``; HTTP/1.0 only with ``keep-alive``)."""
+    head = b""
+    for _ in range(3):  # a CONNECT reply's last CRLF may arrive late: skip it
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).lstrip(b"\r\n")
+        except asyncio.IncompleteReadError as e:
+            _no_head(e.partial.lstrip(b"\r\n"))
+        except asyncio.LimitOverrunError:
+            raise _Fail(Outcome.BAD_RESPONSE, "reply head larger than 64 KB") from None
+        except ConnectionResetError:
+            raise _Fail(Outcome.BAD_RESPONSE, "connection reset without a reply") from None
+        if head:
+            break
+    if not head.startswith(b"HTTP/"):
+        raise _Fail(Outcome.BAD_RESPONSE, "reply is not HTTP")
+    status, headers = _parse_http_head(head, len(head) - 4)
+    conn = _tokens(headers, "connection") | _tokens(headers, "proxy-connection")
+    keep = "keep-alive" in conn if head.startswith(b"HTTP/1.0") else "close" not in conn
+    try:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body, complete = await _read_chunked(reader)
+        elif (length := headers.get("content-length", "")).isdigit():
+            body, complete = await _read_upto(reader, int(length))
+        elif status in (204, 304) or status < 200:
+            body, complete = b"", True
+        else:  # delimited by the end of the connection: nothing can follow it
+            body, complete = (await _read_upto(reader, MAX_RESPONSE_BYTES + 1))[0], False
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise _Fail(Outcome.BAD_RESPONSE, "reply larger than 64 KB")
+    except ConnectionResetError:
+        raise _Fail(Outcome.BAD_RESPONSE, "connection reset mid-reply") from None
+    # Cut short by the end of the connection: compared as it came, as when every canary
+    # fetch read to the end of its own connection; nothing more comes down this one.
+    return status, headers, body, keep and complete
+
+
+async def _read_upto(reader: asyncio.StreamReader, n: int) -> tuple[bytes, bool]:
+    """``n`` bytes, or fewer if the connection ends first (then False)."""
+    if n > MAX_RESPONSE_BYTES + 1:
+        raise _Fail(Outcome.BAD_RESPONSE, "reply larger than 64 KB")
+    try:
+        return await reader.readexactly(n), True
+    except asyncio.IncompleteReadError as e:
+        return e.partial, False
+
+
+def _no_head(partial: bytes) -> None:
+    """The connection ended before a complete response head: say how far it got."""
+    if not partial:
+        raise _Fail(Outcome.BAD_RESPONSE, "connection closed without a reply")
+    if not partial.startswith(b"HTTP/"[: len(partial)]):
+        raise _Fail(Outcome.BAD_RESPONSE, "reply is not HTTP")
+    raise _Fail(Outcome.BAD_RESPONSE, "reply ended inside the HTTP headers")
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """A chunked body up to and with its last chunk and trailers, at most 64 KB; cut short
+    by the end of the connection, what came (then False)."""
+    body = bytearray()
+    try:
+        for _ in range(MAX_RESPONSE_BYTES + 1):  # every chunk holds a byte but the last
+            line = await reader.readuntil(b"\r\n")
             try:
-                stream = await proxy.connect(host, self._port, timeout=budget)
-            except ProxyTimeoutError:
-                raise TimeoutError from None
-            stream.writer.write(self._request(res.path, res.accept, absolute=False))
-            answer = await _read_http_response(stream.reader, _Progress())
-        except BaseException:
-            if stream is not None:
-                _close(stream.writer, abort=True)
-            raise
-        _close(stream.writer)
-        return answer
+                size = int(line.split(b";", 1)[0], 16)
+            except ValueError:
+                raise _Fail(Outcome.BAD_RESPONSE, "malformed chunked body") from None
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                    pass
+                return bytes(body), True
+            if len(body) + size > MAX_RESPONSE_BYTES:
+                raise _Fail(Outcome.BAD_RESPONSE, "reply larger than 64 KB")
+            chunk, complete = await _read_upto(reader, size + 2)
+            body += chunk[:size]
+            if not complete:
+                return bytes(body), False
+    except asyncio.IncompleteReadError:
+        return bytes(body), False
+    except asyncio.LimitOverrunError:
+        raise _Fail(Outcome.BAD_RESPONSE, "malformed chunked body") from None
+    raise _Fail(Outcome.BAD_RESPONSE, "malformed chunked body")
 
 
 def _unknown(result: CheckResult, why: str) -> CheckResult:

@@ -11,9 +11,11 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,6 +23,7 @@ import sqlalchemy as sa
 from storage.db import Database, open_database
 from tests.netns import Lab
 
+ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
     "FETCHFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -54,6 +57,34 @@ def cli_here(*args: str) -> subprocess.CompletedProcess[str]:
         except SystemExit as exc:  # argparse refusals
             code = exc.code if isinstance(exc.code, int) else 2
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def _engine_run(args: tuple[str, ...], env: Mapping[str, str] | None) -> dict[str, Any]:
+    """What every CLI subprocess of the tests shares: ``python -m engine.run ARGS`` from the
+    repository root, ``env`` added to this process's environment (pool workers inherit it),
+    output as text."""
+    return {
+        "args": [sys.executable, "-m", "engine.run", *args],
+        "cwd": ROOT,
+        "env": {**os.environ, **(env or {})},
+        "text": True,
+    }
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The CLI in its own process, waited for, output captured: for tests where the process
+    is what is tested (exit code, the workers it spawns, a run end to end). A command still
+    running after ``timeout`` seconds raises ``subprocess.TimeoutExpired``."""
+    return subprocess.run(**_engine_run(args, env), capture_output=True, timeout=timeout)
+
+
+def start_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """The CLI in its own process, left running with stdout and stderr piped: a run the test
+    acts on meanwhile (kills a worker, stops it, reads its memory)."""
+    pipe = subprocess.PIPE
+    return subprocess.Popen(**_engine_run(args, env), stdout=pipe, stderr=pipe)
 
 
 @pytest.fixture(scope="session")

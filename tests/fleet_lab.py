@@ -24,6 +24,7 @@ from sim.api import ApiConfig
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all
 from storage.db import open_database
+from tests.conftest import run_cli, start_cli
 from tests.netns import SUBNET_HOST, Lab, Relay, netns_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,14 +76,8 @@ def with_password(url: str, host: str) -> str:
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, **env},
-    )
+    """``run_cli`` in the fleet tests' call shape: the fleet's environment first."""
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> Any:
@@ -177,14 +172,7 @@ class Fleet:
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         """A CLI command in the background (a run the test acts on meanwhile)."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "engine.run", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, **self.env},
-        )
+        return start_cli(*args, env=self.env)
 
     def start(self, workers: int = 2, countries: dict[str, str] | None = None) -> None:
         """``workers`` on each host, with this fleet's settings and the API token (and

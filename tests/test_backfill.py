@@ -29,6 +29,7 @@ from sim.api import ApiConfig, expected_outcome
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all
 from storage.db import open_database
+from tests.conftest import run_cli, start_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "Bearer sim-s3cret-token-4711"
@@ -57,15 +58,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
             os.environ.pop(key, None)
 
 
-def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Any:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, **ENV, **(env or {})},
-    )
+def cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess with the API's token (tests/test_schedules.py and others
+    import it)."""
+    return run_cli(*args, timeout=timeout, env={**ENV, **(env or {})})
 
 
 def ids_of(path: Path) -> list[str]:
@@ -417,36 +415,11 @@ def test_kill_9_whole_cli_then_resume_finishes_exactly_once(
         else request.getfixturevalue("pg_url")
     )
     world.api_reset()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.run",
-            "backfill",
-            "--db",
-            db,
-            "--ids",
-            str(ids_file),
-            "--url-template",
-            world.api_template,
-            "--rate-limit",
-            "150/1s",
-            "--header",
-            AUTH,
-            "--workers",
-            "2",
-            "--concurrency",
-            "20",
-            "--batch-size",
-            "20",
-            "--json",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **ENV},
-    )
+    proc = start_cli(
+        "backfill", "--db", db, "--ids", str(ids_file), "--url-template", world.api_template,
+        "--rate-limit", "150/1s", "--header", AUTH, "--workers", "2", "--concurrency", "20",
+        "--batch-size", "20", "--json", env=ENV,
+    )  # fmt: skip
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 40

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from storage.bulk import fetch_all
 from storage.db import open_database
 from storage.export import export
 from storage.migrations import migrate
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -179,15 +177,10 @@ def shops() -> Iterator[ShopWorld]:
         yield world
 
 
-def cli(*args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key", **env},
-    )
+@pytest.fixture(scope="module")
+def key_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The CLI's secret key in this module's own directory, not a path other runs share."""
+    return {"FETCHFLEET_SECRET_KEY_FILE": str(tmp_path_factory.mktemp("key") / "secret.key")}
 
 
 def spec_text(shops: ShopWorld) -> str:
@@ -235,7 +228,9 @@ def rows(db: str, sql: str, **params: Any) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def scraped(shops: ShopWorld, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, int]:
+def scraped(
+    shops: ShopWorld, tmp_path_factory: pytest.TempPathFactory, key_env: dict[str, str]
+) -> tuple[str, int]:
     """One run (a pool worker, DuckDB: results reach the database over the pipe)."""
     from tests.conftest import require_tool
 
@@ -243,9 +238,9 @@ def scraped(shops: ShopWorld, tmp_path_factory: pytest.TempPathFactory) -> tuple
     tmp = tmp_path_factory.mktemp("snap")
     (tmp / "spec.toml").write_text(spec_text(shops))
     db = f"duckdb:///{tmp / 's.duckdb'}"
-    out = cli(
+    out = run_cli(
         "scrape", "--spec", str(tmp / "spec.toml"), "--db", db, "--json",
-        "--workers", "1", "--concurrency", "4",
+        "--workers", "1", "--concurrency", "4", env=key_env, timeout=180,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr  # blocked pages are outcomes: the run completes
     return db, json.loads(out.stdout)["run_id"]
@@ -324,7 +319,7 @@ def test_a_browser_screenshots_only_a_refused_page_of_a_kind_not_kept_yet(
 
 
 def test_postgresql_workers_write_theirs_bounded_by_the_setting(
-    shops: ShopWorld, pg_url: str, tmp_path: Path
+    shops: ShopWorld, pg_url: str, tmp_path: Path, key_env: dict[str, str]
 ) -> None:
     """On PostgreSQL a pool worker stores its own results, snapshots with them: the first
     kind it meets is kept, and FETCHFLEET_ERROR_SNAPSHOTS=1 keeps no more than one."""
@@ -332,9 +327,10 @@ def test_postgresql_workers_write_theirs_bounded_by_the_setting(
     start = text.index('[[sources]]\ncountry = "Argentina"')
     text = text[:start] + text[text.index('[[sources]]\ncountry = "Malaysia"') :]
     (tmp_path / "spec.toml").write_text(text)  # http only: the captcha shop, the open one
-    out = cli(
+    out = run_cli(
         "scrape", "--spec", str(tmp_path / "spec.toml"), "--db", pg_url, "--json",
-        "--workers", "1", "--concurrency", "4", FETCHFLEET_ERROR_SNAPSHOTS="1",
+        "--workers", "1", "--concurrency", "4",
+        env={**key_env, "FETCHFLEET_ERROR_SNAPSHOTS": "1"}, timeout=180,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     got = rows(pg_url, "SELECT kind, method, worker_id FROM error_snapshots")
@@ -343,10 +339,13 @@ def test_postgresql_workers_write_theirs_bounded_by_the_setting(
 
 
 def test_snapshots_export_writes_files_and_an_index(
-    scraped: tuple[str, int], tmp_path: Path
+    scraped: tuple[str, int], tmp_path: Path, key_env: dict[str, str]
 ) -> None:
     db, run_id = scraped
-    out = cli("snapshots", str(run_id), "--db", db, "--out", str(tmp_path / "x"), "--json")
+    out = run_cli(
+        "snapshots", str(run_id), "--db", db, "--out", str(tmp_path / "x"), "--json",
+        env=key_env, timeout=180,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["snapshots"] == 3
     with (tmp_path / "x" / "index.csv").open() as f:

@@ -28,6 +28,7 @@ from sim.nginx import free_port
 from tests.conftest import require_tool
 from tests.keepalive_member import KeepAliveMember, get
 from tests.real_proxies import squid_conf
+from tests.relays import CountingRelay
 
 pytestmark = [pytest.mark.timeout(60)]
 N = 20
@@ -264,33 +265,6 @@ def test_hop_by_hop_headers_and_per_request_credentials() -> None:
 
 
 # -- a real keep-alive member: Debian's squid -----------------------------------------------
-
-
-class CountingRelay:
-    """A TCP relay in front of a member: counts the connections the gateway opens to it."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.accepted = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        ur, uw = await asyncio.open_connection(*self.target)
-
-        async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await a.read(65536):
-                    b.write(data)
-                    await b.drain()
-            with contextlib.suppress(Exception):
-                b.close()
-
-        await asyncio.gather(pipe(r, uw), pipe(ur, w))
 
 
 class Origin:

@@ -36,6 +36,7 @@ from storage import proxies as proxy_store
 from storage.clock import utcnow
 from storage.db import Database, open_database
 from storage.secrets import SecretBox
+from tests.relays import verify_counting
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 3.0
@@ -171,6 +172,31 @@ def test_checker_catches_exactly_the_tampering_proxies(world: SimWorld) -> None:
         "socks4",
         "socks5",
     }  # the canary went through every kind of tunnel too
+
+
+@pytest.mark.timeout(60)
+def test_the_canary_takes_one_connection_where_it_is_kept_open(world: SimWorld) -> None:
+    """Through a tunnel (CONNECT, SOCKS) the canary's server keeps the connection alive: the
+    three files come down one connection. The sim's forward proxies close after each
+    answer (as tinyproxy does): the two files left then take a connection each, and the
+    verdict is the same, a tamperer's included."""
+    truth = {t.line_no: t for t in world.truth}
+    cases: dict[str, tuple[ProxySpec, str]] = {}
+    for p in iter_proxy_lines(world.proxies_file):
+        t = truth[p.line_no]
+        kind = {"elite": "", "anonymous": "", "injects_script": " injects_script"}.get(t.behaviour)
+        if kind is not None and p.spec is not None:
+            cases.setdefault(f"{t.protocol}{kind}", (p.spec, str(t.protocol)))
+    got = uvloop.run(
+        verify_counting(f"http://{world.judge_host}:{world.judge_port}/canary/", cases)
+    )
+    assert got == {
+        "http": ("intact", 3),
+        "http injects_script": ("tampering", 3),
+        "https": ("intact", 1),
+        "socks4": ("intact", 1),
+        "socks5": ("intact", 1),
+    }
 
 
 @pytest.mark.timeout(60)

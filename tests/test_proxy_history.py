@@ -114,6 +114,51 @@ def test_uses_bounded_and_reliability_combines_checks_and_uses(db: Database) -> 
     assert f["reliability"] == pytest.approx(ph.wilson_lower(good + 1, 21))
 
 
+def test_one_batch_of_known_and_new_proxies_with_repeats(db: Database) -> None:
+    """A batch whose proxies are partly in the table already, partly new, with one proxy
+    several times among others: each known proxy's lists grow in order and are cut at N,
+    each new one gets its row, a proxy's repeats keep their order, counts add up; the
+    same rows on both backends (one statement on PostgreSQL, two on DuckDB)."""
+    a, b, c = add_proxies(db, [f"http://127.0.0.1:{9201 + i}" for i in range(3)])
+
+    def at(m: int) -> datetime:
+        return T0 + timedelta(minutes=m)
+
+    with db.begin() as conn:
+        ph.record_checks(conn, 1, [a], [True], [10.0], [at(0)], n=3)
+        ph.record_uses(conn, [(a, True, 5.0, at(0)), (a, True, 6.0, at(0))], n=3)
+    with db.begin() as conn:  # a known, b and c new; b twice: its first result counts
+        touched = ph.record_checks(
+            conn, 2, [b, a, b, c], [False, True, True, True], [None, 20.0, 99.0, 30.0],
+            [at(1), at(2), at(3), at(4)], n=3,
+        )  # fmt: skip
+        assert touched == 3
+        ph.record_checks(conn, 1, [a, c], [False, False], [None, None], [at(5), at(5)], n=3)
+        uses = [(b, True, 1.0, at(6)), (a, False, None, at(7)), (b, False, None, at(8)),
+                (a, True, 2.0, at(9)), (a, True, 3.0, at(10))]  # fmt: skip
+        assert ph.record_uses(conn, uses, n=3) == 2
+    q = ph.proxy_quality.c
+    with db.connect() as conn:
+        rows = fetch_all(
+            conn,
+            sa.select(q.proxy_id, q.check_ok, q.check_ms, q.check_at, q.check_run,
+                      q.checks_total, q.use_ok, q.use_ms, q.use_at, q.uses_total)
+            .order_by(q.proxy_id),
+        )  # fmt: skip
+    got = [tuple(list(v) if isinstance(v, (list, tuple)) else v for v in r) for r in rows]
+    assert got == [
+        # a: run 1 kept once (its second check ignored), run 2 added; 2 + 3 uses, newest 3
+        (a, [1, 1], [10.0, 20.0], [at(0), at(2)], [1, 2], 2,
+         [0, 1, 1], [None, 2.0, 3.0], [at(7), at(9), at(10)], 5),
+        (b, [0], [None], [at(1)], [2], 1, [1, 0], [1.0, None], [at(6), at(8)], 2),
+        # c: new in run 2; run 1 came after and counts too (another run)
+        (c, [1, 0], [30.0, None], [at(4), at(5)], [2, 1], 2, None, None, None, 0),
+    ]  # fmt: skip
+    fa = figures(db, a)
+    assert (fa["checks_n"], fa["uses_n"], fa["use_ratio"]) == (2, 3, pytest.approx(2 / 3))
+    assert fa["reliability"] == pytest.approx(ph.wilson_lower(4, 5))
+
+
 def test_the_pool_sorts_by_reliability(db: Database, tmp_path: Path) -> None:
     """Proven beats lucky: 20 of 20 checks > 1 of 1 > 3 of 10 > none; the page's table
     shows the figures, the export order and the CLI's ranking agree."""

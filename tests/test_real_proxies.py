@@ -33,7 +33,7 @@ import pytest
 import uvloop
 
 from fetchers.proxy_check import CheckResult, ProxyChecker
-from fetchers.proxy_parse import parse_proxy_line
+from fetchers.proxy_parse import ProxySpec, parse_proxy_line
 from tests.real_proxies import (
     CHECKER_IP,
     DANTE_USER,
@@ -248,3 +248,52 @@ def test_checker_reads_httpbin_with_show_env(bed: RealBed) -> None:
     assert hidden == frozenset()
     assert baseline == {"x-forwarded-for", "x-real-ip"}
     assert hops == 1  # nginx appends one address: the one that connected to it
+
+
+# --------------------------------------------------------------------------- the canary
+
+
+@pytest.fixture(scope="module")
+def canary_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The canary as the sim's judge serves it (a keep-alive HTTP/1.1 server)."""
+    from sim.world import SimWorld, WorldConfig
+
+    out = tmp_path_factory.mktemp("canary")
+    with SimWorld(WorldConfig(n_proxies=0, out_dir=out)) as world:
+        yield f"http://{world.judge_host}:{world.judge_port}/canary/"
+
+
+def test_the_canary_takes_one_connection_through_a_keep_alive_proxy(
+    bed: RealBed, canary_url: str
+) -> None:
+    """squid keeps the client's connection alive (forwarding and CONNECT alike), and a SOCKS
+    tunnel reaches the canary's keep-alive server: one connection for the three files.
+    tinyproxy and privoxy (as configured here) close after each answer: a connection each,
+    the same verdict."""
+    from tests.relays import verify_counting
+
+    def spec(name: str, scheme: str, creds: bool = False) -> tuple[ProxySpec, str]:
+        auth = f"{USER}:{PASSWORD}@" if creds else ""
+        line = f"{scheme}://{auth}{bed.servers[name].addr}"
+        return parse_proxy_line(line), "http" if scheme == "http" else scheme
+
+    cases = {
+        "squid": spec("squid", "http"),
+        "squid CONNECT": spec("squid", "https"),
+        "squid_auth": spec("squid_auth", "http", creds=True),
+        "tinyproxy": spec("tinyproxy", "http"),
+        "privoxy": spec("privoxy", "http"),
+        "dante socks5": spec("dante", "socks5"),
+        "dante socks4": spec("dante", "socks4"),
+        "microsocks": spec("microsocks", "socks5", creds=True),
+    }
+    assert uvloop.run(verify_counting(canary_url, cases)) == {
+        "squid": ("intact", 1),
+        "squid CONNECT": ("intact", 1),
+        "squid_auth": ("intact", 1),
+        "tinyproxy": ("intact", 3),
+        "privoxy": ("intact", 3),
+        "dante socks5": ("intact", 1),
+        "dante socks4": ("intact", 1),
+        "microsocks": ("intact", 1),
+    }

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from engine.settings import Settings
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all
 from storage.db import open_database
-from tests.conftest import cli_here, require_tool
+from tests.conftest import cli_here, require_tool, run_cli, start_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # Checks compared with the ground truth wait this long per attempt: twice the sim's slowest
@@ -48,19 +47,6 @@ def slow_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
     mix = {"elite": 0.5, "blackhole": 0.5}
     with SimWorld(WorldConfig(n_proxies=200, mix=mix, seed=5, out_dir=out)) as w:
         yield w
-
-
-def cli(
-    *args: str, timeout: float = 120, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def checks_of_run(db_url: str, run_id: int) -> tuple[int, int]:
@@ -98,7 +84,7 @@ def settings(**kw: Any) -> Settings:
 def test_cli_validate_json_matches_ground_truth(world: SimWorld, tmp_path: Path) -> None:
     db = f"duckdb:///{tmp_path / 'v.duckdb'}"
     # The sim's `slow` proxies answer after 1-2 s: a 4 s timeout must count them alive.
-    out = cli(
+    out = run_cli(
         "validate",
         "--db",
         db,
@@ -126,10 +112,10 @@ def test_cli_validate_json_matches_ground_truth(world: SimWorld, tmp_path: Path)
     assert truth["anonymity_wrong"] == 0 and truth["protocol_wrong"] == 0, truth
     assert truth["too_slow"] == 0 and truth["judged"] > 0, truth
     # status and export see the same numbers
-    status = json.loads(cli("status", "--db", db, "1", "--json").stdout)
+    status = json.loads(run_cli("status", "--db", db, "1", "--json").stdout)
     assert status["counts"] == summary["counts"]
     csv_path = tmp_path / "active.csv"
-    exp = cli(
+    exp = run_cli(
         "export",
         "--db",
         db,
@@ -162,7 +148,7 @@ def test_cli_rejects_bad_input_clearly(world: SimWorld, tmp_path: Path) -> None:
         str(tmp_path / "missing.txt"): "no such file",
     }
     for i, (path, message) in enumerate(cases.items()):
-        run = cli if i == 0 else cli_here  # one real process (its exit code); the rest here
+        run = run_cli if i == 0 else cli_here  # one real process (its exit code); the rest here
         out = run("validate", "--db", db, "--proxies", path, "--judge", world.judge_url)
         assert out.returncode == 2, out.stderr
         assert message in out.stderr and "Traceback" not in out.stderr
@@ -196,7 +182,7 @@ def test_malformed_lines_reported_by_number_rest_loaded(world: SimWorld, tmp_pat
     src = tmp_path / "mixed.txt"
     src.write_text("\n".join(lines) + "\n")
     db = f"duckdb:///{tmp_path / 'm.duckdb'}"
-    out = cli(
+    out = run_cli(
         "validate",
         "--db",
         db,
@@ -216,7 +202,7 @@ def test_malformed_lines_reported_by_number_rest_loaded(world: SimWorld, tmp_pat
     assert "line 10" in out.stderr and "topsecret" not in out.stderr
     assert "Traceback" not in out.stderr
     errors_csv = tmp_path / "errors.csv"
-    cli("export", "--db", db, "--table", "errors", "--out", str(errors_csv))
+    run_cli("export", "--db", db, "--table", "errors", "--out", str(errors_csv))
     assert "bob:***" in errors_csv.read_text() and "topsecret" not in errors_csv.read_text()
 
 
@@ -289,25 +275,8 @@ def test_stop_then_resume_loses_nothing_and_checks_nothing_twice(
 def start_slow_validate(db: str, world: SimWorld) -> subprocess.Popen[str]:
     """A CLI validate run slow enough (5 at a time, black holes) to reach mid-run."""
     args = ["--db", db, "--proxies", str(world.proxies_file), "--judge", world.judge_url]
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.run",
-            "validate",
-            *args,
-            "--timeout",
-            "1",
-            "--concurrency",
-            "5",
-            "--batch-size",
-            "5",
-            "--json",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return start_cli(
+        "validate", *args, "--timeout", "1", "--concurrency", "5", "--batch-size", "5", "--json"
     )
 
 
@@ -315,7 +284,7 @@ def wait_for_status_done(db: str, n: int, timeout_s: float = 40) -> None:
     """Poll `engine.run status` from another process until run 1 has ``n`` items stored."""
     deadline = time.monotonic() + timeout_s
     while True:
-        st = cli("status", "--db", db, "1", "--json")
+        st = run_cli("status", "--db", db, "1", "--json")
         if st.returncode == 0 and json.loads(st.stdout)["counts"]["done"] >= n:
             return
         assert time.monotonic() < deadline, st.stderr
@@ -338,7 +307,7 @@ def test_ctrl_c_stops_then_status_and_resume_from_other_terminals(
     assert proc.returncode == 1, stderr
     summary = json.loads(stdout)
     assert summary["status"] == "stopped"
-    resumed = cli("resume", "--db", db, "1", "--json", "--timeout", "1", "--concurrency", "100")
+    resumed = run_cli("resume", "--db", db, "1", "--json", "--timeout", "1", "--concurrency", "100")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "completed"
     total, distinct = checks_of_run(db, 1)
@@ -352,7 +321,7 @@ def test_stop_from_another_terminal_reaches_the_coordinator(
     proc = start_slow_validate(db, slow_world)
     try:
         deadline = time.monotonic() + 40
-        while (out := cli("stop", "--db", db, "1")).returncode != 0:
+        while (out := run_cli("stop", "--db", db, "1")).returncode != 0:
             assert time.monotonic() < deadline, out.stderr
             time.sleep(0.5)
         assert "stopping" in out.stdout
@@ -407,7 +376,7 @@ def test_postgres_local_pool_and_standalone_worker(world: SimWorld, pg_url: str)
             coord.name,
         )
         env = {"FETCHFLEET_SECRET_KEY_FILE": str(s.secret_key_file)}
-        worker = cli("worker", "--db", pg_url, "--idle-exit", "3", "--json", env=env)
+        worker = run_cli("worker", "--db", pg_url, "--idle-exit", "3", "--json", env=env)
         assert worker.returncode == 0, worker.stderr
         summary = wait_run(db, run2, timeout_s=30)
     finally:
@@ -423,20 +392,20 @@ def test_postgres_local_pool_and_standalone_worker(world: SimWorld, pg_url: str)
 def test_worker_processes_exit_1_when_one_of_them_failed() -> None:
     """``--processes 2`` used to exit 0 whatever became of its processes."""
     nowhere = "postgresql+psycopg://postgres@127.0.0.1:9/none"  # nothing listens on port 9
-    out = cli("worker", "--db", nowhere, "--processes", "2")
+    out = run_cli("worker", "--db", nowhere, "--processes", "2")
     assert out.returncode == 1, out.stderr[-1000:]
     assert "2 of 2 worker processes failed" in out.stderr
 
 
 def test_worker_command_refuses_duckdb(tmp_path: Path) -> None:
-    out = cli("worker", "--db", str(tmp_path / "x.duckdb"))
+    out = run_cli("worker", "--db", str(tmp_path / "x.duckdb"))
     assert out.returncode == 2 and "PostgreSQL" in out.stderr
 
 
 def test_demo_runs_offline(tmp_path: Path) -> None:
     # The demo scrapes the sim's JS-challenge shop, which only a real browser passes.
     require_tool("chromium", "chromium")
-    out = cli(
+    out = run_cli(
         "demo", "--db", str(tmp_path / "demo.duckdb"), "--proxies", "60", "--json", timeout=180
     )
     assert out.returncode == 0, out.stderr
@@ -456,7 +425,7 @@ def test_revalidate_on_a_schedule(world: SimWorld, tmp_path: Path) -> None:
     elite = [t.line for t in world.truth if t.scheme == "http" and t.behaviour == "elite"][:4]
     src = tmp_path / "few.txt"
     src.write_text("\n".join(elite) + "\n")
-    out = cli(
+    out = run_cli(
         "validate",
         "--db",
         db,
@@ -499,13 +468,7 @@ def test_100_mb_list_streams_with_flat_memory(world: SimWorld, tmp_path: Path) -
         fh.write(elite[3] + "\n")  # a new proxy after millions of duplicates still loads
     db = f"duckdb:///{tmp_path / 'big.duckdb'}"
     args = ["validate", "--db", db, "--proxies", str(src), "--judge", world.judge_url]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.run", *args, "--timeout", "1", "--json"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(*args, "--timeout", "1", "--json")
     peak_kb = 0
     deadline = time.monotonic() + 400
     while proc.poll() is None and time.monotonic() < deadline:
@@ -542,7 +505,7 @@ def test_kill_9_whole_cli_then_resume_takes_over(slow_world: SimWorld, tmp_path:
         if proc.poll() is None:
             proc.kill()
     started = time.monotonic()
-    resumed = cli("resume", "--db", db, "1", "--json", "--timeout", "1", "--concurrency", "100")
+    resumed = run_cli("resume", "--db", db, "1", "--json", "--timeout", "1", "--concurrency", "100")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "completed"
     assert time.monotonic() - started < 25, "orphaned leases must not wait for expiry (30 s)"
