@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from storage.bulk import fetch_all, staged, staged_columns, unnest_select
 from storage.clock import utcnow
 from storage.proxy_rows import ProxyRow
-from storage.schema import proxies, proxy_checks, run_proxies
+from storage.schema import proxies, proxy_checks, proxy_quality, run_proxies
 from storage.secrets import SecretBox
 
 # EWMA weight of the newest latency sample: recent behaviour matters, one outlier does not.
@@ -326,10 +326,22 @@ def last_check_time(conn: sa.Connection, run_id: int) -> datetime | None:
     return rows[0][0] if rows else None
 
 
+# How pools are chosen and ordered: most reliable over time first (the Wilson lower bound of
+# a proxy's checks and uses, ``storage.proxy_history``: a proxy proven over many answers
+# before a lucky new one or a fast flaky one), no history last, then fastest. A limit takes
+# the most reliable.
+_BY_QUALITY = (
+    proxy_quality.c.reliability.desc().nulls_last(),
+    proxies.c.latency_ms.nulls_last(),
+    proxies.c.id,
+)
+_WITH_QUALITY = proxies.outerjoin(proxy_quality, proxy_quality.c.proxy_id == proxies.c.id)
+
+
 def pool_snapshot(conn: sa.Connection, status: str, limit: int) -> list[tuple[Any, ...]]:
-    """The proxies with ``status``, fastest first, as (protocol, scheme, host, port,
-    username, password token): what a scrape run routes through. Passwords stay encrypted.
-    A status in ``NEVER_ROUTED`` raises ValueError."""
+    """The proxies with ``status``, most reliable first, then fastest (``_BY_QUALITY``), as
+    (protocol, scheme, host, port, username, password token): what a scrape run routes
+    through. Passwords stay encrypted. A status in ``NEVER_ROUTED`` raises ValueError."""
     _routable(status)
     rows = fetch_all(
         conn,
@@ -341,29 +353,38 @@ def pool_snapshot(conn: sa.Connection, status: str, limit: int) -> list[tuple[An
             proxies.c.username,
             proxies.c.password_enc,
         )
+        .select_from(_WITH_QUALITY)
         .where(proxies.c.status == status)
-        .order_by(proxies.c.latency_ms.nulls_last())
+        .order_by(*_BY_QUALITY)
         .limit(limit),
     )
     return [tuple(r) for r in rows]
 
 
 def snapshot_run_pool(conn: sa.Connection, run_id: int, status: str, limit: int) -> int:
-    """Copy the proxies with ``status`` (at most ``limit``, fastest first, as
-    ``pool_snapshot``) into ``run_proxies`` for a run: its workers, on any machine, route
-    through this copy while ``proxies`` goes on changing. Returns how many were copied.
-    A status in ``NEVER_ROUTED`` raises ValueError."""
+    """Copy the proxies with ``status`` (at most ``limit``, in ``pool_snapshot``'s order)
+    into ``run_proxies`` for a run: its workers, on any machine, route through this copy
+    while ``proxies`` goes on changing. Returns how many were copied. A status in
+    ``NEVER_ROUTED`` raises ValueError."""
     _routable(status)
     conn.execute(sa.delete(run_proxies).where(run_proxies.c.run_id == run_id))
-    order = "latency_ms NULLS LAST, id"
+    p = proxies.c
+    chosen = (
+        sa.select(p.protocol, p.scheme, p.host, p.port, p.username, p.password_enc)
+        .add_columns(sa.func.row_number().over(order_by=_BY_QUALITY).label("ord"))
+        .select_from(_WITH_QUALITY)
+        .where(p.status == status)
+        .order_by(*_BY_QUALITY)
+        .limit(limit)
+        .subquery()
+    )
+    c = chosen.c
+    columns = ["ord", "protocol", "scheme", "host", "port", "username", "password_enc"]
     conn.execute(
-        sa.text(
-            "INSERT INTO run_proxies (run_id, ord, protocol, scheme, host, port, username, "
-            f"password_enc) SELECT :run, row_number() OVER (ORDER BY {order}), protocol, "
-            "scheme, host, port, username, password_enc FROM proxies WHERE status = :status "
-            f"ORDER BY {order} LIMIT :n"
-        ),
-        {"run": run_id, "status": status, "n": limit},
+        run_proxies.insert().from_select(
+            ["run_id", *columns],
+            sa.select(sa.literal(run_id, sa.BigInteger), *(c[k] for k in columns)),
+        )
     )
     count = sa.select(sa.func.count()).where(run_proxies.c.run_id == run_id)
     return int(fetch_all(conn, count)[0][0])
@@ -392,8 +413,8 @@ def pool_states(conn: sa.Connection) -> dict[str, tuple[str, str | None, str | N
 
 def gateway_members(conn: sa.Connection, status: str, limit: int) -> list[tuple[Any, ...]]:
     """The proxies with ``status`` as the rotating gateway needs them: (key, protocol, scheme,
-    host, port, username, password token, country, anonymity, latency EWMA ms), fastest
-    first. Passwords stay encrypted; the gateway decrypts them in memory. A status in
+    host, port, username, password token, country, anonymity, latency EWMA ms), most
+    reliable first, then fastest (``_BY_QUALITY``). Passwords stay encrypted; the gateway decrypts them in memory. A status in
     ``NEVER_ROUTED`` raises ValueError."""
     _routable(status)
     rows = fetch_all(
@@ -410,8 +431,9 @@ def gateway_members(conn: sa.Connection, status: str, limit: int) -> list[tuple[
             proxies.c.anonymity,
             sa.func.coalesce(proxies.c.latency_ewma_ms, proxies.c.latency_ms),
         )
+        .select_from(_WITH_QUALITY)
         .where(proxies.c.status == status)
-        .order_by(proxies.c.latency_ms.nulls_last(), proxies.c.id)
+        .order_by(*_BY_QUALITY)
         .limit(limit),
     )
     return [tuple(r) for r in rows]

@@ -171,7 +171,7 @@ run_proxies = sa.Table(
     "run_proxies",
     metadata,
     sa.Column("run_id", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("ord", sa.Integer, primary_key=True, autoincrement=False),  # fastest first
+    sa.Column("ord", sa.Integer, primary_key=True, autoincrement=False),  # pool order
     sa.Column("protocol", sa.String),
     sa.Column("scheme", sa.String),
     sa.Column("host", sa.String, nullable=False),

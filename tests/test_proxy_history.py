@@ -284,3 +284,33 @@ def test_a_scrape_run_records_each_proxys_uses(
     assert (got[ids[0]]["uses_total"], got[ids[0]]["uses_n"]) == want_good[:1] * 2
     assert got[ids[0]]["use_ratio"] == pytest.approx(want_good[1] / want_good[0])
     assert (got[ids[1]]["uses_total"], got[ids[1]]["use_ratio"]) == (want_dead[0], 0.0)
+
+
+def test_pools_take_the_most_reliable_proxies_first_then_the_fastest(db: Database) -> None:
+    """A run's pool, the pool snapshot and the gateway's members are chosen by quality over
+    time: a proxy that answered 5 checks of 5 comes before a faster one that answered 1 of
+    5, and a proxy with no history comes last; among equals the faster goes first. With a
+    limit, the most reliable are the ones taken."""
+    fast_flaky, slow_sure, no_history, fast_sure = add_proxies(
+        db, [f"http://127.0.0.1:{9301 + i}" for i in range(4)]
+    )
+    latency = {fast_flaky: 10.0, slow_sure: 200.0, no_history: 5.0, fast_sure: 50.0}
+    with db.begin() as conn:
+        for pid, ms in latency.items():
+            conn.execute(
+                sa.text("UPDATE proxies SET status = 'active', latency_ms = :ms WHERE id = :id"),
+                {"ms": ms, "id": pid},
+            )
+        for run in range(5):
+            ph.record_checks(
+                conn, run + 1, [fast_flaky, slow_sure, fast_sure], [run == 0, True, True],
+                [10.0, 200.0, 50.0], [T0 + timedelta(minutes=run)] * 3, n=5,
+            )  # fmt: skip
+    port = {pid: 9301 + i for i, pid in enumerate((fast_flaky, slow_sure, no_history, fast_sure))}
+    want = [port[p] for p in (fast_sure, slow_sure, fast_flaky, no_history)]
+    with db.begin() as conn:
+        assert [r[3] for r in proxy_store.pool_snapshot(conn, "active", 10)] == want
+        assert [r[3] for r in proxy_store.pool_snapshot(conn, "active", 2)] == want[:2]
+        assert [r[4] for r in proxy_store.gateway_members(conn, "active", 10)] == want
+        assert proxy_store.snapshot_run_pool(conn, 77, "active", 3) == 3
+        assert [r[3] for r in proxy_store.read_run_pool(conn, 77)] == want[:3]
