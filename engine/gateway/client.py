@@ -17,7 +17,7 @@ and the gateway's sweep (`Gateway._sweep`, a few times a second) acts on the exp
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from engine.gateway import socks5
 from engine.gateway.auth import ANY, Routing
@@ -86,7 +86,8 @@ class ClientConn(asyncio.Protocol):
     # -- asyncio callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # uvloop's transport is no asyncio.Transport subclass (and cast() is a call)
+        self.transport = transport  # type: ignore[assignment]
         if not self.gw.admit(self):
             self.refused = True
             self.transport.abort()
@@ -138,8 +139,9 @@ class ClientConn(asyncio.Protocol):
         job, self.job = self.job, None
         if job is not None:
             job.cancel()
-        if self.up is not None:
-            self.up.abort()
+        up, self.up = self.up, None  # it points back here: no cycle left
+        if up is not None:
+            up.abort()
         self.gw.conn_lost(self)
 
     def pause_writing(self) -> None:

@@ -29,7 +29,7 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any
 
 from engine.gateway.budget import BufferBudget
 from engine.gateway.http import (
@@ -125,7 +125,7 @@ class Upstream(asyncio.Protocol):
         self.parse: Callable[[], bool] | None = None
         # while connecting: the coroutine of `create_connection`, the future it waits on,
         # and the handshake to write once connected (None: the member itself is the peer)
-        self.coro: Coroutine[object, None, object] | None = None
+        self.coro: Coroutine[Any, None, Any] | None = None
         self.connecting: asyncio.Future[object] | None = None
         self.pending: tuple[str, ProxySpec, str, int] | None = None
         self.resolving: asyncio.Task[None] | None = None  # a SOCKS4 target's name, looked up
@@ -145,7 +145,8 @@ class Upstream(asyncio.Protocol):
     # -- asyncio callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # uvloop's transport is no asyncio.Transport subclass (and cast() is a call)
+        self.transport = transport  # type: ignore[assignment]
         if self.mode != CONNECTING:
             return
         if self.on_done is None:  # aborted while connecting
@@ -234,6 +235,7 @@ class Upstream(asyncio.Protocol):
         """Tell the caller (once): the step it waited for is done, or failed with `exc`."""
         done, self.on_done = self.on_done, None
         self.mode = HOLD
+        self.parse = None  # a bound method of this object: a cycle only the collector breaks
         if done is not None:
             done(result, exc)
 
@@ -325,11 +327,10 @@ class Upstream(asyncio.Protocol):
             assert self.loop is not None
             self.loop.call_soon(self._drive)
             return
-        fut = cast("asyncio.Future[object]", waiting)
         if self.on_done is None and self.transport is None:  # aborted meanwhile
-            fut.cancel()
-        self.connecting = fut
-        fut.add_done_callback(self._drive)
+            waiting.cancel()
+        self.connecting = waiting
+        waiting.add_done_callback(self._drive)
 
     async def _resolve_then_dial(self, spec: ProxySpec, host: str, port: int) -> None:
         try:
@@ -486,8 +487,9 @@ class Upstream(asyncio.Protocol):
         release, self.lease_release = self.lease_release, None
         if release is not None:
             release()
-        if self.client is not None:
-            self.client.upstream_ended()
+        client, self.client = self.client, None  # it points back here: no cycle left
+        if client is not None:
+            client.upstream_ended()
 
 
 class Socks5Client:
