@@ -137,12 +137,14 @@ class ClientConn(asyncio.Protocol):
         self.state = CLOSED
         self.deadline = self.job_deadline = 0.0
         job, self.job = self.job, None
-        if job is not None:
-            job.cancel()
         up, self.up = self.up, None  # it points back here: no cycle left
-        if up is not None:
-            up.abort()
-        self.gw.conn_lost(self)
+        try:
+            if job is not None:
+                job.cancel()
+            if up is not None:
+                up.abort()
+        finally:
+            self.gw.conn_lost(self)  # counted as closed whatever happened above
 
     def pause_writing(self) -> None:
         if self.up is not None and self.up.transport is not None:
