@@ -121,7 +121,10 @@ def test_without_the_bound_both_answers_are_held_whole() -> None:
     assert [body for _, body in answers] == [BODY, BODY]
     b = gw.budget
     assert (b.fallbacks, b.used) == (0, 0)
-    assert b.peak == 2 * len(BODY) > BUDGET
+    # one answer whole while (at least) the other's first part is held: over BUDGET. Both
+    # whole at once only when their ends are read before the first one is answered (the
+    # first is answered and released in the callback that completes it)
+    assert BUDGET < len(BODY) + FIRST <= b.peak <= 2 * len(BODY)
     assert gw.stats.requests[("http", "ok")] == 2
     assert "fetchfleet_gateway_buffer_budget_fallbacks_total 0.0" in metrics
 

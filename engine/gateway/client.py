@@ -1,13 +1,13 @@
 """One client connection to the gateway, as an `asyncio.Protocol`: the request head (or the
-SOCKS5 handshake) parsed from the buffered bytes, one task per request for the member
-selection and failover (`Gateway`), then either an answer and the next request (keep-alive)
-or a relay spliced to the member's connection.
+SOCKS5 handshake) parsed from the buffered bytes, one job of callbacks per request for the
+member selection and failover (`tunnel.Tunnel`, `forward.Forward`), then either an answer
+and the next request (keep-alive) or a relay spliced to the member's connection.
 
-Why callbacks and not streams: a request then costs one task instead of one per wait, no
-StreamReader copies, and a relayed chunk one callback. Every wait is a deadline on the
-connection: the head (`head_timeout_s`), an idle kept-alive connection (`idle_timeout_s`), a
-relay with no byte either way (`tunnel_idle_s`), a close that does not flush (`LINGER_S`),
-and the request task's current step (reaching a member, its answer: `task_deadline`).
+Why callbacks and not streams or tasks: a request then costs no task, no StreamReader
+copies, and a relayed chunk one callback. Every wait is a deadline on the connection: the
+head (`head_timeout_s`), an idle kept-alive connection (`idle_timeout_s`), a relay with no
+byte either way (`tunnel_idle_s`), a close that does not flush (`LINGER_S`), and the request
+job's current step (reaching a member, its answer: `job_deadline`).
 
 Why deadlines and not timers: a loop timer per wait cost four timer creations and
 cancellations per request (about 9 % of the gateway's CPU under load); a deadline is a float,
@@ -17,10 +17,11 @@ and the gateway's sweep (`Gateway._sweep`, a few times a second) acts on the exp
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from engine.gateway import socks5
 from engine.gateway.auth import ANY, Routing
+from engine.gateway.forward import Forward
 from engine.gateway.http import (
     HEAD_END,
     HttpError,
@@ -30,8 +31,10 @@ from engine.gateway.http import (
     request_body_end,
 )
 from engine.gateway.stats import MemberStats
+from engine.gateway.tunnel import Tunnel
 
 if TYPE_CHECKING:
+    from engine.gateway.job import Job
     from engine.gateway.server import Gateway
     from engine.gateway.upstream import Upstream
 
@@ -46,6 +49,8 @@ class ClientConn(asyncio.Protocol):
         "deadline",
         "eof",
         "gw",
+        "job",
+        "job_deadline",
         "ms",
         "paused",
         "refused",
@@ -54,9 +59,6 @@ class ClientConn(asyncio.Protocol):
         "seen",
         "socks",
         "state",
-        "task",
-        "task_deadline",
-        "task_expired",
         "transport",
         "up",
     )
@@ -66,9 +68,8 @@ class ClientConn(asyncio.Protocol):
         self.buf = bytearray()
         self.state = HEAD
         self.deadline = 0.0  # loop time when `_timeout` runs; 0: none
-        self.task_deadline = 0.0  # loop time when the request task's step is cancelled
-        self.task_expired = False
-        self.task: asyncio.Task[None] | None = None
+        self.job_deadline = 0.0  # loop time when the request job's step has failed
+        self.job: Job | None = None  # the request's, while it waits on members
         self.up: Upstream | None = None
         self.ms: MemberStats | None = None
         self.req: Request | None = None
@@ -85,7 +86,8 @@ class ClientConn(asyncio.Protocol):
     # -- asyncio callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # uvloop's transport is no asyncio.Transport subclass (and cast() is a call)
+        self.transport = transport  # type: ignore[assignment]
         if not self.gw.admit(self):
             self.refused = True
             self.transport.abort()
@@ -133,12 +135,16 @@ class ClientConn(asyncio.Protocol):
         if self.refused:
             return
         self.state = CLOSED
-        self.deadline = self.task_deadline = 0.0
-        if self.task is not None:
-            self.task.cancel()
-        if self.up is not None:
-            self.up.abort()
-        self.gw.conn_lost(self)
+        self.deadline = self.job_deadline = 0.0
+        job, self.job = self.job, None
+        up, self.up = self.up, None  # it points back here: no cycle left
+        try:
+            if job is not None:
+                job.cancel()
+            if up is not None:
+                up.abort()
+        finally:
+            self.gw.conn_lost(self)  # counted as closed whatever happened above
 
     def pause_writing(self) -> None:
         if self.up is not None and self.up.transport is not None:
@@ -153,28 +159,11 @@ class ClientConn(asyncio.Protocol):
     def _arm(self, delay: float) -> None:
         self.deadline = self.gw.loop.time() + delay
 
-    def step_deadline(self, when: float) -> None:
-        """The request task's current await is cancelled at `when` (0: no deadline)."""
-        self.task_deadline = when
-
-    def expire_task(self) -> None:
-        self.task_deadline = 0.0
-        if self.task is not None and not self.task.done():
-            self.task_expired = True
-            self.task.cancel()
-
-    def took_too_long(self) -> bool:
-        """In the task, on CancelledError: True if the cause was its deadline (the task is
-        then no longer cancelled), False if the client left or the gateway stops."""
-        if not self.task_expired:
-            return False
-        self.task_expired = False
-        if self.state == CLOSED:  # the client left too: the task ends as cancelled
-            return False
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        return True
+    def expire_job(self) -> None:
+        """The request job's current step is past its deadline: it fails over or answers."""
+        self.job_deadline = 0.0
+        if self.job is not None:
+            self.job.expired()
 
     def _timeout(self) -> None:
         self.deadline = 0.0
@@ -231,18 +220,22 @@ class ClientConn(asyncio.Protocol):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        assert self.req is not None
+        req = self.req
+        assert req is not None
         self.state = BUSY
         self.deadline = 0.0
-        gw, req = self.gw, self.req
-        serve = gw.serve_connect if req.is_connect else gw.serve_http
-        self.task = gw.loop.create_task(serve(self, req, self.routing))
+        if req.is_connect:
+            job: Job = Tunnel(self.gw, self, req.host, req.port, self.routing, "connect")
+        else:
+            job = Forward(self.gw, self, req, self.routing)
+        self.job = job
+        job.start()
 
     def finish(self, keep: bool) -> None:
         """The answer is written: read the next request, or close."""
         if self.state != BUSY:
             return
-        self.task = None
+        self.job = None
         self.req = None
         if not keep or self.eof:
             self.close(self.gw.config.idle_timeout_s)
@@ -252,10 +245,17 @@ class ClientConn(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
         if self.buf:
+            # a pipelined request: parsed at the next iteration, not inside the callback
+            # that answered this one (a cached answer is written synchronously: requests
+            # pipelined back to back would otherwise nest one call deeper each)
             self._arm(self.gw.config.head_timeout_s)
-            self._parse()
+            self.gw.loop.call_soon(self._pipelined)
         else:
             self._arm(self.gw.config.idle_timeout_s)
+
+    def _pipelined(self) -> None:
+        if self.state == HEAD and self.buf:
+            self._parse()
 
     # -- SOCKS5 ---------------------------------------------------------------------------------
 
@@ -286,7 +286,8 @@ class ClientConn(asyncio.Protocol):
         if req is not None:
             self.state = BUSY
             self.deadline = 0.0
-            self.task = self.gw.loop.create_task(self.gw.serve_socks(self, req, self.routing))
+            job = self.job = Tunnel(self.gw, self, req.host, req.port, self.routing, "socks5")
+            job.start()
 
     # -- answers and relays ---------------------------------------------------------------------
 
@@ -306,7 +307,7 @@ class ClientConn(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.state = CLOSED
-        self.task = None
+        self.job = None
         self.transport.close()
         self._arm(linger)  # nothing to flush: connection_lost comes first
 
@@ -316,7 +317,7 @@ class ClientConn(asyncio.Protocol):
         if self.state != BUSY:
             up.abort()
             return
-        self.task = None
+        self.job = None
         self.up, self.ms = up, ms
         self.state = STREAM if stream else RELAY
         if self.paused:

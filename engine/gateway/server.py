@@ -2,10 +2,12 @@
 byte of 0x05 is SOCKS5), each request sent out through a member of the pool with failover.
 
 The bytes are handled by `client.ClientConn` and `upstream.Upstream` (protocol callbacks);
-this module decides: one task per request picks members, fails over, judges block pages,
-serves and fills the cache, and counts. Per connection at most one upstream connection at a
-time (plus the idle ones the upstream pool keeps for `http` members), every wait bounded,
-every client or member failure contained to its own connection.
+a request's way through the members is a job of callbacks (`tunnel.Tunnel` for CONNECT and
+SOCKS5, `forward.Forward` for plain HTTP: failover, block pages, the cache); this module
+holds what they share: member selection, sticky sessions, the counters, the upstream pool,
+and the one sweep that acts on every deadline. Per connection at most one upstream
+connection at a time (plus the idle ones the upstream pool keeps for `http` members), every
+wait bounded, every client or member failure contained to its own connection.
 `stop()` closes the listener, closes idle kept-alive connections, lets busy ones finish
 within the grace period and aborts what is left.
 
@@ -21,53 +23,24 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
-from engine.gateway import socks5
 from engine.gateway.auth import Authenticator, Routing, basic_credentials
 from engine.gateway.budget import BufferBudget
-from engine.gateway.cache import GatewayCache, lookup_allowed, request_cacheable
+from engine.gateway.cache import GatewayCache
 from engine.gateway.client import ClientConn
 from engine.gateway.config import GatewayConfig
-from engine.gateway.http import (
-    IDEMPOTENT,
-    HttpError,
-    Request,
-    Response,
-    onward_head,
-    render_response,
-    streamed_head,
-)
+from engine.gateway.http import HttpError, Request
 from engine.gateway.keepalive import IdlePool
 from engine.gateway.members import member_of
 from engine.gateway.stats import GatewayStats, MemberStats
-from engine.gateway.upstream import (
-    MemberDown,
-    StaleConnection,
-    TargetUnreachable,
-    Upstream,
-    UpstreamError,
-    basic_auth,
-    open_through,
-)
-from fetchers.pool import BreakerState, NoProxyAvailable, ProxyLease, ProxyPool, ProxyState
-from fetchers.proxy_parse import ProxySpec
-from fetchers.validation import detect_block
+from engine.gateway.upstream import TargetUnreachable, Upstream
+from fetchers.pool import BreakerState, ProxyLease, ProxyPool, ProxyState
 
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 100_000
-BLOCK_STATUSES = frozenset({403, 429})
-CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 SWEEP_S = 0.25
-
-
-class NoRoute(Exception):
-    """Every attempt failed: `status` for an HTTP client, `socks` code for a SOCKS one."""
-
-    def __init__(self, status: int, socks: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.socks = status, socks
 
 
 class Gateway:
@@ -125,8 +98,8 @@ class Gateway:
         for conn in list(self._conns):
             if 0.0 < conn.deadline <= now:
                 conn._timeout()
-            if 0.0 < conn.task_deadline <= now:
-                conn.expire_task()
+            if 0.0 < conn.job_deadline <= now:
+                conn.expire_job()
         if self.upstreams.count:
             self.upstreams.sweep(now)
         self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
@@ -193,48 +166,9 @@ class Gateway:
             raise HttpError(407, "proxy credentials required (or the username's options are bad)")
         return routing
 
-    async def serve_socks(
-        self, conn: ClientConn, req: socks5.SocksRequest, routing: Routing
-    ) -> None:
-        """The task of one SOCKS5 CONNECT."""
-        try:
-            try:
-                up, lease, ms = await self._dial(conn, req.host, req.port, routing)
-            except NoRoute as e:
-                self.stats.requests[("socks5", str(e.status))] += 1
-                conn.write(socks5.reply(e.socks))
-                conn.close(5.0)
-                return
-            self.stats.requests[("socks5", "ok")] += 1
-            conn.write(socks5.reply(socks5.SUCCEEDED))
-            conn.splice(up, ms, lease.release_ok, stream=False)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("gateway: unexpected error on a SOCKS5 connection")
-            conn.transport.abort()
+    # -- for the requests (engine/gateway/tunnel.py, forward.py) -------------------------------
 
-    async def serve_connect(self, conn: ClientConn, req: Request, routing: Routing) -> None:
-        """The task of one HTTP CONNECT (a coroutine of its own: one level less to resume)."""
-        try:
-            try:
-                up, lease, ms = await self._dial(conn, req.host, req.port, routing)
-            except NoRoute as e:
-                self.stats.requests[("connect", str(e.status))] += 1
-                conn.reject(e.status, str(e))
-                return
-            self.stats.requests[("connect", "ok")] += 1
-            conn.write(CONNECT_OK)
-            conn.splice(up, ms, lease.release_ok, stream=False)
-        except asyncio.CancelledError:
-            pass  # the client left, or a drain ran out of time
-        except Exception:
-            log.exception("gateway: unexpected error on a client connection")
-            conn.transport.abort()
-
-    # -- HTTP ---------------------------------------------------------------------------------
-
-    def _named(self, state: ProxyState) -> tuple[ProxyState, str, str]:
+    def named(self, state: ProxyState) -> tuple[ProxyState, str, str]:
         """(state, redacted URL, key) of a member: both strings built once, not per request."""
         named = self._names.get(id(state))
         if named is None or named[0] is not state:
@@ -245,185 +179,9 @@ class Gateway:
 
     def member_stats(self, state: ProxyState) -> MemberStats:
         """The counters of the member (by its redacted URL)."""
-        return self.stats.member(self._named(state)[1])
+        return self.stats.member(self.named(state)[1])
 
-    async def serve_http(self, conn: ClientConn, req: Request, routing: Routing) -> None:
-        """The task of one plain-HTTP request, answered (or streamed) to the client (a
-        CONNECT goes to `serve_connect`)."""
-        if req.is_connect:
-            await self.serve_connect(conn, req, routing)
-            return
-        try:
-            st, c = self.stats, self.config
-            cache_key = None
-            if self.cache is not None:
-                if request_cacheable(req):
-                    cache_key = self.cache.key(req, routing.country)
-                    hit = self.cache.get(cache_key) if lookup_allowed(req) else None
-                    if hit is not None:
-                        st.cache.hits += 1
-                        st.cache.bytes_saved += len(hit.body)
-                        st.requests[("http", "cache")] += 1
-                        keep = req.keep_alive and not self.draining
-                        conn.write(render_response(hit, keep_alive=keep, extra={"X-Cache": "HIT"}))
-                        conn.finish(keep)
-                        return
-                    st.cache.misses += 1
-                else:
-                    st.cache.bypassed += 1
-            kept = 0  # budget bytes of the block page kept while the next members are tried
-            try:
-                tried: list[ProxyState] = []
-                last_blocked: Response | None = None
-                status, message = 502, "no member could fetch it"
-                for attempt in range(c.retries + 1):
-                    try:
-                        lease = self._acquire(routing, site_of(req.host, req.port), tried)
-                    except NoProxyAvailable as e:
-                        status, message = 503, str(e)
-                        break
-                    tried.append(lease.state)
-                    ms = self.member_stats(lease.state)
-                    ms.requests += 1
-                    t0 = self.clock()
-                    holder: list[Upstream] = []
-                    try:
-                        resp, sent = await self._exchange(conn, req, lease.state, holder)
-                    except (UpstreamError, HttpError, ConnectionError, TimeoutError, OSError) as e:
-                        if holder:
-                            self.upstreams.close(holder[0], "error")
-                        self._attempt_failed(lease, ms, routing, e)
-                        status, message = _failure_status(e)
-                        continue
-                    except BaseException:
-                        if holder:
-                            self.upstreams.close(holder[0], "error")
-                        lease.release("failed", None)
-                        raise
-                    up = holder[0]
-                    latency = (self.clock() - t0) * 1000
-                    ms.bytes_up += sent
-                    ms.bytes_down += len(resp.raw_head) + len(resp.body)
-                    blocked = resp.complete and _is_block(resp)
-                    if blocked:
-                        ms.blocked += 1
-                        lease.release("blocked", latency)
-                        self._unstick(routing, lease)
-                        if attempt < c.retries:
-                            self.budget.release(kept)  # an earlier block page is replaced
-                            kept = up.take_reservation()
-                            self.upstreams.close(up, "blocked")
-                            last_blocked = resp
-                            continue
-                    else:
-                        lease.release("ok", latency)
-                        ms.latencies_ms.append(latency)
-                        self._stick(routing, lease)
-                    if not resp.complete:
-                        st.requests[("http", "streamed")] += 1
-                        conn.write(streamed_head(resp) + resp.body)
-                        if up.key is not None and self.upstreams.enabled:
-                            self.upstreams.discarded["streamed"] += 1
-                        conn.splice(up, ms, None, stream=True)
-                        return
-                    self._done_with(up, blocked)
-                    if cache_key is not None and not blocked:
-                        st.cache.origin_fetches += 1
-                        if self.cache is not None and self.cache.put(cache_key, resp):
-                            st.cache.stores += 1
-                    st.requests[("http", "blocked" if blocked else "ok")] += 1
-                    keep = req.keep_alive and not self.draining
-                    conn.write(render_response(resp, keep_alive=keep))
-                    conn.finish(keep)
-                    return
-                if last_blocked is not None:  # every member was blocked: the client sees the page
-                    st.requests[("http", "blocked")] += 1
-                    conn.write(render_response(last_blocked, keep_alive=False))
-                    conn.finish(False)
-                    return
-                st.requests[("http", str(status))] += 1
-                conn.reject(status, message)
-            finally:
-                self.budget.release(kept)
-        except asyncio.CancelledError:
-            pass  # the client left, or a drain ran out of time
-        except Exception:
-            log.exception("gateway: unexpected error on a client connection")
-            conn.transport.abort()
-
-    async def _exchange(
-        self, conn: ClientConn, req: Request, state: ProxyState, holder: list[Upstream]
-    ) -> tuple[Response, int]:
-        """The request through one member within `response_timeout_s` (reaching it within
-        `connect_timeout_s`); its connection is put in `holder` at once (the caller closes,
-        relays or pools it). Through an `http` member a kept-alive connection is used when
-        the upstream pool has one (engine/gateway/keepalive.py)."""
-        m = member_of(state)
-        start = self.loop.time()
-        if m.protocol != "http":  # a tunnel to the origin, one request on it
-            up = await self._reach(conn, state.spec, m.protocol, req.host, req.port, False, start)
-            holder.append(up)
-            data = onward_head(req, absolute=False)
-            return await self._send(conn, up, data, req, start), len(data)
-        pool = self.upstreams
-        key = self._named(state)[2]
-        # a request that is not idempotent never goes on a kept connection: if that one
-        # turned out stale, sending it again could repeat its effect (RFC 9110 9.2.2)
-        up = pool.take(key) if pool.enabled and req.method in IDEMPOTENT else None
-        if up is None:
-            up = await self._open(conn, state.spec, key, req, start)
-        holder.append(up)
-        data = onward_head(
-            req, absolute=True, proxy_auth=basic_auth(state.spec), keep_alive=pool.enabled
-        )
-        sent = len(data)
-        try:
-            resp = await self._send(conn, up, data, req, start)
-        except StaleConnection:
-            # the member closed it while idle: once more on a fresh connection, not a
-            # failure of the member
-            holder.clear()
-            pool.close(up, "stale")
-            pool.stale_retries += 1
-            up = await self._open(conn, state.spec, key, req, start)
-            holder.append(up)
-            resp = await self._send(conn, up, data, req, start)
-            sent += len(data)
-        if resp.status == 407:
-            raise MemberDown("the member rejected its credentials (407)")
-        return resp, sent
-
-    async def _open(
-        self, conn: ClientConn, spec: ProxySpec, key: str, req: Request, start: float
-    ) -> Upstream:
-        """A new connection to an `http` member (`key`: its spec's), managed by the upstream
-        pool."""
-        up = await self._reach(conn, spec, "http", req.host, req.port, True, start)
-        up.key = key
-        self.upstreams.opened += 1
-        return up
-
-    async def _send(
-        self, conn: ClientConn, up: Upstream, data: bytes, req: Request, start: float
-    ) -> Response:
-        """`data` sent on `up`, its answer read within `response_timeout_s` of `start`."""
-        c = self.config
-        conn.step_deadline(start + c.response_timeout_s)
-        try:
-            return cast(
-                Response,
-                await up.start_exchange(
-                    data, req.method, c.max_buffer_bytes, c.max_head_bytes, self.budget
-                ),
-            )
-        except asyncio.CancelledError:
-            if conn.took_too_long():
-                raise TimeoutError("the member did not answer in time") from None
-            raise
-        finally:
-            conn.step_deadline(0.0)
-
-    def _done_with(self, up: Upstream, blocked: bool) -> None:
+    def done_with(self, up: Upstream, blocked: bool) -> None:
         """An answer read whole: its connection back to the pool when it may carry another
         request, else closed."""
         if up.key is None:
@@ -437,31 +195,9 @@ class Gateway:
         else:
             self.upstreams.put(up, self.loop.time())
 
-    async def _reach(
-        self,
-        conn: ClientConn,
-        spec: ProxySpec,
-        protocol: str,
-        host: str,
-        port: int,
-        forward: bool,
-        start: float,
-    ) -> Upstream:
-        """`upstream.dial` within `connect_timeout_s` (and the answer's own deadline)."""
-        c = self.config
-        conn.step_deadline(start + min(c.connect_timeout_s, c.response_timeout_s))
-        try:
-            return await open_through(self.loop, spec, protocol, host, port, forward)
-        except asyncio.CancelledError:
-            if conn.took_too_long():
-                raise MemberDown("connect or handshake timed out") from None
-            raise
-        finally:
-            conn.step_deadline(0.0)
-
     # -- members ------------------------------------------------------------------------------
 
-    def _acquire(self, routing: Routing, site: str, tried: list[ProxyState]) -> ProxyLease:
+    def acquire(self, routing: Routing, site: str, tried: list[ProxyState]) -> ProxyLease:
         accept = None
         if routing.country:
             country = routing.country
@@ -492,94 +228,23 @@ class Gateway:
                 best, best_score = p.spec.key, score
         return best
 
-    def _stick(self, routing: Routing, lease: ProxyLease) -> None:
+    def stick(self, routing: Routing, lease: ProxyLease) -> None:
         if routing.session:
             self.sessions[routing.session] = lease.state.spec.key
             self.sessions.move_to_end(routing.session)
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
 
-    def _unstick(self, routing: Routing, lease: ProxyLease) -> None:
+    def unstick(self, routing: Routing, lease: ProxyLease) -> None:
         if routing.session and self.sessions.get(routing.session) == lease.state.spec.key:
             del self.sessions[routing.session]
 
-    def _attempt_failed(
+    def attempt_failed(
         self, lease: ProxyLease, ms: MemberStats, routing: Routing, e: BaseException
     ) -> None:
         ms.failures += 1
         # the member answered but could not reach the target: it works, that target is not
         # reachable through it (per-site quality); anything else counts against the member
         lease.release("blocked" if isinstance(e, TargetUnreachable | HttpError) else "failed", None)
-        self._unstick(routing, lease)
+        self.unstick(routing, lease)
         log.debug("gateway: attempt through %s failed: %s", lease.redacted, e)
-
-    async def _dial(
-        self, conn: ClientConn, host: str, port: int, routing: Routing
-    ) -> tuple[Upstream, ProxyLease, MemberStats]:
-        """A tunnel to host:port through the first member that gives one (failover);
-        `_reach` inlined (the path of every CONNECT)."""
-        c = self.config
-        tried: list[ProxyState] = []
-        failure: NoRoute | None = None
-        site = site_of(host, port)
-        reach_s = min(c.connect_timeout_s, c.response_timeout_s)
-        for _ in range(c.retries + 1):
-            try:
-                lease = self._acquire(routing, site, tried)
-            except NoProxyAvailable as e:
-                failure = NoRoute(503, socks5.GENERAL_FAILURE, str(e))
-                break
-            state = lease.state
-            tried.append(state)
-            ms = self.member_stats(state)
-            ms.requests += 1
-            t0 = self.clock()
-            conn.task_deadline = self.loop.time() + reach_s
-            try:
-                up = await open_through(
-                    self.loop, state.spec, member_of(state).protocol, host, port, False
-                )
-            except asyncio.CancelledError:
-                conn.task_deadline = 0.0
-                if not conn.took_too_long():
-                    lease.release("failed", None)
-                    raise
-                e: UpstreamError = MemberDown("connect or handshake timed out")
-            except UpstreamError as err:
-                conn.task_deadline = 0.0
-                e = err
-            except BaseException:
-                conn.task_deadline = 0.0
-                lease.release("failed", None)
-                raise
-            else:
-                conn.task_deadline = 0.0
-                ms.latencies_ms.append((self.clock() - t0) * 1000)
-                self._stick(routing, lease)
-                return up, lease, ms
-            self._attempt_failed(lease, ms, routing, e)
-            if isinstance(e, TargetUnreachable):
-                failure = NoRoute(502, socks5.HOST_UNREACHABLE, f"{host}:{port} unreachable: {e}")
-            else:
-                failure = NoRoute(502, socks5.GENERAL_FAILURE, f"members failed: {e}")
-        raise failure or NoRoute(502, socks5.GENERAL_FAILURE, "no member could connect")
-
-
-def site_of(host: str, port: int) -> str:
-    """The key of per-site quality: the authority (another port may be another service)."""
-    return f"{host.lower()}:{port}"
-
-
-def _is_block(resp: Response) -> bool:
-    if resp.status in BLOCK_STATUSES:
-        return True
-    reason, _strong = detect_block(resp.status, resp.lower_headers(), resp.body)
-    return reason is not None
-
-
-def _failure_status(e: BaseException) -> tuple[int, str]:
-    if isinstance(e, TimeoutError):
-        return 504, "the members did not answer in time"
-    if isinstance(e, TargetUnreachable):
-        return 502, f"the target is unreachable: {e}"
-    return 502, f"the members failed: {e}"

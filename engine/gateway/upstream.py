@@ -5,8 +5,13 @@ or the bytes relayed to the client.
 
 Written as an `asyncio.Protocol` whose handshakes and response framing work on the buffered
 bytes (as the sim's proxies do): a relayed chunk costs one callback, not two task wake-ups and
-a StreamReader copy, and the dialling coroutine awaits one future per step. This is the hot
-path of every request.
+a StreamReader copy. The caller is told by a callback (`on_done(result, exc)`), called from
+the protocol's own callbacks: the connection made → the handshake written at once → its
+reply parsed → the caller goes on, all in the callbacks of the I/O that made them possible,
+with no Task, future or coroutine resumed in between (each of those cost a loop iteration
+and Python frames per request; this is the hot path of every request). The connection itself
+comes from `loop.create_connection`, a coroutine, which `dial` drives step by step from its
+futures' callbacks (see `_drive`).
 
 Errors are sorted by whose fault they are, since the caller acts on it:
 
@@ -23,8 +28,8 @@ import base64
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from engine.gateway.budget import BufferBudget
 from engine.gateway.http import (
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
     from engine.gateway.keepalive import IdlePool
 
 MAX_REPLY_HEAD = 16 * 1024
-HOLD, HANDSHAKE, RESPONSE, RELAY = range(4)
+HOLD, HANDSHAKE, RESPONSE, RELAY, CONNECTING = range(5)
 
 
 class UpstreamError(Exception):
@@ -72,10 +77,13 @@ def basic_auth(spec: ProxySpec) -> str | None:
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
+Done = Callable[[object, BaseException | None], None]
+
+
 class Upstream(asyncio.Protocol):
-    """One connection to a member. Modes: HANDSHAKE (a tunnel being set up), RESPONSE (one
-    answer being read), HOLD (bytes kept until the caller decides), RELAY (bytes straight to
-    the client connection)."""
+    """One connection to a member. Modes: CONNECTING, HANDSHAKE (a tunnel being set up),
+    RESPONSE (one answer being read), HOLD (bytes kept until the caller decides), RELAY
+    (bytes straight to the client connection)."""
 
     __slots__ = (
         "body_start",
@@ -83,6 +91,8 @@ class Upstream(asyncio.Protocol):
         "buf",
         "client",
         "closed",
+        "connecting",
+        "coro",
         "eof",
         "framing",
         "held",
@@ -94,12 +104,14 @@ class Upstream(asyncio.Protocol):
         "loop",
         "method",
         "mode",
+        "on_done",
         "parse",
+        "pending",
+        "resolving",
         "resp",
         "reusable",
         "reused",
         "transport",
-        "waiter",
         "want",
     )
 
@@ -109,8 +121,14 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.mode = HOLD
-        self.waiter: asyncio.Future[object] | None = None
+        self.on_done: Done | None = None  # the caller's, while it waits for a result
         self.parse: Callable[[], bool] | None = None
+        # while connecting: the coroutine of `create_connection`, the future it waits on,
+        # and the handshake to write once connected (None: the member itself is the peer)
+        self.coro: Coroutine[Any, None, Any] | None = None
+        self.connecting: asyncio.Future[object] | None = None
+        self.pending: tuple[str, ProxySpec, str, int] | None = None
+        self.resolving: asyncio.Task[None] | None = None  # a SOCKS4 target's name, looked up
         self.client: ClientConn | None = None
         self.lease_release: Callable[[], None] | None = None
         self.eof = self.closed = False
@@ -127,7 +145,21 @@ class Upstream(asyncio.Protocol):
     # -- asyncio callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # uvloop's transport is no asyncio.Transport subclass (and cast() is a call)
+        self.transport = transport  # type: ignore[assignment]
+        if self.mode != CONNECTING:
+            return
+        if self.on_done is None:  # aborted while connecting
+            self.transport.abort()
+            return
+        pending, self.pending = self.pending, None
+        if pending is None:
+            self._resolve(None)  # a connection to the member itself: ready
+            return
+        try:
+            self._handshake(*pending)  # written now, not after another loop iteration
+        except UpstreamError as e:
+            self._resolve(exc=e)
 
     def data_received(self, data: bytes) -> None:
         if self.mode == RELAY:  # the hot path of a tunnel: `ClientConn.from_upstream` inlined
@@ -175,7 +207,14 @@ class Upstream(asyncio.Protocol):
     # -- the caller's side ----------------------------------------------------------------------
 
     def abort(self) -> None:
+        """Close at once; whoever waited on this connection is no longer told."""
+        self.on_done = None
         self.release_budget()
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()  # `create_connection` then closes what it opened
+        if self.resolving is not None:
+            self.resolving.cancel()
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
@@ -192,24 +231,16 @@ class Upstream(asyncio.Protocol):
         held, self.held = self.held, 0
         return held
 
-    def _wait(self) -> asyncio.Future[object]:
-        loop = self.loop
-        if loop is None:
-            loop = self.loop = asyncio.get_running_loop()
-        self.waiter = loop.create_future()
-        return self.waiter
-
     def _resolve(self, result: object = None, exc: BaseException | None = None) -> None:
-        w, self.waiter = self.waiter, None
+        """Tell the caller (once): the step it waited for is done, or failed with `exc`."""
+        done, self.on_done = self.on_done, None
         self.mode = HOLD
-        if w is not None and not w.done():
-            if exc is not None:
-                w.set_exception(exc)
-            else:
-                w.set_result(result)
+        self.parse = None  # a bound method of this object: a cycle only the collector breaks
+        if done is not None:
+            done(result, exc)
 
     def _progress(self) -> None:
-        if self.parse is None or self.waiter is None:
+        if self.parse is None or self.on_done is None:
             return
         try:
             done = self.parse()
@@ -233,20 +264,86 @@ class Upstream(asyncio.Protocol):
         self.release_budget()
         self.mode = HOLD
         self.parse = None
-        self.waiter = None
+        self.on_done = None
         self.resp = None
         self.reusable = False
         self.idle_pool, self.idle_since = pool, now
 
-    async def handshake(self, protocol: str, spec: ProxySpec, host: str, port: int) -> None:
-        """A tunnel to host:port through the member (its reply consumed, later bytes held)."""
-        await self.start_handshake(protocol, spec, host, port)
+    def dial(
+        self,
+        spec: ProxySpec,
+        protocol: str,
+        host: str,
+        port: int,
+        forward: bool,
+        on_done: Done,
+    ) -> None:
+        """Connect to the member; unless `forward` (an `http` member taking an absolute-URI
+        request itself), set up a tunnel to host:port through it (its reply consumed, later
+        bytes held). `on_done(None, exc)` when ready or failed; no timeout here (the caller's
+        deadline ends it with `abort`)."""
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        self.on_done = on_done
+        self.mode = CONNECTING
+        if protocol == "socks4" and not forward and not _is_ipv4(host):
+            # plain SOCKS4 carries an address, not a name: resolved first (a rare path, so
+            # a task of its own)
+            self.resolving = loop.create_task(self._resolve_then_dial(spec, host, port))
+            return
+        self.pending = None if forward else (protocol, spec, host, port)
+        self.coro = loop.create_connection(self._protocol, spec.host, spec.port)
+        self._drive()
 
-    def start_handshake(
-        self, protocol: str, spec: ProxySpec, host: str, port: int
-    ) -> asyncio.Future[object]:
-        """The handshake sent; the future is done when the reply is (one await fewer for the
-        dialling coroutine than `handshake`)."""
+    def _protocol(self) -> Upstream:
+        return self
+
+    def _drive(self, _done: object = None) -> None:
+        """One step of `create_connection`: run until it waits on a future, go on when that
+        is done (what a Task does, without a Task: no task object, no wake-up between the
+        connection and its first bytes: `connection_made` writes the handshake)."""
+        self.connecting = None
+        coro = self.coro
+        if coro is None:
+            return
+        try:
+            waiting = coro.send(None)
+        except StopIteration:  # connected: `connection_made` already went on
+            self.coro = None
+            return
+        except asyncio.CancelledError:  # aborted: the coroutine closed what it opened
+            self.coro = None
+            return
+        except OSError as e:
+            self.coro = None
+            self._resolve(exc=MemberDown(f"connect failed: {e.strerror or e}"))
+            return
+        except Exception as e:
+            self.coro = None
+            self._resolve(exc=MemberDown(f"connect failed: {e}"))
+            return
+        if waiting is None:  # a bare yield: go on at the next iteration
+            assert self.loop is not None
+            self.loop.call_soon(self._drive)
+            return
+        if self.on_done is None and self.transport is None:  # aborted meanwhile
+            waiting.cancel()
+        self.connecting = waiting
+        waiting.add_done_callback(self._drive)
+
+    async def _resolve_then_dial(self, spec: ProxySpec, host: str, port: int) -> None:
+        try:
+            address = await _resolve_v4(host)
+        except UpstreamError as e:
+            self._resolve(exc=e)
+            return
+        self.resolving = None
+        if self.on_done is not None:  # not aborted meanwhile
+            self.dial(spec, "socks4", address, port, False, self.on_done)
+
+    def _handshake(self, protocol: str, spec: ProxySpec, host: str, port: int) -> None:
+        """The tunnel request written; `on_done` when the member's reply is parsed."""
         assert self.transport is not None
         self.mode = HANDSHAKE
         if protocol in ("http", "https"):
@@ -271,26 +368,24 @@ class Upstream(asyncio.Protocol):
             )
         else:
             raise MemberDown(f"unknown member protocol {protocol!r}")
-        waiter = self._wait()
         self._progress()  # bytes that came early
-        return waiter
-
-    async def exchange(
-        self, data: bytes, method: str, max_buffer: int, max_head: int, budget: BufferBudget
-    ) -> Response:
-        """`start_exchange`, awaited."""
-        return cast(Response, await self.start_exchange(data, method, max_buffer, max_head, budget))
 
     def start_exchange(
-        self, data: bytes, method: str, max_buffer: int, max_head: int, budget: BufferBudget
-    ) -> asyncio.Future[object]:
-        """Send one request; the future gives its response: whole when its body fits in
-        `max_buffer` and in the process's `budget` (framing by Content-Length, chunked, or
-        the end of the stream); otherwise `complete=False` with the bytes so far, the rest
-        held for `ClientConn.splice`. The body's bytes stay reserved until `abort`,
-        `relay_to` or `take_reservation`. (A future, not a coroutine: the caller awaits it
-        one level less deep.)"""
+        self,
+        data: bytes,
+        method: str,
+        max_buffer: int,
+        max_head: int,
+        budget: BufferBudget,
+        on_done: Done,
+    ) -> None:
+        """Send one request; `on_done(response, exc)` gives its response: whole when its
+        body fits in `max_buffer` and in the process's `budget` (framing by Content-Length,
+        chunked, or the end of the stream); otherwise `complete=False` with the bytes so
+        far, the rest held for `ClientConn.splice`. The body's bytes stay reserved until
+        `abort`, `relay_to` or `take_reservation`."""
         assert self.transport is not None
+        self.on_done = on_done
         self.mode = RESPONSE
         self.budget = budget
         self.method, self.limits = method, (max_buffer, max_head)
@@ -298,9 +393,7 @@ class Upstream(asyncio.Protocol):
         self.reusable = False
         self.parse = self._response
         self.transport.write(data)
-        waiter = self._wait()
         self._progress()
-        return waiter
 
     # -- parsers (True: done; False: more bytes needed) -----------------------------------------
 
@@ -394,8 +487,9 @@ class Upstream(asyncio.Protocol):
         release, self.lease_release = self.lease_release, None
         if release is not None:
             release()
-        if self.client is not None:
-            self.client.upstream_ended()
+        client, self.client = self.client, None  # it points back here: no cycle left
+        if client is not None:
+            client.upstream_ended()
 
 
 class Socks5Client:
@@ -467,61 +561,15 @@ class Socks5Client:
                 return True
 
 
-async def dial(
-    spec: ProxySpec,
-    protocol: str,
-    host: str,
-    port: int,
-    timeout: float | None,
-    *,
-    forward: bool,
-) -> Upstream:
-    """A connection through the member: to the member itself when `forward` (an `http`
-    member taking an absolute-URI request), else a tunnel to host:port. `timeout` None: the
-    caller bounds the wait (the gateway's deadlines, see client.py)."""
-    loop = asyncio.get_running_loop()
-    if timeout is None:
-        return await open_through(loop, spec, protocol, host, port, forward)
+def _is_ipv4(host: str) -> bool:
     try:
-        async with asyncio.timeout(timeout):
-            return await open_through(loop, spec, protocol, host, port, forward)
-    except TimeoutError:
-        raise MemberDown("connect or handshake timed out") from None
-
-
-async def open_through(
-    loop: asyncio.AbstractEventLoop,
-    spec: ProxySpec,
-    protocol: str,
-    host: str,
-    port: int,
-    forward: bool,
-) -> Upstream:
-    """`dial` without a timeout, one coroutine deep (the gateway's hot path: every await
-    level is paid again at each resume)."""
-    if protocol == "socks4" and not forward:
-        host = await _resolve_v4(host)  # plain SOCKS4 carries an address, not a name
-    up: Upstream | None = None
-    try:
-        try:
-            _, up = await loop.create_connection(lambda: Upstream(loop), spec.host, spec.port)
-        except OSError as e:
-            raise MemberDown(f"connect failed: {e.strerror or e}") from None
-        if not forward:
-            await up.start_handshake(protocol, spec, host, port)
-    except BaseException:
-        if up is not None:
-            up.abort()
-        raise
-    return up
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
 
 
 async def _resolve_v4(host: str) -> str:
-    try:
-        socket.inet_aton(host)
-        return host
-    except OSError:
-        pass
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)

@@ -1,0 +1,108 @@
+"""What a client connection's request does while it waits on members: the base of `Tunnel`
+(CONNECT, SOCKS5) and `Forward` (plain HTTP).
+
+Why an object of callbacks and not a task: a request's steps are started by the I/O that
+makes them possible (the head parsed → a member chosen and its connection asked for; the
+member's reply parsed → the client answered), in that I/O's own callback. A Task per request
+cost its creation and registration, a coroutine frame per level, a future per wait and a
+loop iteration per wake-up, on every request; here each step is one method call.
+
+Every wait has a deadline on the client connection (`ClientConn.job_deadline`), acted on by
+the gateway's sweep (`expired`); a client that leaves ends the job (`cancel`). Exactly one
+of the job's callbacks runs at a time (the event loop's thread) and each ends with the job
+either waiting on one upstream connection or done (the client answered, relayed, or closed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from engine.gateway.auth import Routing
+from fetchers.pool import ProxyLease, ProxyState
+
+if TYPE_CHECKING:
+    from engine.gateway.client import ClientConn
+    from engine.gateway.server import Gateway
+    from engine.gateway.stats import MemberStats
+    from engine.gateway.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    __slots__ = ("conn", "gw", "lease", "ms", "routing", "site", "t0", "tried", "up")
+
+    def __init__(self, gw: Gateway, conn: ClientConn, routing: Routing, site: str) -> None:
+        self.gw, self.conn, self.routing, self.site = gw, conn, routing, site
+        self.tried: list[ProxyState] = []
+        self.lease: ProxyLease | None = None  # the current attempt's, until released
+        self.ms: MemberStats | None = None
+        self.up: Upstream | None = None  # the connection the current attempt waits on
+        self.t0 = 0.0
+
+    # -- the connection's side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The request parsed: its first step (runs in the client's `data_received`)."""
+        try:
+            self._next()
+        except Exception:
+            self._crash()
+
+    def expired(self) -> None:
+        """The current step's deadline passed (the gateway's sweep)."""
+        try:
+            self._timed_out()
+        except Exception:
+            self._crash()
+
+    def cancel(self) -> None:
+        """The client left, or a drain ran out of time: the attempt ends and counts as
+        failed for the member, like a cancelled task did; no answer is counted."""
+        self._drop_up("error")
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release("failed", None)
+        self._ended()
+
+    # -- for the subclasses ---------------------------------------------------------------------
+
+    def _next(self) -> None:
+        raise NotImplementedError
+
+    def _timed_out(self) -> None:
+        raise NotImplementedError
+
+    def _ended(self) -> None:
+        """The job holds nothing any more (hook: the plain request's budget)."""
+
+    def _take(self) -> ProxyLease:
+        """The next member for this request (NoProxyAvailable when none is left)."""
+        gw = self.gw
+        lease = self.lease = gw.acquire(self.routing, self.site, self.tried)
+        self.tried.append(lease.state)
+        ms = self.ms = gw.member_stats(lease.state)
+        ms.requests += 1
+        self.t0 = gw.clock()
+        return lease
+
+    def _drop_up(self, reason: str) -> None:
+        up, self.up = self.up, None
+        if up is not None:
+            self.gw.upstreams.close(up, reason)
+
+    def _attempt_failed(self, e: BaseException) -> None:
+        """This member did not do it: its connection closed, the failure counted."""
+        self._drop_up("error")
+        lease, self.lease = self.lease, None
+        assert lease is not None and self.ms is not None
+        self.gw.attempt_failed(lease, self.ms, self.routing, e)
+
+    def _crash(self) -> None:
+        """A bug must not leave the client waiting: logged, the client's connection ended."""
+        log.exception("gateway: unexpected error on a client connection")
+        try:
+            self.cancel()
+        finally:
+            self.conn.transport.abort()
