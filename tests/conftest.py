@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,32 +60,57 @@ def cli_here(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
-def _engine_run(args: tuple[str, ...], env: Mapping[str, str] | None) -> dict[str, Any]:
-    """What every CLI subprocess of the tests shares: ``python -m engine.run ARGS`` from the
-    repository root, ``env`` added to this process's environment (pool workers inherit it),
-    output as text."""
+def _python(
+    argv: tuple[str, ...], env: Mapping[str, str] | None, memory_cap: int | None
+) -> dict[str, Any]:
+    """What every Python subprocess of the tests shares: ``python ARGV`` from the repository
+    root, ``env`` added to this process's environment (pool workers inherit it), output as
+    text; with ``memory_cap`` (bytes) its address space is capped, so a runaway read fails
+    instead of eating the shared machine's memory."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_cap, memory_cap))
+
     return {
-        "args": [sys.executable, "-m", "engine.run", *args],
+        "args": [sys.executable, *argv],
         "cwd": ROOT,
         "env": {**os.environ, **(env or {})},
         "text": True,
+        "preexec_fn": cap if memory_cap else None,
     }
 
 
-def run_cli(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+def run_python(
+    *argv: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    memory_cap: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """The CLI in its own process, waited for, output captured: for tests where the process
-    is what is tested (exit code, the workers it spawns, a run end to end). A command still
-    running after ``timeout`` seconds raises ``subprocess.TimeoutExpired``."""
-    return subprocess.run(**_engine_run(args, env), capture_output=True, timeout=timeout)
+    """``python ARGV`` (``-m module …``, ``-c script``) in its own process, waited for,
+    output captured. Still running after ``timeout`` seconds: ``subprocess.TimeoutExpired``."""
+    kw = _python(argv, env, memory_cap)
+    return subprocess.run(**kw, capture_output=True, timeout=timeout)
+
+
+def run_cli(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    memory_cap: int | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """The CLI (``python -m engine.run ARGS``) in its own process, waited for, output
+    captured: for tests where the process is what is tested (exit code, the workers it
+    spawns, a run end to end). A command still running after ``timeout`` seconds raises
+    ``subprocess.TimeoutExpired``."""
+    return run_python("-m", "engine.run", *args, env=env, timeout=timeout, memory_cap=memory_cap)
 
 
 def start_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
     """The CLI in its own process, left running with stdout and stderr piped: a run the test
     acts on meanwhile (kills a worker, stops it, reads its memory)."""
     pipe = subprocess.PIPE
-    return subprocess.Popen(**_engine_run(args, env), stdout=pipe, stderr=pipe)
+    kw = _python(("-m", "engine.run", *args), env, None)
+    return subprocess.Popen(**kw, stdout=pipe, stderr=pipe)
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,8 @@ from engine.settings import Settings
 from sim.shops import ShopsConfig, ShopSpec, ShopWorld
 from storage import pipelines as ps
 from storage.db import open_database
-from tests.conftest import require_tool
-from tests.test_pipeline import Cli, InThread, cli, logs_of, wait_for
+from tests.conftest import require_tool, run_cli
+from tests.test_pipeline import Cli, InThread, logs_of, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -403,8 +403,8 @@ def test_a_resume_after_kill_9_ends_the_scripts_leftovers_first(tmp_path: Path) 
         assert marked(mark), "the helper outlives a SIGKILLed pipeline until the resume"
 
         (tmp_path / "go").touch()
-        code, _, err = cli("pipeline", "--resume", str(run_id), "--db", str(path))
-        assert code == 0, err
+        out = run_cli("pipeline", "--resume", str(run_id), "--db", str(path))
+        assert out.returncode == 0, out.stderr
         assert starts(tmp_path) == ["start with 0 earlier helper(s) running"] * 2
         left = until_empty(lambda: marked(mark), timeout_s=5)
         assert not left, f"the script left processes running: {left}"

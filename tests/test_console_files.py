@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ import sqlalchemy as sa
 from console.resources import get_console, shutdown_all
 from console.testing import ROOT, run_page, use_fresh_database
 from storage.bulk import fetch_all
+from tests.conftest import cli_here, run_cli, run_python
 
 PAGE = "pages/scraping.py"
 SPECS_DIR = ROOT / "specs"
@@ -72,17 +71,6 @@ def errors_of(at: Any) -> str:
 def runs_of(url: str) -> list[tuple[Any, ...]]:
     with get_console(url).db.connect() as conn:
         return [tuple(r) for r in fetch_all(conn, sa.text("SELECT id, kind, status FROM runs"))]
-
-
-def capped_run(args: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess[str]:
-    """A subprocess with a memory cap and a timeout: a read of /dev/zero fails, not hangs."""
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
-
-    return subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout, preexec_fn=cap, cwd=ROOT, **kw
-    )
 
 
 # --- the console ------------------------------------------------------------------------------
@@ -131,14 +119,13 @@ def test_a_start_urls_file_of_dev_zero_is_refused_at_once(tmp_path: Path) -> Non
         """
     )
     env = {
-        **os.environ,
         "FETCHFLEET_DB": f"duckdb:///{tmp_path / 'console.duckdb'}",
         "FETCHFLEET_DATA_DIR": str(tmp_path / "data"),
         "FETCHFLEET_SECRET_KEY_FILE": str(tmp_path / "data" / "secret.key"),
         "FETCHFLEET_WORKERS": "0",
     }
     try:
-        out = capped_run([sys.executable, "-c", script], timeout=90, env=env)
+        out = run_python("-c", script, env=env, timeout=90, memory_cap=MEMORY_CAP)
     except subprocess.TimeoutExpired:
         pytest.fail("reading start_urls_file = /dev/zero did not stop")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -166,41 +153,45 @@ def test_a_spec_larger_than_the_bound_is_refused(console_env: str) -> None:
 # --- the CLI: any file its user names, with the same bounds ------------------------------------
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key"}
+def capped_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process with a memory cap and a timeout: a read of /dev/zero (or a FIFO
+    nobody writes) fails the test instead of eating the machine's memory or hanging it."""
     try:
-        return capped_run([sys.executable, "-m", "engine.run", *args], timeout, env=env)
+        return run_cli(*args, timeout=60, memory_cap=MEMORY_CAP)
     except subprocess.TimeoutExpired:
         pytest.fail(f"`engine.run {' '.join(args)}` did not stop")
 
 
-def test_cli_refuses_special_and_oversized_files(tmp_path: Path) -> None:
+def test_cli_refuses_special_files(tmp_path: Path) -> None:
     db = f"duckdb:///{tmp_path / 'c.duckdb'}"
     spec = tmp_path / "s.toml"
+    fifo = tmp_path / "urls.fifo"
+    os.mkfifo(fifo)
     for target, expected in [
         ("/dev/zero", "not a regular file"),
         (str(tmp_path), "not a regular file (a directory)"),
+        (str(fifo), "not a regular file"),
     ]:
         spec.write_text(with_urls_file(target))
-        out = cli("scrape", "--spec", str(spec), "--db", db)
+        out = capped_cli("scrape", "--spec", str(spec), "--db", db)
         assert out.returncode == 2 and expected in out.stderr, out.stderr[-2000:]
-    fifo = tmp_path / "urls.fifo"
-    os.mkfifo(fifo)
-    spec.write_text(with_urls_file(str(fifo)))
-    out = cli("scrape", "--spec", str(spec), "--db", db)
-    assert out.returncode == 2 and "not a regular file" in out.stderr, out.stderr[-2000:]
 
+
+def test_cli_refuses_oversized_files(tmp_path: Path) -> None:
+    """In this process: were the bound gone, a read of these few MB would still end."""
+    db = f"duckdb:///{tmp_path / 'c.duckdb'}"
+    spec = tmp_path / "s.toml"
     urls = tmp_path / "urls.txt"
     with urls.open("wb") as fh:
         fh.truncate(50_000_000)  # sparse: no disk used
     spec.write_text(with_urls_file(str(urls)))
-    out = cli("scrape", "--spec", str(spec), "--db", db)
+    out = cli_here("scrape", "--spec", str(spec), "--db", db)
     assert out.returncode == 2 and "larger than 20 MB" in out.stderr, out.stderr[-2000:]
 
     big_spec = tmp_path / "big.toml"
     with big_spec.open("wb") as fh:
         fh.truncate(5_000_000)
-    out = cli("scrape", "--spec", str(big_spec), "--db", db)
+    out = cli_here("scrape", "--spec", str(big_spec), "--db", db)
     assert out.returncode == 2 and "larger than 1 MB" in out.stderr, out.stderr[-2000:]
 
 
@@ -210,6 +201,6 @@ def test_a_bad_line_of_a_start_urls_file_is_quoted_only_in_short(tmp_path: Path)
     urls.write_text(f"# comment\nhttp://ok.example/\n{secret}\n")
     spec = tmp_path / "s.toml"
     spec.write_text(with_urls_file(str(urls)))
-    out = cli("scrape", "--spec", str(spec), "--db", f"duckdb:///{tmp_path / 'c.duckdb'}")
+    out = cli_here("scrape", "--spec", str(spec), "--db", f"duckdb:///{tmp_path / 'c.duckdb'}")
     assert out.returncode == 2 and "line 3" in out.stderr and "not an http(s) URL" in out.stderr
     assert secret[:40] in out.stderr and secret[:41] not in out.stderr, out.stderr[-2000:]

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +17,9 @@ from fetchers.errors import NetworkFailure
 from sim.shops import ShopsConfig, ShopSpec, ShopWorld, catalog_html
 from storage.bulk import fetch_all
 from storage.db import open_database
+from tests.conftest import cli_here, run_cli
 from tests.test_cascade import CHALLENGE, Fake, fetcher, ok, status
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(240)
 
 SHOPS = ShopsConfig(
@@ -39,12 +36,8 @@ def shops() -> Iterator[ShopWorld]:
         yield world
 
 
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env={**os.environ, "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key"},
-    )  # fmt: skip
+KEY_FILE = "/tmp/fetchfleet-test-secret.key"
+KEY_ENV = {"FETCHFLEET_SECRET_KEY_FILE": KEY_FILE}  # the CLI decrypts the proxies stored here
 
 
 def spec(tmp_path: Path, country: str, url: str, methods: str = "") -> str:
@@ -114,9 +107,9 @@ def test_cost_equals_the_pages_and_bytes_fetched_direct_and_through_a_proxy(
 ) -> None:
     plain = shops["plain"]
     db = f"duckdb:///{tmp_path / 'c.duckdb'}"
-    out = cli(
+    out = run_cli(
         "scrape", "--spec", spec(tmp_path, "Malaysia", plain.catalog_url(1)), "--db", db,
-        "--json", "--methods", "http", "--workers", "1",
+        "--json", "--methods", "http", "--workers", "1", env=KEY_ENV, timeout=180,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     cost = json.loads(out.stdout)["cost"]
@@ -129,7 +122,7 @@ def test_cost_equals_the_pages_and_bytes_fetched_direct_and_through_a_proxy(
     assert cost["per_stored"]["bytes"] == pytest.approx(body / plain.spec.n_products, abs=0.1)
     assert cost["per_stored"]["requests"] == pytest.approx(pages / plain.spec.n_products, abs=1e-4)
     assert [d["domain"] for d in cost["domains"]] == [plain.url("/").split("/")[2]]
-    human = cli("status", "--db", db, "1").stdout
+    human = cli_here("status", "--db", db, "1").stdout
     assert f"requests http {pages}" in human and "per stored entity (70)" in human
 
     # through the stored SOCKS proxy: the same bytes, counted as proxied
@@ -139,14 +132,15 @@ def test_cost_equals_the_pages_and_bytes_fetched_direct_and_through_a_proxy(
 
     socks = shops["socks"]
     database = open_database(db)
-    box = SecretBox.load(None, Path("/tmp/fetchfleet-test-secret.key"))
+    box = SecretBox.load(None, Path(KEY_FILE))
     with database.begin() as conn:
         upsert_proxies(conn, [parse_proxy_line(shops.socks_proxy)], box, source="test")
         conn.execute(sa.text("UPDATE proxies SET status = 'active', protocol = 'socks5'"))
     database.dispose()
-    out = cli(
+    out = run_cli(
         "scrape", "--spec", spec(tmp_path, "Argentina", socks.catalog_url(1)), "--db", db,
         "--json", "--methods", "http", "--proxies", "active", "--workers", "1",
+        env=KEY_ENV, timeout=180,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     cost = json.loads(out.stdout)["cost"]
@@ -168,10 +162,11 @@ def test_browser_seconds_only_for_browser_pages_and_the_time_learning_saved(
     with ShopWorld(config) as world:
         shop = world["guarded"]
         db = f"duckdb:///{tmp_path / 'b.duckdb'}"
-        out = cli(
+        out = run_cli(
             "scrape", "--spec",
             spec(tmp_path, "Malaysia", shop.catalog_url(1), 'methods = ["http", "playwright"]'),
             "--db", db, "--json", "--workers", "1", "--concurrency", "2",
+            env=KEY_ENV, timeout=180,
         )  # fmt: skip
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)

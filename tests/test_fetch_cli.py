@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from sim.shops import ShopsConfig, ShopSpec, ShopWorld
+from tests.conftest import cli_here, run_cli
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -29,25 +25,14 @@ def shops() -> Iterator[ShopWorld]:
         yield world
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_fetch_prints_the_result_and_every_attempt(shops: ShopWorld):
     url = shops["plain"].catalog_url(2)
-    out = cli("fetch", url, "--country", "Malaysia", "--selector", "li.product", "--json")
+    out = run_cli("fetch", url, "--country", "Malaysia", "--selector", "li.product", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)  # one JSON object, nothing else on stdout
     assert doc["success"] and doc["method_used"] == "http" and doc["status"] == 200
     assert doc["attempts"][0]["method"] == "http" and doc["attempts"][0]["error_type"] is None
-    human = cli("fetch", url, "--method", "http", "--show")
+    human = run_cli("fetch", url, "--method", "http", "--show")
     assert human.returncode == 0
     assert (
         "OK" in human.stdout and "attempts:" in human.stdout and 'class="product"' in human.stdout
@@ -55,7 +40,7 @@ def test_fetch_prints_the_result_and_every_attempt(shops: ShopWorld):
 
 
 def test_fetch_failure_exits_1_and_shows_the_block(shops: ShopWorld):
-    out = cli("fetch", shops["guarded"].catalog_url(1), "--method", "http", "--json")
+    out = run_cli("fetch", shops["guarded"].catalog_url(1), "--method", "http", "--json")
     assert out.returncode == 1
     doc = json.loads(out.stdout)
     assert not doc["success"] and doc["error_type"] == "blocked"
@@ -64,14 +49,15 @@ def test_fetch_failure_exits_1_and_shows_the_block(shops: ShopWorld):
 
 
 def test_fetch_bad_input_exits_2(shops: ShopWorld):
-    out = cli("fetch", shops["plain"].catalog_url(1), "--method", "curl")
+    """Refusals before any fetch: in this process (the runs above are real processes)."""
+    out = cli_here("fetch", shops["plain"].catalog_url(1), "--method", "curl")
     assert out.returncode == 2 and "unknown fetch method" in out.stderr
-    out = cli("fetch", "not-a-url")
+    out = cli_here("fetch", "not-a-url")
     assert out.returncode == 2
 
 
 def test_doctor_lists_what_each_method_needs():
-    out = cli(
+    out = run_cli(
         "doctor",
         "--json",
         env={"FETCHFLEET_TOR_SOCKS": "127.0.0.1:9", "FETCHFLEET_TOR_CONTROL": "127.0.0.1:9"},
@@ -83,5 +69,5 @@ def test_doctor_lists_what_each_method_needs():
     assert ("selenium", "ChromeDriver") in needs and ("tor", "Tor control port (NEWNYM)") in needs
     assert doc["methods"]["tor"]["available"] is False
     assert doc["methods"]["http"]["available"] is True
-    human = cli("doctor")
+    human = cli_here("doctor")  # the same report for people: no second process needed
     assert human.returncode == 0 and "playwright" in human.stdout

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +37,7 @@ from storage import pipelines as ps
 from storage import runs as run_store
 from storage.bulk import fetch_all
 from storage.db import Database, open_database
+from tests.conftest import cli_here, run_cli, start_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LEGACY = str(REPO / "examples" / "legacy_scraper.py")
@@ -325,14 +324,7 @@ class Cli:
     """`python -m engine.run …` as a subprocess whose stderr is collected line by line."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.run", *args],
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.proc = start_cli(*args, env=env)
         self.lines: list[str] = []
         assert self.proc.stderr is not None
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -366,18 +358,6 @@ class Cli:
         return self.proc.returncode, out
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return done.returncode, done.stdout, done.stderr
-
-
 def test_cli_killed_with_9_mid_step_then_resumed_stores_everything_once(
     tmp_path: Path, shops: ShopWorld
 ):
@@ -396,9 +376,9 @@ def test_cli_killed_with_9_mid_step_then_resumed_stores_everything_once(
     finally:
         db.dispose()
 
-    code, out, err = cli("pipeline", "--resume", str(run_id), "--db", str(path), "--json", env=env)
-    assert code == 0, err
-    summary = json.loads(out)
+    out = run_cli("pipeline", "--resume", str(run_id), "--db", str(path), "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
     assert summary["run_id"] == run_id and summary["status"] == "completed"
     assert [s["status"] for s in summary["pipeline"]["steps"]] == ["done", "done", "done"]
     db = open_database(str(path))
@@ -424,12 +404,12 @@ def test_cli_stop_from_another_terminal_and_ctrl_c_stop_the_script(tmp_path: Pat
     run_id = run.run_id()
     run.wait_line("[legacy] line 3")
     # the DuckDB file is held by the pipeline: `stop` goes through its control socket
-    code, out, err = cli("stop", str(run_id), "--db", path)
-    assert code == 0, err
+    out = run_cli("stop", str(run_id), "--db", path)
+    assert out.returncode == 0, out.stderr
     assert run.finish()[0] == 1
     assert any("got SIGTERM" in line for line in run.lines)
-    code, out, _ = cli("status", str(run_id), "--db", path, "--json")
-    assert json.loads(out)["status"] == "stopped"
+    status = cli_here("status", str(run_id), "--db", path, "--json")
+    assert json.loads(status.stdout)["status"] == "stopped", status.stderr
 
     again = Cli("pipeline", "--resume", str(run_id), "--db", path)
     again.wait_line("[legacy] line 2")
@@ -448,25 +428,28 @@ def test_cli_stop_from_another_terminal_and_ctrl_c_stop_the_script(tmp_path: Pat
     finally:
         db.dispose()
     # `engine.run resume` points at the pipeline command instead of waiting for tasks
-    code, _, err = cli("resume", str(run_id), "--db", path)
-    assert code == 2 and "pipeline --resume" in err
+    out = cli_here("resume", str(run_id), "--db", path)
+    assert out.returncode == 2 and "pipeline --resume" in out.stderr
 
 
-def test_cli_list_and_bad_input(tmp_path: Path):
-    code, out, _ = cli("pipeline", "examples/pipelines.py", "--list", "--json")
-    assert code == 0
-    assert {(p["name"], p["country"]) for p in json.loads(out)} == {
+def test_cli_list_and_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Listings and refusals in this process (the tests above run the real one), from the
+    repository root as a user would type them."""
+    monkeypatch.chdir(REPO)
+    out = cli_here("pipeline", "examples/pipelines.py", "--list", "--json")
+    assert out.returncode == 0, out.stderr
+    assert {(p["name"], p["country"]) for p in json.loads(out.stdout)} == {
         ("shop", "Malaysia"),
         ("legacy", None),
     }
     path = str(tmp_path / "ff.duckdb")
-    code, _, err = cli("pipeline", "examples/nope.py", "--db", path)
-    assert code == 2 and "no such file" in err
-    code, _, err = cli("pipeline", "examples/pipelines.py:legacy", "--db", path)
-    assert code == 2 and "--country" in err
-    code, _, err = cli("pipeline", "examples.pipelines:nothing", "--db", path)
-    assert code == 2 and "shop (Malaysia)" in err
-    code, _, err = cli("pipeline", "--resume", "99", "--db", path)
-    assert code == 2 and "no run with id 99" in err
+    out = cli_here("pipeline", "examples/nope.py", "--db", path)
+    assert out.returncode == 2 and "no such file" in out.stderr, out.stderr
+    out = cli_here("pipeline", "examples/pipelines.py:legacy", "--db", path)
+    assert out.returncode == 2 and "--country" in out.stderr, out.stderr
+    out = cli_here("pipeline", "examples.pipelines:nothing", "--db", path)
+    assert out.returncode == 2 and "shop (Malaysia)" in out.stderr, out.stderr
+    out = cli_here("pipeline", "--resume", "99", "--db", path)
+    assert out.returncode == 2 and "no run with id 99" in out.stderr, out.stderr
     assert split_ref("examples.pipelines:shop") == ("examples.pipelines", "shop")
     assert split_ref("/a/b/x.py") == ("/a/b/x.py", None)

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,8 @@ from sim.shops import (
 from storage.bulk import fetch_all
 from storage.db import open_database
 from storage.scrape import entity_rows
-from tests.conftest import cli_here
+from tests.conftest import cli_here, run_cli, start_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("name", "price", "sku", "category", "currency")
 
 SHOPS = ShopsConfig(
@@ -54,15 +52,13 @@ def shops() -> Iterator[ShopWorld]:
         yield world
 
 
+KEY_FILE = Path("/tmp/fetchfleet-test-secret.key")  # the CLI's and the in-process runs' key
+KEY_ENV = {"FETCHFLEET_SECRET_KEY_FILE": str(KEY_FILE)}
+
+
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key"},
-    )
+    """``run_cli`` with this module's key (test_docs_crawl and test_scrape_robots use it)."""
+    return run_cli(*args, env=KEY_ENV, timeout=timeout)
 
 
 CATALOG_EXTRACT = """
@@ -287,7 +283,7 @@ def test_proxies_from_storage_reach_a_socks_only_site(shops: ShopWorld, tmp_path
     from storage.secrets import SecretBox
 
     database = open_database(db)
-    box = SecretBox.load(None, Path("/tmp/fetchfleet-test-secret.key"))
+    box = SecretBox.load(None, KEY_FILE)
     with database.begin() as conn:
         upsert_proxies(conn, [parse_proxy_line(shops.socks_proxy)], box, source="test")
         conn.execute(sa.text("UPDATE proxies SET status = 'active', protocol = 'socks5'"))
@@ -320,7 +316,7 @@ def test_hostile_links_are_errors_of_their_link_not_of_the_run(
     db = open_database(db_url)
     s = Settings(
         workers=2, concurrency=4, batch_size=1, heartbeat_s=0.5, lease_s=10.0,
-        retry_backoff_s=0.2, secret_key_file=Path("/tmp/fetchfleet-test-secret.key"),
+        retry_backoff_s=0.2, secret_key_file=KEY_FILE,
     )  # fmt: skip
     coord = Coordinator(db, s).start()
     try:
@@ -405,15 +401,9 @@ def check_slow_run(shops: ShopWorld, db: str, run_id: int) -> None:
 
 
 def start_slow(shops: ShopWorld, tmp_path: Path, db: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "engine.run", "scrape", "--spec", slow_spec(shops, tmp_path),
-            "--db", db, "--json", "--concurrency", "4", "--batch-size", "4",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return start_cli(
+        "scrape", "--spec", slow_spec(shops, tmp_path), "--db", db, "--json",
+        "--concurrency", "4", "--batch-size", "4",
     )  # fmt: skip
 
 
@@ -474,7 +464,7 @@ def test_kill_9_of_a_pool_worker_mid_scrape(shops: ShopWorld, tmp_path: Path) ->
         heartbeat_s=0.5,
         lease_s=10.0,
         retry_backoff_s=0.2,
-        secret_key_file=Path("/tmp/fetchfleet-test-secret.key"),
+        secret_key_file=KEY_FILE,
     )
     coord = Coordinator(db, s).start()
     try:
@@ -565,11 +555,8 @@ price = {{ css = ".price", json = "price", type = "float" }}
 """
         path = write(tmp_path, spec)
         db = f"duckdb:///{tmp_path / 'api.duckdb'}"
-        env = {**os.environ, "FF_TEST_SHOP_TOKEN": "s3cr3t-tok"}
-        out = subprocess.run(
-            [sys.executable, "-m", "engine.run", "scrape", "--spec", path, "--db", db, "--json"],
-            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
-        )  # fmt: skip
+        token = {"FF_TEST_SHOP_TOKEN": "s3cr3t-tok"}
+        out = run_cli("scrape", "--spec", path, "--db", db, "--json", env=token)
         assert out.returncode == 0, out.stderr
         summary = json.loads(out.stdout)
         assert summary["scrape"]["methods"] == {"India": {"api": 1}}
@@ -581,11 +568,7 @@ price = {{ css = ".price", json = "price", type = "float" }}
         )
 
         db2 = f"duckdb:///{tmp_path / 'html.duckdb'}"
-        env.pop("FF_TEST_SHOP_TOKEN")
-        out = subprocess.run(
-            [sys.executable, "-m", "engine.run", "scrape", "--spec", path, "--db", db2, "--json"],
-            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
-        )  # fmt: skip
+        out = run_cli("scrape", "--spec", path, "--db", db2, "--json")  # no token
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["scrape"]["methods"] == {"India": {"http": 4}}
         assert set(stored(db2)) == set(want)

@@ -6,9 +6,7 @@ a run that makes no progress stops (an injected clock, no waiting)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -28,8 +26,8 @@ from sim.shops import ShopsConfig, ShopSpec, ShopWorld
 from storage.bulk import fetch_all
 from storage.clock import utcnow
 from storage.db import open_database
+from tests.conftest import cli_here, run_cli, start_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -84,7 +82,7 @@ def test_bad_rules_are_refused_under_their_field(rule: str, says: str) -> None:
 def test_a_metric_the_kind_does_not_measure_is_refused_on_the_cli(tmp_path: Path) -> None:
     ids = tmp_path / "ids.txt"
     ids.write_text("1\n")
-    out = cli(
+    out = cli_here(
         "backfill", "--ids", str(ids), "--url-template", "http://127.0.0.1:1/{id}",
         "--rate-limit", "10/1s", "--stop-when", "browser_s>60", "--db", f"{tmp_path}/b.duckdb",
     )  # fmt: skip
@@ -104,32 +102,17 @@ def shops() -> Iterator[ShopWorld]:
         yield world
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.run", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV,
-    )  # fmt: skip
-
-
 ENV = {
-    **os.environ,
     "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key",
     "FETCHFLEET_STOP_RULES_EVERY_S": "0.2",
 }
-
-
-def popen(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine.run", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
-    )  # fmt: skip
 
 
 def wait_stopping(db: str, proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
     """Until run 1 is stopping (asked through the running CLI's control socket)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
-        out = cli("status", "--db", db, "1", "--json", timeout=60)
+        out = run_cli("status", "--db", db, "1", "--json", env=ENV, timeout=60)
         if out.returncode == 0 and json.loads(out.stdout)["status"] in ("stopping", "stopped"):
             return
     raise AssertionError(f"run 1 was not stopped by its rule (exit {proc.poll()})")
@@ -141,7 +124,7 @@ def run_held(shops: ShopWorld, db: str, *args: str) -> dict:
     proc = None
     try:
         with shops.holding("walled", after=12):
-            proc = popen(*args, "--db", db, "--json")
+            proc = start_cli(*args, "--db", db, "--json", env=ENV)
             shops.wait_held("walled", alive=lambda: proc.poll() is None)
             wait_stopping(db, proc)
         out, err = proc.communicate(timeout=120)
@@ -177,7 +160,7 @@ def test_a_scrape_of_a_blocked_site_stops_itself_and_resumes(
     assert "resume 1" in first["error"]
     done_first = first["counts"]["done"]
     assert 10 <= done_first < first["counts"]["total"] == shop.spec.pages
-    human = cli("status", "--db", db, "1")
+    human = cli_here("status", "--db", db, "1")  # polled from other processes above
     assert f"stopped by rule {RULE}: auto-stopped" in human.stdout, human.stdout
 
     # resumable: the pages left are fetched, none twice; a fresh window fires again

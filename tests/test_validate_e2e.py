@@ -64,7 +64,14 @@ def checks_of_run(db_url: str, run_id: int) -> tuple[int, int]:
     return int(total), int(distinct)
 
 
-def settings(**kw: Any) -> Settings:
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The secret key of the in-process runs (and of the worker that decrypts their proxies):
+    in this session's own directory, not a path other runs share."""
+    return tmp_path_factory.mktemp("key") / "secret.key"
+
+
+def settings(key_file: Path, **kw: Any) -> Settings:
     base = {
         "workers": 2,
         "concurrency": 50,
@@ -73,7 +80,7 @@ def settings(**kw: Any) -> Settings:
         "heartbeat_s": 0.5,
         "lease_s": 10.0,
         "retry_backoff_s": 0.2,
-        "secret_key_file": Path("/tmp/fetchfleet-test-secret.key"),
+        "secret_key_file": key_file,
     }
     return Settings(**{**base, **kw})
 
@@ -227,10 +234,12 @@ def wait_until_done(db: Any, run_id: int, n: int, timeout_s: float = 30) -> None
         time.sleep(0.2)
 
 
-def test_kill_9_worker_mid_run_completes_exactly_once(slow_world: SimWorld, tmp_path: Path) -> None:
+def test_kill_9_worker_mid_run_completes_exactly_once(
+    slow_world: SimWorld, tmp_path: Path, key_file: Path
+) -> None:
     url = f"duckdb:///{tmp_path / 'k.duckdb'}"
     db = open_database(url)
-    s = settings(concurrency=20)
+    s = settings(key_file, concurrency=20)
     coord = Coordinator(db, s).start()
     try:
         run_id = submit_slow_run(db, s, coord, slow_world)
@@ -249,11 +258,11 @@ def test_kill_9_worker_mid_run_completes_exactly_once(slow_world: SimWorld, tmp_
 
 
 def test_stop_then_resume_loses_nothing_and_checks_nothing_twice(
-    slow_world: SimWorld, tmp_path: Path
+    slow_world: SimWorld, tmp_path: Path, key_file: Path
 ) -> None:
     url = f"duckdb:///{tmp_path / 's.duckdb'}"
     db = open_database(url)
-    s = settings(concurrency=10)
+    s = settings(key_file, concurrency=10)
     coord = Coordinator(db, s).start()
     try:
         run_id = submit_slow_run(db, s, coord, slow_world)
@@ -337,9 +346,11 @@ def test_stop_from_another_terminal_reaches_the_coordinator(
 
 
 @pytest.mark.postgres
-def test_postgres_local_pool_and_standalone_worker(world: SimWorld, pg_url: str) -> None:
+def test_postgres_local_pool_and_standalone_worker(
+    world: SimWorld, pg_url: str, key_file: Path
+) -> None:
     db = open_database(pg_url)
-    s = settings()
+    s = settings(key_file)
     # The coordinator's own pool works straight against PostgreSQL.
     coord = Coordinator(db, s, workers=1).start()
     try:
