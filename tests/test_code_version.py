@@ -27,9 +27,10 @@ from sim.api import ApiConfig
 from sim.world import SimWorld, WorldConfig
 from storage.bulk import fetch_all
 from storage.db import open_database
+from tests.keys import KEY_FILE as TEST_KEY_FILE
 
 N_IDS = 120
-KEY_FILE = "/tmp/fetchfleet-test-secret.key"
+KEY_FILE = str(TEST_KEY_FILE)
 
 
 def project_copy(where: Path, version: str | None) -> Path:

@@ -18,6 +18,7 @@ from sim.shops import ShopsConfig, ShopSpec, ShopWorld, catalog_html
 from storage.bulk import fetch_all
 from storage.db import open_database
 from tests.conftest import cli_here, run_cli
+from tests.keys import KEY_FILE as TEST_KEY_FILE
 from tests.test_cascade import CHALLENGE, Fake, fetcher, ok, status
 
 pytestmark = pytest.mark.timeout(240)
@@ -36,7 +37,7 @@ def shops() -> Iterator[ShopWorld]:
         yield world
 
 
-KEY_FILE = "/tmp/fetchfleet-test-secret.key"
+KEY_FILE = str(TEST_KEY_FILE)
 KEY_ENV = {"FETCHFLEET_SECRET_KEY_FILE": KEY_FILE}  # the CLI decrypts the proxies stored here
 
 

@@ -32,10 +32,11 @@ from storage.bulk import fetch_all
 from storage.coverage import country_gap
 from storage.db import Database, open_database
 from storage.scrape import entity_rows
+from tests.keys import KEY_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 90.0
-SECRET_FILE = "/tmp/fetchfleet-test-secret.key"
+SECRET_FILE = str(KEY_FILE)
 
 
 def test_names_and_codes_of_a_country_have_one_normal_form() -> None:

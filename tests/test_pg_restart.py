@@ -31,6 +31,7 @@ from storage.bulk import fetch_all
 from storage.db import open_database
 from tests import test_validate_e2e
 from tests.conftest import require_tool
+from tests.keys import KEY_FILE
 from tests.test_scrape import catalog_spec, stored, truth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +113,7 @@ def settings(**kw: Any) -> Settings:
         "heartbeat_s": 0.5,
         "lease_s": 30.0,  # longer than the outage: no lease expires because of it
         "retry_backoff_s": 0.2,
-        "secret_key_file": Path("/tmp/fetchfleet-test-secret.key"),
+        "secret_key_file": KEY_FILE,
     }
     return Settings(**{**base, **kw})
 

@@ -24,6 +24,7 @@ from storage.bulk import fetch_all
 from storage.db import Database
 from storage.export import export
 from storage.secrets import SecretBox
+from tests.keys import KEY_FILE
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
 
@@ -31,7 +32,7 @@ T0 = datetime(2025, 1, 1, 12, 0, 0)
 def add_proxies(db: Database, keys: list[str]) -> list[int]:
     from fetchers.proxy_parse import parse_proxy_line
 
-    box = SecretBox.load(None, Path("/tmp/fetchfleet-test-secret.key"))
+    box = SecretBox.load(None, KEY_FILE)
     with db.begin() as conn:
         return proxy_store.upsert_proxies(conn, [parse_proxy_line(k) for k in keys], box, "t")
 

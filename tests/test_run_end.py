@@ -23,6 +23,7 @@ from engine.runtime.coordinator import Coordinator
 from engine.settings import Settings
 from storage import runs
 from storage.db import open_database
+from tests.keys import KEY_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = "".join(f"id-{i}\n" for i in range(40)).encode()
@@ -52,7 +53,7 @@ def engine_run(s: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         **os.environ,
         "FETCHFLEET_DATA_DIR": str(s.data_dir),
         "FETCHFLEET_KEEP_UPLOADS": str(s.keep_uploads).lower(),
-        "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key",
+        "FETCHFLEET_SECRET_KEY_FILE": str(KEY_FILE),
     }
     return subprocess.run(
         [sys.executable, "-m", "engine.run", *args],

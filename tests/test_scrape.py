@@ -31,6 +31,7 @@ from storage.bulk import fetch_all
 from storage.db import open_database
 from storage.scrape import entity_rows
 from tests.conftest import cli_here, run_cli, start_cli
+from tests.keys import KEY_FILE  # the CLI's and the in-process runs' key
 
 FIELDS = ("name", "price", "sku", "category", "currency")
 
@@ -52,7 +53,6 @@ def shops() -> Iterator[ShopWorld]:
         yield world
 
 
-KEY_FILE = Path("/tmp/fetchfleet-test-secret.key")  # the CLI's and the in-process runs' key
 KEY_ENV = {"FETCHFLEET_SECRET_KEY_FILE": str(KEY_FILE)}
 
 

@@ -27,6 +27,7 @@ from storage.bulk import fetch_all
 from storage.clock import utcnow
 from storage.db import open_database
 from tests.conftest import cli_here, run_cli, start_cli
+from tests.keys import KEY_FILE
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -103,7 +104,7 @@ def shops() -> Iterator[ShopWorld]:
 
 
 ENV = {
-    "FETCHFLEET_SECRET_KEY_FILE": "/tmp/fetchfleet-test-secret.key",
+    "FETCHFLEET_SECRET_KEY_FILE": str(KEY_FILE),
     "FETCHFLEET_STOP_RULES_EVERY_S": "0.2",
 }
 
@@ -197,7 +198,7 @@ def test_a_scrape_of_a_blocked_site_stops_itself_and_resumes(
     monkeypatch.setenv("FETCHFLEET_DB", db)
     monkeypatch.setenv("FETCHFLEET_WORKERS", "0")
     monkeypatch.setenv("FETCHFLEET_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("FETCHFLEET_SECRET_KEY_FILE", "/tmp/fetchfleet-test-secret.key")
+    monkeypatch.setenv("FETCHFLEET_SECRET_KEY_FILE", str(KEY_FILE))
     reads.st.cache_data.clear()
     try:
         at = run_page("pages/runs.py")
@@ -226,7 +227,7 @@ def test_a_run_without_progress_stops_at_its_limit_and_not_before(
         '[extract.fields]\nid = { attr = "data-id" }\n'
     )
     db = open_database(db_url)
-    s = Settings(secret_key_file=Path("/tmp/fetchfleet-test-secret.key"))
+    s = Settings(secret_key_file=KEY_FILE)
     try:
         ruled = submit_run(
             db, s, "scrape", {"spec": str(spec), "stop_when": ["no_progress>10m"]}, "t"
