@@ -121,12 +121,18 @@ def wait_stopping(db: str, proc: subprocess.Popen[str], timeout_s: float = 60) -
 
 def run_held(shops: ShopWorld, db: str, *args: str) -> dict:
     """Run the CLI while the shop answers 12 pages and holds the rest: the rule fires on
-    those 12; the held pages go out once it did, and the run settles stopped."""
+    those 12; the held pages go out once it did, and the run settles stopped. (Give the run
+    tasks of at least 8 pages: its worker's first claim then brings 16, so a 13th request is
+    made whenever the coordinator answers the next claim, and one is held.)"""
     proc = None
     try:
         with shops.holding("walled", after=12):
             proc = start_cli(*args, "--db", db, "--json", env=ENV)
-            shops.wait_held("walled", alive=lambda: proc.poll() is None)
+            try:
+                shops.wait_held("walled", alive=lambda: proc.poll() is None)
+            except RuntimeError as e:
+                out, err = proc.communicate(timeout=60)
+                pytest.fail(f"{e}; exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}")
             wait_stopping(db, proc)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -150,7 +156,7 @@ def test_a_scrape_of_a_blocked_site_stops_itself_and_resumes(
     db = f"duckdb:///{tmp_path / 'stop.duckdb'}"
     first = run_held(
         shops, db, "scrape", "--spec", str(spec), "--methods", "http", "--stop-when", RULE,
-        "--workers", "1", "--concurrency", "4", "--batch-size", "2",
+        "--workers", "1", "--concurrency", "4", "--batch-size", "8",
     )  # fmt: skip
     assert first["status"] == "stopped"
     stop = first["auto_stop"]
