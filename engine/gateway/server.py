@@ -35,6 +35,7 @@ from engine.gateway.keepalive import IdlePool
 from engine.gateway.members import member_of
 from engine.gateway.stats import GatewayStats, MemberStats
 from engine.gateway.upstream import TargetUnreachable, Upstream
+from engine.gateway.writes import Flusher
 from fetchers.pool import BreakerState, ProxyLease, ProxyPool, ProxyState
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Gateway:
         self.port = 0
         self.draining = False
         self.loop: asyncio.AbstractEventLoop  # set by start()
+        self.flusher: Flusher  # set by start(): the connections' writes of a loop pass
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[ClientConn] = set()
         self._all_closed: asyncio.Event | None = None
@@ -85,6 +87,7 @@ class Gateway:
     async def start(self) -> None:
         c = self.config
         self.loop = asyncio.get_running_loop()
+        self.flusher = Flusher(self.loop)
         self._server = await self.loop.create_server(
             lambda: ClientConn(self), c.host, c.port, backlog=1024,
             reuse_port=c.reuse_port or None,
