@@ -151,6 +151,7 @@ class Gateway:
             st.connections_refused += 1
             return False
         self._conns.add(conn)
+        self.flusher.connections(len(self._conns))
         st.connections_open += 1
         st.connections_total += 1
         return True
@@ -158,6 +159,7 @@ class Gateway:
     def conn_lost(self, conn: ClientConn) -> None:
         if conn in self._conns:
             self._conns.discard(conn)
+            self.flusher.connections(len(self._conns))
             self.stats.connections_open -= 1
         if self.draining and not self._conns and self._all_closed is not None:
             self._all_closed.set()
