@@ -32,7 +32,6 @@ from engine.gateway.http import (
 )
 from engine.gateway.stats import MemberStats
 from engine.gateway.tunnel import Tunnel
-from engine.gateway.writes import Batched
 
 if TYPE_CHECKING:
     from engine.gateway.job import Job
@@ -87,8 +86,8 @@ class ClientConn(asyncio.Protocol):
     # -- asyncio callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # writes wait for the end of the loop pass (engine/gateway/writes.py)
-        self.transport = Batched(transport, self.gw.flusher)  # type: ignore[assignment]
+        # uvloop's transport is no asyncio.Transport subclass (and cast() is a call)
+        self.transport = transport  # type: ignore[assignment]
         if not self.gw.admit(self):
             self.refused = True
             self.transport.abort()

@@ -139,7 +139,7 @@ class Forward(Job):
     def _dial(self, spec: ProxySpec, protocol: str, forward: bool) -> None:
         c = self.gw.config
         self.conn.job_deadline = self.started + min(c.connect_timeout_s, c.response_timeout_s)
-        up = self.up = Upstream(self.gw.loop, self.gw.flusher)
+        up = self.up = Upstream(self.gw.loop)
         up.dial(spec, protocol, self.req.host, self.req.port, forward, self._reached)
 
     def _reached(self, _result: object, exc: BaseException | None) -> None:

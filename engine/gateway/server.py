@@ -35,7 +35,6 @@ from engine.gateway.keepalive import IdlePool
 from engine.gateway.members import member_of
 from engine.gateway.stats import GatewayStats, MemberStats
 from engine.gateway.upstream import TargetUnreachable, Upstream
-from engine.gateway.writes import Flusher
 from fetchers.pool import BreakerState, ProxyLease, ProxyPool, ProxyState
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,6 @@ class Gateway:
         self.port = 0
         self.draining = False
         self.loop: asyncio.AbstractEventLoop  # set by start()
-        self.flusher: Flusher  # set by start(): the connections' writes of a loop pass
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[ClientConn] = set()
         self._all_closed: asyncio.Event | None = None
@@ -87,7 +85,6 @@ class Gateway:
     async def start(self) -> None:
         c = self.config
         self.loop = asyncio.get_running_loop()
-        self.flusher = Flusher(self.loop)
         self._server = await self.loop.create_server(
             lambda: ClientConn(self), c.host, c.port, backlog=1024,
             reuse_port=c.reuse_port or None,
@@ -151,7 +148,6 @@ class Gateway:
             st.connections_refused += 1
             return False
         self._conns.add(conn)
-        self.flusher.connections(len(self._conns))
         st.connections_open += 1
         st.connections_total += 1
         return True
@@ -159,7 +155,6 @@ class Gateway:
     def conn_lost(self, conn: ClientConn) -> None:
         if conn in self._conns:
             self._conns.discard(conn)
-            self.flusher.connections(len(self._conns))
             self.stats.connections_open -= 1
         if self.draining and not self._conns and self._all_closed is not None:
             self._all_closed.set()

@@ -64,7 +64,7 @@ class Tunnel(Job):
             return
         state = lease.state
         self.conn.job_deadline = gw.loop.time() + min(c.connect_timeout_s, c.response_timeout_s)
-        up = self.up = Upstream(gw.loop, gw.flusher)
+        up = self.up = Upstream(gw.loop)
         up.dial(state.spec, member_of(state).protocol, self.host, self.port, False, self._reached)
 
     def _reached(self, _result: object, exc: BaseException | None) -> None:

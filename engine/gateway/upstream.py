@@ -42,7 +42,6 @@ from engine.gateway.http import (
     parse_response_head,
     persistent,
 )
-from engine.gateway.writes import Batched, Flusher
 from fetchers.proxy_parse import ProxySpec
 
 if TYPE_CHECKING:
@@ -95,7 +94,6 @@ class Upstream(asyncio.Protocol):
         "connecting",
         "coro",
         "eof",
-        "flusher",
         "framing",
         "held",
         "idle_pool",
@@ -117,12 +115,9 @@ class Upstream(asyncio.Protocol):
         "want",
     )
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop | None = None, flusher: Flusher | None = None
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         # the loop given once: asyncio.get_running_loop() per wait is a getpid() syscall
         self.loop = loop
-        self.flusher = flusher  # the gateway's: writes wait for the end of the loop pass
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.mode = HOLD
@@ -151,8 +146,6 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transport is no asyncio.Transport subclass (and cast() is a call)
-        if self.flusher is not None:
-            transport = Batched(transport, self.flusher)  # type: ignore[assignment]
         self.transport = transport  # type: ignore[assignment]
         if self.mode != CONNECTING:
             return
