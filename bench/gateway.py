@@ -25,7 +25,9 @@ path pays the same connection set-up): `plain` = `GET http://origin/page` throug
 `connect` = `CONNECT origin`, then the GET through the tunnel. Requests/s over `--seconds`,
 latency p50/p99 per request, and the proxy's own CPU time per request (user + system of its
 process and workers, from /proc): on shared cores req/s moves with the neighbours' load, CPU
-per request much less.
+per request much less. Beside it, the rest of the chain per request: the load generator's
+own CPU, and the members' (with `--members-kind squid`) and the origin's together — when
+every core is busy, what a path makes them spend is taken from the proxy too.
 
 `--repeat N` runs every cell N times (the paths' order rotated) and reports medians with the
 req/s spread; `--before REF` adds the gateway of a git ref (exported with `git archive`) to
@@ -107,9 +109,9 @@ async def load(
             except Exception:
                 errors += 1
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(c)))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     lat.sort()
     q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None  # noqa: E731
     return {
@@ -118,6 +120,9 @@ async def load(
         "p99_ms": q(0.99),
         "ok": len(lat),
         "errors": errors,
+        # the load generator's own CPU: a path that costs the client more wakes or reads
+        # per request takes the shared cores from everyone else in the chain
+        "client_cpu_ms_per_req": round(cpu * 1000 / len(lat), 3) if lat else None,
     }
 
 
@@ -316,16 +321,20 @@ def main() -> int:
         with SimWorld(cfg) as world, contextlib.ExitStack() as member_procs:
             http = [t for t in world.truth if t.protocol == "http" and not t.username]
             http = http[: args.members]
+            chain: list[int] = []  # pids of the members (squid) and the origin, for their CPU
             if args.members_kind == "squid":
                 http = []
                 for i in range(args.members):
                     (Path(d) / f"member{i}").mkdir()
                     mp, mport = start_squid(Path(d) / f"member{i}", [])
                     member_procs.callback(stop, mp)
+                    chain.append(mp.pid)
                     http.append(SimpleNamespace(protocol="http", host="127.0.0.1", port=mport,
                                                 username=None, password=None,
                                                 anonymity_expected="anonymous", latency_ms=1))  # fmt: skip
             members = [(t.host, t.port) for t in http]
+            if origin.proc is not None:
+                chain.append(origin.proc.pid)
             db_url = f"duckdb:///{d}/bench.duckdb"
             store_members(db_url, http)
             env = {**os.environ, "FETCHFLEET_SECRET_KEY": SECRET_KEY}
@@ -360,11 +369,16 @@ def main() -> int:
                             # rotate the order so no path always runs first (or last) in a cell
                             k = rep % len(paths)
                             for name, proxy, pid in paths[k:] + paths[:k]:
-                                cpu0 = cpu_s(pid)
+                                cpu0, chain0 = cpu_s(pid), sum(map(cpu_s, chain))
                                 r = run_load(proxy, origin_addr, mode, c, args.seconds)
                                 cpu = cpu_s(pid) - cpu0
+                                rest = sum(map(cpu_s, chain)) - chain0
                                 r["cpu_ms_per_req"] = (
                                     round(cpu * 1000 / r["ok"], 3) if pid and r["ok"] else None
+                                )
+                                # the members' and the origin's CPU per request
+                                r["rest_cpu_ms_per_req"] = (
+                                    round(rest * 1000 / r["ok"], 3) if chain and r["ok"] else None
                                 )
                                 rows.append({"mode": mode, "c": c, "path": name, "rep": rep, **r})
                                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -388,8 +402,9 @@ def report(rows: list[dict], levels: list[int], names: list[str], args: argparse
     kind = "elite HTTP sim proxies" if args.members_kind == "sim" else "squid processes"
     print(f"members: {args.members} {kind}; origin: nginx; "
           f"{args.seconds:g} s per cell; {args.repeat} run(s) per cell, medians\n")  # fmt: skip
-    print("| mode | clients | path | req/s (min–max) | p50 ms | p99 ms | CPU ms/req | errors |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| mode | clients | path | req/s (min–max) | p50 ms | p99 ms | CPU ms/req | "
+          "client CPU ms/req | members+origin CPU ms/req | errors |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     cells: dict[tuple[str, int, str], list[dict]] = {}
     for r in rows:
         cells.setdefault((r["mode"], r["c"], r["path"]), []).append(r)
@@ -403,7 +418,8 @@ def report(rows: list[dict], levels: list[int], names: list[str], args: argparse
                 )
                 spread = f" ({min(rps):g}–{max(rps):g})" if len(rs) > 1 else ""
                 print(f"| {mode} | {c} | {name} | {_median(rps):g}{spread} | {med('p50_ms')} | "
-                      f"{med('p99_ms')} | {med('cpu_ms_per_req')} | {sum(r['errors'] for r in rs)} |")  # fmt: skip
+                      f"{med('p99_ms')} | {med('cpu_ms_per_req')} | {med('client_cpu_ms_per_req')} | "
+                      f"{med('rest_cpu_ms_per_req')} | {sum(r['errors'] for r in rs)} |")  # fmt: skip
     print()
     for mode in ("plain", "connect"):
         for c in levels:
