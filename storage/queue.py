@@ -261,18 +261,14 @@ def complete(
     leased under them (a holder that lost its lease completes nothing); without, whoever
     holds the lease now (the claim, completing what an earlier attempt stored)."""
     ids = list(task_ids)
-    if not ids:
-        return
-    where = (
-        _leased(None, ids, tokens)
-        if tokens is not None
-        else [tasks.c.id.in_(ids), tasks.c.status.in_(("leased", "queued"))]
-    )
-    conn.execute(
-        sa.update(tasks)
-        .where(*where)
-        .values(status="done", lease_token=None, lease_until=None, updated_at=db_now())
-    )
+    if tokens is not None:
+        complete_leases(conn, [(i, tokens[i]) for i in ids if i in tokens])
+    elif ids:
+        conn.execute(
+            sa.update(tasks)
+            .where(tasks.c.id.in_(ids), tasks.c.status.in_(("leased", "queued")))
+            .values(status="done", lease_token=None, lease_until=None, updated_at=db_now())
+        )
 
 
 def complete_leases(conn: sa.Connection, leases: Iterable[tuple[int, str]]) -> None:

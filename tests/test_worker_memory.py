@@ -172,6 +172,15 @@ class GateExecutor(Executor):
         return True, "ok", {"len": len(item)}
 
 
+def executes_with(monkeypatch: pytest.MonkeyPatch, executor: Executor) -> None:
+    """The toy kind's runs execute their items with ``executor``."""
+
+    async def open_executor(params: dict[str, Any], env: WorkerEnv) -> Executor:
+        return executor
+
+    monkeypatch.setattr(EchoKind, "open_executor", staticmethod(open_executor))
+
+
 class Unreachable(MemoryQueue):
     """A queue whose heartbeats fail once ``cut`` (the worker's host partitioned): they
     raise, or, as on a link that drops every packet, they hang until ``healed``."""
@@ -207,9 +216,6 @@ def test_a_worker_cut_off_for_a_lease_stops_its_tasks_on_its_own(
     [task] = mq.add_tasks(run_id, [["a", "b", "c", "d", "e"]])
     gate = GateExecutor()
 
-    async def open_gate(params: dict[str, Any], env: WorkerEnv) -> Executor:
-        return gate
-
     settings = Settings(concurrency=1, batch_size=5, flush_s=0.01, heartbeat_s=0.01, lease_s=0.2)
     worker = Worker(mq, settings, "w1")
 
@@ -226,7 +232,7 @@ def test_a_worker_cut_off_for_a_lease_stops_its_tasks_on_its_own(
         worker.request_exit()
         await asyncio.wait_for(runner, 30)
 
-    monkeypatch.setattr(EchoKind, "open_executor", staticmethod(open_gate))
+    executes_with(monkeypatch, gate)
     asyncio.run(scenario())
     assert gate.started == ["a"]  # b..e never started once the lease was gone
     assert task not in mq.completed
@@ -257,9 +263,6 @@ def test_a_task_claimed_again_before_its_loss_is_heard_stores_only_the_new_execu
     [task] = mq.add_tasks(run_id, [["a", "b", "c"]])
     gate = CountingExecutor()
 
-    async def open_gate(params: dict[str, Any], env: WorkerEnv) -> Executor:
-        return gate
-
     # the worker's own lease (its self-fencing) is long: it never hears of the loss here
     settings = Settings(concurrency=3, batch_size=3, flush_s=0.01, heartbeat_s=0.01, lease_s=600)
     worker = Worker(mq, settings, "w1")
@@ -279,7 +282,7 @@ def test_a_task_claimed_again_before_its_loss_is_heard_stores_only_the_new_execu
         worker.request_exit()
         await asyncio.wait_for(runner, 30)
 
-    monkeypatch.setattr(EchoKind, "open_executor", staticmethod(open_gate))
+    executes_with(monkeypatch, gate)
     asyncio.run(scenario())
     stored = {ref: r.data["execution"] for (_, ref), r in mq.results.items()}
     assert stored == {"a": 2, "b": 2, "c": 2}, "stored from a lost lease"
@@ -312,9 +315,6 @@ def test_results_buffered_before_a_lost_lease_are_not_stored_after_a_new_claim(
     gate = CountingExecutor()
     gate.go.set()
 
-    async def open_gate(params: dict[str, Any], env: WorkerEnv) -> Executor:
-        return gate
-
     settings = Settings(concurrency=3, batch_size=3, flush_s=0.01, heartbeat_s=0.01, lease_s=600)
     worker = Worker(mq, settings, "w1")
 
@@ -330,7 +330,7 @@ def test_results_buffered_before_a_lost_lease_are_not_stored_after_a_new_claim(
         worker.request_exit()
         await asyncio.wait_for(runner, 30)
 
-    monkeypatch.setattr(EchoKind, "open_executor", staticmethod(open_gate))
+    executes_with(monkeypatch, gate)
     asyncio.run(scenario())
     stored = {ref: r.data["execution"] for (_, ref), r in mq.results.items()}
     assert stored == {"a": 2, "b": 2, "c": 2}, "stored from a lost lease"

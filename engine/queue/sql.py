@@ -148,7 +148,7 @@ class SqlQueue(QueueBackend):
                         lease=task.lease_token,
                     )
                 )
-            q.complete(conn, finished, finished)
+            q.complete_leases(conn, finished.items())
         if len(claimed) < max_tasks:
             self._report_refusals(worker_id, run_id)
         return Reply(tasks=out)
