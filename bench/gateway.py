@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -227,14 +228,18 @@ def cpu_s(pid: int | None) -> float:
     return total
 
 
-def start_squid(root: Path, members: list[tuple[str, int]]) -> tuple[subprocess.Popen[bytes], int]:
-    """squid as a round-robin balancer over `members`, or (none) as a plain forward proxy
-    that is itself a member (`--members-kind squid`)."""
+def start_squid(
+    root: Path, members: list[tuple[str, int]], standby: int = 0
+) -> tuple[subprocess.Popen[bytes], int]:
+    """squid as a round-robin balancer over `members` (with `standby` connections opened
+    ahead to each: squid's `cache_peer … standby=N`), or (none) as a plain forward proxy that
+    is itself a member (`--members-kind squid`)."""
     from sim.nginx import free_port
 
     port = free_port()
     peers = "\n".join(
         f"cache_peer {h} parent {p} 0 no-query no-digest round-robin name=m{i}"
+        + (f" standby={standby}" if standby else "")
         for i, (h, p) in enumerate(members)
     )
     if members:
@@ -299,6 +304,11 @@ def main() -> int:
                     help="sim proxies (close after each request) or squid processes (keep-alive)")  # fmt: skip
     ap.add_argument("--pool-off", action="store_true",
                     help="also the gateway with its upstream pool off (--upstream-idle 0)")  # fmt: skip
+    ap.add_argument("--standby-off", action="store_true",
+                    help="also the gateway with no connections opened ahead (--standby 0)")  # fmt: skip
+    ap.add_argument("--modes", default="plain,connect", help="plain, connect or both")
+    ap.add_argument("--squid-standby", type=int, default=0, metavar="N",
+                    help="also squid with N standby connections per member (cache_peer standby=N)")  # fmt: skip
     ap.add_argument("--load", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
@@ -353,17 +363,29 @@ def main() -> int:
                 gateways["gateway x1 pool off"] = start_gateway(
                     db_url, env, 1, extra=("--upstream-idle", "0")
                 )
+            if args.standby_off:
+                gateways["gateway x1 standby off"] = start_gateway(
+                    db_url, env, 1, extra=("--standby", "0")
+                )
             if args.before:
                 tree = export_tree(args.before, Path(d) / "before")
                 gateways[f"before x1 ({args.before})"] = start_gateway(db_url, env, 1, tree)
             (Path(d) / "squid").mkdir()
             sq, sq_port = start_squid(Path(d) / "squid", members)
+            squids = [sq]
             origin_addr = ("127.0.0.1", origin.ports["main"])
             paths: list[tuple[str, tuple[str, int], int | None]] = [("direct", members[0], None)]
             paths += [(name, ("127.0.0.1", port), gw.pid) for name, (gw, port) in gateways.items()]
             paths.append(("squid", ("127.0.0.1", sq_port), sq.pid))
+            if args.squid_standby:
+                (Path(d) / "squid-standby").mkdir()
+                sqs, sqs_port = start_squid(Path(d) / "squid-standby", members, args.squid_standby)
+                squids.append(sqs)
+                paths.append(
+                    (f"squid standby={args.squid_standby}", ("127.0.0.1", sqs_port), sqs.pid)
+                )
             try:
-                for mode in ("plain", "connect"):
+                for mode in args.modes.split(","):
                     for c in levels:
                         for rep in range(args.repeat):
                             # rotate the order so no path always runs first (or last) in a cell
@@ -385,7 +407,8 @@ def main() -> int:
             finally:
                 for gw, _ in gateways.values():
                     stop(gw)
-                stop(sq)
+                for sq in squids:
+                    stop(sq)
     report(rows, levels, [name for name, _, _ in paths], args)
     return 0
 
@@ -408,7 +431,8 @@ def report(rows: list[dict], levels: list[int], names: list[str], args: argparse
     cells: dict[tuple[str, int, str], list[dict]] = {}
     for r in rows:
         cells.setdefault((r["mode"], r["c"], r["path"]), []).append(r)
-    for mode in ("plain", "connect"):
+    modes = args.modes.split(",")
+    for mode in modes:
         for c in levels:
             for name in names:
                 rs = cells[(mode, c, name)]
@@ -421,14 +445,14 @@ def report(rows: list[dict], levels: list[int], names: list[str], args: argparse
                       f"{med('p99_ms')} | {med('cpu_ms_per_req')} | {med('client_cpu_ms_per_req')} | "
                       f"{med('rest_cpu_ms_per_req')} | {sum(r['errors'] for r in rs)} |")  # fmt: skip
     print()
-    for mode in ("plain", "connect"):
+    squids = [n for n in names if n.startswith("squid")]
+    for mode in modes:
         for c in levels:
-            squid = cells[(mode, c, "squid")]
             direct = cells[(mode, c, "direct")]
-            for name in names:
-                if name in ("direct", "squid"):
+            for name, sq in itertools.product(names, squids):
+                if name == "direct" or name.startswith("squid"):
                     continue
-                g = cells[(mode, c, name)]
+                g, squid = cells[(mode, c, name)], cells[(mode, c, sq)]
                 ratios = [a["rps"] / b["rps"] for a, b in zip(g, squid, strict=True) if b["rps"]]
                 cpu = [
                     b["cpu_ms_per_req"] / a["cpu_ms_per_req"]
@@ -443,8 +467,8 @@ def report(rows: list[dict], levels: list[int], names: list[str], args: argparse
                 fmt = lambda xs: (  # noqa: E731
                     f"{_median(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})" if xs else "n/a"
                 )
-                print(f"- {mode}, {c} clients, {name}: req/s vs squid {fmt(ratios)}; "
-                      f"CPU per request squid/gateway {fmt(cpu)}; "
+                print(f"- {mode}, {c} clients, {name}: req/s vs {sq} {fmt(ratios)}; "
+                      f"CPU per request {sq}/gateway {fmt(cpu)}; "
                       f"added p50 over direct {fmt(added)} ms")  # fmt: skip
 
 

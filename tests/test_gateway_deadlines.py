@@ -24,13 +24,14 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 async def member(answer: bytes | None) -> tuple[asyncio.Server, int, list[int]]:
     """A member that answers every request with `answer`, or never (None: holds the
-    connection open, reading); the list counts the connections it got."""
+    connection open, reading); the list counts the requests it got (not the connections:
+    the gateway opens some ahead, engine/gateway/standby.py)."""
     seen = [0]
 
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        seen[0] += 1
         try:
             await r.readuntil(b"\r\n\r\n")
+            seen[0] += 1
             if answer is None:
                 await r.read()  # until the gateway gives up and closes
             else:

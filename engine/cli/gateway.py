@@ -49,6 +49,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         raise UserError("--upstream-idle and --upstream-idle-total must be 0 or more")
     if args.upstream_idle_timeout <= 0:
         raise UserError("--upstream-idle-timeout must be more than 0")
+    if args.standby < 0 or args.standby_total < 0:
+        raise UserError("--standby and --standby-total must be 0 or more")
+    if args.standby_timeout <= 0:
+        raise UserError("--standby-timeout must be more than 0")
     try:
         member_filter = MemberFilter(
             status=args.status,
@@ -75,6 +79,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         upstream_idle_per_member=args.upstream_idle,
         upstream_idle_total=args.upstream_idle_total,
         upstream_idle_timeout_s=args.upstream_idle_timeout,
+        standby_per_member=args.standby,
+        standby_total=args.standby_total,
+        standby_timeout_s=args.standby_timeout,
         failure_threshold=args.failure_threshold,
         cooldown_s=args.cooldown,
         grace_s=args.grace,
@@ -252,6 +259,28 @@ def add_commands(sub: Any) -> None:
         default=15.0,
         metavar="S",
         help="seconds an idle member connection is kept (15)",
+    )
+    p.add_argument(
+        "--standby",
+        type=int,
+        default=2,
+        metavar="N",
+        help="connections opened ahead to each member in use, so a tunnel or a request "
+        "needing a new connection does not wait for one (2); 0: off",
+    )
+    p.add_argument(
+        "--standby-total",
+        type=int,
+        default=256,
+        metavar="N",
+        help="connections opened ahead in all, per process (256)",
+    )
+    p.add_argument(
+        "--standby-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds one opened ahead waits to be used before it is closed (10)",
     )
     p.add_argument(
         "--processes",

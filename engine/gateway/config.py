@@ -28,6 +28,11 @@ class GatewayConfig:
     upstream_idle_per_member: int = 32
     upstream_idle_total: int = 1024  # per process
     upstream_idle_timeout_s: float = 15.0  # an idle one is closed after this long
+    # every member: connections opened ahead for the next tunnel or fresh-connection request
+    # (engine/gateway/standby.py); 0 per member turns them off
+    standby_per_member: int = 2
+    standby_total: int = 256  # per process
+    standby_timeout_s: float = 10.0  # one not used this long is closed, not replaced
     failure_threshold: int = 3  # consecutive failures that open a member's breaker
     cooldown_s: float = 30.0  # open → half-open
     site_cooldown_s: float = 300.0  # a member a site blocked is avoided for it this long

@@ -1,8 +1,8 @@
 """File descriptors: each client connection holds at most one upstream connection, so the
 gateway needs about two per connection, plus the idle kept-alive member connections
-(`upstream_idle_total`). Raise the soft limit to the hard one and, if even that is short,
-shrink the idle pool, then `max_connections`, so an accept never fails for want of a
-descriptor."""
+(`upstream_idle_total`) and the ones opened ahead (`standby_total`). Raise the soft limit to
+the hard one and, if even that is short, shrink the idle pool and the standby pool, then
+`max_connections`, so an accept never fails for want of a descriptor."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ RESERVED_FDS = 64  # the database, the metrics port, logs
 
 def raise_fd_limit(config: GatewayConfig) -> GatewayConfig:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * config.max_connections + config.upstream_idle_total + RESERVED_FDS
+    spare = config.upstream_idle_total + config.standby_total
+    want = 2 * config.max_connections + spare + RESERVED_FDS
     if soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         try:
@@ -28,9 +29,14 @@ def raise_fd_limit(config: GatewayConfig) -> GatewayConfig:
             pass
     if soft >= want:
         return config
-    idle = max(0, soft - RESERVED_FDS - 2 * config.max_connections)
-    log.warning("gateway: %d file descriptors allow %d idle member connections", soft, idle)
-    config = dataclasses.replace(config, upstream_idle_total=idle)
+    room = max(0, soft - RESERVED_FDS - 2 * config.max_connections)
+    standby = min(config.standby_total, room // 4)  # the kept-alive pool saves more
+    idle = min(config.upstream_idle_total, room - standby)
+    log.warning(
+        "gateway: %d file descriptors allow %d idle and %d standby member connections",
+        soft, idle, standby,
+    )  # fmt: skip
+    config = dataclasses.replace(config, upstream_idle_total=idle, standby_total=standby)
     fits = max(1, (soft - RESERVED_FDS) // 2)
     if fits < config.max_connections:
         log.warning("gateway: %d file descriptors allow %d connections", soft, fits)

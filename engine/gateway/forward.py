@@ -136,16 +136,19 @@ class Forward(Job):
             self.up = up
             self._send()
 
-    def _dial(self, spec: ProxySpec, protocol: str, forward: bool) -> None:
+    def _dial(self, spec: ProxySpec, protocol: str, forward: bool, fresh: bool = False) -> None:
         c = self.gw.config
         self.conn.job_deadline = self.started + min(c.connect_timeout_s, c.response_timeout_s)
-        up = self.up = Upstream(self.gw.loop)
-        up.dial(spec, protocol, self.req.host, self.req.port, forward, self._reached)
+        req = self.req
+        self._connect(spec, protocol, req.host, req.port, forward, self._reached, fresh)
 
     def _reached(self, _result: object, exc: BaseException | None) -> None:
         """Connected to the member (and through it, for a tunnel to the origin)."""
         self.conn.job_deadline = 0.0
         try:
+            if isinstance(exc, StaleConnection):
+                self._stale()
+                return
             if exc is not None:
                 self._failed(exc)
                 return
@@ -183,20 +186,17 @@ class Forward(Job):
                 else:
                     self._judged(resp)
             elif isinstance(exc, StaleConnection):
-                self._again()
+                self._stale()
             else:
                 self._failed(exc)
         except Exception:
             self._crash()
 
-    def _again(self) -> None:
-        """The member closed the kept-alive connection while it was idle: once more on a
-        fresh connection, not a failure of the member."""
-        pool = self.gw.upstreams
-        self._drop_up("stale")
-        pool.stale_retries += 1
+    def _redial(self) -> None:
         assert self.lease is not None
-        self._dial(self.lease.state.spec, "http", True)
+        state = self.lease.state
+        protocol = member_of(state).protocol
+        self._dial(state.spec, protocol, protocol == "http", fresh=True)
 
     def _timed_out(self) -> None:
         up = self.up

@@ -19,13 +19,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from engine.gateway.auth import Routing
+from engine.gateway.upstream import Done, Upstream, is_ipv4
 from fetchers.pool import ProxyLease, ProxyState
+from fetchers.proxy_parse import ProxySpec
 
 if TYPE_CHECKING:
     from engine.gateway.client import ClientConn
     from engine.gateway.server import Gateway
     from engine.gateway.stats import MemberStats
-    from engine.gateway.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class Job:
     def _timed_out(self) -> None:
         raise NotImplementedError
 
+    def _redial(self) -> None:
+        """The current attempt once more, on a fresh connection to the same member."""
+        raise NotImplementedError
+
     def _ended(self) -> None:
         """The job holds nothing any more (hook: the plain request's budget)."""
 
@@ -86,6 +91,50 @@ class Job:
         ms.requests += 1
         self.t0 = gw.clock()
         return lease
+
+    def _connect(
+        self,
+        spec: ProxySpec,
+        protocol: str,
+        host: str,
+        port: int,
+        forward: bool,
+        on_done: Done,
+        fresh: bool = False,
+    ) -> None:
+        """The attempt's connection to its member (and, unless `forward`, a tunnel through
+        it to host:port); `on_done` when ready. A tunnel starts on a connection opened ahead
+        when the member has one (unless `fresh`: a retry after such a one turned out closed),
+        and one more is opened for the next, after this one's first bytes are written.
+        (A plain request through an `http` member reuses kept-alive connections instead.)"""
+        gw = self.gw
+        standby = gw.standby if gw.standby.enabled and not forward else None
+        up = None
+        if standby is not None:
+            assert self.lease is not None
+            key = gw.named(self.lease.state)[2]
+            # plain SOCKS4 needs the target's address first (`dial` looks it up)
+            if not fresh and (protocol != "socks4" or is_ipv4(host)):
+                up = standby.take(key)
+        if up is None:
+            up = self.up = Upstream(gw.loop)
+            up.dial(spec, protocol, host, port, forward, on_done)
+        else:
+            self.up = up
+            up.tunnel(spec, protocol, host, port, on_done)
+        if standby is not None:
+            standby.refill(key, spec, gw.loop)
+
+    def _stale(self) -> None:
+        """The connection that waited (kept alive, or opened ahead) was closed by the member
+        as it was taken: counted, and the attempt goes once more on a fresh connection to
+        the same member, not counted against it."""
+        up = self.up
+        gw = self.gw
+        pool = gw.standby if up is not None and up.ahead else gw.upstreams
+        pool.stale_retries += 1
+        self._drop_up("stale")
+        self._redial()
 
     def _drop_up(self, reason: str) -> None:
         up, self.up = self.up, None

@@ -47,6 +47,7 @@ class IdlePool:
             if not up.closed:
                 self.reused += 1
                 up.reused = True
+                up.ahead = False
                 return up
         return None
 

@@ -131,32 +131,57 @@ class GatewayCollector(Collector):
             )
             fb.add_metric([], budget["fallbacks"])
             yield fb
-        pool = s.get("upstream_pool")
-        if pool is not None:
-            yield from _upstream_pool(pool)
+        yield from _pools(s)
 
 
-def _upstream_pool(pool: dict[str, Any]) -> Iterator[Metric]:
-    """The kept-alive connections to `http` members (engine/gateway/keepalive.py)."""
-    for key, text in (
-        ("opened", "Connections opened to http members for plain-HTTP requests."),
-        ("reused", "Plain-HTTP requests sent on a kept-alive member connection."),
-        ("stale_retries", "Requests resent on a fresh connection: the kept one was closed."),
-    ):
-        c = CounterMetricFamily(P + f"upstream_{key}", text)
-        c.add_metric([], pool[key])
-        yield c
-    d = CounterMetricFamily(
-        P + "upstream_discarded",
+# a member-connection pool's metrics: (snapshot field, name prefix, its counters, what a
+# discarded one is, what the idle gauge counts)
+POOLS = (
+    (
+        "upstream_pool",
+        "upstream",
+        (
+            ("opened", "Connections opened to http members for plain-HTTP requests."),
+            ("reused", "Plain-HTTP requests sent on a kept-alive member connection."),
+            ("stale_retries", "Requests resent on a fresh connection: the kept one was closed."),
+        ),
         "Member connections closed instead of kept, by reason.",
-        labels=["reason"],
-    )
-    for reason, n in pool["discarded"].items():
-        d.add_metric([reason], n)
-    yield d
-    g = GaugeMetricFamily(P + "upstream_idle", "Idle member connections kept now.")
-    g.add_metric([], pool["idle"])
-    yield g
+        "Idle member connections kept now.",
+    ),
+    (
+        "standby",
+        "standby",
+        (
+            ("opened", "Member connections opened ahead of the requests that use them."),
+            ("used", "Attempts that started on a connection opened ahead."),
+            ("misses", "Attempts that found none opened ahead and made their own."),
+            ("failed", "Connections opened ahead that failed or did not connect in time."),
+            ("stale_retries", "Attempts set up again on a fresh connection: the one ahead closed."),
+        ),
+        "Connections opened ahead and closed unused, by reason.",
+        "Connections opened ahead, waiting now.",
+    ),
+)
+
+
+def _pools(s: dict[str, Any]) -> Iterator[Metric]:
+    """The kept-alive connections to `http` members (engine/gateway/keepalive.py) and the
+    ones opened ahead (engine/gateway/standby.py)."""
+    for field, prefix, counters, discarded, idle in POOLS:
+        pool = s.get(field)
+        if pool is None:
+            continue
+        for key, text in counters:
+            c = CounterMetricFamily(P + f"{prefix}_{key}", text)
+            c.add_metric([], pool[key])
+            yield c
+        d = CounterMetricFamily(P + f"{prefix}_discarded", discarded, labels=["reason"])
+        for reason, n in pool["discarded"].items():
+            d.add_metric([reason], n)
+        yield d
+        g = GaugeMetricFamily(P + f"{prefix}_idle", idle)
+        g.add_metric([], pool["idle"])
+        yield g
 
 
 class MetricsServer:

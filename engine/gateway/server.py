@@ -33,6 +33,7 @@ from engine.gateway.config import GatewayConfig
 from engine.gateway.http import HttpError, Request
 from engine.gateway.keepalive import IdlePool
 from engine.gateway.members import member_of
+from engine.gateway.standby import StandbyPool
 from engine.gateway.stats import GatewayStats, MemberStats
 from engine.gateway.upstream import TargetUnreachable, Upstream
 from fetchers.pool import BreakerState, ProxyLease, ProxyPool, ProxyState
@@ -65,6 +66,12 @@ class Gateway:
             config.upstream_idle_per_member,
             config.upstream_idle_total,
             config.upstream_idle_timeout_s,
+        )
+        self.standby = StandbyPool(
+            config.standby_per_member,
+            config.standby_total,
+            config.standby_timeout_s,
+            config.connect_timeout_s,
         )
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.port = 0
@@ -102,6 +109,8 @@ class Gateway:
                 conn.expire_job()
         if self.upstreams.count:
             self.upstreams.sweep(now)
+        if self.standby.busy:
+            self.standby.sweep(now)
         self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -112,6 +121,7 @@ class Gateway:
         if self._server is not None:
             self._server.close()
         self.upstreams.close_all()
+        self.standby.close_all()
         for conn in list(self._conns):
             if conn.idle:
                 conn.transport.abort()
@@ -135,6 +145,7 @@ class Gateway:
         )
         snap["buffer_budget"] = self.budget.snapshot()
         snap["upstream_pool"] = self.upstreams.snapshot()
+        snap["standby"] = self.standby.snapshot()
         snap["strategy"] = self.pool.strategy.name
         snap["members_total"] = len(self.pool)
         snap["sessions"] = len(self.sessions)

@@ -14,8 +14,8 @@ from engine.gateway import socks5
 from engine.gateway.auth import Routing
 from engine.gateway.job import Job
 from engine.gateway.members import member_of
-from engine.gateway.upstream import MemberDown, TargetUnreachable, Upstream
-from fetchers.pool import NoProxyAvailable
+from engine.gateway.upstream import MemberDown, StaleConnection, TargetUnreachable
+from fetchers.pool import NoProxyAvailable, ProxyState
 
 if TYPE_CHECKING:
     from engine.gateway.client import ClientConn
@@ -62,10 +62,15 @@ class Tunnel(Job):
         except NoProxyAvailable as e:
             self._give_up(NoRoute(503, socks5.GENERAL_FAILURE, str(e)))
             return
-        state = lease.state
-        self.conn.job_deadline = gw.loop.time() + min(c.connect_timeout_s, c.response_timeout_s)
-        up = self.up = Upstream(gw.loop)
-        up.dial(state.spec, member_of(state).protocol, self.host, self.port, False, self._reached)
+        self._dial(lease.state, fresh=False)
+
+    def _dial(self, state: ProxyState, fresh: bool) -> None:
+        c = self.gw.config
+        self.conn.job_deadline = self.gw.loop.time() + min(
+            c.connect_timeout_s, c.response_timeout_s
+        )
+        protocol = member_of(state).protocol
+        self._connect(state.spec, protocol, self.host, self.port, False, self._reached, fresh)
 
     def _reached(self, _result: object, exc: BaseException | None) -> None:
         """The member's reply to the tunnel request, parsed (in its connection's callback)."""
@@ -78,10 +83,17 @@ class Tunnel(Job):
         except Exception:
             self._crash()
 
+    def _redial(self) -> None:
+        assert self.lease is not None
+        self._dial(self.lease.state, fresh=True)
+
     def _timed_out(self) -> None:
         self._failed(MemberDown("connect or handshake timed out"))
 
     def _failed(self, e: BaseException) -> None:
+        if isinstance(e, StaleConnection):
+            self._stale()
+            return
         self._attempt_failed(e)
         if isinstance(e, TargetUnreachable):
             where = f"{self.host}:{self.port}"

@@ -86,6 +86,7 @@ class Upstream(asyncio.Protocol):
     (bytes straight to the client connection)."""
 
     __slots__ = (
+        "ahead",
         "body_start",
         "budget",
         "buf",
@@ -141,6 +142,7 @@ class Upstream(asyncio.Protocol):
         self.idle_pool: IdlePool | None = None  # set while idle in it
         self.idle_since = 0.0
         self.reusable = self.reused = False
+        self.ahead = False  # opened ahead, before a request needed it (standby.py)
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -253,10 +255,12 @@ class Upstream(asyncio.Protocol):
             self._resolve(exc=self._hung_up())
 
     def _hung_up(self) -> BaseException:
+        if self.reused and self.resp is None and not self.buf:
+            # a connection that waited (kept alive, or opened ahead) closed by the member
+            # before a byte of the answer: the member's own timeout, not a failure
+            return StaleConnection("the connection that waited was closed before the answer")
         if self.mode == HANDSHAKE:
             return MemberDown("the member hung up during the handshake")
-        if self.reused and self.resp is None and not self.buf:
-            return StaleConnection("the kept-alive connection was closed before the answer")
         return ConnectionError("the upstream closed before answering")
 
     def park(self, pool: IdlePool, now: float) -> None:
@@ -287,7 +291,7 @@ class Upstream(asyncio.Protocol):
             loop = self.loop = asyncio.get_running_loop()
         self.on_done = on_done
         self.mode = CONNECTING
-        if protocol == "socks4" and not forward and not _is_ipv4(host):
+        if protocol == "socks4" and not forward and not is_ipv4(host):
             # plain SOCKS4 carries an address, not a name: resolved first (a rare path, so
             # a task of its own)
             self.resolving = loop.create_task(self._resolve_then_dial(spec, host, port))
@@ -295,6 +299,15 @@ class Upstream(asyncio.Protocol):
         self.pending = None if forward else (protocol, spec, host, port)
         self.coro = loop.create_connection(self._protocol, spec.host, spec.port)
         self._drive()
+
+    def tunnel(self, spec: ProxySpec, protocol: str, host: str, port: int, on_done: Done) -> None:
+        """On a connection already made (opened ahead, engine/gateway/standby.py): set up a
+        tunnel to host:port through the member, as `dial` does once connected."""
+        self.on_done = on_done
+        try:
+            self._handshake(protocol, spec, host, port)
+        except UpstreamError as e:
+            self._resolve(exc=e)
 
     def _protocol(self) -> Upstream:
         return self
@@ -561,7 +574,7 @@ class Socks5Client:
                 return True
 
 
-def _is_ipv4(host: str) -> bool:
+def is_ipv4(host: str) -> bool:
     try:
         socket.inet_aton(host)
     except OSError:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_S = 1.0
 BREAKER_ORDER = {"open": 2, "half_open": 1, "closed": 0}
 UPSTREAM_COUNTS = ("idle", "opened", "reused", "stale_retries")
+STANDBY_COUNTS = ("idle", "opening", "opened", "used", "misses", "failed", "stale_retries")
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -212,13 +213,8 @@ def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     conns: Counter[str] = Counter()
     cache: Counter[str] | None = None
     budget: Counter[str] = Counter()  # per-process budgets summed (peak: the sum of peaks)
-    upstream: Counter[str] = Counter()
-    discarded: Counter[str] = Counter()
     for s in snaps:
         budget.update(s.get("buffer_budget") or {})
-        pool = s.get("upstream_pool") or {}
-        upstream.update({k: pool.get(k, 0) for k in UPSTREAM_COUNTS})
-        discarded.update(pool.get("discarded") or {})
         errors.update(s["client_errors"])
         conns.update(s["connections"])
         if s.get("cache") is not None:
@@ -233,17 +229,29 @@ def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         "cache": None if cache is None else dict(cache),
         "connections": {k: conns[k] for k in ("open", "total", "refused")},
         "buffer_budget": {k: budget[k] for k in ("capacity", "used", "peak", "fallbacks")},
-        "upstream_pool": {
-            **{k: upstream[k] for k in UPSTREAM_COUNTS},
-            "discarded": dict(sorted(discarded.items())),
-            "limits": (first.get("upstream_pool") or {}).get("limits"),
-        },
+        "upstream_pool": _pool_sum(snaps, "upstream_pool", UPSTREAM_COUNTS),
+        "standby": _pool_sum(snaps, "standby", STANDBY_COUNTS),
         "strategy": first.get("strategy"),
         "members_total": max(s.get("members_total", 0) for s in snaps),
         "sessions": sum(s.get("sessions", 0) for s in snaps),
         "members_source_error": next(
             (s["members_source_error"] for s in snaps if s.get("members_source_error")), None
         ),
+    }
+
+
+def _pool_sum(snaps: list[dict[str, Any]], field: str, counts: tuple[str, ...]) -> dict[str, Any]:
+    """A connection pool's counters summed over the processes (their limits are each's)."""
+    total: Counter[str] = Counter()
+    discarded: Counter[str] = Counter()
+    for s in snaps:
+        pool = s.get(field) or {}
+        total.update({k: pool.get(k, 0) for k in counts})
+        discarded.update(pool.get("discarded") or {})
+    return {
+        **{k: total[k] for k in counts},
+        "discarded": dict(sorted(discarded.items())),
+        "limits": (snaps[0].get(field) or {}).get("limits"),
     }
 
 
