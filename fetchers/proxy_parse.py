@@ -255,6 +255,8 @@ def _may_hold_credentials(line: str) -> bool:
     s = line[m.end() :] if m else line
     if "@" in s or _FIELD_SEP.search(s):
         return True
+    if s.count(":") < 2:  # host:port at most (the common line): no IPv6 parse needed
+        return False
     if s.startswith("["):
         s = s[s.find("]") + 1 :] if "]" in s else ""
     elif _looks_like_bare_ipv6(s):

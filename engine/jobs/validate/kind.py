@@ -110,8 +110,8 @@ class ValidateJob(JobKind):
                                 "created_at": utcnow(),
                             }
                         )
-                elif parsed.spec.key not in seen:
-                    seen.add(parsed.spec.key)
+                elif (key := parsed.spec.key) not in seen:
+                    seen.add(key)
                     specs.append(parsed.spec)
             if not specs and not bad_rows:
                 continue  # a chunk of duplicates: later lines may still hold new proxies
