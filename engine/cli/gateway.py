@@ -265,8 +265,9 @@ def add_commands(sub: Any) -> None:
         type=int,
         default=2,
         metavar="N",
-        help="connections opened ahead to each member in use, so a tunnel or a request "
-        "needing a new connection does not wait for one (2); 0: off",
+        help="connections opened ahead to each member in use, so a tunnel through it "
+        "(CONNECT, SOCKS5, plain HTTP through a SOCKS/https member) does not wait for one "
+        "(2); 0: off",
     )
     p.add_argument(
         "--standby-total",

@@ -28,8 +28,8 @@ class GatewayConfig:
     upstream_idle_per_member: int = 32
     upstream_idle_total: int = 1024  # per process
     upstream_idle_timeout_s: float = 15.0  # an idle one is closed after this long
-    # every member: connections opened ahead for the next tunnel or fresh-connection request
-    # (engine/gateway/standby.py); 0 per member turns them off
+    # every member in use: connections opened ahead for the next tunnel through it (CONNECT,
+    # SOCKS5, plain HTTP through a SOCKS/https member; engine/gateway/standby.py); 0: off
     standby_per_member: int = 2
     standby_total: int = 256  # per process
     standby_timeout_s: float = 10.0  # one not used this long is closed, not replaced

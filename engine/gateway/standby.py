@@ -1,10 +1,10 @@
 """Connections opened ahead to the members requests are using, so the next tunnel through a
-member (or the next request with no kept-alive connection to it) starts on a connection that
-is already there: squid's `cache_peer … standby=N`, for every member protocol.
+member (CONNECT, SOCKS5, plain HTTP through a SOCKS/https member) starts on a connection that
+is already there: squid's `cache_peer … standby=N`, for every member protocol. (Plain HTTP
+through an `http` member reuses kept-alive connections instead: keepalive.py.)
 
-Why: every CONNECT, every SOCKS tunnel and every request through a member that closes after
-each answer needs a new connection to the member. A member on the internet is a round trip
-away, so that is one round trip per request spent before the request can even be written.
+Why: every tunnel needs a new connection to its member. A member on the internet is a round
+trip away, so that is one round trip per tunnel spent before its request can be written.
 Opened ahead, that round trip is off the request's path.
 
 Bounded three ways, like the kept-alive pool it extends: per member, in all (counted in the
