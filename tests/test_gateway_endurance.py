@@ -247,6 +247,22 @@ def test_processes_share_the_port_the_sessions_and_the_metrics(
         )
         snap = gw.metrics()
         assert snap["processes"] == 2 and sum(m["requests"] for m in snap["members"]) == 16
+        # tunnels: each process's connections opened ahead, summed the same way (every
+        # tunnel takes one or misses; a worker's snapshot is sent whole, so the counts of
+        # one merged snapshot agree with each other)
+        before = snap["standby"]["used"] + snap["standby"]["misses"]
+        for _ in range(6):
+            assert curl("-p", "-x", gw.url, origin.url("/page")).stdout.startswith("page for ")
+
+        def tunnels_counted() -> dict | None:
+            m = gw.metrics()
+            counts = {(r["kind"], r["result"]): r["count"] for r in m["requests"]}
+            return m if counts.get(("connect", "ok")) == 6 else None
+
+        wait_for(tunnels_counted)
+        standby = gw.metrics()["standby"]
+        assert standby["used"] + standby["misses"] == before + 6
+        assert standby["limits"]["per_member"] == 2
         assert gw.stop() == 0
     finally:
         if gw.p.poll() is None:
