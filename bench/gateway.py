@@ -355,24 +355,30 @@ def main() -> int:
                 finally:
                     stop(gw)
                 return 0
-            gateways = {
-                f"gateway x{n}": start_gateway(db_url, env, n)
-                for n in (int(x) for x in args.processes.split(","))
-            }
+            gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+
+            def add(name: str, started: tuple[subprocess.Popen[bytes], int]) -> None:
+                gateways[name] = started  # stopped however the bench ends from here
+                member_procs.callback(stop, started[0])
+
+            for n in (int(x) for x in args.processes.split(",")):
+                add(f"gateway x{n}", start_gateway(db_url, env, n))
             if args.pool_off:
-                gateways["gateway x1 pool off"] = start_gateway(
-                    db_url, env, 1, extra=("--upstream-idle", "0")
+                add(
+                    "gateway x1 pool off",
+                    start_gateway(db_url, env, 1, extra=("--upstream-idle", "0")),
                 )
             if args.standby_off:
-                gateways["gateway x1 standby off"] = start_gateway(
-                    db_url, env, 1, extra=("--standby", "0")
+                add(
+                    "gateway x1 standby off",
+                    start_gateway(db_url, env, 1, extra=("--standby", "0")),
                 )
             if args.before:
                 tree = export_tree(args.before, Path(d) / "before")
-                gateways[f"before x1 ({args.before})"] = start_gateway(db_url, env, 1, tree)
+                add(f"before x1 ({args.before})", start_gateway(db_url, env, 1, tree))
             (Path(d) / "squid").mkdir()
             sq, sq_port = start_squid(Path(d) / "squid", members)
-            squids = [sq]
+            member_procs.callback(stop, sq)
             origin_addr = ("127.0.0.1", origin.ports["main"])
             paths: list[tuple[str, tuple[str, int], int | None]] = [("direct", members[0], None)]
             paths += [(name, ("127.0.0.1", port), gw.pid) for name, (gw, port) in gateways.items()]
@@ -380,35 +386,29 @@ def main() -> int:
             if args.squid_standby:
                 (Path(d) / "squid-standby").mkdir()
                 sqs, sqs_port = start_squid(Path(d) / "squid-standby", members, args.squid_standby)
-                squids.append(sqs)
+                member_procs.callback(stop, sqs)
                 paths.append(
                     (f"squid standby={args.squid_standby}", ("127.0.0.1", sqs_port), sqs.pid)
                 )
-            try:
-                for mode in args.modes.split(","):
-                    for c in levels:
-                        for rep in range(args.repeat):
-                            # rotate the order so no path always runs first (or last) in a cell
-                            k = rep % len(paths)
-                            for name, proxy, pid in paths[k:] + paths[:k]:
-                                cpu0, chain0 = cpu_s(pid), sum(map(cpu_s, chain))
-                                r = run_load(proxy, origin_addr, mode, c, args.seconds)
-                                cpu = cpu_s(pid) - cpu0
-                                rest = sum(map(cpu_s, chain)) - chain0
-                                r["cpu_ms_per_req"] = (
-                                    round(cpu * 1000 / r["ok"], 3) if pid and r["ok"] else None
-                                )
-                                # the members' and the origin's CPU per request
-                                r["rest_cpu_ms_per_req"] = (
-                                    round(rest * 1000 / r["ok"], 3) if chain and r["ok"] else None
-                                )
-                                rows.append({"mode": mode, "c": c, "path": name, "rep": rep, **r})
-                                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            finally:
-                for gw, _ in gateways.values():
-                    stop(gw)
-                for sq in squids:
-                    stop(sq)
+            for mode in args.modes.split(","):
+                for c in levels:
+                    for rep in range(args.repeat):
+                        # rotate the order so no path always runs first (or last) in a cell
+                        k = rep % len(paths)
+                        for name, proxy, pid in paths[k:] + paths[:k]:
+                            cpu0, chain0 = cpu_s(pid), sum(map(cpu_s, chain))
+                            r = run_load(proxy, origin_addr, mode, c, args.seconds)
+                            cpu = cpu_s(pid) - cpu0
+                            rest = sum(map(cpu_s, chain)) - chain0
+                            r["cpu_ms_per_req"] = (
+                                round(cpu * 1000 / r["ok"], 3) if pid and r["ok"] else None
+                            )
+                            # the members' and the origin's CPU per request
+                            r["rest_cpu_ms_per_req"] = (
+                                round(rest * 1000 / r["ok"], 3) if chain and r["ok"] else None
+                            )
+                            rows.append({"mode": mode, "c": c, "path": name, "rep": rep, **r})
+                            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     report(rows, levels, [name for name, _, _ in paths], args)
     return 0
 
