@@ -28,7 +28,6 @@ from engine.gateway.tunnel import site_of
 from engine.gateway.upstream import (
     RESPONSE,
     MemberDown,
-    StaleConnection,
     TargetUnreachable,
     Upstream,
     basic_auth,
@@ -146,9 +145,6 @@ class Forward(Job):
         """Connected to the member (and through it, for a tunnel to the origin)."""
         self.conn.job_deadline = 0.0
         try:
-            if isinstance(exc, StaleConnection):
-                self._stale()
-                return
             if exc is not None:
                 self._failed(exc)
                 return
@@ -185,8 +181,6 @@ class Forward(Job):
                     self._failed(MemberDown("the member rejected its credentials (407)"))
                 else:
                     self._judged(resp)
-            elif isinstance(exc, StaleConnection):
-                self._stale()
             else:
                 self._failed(exc)
         except Exception:
@@ -205,10 +199,8 @@ class Forward(Job):
         else:
             self._failed(MemberDown("connect or handshake timed out"))
 
-    def _failed(self, e: BaseException) -> None:
-        self._attempt_failed(e)
+    def _record_failure(self, e: BaseException) -> None:
         self.status, self.message = _failure_status(e)
-        self._next()
 
     # -- the answer -----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from engine.gateway.auth import Routing
-from engine.gateway.upstream import Done, Upstream, is_ipv4
+from engine.gateway.upstream import Done, StaleConnection, Upstream, is_ipv4
 from fetchers.pool import ProxyLease, ProxyState
 from fetchers.proxy_parse import ProxySpec
 
@@ -77,6 +77,10 @@ class Job:
 
     def _redial(self) -> None:
         """The current attempt once more, on a fresh connection to the same member."""
+        raise NotImplementedError
+
+    def _record_failure(self, e: BaseException) -> None:
+        """What the client is told if no later attempt succeeds."""
         raise NotImplementedError
 
     def _ended(self) -> None:
@@ -141,12 +145,19 @@ class Job:
         if up is not None:
             self.gw.upstreams.close(up, reason)
 
-    def _attempt_failed(self, e: BaseException) -> None:
-        """This member did not do it: its connection closed, the failure counted."""
-        self._drop_up("error")
+    def _failed(self, e: BaseException) -> None:
+        """The current attempt ended in `e`: a connection that waited and was found closed
+        is set up again (not a failure); anything else counts against the member, and the
+        request moves on to the next one."""
+        if isinstance(e, StaleConnection):
+            self._stale()
+            return
+        self._drop_up("error")  # this member did not do it: its connection closed
         lease, self.lease = self.lease, None
         assert lease is not None and self.ms is not None
         self.gw.attempt_failed(lease, self.ms, self.routing, e)
+        self._record_failure(e)
+        self._next()
 
     def _crash(self) -> None:
         """A bug must not leave the client waiting: logged, the client's connection ended."""

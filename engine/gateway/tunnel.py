@@ -14,7 +14,7 @@ from engine.gateway import socks5
 from engine.gateway.auth import Routing
 from engine.gateway.job import Job
 from engine.gateway.members import member_of
-from engine.gateway.upstream import MemberDown, StaleConnection, TargetUnreachable
+from engine.gateway.upstream import MemberDown, TargetUnreachable
 from fetchers.pool import NoProxyAvailable, ProxyState
 
 if TYPE_CHECKING:
@@ -90,17 +90,12 @@ class Tunnel(Job):
     def _timed_out(self) -> None:
         self._failed(MemberDown("connect or handshake timed out"))
 
-    def _failed(self, e: BaseException) -> None:
-        if isinstance(e, StaleConnection):
-            self._stale()
-            return
-        self._attempt_failed(e)
+    def _record_failure(self, e: BaseException) -> None:
         if isinstance(e, TargetUnreachable):
             where = f"{self.host}:{self.port}"
             self.failure = NoRoute(502, socks5.HOST_UNREACHABLE, f"{where} unreachable: {e}")
         else:
             self.failure = NoRoute(502, socks5.GENERAL_FAILURE, f"members failed: {e}")
-        self._next()
 
     def _established(self) -> None:
         gw, conn = self.gw, self.conn
